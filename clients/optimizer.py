@@ -1,0 +1,46 @@
+"""A DPOptimizer whose per-sample clipping is any :class:`ClippingRule`.
+
+Only ``clip_and_accumulate`` changes; Opacus's ``add_noise`` (std σ·C) and
+``scale_grad`` (divide by the expected batch size) are inherited unchanged, so the σ the
+accountant sees is exactly the σ used for the noise.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
+
+from clients.clipping import ClippingRule, FlatClipping
+
+
+class PerSampleWeightDPOptimizer(DPOptimizer):
+    """DP-SGD optimizer with a pluggable per-sample clipping rule."""
+
+    def __init__(self, *args: object, clipping: ClippingRule | None = None, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.clipping: ClippingRule = clipping or FlatClipping()
+        self.last_per_sample_norms: torch.Tensor | None = None
+        self.last_weights: torch.Tensor | None = None
+
+    def per_sample_norms(self) -> torch.Tensor:
+        """L2 norm of each sample's gradient over the whole model."""
+        per_param = [g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples]
+        dev = per_param[0].device
+        return torch.stack([n.to(dev) for n in per_param], dim=1).norm(2, dim=1)
+
+    def clip_and_accumulate(self) -> None:
+        """Weight each per-sample gradient by the rule and sum them into ``p.summed_grad``."""
+        if len(self.grad_samples[0]) == 0:
+            weights = torch.zeros((0,), device=self.grad_samples[0].device)
+            self.last_per_sample_norms = weights
+        else:
+            norms = self.per_sample_norms()
+            weights = self.clipping.weights(norms, self.max_grad_norm)
+            self.last_per_sample_norms = norms.detach()
+        self.last_weights = weights.detach()
+        for p in self.params:
+            _check_processed_flag(p.grad_sample)
+            gs = self._get_flat_grad_sample(p).to(p.dtype)
+            g = torch.einsum("i,i...", weights.to(gs.device, p.dtype), gs)
+            p.summed_grad = g if p.summed_grad is None else p.summed_grad + g
+            _mark_as_processed(p.grad_sample)

@@ -1,0 +1,247 @@
+"""Site datasets: shipped scikit-learn sets, a synthetic generator, CSV/NPZ files, and
+partitioners that split one dataset across N sites deterministically for a seed.
+
+Standardisation is fitted per site on that site's training rows only: no statistic
+crosses a site boundary.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from privfl.errors import DataError
+
+Partitioning = Literal["iid", "dirichlet", "shards", "quantity"]
+DATASETS = ("breast_cancer", "digits", "synthetic")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Features ``x`` (float32, n × …) and integer labels ``y`` (int64, n)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    num_classes: int
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, idx: np.ndarray) -> "Dataset":
+        """The rows ``idx`` of this dataset."""
+        return Dataset(self.x[idx], self.y[idx], self.num_classes, self.name)
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One site's standardised train and test split."""
+
+    site: int
+    train: Dataset
+    test: Dataset
+
+
+def load_builtin(name: str, seed: int = 0, n_samples: int = 2000, n_features: int = 20,
+                 n_classes: int = 2) -> Dataset:
+    """A dataset that ships with scikit-learn, or a synthetic classification task."""
+    from sklearn import datasets as skd
+
+    if name == "breast_cancer":
+        b = skd.load_breast_cancer()
+        x, y = b.data, b.target
+    elif name == "digits":
+        b = skd.load_digits()
+        x, y = b.data.reshape(-1, 1, 8, 8) / 16.0, b.target
+    elif name == "synthetic":
+        x, y = skd.make_classification(
+            n_samples=n_samples, n_features=n_features, n_informative=max(2, n_features // 2),
+            n_classes=n_classes, random_state=seed,
+        )
+    else:
+        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)} or give a file")
+    return Dataset(x.astype(np.float32), y.astype(np.int64), int(y.max()) + 1, name)
+
+
+def load_csv(path: str | Path, label_column: str) -> Dataset:
+    """A CSV file with a header row; ``label_column`` names the label, every other column a numeric feature."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file not found: {p}")
+    with p.open(newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise DataError(f"{p}: empty file, expected a header row") from None
+        header = [h.strip() for h in header]
+        if label_column not in header:
+            raise DataError(f"{p}: no label column {label_column!r}; columns are {header}")
+        li = header.index(label_column)
+        feats, labels = [], []
+        for lineno, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{p}:{lineno}: {len(row)} fields, header has {len(header)}")
+            labels.append(row[li].strip())
+            vals = []
+            for j, v in enumerate(row):
+                if j == li:
+                    continue
+                try:
+                    vals.append(float(v))
+                except ValueError:
+                    raise DataError(
+                        f"{p}:{lineno}: column {header[j]!r} holds non-numeric value {v!r}"
+                    ) from None
+            feats.append(vals)
+    if not labels:
+        raise DataError(f"{p}: no data rows")
+    classes = sorted(set(labels))
+    y = np.array([classes.index(v) for v in labels], dtype=np.int64)
+    x = np.asarray(feats, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise DataError(f"{p}: features contain NaN or infinite values")
+    return Dataset(x, y, len(classes), p.stem)
+
+
+def load_npz(path: str | Path) -> Dataset:
+    """An NPZ file holding arrays ``x`` (n × …) and ``y`` (n integer labels)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file not found: {p}")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            missing = [k for k in ("x", "y") if k not in z.files]
+            if missing:
+                raise DataError(f"{p}: missing array(s) {missing}; an NPZ needs 'x' and 'y'")
+            x, y = z["x"], z["y"]
+    except (ValueError, OSError) as e:
+        raise DataError(f"{p}: not a readable NPZ file ({e})") from None
+    if not np.issubdtype(x.dtype, np.number):
+        raise DataError(f"{p}: 'x' must be numeric, got dtype {x.dtype}")
+    if len(x) != len(y) or y.ndim != 1:
+        raise DataError(f"{p}: 'x' has {len(x)} rows but 'y' has shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{p}: 'y' must hold integer labels, got dtype {y.dtype}")
+    if not np.isfinite(x).all():
+        raise DataError(f"{p}: 'x' contains NaN or infinite values")
+    _, y = np.unique(y, return_inverse=True)
+    return Dataset(x.astype(np.float32), y.astype(np.int64), int(y.max()) + 1, p.stem)
+
+
+def load_dataset(source: str, label_column: str | None = None, seed: int = 0) -> Dataset:
+    """A built-in dataset by name, or a ``.csv``/``.npz`` file by path."""
+    if source in DATASETS:
+        return load_builtin(source, seed=seed)
+    if source.endswith(".csv"):
+        if not label_column:
+            raise DataError(f"{source}: a CSV needs label_column naming the label")
+        return load_csv(source, label_column)
+    if source.endswith(".npz"):
+        return load_npz(source)
+    raise DataError(f"unknown data source {source!r}: a built-in name ({', '.join(DATASETS)}) or a .csv/.npz path")
+
+
+def partition(
+    y: np.ndarray,
+    num_sites: int,
+    method: Partitioning = "iid",
+    seed: int = 0,
+    alpha: float = 0.5,
+    shards_per_site: int = 2,
+    min_per_site: int = 2,
+) -> list[np.ndarray]:
+    """Indices of each site's rows: IID, Dirichlet(α) label skew, label shards or quantity skew."""
+    n = len(y)
+    if num_sites < 1:
+        raise DataError(f"num_sites must be >= 1, got {num_sites}")
+    if n < num_sites * min_per_site:
+        raise DataError(
+            f"too few samples ({n}) for {num_sites} sites: each site needs at least {min_per_site}"
+        )
+    rng = np.random.default_rng(seed)
+    if method == "iid":
+        parts = np.array_split(rng.permutation(n), num_sites)
+    elif method == "dirichlet":
+        if not alpha > 0:
+            raise DataError(f"dirichlet alpha must be > 0, got {alpha}")
+        parts = _dirichlet(y, num_sites, alpha, rng, min_per_site)
+    elif method == "shards":
+        total = num_sites * shards_per_site
+        if total > n:
+            raise DataError(f"{total} shards requested but only {n} samples")
+        order = np.argsort(y, kind="stable")
+        shards = np.array_split(order, total)
+        ids = rng.permutation(total)
+        parts = [np.concatenate([shards[s] for s in ids[i::num_sites]]) for i in range(num_sites)]
+    elif method == "quantity":
+        if not alpha > 0:
+            raise DataError(f"quantity alpha must be > 0, got {alpha}")
+        props = rng.dirichlet([alpha] * num_sites)
+        counts = np.maximum(min_per_site, np.floor(props * (n - num_sites * min_per_site)).astype(int) + min_per_site)
+        counts[-1] = n - counts[:-1].sum()
+        if counts[-1] < min_per_site:
+            counts = np.full(num_sites, n // num_sites)
+            counts[-1] += n - counts.sum()
+        perm = rng.permutation(n)
+        parts = np.split(perm, np.cumsum(counts)[:-1])
+    else:
+        raise DataError(f"unknown partitioning {method!r}: use iid, dirichlet, shards or quantity")
+    return [np.sort(p) for p in parts]
+
+
+def _dirichlet(y: np.ndarray, k: int, alpha: float, rng: np.random.Generator, min_size: int) -> list[np.ndarray]:
+    classes = np.unique(y)
+    for _ in range(100):
+        parts: list[list[int]] = [[] for _ in range(k)]
+        for c in classes:
+            idx = rng.permutation(np.flatnonzero(y == c))
+            props = rng.dirichlet([alpha] * k)
+            cuts = (np.cumsum(props) * len(idx)).astype(int)[:-1]
+            for site, chunk in enumerate(np.split(idx, cuts)):
+                parts[site].extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_size:
+            return [np.array(p, dtype=np.int64) for p in parts]
+    raise DataError(f"Dirichlet(alpha={alpha}) split left a site with fewer than {min_size} samples; raise alpha")
+
+
+def standardise(train: Dataset, test: Dataset) -> tuple[Dataset, Dataset]:
+    """Scale features by the training rows' mean and std (test rows use the training statistics)."""
+    axes = 0
+    mean = train.x.mean(axis=axes, keepdims=True)
+    std = train.x.std(axis=axes, keepdims=True)
+    std = np.where(std < 1e-8, 1.0, std)
+    f = lambda d: Dataset(((d.x - mean) / std).astype(np.float32), d.y, d.num_classes, d.name)  # noqa: E731
+    return f(train), f(test)
+
+
+def split_sites(
+    data: Dataset,
+    num_sites: int,
+    method: Partitioning = "iid",
+    seed: int = 0,
+    alpha: float = 0.5,
+    test_fraction: float = 0.2,
+    shards_per_site: int = 2,
+    standardize: bool = True,
+) -> list[SiteData]:
+    """Partition ``data`` across sites, then split each site into train/test and standardise it locally."""
+    if not 0 < test_fraction < 1:
+        raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    parts = partition(data.y, num_sites, method, seed, alpha, shards_per_site, min_per_site=4)
+    rng = np.random.default_rng(seed + 1)
+    sites = []
+    for i, idx in enumerate(parts):
+        idx = rng.permutation(idx)
+        n_test = max(1, int(round(len(idx) * test_fraction)))
+        tr, te = data.subset(np.sort(idx[n_test:])), data.subset(np.sort(idx[:n_test]))
+        if standardize:
+            tr, te = standardise(tr, te)
+        sites.append(SiteData(i, tr, te))
+    return sites

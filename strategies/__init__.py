@@ -1,0 +1,1 @@
+"""How models meet: gossip topologies, compression, decentralized and Flower strategies."""
