@@ -1,0 +1,36 @@
+"""Mutual-TLS gRPC gossip transport: codec, server, client, byte counters and backoff.
+
+Wire: ``proto/gossip.proto`` (generated ``proto/gossip_pb2.py`` is committed); one
+bidirectional stream per message exchange, body streamed in 1 MiB chunks, never pickle.
+"""
+
+from privfl.pki import NodeIdentity
+from privfl.transport.client import Delivery, GossipClient
+from privfl.transport.codec import (
+    CHUNK_BYTES,
+    DecodedMessage,
+    ExpectedSpec,
+    Message,
+    PeerRefused,
+    PeerUnavailable,
+    SparseTensor,
+    TensorExpectation,
+    TransportError,
+    decode_stream,
+    decode_tensors,
+    encode_message,
+    encode_tensors,
+    iter_chunks,
+    model_digest,
+    spec_of,
+)
+from privfl.transport.common import PeerBackoff, PeerTraffic, TrafficCounters
+from privfl.transport.server import ACK_KIND, GossipServer, Handler
+
+__all__ = [
+    "ACK_KIND", "CHUNK_BYTES", "DecodedMessage", "Delivery", "ExpectedSpec", "GossipClient",
+    "GossipServer", "Handler", "Message", "NodeIdentity", "PeerBackoff", "PeerRefused",
+    "PeerTraffic", "PeerUnavailable", "SparseTensor", "TensorExpectation", "TrafficCounters",
+    "TransportError", "decode_stream", "decode_tensors", "encode_message", "encode_tensors",
+    "iter_chunks", "model_digest", "spec_of",
+]

@@ -1,0 +1,454 @@
+"""Tensor codec of the gossip wire: header/body/trailer chunks, never pickle.
+
+Why: everything that arrives from a peer is untrusted. A message is a protobuf ``Header``
+(sender, sequence, round, kind, tensor specs), a body of raw little-endian bytes streamed
+in ~1 MiB ``Chunk.data`` pieces, and a ``Trailer`` with the SHA-256 model digest. The
+receiver checks declared sizes before reading the body, expected names/shapes/dtypes,
+sparse index ranges, finiteness and the digest before anything reaches the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from privfl.errors import PrivflError
+from privfl.transport.proto import gossip_pb2 as pb
+
+WIRE_VERSION = 1
+CHUNK_BYTES = 1 << 20
+MAX_TENSORS = 4096
+MAX_NDIM = 8
+MAX_SCALARS = 64
+_KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_NAME = re.compile(r"^[A-Za-z0-9_.:/\-\[\]]{1,200}$")
+# dtypes a tensor may have on the wire (numpy little-endian strings)
+ALLOWED_DTYPES = frozenset({"<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8",
+                            "|u1", "<u2", "<u4", "<u8", "|b1"})
+_INDEX_DTYPE = np.dtype("<i8")
+
+
+class TransportError(PrivflError):
+    """A message or peer was refused by the transport; the message says why."""
+
+
+class PeerUnavailable(TransportError):
+    """A peer could not be reached (down, handshake refused, deadline, or backing off)."""
+
+
+class PeerRefused(TransportError):
+    """A reachable peer refused our call (not authorized or invalid message)."""
+
+
+@dataclass(frozen=True)
+class SparseTensor:
+    """A sparse tensor: strictly increasing flat C-order ``indices`` (int64) and ``values``."""
+
+    indices: np.ndarray
+    values: np.ndarray
+    shape: tuple[int, ...]
+
+    def to_dense(self) -> np.ndarray:
+        """The dense array (zeros where no value is stored)."""
+        out = np.zeros(int(np.prod(self.shape, dtype=np.int64)), dtype=self.values.dtype)
+        out[self.indices] = self.values
+        return out.reshape(self.shape)
+
+
+Tensor = np.ndarray | SparseTensor
+
+
+@dataclass(frozen=True)
+class TensorExpectation:
+    """What a received tensor must look like: dense shape, dtype, and whether sparse is OK."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    allow_sparse: bool = True
+
+
+ExpectedSpec = Mapping[str, TensorExpectation]
+
+
+def spec_of(tensors: Mapping[str, Tensor], allow_sparse: bool = True) -> dict[str, TensorExpectation]:
+    """An expected spec that matches ``tensors`` (convenient from a model's parameters)."""
+    out = {}
+    for name, t in tensors.items():
+        arr = t.values if isinstance(t, SparseTensor) else np.asarray(t)
+        shape = t.shape if isinstance(t, SparseTensor) else arr.shape
+        out[name] = TensorExpectation(tuple(int(s) for s in shape),
+                                      arr.dtype.newbyteorder("<").str, allow_sparse)
+    return out
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message to send: kind, round and named tensors (dense arrays or SparseTensor).
+
+    ``sequence`` None lets the client assign the next sequence number.
+    """
+
+    kind: str
+    round: int = 0
+    tensors: Mapping[str, Tensor] = field(default_factory=dict)
+    scalars: Mapping[str, float] = field(default_factory=dict)
+    sequence: int | None = None
+
+
+@dataclass(frozen=True)
+class DecodedMessage:
+    """A received, authenticated and validated message."""
+
+    sender: str
+    recipient: str
+    sequence: int
+    round: int
+    kind: str
+    tensors: dict[str, Tensor]
+    scalars: dict[str, float]
+    digest: bytes
+    in_reply_to: int
+    wire_bytes: int
+
+
+@dataclass
+class EncodedMessage:
+    """A message ready to stream: its header, body buffers (zero-copy views) and digest."""
+
+    header: pb.Header
+    buffers: list[memoryview]
+    digest: bytes
+
+    @property
+    def body_bytes(self) -> int:
+        """Total body length in bytes."""
+        return sum(b.nbytes for b in self.buffers)
+
+
+def _le(dtype: np.dtype, name: str) -> np.dtype:
+    """The little-endian version of ``dtype``; TransportError if it may not go on the wire."""
+    le = dtype if dtype.byteorder == "|" else dtype.newbyteorder("<")
+    if le.str not in ALLOWED_DTYPES:
+        raise TransportError(f"tensor {name}: dtype {dtype} is not allowed on the wire")
+    return le
+
+
+def _spec_line(spec: pb.TensorSpec) -> bytes:
+    shape = ",".join(str(s) for s in spec.shape)
+    return f"{spec.name}\0{spec.dtype}\0{shape}\0{int(spec.sparse)}\0{spec.nnz}\n".encode()
+
+
+def _digest_start(specs: Iterable[pb.TensorSpec]) -> hashlib._Hash:
+    h = hashlib.sha256(b"privfl-model-v1\n")
+    for s in specs:
+        h.update(_spec_line(s))
+    h.update(b"\n")
+    return h
+
+
+def encode_tensors(tensors: Mapping[str, Tensor]) -> tuple[list[pb.TensorSpec], list[memoryview]]:
+    """Tensor specs and zero-copy little-endian body buffers for named dense/sparse tensors."""
+    if len(tensors) > MAX_TENSORS:
+        raise TransportError(f"too many tensors: {len(tensors)} > {MAX_TENSORS}")
+    specs: list[pb.TensorSpec] = []
+    buffers: list[memoryview] = []
+    for name, t in tensors.items():
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise TransportError(f"tensor name {name!r} is not allowed on the wire")
+        if isinstance(t, SparseTensor):
+            vals_in = np.asarray(t.values)
+            values = np.ascontiguousarray(vals_in, dtype=_le(vals_in.dtype, name)).reshape(-1)
+            idx = np.ascontiguousarray(t.indices, dtype=_INDEX_DTYPE).reshape(-1)
+            if idx.size != values.size:
+                raise TransportError(f"tensor {name}: {idx.size} indices but {values.size} values")
+            spec = pb.TensorSpec(name=name, dtype=values.dtype.str, shape=list(t.shape),
+                                 sparse=True, nnz=idx.size)
+            buffers += [memoryview(idx).cast("B"), memoryview(values.view(np.uint8))]
+        else:
+            arr = np.asarray(t)
+            arr = np.ascontiguousarray(arr, dtype=_le(arr.dtype, name))
+            spec = pb.TensorSpec(name=name, dtype=arr.dtype.str, shape=list(arr.shape))
+            buffers.append(memoryview(arr.reshape(-1).view(np.uint8)))
+        specs.append(spec)
+    return specs, buffers
+
+
+def model_digest(tensors: Mapping[str, Tensor]) -> bytes:
+    """SHA-256 model digest of named tensors, exactly as carried in a message trailer."""
+    specs, buffers = encode_tensors(tensors)
+    h = _digest_start(specs)
+    for b in buffers:
+        h.update(b)
+    return h.digest()
+
+
+def encode_message(msg: Message, sender: str, recipient: str, sequence: int,
+                   in_reply_to: int = 0) -> EncodedMessage:
+    """Build the header and body of ``msg`` and compute its digest."""
+    if not _KIND.match(msg.kind):
+        raise TransportError(f"message kind {msg.kind!r} is invalid")
+    if len(msg.scalars) > MAX_SCALARS:
+        raise TransportError(f"too many scalars: {len(msg.scalars)} > {MAX_SCALARS}")
+    specs, buffers = encode_tensors(msg.tensors)
+    header = pb.Header(version=WIRE_VERSION, sender=sender, recipient=recipient,
+                       sequence=sequence, round=msg.round, kind=msg.kind, tensors=specs,
+                       body_bytes=sum(b.nbytes for b in buffers), in_reply_to=in_reply_to)
+    for k, v in msg.scalars.items():
+        header.scalars[k] = float(v)
+    h = _digest_start(specs)
+    for b in buffers:
+        h.update(b)
+    return EncodedMessage(header, buffers, h.digest())
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+_DATA_TAG = b"\x12"  # field 2 (Chunk.data), wire type 2 (length-delimited)
+
+
+def iter_chunks(enc: EncodedMessage, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Serialized ``Chunk`` messages: header, body pieces of <= chunk_bytes, trailer.
+
+    Data chunks are written as their protobuf encoding directly (tag, length, bytes), which
+    is byte-identical to ``Chunk(data=...).SerializeToString()`` and saves two copies.
+    """
+    yield pb.Chunk(header=enc.header).SerializeToString()
+    pending: list[memoryview] = []
+    size = 0
+    for buf in enc.buffers:
+        off = 0
+        while off < buf.nbytes:
+            take = min(chunk_bytes - size, buf.nbytes - off)
+            pending.append(buf[off:off + take])
+            size += take
+            off += take
+            if size == chunk_bytes:
+                yield b"".join([_DATA_TAG, _varint(size), *pending])
+                pending, size = [], 0
+    if size:
+        yield b"".join([_DATA_TAG, _varint(size), *pending])
+    yield pb.Chunk(trailer=pb.Trailer(model_digest=enc.digest)).SerializeToString()
+
+
+def _data_view(raw: bytes) -> memoryview | None:
+    """Zero-copy view of a ``Chunk.data`` payload if ``raw`` is exactly one data field."""
+    if len(raw) < 2 or raw[0] != 0x12:
+        return None
+    n, shift, i = 0, 0, 1
+    while i < len(raw) and i < 11:
+        b = raw[i]
+        n |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            break
+        shift += 7
+    else:
+        return None
+    if i + n != len(raw):
+        return None
+    return memoryview(raw)[i:]
+
+
+def _expected_nbytes(spec: pb.TensorSpec) -> int:
+    itemsize = np.dtype(spec.dtype).itemsize
+    if spec.sparse:
+        return spec.nnz * (_INDEX_DTYPE.itemsize + itemsize)
+    return math.prod(spec.shape) * itemsize
+
+
+def check_header(header: pb.Header, expected: ExpectedSpec | None, max_body_bytes: int) -> None:
+    """Validate a header before any body byte is accepted; TransportError with the reason."""
+    if header.version != WIRE_VERSION:
+        raise TransportError(f"unsupported wire version {header.version}")
+    if not _KIND.match(header.kind):
+        raise TransportError(f"invalid message kind {header.kind!r}")
+    if len(header.tensors) > MAX_TENSORS:
+        raise TransportError(f"too many tensors: {len(header.tensors)}")
+    if len(header.scalars) > MAX_SCALARS:
+        raise TransportError(f"too many scalars: {len(header.scalars)}")
+    for k, v in header.scalars.items():
+        if not math.isfinite(v):
+            raise TransportError(f"scalar {k!r} is not finite")
+    names: set[str] = set()
+    total = 0
+    for spec in header.tensors:
+        if not _NAME.match(spec.name):
+            raise TransportError(f"invalid tensor name {spec.name!r}")
+        if spec.name in names:
+            raise TransportError(f"duplicate tensor name {spec.name!r}")
+        names.add(spec.name)
+        if spec.dtype not in ALLOWED_DTYPES:
+            raise TransportError(f"tensor {spec.name}: dtype {spec.dtype!r} not allowed")
+        if len(spec.shape) > MAX_NDIM:
+            raise TransportError(f"tensor {spec.name}: {len(spec.shape)} dimensions > {MAX_NDIM}")
+        numel = math.prod(spec.shape)
+        if spec.sparse and spec.nnz > numel:
+            raise TransportError(f"tensor {spec.name}: nnz {spec.nnz} > {numel} elements")
+        if not spec.sparse and spec.nnz:
+            raise TransportError(f"tensor {spec.name}: dense tensor declares nnz")
+        total += _expected_nbytes(spec)
+        if total > max_body_bytes:
+            raise TransportError(f"message too large: body exceeds {max_body_bytes} bytes")
+        if expected is not None:
+            exp = expected.get(spec.name)
+            if exp is None:
+                raise TransportError(f"unexpected tensor name {spec.name!r}")
+            if tuple(spec.shape) != tuple(exp.shape):
+                raise TransportError(f"tensor {spec.name}: shape {tuple(spec.shape)} != expected "
+                                     f"{tuple(exp.shape)}")
+            if spec.dtype != exp.dtype:
+                raise TransportError(f"tensor {spec.name}: dtype {spec.dtype} != expected {exp.dtype}")
+            if spec.sparse and not exp.allow_sparse:
+                raise TransportError(f"tensor {spec.name}: sparse not allowed here")
+    if total != header.body_bytes:
+        raise TransportError(f"declared body_bytes {header.body_bytes} != {total} from tensor specs")
+    if expected is not None and names and names != set(expected):
+        missing = sorted(set(expected) - names)
+        raise TransportError(f"missing tensors: {', '.join(missing[:5])}")
+
+
+def _all_finite(arr: np.ndarray) -> bool:
+    if arr.dtype.kind != "f" or arr.size == 0:
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(arr.sum(dtype=np.float64 if arr.dtype.itemsize < 8 else None)):
+            return True  # a sum of finite values can only be non-finite by overflow
+    return bool(np.isfinite(arr).all())
+
+
+def decode_tensors(specs: Iterable[pb.TensorSpec], body: bytes | bytearray | memoryview,
+                   expected: ExpectedSpec | None = None) -> dict[str, Tensor]:
+    """Arrays (views of ``body``) for validated specs; checks sizes, sparse indices, finiteness."""
+    out: dict[str, Tensor] = {}
+    off = 0
+    mv = memoryview(body)
+    for spec in specs:
+        if expected is not None and spec.name not in expected:
+            raise TransportError(f"unexpected tensor name {spec.name!r}")
+        dtype = np.dtype(spec.dtype)
+        n = _expected_nbytes(spec)
+        if off + n > mv.nbytes:
+            raise TransportError(f"tensor {spec.name}: body too short")
+        shape = tuple(int(s) for s in spec.shape)
+        if spec.sparse:
+            k = spec.nnz
+            idx = np.frombuffer(mv, dtype=_INDEX_DTYPE, count=k, offset=off)
+            vals = np.frombuffer(mv, dtype=dtype, count=k, offset=off + 8 * k)
+            numel = math.prod(shape)
+            if k and (idx[0] < 0 or idx[-1] >= numel or (k > 1 and not np.all(idx[1:] > idx[:-1]))):
+                raise TransportError(f"tensor {spec.name}: sparse indices out of range or not "
+                                     "strictly increasing")
+            if not _all_finite(vals):
+                raise TransportError(f"tensor {spec.name}: non-finite values (NaN/inf)")
+            out[spec.name] = SparseTensor(idx, vals, shape)
+        else:
+            arr = np.frombuffer(mv, dtype=dtype, count=math.prod(shape), offset=off).reshape(shape)
+            if not _all_finite(arr):
+                raise TransportError(f"tensor {spec.name}: non-finite values (NaN/inf)")
+            out[spec.name] = arr
+        off += n
+    if off != mv.nbytes:
+        raise TransportError(f"body has {mv.nbytes - off} trailing bytes")
+    return out
+
+
+class MessageAssembler:
+    """Reassemble one streamed message from raw ``Chunk`` bytes, validating as it goes.
+
+    ``on_header`` runs on the parsed header before any body is accepted (authorization,
+    replay checks); every problem raises TransportError with the reason.
+    """
+
+    def __init__(self, expected: ExpectedSpec | None, max_body_bytes: int) -> None:
+        self.expected = expected
+        self.max_body_bytes = max_body_bytes
+        self.header: pb.Header | None = None
+        self.wire_bytes = 0
+        self._body: bytearray | None = None
+        self._filled = 0
+        self._hash: hashlib._Hash | None = None
+        self.digest: bytes | None = None
+
+    def feed(self, raw: bytes) -> bool:
+        """Consume one serialized chunk; True once the trailer has been accepted."""
+        if self.digest is not None:
+            raise TransportError("data after the trailer")
+        self.wire_bytes += len(raw)
+        view = _data_view(raw) if self.header is not None else None
+        if view is None:
+            try:
+                chunk = pb.Chunk.FromString(raw)
+            except DecodeError as exc:
+                raise TransportError(f"malformed chunk: {exc}") from None
+            part = chunk.WhichOneof("part")
+            if part is None:
+                raise TransportError("malformed chunk: empty")
+            if self.header is None:
+                if part != "header":
+                    raise TransportError(f"malformed stream: first chunk is {part}, not header")
+                check_header(chunk.header, self.expected, self.max_body_bytes)
+                self.header = chunk.header
+                self._body = bytearray(self.header.body_bytes)
+                self._hash = _digest_start(self.header.tensors)
+                return False
+            if part == "header":
+                raise TransportError("malformed stream: second header")
+            if part == "trailer":
+                return self._finish(chunk.trailer.model_digest)
+            view = memoryview(chunk.data)
+        assert self._body is not None and self._hash is not None
+        n = view.nbytes
+        if self._filled + n > len(self._body):
+            raise TransportError(f"body longer than the declared {len(self._body)} bytes")
+        self._body[self._filled:self._filled + n] = view
+        self._hash.update(view)
+        self._filled += n
+        return False
+
+    def _finish(self, digest: bytes) -> bool:
+        assert self._body is not None and self._hash is not None
+        if self._filled != len(self._body):
+            raise TransportError(f"body truncated: {self._filled} of {len(self._body)} bytes")
+        if self._hash.digest() != digest:
+            raise TransportError("model digest mismatch")
+        self.digest = digest
+        return True
+
+    def message(self) -> DecodedMessage:
+        """The decoded, validated message (after ``feed`` returned True)."""
+        if self.header is None or self.digest is None or self._body is None:
+            raise TransportError("stream ended before the message was complete")
+        h = self.header
+        tensors = decode_tensors(h.tensors, self._body, self.expected)
+        return DecodedMessage(sender=h.sender, recipient=h.recipient, sequence=h.sequence,
+                              round=h.round, kind=h.kind, tensors=tensors,
+                              scalars=dict(h.scalars), digest=self.digest,
+                              in_reply_to=h.in_reply_to, wire_bytes=self.wire_bytes)
+
+
+def decode_stream(chunks: Iterable[bytes], expected: ExpectedSpec | None,
+                  max_body_bytes: int) -> DecodedMessage:
+    """Decode a complete chunk stream (convenience for tests and offline use)."""
+    asm = MessageAssembler(expected, max_body_bytes)
+    done = False
+    for raw in chunks:
+        done = asm.feed(raw)
+    if not done:
+        raise TransportError("stream ended before the trailer")
+    return asm.message()

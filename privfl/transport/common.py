@@ -1,0 +1,127 @@
+"""Shared pieces of the gossip transport: method name, gRPC options, byte counters, backoff."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from privfl.transport.codec import CHUNK_BYTES
+
+METHOD = "/privfl.transport.v1.Gossip/Exchange"
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def grpc_options(extra: list[tuple[str, object]] | None = None) -> list[tuple[str, object]]:
+    """Channel/server options: per-chunk message limits (the body is streamed), no sharing."""
+    limit = max(8 * 1024 * 1024, 4 * CHUNK_BYTES)  # one chunk or a header with many specs
+    opts: list[tuple[str, object]] = [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+    ]
+    return opts + (extra or [])
+
+
+@dataclass
+class PeerTraffic:
+    """Serialized bytes and messages exchanged with one peer (gRPC message payloads)."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+
+
+class TrafficCounters:
+    """Thread-safe per-peer counters of real serialized bytes sent and received.
+
+    Counts the protobuf bytes of every chunk (header, body, trailer) -- what the
+    application puts on the wire, excluding HTTP/2 and TLS framing. Share one instance
+    between a node's server and client to get the node's totals.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._peers: dict[str, PeerTraffic] = {}
+
+    def add_sent(self, peer: str, nbytes: int, messages: int = 0) -> None:
+        """Record ``nbytes`` (and ``messages`` whole messages) sent to ``peer``."""
+        with self._lock:
+            t = self._peers.setdefault(peer, PeerTraffic())
+            t.bytes_sent += nbytes
+            t.messages_sent += messages
+
+    def add_received(self, peer: str, nbytes: int, messages: int = 0) -> None:
+        """Record ``nbytes`` (and ``messages`` whole messages) received from ``peer``."""
+        with self._lock:
+            t = self._peers.setdefault(peer, PeerTraffic())
+            t.bytes_received += nbytes
+            t.messages_received += messages
+
+    def peer(self, peer: str) -> PeerTraffic:
+        """A copy of the counters for one peer (zeros if never seen)."""
+        with self._lock:
+            t = self._peers.get(peer, PeerTraffic())
+            return PeerTraffic(t.bytes_sent, t.bytes_received, t.messages_sent, t.messages_received)
+
+    def snapshot(self) -> dict[str, PeerTraffic]:
+        """A copy of all per-peer counters."""
+        with self._lock:
+            return {p: PeerTraffic(t.bytes_sent, t.bytes_received, t.messages_sent,
+                                   t.messages_received) for p, t in self._peers.items()}
+
+    def total(self) -> PeerTraffic:
+        """Sum over all peers."""
+        out = PeerTraffic()
+        for t in self.snapshot().values():
+            out.bytes_sent += t.bytes_sent
+            out.bytes_received += t.bytes_received
+            out.messages_sent += t.messages_sent
+            out.messages_received += t.messages_received
+        return out
+
+
+class PeerBackoff:
+    """Exponential backoff per peer, so a node skips a peer that keeps failing.
+
+    After ``n`` consecutive failures the peer is skipped for
+    ``min(max_delay, base * factor**(n-1))`` seconds; one success resets it.
+    """
+
+    def __init__(self, base: float = 0.5, factor: float = 2.0, max_delay: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.base, self.factor, self.max_delay, self.clock = base, factor, max_delay, clock
+        self._lock = threading.Lock()
+        self._failures: dict[str, int] = {}
+        self._until: dict[str, float] = {}
+
+    def available(self, peer: str) -> bool:
+        """True if ``peer`` may be tried now."""
+        with self._lock:
+            return self.clock() >= self._until.get(peer, float("-inf"))
+
+    def remaining(self, peer: str) -> float:
+        """Seconds until ``peer`` may be tried again (0 if now)."""
+        with self._lock:
+            return max(0.0, self._until.get(peer, float("-inf")) - self.clock())
+
+    def failure(self, peer: str) -> float:
+        """Record a failure; returns the delay before the peer is tried again."""
+        with self._lock:
+            n = self._failures.get(peer, 0) + 1
+            self._failures[peer] = n
+            delay = min(self.max_delay, self.base * self.factor ** (n - 1))
+            self._until[peer] = self.clock() + delay
+            return delay
+
+    def success(self, peer: str) -> None:
+        """Record a success: forget the peer's failures."""
+        with self._lock:
+            self._failures.pop(peer, None)
+            self._until.pop(peer, None)
+
+    def failures(self, peer: str) -> int:
+        """Consecutive failures recorded for ``peer``."""
+        with self._lock:
+            return self._failures.get(peer, 0)
