@@ -1,0 +1,39 @@
+"""The ``privfl`` command line: one typer app with a sub-app per area."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+
+from privfl.errors import PrivflError
+
+app = typer.Typer(
+    name="privfl",
+    help="Privacy-preserving learning across hospitals: DP gossip, Flower baseline, privacy ledgers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    from privfl.cli import demo, privacy
+
+    app.add_typer(privacy.app, name="privacy", help="Compute ε or calibrate σ for DP-SGD.")
+    app.command("demo", help="Run the demo: DP training on the breast-cancer data.")(demo.demo)
+
+
+def main() -> None:
+    """Console entry point: bad input gives one clean line and exit code 2, not a traceback."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    logging.basicConfig(level=os.environ.get("PRIVFL_LOG", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _register()
+    try:
+        app(standalone_mode=True)
+    except PrivflError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Sets up (if needed) and runs the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export FLWR_TELEMETRY_ENABLED=0
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,18 @@
+"""Shared test set-up: quiet Flower telemetry, small deterministic torch."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+torch.set_num_threads(1)
+
+
+@pytest.fixture()
+def flwr_home(tmp_path, monkeypatch):
+    """A private FLWR_HOME so tests never write to ~/.flwr."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    return tmp_path / "flwr"

@@ -1,0 +1,96 @@
+"""DPClient: accounting across rounds, budget fail-closed, learning, σ handed to the accountant."""
+
+from __future__ import annotations
+
+import flwr
+import numpy as np
+import pytest
+
+from accounting import BudgetExhausted, DpEventKey
+from clients import DPClient, DPConfig
+from privfl.data import load_builtin, split_sites
+from privfl.models import build_model
+
+
+@pytest.fixture(scope="module")
+def site():
+    return split_sites(load_builtin("breast_cancer"), 1, "iid", seed=0)[0]
+
+
+def make_client(site, events=None, **kw):
+    cfg = DPConfig(**{"noise_multiplier": 1.0, "batch_size": 32, "lr": 0.5, "target_epsilon": 50.0, **kw})
+    model = build_model("mlp", site.train.x.shape[1:], 2, seed=0)
+    return DPClient(model, (site.train.x, site.train.y), (site.test.x, site.test.y), cfg, seed=0,
+                    on_dp_event=None if events is None else events.append)
+
+
+def test_is_a_flower_numpy_client(site):
+    c = make_client(site)
+    assert isinstance(c, flwr.client.NumPyClient)
+    params = c.get_parameters({})
+    assert all(isinstance(p, np.ndarray) for p in params)
+    assert len(params) == len(c.parameter_names())
+
+
+def test_epsilon_grows_monotonically_across_fit_calls(site):
+    events: list[dict] = []
+    c = make_client(site, events)
+    p = c.get_parameters({})
+    eps = []
+    for _ in range(4):
+        p, n, m = c.fit(p, {"local_steps": 5})
+        eps.append(m["epsilon"])
+        assert m["steps"] == 5 and n == len(site.train)
+    assert all(b > a for a, b in zip(eps, eps[1:]))
+    assert c.accountant.steps == 20
+    # the σ handed to the accountant is the σ the optimizer used
+    assert c.accountant.events == {DpEventKey(c.optimizer.noise_multiplier, c.sample_rate): 20}
+    assert [e["steps"] for e in events] == [5, 5, 5, 5]
+    assert events[-1]["noise_multiplier"] == c.optimizer.noise_multiplier
+
+
+def test_budget_fails_closed(site):
+    events: list[dict] = []
+    c = make_client(site, events, target_epsilon=3.0)
+    p = c.get_parameters({})
+    p, _, m = c.fit(p, {"local_steps": 10_000})
+    assert m["budget_exhausted"] == 1
+    assert 0 < m["steps"] < 10_000
+    assert m["epsilon"] <= 3.0
+    with pytest.raises(BudgetExhausted, match="budget exhausted"):
+        c.fit(p, {"local_steps": 1})
+    assert c.epsilon <= 3.0
+    assert sum(e["steps"] for e in events) == c.accountant.steps
+
+
+def test_calibrated_noise_spends_at_most_target(site):
+    c = make_client(site, noise_multiplier=None, target_epsilon=2.0, planned_steps=60)
+    p = c.get_parameters({})
+    p, _, m = c.fit(p, {"local_steps": 60})
+    assert m["steps"] == 60 and m["epsilon"] <= 2.0 and m["epsilon"] > 1.9
+
+
+def test_a_few_dp_epochs_beat_chance_widely(site):
+    c = make_client(site, noise_multiplier=1.0, clipping="psac", lr=1.0)
+    p = c.get_parameters({})
+    p, _, m = c.fit(p, {"local_epochs": 5})
+    _, n, ev = c.evaluate(p, {})
+    majority = max(np.mean(site.test.y), 1 - np.mean(site.test.y))
+    assert ev["accuracy"] > 0.85 and ev["accuracy"] > majority + 0.15
+
+
+def test_restore_state_keeps_spent_budget(site):
+    c = make_client(site)
+    p = c.get_parameters({})
+    c.fit(p, {"local_steps": 7})
+    state = c.state_dict()
+    d = make_client(site)
+    d.load_state_dict(state)
+    assert d.accountant.steps == 7 and d.epsilon == pytest.approx(c.epsilon)
+
+
+def test_non_private_client_reports_no_guarantee(site):
+    c = make_client(site, enabled=False)
+    p = c.get_parameters({})
+    p, _, m = c.fit(p, {"local_steps": 3})
+    assert m["dp"] == 0 and m["epsilon"] < 0
