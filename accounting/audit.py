@@ -1,0 +1,572 @@
+"""Independent audit of a node's privacy ledger.
+
+:func:`audit_ledger` checks that the node certificate in the header chains to the
+consortium CA and was valid when each entry was written, every signature, the hash
+chain and the index sequence (naming the first bad entry and the kind of problem),
+that every DP event obeys the header's policy, and recomputes ε from the dp_event
+entries with dp-accounting directly (``RdpAccountant`` and ``PLDAccountant`` on
+``PoissonSampledDpEvent(q, GaussianDpEvent(σ))``, composed once per distinct (σ, q)
+with the summed step count) — not with privfl's own accountant, so a bug there cannot
+hide here. ε over time (RDP, after every dp_event) is computed incrementally: the
+per-step RDP curve of each distinct (σ, q) is taken once from ``RdpAccountant`` and
+the running sum is converted with dp-accounting's improved RDP→(ε, δ) bound.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import dp_accounting
+import numpy as np
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from dp_accounting.pld import PLDAccountant
+from dp_accounting.rdp import RdpAccountant
+
+from accounting.ledger import (
+    MECHANISM_POISSON_GAUSSIAN,
+    TORN_TAIL,
+    LedgerPolicy,
+    PublicKey,
+    cert_node_ids,
+    public_key_of_cert,
+    read_ledger,
+)
+
+log = logging.getLogger("privfl.audit")
+
+PLD_DISCRETIZATION = 1e-4
+# A recomputed ε may differ from the node's by float noise; beyond these it is a finding.
+BUDGET_TOLERANCE = 1e-9
+CLAIM_RTOL = {"rdp": 1e-6, "pld": 1e-4}
+
+PASS, FAIL, SKIPPED = "pass", "fail", "skipped"
+
+
+@dataclass
+class AuditIssue:
+    """One finding: the entry index (None when not one entry's), its kind, in words."""
+
+    index: int | None
+    kind: str
+    message: str
+
+
+@dataclass
+class EpsilonPoint:
+    """ε after one dp_event: recomputed (RDP) and as the node recorded it."""
+
+    index: int
+    timestamp: float
+    steps: int
+    epsilon_rdp: float
+    epsilon_claimed: float | None
+
+
+@dataclass
+class AuditReport:
+    """Everything :func:`audit_ledger` found; ``ok`` only when every check passed."""
+
+    path: str
+    ok: bool = False
+    node_id: str | None = None
+    software_version: str | None = None
+    entries_verified: int = 0
+    first_bad_index: int | None = None
+    issues: list[AuditIssue] = field(default_factory=list)
+    checks: dict[str, str] = field(default_factory=dict)
+    certificate: dict[str, Any] = field(default_factory=dict)
+    policy: dict[str, Any] | None = None
+    target_epsilon: float | None = None
+    delta: float | None = None
+    accountant: str | None = None
+    epsilon_rdp: float = 0.0
+    epsilon_pld: float = 0.0
+    epsilon: float = 0.0
+    events: list[dict[str, Any]] = field(default_factory=list)
+    timeline: list[EpsilonPoint] = field(default_factory=list)
+    over_budget: list[int] = field(default_factory=list)
+    totals: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def first_issue(self) -> AuditIssue | None:
+        """The integrity issue at the first bad entry, else the first issue, else None."""
+        for i in self.issues:
+            if self.first_bad_index is not None and i.index == self.first_bad_index:
+                return i
+        return self.issues[0] if self.issues else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of the report."""
+        d = asdict(self)
+        d["first_issue"] = asdict(self.first_issue) if self.first_issue else None
+        return _finite(d)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """The report as JSON (infinite ε written as the string "inf")."""
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "inf" if obj > 0 else ("-inf" if obj < 0 else "nan")
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- ε from events
+
+
+def _relation() -> Any:
+    return dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+
+
+def dp_event_of(noise_multiplier: float, sample_rate: float, steps: int) -> Any:
+    """``SelfComposed(PoissonSampled(q, Gaussian(σ)), steps)`` for dp-accounting."""
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(
+            float(sample_rate), dp_accounting.GaussianDpEvent(float(noise_multiplier))
+        ),
+        int(steps),
+    )
+
+
+def epsilon_rdp_of(groups: Mapping[tuple[float, float], int], delta: float) -> float:
+    """ε at δ by ``RdpAccountant``, composing each (σ, q) once with its summed count."""
+    if not any(groups.values()):
+        return 0.0
+    acc = RdpAccountant(neighboring_relation=_relation())
+    for (sigma, q), count in groups.items():
+        if count:
+            acc.compose(dp_event_of(sigma, q, count))
+    return float(acc.get_epsilon(delta))
+
+
+def epsilon_pld_of(groups: Mapping[tuple[float, float], int], delta: float) -> float:
+    """ε at δ by ``PLDAccountant`` (discretisation 1e-4), each (σ, q) composed once."""
+    if not any(groups.values()):
+        return 0.0
+    acc = PLDAccountant(
+        neighboring_relation=_relation(), value_discretization_interval=PLD_DISCRETIZATION
+    )
+    for (sigma, q), count in groups.items():
+        if count:
+            acc.compose(dp_event_of(sigma, q, count))
+    return float(acc.get_epsilon(delta))
+
+
+def epsilon_from_rdp(orders: np.ndarray, rdp: np.ndarray, delta: float) -> float:
+    """dp-accounting's ``compute_epsilon`` (improved conversion), vectorised over orders.
+
+    Same cases as the library: negative RDP and the KL shortcut give 0, orders ≤ 1.01
+    are ignored, and the result is clamped at 0.
+    """
+    a = orders
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        bound = rdp + np.log1p(-1.0 / a) - np.log(delta * a) / (a - 1.0)
+        eps = np.where(a > 1.01, bound, np.inf)
+        eps = np.where(delta**2 + np.expm1(-rdp) > 0, 0.0, eps)
+        eps = np.where(rdp < 0, 0.0, eps)
+    return float(max(0.0, float(np.min(eps))))
+
+
+class RdpTimeline:
+    """Running RDP of a sequence of counted events, converted to ε after each one.
+
+    The per-step RDP curve of each distinct (σ, q) comes from ``RdpAccountant`` once;
+    composition is additive in RDP, so each event costs one vector add.
+    """
+
+    def __init__(self, delta: float) -> None:
+        self.delta = float(delta)
+        probe = RdpAccountant(neighboring_relation=_relation())
+        self.orders = probe.orders
+        self.rdp = np.zeros_like(self.orders, dtype=np.float64)
+        self._curves: dict[tuple[float, float], np.ndarray] = {}
+
+    def _curve(self, sigma: float, q: float) -> np.ndarray:
+        key = (float(sigma), float(q))
+        if key not in self._curves:
+            acc = RdpAccountant(neighboring_relation=_relation())
+            acc.compose(dp_event_of(sigma, q, 1))
+            self._curves[key] = acc.rdp
+        return self._curves[key]
+
+    def add(self, sigma: float, q: float, steps: int) -> float:
+        """Compose ``steps`` more steps; returns ε at δ after them."""
+        self.rdp = self.rdp + int(steps) * self._curve(sigma, q)
+        return epsilon_from_rdp(self.orders, self.rdp, self.delta)
+
+
+# --------------------------------------------------------------------------- certificates
+
+
+def _cert_info(cert: x509.Certificate) -> dict[str, Any]:
+    return {
+        "subject": cert.subject.rfc4514_string(),
+        "issuer": cert.issuer.rfc4514_string(),
+        "serial": format(cert.serial_number, "x"),
+        "not_valid_before": cert.not_valid_before_utc.isoformat(),
+        "not_valid_after": cert.not_valid_after_utc.isoformat(),
+        "sha256_fingerprint": cert.fingerprint(hashes.SHA256()).hex(),
+    }
+
+
+def _check_chain(cert: x509.Certificate, ca: x509.Certificate) -> str | None:
+    """None if ``cert`` is directly issued and signed by ``ca``, else the reason."""
+    try:
+        bc = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+        if not bc.ca:
+            return "the given CA certificate is not a CA (basicConstraints CA:FALSE)"
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        cert.verify_directly_issued_by(ca)
+    except InvalidSignature:
+        return "the node certificate's signature does not verify with the CA key"
+    except (ValueError, TypeError) as exc:
+        return f"the node certificate is not issued by this CA ({exc})"
+    return None
+
+
+def _load_pem_cert(pem: str | bytes, what: str) -> x509.Certificate:
+    data = pem.encode() if isinstance(pem, str) else pem
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError as exc:
+        raise ValueError(f"{what} is not a PEM X.509 certificate: {exc}") from exc
+
+
+def _ts(t: float) -> _dt.datetime:
+    return _dt.datetime.fromtimestamp(t, tz=_dt.timezone.utc)
+
+
+# --------------------------------------------------------------------------- the audit
+
+
+def audit_ledger(
+    path: str | os.PathLike[str],
+    ca_pem: str | bytes | None = None,
+    *,
+    other_certs: Sequence[str | bytes] = (),
+    expected_node_id: str | None = None,
+    compute_pld: bool = True,
+) -> AuditReport:
+    """Verify the ledger at ``path`` and recompute its ε; see the module docstring.
+
+    ``ca_pem``: the consortium CA certificate (PEM); without it the certificate check
+    is reported as skipped (not failed). ``other_certs``: other nodes' certificates,
+    so that an entry signed by one of them is named as such. ``expected_node_id``:
+    fail unless the header names this node. Raises FileNotFoundError for a missing
+    file and ValueError for an unreadable CA/other certificate (bad input, not a
+    finding).
+    """
+    report = AuditReport(path=str(path))
+    ca = _load_pem_cert(ca_pem, "CA certificate") if ca_pem is not None else None
+    other_keys: dict[str, PublicKey] = {}
+    for i, pem in enumerate(other_certs):
+        oc = _load_pem_cert(pem, f"other certificate #{i + 1}")
+        names = sorted(cert_node_ids(oc)) or [f"certificate #{i + 1}"]
+        try:
+            other_keys[names[0]] = public_key_of_cert(oc)
+        except ValueError:
+            continue
+
+    verified = read_ledger(path, other_keys)
+    entries = verified.entries
+    report.entries_verified = len(entries)
+    if verified.error is not None:
+        err = verified.error
+        report.first_bad_index = err.index
+        report.issues.append(AuditIssue(err.index, err.kind, err.reason))
+        report.checks["integrity"] = FAIL if err.kind != TORN_TAIL else "fail (torn tail)"
+    else:
+        report.checks["integrity"] = PASS
+
+    if verified.header is None or verified.certificate is None:
+        report.checks.setdefault("certificate", SKIPPED)
+        report.ok = False
+        return report
+
+    header = verified.header["body"]
+    cert = verified.certificate
+    policy = LedgerPolicy.from_dict(header["policy"])
+    report.node_id = header["node_id"]
+    report.software_version = header.get("software_version")
+    report.certificate = _cert_info(cert)
+    report.policy = policy.to_dict()
+    report.target_epsilon = policy.target_epsilon
+    report.delta = policy.delta
+    report.accountant = policy.accountant
+
+    _check_certificate(report, cert, ca, entries)
+    if expected_node_id is not None:
+        if report.node_id == expected_node_id:
+            report.checks["node_id"] = PASS
+        else:
+            report.checks["node_id"] = FAIL
+            report.issues.append(
+                AuditIssue(
+                    0,
+                    "node_id",
+                    f"the ledger is node {report.node_id!r}'s, not {expected_node_id!r}'s",
+                )
+            )
+    _check_events(report, policy, entries, compute_pld)
+
+    report.ok = all(v in (PASS, SKIPPED) for v in report.checks.values()) and not report.issues
+    log.info(
+        "audit node=%s ok=%s entries=%d eps_rdp=%.4f eps_pld=%.4f issues=%d",
+        report.node_id,
+        report.ok,
+        report.entries_verified,
+        report.epsilon_rdp,
+        report.epsilon_pld,
+        len(report.issues),
+    )
+    return report
+
+
+def _check_certificate(
+    report: AuditReport,
+    cert: x509.Certificate,
+    ca: x509.Certificate | None,
+    entries: list[dict[str, Any]],
+) -> None:
+    if ca is None:
+        report.checks["certificate"] = SKIPPED
+        return
+    problem = _check_chain(cert, ca)
+    if problem is None:
+        for e in entries:
+            t = _ts(float(e["timestamp"]))
+            if not cert.not_valid_before_utc <= t <= cert.not_valid_after_utc:
+                problem = (
+                    f"entry {e['index']} was written at {t.isoformat()}, outside the node "
+                    f"certificate's validity"
+                )
+                report.issues.append(AuditIssue(e["index"], "certificate_validity", problem))
+                break
+            if not ca.not_valid_before_utc <= t <= ca.not_valid_after_utc:
+                problem = f"entry {e['index']} was written outside the CA certificate's validity"
+                report.issues.append(AuditIssue(e["index"], "certificate_validity", problem))
+                break
+    else:
+        report.issues.append(AuditIssue(0, "certificate_chain", problem))
+    report.checks["certificate"] = PASS if problem is None else FAIL
+
+
+def _check_events(
+    report: AuditReport, policy: LedgerPolicy, entries: list[dict[str, Any]], compute_pld: bool
+) -> None:
+    """Policy, budget, claimed-ε and totals over the verified entries."""
+    timeline = RdpTimeline(policy.delta)
+    groups: dict[tuple[float, float], int] = {}
+    prefix_groups: list[dict[tuple[float, float], int]] = []  # only kept for PLD bisection
+    dp_positions: list[int] = []
+    policy_issues: list[AuditIssue] = []
+    stop_seen: int | None = None
+    after_stop: list[int] = []
+    totals: dict[str, Any] = {
+        "entries": len(entries),
+        "dp_events": 0,
+        "steps": 0,
+        "messages": 0,
+        "bytes_sent": 0,
+        "stops": 0,
+        "notes": 0,
+        "peers": {},
+    }
+    for e in entries:
+        kind, body, idx = e["kind"], e["body"], e["index"]
+        if kind == "message":
+            try:
+                peer, size = str(body["peer"]), int(body["bytes"])
+                int(body["seq"]), int(body["round"]), str(body["sha256"])
+            except (KeyError, TypeError, ValueError):
+                policy_issues.append(AuditIssue(idx, "bad_entry", "message body is malformed"))
+                continue
+            totals["messages"] += 1
+            totals["bytes_sent"] += size
+            totals["peers"][peer] = totals["peers"].get(peer, 0) + 1
+        elif kind == "stop":
+            totals["stops"] += 1
+            if stop_seen is None:
+                stop_seen = idx
+        elif kind == "note":
+            totals["notes"] += 1
+        elif kind == "dp_event":
+            problem = _event_problem(body, policy)
+            if problem is not None and problem[0] == "bad_entry":
+                policy_issues.append(AuditIssue(idx, problem[0], problem[1]))
+                continue  # cannot be accounted
+            if problem is not None:
+                policy_issues.append(AuditIssue(idx, problem[0], problem[1]))
+            if stop_seen is not None:
+                after_stop.append(idx)
+            sigma, q, steps = (
+                float(body["noise_multiplier"]),
+                float(body["sample_rate"]),
+                int(body["steps"]),
+            )
+            key = (sigma, q)
+            groups[key] = groups.get(key, 0) + steps
+            totals["dp_events"] += 1
+            totals["steps"] += steps
+            eps = timeline.add(sigma, q, steps)
+            claimed = body.get("epsilon")
+            report.timeline.append(
+                EpsilonPoint(
+                    idx,
+                    float(e["timestamp"]),
+                    totals["steps"],
+                    eps,
+                    float(claimed) if isinstance(claimed, (int, float)) else None,
+                )
+            )
+            dp_positions.append(idx)
+            if policy.accountant == "pld":
+                prefix_groups.append(dict(groups))
+    if entries:
+        totals["first_timestamp"] = float(entries[0]["timestamp"])
+        totals["last_timestamp"] = float(entries[-1]["timestamp"])
+    report.totals = totals
+    report.events = [
+        {"noise_multiplier": s, "sample_rate": q, "steps": c} for (s, q), c in groups.items()
+    ]
+
+    # ε with dp-accounting directly, from the summed counts.
+    report.epsilon_rdp = epsilon_rdp_of(groups, policy.delta)
+    need_pld = compute_pld or policy.accountant == "pld"
+    report.epsilon_pld = epsilon_pld_of(groups, policy.delta) if need_pld else math.nan
+    report.epsilon = report.epsilon_pld if policy.accountant == "pld" else report.epsilon_rdp
+
+    report.issues.extend(policy_issues)
+    report.checks["policy"] = PASS if not policy_issues else FAIL
+
+    # Budget: dp_events whose cumulative ε (by the policy's accountant) exceeds the target.
+    limit = policy.target_epsilon + BUDGET_TOLERANCE
+    if policy.accountant == "rdp":
+        report.over_budget = [p.index for p in report.timeline if p.epsilon_rdp > limit]
+    elif report.epsilon > limit:
+        first = _first_pld_over(prefix_groups, policy.delta, limit)
+        report.over_budget = dp_positions[first:]
+    if report.over_budget:
+        report.issues.append(
+            AuditIssue(
+                report.over_budget[0],
+                "over_budget",
+                f"{len(report.over_budget)} dp_event(s) take ε ({policy.accountant}) above the "
+                f"target {policy.target_epsilon:g} at δ={policy.delta:g}; first at entry "
+                f"{report.over_budget[0]}",
+            )
+        )
+    report.checks["budget"] = PASS if not report.over_budget else FAIL
+
+    if after_stop:
+        report.issues.append(
+            AuditIssue(
+                after_stop[0],
+                "after_stop",
+                f"{len(after_stop)} dp_event(s) after the stop entry {stop_seen}",
+            )
+        )
+    report.checks["stop"] = PASS if not after_stop else FAIL
+
+    _check_claims(report, policy)
+
+
+def _event_problem(body: Mapping[str, Any], policy: LedgerPolicy) -> tuple[str, str] | None:
+    """("bad_entry" | "policy", message) for a dp_event that breaks the rules, else None."""
+    try:
+        sigma = body["noise_multiplier"]
+        q = body["sample_rate"]
+        steps = body["steps"]
+        norm = body["clipping_norm"]
+        rule = body["clipping_rule"]
+        eps = body["epsilon"]
+    except (KeyError, TypeError):
+        return "bad_entry", "dp_event body lacks a required field"
+    nums = (sigma, q, norm, eps)
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in nums):
+        return "bad_entry", "dp_event has a non-numeric parameter"
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+        return "bad_entry", f"dp_event steps must be an integer >= 1, got {steps!r}"
+    if not (sigma > 0 and 0 < q <= 1 and math.isfinite(sigma)):
+        return "bad_entry", f"dp_event has σ={sigma!r}, q={q!r}: not accountable"
+    if body.get("mechanism") != MECHANISM_POISSON_GAUSSIAN:
+        return "bad_entry", f"unknown mechanism {body.get('mechanism')!r}"
+    problems = []
+    if sigma < policy.min_noise_multiplier:
+        problems.append(f"σ={sigma:g} is below the policy's minimum {policy.min_noise_multiplier:g}")
+    if rule not in policy.allowed_clipping_rules:
+        problems.append(f"clipping rule {rule!r} is not allowed by the policy")
+    if not norm > 0:
+        problems.append(f"clipping norm {norm!r} must be > 0")
+    if body.get("neighbouring_relation") != policy.neighbouring_relation:
+        problems.append(f"neighbouring relation {body.get('neighbouring_relation')!r}")
+    if body.get("accountant") != policy.accountant:
+        problems.append(f"accountant {body.get('accountant')!r} differs from the policy's")
+    if body.get("delta") is not None and body.get("delta") != policy.delta:
+        problems.append(f"δ {body.get('delta')!r} differs from the policy's")
+    return ("policy", "; ".join(problems)) if problems else None
+
+
+def _first_pld_over(
+    prefix_groups: list[dict[tuple[float, float], int]], delta: float, limit: float
+) -> int:
+    """The first dp_event position whose cumulative PLD ε exceeds ``limit`` (bisection)."""
+    lo, hi = 0, len(prefix_groups) - 1  # ε(hi) > limit is known
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if epsilon_pld_of(prefix_groups[mid], delta) > limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _check_claims(report: AuditReport, policy: LedgerPolicy) -> None:
+    """The node's recorded ε must match the recomputation (every event for RDP, the last for PLD)."""
+    rtol = CLAIM_RTOL[policy.accountant]
+    bad: AuditIssue | None = None
+    points = report.timeline
+    if policy.accountant == "rdp":
+        for p in points:
+            if p.epsilon_claimed is None or not _close(p.epsilon_claimed, p.epsilon_rdp, rtol):
+                bad = AuditIssue(
+                    p.index,
+                    "epsilon_mismatch",
+                    f"the node recorded ε={p.epsilon_claimed} but the events give "
+                    f"ε={p.epsilon_rdp:.6f} (RDP)",
+                )
+                break
+    elif points:
+        last = points[-1]
+        if last.epsilon_claimed is None or not _close(last.epsilon_claimed, report.epsilon, rtol):
+            bad = AuditIssue(
+                last.index,
+                "epsilon_mismatch",
+                f"the node recorded ε={last.epsilon_claimed} but the events give "
+                f"ε={report.epsilon:.6f} (PLD)",
+            )
+    if bad is not None:
+        report.issues.append(bad)
+    report.checks["claimed_epsilon"] = PASS if bad is None else FAIL
+
+
+def _close(a: float, b: float, rtol: float) -> bool:
+    if math.isinf(a) or math.isinf(b):
+        return a == b
+    return abs(a - b) <= rtol * max(1.0, abs(b))

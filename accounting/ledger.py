@@ -1,0 +1,925 @@
+"""Signed, hash-chained, append-only privacy ledger of one node (JSON lines).
+
+Each line is one entry, written as canonical JSON
+(``json.dumps(entry, sort_keys=True, separators=(",", ":"))``) and a newline:
+
+    {"body": {...}, "index": i, "kind": "...", "prev_hash": "<64 hex>",
+     "signature": "<base64>", "timestamp": <unix seconds>}
+
+* ``prev_hash`` is the SHA-256 (hex) of the previous line's bytes (the whole canonical
+  entry, signature included, without its newline); the header's is 64 zeros.
+* ``signature`` is by the node's identity key over the canonical JSON of the entry
+  without its ``signature`` field: ECDSA P-256 with SHA-256 (DER, base64), or Ed25519.
+* kinds: ``header`` (first entry: node certificate, node id, privacy policy, software
+  version), ``dp_event``, ``message`` (a digest of what was sent, never the values),
+  ``stop`` and ``note``.
+
+The node rebuilds its accountant from the ledger at start (:meth:`Ledger.rebuild_accountant`),
+so a restart never resets the budget. Appends are durable (write, flush, ``os.fsync``;
+batched every ``fsync_every`` entries). A crash mid-append leaves a torn last line (no
+trailing newline); :meth:`Ledger.open` refuses it with :class:`TornTailError`, distinct
+from tampering, and :meth:`Ledger.repair_torn_tail` truncates it explicitly and records
+a note entry.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import NameOID
+
+from accounting.accountant import (
+    NEIGHBORING_RELATION,
+    DpEventKey,
+    PrivacyAccountant,
+    validate_step,
+)
+
+try:  # advisory single-writer lock; POSIX only
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("privfl.ledger")
+
+LEDGER_FORMAT = "privfl-ledger/1"
+GENESIS_HASH = "0" * 64
+KINDS = ("header", "dp_event", "message", "stop", "note")
+ENTRY_FIELDS = frozenset({"body", "index", "kind", "prev_hash", "signature", "timestamp"})
+MECHANISM_POISSON_GAUSSIAN = "poisson_gaussian"
+
+PrivateKey = Union[ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey]
+PublicKey = Union[ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey]
+
+# Problem kinds named by verification (LedgerError.kind / audit issues).
+TORN_TAIL = "torn_tail"
+MALFORMED = "malformed"
+MODIFIED = "modified"
+FOREIGN_KEY = "foreign_key"
+DROPPED = "dropped"
+REORDERED = "reordered"
+DUPLICATED = "duplicated"
+CHAIN_BREAK = "chain_break"
+BAD_HEADER = "bad_header"
+EMPTY = "empty"
+
+
+class LedgerError(Exception):
+    """A ledger failed verification or cannot be used.
+
+    ``index`` is the position (line number from 0, which is also the expected entry
+    index) of the first bad entry, or None when the problem is not one entry's;
+    ``kind`` names the problem (see the module constants), ``reason`` says it in words.
+    """
+
+    def __init__(self, index: int | None, reason: str, kind: str = MALFORMED) -> None:
+        self.index = index
+        self.reason = reason
+        self.kind = kind
+        where = f"entry {index}: " if index is not None else ""
+        super().__init__(f"ledger {kind}: {where}{reason}")
+
+
+class TornTailError(LedgerError):
+    """The last line is incomplete (a crash during an append), not tampering."""
+
+    def __init__(self, index: int, torn_bytes: int) -> None:
+        self.torn_bytes = torn_bytes
+        super().__init__(
+            index,
+            f"last line is incomplete ({torn_bytes} bytes, no trailing newline): a crash "
+            "during an append; Ledger.repair_torn_tail() truncates it",
+            TORN_TAIL,
+        )
+
+
+@dataclass(frozen=True)
+class LedgerPolicy:
+    """The node's privacy policy, pinned in the ledger header."""
+
+    target_epsilon: float
+    delta: float
+    min_noise_multiplier: float
+    allowed_clipping_rules: tuple[str, ...]
+    accountant: str = "rdp"
+    neighbouring_relation: str = NEIGHBORING_RELATION
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.target_epsilon, (int, float)) and self.target_epsilon > 0):
+            raise ValueError(f"policy.target_epsilon must be > 0, got {self.target_epsilon!r}")
+        if not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
+            raise ValueError(f"policy.delta must be in (0, 1), got {self.delta!r}")
+        if not (
+            isinstance(self.min_noise_multiplier, (int, float)) and self.min_noise_multiplier > 0
+        ):
+            raise ValueError(
+                f"policy.min_noise_multiplier must be > 0, got {self.min_noise_multiplier!r}"
+            )
+        rules = tuple(self.allowed_clipping_rules)
+        if not rules or not all(isinstance(r, str) and r for r in rules):
+            raise ValueError("policy.allowed_clipping_rules must be a non-empty list of names")
+        object.__setattr__(self, "allowed_clipping_rules", rules)
+        if self.accountant not in ("rdp", "pld"):
+            raise ValueError(f"policy.accountant must be 'rdp' or 'pld', got {self.accountant!r}")
+        if self.neighbouring_relation != NEIGHBORING_RELATION:
+            raise ValueError(
+                f"policy.neighbouring_relation must be {NEIGHBORING_RELATION!r}, "
+                f"got {self.neighbouring_relation!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (as stored in the header)."""
+        d = asdict(self)
+        d["target_epsilon"] = float(self.target_epsilon)
+        d["delta"] = float(self.delta)
+        d["min_noise_multiplier"] = float(self.min_noise_multiplier)
+        d["allowed_clipping_rules"] = list(self.allowed_clipping_rules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LedgerPolicy:
+        """Parse the header's policy (raises ValueError/KeyError/TypeError when malformed)."""
+        return cls(
+            target_epsilon=d["target_epsilon"],
+            delta=d["delta"],
+            min_noise_multiplier=d["min_noise_multiplier"],
+            allowed_clipping_rules=tuple(d["allowed_clipping_rules"]),
+            accountant=d["accountant"],
+            neighbouring_relation=d["neighbouring_relation"],
+        )
+
+
+# --------------------------------------------------------------------------- crypto
+
+
+def canonical_bytes(obj: Mapping[str, Any]) -> bytes:
+    """The canonical JSON bytes of ``obj`` (sorted keys, no spaces, ASCII)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def signing_bytes(entry: Mapping[str, Any]) -> bytes:
+    """The bytes an entry's signature covers: canonical JSON without ``signature``."""
+    return canonical_bytes({k: v for k, v in entry.items() if k != "signature"})
+
+
+def entry_hash(line: bytes) -> str:
+    """SHA-256 hex of an entry's line (canonical JSON, no newline): the next prev_hash."""
+    return hashlib.sha256(line).hexdigest()
+
+
+def sign_bytes(key: PrivateKey, data: bytes) -> str:
+    """Base64 signature of ``data``: ECDSA P-256/SHA-256 (DER) or Ed25519."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        sig = key.sign(data, ec.ECDSA(hashes.SHA256()))
+    elif isinstance(key, ed25519.Ed25519PrivateKey):
+        sig = key.sign(data)
+    else:
+        raise ValueError(f"unsupported ledger key type {type(key).__name__}: use ECDSA P-256")
+    return base64.b64encode(sig).decode("ascii")
+
+
+def verify_signature(public_key: PublicKey, signature_b64: str, data: bytes) -> bool:
+    """Whether ``signature_b64`` is a valid signature of ``data`` by ``public_key``."""
+    try:
+        sig = base64.b64decode(signature_b64.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        return False
+    try:
+        if isinstance(public_key, ec.EllipticCurvePublicKey):
+            public_key.verify(sig, data, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(public_key, ed25519.Ed25519PublicKey):
+            public_key.verify(sig, data)
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _check_key_type(key: Any) -> None:
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise ValueError(f"ledger keys must be ECDSA P-256, got curve {key.curve.name}")
+    elif not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ValueError(f"unsupported ledger key type {type(key).__name__}: use ECDSA P-256")
+
+
+def public_key_of_cert(cert: x509.Certificate) -> PublicKey:
+    """The certificate's public key, if it is a type ledgers accept."""
+    pk = cert.public_key()
+    if isinstance(pk, ec.EllipticCurvePublicKey) and isinstance(pk.curve, ec.SECP256R1):
+        return pk
+    if isinstance(pk, ed25519.Ed25519PublicKey):
+        return pk
+    raise ValueError(f"certificate key type {type(pk).__name__} is not ECDSA P-256 or Ed25519")
+
+
+def _same_public_key(a: Any, b: Any) -> bool:
+    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
+    enc = serialization.Encoding.DER
+    return bool(a.public_bytes(enc, fmt) == b.public_bytes(enc, fmt))
+
+
+def cert_node_ids(cert: x509.Certificate) -> set[str]:
+    """Names a certificate can carry a node id in: subject CN, DNS and URI SANs."""
+    names = {str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)}
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names.update(san.get_values_for_type(x509.DNSName))
+        names.update(san.get_values_for_type(x509.UniformResourceIdentifier))
+    except x509.ExtensionNotFound:
+        pass
+    return names
+
+
+def default_node_id(cert: x509.Certificate) -> str:
+    """The node id a certificate names: its subject common name."""
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not cns:
+        raise ValueError("node certificate has no subject common name; pass node_id")
+    return str(cns[0].value)
+
+
+def _load_cert(cert_pem: str | bytes) -> x509.Certificate:
+    data = cert_pem.encode() if isinstance(cert_pem, str) else cert_pem
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError as exc:
+        raise ValueError(f"node certificate is not a PEM X.509 certificate: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- verification
+
+
+@dataclass
+class VerifiedLedger:
+    """The result of verifying a ledger's bytes: the good prefix and the first problem."""
+
+    header: dict[str, Any] | None = None
+    certificate: x509.Certificate | None = None
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    last_hash: str = GENESIS_HASH
+    good_bytes: int = 0
+    error: LedgerError | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether every line verified."""
+        return self.error is None
+
+
+def _split_lines(data: bytes) -> tuple[list[bytes], bytes]:
+    """Complete lines (without newline) and the torn remainder (b'' if none)."""
+    if not data:
+        return [], b""
+    parts = data.split(b"\n")
+    return parts[:-1], parts[-1]
+
+
+def _parse_line(pos: int, line: bytes) -> dict[str, Any]:
+    try:
+        entry = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LedgerError(pos, f"line is not valid JSON ({exc.__class__.__name__})", MALFORMED)
+    if not isinstance(entry, dict) or set(entry) != ENTRY_FIELDS:
+        raise LedgerError(pos, "line is not a ledger entry (wrong fields)", MALFORMED)
+    if (
+        not isinstance(entry["index"], int)
+        or isinstance(entry["index"], bool)
+        or entry["kind"] not in KINDS
+        or not isinstance(entry["body"], dict)
+        or not isinstance(entry["prev_hash"], str)
+        or not isinstance(entry["signature"], str)
+        or not isinstance(entry["timestamp"], (int, float))
+        or isinstance(entry["timestamp"], bool)
+    ):
+        raise LedgerError(pos, "entry field has the wrong type or unknown kind", MALFORMED)
+    try:
+        canonical = canonical_bytes(entry)
+    except ValueError as exc:  # NaN/Infinity
+        raise LedgerError(pos, f"entry is not canonical JSON ({exc})", MALFORMED) from exc
+    if canonical != line:
+        raise LedgerError(pos, "entry is not in canonical JSON form", MALFORMED)
+    return entry
+
+
+def _classify_index_problem(
+    pos: int, found: int, lines: list[bytes], seen: dict[int, str], line: bytes
+) -> LedgerError:
+    """Name why the entry at ``pos`` has index ``found`` instead of ``pos``."""
+    if found < pos:
+        if seen.get(found) == entry_hash(line):
+            return LedgerError(pos, f"entry {found} appears again at line {pos}", DUPLICATED)
+        return LedgerError(
+            pos, f"line {pos} holds entry {found}: lines are out of order", REORDERED
+        )
+    # found > pos: is the expected entry further down the file (reordered) or gone?
+    needle = b'"index":%d,' % pos
+    for later in lines[pos + 1 :]:
+        if needle in later:
+            try:
+                if json.loads(later).get("index") == pos:
+                    return LedgerError(
+                        pos, f"line {pos} holds entry {found}: lines are out of order", REORDERED
+                    )
+            except ValueError:
+                continue
+    missing = found - pos
+    return LedgerError(
+        pos,
+        f"expected entry {pos}, found entry {found}: {missing} line(s) dropped",
+        DROPPED,
+    )
+
+
+def verify_bytes(
+    data: bytes, other_keys: Mapping[str, PublicKey] | None = None
+) -> VerifiedLedger:
+    """Verify a ledger's bytes: header, every signature, the hash chain and indices.
+
+    Stops at the first bad entry and names it. ``other_keys`` (node id → public key,
+    e.g. the other nodes of the roster) lets a bad signature be named as made by
+    another node's key rather than just "modified". Does not check the certificate
+    chain (see :func:`accounting.audit.audit_ledger`).
+    """
+    result = VerifiedLedger()
+    lines, torn = _split_lines(data)
+    if not lines and not torn:
+        result.error = LedgerError(None, "ledger is empty: no header", EMPTY)
+        return result
+    pub: PublicKey | None = None
+    seen: dict[int, str] = {}
+    prev = GENESIS_HASH
+    offset = 0
+    for pos, line in enumerate(lines):
+        try:
+            entry = _parse_line(pos, line)
+            if pos == 0:
+                cert, pub = _verify_header_entry(entry)
+                result.header = entry
+                result.certificate = cert
+            assert pub is not None
+            if not verify_signature(pub, entry["signature"], signing_bytes(entry)):
+                raise _bad_signature(pos, entry, other_keys)
+            if entry["index"] != pos:
+                raise _classify_index_problem(pos, entry["index"], lines, seen, line)
+            if entry["prev_hash"] != prev:
+                raise LedgerError(
+                    pos,
+                    "prev_hash does not match the previous entry: an entry before it was "
+                    "replaced or the chain was spliced",
+                    CHAIN_BREAK,
+                )
+            if pos > 0 and entry["kind"] == "header":
+                raise LedgerError(pos, "a second header entry", MALFORMED)
+        except LedgerError as exc:
+            result.error = exc
+            return result
+        prev = entry_hash(line)
+        seen[pos] = prev
+        offset += len(line) + 1
+        result.entries.append(entry)
+        result.last_hash = prev
+        result.good_bytes = offset
+    if torn:
+        if not lines:
+            result.error = LedgerError(0, "the header line is incomplete", TORN_TAIL)
+        else:
+            result.error = TornTailError(len(lines), len(torn))
+    return result
+
+
+def _bad_signature(
+    pos: int, entry: Mapping[str, Any], other_keys: Mapping[str, PublicKey] | None
+) -> LedgerError:
+    data = signing_bytes(entry)
+    for node_id, key in (other_keys or {}).items():
+        if verify_signature(key, entry["signature"], data):
+            return LedgerError(
+                pos, f"entry is signed by another node's key ({node_id})", FOREIGN_KEY
+            )
+    return LedgerError(
+        pos,
+        "signature does not verify with the node certificate: the entry was modified "
+        "(e.g. a flipped byte or an edited body) or signed by an unknown key",
+        MODIFIED,
+    )
+
+
+def _verify_header_entry(entry: Mapping[str, Any]) -> tuple[x509.Certificate, PublicKey]:
+    """Check the header's shape and return its certificate and public key."""
+    if entry["kind"] != "header":
+        raise LedgerError(0, "first entry is not a header", BAD_HEADER)
+    if entry["index"] != 0 or entry["prev_hash"] != GENESIS_HASH:
+        raise LedgerError(0, "header must have index 0 and the genesis prev_hash", BAD_HEADER)
+    body = entry["body"]
+    try:
+        if body.get("format") != LEDGER_FORMAT:
+            raise ValueError(f"unknown ledger format {body.get('format')!r}")
+        cert = _load_cert(body["certificate"])
+        pub = public_key_of_cert(cert)
+        LedgerPolicy.from_dict(body["policy"])
+        node_id = body["node_id"]
+        if not isinstance(node_id, str) or not node_id:
+            raise ValueError("node_id must be a non-empty string")
+        if node_id not in cert_node_ids(cert):
+            raise ValueError(f"node_id {node_id!r} is not named in the certificate")
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise LedgerError(0, f"bad header: {exc}", BAD_HEADER) from exc
+    return cert, pub
+
+
+def read_ledger(
+    path: str | os.PathLike[str], other_keys: Mapping[str, PublicKey] | None = None
+) -> VerifiedLedger:
+    """Read and verify the ledger file at ``path`` (see :func:`verify_bytes`)."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"ledger file {p} does not exist") from exc
+    return verify_bytes(data, other_keys)
+
+
+def dp_event_key(body: Mapping[str, Any]) -> DpEventKey:
+    """The accountant key of a dp_event body."""
+    return DpEventKey(float(body["noise_multiplier"]), float(body["sample_rate"]))
+
+
+def events_of(entries: list[dict[str, Any]]) -> dict[DpEventKey, int]:
+    """Counted DP events (σ, q) → steps of the dp_event entries."""
+    events: dict[DpEventKey, int] = {}
+    for e in entries:
+        if e["kind"] == "dp_event":
+            key = dp_event_key(e["body"])
+            events[key] = events.get(key, 0) + int(e["body"]["steps"])
+    return events
+
+
+# --------------------------------------------------------------------------- the ledger
+
+
+class Ledger:
+    """An open, append-only ledger owned by one node (single writer, thread-safe).
+
+    Create with :meth:`create`, reopen with :meth:`open` (which verifies the file
+    first), or :meth:`open_or_create`. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        key: PrivateKey,
+        verified: VerifiedLedger,
+        fsync_every: int = 1,
+    ) -> None:
+        """Internal: use :meth:`create` / :meth:`open`."""
+        if fsync_every < 0:
+            raise ValueError(f"fsync_every must be >= 0, got {fsync_every}")
+        assert verified.header is not None and verified.certificate is not None
+        self.path = path
+        self._key = key
+        self._fsync_every = int(fsync_every)
+        self.header: dict[str, Any] = verified.header
+        self.certificate = verified.certificate
+        self.node_id: str = verified.header["body"]["node_id"]
+        self.policy = LedgerPolicy.from_dict(verified.header["body"]["policy"])
+        self._lock = threading.Lock()
+        self._next_index = len(verified.entries)
+        self._last_hash = verified.last_hash
+        self._unsynced = 0
+        self._events = events_of(verified.entries)
+        self._messages = sum(1 for e in verified.entries if e["kind"] == "message")
+        self._bytes_sent = sum(
+            int(e["body"]["bytes"]) for e in verified.entries if e["kind"] == "message"
+        )
+        self._stopped = any(e["kind"] == "stop" for e in verified.entries)
+        self._last_epsilon = next(
+            (
+                float(e["body"]["epsilon"])
+                for e in reversed(verified.entries)
+                if e["kind"] == "dp_event"
+            ),
+            0.0,
+        )
+        self._file = open(path, "ab")  # noqa: SIM115 - closed in close()
+        if fcntl is not None:
+            try:
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                self._file.close()
+                raise LedgerError(
+                    None, f"ledger {path} is open by another writer", "locked"
+                ) from exc
+
+    # ----- construction
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        key: PrivateKey,
+        cert_pem: str | bytes,
+        policy: LedgerPolicy,
+        software_version: str,
+        node_id: str | None = None,
+        fsync_every: int = 1,
+    ) -> Ledger:
+        """Start a new ledger at ``path`` (which must not exist) with a signed header.
+
+        The header pins the node certificate, node id (default: the certificate's CN),
+        the privacy policy and the software version. It is written to a temporary
+        file, fsynced and renamed, so a crash never leaves a half-written header.
+        """
+        p = Path(path)
+        _check_key_type(key)
+        cert = _load_cert(cert_pem)
+        if not _same_public_key(public_key_of_cert(cert), key.public_key()):
+            raise ValueError("the ledger key does not match the node certificate's public key")
+        nid = node_id if node_id is not None else default_node_id(cert)
+        if nid not in cert_node_ids(cert):
+            raise ValueError(f"node_id {nid!r} is not named in the node certificate")
+        if p.exists():
+            raise FileExistsError(f"ledger {p} already exists; use Ledger.open")
+        pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+        body = {
+            "format": LEDGER_FORMAT,
+            "node_id": nid,
+            "certificate": pem,
+            "policy": policy.to_dict(),
+            "software_version": str(software_version),
+        }
+        entry, line = _make_entry(key, 0, "header", body, GENESIS_HASH)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(line + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, p)  # atomic, and fails if p appeared meanwhile
+        except FileExistsError:
+            tmp.unlink()
+            raise FileExistsError(f"ledger {p} already exists; use Ledger.open") from None
+        tmp.unlink()
+        _fsync_dir(p.parent)
+        verified = VerifiedLedger(
+            header=entry,
+            certificate=cert,
+            entries=[entry],
+            last_hash=entry_hash(line),
+            good_bytes=len(line) + 1,
+        )
+        log.info("ledger created node=%s path=%s", nid, p)
+        return cls(p, key, verified, fsync_every)
+
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike[str], key: PrivateKey, fsync_every: int = 1
+    ) -> Ledger:
+        """Verify the ledger at ``path`` and open it for appending.
+
+        Raises :class:`TornTailError` for an incomplete last line (a crash: see
+        :meth:`repair_torn_tail`) and :class:`LedgerError` for anything else that does
+        not verify; never continues silently. The key must match the header certificate.
+        """
+        p = Path(path)
+        _check_key_type(key)
+        verified = read_ledger(p)
+        if verified.error is not None:
+            raise verified.error
+        assert verified.certificate is not None
+        if not _same_public_key(public_key_of_cert(verified.certificate), key.public_key()):
+            raise LedgerError(
+                None, "the key does not match the ledger's node certificate", BAD_HEADER
+            )
+        ledger = cls(p, key, verified, fsync_every)
+        log.info(
+            "ledger opened node=%s entries=%d steps=%d",
+            ledger.node_id,
+            ledger.num_entries,
+            ledger.steps,
+        )
+        return ledger
+
+    @classmethod
+    def open_or_create(
+        cls,
+        path: str | os.PathLike[str],
+        key: PrivateKey,
+        cert_pem: str | bytes,
+        policy: LedgerPolicy,
+        software_version: str,
+        node_id: str | None = None,
+        fsync_every: int = 1,
+    ) -> Ledger:
+        """Open the ledger if it exists (refusing a changed policy or certificate), else create it."""
+        p = Path(path)
+        if not p.exists():
+            return cls.create(p, key, cert_pem, policy, software_version, node_id, fsync_every)
+        ledger = cls.open(p, key, fsync_every)
+        cert = _load_cert(cert_pem)
+        problems = []
+        if ledger.policy != policy:
+            problems.append(f"policy {policy} differs from the header's {ledger.policy}")
+        if cert != ledger.certificate:
+            problems.append("the node certificate differs from the one in the header")
+        if node_id is not None and node_id != ledger.node_id:
+            problems.append(f"node id {node_id!r} differs from the header's {ledger.node_id!r}")
+        if problems:
+            ledger.close()
+            raise LedgerError(0, "; ".join(problems) + "; start a new ledger", BAD_HEADER)
+        return ledger
+
+    @classmethod
+    def repair_torn_tail(
+        cls, path: str | os.PathLike[str], key: PrivateKey, fsync_every: int = 1
+    ) -> Ledger:
+        """Truncate an incomplete last line, record a note entry, and open the ledger.
+
+        Only a torn tail is repaired: every complete line must verify, otherwise
+        :class:`LedgerError` is raised and the file is left untouched. With no torn
+        tail this is just :meth:`open`.
+        """
+        p = Path(path)
+        verified = read_ledger(p)
+        if verified.error is None:
+            return cls.open(p, key, fsync_every)
+        if not isinstance(verified.error, TornTailError):
+            raise verified.error
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            f.seek(verified.good_bytes)
+            torn = f.read()
+        with open(p, "r+b") as f:
+            f.truncate(verified.good_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+        ledger = cls.open(p, key, fsync_every)
+        ledger.append_note(
+            "torn_tail_repaired",
+            dropped_bytes=size - verified.good_bytes,
+            dropped_sha256=hashlib.sha256(torn).hexdigest(),
+        )
+        ledger.sync()
+        log.warning(
+            "ledger torn tail repaired node=%s dropped_bytes=%d",
+            ledger.node_id,
+            size - verified.good_bytes,
+        )
+        return ledger
+
+    # ----- appending
+
+    def _append(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            if self._file.closed:
+                raise LedgerError(None, "ledger is closed", "closed")
+            entry, line = _make_entry(self._key, self._next_index, kind, body, self._last_hash)
+            self._file.write(line + b"\n")
+            self._file.flush()
+            self._unsynced += 1
+            if self._fsync_every and self._unsynced >= self._fsync_every:
+                os.fsync(self._file.fileno())
+                self._unsynced = 0
+            self._next_index += 1
+            self._last_hash = entry_hash(line)
+            return entry
+
+    def append_dp_event(
+        self,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        clipping_rule: str,
+        clipping_norm: float,
+        epsilon: float | None = None,
+        mechanism: str = MECHANISM_POISSON_GAUSSIAN,
+    ) -> dict[str, Any]:
+        """Record ``steps`` Poisson-sampled Gaussian steps; returns the entry.
+
+        ``epsilon`` is the ε (at the policy's δ, by the policy's accountant) after
+        this event as the node computed it; when None the ledger computes it. The
+        event is recorded even when it breaks the policy (the ledger tells the truth,
+        the budget guard prevents; the audit flags it).
+        """
+        validate_step(noise_multiplier, sample_rate, steps)
+        if int(steps) < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if not (isinstance(clipping_norm, (int, float)) and clipping_norm > 0):
+            raise ValueError(f"clipping_norm must be > 0, got {clipping_norm!r}")
+        if mechanism != MECHANISM_POISSON_GAUSSIAN:
+            raise ValueError(f"unsupported mechanism {mechanism!r}")
+        key = DpEventKey(float(noise_multiplier), float(sample_rate))
+        events = dict(self._events)
+        events[key] = events.get(key, 0) + int(steps)
+        if epsilon is None:
+            acc = PrivacyAccountant(self.policy.accountant)  # type: ignore[arg-type]
+            acc.load_state_dict(_state_of(events, self.policy.accountant))
+            epsilon = acc.get_epsilon(self.policy.delta)
+        if not math.isfinite(float(epsilon)) or float(epsilon) < 0:
+            raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
+        body = {
+            "mechanism": mechanism,
+            "noise_multiplier": float(noise_multiplier),
+            "sample_rate": float(sample_rate),
+            "steps": int(steps),
+            "clipping_rule": str(clipping_rule),
+            "clipping_norm": float(clipping_norm),
+            "neighbouring_relation": NEIGHBORING_RELATION,
+            "accountant": self.policy.accountant,
+            "delta": float(self.policy.delta),
+            "epsilon": float(epsilon),
+        }
+        entry = self._append("dp_event", body)
+        self._events = events
+        self._last_epsilon = float(epsilon)
+        if float(epsilon) > self.policy.target_epsilon:
+            log.warning(
+                "ledger dp_event beyond budget node=%s epsilon=%.4f target=%g",
+                self.node_id,
+                float(epsilon),
+                self.policy.target_epsilon,
+            )
+        return entry
+
+    def append_message(
+        self,
+        peer_id: str,
+        seq: int,
+        round: int,
+        payload: bytes | None = None,
+        *,
+        digest: str | None = None,
+        size: int | None = None,
+    ) -> dict[str, Any]:
+        """Record a message sent to ``peer_id``: its SHA-256 and size, never its values.
+
+        Pass the ``payload`` bytes (hashed here, not stored) or a precomputed
+        ``digest`` (64 hex) and ``size``.
+        """
+        if payload is not None:
+            if digest is not None or size is not None:
+                raise ValueError("pass either payload or digest and size, not both")
+            digest = hashlib.sha256(payload).hexdigest()
+            size = len(payload)
+        if digest is None or size is None:
+            raise ValueError("append_message needs payload, or digest and size")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError(f"digest must be 64 lowercase hex characters, got {digest!r}")
+        if int(size) < 0 or int(seq) < 0 or int(round) < 0:
+            raise ValueError("size, seq and round must be >= 0")
+        body = {
+            "peer": str(peer_id),
+            "seq": int(seq),
+            "round": int(round),
+            "sha256": digest,
+            "bytes": int(size),
+        }
+        entry = self._append("message", body)
+        self._messages += 1
+        self._bytes_sent += int(size)
+        return entry
+
+    def append_stop(self, reason: str, **details: Any) -> dict[str, Any]:
+        """Record that the node stopped training (e.g. ``"budget_exhausted"``)."""
+        body = {"reason": str(reason), "epsilon": self._last_epsilon, **details}
+        entry = self._append("stop", body)
+        self._stopped = True
+        log.info("ledger stop node=%s reason=%s", self.node_id, reason)
+        return entry
+
+    def append_note(self, note: str, **details: Any) -> dict[str, Any]:
+        """Record a free-form note (e.g. a repaired torn tail)."""
+        return self._append("note", {"note": str(note), **details})
+
+    # ----- durability
+
+    def sync(self) -> None:
+        """Flush and fsync everything appended so far."""
+        with self._lock:
+            if not self._file.closed:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._unsynced = 0
+
+    def close(self) -> None:
+        """Fsync and close (idempotent)."""
+        with self._lock:
+            if self._file.closed:
+                return
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._unsynced = 0
+            self._file.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----- state
+
+    @property
+    def num_entries(self) -> int:
+        """Number of entries, header included."""
+        return self._next_index
+
+    @property
+    def steps(self) -> int:
+        """Total DP steps recorded."""
+        return sum(self._events.values())
+
+    @property
+    def messages(self) -> int:
+        """Number of message entries."""
+        return self._messages
+
+    @property
+    def bytes_sent(self) -> int:
+        """Sum of the recorded message sizes."""
+        return self._bytes_sent
+
+    @property
+    def stopped(self) -> bool:
+        """Whether a stop entry was recorded."""
+        return self._stopped
+
+    @property
+    def last_epsilon(self) -> float:
+        """ε recorded with the last dp_event (0 when none)."""
+        return self._last_epsilon
+
+    def accountant_events(self) -> dict[DpEventKey, int]:
+        """Counted DP events (σ, q) → steps recorded in the ledger."""
+        return dict(self._events)
+
+    def rebuild_accountant(self) -> PrivacyAccountant:
+        """A fresh accountant holding every DP step of the ledger (by the policy's method)."""
+        acc = PrivacyAccountant(self.policy.accountant)  # type: ignore[arg-type]
+        acc.load_state_dict(_state_of(self._events, self.policy.accountant))
+        return acc
+
+    def entries(self) -> Iterator[dict[str, Any]]:
+        """Re-read and yield the entries on disk (flushes first; not verified)."""
+        self.sync()
+        with open(self.path, "rb") as f:
+            for line in f:
+                if line.endswith(b"\n"):
+                    yield json.loads(line)
+
+
+def _state_of(events: Mapping[DpEventKey, int], method: str) -> dict[str, Any]:
+    return {
+        "method": method,
+        "events": [
+            {"noise_multiplier": k.noise_multiplier, "sample_rate": k.sample_rate, "count": c}
+            for k, c in events.items()
+        ],
+    }
+
+
+def _make_entry(
+    key: PrivateKey, index: int, kind: str, body: dict[str, Any], prev_hash: str
+) -> tuple[dict[str, Any], bytes]:
+    """Build, sign and serialise one entry; returns the entry and its line bytes."""
+    entry: dict[str, Any] = {
+        "body": body,
+        "index": index,
+        "kind": kind,
+        "prev_hash": prev_hash,
+        "timestamp": round(time.time(), 6),
+    }
+    entry["signature"] = sign_bytes(key, canonical_bytes(entry))
+    return entry, canonical_bytes(entry)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Fsync a directory so a new file's name is durable (best effort off POSIX)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
