@@ -1,0 +1,265 @@
+"""TOML configuration validated into typed objects; every error names the field.
+
+One schema serves ``privfl node``, ``privfl simulate`` and ``privfl compare``: the
+sections ``data``, ``model``, ``dp``, ``topology``, ``strategy`` and ``stop`` mean the
+same thing everywhere, so a comparison really changes only what it says it changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, get_args, get_origin
+
+from clients import CLIPPING_RULES, DPConfig
+from privfl.errors import ConfigError
+from privfl.models import MODELS
+
+T = TypeVar("T")
+
+
+@dataclass
+class DataSection:
+    """Where the records come from and how they are split across sites."""
+
+    source: str = "breast_cancer"
+    label_column: str = ""
+    num_sites: int = 4
+    partitioning: str = "iid"
+    alpha: float = 0.5
+    shards_per_site: int = 2
+    test_fraction: float = 0.2
+    seed: int = 0
+
+    def validate(self, where: str) -> None:
+        if self.num_sites < 1:
+            raise ConfigError(f"{where}.num_sites: must be >= 1, got {self.num_sites}")
+        if self.partitioning not in ("iid", "dirichlet", "shards", "quantity"):
+            raise ConfigError(f"{where}.partitioning: must be iid, dirichlet, shards or quantity, "
+                              f"got {self.partitioning!r}")
+        if not self.alpha > 0:
+            raise ConfigError(f"{where}.alpha: must be > 0, got {self.alpha}")
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"{where}.test_fraction: must be in (0, 1), got {self.test_fraction}")
+
+
+@dataclass
+class ModelSection:
+    """Which model every site trains."""
+
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [64, 32])
+    seed: int = 0
+
+    def validate(self, where: str) -> None:
+        if self.name not in MODELS:
+            raise ConfigError(f"{where}.name: unknown model {self.name!r}; choose one of {', '.join(MODELS)}")
+
+
+@dataclass
+class DPSection:
+    """Local DP-SGD settings and the site's privacy budget."""
+
+    enabled: bool = True
+    mechanism: str = "gaussian"
+    clipping: str = "psac"
+    max_grad_norm: float = 1.0
+    psac_r: float = 0.1
+    autos_gamma: float = 0.01
+    noise_multiplier: float = 1.0
+    target_epsilon: float = 3.0
+    delta: float = 1e-5
+    planned_steps: int = 0
+    batch_size: int = 32
+    lr: float = 0.5
+    momentum: float = 0.0
+    accountant: str = "rdp"
+    topagg_k: int = 0
+    topagg_threshold: float = 0.0
+
+    def validate(self, where: str) -> None:
+        if self.clipping not in CLIPPING_RULES:
+            raise ConfigError(f"{where}.clipping: must be one of {', '.join(CLIPPING_RULES)}, got {self.clipping!r}")
+        if self.mechanism not in ("gaussian", "topagg"):
+            raise ConfigError(f"{where}.mechanism: must be gaussian or topagg, got {self.mechanism!r}")
+        if self.accountant not in ("rdp", "pld"):
+            raise ConfigError(f"{where}.accountant: must be rdp or pld, got {self.accountant!r}")
+        for name in ("max_grad_norm", "psac_r", "autos_gamma", "target_epsilon", "lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{where}.{name}: must be > 0, got {getattr(self, name)}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"{where}.delta: must be in (0, 1), got {self.delta}")
+        if self.noise_multiplier < 0:
+            raise ConfigError(f"{where}.noise_multiplier: must be > 0 (or 0 to calibrate), got {self.noise_multiplier}")
+        if self.enabled and self.noise_multiplier == 0 and self.planned_steps <= 0:
+            raise ConfigError(f"{where}: give noise_multiplier, or planned_steps to calibrate σ from target_epsilon")
+        if self.batch_size < 1:
+            raise ConfigError(f"{where}.batch_size: must be >= 1, got {self.batch_size}")
+
+    def to_dp_config(self) -> DPConfig:
+        """The client-side DPConfig these settings describe."""
+        return DPConfig(
+            enabled=self.enabled, clipping=self.clipping, max_grad_norm=self.max_grad_norm,
+            psac_r=self.psac_r, autos_gamma=self.autos_gamma,
+            noise_multiplier=self.noise_multiplier or None, target_epsilon=self.target_epsilon,
+            delta=self.delta, planned_steps=self.planned_steps or None, batch_size=self.batch_size,
+            lr=self.lr, momentum=self.momentum, accountant=self.accountant, mechanism=self.mechanism,
+            mechanism_params={"k": self.topagg_k, "threshold": self.topagg_threshold},
+        )
+
+
+@dataclass
+class TopologySection:
+    """How sites are linked (gossip strategies)."""
+
+    kind: str = "ring"
+    degree: int = 3
+    rows: int = 0
+    edges: list[list[str]] = field(default_factory=list)
+    seed: int = 0
+
+
+@dataclass
+class StrategySection:
+    """How models meet, and how much local work between meetings."""
+
+    name: str = "async_gossip"
+    local_steps: int = 5
+    compressor: str = "none"
+    compression_ratio: float = 0.01
+    fraction_fit: float = 1.0
+    period: int = 1
+    p_max: int = 64
+    warmup_syncs: int = 5
+    grow_factor: float = 2.0
+
+    def validate(self, where: str) -> None:
+        if self.local_steps < 1:
+            raise ConfigError(f"{where}.local_steps: must be >= 1, got {self.local_steps}")
+
+
+@dataclass
+class StopSection:
+    """When a run ends (whichever comes first)."""
+
+    max_steps: int = 500
+    max_seconds: float = 600.0
+    target_accuracy: float = 0.0
+
+
+_SECTIONS: dict[str, type] = {
+    "data": DataSection, "model": ModelSection, "dp": DPSection, "topology": TopologySection,
+    "strategy": StrategySection, "stop": StopSection,
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (arg,) = get_args(tp) or (Any,)
+        return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_table(tp, value, where)
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def from_table(cls: type[T], table: Any, where: str) -> T:
+    """Build dataclass ``cls`` from a TOML table, refusing unknown keys and bad types."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table, got {table!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(table) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in table.items()}
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate(where)
+    return obj
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file, with a clear error for a missing file or a syntax error."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML ({e})") from None
+
+
+def resolve_path(base: Path, value: str) -> Path:
+    """A path from a config file, relative to that file's folder unless absolute."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+@dataclass
+class CommonConfig:
+    """The sections every run shares."""
+
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    dp: DPSection = field(default_factory=DPSection)
+    topology: TopologySection = field(default_factory=TopologySection)
+    strategy: StrategySection = field(default_factory=StrategySection)
+    stop: StopSection = field(default_factory=StopSection)
+
+
+def common_from(table: dict[str, Any], source: str) -> CommonConfig:
+    """The shared sections of a parsed config (missing sections take their defaults)."""
+    kw = {}
+    for name, cls in _SECTIONS.items():
+        if name in table:
+            kw[name] = from_table(cls, table[name], f"{source}: [{name}]")
+    return CommonConfig(**kw)
