@@ -23,14 +23,14 @@ Method = Literal["rdp", "pld"]
 
 
 class _DropConvergenceNoise(logging.Filter):
-    """dp-accounting logs (to the root logger) each fractional order it skips; that is
+    """dp-accounting logs (through absl) each fractional order it skips; that is
     expected for small σ and large q and says nothing an operator can act on."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "failed to converge" not in str(record.msg)
 
 
-logging.getLogger().addFilter(_DropConvergenceNoise())
+logging.getLogger("absl").addFilter(_DropConvergenceNoise())
 NEIGHBORING_RELATION = "add_or_remove_one"
 PLD_DISCRETIZATION = 1e-4
 
