@@ -1,0 +1,173 @@
+"""``Compressed``: one compressed message, its exact wire size, validation and decoding.
+
+Wire payload (what ``nbytes`` counts exactly; little-endian on the wire):
+
+=========  ===============================  ===============================================
+kind       arrays                           bytes
+=========  ===============================  ===============================================
+dense      values f32[d]                    4d
+sparse     indices i32[k], values f32[k]    8k (4k when ``shared_indices``: the index set
+                                            travels once, in the CLT-k leader's broadcast)
+quant8     codes u8[d], scales f32[2T]      d + 8T   (per tensor: low, step)
+ternary    indices i32[k], codes u8[⌈k/8⌉]  4k + ⌈k/8⌉ + 4T (sign bits packed; one scale
+           scales f32[T]                    per tensor)
+=========  ===============================  ===============================================
+
+d is the total element count, T the number of tensors; ``shapes`` are fixed by the model
+schema both sides share, so they are not counted. Indices are flat positions into the
+concatenation of all tensors, strictly increasing. A message built from network bytes is
+validated in full (dtypes, lengths, index range and order, finiteness) before anything
+is decoded, and a bad one raises :class:`MalformedMessage`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from privfl.errors import PrivflError
+
+__all__ = ["Compressed", "MalformedMessage", "decompress"]
+
+Kind = Literal["dense", "sparse", "quant8", "ternary"]
+KINDS: tuple[str, ...] = ("dense", "sparse", "quant8", "ternary")
+_MAX_ELEMENTS = 2**31 - 1  # int32 indices
+
+_EMPTY_I32 = np.zeros(0, dtype=np.int32)
+_EMPTY_F32 = np.zeros(0, dtype=np.float32)
+_EMPTY_U8 = np.zeros(0, dtype=np.uint8)
+
+
+class MalformedMessage(PrivflError, ValueError):
+    """A compressed message is inconsistent (bad dtype, length, index or value)."""
+
+
+def _frozen(a: np.ndarray, dtype: type, name: str) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise MalformedMessage(f"{name}: expected a numpy array, got {type(a).__name__}")
+    if a.dtype != np.dtype(dtype) or a.ndim != 1:
+        raise MalformedMessage(f"{name}: expected a 1-D {np.dtype(dtype)} array, got {a.ndim}-D {a.dtype}")
+    a = np.array(a, copy=True)
+    a.flags.writeable = False
+    return a
+
+
+@dataclass(frozen=True, eq=False)
+class Compressed:
+    """One compressed message; see the module docstring for each kind's payload."""
+
+    kind: str
+    shapes: tuple[tuple[int, ...], ...]
+    indices: np.ndarray = field(default_factory=lambda: _EMPTY_I32)
+    values: np.ndarray = field(default_factory=lambda: _EMPTY_F32)
+    codes: np.ndarray = field(default_factory=lambda: _EMPTY_U8)
+    scales: np.ndarray = field(default_factory=lambda: _EMPTY_F32)
+    shared_indices: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise MalformedMessage(f"kind: unknown message kind {self.kind!r} (known: {', '.join(KINDS)})")
+        try:
+            shapes = tuple(tuple(int(s) for s in shape) for shape in self.shapes)
+        except (TypeError, ValueError):
+            raise MalformedMessage(f"shapes: expected a list of integer tuples, got {self.shapes!r}") from None
+        if any(s < 0 for shape in shapes for s in shape):
+            raise MalformedMessage(f"shapes: negative dimension in {shapes!r}")
+        object.__setattr__(self, "shapes", shapes)
+        object.__setattr__(self, "indices", _frozen(self.indices, np.int32, "indices"))
+        object.__setattr__(self, "values", _frozen(self.values, np.float32, "values"))
+        object.__setattr__(self, "codes", _frozen(self.codes, np.uint8, "codes"))
+        object.__setattr__(self, "scales", _frozen(self.scales, np.float32, "scales"))
+        if not isinstance(self.shared_indices, bool):
+            raise MalformedMessage("shared_indices must be a bool")
+        d, t = self.size, len(shapes)
+        if d > _MAX_ELEMENTS:
+            raise MalformedMessage(f"shapes: {d} elements exceed int32 indexing")
+        n_idx, n_val, n_code, n_scale = (len(self.indices), len(self.values), len(self.codes), len(self.scales))
+        expect: dict[str, tuple[int, int, int, int]] = {
+            "dense": (0, d, 0, 0),
+            "sparse": (n_idx, n_idx, 0, 0),
+            "quant8": (0, 0, d, 2 * t),
+            "ternary": (n_idx, 0, (n_idx + 7) // 8, t),
+        }
+        want = expect[self.kind]
+        got = (n_idx, n_val, n_code, n_scale)
+        if got != want:
+            raise MalformedMessage(
+                f"{self.kind} message: (indices, values, codes, scales) lengths {got} should be {want} "
+                f"for shapes {list(shapes)}"
+            )
+        if self.shared_indices and self.kind != "sparse":
+            raise MalformedMessage("shared_indices is only meaningful for sparse messages")
+        if n_idx:
+            idx = self.indices
+            if idx[0] < 0 or idx[-1] >= d or (n_idx > 1 and not (np.diff(idx) > 0).all()):
+                raise MalformedMessage(f"indices must be strictly increasing within [0, {d})")
+        for name in ("values", "scales"):
+            if not np.isfinite(getattr(self, name)).all():
+                raise MalformedMessage(f"{name}: non-finite value in message")
+        if self.kind == "quant8" and t and (self.scales[1::2] < 0).any():
+            raise MalformedMessage("scales: quantisation step must be ≥ 0")
+
+    @property
+    def size(self) -> int:
+        """Number of elements of the dense tensors this message stands for (d)."""
+        return int(sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes))
+
+    @property
+    def nbytes(self) -> int:
+        """Exact payload bytes on the wire (shapes excluded: both sides know the model)."""
+        idx = 0 if self.shared_indices else self.indices.nbytes
+        return int(idx + self.values.nbytes + self.codes.nbytes + self.scales.nbytes)
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes of the same tensors sent dense as float32 (for compression ratios)."""
+        return 4 * self.size
+
+    def __repr__(self) -> str:
+        return f"Compressed({self.kind}, d={self.size}, nbytes={self.nbytes})"
+
+
+def _offsets(shapes: Sequence[tuple[int, ...]]) -> np.ndarray:
+    sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+    return np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+
+
+def decode_flat(msg: Compressed) -> np.ndarray:
+    """The message as one dense float64 vector of length d."""
+    if not isinstance(msg, Compressed):
+        raise TypeError(f"expected a Compressed message, got {type(msg).__name__}")
+    d = msg.size
+    if msg.kind == "dense":
+        return msg.values.astype(np.float64)
+    out = np.zeros(d, dtype=np.float64)
+    if msg.kind == "sparse":
+        out[msg.indices] = msg.values.astype(np.float64)
+    elif msg.kind == "quant8":
+        offsets = _offsets(msg.shapes)
+        codes = msg.codes.astype(np.float64)
+        for t in range(len(msg.shapes)):
+            lo, step = np.float64(msg.scales[2 * t]), np.float64(msg.scales[2 * t + 1])
+            sl = slice(offsets[t], offsets[t + 1])
+            out[sl] = lo + codes[sl] * step
+    elif msg.kind == "ternary":
+        k = len(msg.indices)
+        signs = np.unpackbits(msg.codes, count=k).astype(np.float64) * 2.0 - 1.0
+        tensor_of = np.searchsorted(_offsets(msg.shapes), msg.indices, side="right") - 1
+        out[msg.indices] = signs * msg.scales.astype(np.float64)[tensor_of]
+    return out
+
+
+def split_flat(flat: np.ndarray, shapes: Sequence[tuple[int, ...]], dtype: type = np.float32) -> list[np.ndarray]:
+    """Cut a flat vector back into arrays of ``shapes``."""
+    offsets = _offsets(shapes)
+    return [flat[offsets[t] : offsets[t + 1]].astype(dtype).reshape(shape) for t, shape in enumerate(shapes)]
+
+
+def decompress(msg: Compressed) -> list[np.ndarray]:
+    """The dense float32 arrays a message stands for, in parameter order."""
+    return split_flat(decode_flat(msg), msg.shapes)
