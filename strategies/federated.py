@@ -1,0 +1,360 @@
+"""Centralized FedAvg baseline driven through Flower's own ``flwr.server.strategy.FedAvg``.
+
+:class:`FederatedAveraging` does what Flower's ``Server.fit_round`` does, in-process and
+without a network: it asks Flower's strategy object to pick clients and build their
+``FitIns`` (``configure_fit``), hands each ``FitIns`` to a real Flower ``ClientProxy``
+that wraps our ``NumPyClient`` (``InProcessClientProxy``), and lets the same strategy
+object aggregate the ``FitRes`` (``aggregate_fit``) and the evaluation results
+(``aggregate_evaluate``). The aggregation is therefore Flower's, not a copy of it.
+
+Privacy: each ``DPClient`` runs record-level DP-SGD on its own data and accounts for
+it locally. The server only post-processes already-noised models, so FedAvg's weighting
+by ``num_examples`` does not change any site's (ε, δ) guarantee. (It would matter for
+client-level DP with server-side noise, which is not what this baseline does.)
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from flwr.client import NumPyClient
+from flwr.common import (
+    Code,
+    DisconnectRes,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    GetParametersIns,
+    GetParametersRes,
+    GetPropertiesIns,
+    GetPropertiesRes,
+    Parameters,
+    ReconnectIns,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.criterion import Criterion
+from flwr.server.strategy import FedAvg
+
+from accounting import BudgetExhausted
+from privfl.errors import ConfigError
+from strategies.base import CollectiveRound, CollectiveStrategy, Params
+
+__all__ = [
+    "FedAvgConfig",
+    "FederatedAveraging",
+    "InProcessClientProxy",
+    "SeededClientManager",
+    "model_nbytes",
+    "weighted_average",
+]
+
+log = logging.getLogger("privfl.strategies.federated")
+
+
+def model_nbytes(params: Params) -> int:
+    """Bytes of tensor data in ``params`` (the wire-size convention of every strategy)."""
+    return int(sum(np.asarray(a).nbytes for a in params))
+
+
+def weighted_average(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
+    """Example-weighted mean of every numeric metric the clients report (Flower's metric-aggregation hook)."""
+    total = sum(n for n, _ in metrics)
+    if total <= 0:
+        return {}
+    keys = {k for _, m in metrics for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out: dict[str, Scalar] = {}
+    for k in sorted(keys):
+        pairs = [(n, float(m[k])) for n, m in metrics if k in m]  # type: ignore[arg-type]
+        weight = sum(n for n, _ in pairs)
+        if weight > 0:
+            out[k] = sum(n * v for n, v in pairs) / weight
+    return out
+
+
+class InProcessClientProxy(ClientProxy):
+    """A Flower ``ClientProxy`` whose client lives in this process.
+
+    Flower's ``GridClientProxy`` turns each call into a network message; this one calls
+    the wrapped ``NumPyClient`` through Flower's own ``NumPyClient.to_client()`` adapter,
+    so ``FitIns``/``FitRes`` and ``Parameters`` take exactly the shapes they take on the
+    wire. Exceptions of the client (e.g. ``BudgetExhausted``) propagate to the caller.
+    """
+
+    def __init__(self, cid: str, client: NumPyClient) -> None:
+        super().__init__(cid)
+        self.numpy_client = client
+        self.client = client.to_client()
+
+    def get_properties(self, ins: GetPropertiesIns, timeout: float | None,
+                       group_id: int | None) -> GetPropertiesRes:
+        return self.client.get_properties(ins)
+
+    def get_parameters(self, ins: GetParametersIns, timeout: float | None,
+                       group_id: int | None) -> GetParametersRes:
+        return self.client.get_parameters(ins)
+
+    def fit(self, ins: FitIns, timeout: float | None, group_id: int | None) -> FitRes:
+        return self.client.fit(ins)
+
+    def evaluate(self, ins: EvaluateIns, timeout: float | None, group_id: int | None) -> EvaluateRes:
+        return self.client.evaluate(ins)
+
+    def reconnect(self, ins: ReconnectIns, timeout: float | None, group_id: int | None) -> DisconnectRes:
+        return DisconnectRes(reason="")
+
+
+class SeededClientManager(SimpleClientManager):
+    """Flower's ``SimpleClientManager`` with seeded sampling and no blocking wait.
+
+    Flower samples with the process-global ``random`` module and blocks up to a day
+    waiting for clients; in-process every client is registered up front, so waiting is
+    pointless and a run must be reproducible for a seed.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self._rng = random.Random(seed)
+
+    def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
+        return len(self.clients) >= num_clients
+
+    def sample(self, num_clients: int, min_num_clients: int | None = None,
+               criterion: Criterion | None = None) -> list[ClientProxy]:
+        if min_num_clients is not None and not self.wait_for(min_num_clients):
+            return []
+        cids = sorted(self.clients)
+        if criterion is not None:
+            cids = [c for c in cids if criterion.select(self.clients[c])]
+        if num_clients > len(cids):
+            return []
+        return [self.clients[c] for c in self._rng.sample(cids, num_clients)]
+
+
+@dataclass
+class FedAvgConfig:
+    """Settings of the FedAvg baseline (names follow Flower's ``FedAvg`` arguments)."""
+
+    fraction_fit: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_fit_clients: int = 1
+    min_evaluate_clients: int = 1
+    min_available_clients: int = 1
+    local_steps: int = 10
+    evaluate: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad field."""
+        for name in ("fraction_fit", "fraction_evaluate"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0 < v <= 1:
+                raise ConfigError(f"fedavg.{name} must be in (0, 1], got {v!r}")
+        for name in ("min_fit_clients", "min_evaluate_clients", "min_available_clients", "local_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"fedavg.{name} must be a positive integer, got {v!r}")
+        if self.min_fit_clients > self.min_available_clients:
+            raise ConfigError(
+                f"fedavg.min_fit_clients={self.min_fit_clients} exceeds "
+                f"fedavg.min_available_clients={self.min_available_clients}"
+            )
+
+
+class FederatedAveraging(CollectiveStrategy):
+    """Centralized FedAvg: Flower's ``FedAvg`` strategy object over in-process clients.
+
+    Each round the server's global model goes to every selected client
+    (``bytes_down`` = model bytes), each trains ``local_steps`` DP-SGD steps and returns
+    its model (``bytes_up`` = model bytes), Flower's ``FedAvg.aggregate_fit`` averages
+    them weighted by ``num_examples``, and every node's model becomes the new global
+    model. With evaluation on, the new global model is also sent to the evaluating
+    clients (counted in ``bytes_down``; evaluation uses the sites' test data and costs
+    no privacy budget) and ``aggregate_evaluate`` gives the distributed loss/accuracy.
+
+    Weighting by ``num_examples`` is safe here: DP is record-level inside each client,
+    so the server's weighted mean is post-processing of already-noised models and no
+    site's guarantee depends on it.
+
+    A client that raises ``BudgetExhausted`` is a failure of that round (left out of
+    the aggregate), reported in ``stopped`` and never selected again; a client whose fit
+    reports ``budget_exhausted`` trained its last allowed steps, is aggregated this
+    round, and is reported in ``stopped`` too. If fewer than ``min_available_clients``
+    clients remain, the federation cannot go on and every remaining node is stopped.
+    """
+
+    def __init__(self, config: FedAvgConfig | None = None, *,
+                 strategy: FedAvg | None = None,
+                 initial_parameters: Params | None = None,
+                 on_fit_config_fn: Callable[[int], dict[str, Scalar]] | None = None) -> None:
+        self.config = config or FedAvgConfig()
+        self.config.validate()
+        c = self.config
+        self.strategy = strategy or FedAvg(
+            fraction_fit=float(c.fraction_fit),
+            fraction_evaluate=float(c.fraction_evaluate) if c.evaluate else 0.0,
+            min_fit_clients=c.min_fit_clients,
+            min_evaluate_clients=c.min_evaluate_clients,
+            min_available_clients=c.min_available_clients,
+            on_fit_config_fn=on_fit_config_fn or self._fit_config,
+            initial_parameters=None if initial_parameters is None else ndarrays_to_parameters(initial_parameters),
+            fit_metrics_aggregation_fn=weighted_average,
+            evaluate_metrics_aggregation_fn=weighted_average,
+        )
+        self.client_manager = SeededClientManager(c.seed)
+        self._eval_manager = SeededClientManager(c.seed + 1)
+        self._proxies: dict[str, InProcessClientProxy] = {}
+        self.global_parameters: Parameters | None = None
+        self.stopped: set[str] = set()
+        self.history: list[dict[str, Any]] = []
+
+    def _fit_config(self, server_round: int) -> dict[str, Scalar]:
+        return {"local_steps": int(self.config.local_steps), "server_round": int(server_round)}
+
+    # ---- client registration ------------------------------------------------------
+    def _sync_clients(self, clients: Mapping[str, NumPyClient]) -> None:
+        for node, client in clients.items():
+            proxy = self._proxies.get(node)
+            if proxy is None or proxy.numpy_client is not client:
+                if proxy is not None:
+                    self.client_manager.unregister(proxy)
+                    self._eval_manager.unregister(proxy)
+                proxy = InProcessClientProxy(node, client)
+                self._proxies[node] = proxy
+                self._eval_manager.register(proxy)
+                if node not in self.stopped:
+                    self.client_manager.register(proxy)
+        for node in list(self._proxies):
+            if node not in clients:
+                self.client_manager.unregister(self._proxies[node])
+                self._eval_manager.unregister(self._proxies.pop(node))
+
+    def _stop(self, node: str, reason: str, metrics: dict[str, dict[str, Any]]) -> None:
+        if node in self.stopped:
+            return
+        self.stopped.add(node)
+        proxy = self._proxies.get(node)
+        if proxy is not None:
+            self.client_manager.unregister(proxy)
+        metrics.setdefault(node, {})["stop_reason"] = reason
+        log.info("node %s stopped: %s", node, reason)
+
+    # ---- one round ----------------------------------------------------------------
+    def run_round(self, clients: Mapping[str, NumPyClient], params: Mapping[str, Params],
+                  round: int) -> CollectiveRound:
+        """One FedAvg round through Flower's strategy; every node ends with the global model."""
+        if not clients:
+            raise ConfigError("fedavg: no clients given")
+        self._sync_clients(clients)
+        if self.global_parameters is None:
+            if len(clients) < self.config.min_available_clients:
+                raise ConfigError(
+                    f"fedavg.min_available_clients={self.config.min_available_clients} exceeds "
+                    f"the number of nodes ({len(clients)})"
+                )
+            self.global_parameters = self.strategy.initialize_parameters(self.client_manager)
+            if self.global_parameters is None:
+                first = sorted(params)[0] if params else sorted(clients)[0]
+                init = params[first] if first in params else clients[first].get_parameters({})
+                self.global_parameters = ndarrays_to_parameters([np.asarray(a) for a in init])
+        nodes = sorted(clients)
+        bytes_up = {n: 0 for n in nodes}
+        bytes_down = {n: 0 for n in nodes}
+        local_steps = {n: 0 for n in nodes}
+        metrics: dict[str, dict[str, Any]] = {n: {"selected": False} for n in nodes}
+        newly_stopped: set[str] = set()
+        global_nd = parameters_to_ndarrays(self.global_parameters)
+        model_bytes = model_nbytes(global_nd)
+
+        active = self.client_manager.num_available()
+        if active < self.config.min_available_clients:
+            for n in nodes:
+                if n not in self.stopped:
+                    self._stop(n, f"too few clients left ({active} < min_available_clients="
+                                  f"{self.config.min_available_clients})", metrics)
+                    newly_stopped.add(n)
+            instructions: list[tuple[ClientProxy, FitIns]] = []
+        else:
+            instructions = self.strategy.configure_fit(round, self.global_parameters, self.client_manager)
+
+        results: list[tuple[ClientProxy, FitRes]] = []
+        failures: list[tuple[ClientProxy, FitRes] | BaseException] = []
+        for proxy, ins in instructions:
+            node = proxy.cid
+            metrics[node]["selected"] = True
+            bytes_down[node] += model_bytes
+            try:
+                res = proxy.fit(ins, timeout=None, group_id=round)
+            except BudgetExhausted as exc:
+                failures.append(exc)
+                self._stop(node, f"budget exhausted: {exc}", metrics)
+                newly_stopped.add(node)
+                continue
+            if res.status.code != Code.OK:
+                failures.append((proxy, res))
+                continue
+            results.append((proxy, res))
+            bytes_up[node] += model_nbytes(parameters_to_ndarrays(res.parameters))
+            m = dict(res.metrics)
+            local_steps[node] = int(m.get("steps", ins.config.get("local_steps", 0)))
+            metrics[node].update(m)
+            metrics[node]["num_examples"] = res.num_examples
+            if int(m.get("budget_exhausted", 0)):
+                self._stop(node, "budget exhausted after this round's last allowed steps", metrics)
+                newly_stopped.add(node)
+
+        aggregated, fit_metrics = self.strategy.aggregate_fit(round, results, failures)
+        if aggregated is not None:
+            self.global_parameters = aggregated
+            global_nd = parameters_to_ndarrays(aggregated)
+        log.info("fedavg round %d: %d/%d clients aggregated, %d failures",
+                 round, len(results), len(instructions), len(failures))
+
+        server: dict[str, Any] = {"round": round, "aggregated": len(results),
+                                  "failures": len(failures), "fit": dict(fit_metrics)}
+        if self.config.evaluate and results:
+            loss, eval_metrics = self._evaluate(round, bytes_down, metrics, model_nbytes(global_nd))
+            server["loss"] = loss
+            server.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+            for n in nodes:
+                if loss is not None:
+                    metrics[n]["global_loss"] = loss
+                if "accuracy" in eval_metrics:
+                    metrics[n]["global_accuracy"] = eval_metrics["accuracy"]
+        self.history.append(server)
+
+        new_params = {n: [a.copy() for a in global_nd] for n in nodes}
+        return CollectiveRound(params=new_params, local_steps=local_steps, bytes_up=bytes_up,
+                               bytes_down=bytes_down, metrics=metrics, stopped=newly_stopped)
+
+    def _evaluate(self, round: int, bytes_down: dict[str, int], metrics: dict[str, dict[str, Any]],
+                  model_bytes: int) -> tuple[float | None, dict[str, Scalar]]:
+        """Flower's configure_evaluate / aggregate_evaluate over every node (evaluation is free of DP cost)."""
+        assert self.global_parameters is not None
+        n_eval = self._eval_manager.num_available()
+        # Flower's FedAvg refuses to sample fewer than min_evaluate_clients; clamp to what exists.
+        self.strategy.min_evaluate_clients = min(self.strategy.min_evaluate_clients, n_eval)
+        self.strategy.min_available_clients = min(self.strategy.min_available_clients, n_eval)
+        instructions = self.strategy.configure_evaluate(round, self.global_parameters, self._eval_manager)
+        self.strategy.min_available_clients = self.config.min_available_clients
+        results: list[tuple[ClientProxy, EvaluateRes]] = []
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException] = []
+        for proxy, ins in instructions:
+            bytes_down[proxy.cid] += model_bytes
+            res = proxy.evaluate(ins, timeout=None, group_id=round)
+            if res.status.code != Code.OK or res.num_examples == 0:
+                failures.append((proxy, res))
+                continue
+            results.append((proxy, res))
+            metrics[proxy.cid]["local_test_loss"] = res.loss
+            if "accuracy" in res.metrics:
+                metrics[proxy.cid]["local_test_accuracy"] = res.metrics["accuracy"]
+        return self.strategy.aggregate_evaluate(round, results, failures)

@@ -1,0 +1,207 @@
+"""FedAvg baseline through Flower's own FedAvg strategy object: weighting, bytes, ε, budget stop."""
+
+from __future__ import annotations
+
+import flwr
+import numpy as np
+import pytest
+from flwr.server.strategy import FedAvg
+
+from accounting import BudgetExhausted
+from clients import DPClient, DPConfig
+from privfl.data import load_builtin, split_sites
+from privfl.errors import ConfigError
+from privfl.models import build_model
+from strategies.federated import FedAvgConfig, FederatedAveraging, InProcessClientProxy
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class FixedClient(flwr.client.NumPyClient):
+    """Returns fixed arrays with a fixed num_examples; records what it was sent."""
+
+    def __init__(self, arrays: list[np.ndarray], n: int, acc: float = 0.0) -> None:
+        self.arrays, self.n, self.acc = arrays, n, acc
+        self.received: list[list[np.ndarray]] = []
+        self.configs: list[dict] = []
+
+    def get_parameters(self, config):
+        return [a.copy() for a in self.arrays]
+
+    def fit(self, parameters, config):
+        self.received.append([p.copy() for p in parameters])
+        self.configs.append(dict(config))
+        return [a.copy() for a in self.arrays], self.n, {"steps": int(config["local_steps"])}
+
+    def evaluate(self, parameters, config):
+        return 1.0 - self.acc, self.n, {"accuracy": self.acc}
+
+
+def fixed_clients() -> dict[str, FixedClient]:
+    return {
+        "a": FixedClient([np.array([1.0, 2.0], np.float32), np.array([[0.0]], np.float32)], 1, acc=0.5),
+        "b": FixedClient([np.array([3.0, 0.0], np.float32), np.array([[6.0]], np.float32)], 2, acc=0.8),
+        "c": FixedClient([np.array([-1.0, 4.0], np.float32), np.array([[2.0]], np.float32)], 7, acc=1.0),
+    }
+
+
+def test_flower_fedavg_matches_hand_computed_weighted_average() -> None:
+    clients = fixed_clients()
+    init = [np.zeros(2, np.float32), np.zeros((1, 1), np.float32)]
+    strat = FederatedAveraging(FedAvgConfig(local_steps=3, min_fit_clients=3, min_available_clients=3))
+    assert isinstance(strat.strategy, FedAvg)  # Flower's own object does the aggregation
+    out = strat.run_round(clients, {k: init for k in clients}, round=1)
+    # weights 1, 2, 7 (num_examples) -> (1·a + 2·b + 7·c) / 10
+    want0 = (1 * np.array([1, 2]) + 2 * np.array([3, 0]) + 7 * np.array([-1, 4])) / 10
+    want1 = (1 * 0 + 2 * 6 + 7 * 2) / 10
+    for node in clients:
+        np.testing.assert_allclose(out.params[node][0], want0, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(out.params[node][1], [[want1]], rtol=1e-6)
+        assert out.bytes_down[node] == 2 * 12  # fit: 12-byte model down; evaluate: the new model down again
+        assert out.bytes_up[node] == 12
+        assert out.local_steps[node] == 3
+        assert clients[node].configs[0]["local_steps"] == 3
+        np.testing.assert_array_equal(clients[node].received[0][0], init[0])
+    # distributed accuracy: example-weighted (1·0.5 + 2·0.8 + 7·1.0) / 10
+    assert out.metrics["a"]["global_accuracy"] == pytest.approx((0.5 + 1.6 + 7.0) / 10)
+    assert strat.history[-1]["loss"] == pytest.approx((0.5 + 2 * 0.2 + 0.0) / 10)
+    # round 2 starts from the aggregate
+    strat.run_round(clients, out.params, round=2)
+    np.testing.assert_allclose(clients["a"].received[1][0], want0, rtol=1e-6, atol=1e-6)
+
+
+def test_proxy_is_a_real_flower_client_proxy() -> None:
+    from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server.client_proxy import ClientProxy
+
+    c = fixed_clients()["b"]
+    proxy = InProcessClientProxy("b", c)
+    assert isinstance(proxy, ClientProxy)
+    res = proxy.fit(FitIns(ndarrays_to_parameters(c.arrays), {"local_steps": 1}), None, 1)
+    assert res.num_examples == 2
+    np.testing.assert_array_equal(parameters_to_ndarrays(res.parameters)[0], c.arrays[0])
+
+
+def test_fraction_fit_sampling_is_seeded_and_only_selected_pay_bytes() -> None:
+    def run(seed: int) -> list[tuple[str, ...]]:
+        clients = fixed_clients()
+        strat = FederatedAveraging(FedAvgConfig(fraction_fit=0.34, min_fit_clients=1, evaluate=False, seed=seed))
+        init = clients["a"].get_parameters({})
+        picks = []
+        params = {k: init for k in clients}
+        for r in range(1, 7):
+            out = strat.run_round(clients, params, r)
+            sel = tuple(k for k in sorted(clients) if out.metrics[k]["selected"])
+            assert len(sel) == 1
+            for k in clients:
+                assert out.bytes_up[k] == (12 if k in sel else 0)
+                assert out.bytes_down[k] == (12 if k in sel else 0)
+            picks.append(sel)
+            params = out.params
+        return picks
+
+    assert run(3) == run(3)
+    assert len({p for s in (3, 4, 5) for p in run(s)}) > 1
+
+
+def test_bad_config_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="fraction_fit"):
+        FederatedAveraging(FedAvgConfig(fraction_fit=0.0))
+    with pytest.raises(ConfigError, match="local_steps"):
+        FederatedAveraging(FedAvgConfig(local_steps=0))
+    strat = FederatedAveraging(FedAvgConfig(min_fit_clients=4, min_available_clients=4))
+    clients = fixed_clients()
+    with pytest.raises(ConfigError, match="min_available_clients"):
+        strat.run_round(clients, {k: c.arrays for k, c in clients.items()}, 1)
+
+
+# ---- with real DPClients ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sites():
+    return split_sites(load_builtin("breast_cancer"), 3, "iid", seed=0)
+
+
+def dp_clients(sites, target_eps=(50.0, 50.0, 50.0)) -> dict[str, DPClient]:
+    out = {}
+    for i, (s, eps) in enumerate(zip(sites, target_eps)):
+        cfg = DPConfig(noise_multiplier=1.0, batch_size=32, lr=0.5, target_epsilon=eps)
+        model = build_model("logreg", s.train.x.shape[1:], 2, seed=0)
+        out[f"h{i}"] = DPClient(model, (s.train.x, s.train.y), (s.test.x, s.test.y), cfg, seed=i)
+    return out
+
+
+def test_epsilon_per_node_grows_across_rounds_with_dpclients(sites) -> None:
+    clients = dp_clients(sites)
+    init = clients["h0"].get_parameters({})
+    strat = FederatedAveraging(FedAvgConfig(local_steps=4, min_fit_clients=3, min_available_clients=3))
+    params = {k: init for k in clients}
+    eps: dict[str, list[float]] = {k: [] for k in clients}
+    acc = []
+    for r in range(1, 4):
+        out = strat.run_round(clients, params, r)
+        params = out.params
+        for k in clients:
+            eps[k].append(out.metrics[k]["epsilon"])
+            assert out.local_steps[k] == 4
+            assert out.bytes_up[k] == sum(a.nbytes for a in init)
+        acc.append(out.metrics["h0"]["global_accuracy"])
+        # everyone holds the same global model
+        for k in clients:
+            for a, b in zip(params[k], params["h0"]):
+                np.testing.assert_array_equal(a, b)
+        assert not out.stopped
+    for k in clients:
+        assert eps[k][0] < eps[k][1] < eps[k][2]
+        assert clients[k].accountant.steps == 12
+    assert 0.0 <= acc[-1] <= 1.0
+
+
+def test_budget_exhausted_client_is_stopped_and_left_out(sites) -> None:
+    clients = dp_clients(sites, target_eps=(50.0, 50.0, 0.6))
+    init = clients["h0"].get_parameters({})
+    strat = FederatedAveraging(FedAvgConfig(local_steps=5, min_fit_clients=1, evaluate=False))
+    params = {k: init for k in clients}
+    stopped_at: dict[str, int] = {}
+    for r in range(1, 8):
+        before = clients["h2"].accountant.steps
+        out = strat.run_round(clients, params, r)
+        for k in out.stopped:
+            stopped_at.setdefault(k, r)
+        if "h2" in stopped_at and stopped_at["h2"] < r:
+            # never selected again, never trains again
+            assert not out.metrics["h2"]["selected"]
+            assert out.bytes_down["h2"] == 0 and out.bytes_up["h2"] == 0
+            assert clients["h2"].accountant.steps == before
+        params = out.params
+    assert set(stopped_at) == {"h2"}
+    assert clients["h2"].epsilon <= 0.6
+    with pytest.raises(BudgetExhausted):
+        clients["h2"].fit(init, {"local_steps": 1})
+    assert clients["h0"].accountant.steps == 35
+
+
+def test_raising_client_is_a_failure_not_in_the_aggregate() -> None:
+    class Exhausted(FixedClient):
+        def fit(self, parameters, config):
+            raise BudgetExhausted(1.0, 1.0, 1e-5, 10)
+
+    clients = fixed_clients()
+    clients["c"] = Exhausted(clients["c"].arrays, 7)
+    strat = FederatedAveraging(FedAvgConfig(min_fit_clients=2, min_available_clients=2, evaluate=False))
+    init = [np.zeros(2, np.float32), np.zeros((1, 1), np.float32)]
+    out = strat.run_round(clients, {k: init for k in clients}, 1)
+    assert out.stopped == {"c"}
+    want0 = (1 * np.array([1, 2]) + 2 * np.array([3, 0])) / 3  # c left out
+    np.testing.assert_allclose(out.params["a"][0], want0, rtol=1e-6)
+    assert "budget exhausted" in out.metrics["c"]["stop_reason"]
+    assert strat.history[-1]["failures"] == 1
+    # next round: c is no longer sampled; only 2 remain, which still meets min_available_clients=2
+    out2 = strat.run_round(clients, out.params, 2)
+    assert not out2.metrics["c"]["selected"] and out2.metrics["a"]["selected"] and out2.metrics["b"]["selected"]
+    assert not out2.stopped
+    # when "b" is gone too, fewer than min_available_clients remain: the federation stops everyone left
+    del clients["b"]
+    out3 = strat.run_round(clients, out2.params, 3)
+    assert out3.stopped == {"a"} and "too few clients" in out3.metrics["a"]["stop_reason"]
+    assert out3.bytes_down["a"] == 0
