@@ -277,7 +277,8 @@ class GossipClient:
         except grpc.RpcError as exc:
             code = exc.code()  # type: ignore[attr-defined]
             details = exc.details()  # type: ignore[attr-defined]
-            self.backoff.failure(peer_id)
+            if code != grpc.StatusCode.INVALID_ARGUMENT:  # our message was bad, not the peer
+                self.backoff.failure(peer_id)
             if code in _UNAVAILABLE:
                 log.info("node %s: peer %s unavailable: %s %s", self.node_id, peer_id,
                          code.name, details)

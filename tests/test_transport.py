@@ -1,0 +1,439 @@
+"""mTLS gossip transport on 127.0.0.1: real handshakes, refusals, validation, replay, 10 MB."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from privfl.pki import (
+    NodeIdentity,
+    Roster,
+    RosterNode,
+    fingerprint,
+    init_consortium,
+    load_certificate,
+    load_pki,
+    load_private_key,
+    make_ca,
+    make_node_cert,
+    revoke_node,
+)
+from privfl.transport import (
+    DecodedMessage,
+    GossipClient,
+    GossipServer,
+    Message,
+    PeerBackoff,
+    PeerRefused,
+    PeerUnavailable,
+    SparseTensor,
+    TensorExpectation,
+    TransportError,
+    encode_message,
+    iter_chunks,
+    model_digest,
+)
+from privfl.transport.common import METHOD, grpc_options
+from privfl.transport.proto import gossip_pb2 as pb
+
+pytestmark = pytest.mark.timeout(60)
+
+SPEC = {"w": TensorExpectation((64, 8), "<f4"), "b": TensorExpectation((8,), "<f4")}
+LOG = "privfl.transport"
+
+
+def _pem(obj) -> bytes:  # noqa: ANN001
+    if hasattr(obj, "private_bytes"):
+        return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+    return obj.public_bytes(serialization.Encoding.PEM)
+
+
+@dataclasses.dataclass
+class Pki:
+    dir: Path
+    ca_pem: bytes
+    roster: Roster
+    crl: bytes
+    rogue: dict[str, NodeIdentity]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    init_consortium("demo", ["h1", "h2", "h3", "h4", "h5"], d, base_port=1)
+    revoke_node(d, "h4")
+    ca_pem, roster, crl = load_pki(d)
+    ca_cert, ca_key = load_certificate(ca_pem), load_private_key((d / "ca.key").read_bytes())
+    rogue: dict[str, NodeIdentity] = {}
+    other_ca, other_key = make_ca("demo")
+    c, k = make_node_cert(other_ca, other_key, "demo", "h1")
+    rogue["other_ca"] = NodeIdentity("h1", _pem(c), _pem(k), ca_pem)
+    now = dt.datetime.now(dt.timezone.utc)
+    c, k = make_node_cert(ca_cert, ca_key, "demo", "h6", not_before=now - dt.timedelta(days=10),
+                          not_after=now - dt.timedelta(days=1))
+    rogue["expired"] = NodeIdentity("h6", _pem(c), _pem(k), ca_pem)
+    c, k = make_node_cert(ca_cert, ca_key, "demo", "h9")
+    rogue["stranger"] = NodeIdentity("h9", _pem(c), _pem(k), ca_pem)
+    c, k = make_node_cert(ca_cert, ca_key, "demo", "h1")
+    rogue["twin"] = NodeIdentity("h1", _pem(c), _pem(k), ca_pem)
+    # the expired certificate is pinned in the roster: only its validity can refuse it
+    nodes = {**roster.nodes, "h6": RosterNode("h6", "127.0.0.1:1", fingerprint(rogue["expired"].cert_pem))}
+    return Pki(d, ca_pem, Roster("demo", nodes, roster.policy), crl, rogue)
+
+
+def ident(pki: Pki, node: str) -> NodeIdentity:
+    return NodeIdentity.load(pki.dir / node)
+
+
+def at(roster: Roster, node: str, port: int) -> Roster:
+    nodes = dict(roster.nodes)
+    nodes[node] = dataclasses.replace(nodes[node], address=f"127.0.0.1:{port}")
+    return dataclasses.replace(roster, nodes=nodes)
+
+
+def model(seed: int = 0, **changes: np.ndarray) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    m = {"w": rng.standard_normal((64, 8)).astype(np.float32), "b": np.zeros(8, np.float32)}
+    m.update(changes)
+    return m
+
+
+class Averager:
+    """Pairwise averaging handler: reply with own model, then average."""
+
+    def __init__(self) -> None:
+        self.model = model(1)
+        self.seen: list[DecodedMessage] = []
+
+    def __call__(self, sender: str, msg: DecodedMessage) -> Message | None:
+        self.seen.append(msg)
+        if msg.kind == "boom":
+            raise RuntimeError("handler bug")
+        if msg.kind != "exchange_request":
+            return None
+        reply = Message("exchange_reply", msg.round, dict(self.model))
+        self.model = {k: (self.model[k] + msg.tensors[k]) / 2 for k in self.model}
+        return reply
+
+
+@pytest.fixture()
+def server(pki: Pki) -> Iterator[tuple[GossipServer, Roster, Averager]]:
+    handler = Averager()
+    srv = GossipServer(ident(pki, "h2"), pki.roster, pki.crl, handler, address="127.0.0.1:0",
+                       expected_spec=SPEC, max_message_bytes=1 << 20)
+    port = srv.start()
+    try:
+        yield srv, at(pki.roster, "h2", port), handler
+    finally:
+        srv.stop(grace=0)
+
+
+def client(pki: Pki, identity: NodeIdentity | str, roster: Roster, **kw) -> GossipClient:  # noqa: ANN003
+    idn = ident(pki, identity) if isinstance(identity, str) else identity
+    return GossipClient(idn, roster, pki.crl, expected_spec=SPEC, default_timeout=10, **kw)
+
+
+def assert_serves(pki: Pki, roster: Roster, node: str = "h1") -> None:
+    with client(pki, node, roster) as c:
+        reply = c.exchange("h2", Message("exchange_request", 1, model(5)), timeout=10)
+    assert reply.sender == "h2" and reply.kind == "exchange_reply"
+    assert set(reply.tensors) == {"w", "b"}
+
+
+def raw_stub(pki: Pki, identity: NodeIdentity, port: int) -> tuple[grpc.Channel, grpc.StreamStreamMultiCallable]:
+    creds = grpc.ssl_channel_credentials(root_certificates=pki.ca_pem, private_key=identity.key_pem,
+                                         certificate_chain=identity.cert_pem)
+    ch = grpc.secure_channel(f"127.0.0.1:{port}", creds, options=grpc_options([
+        ("grpc.ssl_target_name_override", "h2.demo.privfl"), ("grpc.use_local_subchannel_pool", 1)]))
+    return ch, ch.stream_stream(METHOD)
+
+
+# --------------------------------------------------------------------------- happy path
+
+
+def test_exchange_averages_and_counts_bytes(pki: Pki, server) -> None:  # noqa: ANN001
+    srv, roster, handler = server
+    before = dict(handler.model)
+    mine = model(7)
+    with client(pki, "h1", roster) as c:
+        reply = c.exchange("h2", Message("exchange_request", 3, mine, scalars={"weight": 0.5}))
+        got = handler.seen[-1]
+        assert got.sender == "h1" and got.round == 3 and got.scalars == {"weight": 0.5}
+        assert got.digest == model_digest(mine)
+        assert reply.in_reply_to == got.sequence
+        for k in mine:
+            np.testing.assert_array_equal(reply.tensors[k], before[k])
+            np.testing.assert_allclose(handler.model[k], (before[k] + mine[k]) / 2)
+        d = c.send("h2", Message("model", 4, mine))
+        assert d.sequence > got.sequence and d.digest == model_digest(mine)
+        sent = c.counters.peer("h2")
+    srv_side = srv.counters.peer("h1")
+    assert sent.messages_sent == 2 and sent.bytes_sent == srv_side.bytes_received
+    assert sent.bytes_received == srv_side.bytes_sent
+    assert sent.bytes_sent > 2 * (64 * 8 + 8) * 4  # two model bodies at least
+
+
+def test_ten_megabyte_exchange_round_trips_exactly(pki: Pki) -> None:
+    rng = np.random.default_rng(3)
+    big = {"w": rng.standard_normal(2_500_000).astype(np.float32),
+           "s": SparseTensor(np.array([0, 17, 99_999], np.int64), np.array([1.5, -2, 3], np.float64),
+                             (100_000,))}
+    big_spec = {"w": TensorExpectation((2_500_000,), "<f4"), "s": TensorExpectation((100_000,), "<f8")}
+    echo = GossipServer(ident(pki, "h2"), pki.roster, pki.crl,
+                        lambda s, m: Message("exchange_reply", m.round, m.tensors),
+                        address="127.0.0.1:0", expected_spec=big_spec, max_message_bytes=16 << 20)
+    port = echo.start()
+    try:
+        with GossipClient(ident(pki, "h1"), at(pki.roster, "h2", port), pki.crl,
+                          expected_spec=big_spec) as c:
+            reply = c.exchange("h2", Message("exchange_request", 1, big), timeout=30)
+            assert c.counters.peer("h2").bytes_sent > 10_000_000
+    finally:
+        echo.stop(grace=0)
+    assert reply.digest == model_digest(big)
+    np.testing.assert_array_equal(reply.tensors["w"], big["w"])
+    s = reply.tensors["s"]
+    assert isinstance(s, SparseTensor)
+    np.testing.assert_array_equal(s.to_dense(), big["s"].to_dense())
+
+
+# --------------------------------------------------------------------------- refused peers
+
+
+def test_no_client_certificate_refused_at_handshake(pki: Pki, server) -> None:  # noqa: ANN001
+    srv, roster, handler = server
+    creds = grpc.ssl_channel_credentials(root_certificates=pki.ca_pem)
+    with grpc.secure_channel(f"127.0.0.1:{srv.port}", creds, options=[
+            ("grpc.ssl_target_name_override", "h2.demo.privfl")]) as ch:
+        call = ch.stream_stream(METHOD)
+        enc = encode_message(Message("exchange_request", 0, model()), "h1", "h2", 1)
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(iter_chunks(enc), timeout=5))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert not handler.seen
+    assert_serves(pki, roster)
+
+
+@pytest.mark.parametrize("who, layer, reason", [
+    ("other_ca", "tls", None),
+    ("expired", "tls", None),
+    ("revoked", "app", "revoked"),
+    ("stranger", "app", "h9 is not in the roster"),
+    ("twin", "app", "fingerprint"),
+])
+def test_refused_certificates(pki: Pki, server, caplog: pytest.LogCaptureFixture,  # noqa: ANN001
+                              who: str, layer: str, reason: str | None) -> None:
+    srv, roster, handler = server
+    identity = ident(pki, "h4") if who == "revoked" else pki.rogue[who]
+    caplog.set_level(logging.WARNING, logger=LOG)
+    with client(pki, identity, roster, probe_server=False) as c:
+        err = PeerUnavailable if layer == "tls" else PeerRefused
+        with pytest.raises(err) as info:
+            c.exchange("h2", Message("exchange_request", 0, model()), timeout=5)
+    if layer == "tls":
+        assert "UNAVAILABLE" in str(info.value)
+    else:
+        assert "PERMISSION_DENIED" in str(info.value)
+        # the client only learns "not authorized"; the server logs the real reason
+        assert reason not in str(info.value)
+        assert any(reason in r.getMessage() and "node h2: refused" in r.getMessage()
+                   for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert not handler.seen
+    assert_serves(pki, roster)
+
+
+def test_revocation_applies_to_an_open_connection(pki: Pki, tmp_path: Path) -> None:
+    d = tmp_path / "pki"
+    init_consortium("demo", ["h1", "h2", "h3"], d)
+    ca_pem, roster, crl = load_pki(d)
+    srv = GossipServer(NodeIdentity.load(d / "h2"), roster, crl, Averager(), address="127.0.0.1:0",
+                       expected_spec=SPEC)
+    port = srv.start()
+    try:
+        r = at(roster, "h2", port)
+        with GossipClient(NodeIdentity.load(d / "h3"), r, crl, expected_spec=SPEC) as c:
+            c.exchange("h2", Message("exchange_request", 0, model()), timeout=5)
+            revoke_node(d, "h3")
+            srv.update_trust(crl=(d / "crl.pem").read_bytes())
+            with pytest.raises(PeerRefused, match="PERMISSION_DENIED"):
+                c.exchange("h2", Message("exchange_request", 1, model()), timeout=5)
+        with GossipClient(NodeIdentity.load(d / "h1"), r, crl, expected_spec=SPEC) as c:
+            c.exchange("h2", Message("exchange_request", 2, model()), timeout=5)
+    finally:
+        srv.stop(grace=0)
+
+
+def test_client_checks_server_identity(pki: Pki, server) -> None:  # noqa: ANN001
+    srv, roster, _ = server
+    wrong = at(roster, "h3", srv.port)  # the roster says h3 lives where h2 listens
+    with client(pki, "h1", wrong) as c:
+        with pytest.raises(PeerRefused, match="server certificate refused"):
+            c.exchange("h3", Message("exchange_request", 0, model()), timeout=5)
+    with client(pki, "h1", wrong, probe_server=False) as c:  # gRPC's own hostname check
+        with pytest.raises(PeerUnavailable):
+            c.exchange("h3", Message("exchange_request", 0, model()), timeout=5)
+
+
+def test_client_refuses_revoked_server(pki: Pki) -> None:
+    srv = GossipServer(ident(pki, "h4"), pki.roster, pki.crl, Averager(), address="127.0.0.1:0")
+    port = srv.start()
+    try:
+        with client(pki, "h1", at(pki.roster, "h4", port)) as c:
+            with pytest.raises(PeerRefused, match="revoked"):
+                c.exchange("h4", Message("exchange_request", 0, model()), timeout=5)
+    finally:
+        srv.stop(grace=0)
+
+
+def test_unreachable_peer_fails_fast_and_backs_off(pki: Pki) -> None:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once we leave: nobody listens
+    clock = [100.0]
+    backoff = PeerBackoff(base=1.0, factor=2.0, max_delay=8.0, clock=lambda: clock[0])
+    with client(pki, "h1", at(pki.roster, "h2", port), backoff=backoff) as c:
+        t0 = time.monotonic()
+        with pytest.raises(PeerUnavailable):
+            c.exchange("h2", Message("exchange_request", 0, model()), timeout=5)
+        assert time.monotonic() - t0 < 2.0
+        assert not c.available("h2")
+        with pytest.raises(PeerUnavailable, match="backing off"):
+            c.exchange("h2", Message("exchange_request", 0, model()), timeout=5)
+        clock[0] += 1.0
+        assert c.available("h2")
+        with pytest.raises(PeerUnavailable):
+            c.exchange("h2", Message("exchange_request", 0, model()), timeout=5)
+        assert backoff.failures("h2") == 2 and backoff.remaining("h2") == pytest.approx(2.0)
+        with pytest.raises(TransportError, match="unknown peer"):
+            c.exchange("h8", Message("exchange_request", 0, model()))
+
+
+# --------------------------------------------------------------------------- refused messages
+
+
+def _refused(pki: Pki, server, caplog, msg: Message, reason: str) -> None:  # noqa: ANN001
+    srv, roster, handler = server
+    caplog.set_level(logging.WARNING, logger=LOG)
+    n = len(handler.seen)
+    with client(pki, "h1", roster) as c:
+        with pytest.raises(PeerRefused, match="INVALID_ARGUMENT"):
+            c.exchange("h2", msg, timeout=5)
+    assert len(handler.seen) == n
+    assert any("refused message from h1" in r.getMessage() and reason in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert_serves(pki, roster)
+
+
+def test_nan_refused(pki: Pki, server, caplog) -> None:  # noqa: ANN001
+    w = model()["w"].copy()
+    w[3, 4] = np.nan
+    _refused(pki, server, caplog, Message("exchange_request", 0, model(w=w)), "non-finite")
+
+
+def test_inf_in_sparse_refused(pki: Pki, server, caplog) -> None:  # noqa: ANN001
+    b = SparseTensor(np.array([1, 2]), np.array([1.0, np.inf], np.float32), (8,))
+    _refused(pki, server, caplog, Message("exchange_request", 0, model(b=b)), "non-finite")
+
+
+def test_wrong_shape_refused(pki: Pki, server, caplog) -> None:  # noqa: ANN001
+    _refused(pki, server, caplog,
+             Message("exchange_request", 0, model(w=np.zeros((8, 64), np.float32))), "shape")
+
+
+def test_wrong_dtype_refused(pki: Pki, server, caplog) -> None:  # noqa: ANN001
+    _refused(pki, server, caplog,
+             Message("exchange_request", 0, model(b=np.zeros(8, np.float64))), "dtype")
+
+
+def test_wrong_name_refused(pki: Pki, server, caplog) -> None:  # noqa: ANN001
+    m = model()
+    m["extra"] = np.zeros(2, np.float32)
+    _refused(pki, server, caplog, Message("exchange_request", 0, m), "unexpected tensor name")
+
+
+def test_replay_refused(pki: Pki, server, caplog) -> None:  # noqa: ANN001
+    srv, roster, handler = server
+    caplog.set_level(logging.WARNING, logger=LOG)
+    with client(pki, "h1", roster) as c:
+        seq = c.next_sequence()
+        c.exchange("h2", Message("exchange_request", 0, model(), sequence=seq))
+        for again in (seq, seq - 1):
+            with pytest.raises(PeerRefused, match="replayed"):
+                c.exchange("h2", Message("exchange_request", 0, model(), sequence=again))
+    assert sum("refused message from h1: replayed or out-of-order sequence" in r.getMessage()
+               for r in caplog.records) == 2
+    assert len(handler.seen) == 1
+    assert_serves(pki, roster)
+
+
+def test_malformed_and_oversized_streams_refused(pki: Pki, server, caplog) -> None:  # noqa: ANN001
+    srv, roster, handler = server
+    caplog.set_level(logging.WARNING, logger=LOG)
+    ch, call = raw_stub(pki, ident(pki, "h1"), srv.port)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(iter([b"\xff\xfe garbage \x00"]), timeout=5))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        huge = pb.Header(version=1, sender="h1", recipient="h2", sequence=time.time_ns() // 1000, kind="model",
+                         tensors=[pb.TensorSpec(name="w", dtype="<f4", shape=[10**9])],
+                         body_bytes=4 * 10**9)
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(iter([pb.Chunk(header=huge).SerializeToString()]), timeout=5))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # a well-formed header whose body is longer than it declared
+        enc = encode_message(Message("exchange_request", 0, model()), "h1", "h2", time.time_ns() // 1000)
+        chunks = list(iter_chunks(enc))
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(iter(chunks[:-1] + [pb.Chunk(data=b"x" * 10).SerializeToString()]), timeout=5))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # sender spoofing: h1's certificate, h3's name in the header
+        spoof = encode_message(Message("exchange_request", 0, model()), "h3", "h2", time.time_ns() // 1000)
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(iter_chunks(spoof), timeout=5))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        ch.close()
+    msgs = [r.getMessage() for r in caplog.records]
+    for reason in ("malformed chunk", "message too large", "longer than the declared",
+                   "not the authenticated peer"):
+        assert any(reason in m for m in msgs), (reason, msgs)
+    assert not handler.seen
+    assert_serves(pki, roster)
+
+
+def test_tampered_digest_refused(pki: Pki, server, caplog) -> None:  # noqa: ANN001
+    srv, roster, handler = server
+    caplog.set_level(logging.WARNING, logger=LOG)
+    enc = encode_message(Message("exchange_request", 0, model()), "h1", "h2", time.time_ns() // 1000)
+    chunks = list(iter_chunks(enc))
+    chunks[-1] = pb.Chunk(trailer=pb.Trailer(model_digest=b"\0" * 32)).SerializeToString()
+    ch, call = raw_stub(pki, ident(pki, "h1"), srv.port)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(iter(chunks), timeout=5))
+    finally:
+        ch.close()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert any("digest mismatch" in r.getMessage() for r in caplog.records)
+    assert not handler.seen
+
+
+def test_handler_failure_does_not_kill_server(pki: Pki, server, caplog) -> None:  # noqa: ANN001
+    srv, roster, handler = server
+    caplog.set_level(logging.WARNING, logger=LOG)
+    with client(pki, "h1", roster) as c:
+        with pytest.raises(PeerRefused, match="INTERNAL"):
+            c.exchange("h2", Message("boom", 0, model()))
+    assert any("handler failed" in r.getMessage() for r in caplog.records)
+    assert_serves(pki, roster)
