@@ -1,0 +1,152 @@
+"""DP-SGD step cost: non-private vs Opacus hooks vs the fast (ghost-norm) engine.
+
+For the digits CNN and the breast-cancer MLP at batch 64, and each clipping rule, times one
+training step (zero_grad + forward + backward + optimizer step). All variants run in one
+process, interleaved (each repetition runs every variant once, in a rotating order), so
+machine noise hits them alike; figures are medians. Prints JSON.
+
+    .venv/bin/python benchmarks/dp_step.py [--reps 300] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from clients.clipping import CLIPPING_RULES, clipping_rule  # noqa: E402
+from clients.ghost import make_ghost_private  # noqa: E402
+from clients.optimizer import PerSampleWeightDPOptimizer  # noqa: E402
+from privfl.models import build_model  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+Step = Callable[[], None]
+
+
+def _data(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """digits as 1×8×8 images in [0, 1]; breast cancer standardised."""
+    from sklearn.datasets import load_breast_cancer, load_digits
+    if name == "cnn":
+        d = load_digits()
+        x = torch.tensor(d.data / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
+        return x, torch.tensor(d.target, dtype=torch.long)
+    b = load_breast_cancer()
+    xs = (b.data - b.data.mean(0)) / b.data.std(0)
+    return torch.tensor(xs, dtype=torch.float32), torch.tensor(b.target, dtype=torch.long)
+
+
+def _make_step(model: nn.Module, opt: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]]
+               ) -> Step:
+    crit = nn.CrossEntropyLoss()
+    it = iter(range(10**9))
+
+    def step() -> None:
+        xb, yb = batches[next(it) % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        crit(model(xb), yb).backward()
+        opt.step()
+
+    return step
+
+
+def _variants(model_name: str, shape: tuple[int, ...], classes: int, batches: list, sigma: float,
+              clip: float, lr: float) -> dict[str, Step]:
+    from opacus import GradSampleModule
+
+    out: dict[str, Step] = {}
+    m = build_model(model_name, shape, classes, seed=0)
+    out["nonprivate"] = _make_step(m, torch.optim.SGD(m.parameters(), lr=lr), batches)
+    for rule in CLIPPING_RULES:
+        m = build_model(model_name, shape, classes, seed=0)
+        gsm = GradSampleModule(m)
+        opt = PerSampleWeightDPOptimizer(torch.optim.SGD(m.parameters(), lr=lr), noise_multiplier=sigma,
+                                         max_grad_norm=clip, expected_batch_size=64,
+                                         generator=torch.Generator().manual_seed(1), clipping=clipping_rule(rule))
+        out[f"opacus_{rule}"] = _make_step(gsm, opt, batches)
+        m = build_model(model_name, shape, classes, seed=0)
+        gm, gopt = make_ghost_private(m, torch.optim.SGD(m.parameters(), lr=lr), noise_multiplier=sigma,
+                                      max_grad_norm=clip, expected_batch_size=64, clipping=clipping_rule(rule),
+                                      generator=torch.Generator().manual_seed(1))
+        out[f"fast_{rule}"] = _make_step(gm, gopt, batches)
+    return out
+
+
+def bench_model(model_name: str, shape: tuple[int, ...], classes: int, reps: int, warmup: int,
+                batch: int = 64) -> dict[str, object]:
+    x, y = _data(model_name)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(64):
+        idx = torch.randperm(len(y), generator=g)[:batch]
+        batches.append((x[idx].contiguous(), y[idx].contiguous()))
+    steps = _variants(model_name, shape, classes, batches, sigma=1.0, clip=1.0, lr=0.05)
+    names = list(steps)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(warmup + reps):
+        order = names[r % len(names):] + names[:r % len(names)]  # rotate: no fixed position bias
+        for k in order:
+            t0 = time.perf_counter()
+            steps[k]()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[k].append(dt)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    q = {k: [float(np.percentile(v, 25)) * 1e3, float(np.percentile(v, 75)) * 1e3] for k, v in times.items()}
+    base = med["nonprivate"]
+    rules: dict[str, object] = {}
+    for rule in CLIPPING_RULES:
+        rules[rule] = {
+            "nonprivate_ms": round(base, 4),
+            "opacus_ms": round(med[f"opacus_{rule}"], 4),
+            "fast_ms": round(med[f"fast_{rule}"], 4),
+            "opacus_ratio": round(med[f"opacus_{rule}"] / base, 3),
+            "fast_ratio": round(med[f"fast_{rule}"] / base, 3),
+            "fast_speedup_vs_opacus": round(med[f"opacus_{rule}"] / med[f"fast_{rule}"], 3),
+        }
+    return {"model": model_name, "input_shape": list(shape), "batch": batch, "reps": reps,
+            "rules": rules, "iqr_ms": {k: [round(a, 4), round(b, 4)] for k, (a, b) in q.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--models", default="cnn,mlp")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    specs = {"cnn": ((1, 8, 8), 10), "mlp": ((30,), 2)}
+    results = []
+    for name in args.models.split(","):
+        shape, classes = specs[name]
+        results.append(bench_model(name, shape, classes, args.reps, args.warmup))
+    targets = {"cnn": 1.5, "mlp": 2.0}
+    for r in results:
+        t = targets[str(r["model"])]
+        r["target_ratio"] = t
+        r["fast_meets_target"] = all(v["fast_ratio"] <= t for v in r["rules"].values())  # type: ignore[union-attr]
+    import opacus
+    print(json.dumps({
+        "benchmark": "dp_step",
+        "torch": torch.__version__, "opacus": opacus.__version__, "python": platform.python_version(),
+        "threads": args.threads, "step": "zero_grad + forward + backward + optimizer.step, median",
+        "results": results,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,518 @@
+"""A fast DP-SGD engine: per-sample gradient norms and the clipped sum without Opacus hooks.
+
+Every :class:`~clients.clipping.ClippingRule` needs only the per-sample gradient *norms*,
+so most per-sample gradients never have to exist:
+
+* ``nn.Linear`` on (B, d) inputs — "ghost" norm ‖g_i‖² = ‖δ_i‖²·(‖a_i‖² + 1) (the 1 for the
+  bias), and the clipped sum Σ_i w_i g_i is one weighted matmul (w∘δ)ᵀa;
+* ``nn.Linear`` on (B, T, d) inputs and ``nn.Conv2d`` (via ``unfold``) — per-sample
+  gradients δ_iᵀU_i are materialised when they fit in memory (fewest flops: the clipped sum
+  is then a mat-vec), else the norm comes from the Gram trick Σ_{t,s}(δ_it·δ_is)(U_it·U_is)
+  and the clipped sum from one weighted matmul;
+* ``nn.GroupNorm`` / ``nn.LayerNorm`` affine parameters — per-sample gradients are tiny
+  and are materialised.
+
+Activations are captured by forward hooks and output gradients by tensor hooks; while
+:class:`GhostGradModule` runs a forward pass its parameters are marked as not needing
+gradients, so autograd computes only the output gradients (δ) and never the
+non-private weight gradients, which would be thrown away. There is no second backward.
+
+:class:`GhostDPOptimizer` then adds N(0, σ²C²) noise to the clipped sum and divides by the
+expected batch size exactly as Opacus's ``DPOptimizer`` does (same noise order, same
+generator calls), so with the same seed both give the same update up to rounding.
+A trainable parameter in a layer type this engine does not know raises
+:class:`~privfl.errors.ConfigError` at construction; nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim import Optimizer
+
+from clients.clipping import ClippingRule, FlatClipping
+from privfl.errors import ConfigError
+
+log = logging.getLogger("privfl.clients")
+
+#: Materialise conv / sequence per-sample gradients while they take at most this many bytes;
+#: above it, use the Gram trick (more flops, memory B·L² instead of B·|W|).
+MATERIALISE_LIMIT_BYTES = 256 * 2**20
+
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
+
+
+@dataclass
+class _Record:
+    """What one layer saw in the current step: its input and its output gradient."""
+
+    activation: torch.Tensor | None = None
+    backprop: torch.Tensor | None = None
+    cache: Any = None
+
+    def clear(self) -> None:
+        self.activation = None
+        self.backprop = None
+        self.cache = None
+
+
+class _Layer:
+    """Per-sample norm² and clipped-sum computation for one supported module."""
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        self.module = module
+        self.record = _Record()
+        self.params: list[nn.Parameter] = [p for p in module.parameters(recurse=False) if p.requires_grad]
+
+    def norm_sq(self, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """(B,) squared norms of this layer's per-sample gradients (of the summed loss)."""
+        raise NotImplementedError
+
+    def clipped_sum(self, a: torch.Tensor, d: torch.Tensor, coef: torch.Tensor,
+                    noise: dict[nn.Parameter, torch.Tensor]) -> None:
+        """Write ``noise[p] + Σ_i coef_i g_i(p)`` into ``p.grad`` for each parameter."""
+        raise NotImplementedError
+
+
+def _vdot(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise squared norm of a (B, k) tensor."""
+    return torch.linalg.vecdot(x, x)
+
+
+class _Linear(_Layer):
+    """``nn.Linear``: ghost norm on 2-D inputs, materialise/Gram on (B, T, d) inputs."""
+
+    def __init__(self, name: str, module: nn.Linear) -> None:
+        super().__init__(name, module)
+        self.w = module.weight if module.weight.requires_grad else None
+        self.b = module.bias if module.bias is not None and module.bias.requires_grad else None
+
+    def norm_sq(self, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        if a.dim() == 2:
+            d_sq = _vdot(d)
+            if self.w is None:
+                return d_sq
+            a_sq = _vdot(a)
+            return d_sq * (a_sq + 1.0) if self.b is not None else d_sq * a_sq
+        b = a.shape[0]
+        aT = a.reshape(b, -1, a.shape[-1]).transpose(1, 2)  # (B, K, T)
+        dT = d.reshape(b, -1, d.shape[-1]).transpose(1, 2)  # (B, O, T)
+        self.record.cache = _SeqCache(aT, dT, self.w is not None, self.b is not None)
+        return self.record.cache.norm_sq()
+
+    def clipped_sum(self, a: torch.Tensor, d: torch.Tensor, coef: torch.Tensor,
+                    noise: dict[nn.Parameter, torch.Tensor]) -> None:
+        if a.dim() == 2:
+            if self.w is not None:
+                self.w.grad = torch.addmm(noise[self.w], (d * coef[:, None]).t(), a)
+            if self.b is not None:
+                self.b.grad = torch.addmv(noise[self.b], d.t(), coef)
+            return
+        self.record.cache.clipped_sum(coef, self.w, self.b, noise)
+
+
+class _Conv2d(_Layer):
+    """``nn.Conv2d`` (groups=1, zero padding): unfold, then materialise or Gram."""
+
+    def __init__(self, name: str, module: nn.Conv2d) -> None:
+        super().__init__(name, module)
+        if module.groups != 1:
+            raise ConfigError(f"dp.engine 'fast': layer {name!r} is a grouped Conv2d (groups={module.groups}); "
+                              "use dp.engine 'opacus' for it")
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise ConfigError(f"dp.engine 'fast': layer {name!r} uses padding {module.padding!r} / mode "
+                              f"{module.padding_mode!r}; only numeric zero padding is supported")
+        self.w = module.weight if module.weight.requires_grad else None
+        self.b = module.bias if module.bias is not None and module.bias.requires_grad else None
+
+    def norm_sq(self, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        m: nn.Conv2d = self.module  # type: ignore[assignment]
+        b = a.shape[0]
+        dT = d.reshape(b, d.shape[1], -1)  # (B, O, L)
+        aT = (F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # type: ignore[arg-type]
+              if self.w is not None else None)  # (B, K, L)
+        self.record.cache = _SeqCache(aT, dT, self.w is not None, self.b is not None)
+        return self.record.cache.norm_sq()
+
+    def clipped_sum(self, a: torch.Tensor, d: torch.Tensor, coef: torch.Tensor,
+                    noise: dict[nn.Parameter, torch.Tensor]) -> None:
+        self.record.cache.clipped_sum(coef, self.w, self.b, noise)
+
+
+class _SeqCache:
+    """Per-sample gradients δ_iᵀU_i summed over positions (conv / sequence layers)."""
+
+    def __init__(self, aT: torch.Tensor | None, dT: torch.Tensor, weight: bool, bias: bool) -> None:
+        self.aT, self.dT = aT, dT  # (B, K, L), (B, O, L)
+        self.weight, self.bias = weight, bias
+        self.g_w: torch.Tensor | None = None
+        self.g_b: torch.Tensor | None = None
+        b, o, _ = dT.shape
+        k = aT.shape[1] if aT is not None else 0
+        self.materialise = b * o * k * dT.element_size() <= MATERIALISE_LIMIT_BYTES
+
+    def norm_sq(self) -> torch.Tensor:
+        b = self.dT.shape[0]
+        total = torch.zeros(b, dtype=self.dT.dtype, device=self.dT.device)
+        if self.weight:
+            assert self.aT is not None
+            if self.materialise:
+                self.g_w = torch.bmm(self.dT, self.aT.transpose(1, 2)).reshape(b, -1)  # (B, O·K)
+                total = _vdot(self.g_w)
+            else:
+                dd = torch.bmm(self.dT.transpose(1, 2), self.dT)  # (B, L, L)
+                aa = torch.bmm(self.aT.transpose(1, 2), self.aT)
+                total = (dd * aa).sum(dim=(1, 2))
+        if self.bias:
+            self.g_b = self.dT.sum(dim=2)  # (B, O)
+            total = total + _vdot(self.g_b)
+        return total
+
+    def clipped_sum(self, coef: torch.Tensor, w: nn.Parameter | None, bias: nn.Parameter | None,
+                    noise: dict[nn.Parameter, torch.Tensor]) -> None:
+        if w is not None:
+            if self.g_w is not None:
+                w.grad = torch.addmv(noise[w].reshape(-1), self.g_w.t(), coef).view_as(w)
+            else:
+                assert self.aT is not None
+                b, o, length = self.dT.shape
+                dc = (self.dT * coef[:, None, None]).transpose(0, 1).reshape(o, b * length)
+                at = self.aT.transpose(1, 2).reshape(b * length, -1)
+                w.grad = torch.addmm(noise[w].reshape(o, -1), dc, at).view_as(w)
+        if bias is not None:
+            assert self.g_b is not None
+            bias.grad = torch.addmv(noise[bias], self.g_b.t(), coef)
+
+
+class _Norm(_Layer):
+    """``nn.GroupNorm`` / ``nn.LayerNorm`` affine parameters: materialised per-sample grads."""
+
+    def __init__(self, name: str, module: nn.GroupNorm | nn.LayerNorm) -> None:
+        super().__init__(name, module)
+        self.w = module.weight if module.weight is not None and module.weight.requires_grad else None
+        self.b = module.bias if module.bias is not None and module.bias.requires_grad else None
+
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if isinstance(m, nn.GroupNorm):
+            return F.group_norm(x, m.num_groups, None, None, m.eps)
+        assert isinstance(m, nn.LayerNorm)
+        return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+
+    def norm_sq(self, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        b = a.shape[0]
+        if isinstance(m, nn.GroupNorm):  # params per channel (dim 1); sum over the rest
+            def reduce(t: torch.Tensor) -> torch.Tensor:
+                return t.reshape(b, t.shape[1], -1).sum(2)
+        else:  # params over the trailing normalized_shape; sum over the middle dims
+            n_param = m.weight.numel() if m.weight is not None else m.bias.numel()  # type: ignore[union-attr]
+
+            def reduce(t: torch.Tensor) -> torch.Tensor:
+                return t.reshape(b, -1, n_param).sum(1)
+        g_w = reduce(d * self._normalised(a)) if self.w is not None else None
+        g_b = reduce(d) if self.b is not None else None
+        self.record.cache = (g_w, g_b)
+        total = torch.zeros(b, dtype=d.dtype, device=d.device)
+        for g in (g_w, g_b):
+            if g is not None:
+                total = total + _vdot(g)
+        return total
+
+    def clipped_sum(self, a: torch.Tensor, d: torch.Tensor, coef: torch.Tensor,
+                    noise: dict[nn.Parameter, torch.Tensor]) -> None:
+        g_w, g_b = self.record.cache
+        for p, g in ((self.w, g_w), (self.b, g_b)):
+            if p is not None:
+                p.grad = torch.addmv(noise[p].reshape(-1), g.t(), coef).view_as(p)
+
+
+def _make_layer(name: str, module: nn.Module) -> _Layer:
+    if isinstance(module, nn.Linear):
+        return _Linear(name, module)
+    if isinstance(module, nn.Conv2d):
+        return _Conv2d(name, module)
+    if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+        return _Norm(name, module)
+    raise ConfigError(f"dp.engine 'fast' cannot compute per-sample gradients of layer {name!r} "
+                      f"({type(module).__name__}); supported: "
+                      f"{', '.join(t.__name__ for t in SUPPORTED_LAYERS)} — use dp.engine 'opacus'")
+
+
+class GhostGradModule(nn.Module):
+    """Wraps a model; a forward pass with grad enabled records what per-sample norms need.
+
+    The wrapped model's parameters are the wrapper's parameters; outside the wrapper's
+    forward the model behaves exactly as before (hooks do nothing then).
+    """
+
+    def __init__(self, module: nn.Module, loss_reduction: str = "mean") -> None:
+        super().__init__()
+        if loss_reduction not in ("mean", "sum"):
+            raise ConfigError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self._module = module
+        self.loss_reduction = loss_reduction
+        self.layers: list[_Layer] = []
+        for name, m in module.named_modules():
+            own = [p for p in m.parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            if type(m) not in SUPPORTED_LAYERS:  # exact type: a subclass may change forward
+                raise ConfigError(f"dp.engine 'fast' cannot compute per-sample gradients of layer "
+                                  f"{name or '<root>'!r} ({type(m).__name__}); supported: "
+                                  f"{', '.join(t.__name__ for t in SUPPORTED_LAYERS)} — use dp.engine 'opacus'")
+            self.layers.append(_make_layer(name, m))
+        if not self.layers:
+            raise ConfigError("dp.engine 'fast': the model has no trainable parameters")
+        self.trainable: list[nn.Parameter] = [p for layer in self.layers for p in layer.params]
+        self._capturing = False
+        self._handles = [layer.module.register_forward_hook(self._forward_hook(layer)) for layer in self.layers]
+        self.batch_size: int | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        """The wrapped model."""
+        return self._module
+
+    def _forward_hook(self, layer: _Layer) -> Callable[..., torch.Tensor | None]:
+        rec = layer.record
+
+        def set_backprop(grad: torch.Tensor) -> None:
+            if rec.backprop is not None:
+                raise RuntimeError(f"layer {layer.name!r} got a second backward pass before optimizer.step(); "
+                                   "the fast DP engine needs exactly one forward and one backward per step")
+            rec.backprop = grad.detach()
+
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
+            if not self._capturing:
+                return None
+            if rec.activation is not None:
+                raise RuntimeError(f"layer {layer.name!r} ran twice in one step (shared or reused layer, or a "
+                                   "second forward before optimizer.step()/zero_grad()); the fast DP engine "
+                                   "does not support that — use dp.engine 'opacus'")
+            rec.activation = inputs[0].detach()
+            replaced = None
+            if not output.requires_grad:  # no trainable path below: start the graph here
+                output = replaced = output.detach().requires_grad_(True)
+            output.register_hook(set_backprop)
+            return replaced
+
+        return hook
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return self._module(*args, **kwargs)
+        if self.batch_size is not None:
+            raise RuntimeError("a second forward pass before optimizer.step()/zero_grad(): the fast DP engine "
+                               "does not accumulate batches (Poisson sampling forbids it)")
+        for p in self.trainable:  # autograd then skips the non-private weight gradients
+            p.requires_grad_(False)
+        self._capturing = True
+        try:
+            out = self._module(*args, **kwargs)
+        finally:
+            self._capturing = False
+            for p in self.trainable:
+                p.requires_grad_(True)
+        acts = [layer.record.activation for layer in self.layers if layer.record.activation is not None]
+        self.batch_size = int(acts[0].shape[0]) if acts else 0
+        return out
+
+    def clear(self) -> None:
+        """Drop what the last forward/backward recorded."""
+        for layer in self.layers:
+            layer.record.clear()
+        self.batch_size = None
+
+    def _live(self) -> list[_Layer]:
+        """Layers that got both an activation and an output gradient this step."""
+        live = [la for la in self.layers if la.record.activation is not None and la.record.backprop is not None]
+        if not live and self.batch_size:
+            raise RuntimeError("optimizer.step() after a forward pass but no loss.backward()")
+        return live
+
+    def per_sample_norms(self) -> torch.Tensor:
+        """(B,) L2 norms of the per-sample gradients over all trainable parameters."""
+        live = self._live()
+        n = self.batch_size or 0
+        if not live or n == 0:
+            return torch.zeros(0, device=self.trainable[0].device)
+        total: torch.Tensor | None = None
+        for la in live:
+            a, d = la.record.activation, la.record.backprop
+            assert a is not None and d is not None
+            s = la.norm_sq(a, d)
+            total = s if total is None else total + s
+        assert total is not None
+        norms = total.sqrt()
+        if self.loss_reduction == "mean":  # δ is the gradient of the *mean* loss: undo the 1/n
+            norms = norms * n
+        return norms
+
+    def write_clipped_sum(self, coef: torch.Tensor, noise: dict[nn.Parameter, torch.Tensor]) -> None:
+        """Set ``p.grad = noise[p] + Σ_i coef_i·δ-level per-sample gradient`` for every trainable p.
+
+        Must follow :meth:`per_sample_norms` in the same step (it reuses its caches).
+        Parameters of layers the loss did not reach get the noise alone.
+        """
+        done: set[int] = set()
+        for la in (self._live() if coef.numel() else []):
+            a, d = la.record.activation, la.record.backprop
+            assert a is not None and d is not None
+            la.clipped_sum(a, d, coef, noise)
+            done.update(id(p) for p in la.params)
+        for p in self.trainable:
+            if id(p) not in done:
+                p.grad = noise[p].clone()
+
+
+class GhostDPOptimizer(Optimizer):
+    """DP-SGD step on a :class:`GhostGradModule`: clip by rule, add σ·C noise, divide by E[B].
+
+    Mirrors Opacus's ``DPOptimizer``: noise N(0, σ²C²) per parameter in the optimizer's
+    parameter order from ``generator``, then division by ``expected_batch_size`` when
+    ``loss_reduction='mean'``. Interface: ``zero_grad``, ``step``, ``state_dict``,
+    ``load_state_dict``, ``attach_step_hook``; ``param_groups``/``state`` are the wrapped
+    optimizer's.
+    """
+
+    def __init__(self, optimizer: Optimizer, module: GhostGradModule, *, noise_multiplier: float,
+                 max_grad_norm: float, expected_batch_size: int | None,
+                 clipping: ClippingRule | None = None, generator: torch.Generator | None = None,
+                 loss_reduction: str = "mean", secure_mode: bool = False) -> None:
+        if loss_reduction not in ("mean", "sum"):
+            raise ConfigError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if loss_reduction == "mean" and not expected_batch_size:
+            raise ConfigError("expected_batch_size must be a positive integer when loss_reduction='mean'")
+        if loss_reduction != module.loss_reduction:
+            raise ConfigError(f"loss_reduction {loss_reduction!r} differs from the module's {module.loss_reduction!r}")
+        if not noise_multiplier >= 0:
+            raise ConfigError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        if not max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        self.original_optimizer = optimizer
+        self.module = module
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.expected_batch_size = expected_batch_size
+        self.loss_reduction = loss_reduction
+        self.clipping: ClippingRule = clipping or FlatClipping()
+        self.generator = generator
+        self.secure_mode = secure_mode
+        self.step_hook: Callable[[GhostDPOptimizer], None] | None = None
+        self.last_per_sample_norms: torch.Tensor | None = None
+        self.last_weights: torch.Tensor | None = None
+        self.params: list[nn.Parameter] = [p for g in optimizer.param_groups for p in g["params"]
+                                           if p.requires_grad]
+        mine = {id(p) for p in module.trainable}
+        theirs = {id(p) for p in self.params}
+        if mine != theirs:
+            raise ConfigError("dp.engine 'fast': the optimizer must hold exactly the model's trainable "
+                              f"parameters ({len(theirs)} given, the model has {len(mine)})")
+
+    # ---- delegation to the wrapped optimizer (as Opacus's DPOptimizer does) ------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.original_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.original_optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.original_optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.original_optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.original_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.original_optimizer.defaults = value
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.original_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        self.original_optimizer.load_state_dict(state_dict)
+
+    def __repr__(self) -> str:
+        return f"GhostDPOptimizer({self.original_optimizer!r})"
+
+    def attach_step_hook(self, fn: Callable[[GhostDPOptimizer], None]) -> None:
+        """Call ``fn(self)`` after noising, before the parameter update (e.g. accounting)."""
+        self.step_hook = fn
+
+    # ---- the DP step ------------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients and what the module recorded."""
+        self.module.clear()
+        self.original_optimizer.zero_grad(set_to_none)
+
+    def _noise(self, scale: float) -> dict[nn.Parameter, torch.Tensor]:
+        """N(0, (σC·scale)²) per parameter, in Opacus's order and with its generator calls."""
+        std = self.noise_multiplier * self.max_grad_norm
+        out: dict[nn.Parameter, torch.Tensor] = {}
+        for p in self.params:
+            if std == 0:
+                out[p] = torch.zeros_like(p)
+            elif self.secure_mode:
+                from opacus.optimizers.optimizer import _generate_noise
+                out[p] = _generate_noise(std, p, self.generator, True).mul_(scale)
+            else:
+                out[p] = torch.normal(0.0, std, p.shape, generator=self.generator, device=p.device,
+                                      dtype=p.dtype).mul_(scale)
+        return out
+
+    def pre_step(self) -> None:
+        """Set every ``p.grad`` to (Σ_i w_i g_i + N(0, σ²C²)) / E[B]."""
+        norms = self.module.per_sample_norms()
+        scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0  # type: ignore[operator]
+        if norms.numel() == 0:
+            weights = norms
+            coef = norms
+        else:
+            weights = self.clipping.weights(norms, self.max_grad_norm)
+            n = self.module.batch_size or 1
+            # δ is the gradient of the mean loss (1/n); the per-sample gradient is n·δ-level
+            coef = weights * (scale * n if self.loss_reduction == "mean" else scale)
+        self.last_per_sample_norms = norms.detach()
+        self.last_weights = weights.detach()
+        noise = self._noise(scale)
+        self.module.write_clipped_sum(coef, noise)
+        if self.step_hook is not None:
+            self.step_hook(self)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One DP step: clipped, noised, averaged gradient, then the wrapped optimizer's update."""
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        self.pre_step()
+        self.module.clear()
+        return self.original_optimizer.step()
+
+
+def make_ghost_private(module: nn.Module, optimizer: Optimizer, *, noise_multiplier: float,
+                       max_grad_norm: float, expected_batch_size: int, clipping: ClippingRule | None = None,
+                       generator: torch.Generator | None = None,
+                       loss_reduction: str = "mean") -> tuple[GhostGradModule, GhostDPOptimizer]:
+    """Wrap ``module`` and ``optimizer`` for fast DP-SGD; train through the returned pair."""
+    gm = GhostGradModule(module, loss_reduction=loss_reduction)
+    opt = GhostDPOptimizer(optimizer, gm, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                           expected_batch_size=expected_batch_size, clipping=clipping, generator=generator,
+                           loss_reduction=loss_reduction)
+    log.debug("fast DP engine on %d layers (%d parameters)", len(gm.layers), len(gm.trainable))
+    return gm, opt
