@@ -1,0 +1,298 @@
+"""``privfl audit``: verify a node's privacy ledger, or bound ε empirically from canaries.
+
+    privfl audit LEDGER --ca CA.pem [--json] [--plot eps.png]   (same as `audit ledger ...`)
+    privfl audit empirical --scores canaries.csv --k-pos 50 --k-neg 50 --delta 1e-5
+    privfl audit empirical --m 1000 --r 100 --v 75 --delta 1e-5
+
+Register with ``app.add_typer(audit.app, name="audit")``. Exit codes: 0 when every check
+passes, 1 when verification fails, 2 for bad input (one clean line, no traceback).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+from typer.core import TyperGroup
+
+from accounting.audit import AuditReport, audit_ledger
+from accounting.audit_empirical import (
+    DEFAULT_BETA,
+    OneRunAudit,
+    audit_one_run,
+    epsilon_lower_bound_from_counts,
+)
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+MAX_EVENT_ROWS = 40
+
+
+class _LedgerByDefault(TyperGroup):
+    """A group whose default sub-command is ``ledger``: ``audit FILE`` = ``audit ledger FILE``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["ledger", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=_LedgerByDefault,
+    no_args_is_help=True,
+    help="Verify a privacy ledger or bound ε empirically. "
+    "`privfl audit LEDGER --ca CA.pem` is short for `privfl audit ledger LEDGER --ca CA.pem`.",
+)
+
+
+def _fail_input(message: str) -> typer.Exit:
+    """Print one clean line for bad input and return the exit to raise."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+# --------------------------------------------------------------------------- ledger
+
+
+@app.command("ledger")
+def ledger_cmd(
+    ledger: Path = typer.Argument(..., help="the node's ledger.jsonl"),
+    ca: Path = typer.Option(..., "--ca", help="consortium CA certificate (PEM)"),
+    other_cert: list[Path] = typer.Option(
+        [], "--other-cert", help="another node's certificate, to name entries it signed (repeatable)"
+    ),
+    node_id: str | None = typer.Option(None, "--node-id", help="fail unless the ledger is this node's"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    plot: Path | None = typer.Option(None, "--plot", help="write ε over time to this PNG"),
+    all_events: bool = typer.Option(False, "--all-events", help="list every DP event"),
+    no_pld: bool = typer.Option(False, "--no-pld", help="skip the PLD cross-check (faster)"),
+) -> None:
+    """Verify LEDGER (certificate, signatures, hash chain, policy, budget) and recompute ε."""
+    for p, what in [(ledger, "ledger"), (ca, "CA certificate"), *[(c, "certificate") for c in other_cert]]:
+        if not p.is_file():
+            raise _fail_input(f"{what} file {p} does not exist")
+    try:
+        report = audit_ledger(
+            ledger,
+            ca.read_bytes(),
+            other_certs=[c.read_bytes() for c in other_cert],
+            expected_node_id=node_id,
+            compute_pld=not no_pld,
+        )
+    except (ValueError, OSError) as exc:
+        raise _fail_input(str(exc)) from None
+    if plot is not None:
+        try:
+            plot_epsilon(report, plot)
+        except OSError as exc:
+            raise _fail_input(f"cannot write plot {plot}: {exc}") from None
+    if as_json:
+        typer.echo(report.to_json())
+    else:
+        print_report(report, Console(), all_events=all_events)
+    raise typer.Exit(EXIT_OK if report.ok else EXIT_FAILED)
+
+
+def _fmt_eps(x: float | None) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    return "inf" if math.isinf(x) else f"{x:.4f}"
+
+
+def _fmt_time(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def print_report(report: AuditReport, console: Console, all_events: bool = False) -> None:
+    """A readable report: summary, checks, issues, DP events with ε over time, totals."""
+    verdict = "[bold green]PASS[/]" if report.ok else "[bold red]FAIL[/]"
+    console.print(f"ledger {report.path}: {verdict}")
+    if report.node_id:
+        console.print(
+            f"node [bold]{report.node_id}[/]  software {report.software_version}  "
+            f"certificate {report.certificate.get('subject', '?')} "
+            f"(sha256 {report.certificate.get('sha256_fingerprint', '?')[:16]}…)"
+        )
+    if report.policy:
+        pol = report.policy
+        console.print(
+            f"policy: ε ≤ {pol['target_epsilon']:g} at δ = {pol['delta']:g} "
+            f"({pol['accountant'].upper()}, {pol['neighbouring_relation']}), "
+            f"σ ≥ {pol['min_noise_multiplier']:g}, clipping {', '.join(pol['allowed_clipping_rules'])}"
+        )
+
+    checks = Table(title="checks")
+    checks.add_column("check")
+    checks.add_column("result")
+    for name, res in report.checks.items():
+        color = "green" if res == "pass" else ("yellow" if res == "skipped" else "red")
+        checks.add_row(name, f"[{color}]{res}[/]")
+    console.print(checks)
+
+    if report.issues:
+        issues = Table(title="issues (first bad entry first)")
+        issues.add_column("entry", justify="right")
+        issues.add_column("kind")
+        issues.add_column("what")
+        first = report.first_issue
+        ordered = [first] + [i for i in report.issues if i is not first] if first else []
+        for i in ordered:
+            issues.add_row("—" if i.index is None else str(i.index), i.kind, i.message)
+        console.print(issues)
+
+    if report.timeline:
+        over = set(report.over_budget)
+        events = Table(title="DP events and ε over time (recomputed with dp-accounting, RDP)")
+        for col in ("entry", "time (UTC)", "steps", "ε (RDP)", "ε recorded"):
+            events.add_column(col, justify="right")
+        pts = report.timeline
+        shown = pts if all_events or len(pts) <= MAX_EVENT_ROWS else None
+        if shown is None:
+            half = MAX_EVENT_ROWS // 2
+            rows: list[Any] = [*pts[:half], None, *pts[-half:]]
+        else:
+            rows = list(shown)
+        for p in rows:
+            if p is None:
+                events.add_row("…", f"{len(pts) - MAX_EVENT_ROWS} more", "", "", "")
+                continue
+            style = "red" if p.index in over else None
+            events.add_row(
+                str(p.index), _fmt_time(p.timestamp), str(p.steps),
+                _fmt_eps(p.epsilon_rdp), _fmt_eps(p.epsilon_claimed), style=style,
+            )
+        console.print(events)
+
+    t = report.totals
+    if t:
+        tot = Table(title="totals")
+        tot.add_column("")
+        tot.add_column("", justify="right")
+        tot.add_row("entries verified", str(report.entries_verified))
+        tot.add_row("DP events / steps", f"{t.get('dp_events', 0)} / {t.get('steps', 0)}")
+        tot.add_row("messages / bytes sent", f"{t.get('messages', 0)} / {t.get('bytes_sent', 0)}")
+        tot.add_row("peers", ", ".join(f"{k}: {v}" for k, v in sorted(t.get("peers", {}).items())) or "—")
+        tot.add_row(f"ε (RDP) at δ={report.delta:g}", _fmt_eps(report.epsilon_rdp))
+        tot.add_row(f"ε (PLD) at δ={report.delta:g}", _fmt_eps(report.epsilon_pld))
+        tot.add_row("target ε", f"{report.target_epsilon:g}")
+        tot.add_row("events over budget", str(len(report.over_budget)))
+        console.print(tot)
+
+
+def plot_epsilon(report: AuditReport, out: Path) -> None:
+    """Write ε (RDP, recomputed) against time since the header, with the target, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = report.totals.get("first_timestamp", 0.0)
+    xs = [p.timestamp - t0 for p in report.timeline]
+    ys = [p.epsilon_rdp for p in report.timeline]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    try:
+        ax.step([0.0, *xs], [0.0, *ys], where="post", label="ε (RDP, recomputed)")
+        if report.target_epsilon is not None:
+            ax.axhline(report.target_epsilon, color="red", linestyle="--", label="target ε")
+        ax.set_xlabel("seconds since ledger start")
+        ax.set_ylabel(f"ε at δ = {report.delta:g}")
+        ax.set_title(f"privacy spent by {report.node_id}")
+        ax.legend()
+        fig.tight_layout()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+# --------------------------------------------------------------------------- empirical
+
+
+def load_canary_scores(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, inclusion signs) from .json ({"scores", "inclusion"}), .npz or .csv (score,included).
+
+    ``inclusion`` may be ±1, 0/1 or booleans (1/true = trained on).
+    """
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            d = json.loads(path.read_text())
+            scores, incl = d["scores"], d["inclusion"]
+        elif suffix == ".npz":
+            with np.load(path, allow_pickle=False) as d:
+                scores, incl = d["scores"], d["inclusion"]
+        elif suffix == ".csv":
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+            scores = [float(r["score"]) for r in rows]
+            incl = [r["included"].strip().lower() for r in rows]
+            incl = [1 if x in ("1", "+1", "true", "yes") else -1 for x in incl]
+        else:
+            raise ValueError(f"unsupported scores file type {suffix!r}: use .json, .npz or .csv")
+    except KeyError as exc:
+        raise ValueError(f"scores file {path} lacks field {exc}") from None
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    a = np.asarray(incl).ravel()
+    if a.dtype == bool:
+        signs = np.where(a, 1, -1)
+    else:
+        a = a.astype(np.int64)
+        if not np.all(np.isin(a, (-1, 0, 1))):
+            raise ValueError(f"scores file {path}: inclusion must be ±1, 0/1 or booleans")
+        signs = np.where(a > 0, 1, -1)
+    if s.shape != signs.shape:
+        raise ValueError(f"scores file {path}: {s.size} scores but {signs.size} inclusion flags")
+    return s, signs.astype(np.int8)
+
+
+@app.command("empirical")
+def empirical_cmd(
+    scores: Path | None = typer.Option(None, "--scores", help="canary scores + inclusion (.json/.npz/.csv)"),
+    k_pos: int | None = typer.Option(None, "--k-pos", help="guess 'included' for the k₊ top scores"),
+    k_neg: int | None = typer.Option(None, "--k-neg", help="guess 'excluded' for the k₋ lowest scores"),
+    m: int | None = typer.Option(None, "--m", help="number of canaries (counts mode)"),
+    r: int | None = typer.Option(None, "--r", help="number of guesses (counts mode)"),
+    v: int | None = typer.Option(None, "--v", help="number of correct guesses (counts mode)"),
+    delta: float = typer.Option(1e-5, "--delta", help="δ of the guarantee being audited"),
+    beta: float = typer.Option(DEFAULT_BETA, "--beta", help="1 − confidence"),
+    epsilon_upper: float | None = typer.Option(None, "--epsilon-upper", help="the accountant's ε, to compare"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """One-run empirical lower bound on ε (Steinke, Nasr & Jagielski 2023) at confidence 1 − β."""
+    try:
+        if scores is not None:
+            if k_pos is None or k_neg is None:
+                raise ValueError("--scores needs --k-pos and --k-neg (choose them before looking)")
+            if not scores.is_file():
+                raise ValueError(f"scores file {scores} does not exist")
+            s, signs = load_canary_scores(scores)
+            result = audit_one_run(s, signs, k_pos, k_neg, delta, beta, epsilon_upper)
+        elif None not in (m, r, v):
+            assert m is not None and r is not None and v is not None
+            eps = epsilon_lower_bound_from_counts(m, r, v, delta, beta)
+            result = OneRunAudit(eps, m, r, v, -1, -1, delta, beta, epsilon_upper)
+        else:
+            raise ValueError("give --scores FILE (with --k-pos/--k-neg) or all of --m, --r, --v")
+    except ValueError as exc:
+        raise _fail_input(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), sort_keys=True))
+    else:
+        typer.echo(
+            f"ε_lb = {result.epsilon_lb:.3f} at {100 * (1 - beta):g}% confidence, δ = {delta:g} "
+            f"({result.v}/{result.r} guesses correct, m = {result.m} canaries)"
+        )
+        if epsilon_upper is not None:
+            typer.echo(f"accountant ε = {epsilon_upper:.3f}: lower/upper = "
+                       f"{result.epsilon_lb / epsilon_upper:.2f}" if epsilon_upper > 0 else "")
+        if result.exceeds_upper_bound:
+            typer.echo("the empirical lower bound EXCEEDS the accountant's ε: DP or accounting is broken")
+    raise typer.Exit(EXIT_FAILED if result.exceeds_upper_bound else EXIT_OK)
