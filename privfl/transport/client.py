@@ -92,8 +92,9 @@ class GossipClient:
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  default_timeout: float = 30.0, counters: TrafficCounters | None = None,
                  backoff: PeerBackoff | None = None, probe_server: bool = True,
-                 probe_interval: float = 300.0) -> None:
+                 probe_interval: float = 300.0, verify_digest: bool = True) -> None:
         self.identity = identity
+        self.verify_digest = verify_digest
         self.node_id = identity.node_id
         self.expected_spec = expected_spec
         self.max_message_bytes = max_message_bytes
@@ -258,7 +259,7 @@ class GossipClient:
                 sent[0] += len(raw)
                 yield raw
 
-        asm = MessageAssembler(expected, self.max_message_bytes)
+        asm = MessageAssembler(expected, self.max_message_bytes, self.verify_digest)
         received, done = 0, False
         responses = None
         try:
@@ -296,7 +297,7 @@ class GossipClient:
             self.counters.add_sent(peer_id, sent[0], messages=1 if sent[0] else 0)
             self.counters.add_received(peer_id, received, messages=int(done))
         self.backoff.success(peer_id)
-        return reply, seq, enc.digest, sent[0]
+        return reply, seq, enc.compute_digest(), sent[0]
 
     def exchange(self, peer_id: str, msg: Message, timeout: float | None = None,
                  expected: ExpectedSpec | None = None) -> DecodedMessage:

@@ -54,8 +54,9 @@ class GossipServer:
     def __init__(self, identity: NodeIdentity, roster: Roster, crl: bytes, handler: Handler,
                  address: str | None = None, expected_spec: ExpectedSpec | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_workers: int = 8,
-                 counters: TrafficCounters | None = None) -> None:
+                 counters: TrafficCounters | None = None, verify_digest: bool = True) -> None:
         self.identity = identity
+        self.verify_digest = verify_digest
         self.node_id = identity.node_id
         self.handler = handler
         self.expected_spec = expected_spec
@@ -149,7 +150,7 @@ class GossipServer:
             self._last_seq[peer] = seq
 
     def _receive(self, peer: str, request_iterator: Iterator[bytes]) -> DecodedMessage:
-        asm = MessageAssembler(self.expected_spec, self.max_message_bytes)
+        asm = MessageAssembler(self.expected_spec, self.max_message_bytes, self.verify_digest)
         done = False
         received = 0
         try:
