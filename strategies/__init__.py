@@ -1,1 +1,38 @@
 """How models meet: gossip topologies, compression, decentralized and Flower strategies."""
+
+from strategies.base import (
+    CollectiveRound,
+    CollectiveStrategy,
+    ModelMessage,
+    NodeStrategy,
+    Params,
+    PeerNetwork,
+    StepReport,
+)
+from strategies.compression import (
+    COMPRESSORS,
+    AdaComp,
+    CLTk,
+    Compressed,
+    CompressionError,
+    Compressor,
+    Identity,
+    InnovationGossip,
+    MalformedMessage,
+    Quantize8,
+    RandomK,
+    Released,
+    TopK,
+    compressor_from_config,
+    decompress,
+    released,
+)
+from strategies.topology import TOPOLOGY_KINDS, Bipartition, Topology, TopologyError, build_topology
+
+__all__ = [
+    "COMPRESSORS", "TOPOLOGY_KINDS", "AdaComp", "Bipartition", "CLTk", "CollectiveRound",
+    "CollectiveStrategy", "Compressed", "CompressionError", "Compressor", "Identity",
+    "InnovationGossip", "MalformedMessage", "ModelMessage", "NodeStrategy", "Params", "PeerNetwork",
+    "Quantize8", "RandomK", "Released", "StepReport", "TopK", "Topology", "TopologyError",
+    "build_topology", "compressor_from_config", "decompress", "released",
+]
