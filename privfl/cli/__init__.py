@@ -20,9 +20,11 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from privfl.cli import demo, privacy
+    from privfl.cli import audit, demo, pki, privacy
 
     app.add_typer(privacy.app, name="privacy", help="Compute ε or calibrate σ for DP-SGD.")
+    app.add_typer(pki.app, name="pki", help="Consortium CA, node certificates, roster, revocation.")
+    app.add_typer(audit.app, name="audit", help="Verify a privacy ledger and recompute ε; empirical audit.")
     app.command("demo", help="Run the demo: DP training on the breast-cancer data.")(demo.demo)
 
 
