@@ -1,0 +1,394 @@
+"""Decentralized gossip strategies: AD-PSGD / A(DP)²SGD (asynchronous) and D-PSGD (synchronous).
+
+Both drive any Flower ``NumPyClient``: local training is ``client.fit(params,
+{"local_steps": k})``. With a ``clients.DPClient`` every local step is a noised,
+accounted DP-SGD step, so everything these strategies release is post-processing of
+the node's own noised gradients (A(DP)²SGD: the noise is in the gradient, the gossip
+only mixes models). With a plain client there is no guarantee and the strategies say so
+(``epsilon = inf``, ``private = False``).
+
+Fail closed: when the client's budget guard raises :class:`accounting.BudgetExhausted`
+the strategy stops for good — no further ``fit`` and no exchange or send it initiates.
+An ``AsyncGossip`` node whose budget is spent still *answers* passive exchanges with its
+current model: that model is a mix of its own already-accounted noised updates and
+models its peers released, i.e. post-processing, so serving it costs no privacy, and it
+keeps the peers' averaging graph connected.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from flwr.client import NumPyClient
+
+from accounting import BudgetExhausted
+from privfl.errors import ConfigError
+from strategies.base import ModelMessage, NodeStrategy, Params, PeerNetwork, StepReport
+
+__all__ = ["AsyncGossip", "SyncGossip", "average_pair", "params_compatible"]
+
+log = logging.getLogger("privfl.gossip")
+
+
+# ---- array helpers ---------------------------------------------------------------------
+def params_compatible(own: Sequence[np.ndarray], other: Sequence[np.ndarray] | None) -> bool:
+    """Whether ``other`` has the same number of arrays, shapes, and only finite values."""
+    if other is None or len(own) != len(other):
+        return False
+    for a, b in zip(own, other):
+        b = np.asarray(b)
+        if a.shape != b.shape:
+            return False
+        if np.issubdtype(b.dtype, np.floating) and not np.isfinite(b).all():
+            return False
+    return True
+
+
+def average_pair(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> Params:
+    """(a + b) / 2 per array, computed in float64 and cast back; non-float arrays keep ``a``."""
+    out: Params = []
+    for x, y in zip(a, b):
+        if np.issubdtype(x.dtype, np.floating):
+            out.append(((x.astype(np.float64) + np.asarray(y, dtype=np.float64)) / 2.0).astype(x.dtype))
+        else:
+            out.append(np.array(x, copy=True))
+    return out
+
+
+def _copy(params: Sequence[np.ndarray]) -> Params:
+    return [np.array(p, copy=True) for p in params]
+
+
+def _local_steps(config: Mapping[str, Any]) -> int:
+    k = config.get("local_steps", 1)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"strategy.local_steps must be a positive integer, got {k!r}")
+    return int(k)
+
+
+class _GossipBase(NodeStrategy):
+    """Shared local training with budget handling and privacy status."""
+
+    def __init__(self, client: NumPyClient, network: PeerNetwork, params: Params,
+                 config: Mapping[str, Any] | None = None) -> None:
+        super().__init__(client, network, params, config)
+        self.node_id = network.node_id
+        self.local_steps = _local_steps(self.config)
+        self.total_steps = 0
+        self.epsilon = math.nan
+        self.private: bool | None = None  # unknown until the first fit
+        self.last_loss = math.nan
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.fit_calls = 0
+        self._lock = threading.Lock()
+
+    # ---- privacy status -------------------------------------------------------------
+    def privacy_status(self) -> dict[str, Any]:
+        """ε spent so far and whether this node's releases carry a DP guarantee at all."""
+        return {
+            "node": self.node_id,
+            "private": bool(self.private),
+            "epsilon": self.epsilon,
+            "steps": self.total_steps,
+            "stopped": self.stopped,
+            "reason": self.stop_reason,
+            "note": "" if self.private or self.private is None
+            else "client gives no differential-privacy guarantee (no DP in its fit metrics)",
+        }
+
+    def _update_privacy(self, metrics: Mapping[str, Any]) -> None:
+        eps = metrics.get("epsilon")
+        dp = metrics.get("dp")
+        if eps is None or (dp is not None and int(dp) == 0) or float(eps) < 0:
+            if self.private is not False:
+                log.warning("node %s: client reports no DP; its models carry no privacy guarantee", self.node_id)
+            self.private = False
+            self.epsilon = math.inf
+        else:
+            self.private = True
+            self.epsilon = float(eps)
+
+    def _stop(self, reason: str) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.stop_reason = reason
+            log.info("node %s: stopped after %d local steps: %s", self.node_id, self.total_steps, reason)
+
+    def _train(self, start: Params) -> tuple[Params | None, int, bool]:
+        """Run ``local_steps`` on a copy of ``start``: (new params or None, steps done, exhausted).
+
+        Fail closed: BudgetExhausted stops the node and returns no model.
+        """
+        self.fit_calls += 1
+        try:
+            new, _n, metrics = self.client.fit(_copy(start), {"local_steps": self.local_steps})
+        except BudgetExhausted as e:
+            self._stop(str(e))
+            return None, 0, True
+        metrics = dict(metrics or {})
+        self._update_privacy(metrics)
+        steps = int(metrics.get("steps", self.local_steps))
+        self.total_steps += steps
+        loss = metrics.get("loss")
+        if loss is not None:
+            self.last_loss = float(loss)
+        new = [np.asarray(p) for p in new]
+        if not params_compatible(self.params, new):
+            raise RuntimeError(f"node {self.node_id}: client.fit returned arrays of the wrong shape or non-finite values")
+        exhausted = bool(int(metrics.get("budget_exhausted", 0)))
+        return new, steps, exhausted
+
+    def _report(self, steps: int, peers: list[str], sent: int, received: int) -> StepReport:
+        return StepReport(local_steps=steps, peers=peers, bytes_sent=sent, bytes_received=received,
+                          loss=self.last_loss, epsilon=self.epsilon, stopped=self.stopped,
+                          reason=self.stop_reason)
+
+
+class AsyncGossip(_GossipBase):
+    """AD-PSGD (Lian et al. 2018) with A(DP)²SGD's noise: train locally, then average pairwise.
+
+    Config keys: ``local_steps`` (int, default 1); ``active`` (bool, default True): only
+    active nodes initiate exchanges; ``bipartite`` (bool, default False): the topology's
+    two-colouring is in force, so passive nodes wait for their lock and active nodes
+    refuse requests; otherwise every node is active and requests meet a non-blocking
+    try-lock (refused when busy), which cannot deadlock because an active node never
+    waits for its own lock while a peer waits on it; ``peers`` (list of node ids the node
+    may initiate with; default: every neighbour); ``seed`` (int) for the peer choice;
+    ``compressor`` (optional, reserved: see :meth:`_outgoing`). :meth:`roles` builds the
+    role keys from a topology.
+
+    Exchange (atomic pairwise averaging, ``x_i = x_j = (x_i + x_j)/2``): the active side
+    holds its own lock, sends its model; the passive side, under its lock, replies with
+    its *pre-average* model and sets its own to the average; the active side then sets
+    the same average. Training runs outside the lock on a snapshot and is merged as a
+    delta, ``x ← x + (trained − snapshot)``, so exchanges served meanwhile are kept.
+    """
+
+    def __init__(self, client: NumPyClient, network: PeerNetwork, params: Params,
+                 config: Mapping[str, Any] | None = None) -> None:
+        super().__init__(client, network, params, config)
+        self.active = bool(self.config.get("active", True))
+        self.bipartite = bool(self.config.get("bipartite", False))
+        peers = self.config.get("peers")
+        self.peers: list[str] = list(peers) if peers is not None else list(network.neighbors())
+        self._rng = random.Random(int(self.config.get("seed", 0)))
+        self.compressor = self.config.get("compressor")
+        self._version = 0  # bumped by every change to self.params made by an exchange
+        self.exchanges = 0
+        self.served = 0
+        self.refused = 0
+        self._pending_sent = 0  # bytes moved while serving, reported with the next step
+        self._pending_received = 0
+
+    @staticmethod
+    def roles(topology: Any, node_id: str) -> dict[str, Any]:
+        """Role config for ``node_id`` from a ``strategies.topology.Topology``.
+
+        Bipartite graph: active nodes initiate with their (passive) neighbours only.
+        Otherwise every node is active, with the try-lock rule.
+        """
+        split = topology.two_coloring()
+        nbrs = list(topology.neighbors(node_id))
+        if split is None or topology.n < 2:
+            return {"active": True, "bipartite": False, "peers": nbrs}
+        active = node_id in split.active
+        passive = set(split.passive)
+        return {"active": active, "bipartite": True, "peers": [p for p in nbrs if p in passive] if active else []}
+
+    # ---- the node's loop body --------------------------------------------------------
+    def step(self) -> StepReport:
+        """Train ``local_steps`` DP steps, then (active nodes) average with one random passive peer."""
+        sent, received = self._drain_served()
+        if self.stopped:
+            return self._report(0, [], sent, received)
+        with self._lock:
+            snapshot = _copy(self.params)
+            version = self._version
+        trained, steps, exhausted = self._train(snapshot)
+        if trained is None:  # budget spent before any step: nothing new to release
+            return self._report(0, [], sent, received)
+        with self._lock:
+            if self._version == version:
+                self.params = trained
+            else:  # exchanges happened while training: keep them, add our delta
+                self.params = [p + (t - s) if np.issubdtype(p.dtype, np.floating) else p
+                               for p, t, s in zip(self.params, trained, snapshot)]
+        peers: list[str] = []
+        if self.active and self.peers:
+            peer = self._rng.choice(self.peers)
+            s, r, ok = self._exchange_with(peer)
+            sent, received = sent + s, received + r
+            if ok:
+                peers.append(peer)
+        self.round += 1
+        if exhausted:
+            self._stop("privacy budget exhausted: the last local step that fits has been taken")
+        return self._report(steps, peers, sent, received)
+
+    def _outgoing(self, kind: str, params: Params) -> ModelMessage:
+        """The message carrying ``params``; the seam for a compressor (dense for now).
+
+        A compressor may only see post-noise values; pairwise *averaging* of compressed
+        models additionally needs shared state (CHOCO-style), so dense is the default.
+        """
+        return ModelMessage(sender=self.node_id, round=self.round, kind=kind, params=params)
+
+    def _exchange_with(self, peer: str) -> tuple[int, int, bool]:
+        """Atomic pairwise average with ``peer``: (bytes sent, bytes received, success)."""
+        with self._lock:
+            request = self._outgoing("exchange_request", _copy(self.params))
+            reply = self.network.exchange(peer, request)
+            sent = request.nbytes
+            if reply is None or reply.kind != "exchange_reply" or not params_compatible(self.params, reply.params):
+                self.refused += 1
+                log.debug("node %s: exchange with %s refused or invalid", self.node_id, peer)
+                self.bytes_sent += sent
+                return sent, 0, False
+            assert reply.params is not None
+            self.params = average_pair(self.params, reply.params)
+            self._version += 1
+            self.exchanges += 1
+            self.bytes_sent += sent
+            self.bytes_received += reply.nbytes
+            return sent, reply.nbytes, True
+
+    def handle_exchange(self, sender: str, message: ModelMessage) -> ModelMessage | None:
+        """Passive side: average with the sender and reply with our pre-average model."""
+        if message.kind != "exchange_request":
+            return None
+        if self.bipartite and self.active:
+            log.warning("node %s: refused exchange from %s: active nodes do not serve", self.node_id, sender)
+            return None
+        if sender not in self.network.neighbors():
+            log.warning("node %s: refused exchange from non-neighbour %s", self.node_id, sender)
+            return None
+        acquired = self._lock.acquire(blocking=self.bipartite)
+        if not acquired:
+            self.refused += 1
+            return None
+        try:
+            if not params_compatible(self.params, message.params):
+                log.warning("node %s: refused exchange from %s: incompatible or non-finite model", self.node_id, sender)
+                return None
+            assert message.params is not None
+            before = self.params
+            self.params = average_pair(before, message.params)
+            self._version += 1
+            self.served += 1
+            reply = self._outgoing("exchange_reply", before)
+            self._pending_received += message.nbytes
+            self._pending_sent += reply.nbytes
+            self.bytes_received += message.nbytes
+            self.bytes_sent += reply.nbytes
+            return reply
+        finally:
+            self._lock.release()
+
+    def _drain_served(self) -> tuple[int, int]:
+        with self._lock:
+            s, r = self._pending_sent, self._pending_received
+            self._pending_sent = self._pending_received = 0
+        return s, r
+
+    def snapshot(self) -> Params:
+        """A consistent copy of the current model (for evaluation)."""
+        with self._lock:
+            return _copy(self.params)
+
+
+class SyncGossip(_GossipBase):
+    """D-PSGD rounds: train, send the model to every neighbour, mix with Metropolis–Hastings weights.
+
+    Config keys: ``local_steps``; ``mixing`` (this node's row of W over its neighbours,
+    ``{peer: w_ij}``) or ``topology`` (a ``Topology``; its MH row is used);
+    ``timeout`` (seconds to wait for neighbours in :meth:`step`, default 30).
+
+    ``x_i ← W_ii x_i + Σ_j W_ij x_j``. A neighbour whose message is missing (timeout,
+    stopped, invalid) has its weight put back on the node itself, so the row still sums
+    to one (the global mean is then no longer exactly preserved that round).
+    """
+
+    synchronous = True
+
+    def __init__(self, client: NumPyClient, network: PeerNetwork, params: Params,
+                 config: Mapping[str, Any] | None = None) -> None:
+        super().__init__(client, network, params, config)
+        mixing = self.config.get("mixing")
+        if mixing is None and self.config.get("topology") is not None:
+            mixing = self.config["topology"].mixing_row(self.node_id)
+        if mixing is None:
+            raise ConfigError("sync_gossip needs strategy.mixing (the node's MH row) or a topology")
+        self.mixing: dict[str, float] = {str(k): float(v) for k, v in dict(mixing).items()}
+        total = sum(self.mixing.values())
+        if any(w < 0 for w in self.mixing.values()) or total > 1 + 1e-9:
+            raise ConfigError(f"sync_gossip: mixing weights must be >= 0 and sum to <= 1, got {self.mixing}")
+        self.timeout = float(self.config.get("timeout", 30.0))
+        self.missing = 0
+
+    def begin_round(self) -> StepReport:
+        """Train ``local_steps`` and send the new model to every neighbour (nothing once stopped)."""
+        if self.stopped:
+            return self._report(0, [], 0, 0)
+        trained, steps, exhausted = self._train(self.params)
+        if trained is None:
+            return self._report(0, [], 0, 0)
+        self.params = trained
+        sent, peers = 0, []
+        for peer in self.mixing:
+            msg = ModelMessage(sender=self.node_id, round=self.round, kind="model", params=_copy(self.params))
+            if self.network.send(peer, msg):
+                sent += msg.nbytes
+                peers.append(peer)
+        self.bytes_sent += sent
+        if exhausted:
+            self._stop("privacy budget exhausted: the last local step that fits has been taken")
+        return self._report(steps, peers, sent, 0)
+
+    def finish_round(self, received: dict[str, ModelMessage]) -> StepReport:
+        """Mix: ``x_i ← W_ii x_i + Σ_j W_ij x_j``; missing neighbours' weight stays on self."""
+        got: dict[str, Params] = {}
+        nbytes = 0
+        for peer in self.mixing:
+            msg = received.get(peer)
+            if msg is None or msg.kind != "model" or msg.round != self.round or not params_compatible(self.params, msg.params):
+                self.missing += 1
+                continue
+            assert msg.params is not None
+            got[peer] = [np.asarray(p) for p in msg.params]
+            nbytes += msg.nbytes
+        self_w = 1.0 - sum(self.mixing[p] for p in got)
+        mixed: Params = []
+        for k, own in enumerate(self.params):
+            if not np.issubdtype(own.dtype, np.floating):
+                mixed.append(own)
+                continue
+            acc = self_w * own.astype(np.float64)
+            for peer in self.mixing:  # fixed order: deterministic sums
+                if peer in got:
+                    acc = acc + self.mixing[peer] * got[peer][k].astype(np.float64)
+            mixed.append(acc.astype(own.dtype))
+        self.params = mixed
+        self.bytes_received += nbytes
+        self.round += 1
+        return self._report(0, sorted(got), 0, nbytes)
+
+    def step(self) -> StepReport:
+        """One whole round for a real node: train and send, wait for neighbours, mix."""
+        r = self.round
+        first = self.begin_round()
+        received = self.network.receive(r, list(self.mixing), self.timeout)
+        second = self.finish_round(received)
+        return StepReport(local_steps=first.local_steps, peers=second.peers, bytes_sent=first.bytes_sent,
+                          bytes_received=second.bytes_received, loss=self.last_loss, epsilon=self.epsilon,
+                          stopped=self.stopped, reason=self.stop_reason)
+
+    def snapshot(self) -> Params:
+        """A copy of the current model (for evaluation)."""
+        return _copy(self.params)
