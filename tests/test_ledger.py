@@ -335,3 +335,49 @@ def test_works_with_privfl_pki_certificates(tmp_path: Path) -> None:
         led.append_dp_event(1.0, 0.01, 5, "psac", 1.0)
     with Ledger.open(path, key) as led:
         assert led.steps == 5
+
+
+def test_reopen_fast_path_still_catches_tampering(tmp_path: Path, pki: dict[str, Any]) -> None:
+    """Reopening checks the chain and only the last signature; tampering is still named."""
+    from accounting.ledger import sign_bytes
+
+    key, _ = pki["nodes"]["h1"]
+    other_key, _ = pki["nodes"]["h2"]
+    path = tmp_path / "l.jsonl"
+    with new_ledger(path, pki) as led:
+        for i in range(6):
+            led.append_dp_event(1.0, 0.01, 10, "psac", 1.0)
+    good = path.read_bytes().split(b"\n")[:-1]
+
+    # 1. a middle entry edited and the chain re-hashed after it (signatures untouched)
+    lines = list(good)
+    e = json.loads(lines[3])
+    e["body"]["steps"] = 1
+    lines[3] = canonical_bytes(e)
+    for i in range(4, len(lines)):
+        nxt = json.loads(lines[i])
+        nxt["prev_hash"] = entry_hash(lines[i - 1])
+        lines[i] = canonical_bytes(nxt)
+    path.write_bytes(b"".join(x + b"\n" for x in lines))
+    with pytest.raises(LedgerError) as info:
+        Ledger.open(path, key)
+    assert info.value.index == 3 and info.value.kind == "modified"
+
+    # 2. ... and additionally the last entry re-signed by another node's key
+    e = json.loads(lines[-1])
+    e["signature"] = sign_bytes(other_key, signing_bytes(e))
+    lines[-1] = canonical_bytes(e)
+    path.write_bytes(b"".join(x + b"\n" for x in lines))
+    with pytest.raises(LedgerError) as info:
+        Ledger.open(path, key)
+    assert info.value.index == 3
+
+    # 3. the last entry dropped and the one before re-signed by another key: refused
+    lines = list(good[:-1])
+    e = json.loads(lines[-1])
+    e["signature"] = sign_bytes(other_key, signing_bytes(e))
+    lines[-1] = canonical_bytes(e)
+    path.write_bytes(b"".join(x + b"\n" for x in lines))
+    with pytest.raises(LedgerError) as info:
+        Ledger.open(path, key)
+    assert info.value.index == len(lines) - 1 and info.value.kind == "modified"
