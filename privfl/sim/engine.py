@@ -1,0 +1,370 @@
+"""Discrete-event engine: runs real strategies and real clients on virtual clocks.
+
+Three drivers, one per strategy family:
+
+* asynchronous :class:`~strategies.base.NodeStrategy` (``AsyncGossip``): a heap of
+  (time the node's local compute ends, node index); the earliest pops, its ``step()``
+  runs (training + exchange, the exchange advancing its clock by the round trip), and it
+  is pushed back ``local_steps × step_cost / speed`` later. Ties go to the lower index.
+  A step's training is applied at the end of its virtual compute, the moment its
+  exchange happens.
+* round-synchronous ``NodeStrategy`` (``SyncGossip``): every node's ``begin_round``
+  (compute, then sends), then every node's ``receive`` + ``finish_round``, then a barrier:
+  the round ends at the latest node's clock.
+* :class:`~strategies.base.CollectiveStrategy`: ``run_round`` per round; the round takes
+  the max over nodes of compute + transfer of ``bytes_up`` and ``bytes_down`` over that
+  node's link.
+
+Models are evaluated every ``eval_every`` virtual seconds (round drivers: after the round
+that crosses the mark, or every ``eval_every_rounds`` rounds). No model history is kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.client import NumPyClient
+
+from strategies.base import CollectiveStrategy, NodeStrategy, Params
+
+from privfl.sim.network import SimWorld
+
+__all__ = ["Engine", "SimulationResult", "StopCriteria", "consensus_distance", "write_results"]
+
+log = logging.getLogger("privfl.sim")
+
+Evaluate = Callable[[Params], tuple[float, float]]
+
+METRIC_FIELDS = ("time", "round", "node", "steps", "loss", "accuracy", "epsilon", "bytes_sent",
+                 "bytes_received", "consensus_max", "consensus_rms", "stopped")
+
+
+@dataclass
+class StopCriteria:
+    """When a simulation ends: the first limit reached (at least one must be set)."""
+
+    max_time: float | None = None
+    max_steps: int | None = None
+    max_rounds: int | None = None
+    target_accuracy: float | None = None
+
+
+@dataclass
+class SimulationResult:
+    """Metric rows (one per node per evaluation) and a summary of the run."""
+
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    node_ids: list[str] = field(default_factory=list)
+
+    def final(self) -> list[dict[str, Any]]:
+        """The last evaluation's rows, one per node."""
+        return self.rows[-len(self.node_ids):] if self.rows and self.node_ids else []
+
+
+def write_results(result: SimulationResult, run_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``metrics.csv`` and ``summary.json`` into ``run_dir`` (created if needed)."""
+    d = Path(run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    mpath, spath = d / "metrics.csv", d / "summary.json"
+    with mpath.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(METRIC_FIELDS), extrasaction="ignore")
+        w.writeheader()
+        for row in result.rows:
+            w.writerow(row)
+    spath.write_text(json.dumps(_jsonable(result.summary), indent=2, sort_keys=True) + "\n")
+    return mpath, spath
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        v = float(x)
+        return v if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _flat(params: Sequence[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(p, dtype=np.float64).ravel() for p in params]) if params else np.zeros(0)
+
+
+def consensus_distance(models: Sequence[Sequence[np.ndarray]]) -> tuple[float, float]:
+    """(max pairwise L2 distance, RMS distance to the mean model) over node models."""
+    if len(models) < 2:
+        return 0.0, 0.0
+    v = np.stack([_flat(m) for m in models])
+    mx = 0.0
+    for i in range(len(v) - 1):
+        mx = max(mx, float(np.linalg.norm(v[i + 1:] - v[i], axis=1).max()))
+    rms = float(np.sqrt(np.mean(np.sum((v - v.mean(axis=0)) ** 2, axis=1))))
+    return mx, rms
+
+
+class Engine:
+    """Runs one simulation; see the module docstring for the three drivers."""
+
+    def __init__(self, node_ids: Sequence[str], clients: Mapping[str, NumPyClient], world: SimWorld,
+                 speeds: Sequence[float], step_cost: float, local_steps: int, stop: StopCriteria,
+                 evaluate: Evaluate, eval_every: float | None = None, eval_every_rounds: int | None = None,
+                 progress: bool = False) -> None:
+        if not any(v is not None for v in (stop.max_time, stop.max_steps, stop.max_rounds)):
+            raise _config("stop: give at least one of max_time, max_steps or max_rounds")
+        self.node_ids = list(node_ids)
+        self.clients = dict(clients)
+        self.world = world
+        self.speeds = list(speeds)
+        self.step_cost = float(step_cost)
+        self.local_steps = int(local_steps)
+        self.stop = stop
+        self.evaluate = evaluate
+        self.eval_every = eval_every
+        self.eval_every_rounds = eval_every_rounds
+        self.progress = progress
+        self.rows: list[dict[str, Any]] = []
+        self.steps = [0] * len(self.node_ids)
+        self.epsilons = [math.nan] * len(self.node_ids)
+        self.stopped = [False] * len(self.node_ids)
+        self.stop_reasons: dict[str, str] = {}
+        self.end_reason = ""
+        self.last_accuracy: list[float] = []
+        self.evals = 0
+        self.round = 0
+
+    # ---- helpers --------------------------------------------------------------------
+    def compute_time(self, i: int, steps: int) -> float:
+        """Virtual seconds for ``steps`` local steps on node i."""
+        return steps * self.step_cost / self.speeds[i]
+
+    def _epsilon(self, i: int, fallback: float = math.nan) -> float:
+        eps = getattr(self.clients[self.node_ids[i]], "epsilon", None)
+        if eps is None:
+            return fallback if not math.isnan(fallback) else math.inf
+        return float(eps)
+
+    def _initial_epsilon(self, i: int) -> float:
+        eps = getattr(self.clients[self.node_ids[i]], "epsilon", None)
+        return math.nan if eps is None else float(eps)
+
+    def _record(self, t: float, models: Sequence[Params]) -> bool:
+        """Evaluate every node's model at virtual time ``t``; True when the target accuracy is met."""
+        cmax, crms = consensus_distance(models)
+        accs = []
+        for i, nid in enumerate(self.node_ids):
+            loss, acc = self.evaluate(models[i])
+            accs.append(acc)
+            self.rows.append({
+                "time": round(float(t), 9), "round": self.round, "node": nid, "steps": self.steps[i],
+                "loss": float(loss), "accuracy": float(acc), "epsilon": self.epsilons[i],
+                "bytes_sent": self.world.bytes_sent[i], "bytes_received": self.world.bytes_received[i],
+                "consensus_max": cmax, "consensus_rms": crms, "stopped": int(self.stopped[i]),
+            })
+        self.evals += 1
+        self.last_accuracy = accs
+        log.debug("eval t=%.3f mean acc %.4f consensus %.3g", t, float(np.mean(accs)), cmax)
+        target = self.stop.target_accuracy
+        return target is not None and float(np.mean(accs)) >= target
+
+    def _progress(self, total: float, label: str) -> Any:
+        if not self.progress:
+            return None
+        from rich.progress import Progress
+
+        bar = Progress(transient=False)
+        bar.start()
+        bar.add_task(label, total=total)
+        return bar
+
+    # ---- asynchronous node strategies --------------------------------------------------
+    def run_async(self, strategies: Sequence[NodeStrategy]) -> float:
+        """Drive asynchronous strategies on the event heap; return the final virtual time."""
+        n = len(self.node_ids)
+        self.epsilons = [self._initial_epsilon(i) for i in range(n)]
+        models = lambda: [_snap(s) for s in strategies]  # noqa: E731
+        every = self.eval_every
+        next_eval = 0.0
+        heap = [(self.compute_time(i, self.local_steps), i) for i in range(n)]
+        heapq.heapify(heap)
+        limit = self.stop.max_time
+        bar = self._progress(limit or float(self.stop.max_steps or 1) * n, "simulating")
+        t_end = 0.0
+        if every is None:
+            self._record(0.0, models())
+        try:
+            while heap:
+                t, i = heap[0]
+                if limit is not None and t > limit:
+                    self.end_reason = "max_time"
+                    t_end = limit
+                    break
+                while every is not None and next_eval <= t:
+                    if self._record(next_eval, models()):
+                        self.end_reason = "target_accuracy"
+                        return next_eval
+                    next_eval += every
+                heapq.heappop(heap)
+                self.world.clocks[i] = t
+                rep = strategies[i].step()
+                self.steps[i] += rep.local_steps
+                self.epsilons[i] = self._epsilon(i, rep.epsilon)
+                t_end = max(t_end, self.world.clocks[i])
+                if strategies[i].stopped:
+                    self.stopped[i] = True
+                    self.stop_reasons[self.node_ids[i]] = strategies[i].stop_reason
+                elif self.stop.max_steps is not None and self.steps[i] >= self.stop.max_steps:
+                    self.stop_reasons[self.node_ids[i]] = "max_steps"
+                else:
+                    heapq.heappush(heap, (self.world.clocks[i] + self.compute_time(i, self.local_steps), i))
+                if bar is not None:
+                    bar.update(bar.task_ids[0], completed=t if limit else sum(self.steps))
+            else:
+                self.end_reason = self.end_reason or ("all_stopped" if all(self.stopped) else "max_steps")
+        finally:
+            if bar is not None:
+                bar.stop()
+        self._record(t_end, models())
+        return t_end
+
+    # ---- round-synchronous node strategies -------------------------------------------
+    def run_sync(self, strategies: Sequence[NodeStrategy]) -> float:
+        """Lock-step rounds: all begin, deliver, all finish, barrier at the slowest node."""
+        n = len(self.node_ids)
+        models = lambda: [_snap(s) for s in strategies]  # noqa: E731
+        self.epsilons = [self._initial_epsilon(i) for i in range(n)]
+        t = 0.0
+        self._record(0.0, models())
+        next_eval = self.eval_every if self.eval_every is not None else math.inf
+        bar = self._progress(float(self.stop.max_rounds or self.stop.max_time or 1), "simulating")
+        try:
+            while True:
+                if self._limit_reached(t):
+                    break
+                for i, s in enumerate(strategies):
+                    self.world.clocks[i] = t + (0.0 if s.stopped else self.compute_time(i, s.config.get("local_steps", self.local_steps)))
+                    rep = s.begin_round()
+                    self.steps[i] += rep.local_steps
+                    self.epsilons[i] = self._epsilon(i, rep.epsilon)
+                for i, s in enumerate(strategies):
+                    net = self.world.network(self.node_ids[i])
+                    peers = list(getattr(s, "mixing", net.neighbors()))
+                    received = net.receive(self.round, peers, float(getattr(s, "timeout", math.inf)))
+                    s.finish_round(received)
+                    if s.stopped and not self.stopped[i]:
+                        self.stopped[i] = True
+                        self.stop_reasons[self.node_ids[i]] = s.stop_reason
+                t = max(self.world.clocks)
+                self.world.clocks = [t] * n
+                self.round += 1
+                if bar is not None:
+                    bar.update(bar.task_ids[0], completed=self.round if self.stop.max_rounds else t)
+                if self._eval_due(t, next_eval):
+                    if self._record(t, models()):
+                        self.end_reason = "target_accuracy"
+                        return t
+                    while next_eval <= t:
+                        next_eval += self.eval_every or math.inf
+        finally:
+            if bar is not None:
+                bar.stop()
+        self._record(t, models())
+        return t
+
+    # ---- collective strategies -------------------------------------------------------
+    def run_collective(self, strategy: CollectiveStrategy, init: Params) -> float:
+        """Rounds of ``strategy.run_round``; stopped nodes keep their last model."""
+        n = len(self.node_ids)
+        params: dict[str, Params] = {nid: [np.array(p, copy=True) for p in init] for nid in self.node_ids}
+        models = lambda: [params[nid] for nid in self.node_ids]  # noqa: E731
+        self.epsilons = [self._initial_epsilon(i) for i in range(n)]
+        t = 0.0
+        self._record(0.0, models())
+        next_eval = self.eval_every if self.eval_every is not None else math.inf
+        bar = self._progress(float(self.stop.max_rounds or self.stop.max_time or 1), "simulating")
+        try:
+            while True:
+                if self._limit_reached(t):
+                    break
+                live = {nid: c for i, (nid, c) in enumerate(self.clients.items()) if not self.stopped[i]}
+                cr = strategy.run_round(live, params, self.round)
+                durations = []
+                for i, nid in enumerate(self.node_ids):
+                    if nid in cr.params:
+                        params[nid] = [np.asarray(p) for p in cr.params[nid]]
+                    k = int(cr.local_steps.get(nid, 0))
+                    self.steps[i] += k
+                    d = self.compute_time(i, k)
+                    for nbytes in (cr.bytes_up.get(nid, 0), cr.bytes_down.get(nid, 0)):
+                        if nbytes:
+                            d += self.world.charge(i, None, int(nbytes))
+                    durations.append(d)
+                    m = cr.metrics.get(nid, {})
+                    fallback = float(m["epsilon"]) if "epsilon" in m and float(m["epsilon"]) >= 0 else math.inf
+                    self.epsilons[i] = self._epsilon(i, fallback)
+                    if nid in cr.stopped and not self.stopped[i]:
+                        self.stopped[i] = True
+                        self.stop_reasons[nid] = "stopped by strategy (privacy budget)"
+                t += max(durations) if durations else 0.0
+                self.world.clocks = [t] * n
+                self.round += 1
+                if bar is not None:
+                    bar.update(bar.task_ids[0], completed=self.round if self.stop.max_rounds else t)
+                if self._eval_due(t, next_eval):
+                    if self._record(t, models()):
+                        self.end_reason = "target_accuracy"
+                        return t
+                    while next_eval <= t:
+                        next_eval += self.eval_every or math.inf
+        finally:
+            if bar is not None:
+                bar.stop()
+        self._record(t, models())
+        return t
+
+    def _limit_reached(self, t: float) -> bool:
+        s = self.stop
+        if s.max_rounds is not None and self.round >= s.max_rounds:
+            self.end_reason = "max_rounds"
+        elif s.max_time is not None and t >= s.max_time:
+            self.end_reason = "max_time"
+        elif s.max_steps is not None and all(k >= s.max_steps for k in self.steps):
+            self.end_reason = "max_steps"
+        elif all(self.stopped):
+            self.end_reason = "all_stopped"
+        else:
+            return False
+        return True
+
+    def _eval_due(self, t: float, next_eval: float) -> bool:
+        if self.eval_every_rounds:
+            return self.round % self.eval_every_rounds == 0
+        return t >= next_eval
+
+
+def _snap(s: NodeStrategy) -> Params:
+    snap = getattr(s, "snapshot", None)
+    return snap() if callable(snap) else [np.array(p, copy=True) for p in s.params]
+
+
+def _config(msg: str) -> Exception:
+    from privfl.errors import ConfigError
+
+    return ConfigError(msg)
+
+
+def now_wall() -> float:
+    """Wall-clock seconds (for the summary's real run time only, never for virtual time)."""
+    return time.perf_counter()

@@ -1,0 +1,118 @@
+"""Compute-speed and link profiles of simulated nodes (what makes a straggler cost virtual time)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from privfl.errors import ConfigError
+
+__all__ = ["PROFILES", "DEFAULT_STEP_COST", "LinkSpec", "compute_speeds", "default_step_cost"]
+
+PROFILES = ("homogeneous", "straggler", "lognormal", "explicit")
+
+# Nominal virtual seconds per local DP step at speed 1.0, by model (a site's modest GPU
+# or CPU); used when the spec gives no step_cost, so runs stay deterministic.
+DEFAULT_STEP_COST: dict[str, float] = {"logreg": 0.005, "mlp": 0.01, "cnn": 0.05}
+
+
+def default_step_cost(model: str) -> float:
+    """The nominal step cost of ``model`` (0.01 s for an unknown name)."""
+    return DEFAULT_STEP_COST.get(model, 0.01)
+
+
+def _pos(name: str, value: Any) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+    return v
+
+
+def compute_speeds(profile: str, n: int, seed: int = 0, params: Mapping[str, Any] | None = None) -> list[float]:
+    """Relative compute speed of each of ``n`` nodes (1.0 = nominal; a step takes cost / speed).
+
+    ``homogeneous``: all 1. ``straggler``: node ``index`` (default the last) is ``factor``
+    (default 4) times slower. ``lognormal``: speeds exp(N(0, ``sigma``²)), seeded.
+    ``explicit``: ``speeds``, one per node.
+    """
+    p = dict(params or {})
+    allowed = {"homogeneous": set(), "straggler": {"factor", "index"}, "lognormal": {"sigma"},
+               "explicit": {"speeds"}}
+    if profile not in allowed:
+        raise ConfigError(f"compute.profile: unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    unknown = sorted(set(p) - allowed[profile])
+    if unknown:
+        raise ConfigError(f"compute.profile {profile!r} does not take {', '.join(unknown)}")
+    if profile == "homogeneous":
+        return [1.0] * n
+    if profile == "straggler":
+        factor = _pos("compute.factor", p.get("factor", 4.0))
+        idx = p.get("index", n - 1)
+        if isinstance(idx, bool) or not isinstance(idx, (int, np.integer)) or not 0 <= idx < n:
+            raise ConfigError(f"compute.index must be a node index in 0..{n - 1}, got {idx!r}")
+        speeds = [1.0] * n
+        speeds[int(idx)] = 1.0 / factor
+        return speeds
+    if profile == "lognormal":
+        sigma = float(p.get("sigma", 0.5))
+        if not (sigma >= 0 and math.isfinite(sigma)):
+            raise ConfigError(f"compute.sigma must be >= 0, got {sigma!r}")
+        rng = np.random.default_rng(seed + 104729)
+        return [float(s) for s in np.exp(rng.normal(0.0, sigma, size=n))]
+    speeds_in = p.get("speeds")
+    if not isinstance(speeds_in, Sequence) or isinstance(speeds_in, str) or len(speeds_in) != n:
+        raise ConfigError(f"compute.speeds must list one speed per node ({n}), got {speeds_in!r}")
+    return [_pos(f"compute.speeds[{i}]", s) for i, s in enumerate(speeds_in)]
+
+
+@dataclass
+class LinkSpec:
+    """Each node's access link: one-way latency (s) and bandwidth (bytes/s), plus per-message header.
+
+    A transfer between nodes i and j of b bytes takes ``max(lat_i, lat_j) + (b + header)
+    / min(bw_i, bw_j)``. ``latencies``/``bandwidths`` override the defaults per node.
+    Defaults: 5 ms and 12.5 MB/s (100 Mbit/s between hospitals), 64-byte header.
+    """
+
+    latency: float = 0.005
+    bandwidth: float = 12.5e6
+    header_bytes: int = 64
+    latencies: list[float] | None = None
+    bandwidths: list[float] | None = None
+    _lat: list[float] = field(default_factory=list, init=False, repr=False)
+    _bw: list[float] = field(default_factory=list, init=False, repr=False)
+
+    def bind(self, n: int) -> "LinkSpec":
+        """Validate against ``n`` nodes and resolve the per-node values."""
+        lat = float(self.latency)
+        if not (lat >= 0 and math.isfinite(lat)):
+            raise ConfigError(f"links.latency must be >= 0 seconds, got {self.latency!r}")
+        bw = _pos("links.bandwidth", self.bandwidth)
+        if isinstance(self.header_bytes, bool) or not isinstance(self.header_bytes, int) or self.header_bytes < 0:
+            raise ConfigError(f"links.header_bytes must be an integer >= 0, got {self.header_bytes!r}")
+        self._lat = [lat] * n
+        self._bw = [bw] * n
+        if self.latencies is not None:
+            if len(self.latencies) != n:
+                raise ConfigError(f"links.latencies must list one latency per node ({n}), got {len(self.latencies)}")
+            self._lat = [float(v) for v in self.latencies]
+            if any(not (v >= 0 and math.isfinite(v)) for v in self._lat):
+                raise ConfigError(f"links.latencies must all be >= 0, got {self.latencies}")
+        if self.bandwidths is not None:
+            if len(self.bandwidths) != n:
+                raise ConfigError(f"links.bandwidths must list one bandwidth per node ({n}), got {len(self.bandwidths)}")
+            self._bw = [_pos(f"links.bandwidths[{i}]", v) for i, v in enumerate(self.bandwidths)]
+        return self
+
+    def transfer_time(self, i: int, j: int | None, nbytes: int) -> float:
+        """Seconds for one message of ``nbytes`` payload from node i to j (j=None: i's own link)."""
+        lat = self._lat[i] if j is None else max(self._lat[i], self._lat[j])
+        bw = self._bw[i] if j is None else min(self._bw[i], self._bw[j])
+        return lat + (nbytes + self.header_bytes) / bw

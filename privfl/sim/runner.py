@@ -1,0 +1,309 @@
+"""``run_simulation(SimSpec)``: build sites, DPClients, topology and strategies, then run the engine.
+
+The TOML layer and CLI build a :class:`SimSpec`; nothing here parses files. Strategies
+are looked up by name in :data:`STRATEGIES`, which other modules extend with
+:func:`register_strategy` (``node`` entries build one ``NodeStrategy`` per node,
+``collective`` entries one ``CollectiveStrategy`` for all).
+
+Evaluation set: the union of every site's test split, each standardised with its own
+site's training statistics (the same preprocessing the site would apply in
+deployment), so a node's accuracy is its model's accuracy across all sites.
+All nodes start from the same initial model (built once from ``seed``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from flwr.client import NumPyClient
+
+from clients import DPClient, DPConfig, evaluate_model
+from strategies.base import CollectiveStrategy, NodeStrategy, Params, PeerNetwork
+from strategies.gossip import AsyncGossip, SyncGossip
+from strategies.topology import Topology, build_topology
+
+from privfl.data import load_dataset, split_sites
+from privfl.errors import ConfigError
+from privfl.models import build_model
+from privfl.sim.engine import Engine, SimulationResult, StopCriteria
+from privfl.sim.network import SimWorld
+from privfl.sim.profiles import LinkSpec, compute_speeds, default_step_cost
+
+__all__ = ["STRATEGIES", "SimContext", "SimSpec", "StrategyEntry", "register_strategy", "run_simulation"]
+
+log = logging.getLogger("privfl.sim")
+
+
+@dataclass
+class SimSpec:
+    """Everything one simulated run needs (no file parsing: the config layer fills this)."""
+
+    dataset: str = "breast_cancer"
+    label_column: str | None = None
+    num_nodes: int = 4
+    partitioning: str = "iid"
+    alpha: float = 0.5
+    shards_per_site: int = 2
+    test_fraction: float = 0.2
+    model: str = "logreg"
+    hidden: tuple[int, ...] = (64, 32)
+    dp: DPConfig = field(default_factory=lambda: DPConfig(noise_multiplier=1.0, batch_size=16, lr=0.5))
+    strategy: str = "async_gossip"
+    strategy_params: dict[str, Any] = field(default_factory=dict)
+    local_steps: int = 1
+    topology: str = "ring"
+    topology_params: dict[str, Any] = field(default_factory=dict)
+    compute_profile: str = "homogeneous"
+    compute_params: dict[str, Any] = field(default_factory=dict)
+    step_cost: float | Literal["measure"] | None = None
+    links: LinkSpec = field(default_factory=LinkSpec)
+    stop: StopCriteria = field(default_factory=lambda: StopCriteria(max_steps=50))
+    eval_every: float | None = None
+    eval_every_rounds: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = False
+    node_ids: list[str] | None = None
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad field."""
+        if isinstance(self.num_nodes, bool) or not isinstance(self.num_nodes, int) or self.num_nodes < 1:
+            raise ConfigError(f"sim.num_nodes must be a positive integer, got {self.num_nodes!r}")
+        if isinstance(self.local_steps, bool) or not isinstance(self.local_steps, int) or self.local_steps < 1:
+            raise ConfigError(f"strategy.local_steps must be a positive integer, got {self.local_steps!r}")
+        if self.eval_every is not None and not self.eval_every > 0:
+            raise ConfigError(f"sim.eval_every must be > 0 virtual seconds, got {self.eval_every!r}")
+        if self.eval_every_rounds is not None and not self.eval_every_rounds >= 1:
+            raise ConfigError(f"sim.eval_every_rounds must be >= 1, got {self.eval_every_rounds!r}")
+        if isinstance(self.step_cost, str) and self.step_cost != "measure":
+            raise ConfigError(f"sim.step_cost must be a number of virtual seconds or 'measure', got {self.step_cost!r}")
+        if isinstance(self.step_cost, (int, float)) and not self.step_cost > 0:
+            raise ConfigError(f"sim.step_cost must be > 0, got {self.step_cost!r}")
+        if self.node_ids is not None and len(self.node_ids) != self.num_nodes:
+            raise ConfigError(f"sim.node_ids lists {len(self.node_ids)} ids for {self.num_nodes} nodes")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy.name: unknown strategy {self.strategy!r}; choose one of {', '.join(sorted(STRATEGIES))}")
+        s = self.stop
+        if not any(v is not None for v in (s.max_time, s.max_steps, s.max_rounds)):
+            raise ConfigError("stop: give at least one of max_time, max_steps or max_rounds")
+
+
+@dataclass
+class SimContext:
+    """What a strategy factory may use to build its strategy."""
+
+    spec: SimSpec
+    node_ids: list[str]
+    topology: Topology
+    clients: dict[str, NumPyClient]
+    init_params: Params
+
+
+NodeFactory = Callable[[SimContext, str, NumPyClient, PeerNetwork, Params], NodeStrategy]
+CollectiveFactory = Callable[[SimContext], CollectiveStrategy]
+
+
+@dataclass
+class StrategyEntry:
+    """A registered strategy: ``kind`` is ``node`` (one per node) or ``collective`` (one for all)."""
+
+    kind: Literal["node", "collective"]
+    factory: Callable[..., Any]
+
+
+STRATEGIES: dict[str, StrategyEntry] = {}
+
+
+def register_strategy(name: str, kind: Literal["node", "collective"], factory: Callable[..., Any]) -> None:
+    """Make ``name`` usable as ``SimSpec.strategy`` (replaces an existing entry)."""
+    if kind not in ("node", "collective"):
+        raise ValueError(f"strategy kind must be 'node' or 'collective', got {kind!r}")
+    STRATEGIES[name] = StrategyEntry(kind, factory)
+
+
+def _node_config(ctx: SimContext, node_id: str) -> dict[str, Any]:
+    cfg = dict(ctx.spec.strategy_params)
+    cfg.setdefault("local_steps", ctx.spec.local_steps)
+    cfg.setdefault("seed", ctx.spec.seed * 1000 + ctx.node_ids.index(node_id))
+    return cfg
+
+
+def _async_gossip(ctx: SimContext, node_id: str, client: NumPyClient, net: PeerNetwork, params: Params) -> NodeStrategy:
+    cfg = _node_config(ctx, node_id)
+    cfg.update(AsyncGossip.roles(ctx.topology, node_id))
+    return AsyncGossip(client, net, params, cfg)
+
+
+def _sync_gossip(ctx: SimContext, node_id: str, client: NumPyClient, net: PeerNetwork, params: Params) -> NodeStrategy:
+    cfg = _node_config(ctx, node_id)
+    cfg.setdefault("mixing", ctx.topology.mixing_row(node_id))
+    cfg.setdefault("timeout", math.inf)  # the simulator waits for every live neighbour
+    return SyncGossip(client, net, params, cfg)
+
+
+def _fedavg(ctx: SimContext) -> CollectiveStrategy:
+    from strategies.federated import FedAvgConfig, FederatedAveraging
+
+    p = dict(ctx.spec.strategy_params)
+    allowed = {f for f in FedAvgConfig.__dataclass_fields__} - {"local_steps", "seed", "evaluate"}
+    unknown = sorted(set(p) - allowed)
+    if unknown:
+        raise ConfigError(f"strategy: fedavg does not take {', '.join(unknown)}")
+    cfg = FedAvgConfig(local_steps=ctx.spec.local_steps, seed=ctx.spec.seed, evaluate=False,
+                       min_available_clients=1, **p)
+    return FederatedAveraging(cfg, initial_parameters=ctx.init_params)
+
+
+def _lazy_collective(module: str, names: tuple[str, ...]) -> CollectiveFactory:
+    """A factory for a CollectiveStrategy written elsewhere: the module's ``build_collective(ctx)``
+    if it has one, else the first class in ``names`` called with the spec's strategy params."""
+
+    def factory(ctx: SimContext) -> CollectiveStrategy:
+        import importlib
+
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(f"strategy.name {ctx.spec.strategy!r} needs {module}, which is not available ({e})") from None
+        build = getattr(mod, "build_collective", None)
+        if callable(build):
+            return build(ctx)
+        for n in names:
+            cls = getattr(mod, n, None)
+            if cls is not None:
+                return cls(**ctx.spec.strategy_params)
+        raise ConfigError(f"strategy.name {ctx.spec.strategy!r}: {module} has no {' or '.join(names)}")
+
+    return factory
+
+
+register_strategy("async_gossip", "node", _async_gossip)
+register_strategy("sync_gossip", "node", _sync_gossip)
+register_strategy("fedavg", "collective", _fedavg)
+register_strategy("allreduce", "collective", _lazy_collective("strategies.periodic", ("AllReduce", "AllReduceSGD")))
+register_strategy("adaptive_period", "collective", _lazy_collective("strategies.periodic", ("AdaptivePeriod",)))
+
+
+# ---- building the world --------------------------------------------------------------
+def _make_evaluator(spec: SimSpec, in_shape: tuple[int, ...], num_classes: int,
+                    test_x: np.ndarray, test_y: np.ndarray) -> Callable[[Params], tuple[float, float]]:
+    model = build_model(spec.model, in_shape, num_classes, seed=spec.seed, hidden=tuple(spec.hidden))
+    device = torch.device(spec.device)
+    model.to(device)
+    keys = list(model.state_dict().keys())
+    x, y = torch.as_tensor(test_x), torch.as_tensor(test_y)
+
+    def evaluate(params: Params) -> tuple[float, float]:
+        state = {k: torch.as_tensor(np.asarray(v)).to(device) for k, v in zip(keys, params)}
+        model.load_state_dict(state, strict=True)
+        return evaluate_model(model, x, y, device)
+
+    return evaluate
+
+
+def _measure_step_cost(spec: SimSpec, train: tuple[np.ndarray, np.ndarray], in_shape: tuple[int, ...],
+                       num_classes: int) -> float:
+    """Wall seconds of one local step on a scratch client (its own accountant: no real budget spent)."""
+    model = build_model(spec.model, in_shape, num_classes, seed=spec.seed, hidden=tuple(spec.hidden))
+    cfg = DPConfig(**{**asdict(spec.dp), "target_epsilon": 1e6})
+    scratch = DPClient(model, train, None, cfg, seed=spec.seed, device=spec.device)
+    p = scratch.get_parameters({})
+    scratch.fit(p, {"local_steps": 2})
+    t0 = time.perf_counter()
+    scratch.fit(p, {"local_steps": 10})
+    return (time.perf_counter() - t0) / 10
+
+
+def run_simulation(spec: SimSpec) -> SimulationResult:
+    """Run ``spec`` on a virtual clock with the real clients and strategies; return metrics."""
+    spec.validate()
+    wall0 = time.perf_counter()
+    n = spec.num_nodes
+    node_ids = list(spec.node_ids) if spec.node_ids else [f"node{i}" for i in range(n)]
+    data = load_dataset(spec.dataset, label_column=spec.label_column, seed=spec.seed)
+    sites = split_sites(data, n, spec.partitioning, seed=spec.seed, alpha=spec.alpha,  # type: ignore[arg-type]
+                        test_fraction=spec.test_fraction, shards_per_site=spec.shards_per_site)
+    in_shape = tuple(data.x.shape[1:])
+    num_classes = data.num_classes
+    topo_params = dict(spec.topology_params)
+    if spec.topology == "random_regular":
+        topo_params.setdefault("seed", spec.seed)
+    topology = build_topology(spec.topology, node_ids, **topo_params)
+    init_model = build_model(spec.model, in_shape, num_classes, seed=spec.seed, hidden=tuple(spec.hidden))
+    init_params: Params = [v.detach().cpu().numpy().copy() for v in init_model.state_dict().values()]
+
+    clients: dict[str, NumPyClient] = {}
+    for i, (nid, site) in enumerate(zip(node_ids, sites)):
+        model = build_model(spec.model, in_shape, num_classes, seed=spec.seed, hidden=tuple(spec.hidden))
+        try:
+            clients[nid] = DPClient(model, (site.train.x, site.train.y), (site.test.x, site.test.y),
+                                    spec.dp, seed=spec.seed * 1000 + i, device=spec.device)
+        except ValueError as e:
+            raise ConfigError(f"dp: {e}") from None
+
+    if spec.step_cost == "measure":
+        step_cost = _measure_step_cost(spec, (sites[0].train.x, sites[0].train.y), in_shape, num_classes)
+    elif spec.step_cost is None:
+        step_cost = default_step_cost(spec.model)
+    else:
+        step_cost = float(spec.step_cost)
+    speeds = compute_speeds(spec.compute_profile, n, spec.seed, spec.compute_params)
+    world = SimWorld(node_ids, {nid: topology.neighbors(nid) for nid in node_ids}, spec.links)
+    test_x = np.concatenate([s.test.x for s in sites])
+    test_y = np.concatenate([s.test.y for s in sites])
+    evaluate = _make_evaluator(spec, in_shape, num_classes, test_x, test_y)
+    engine = Engine(node_ids, clients, world, speeds, step_cost, spec.local_steps, spec.stop, evaluate,
+                    spec.eval_every, spec.eval_every_rounds, spec.progress)
+    ctx = SimContext(spec, node_ids, topology, clients, init_params)
+    entry = STRATEGIES[spec.strategy]
+    log.info("simulate %s: %d nodes, %s, profile %s, step cost %.4g s", spec.strategy, n, topology.summary(),
+             spec.compute_profile, step_cost)
+    strategy_obj: Any
+    if entry.kind == "node":
+        strategies = [entry.factory(ctx, nid, clients[nid], world.network(nid), init_params) for nid in node_ids]
+        for nid, s in zip(node_ids, strategies):
+            world.strategies[nid] = s
+        synchronous = all(getattr(s, "synchronous", False) for s in strategies)
+        t_end = engine.run_sync(strategies) if synchronous else engine.run_async(strategies)
+        strategy_obj = strategies
+    else:
+        strategy_obj = entry.factory(ctx)
+        t_end = engine.run_collective(strategy_obj, init_params)
+
+    final = engine.rows[-n:]
+    summary: dict[str, Any] = {
+        "strategy": spec.strategy,
+        "num_nodes": n,
+        "node_ids": node_ids,
+        "topology": topology.name,
+        "spectral_gap": topology.spectral_gap(),
+        "compute_profile": spec.compute_profile,
+        "speeds": speeds,
+        "step_cost": step_cost,
+        "virtual_time": t_end,
+        "rounds": engine.round,
+        "end_reason": engine.end_reason,
+        "steps": dict(zip(node_ids, engine.steps)),
+        "epsilon": dict(zip(node_ids, engine.epsilons)),
+        "delta": spec.dp.delta,
+        "dp": bool(spec.dp.enabled),
+        "stop_reasons": engine.stop_reasons,
+        "final_accuracy": {r["node"]: r["accuracy"] for r in final},
+        "mean_accuracy": float(np.mean([r["accuracy"] for r in final])) if final else math.nan,
+        "final_consensus_max": final[0]["consensus_max"] if final else math.nan,
+        "bytes_sent": dict(zip(node_ids, world.bytes_sent)),
+        "bytes_received": dict(zip(node_ids, world.bytes_received)),
+        "evaluations": engine.evals,
+        "wall_seconds": time.perf_counter() - wall0,
+        "seed": spec.seed,
+    }
+    log.info("simulate %s done: t=%.3f s virtual, mean acc %.4f, %s", spec.strategy, t_end,
+             summary["mean_accuracy"], engine.end_reason)
+    return SimulationResult(engine.rows, summary, node_ids)
