@@ -1,0 +1,1 @@
+"""A Flower App running privfl's DPClient unchanged under Flower's own runtime."""

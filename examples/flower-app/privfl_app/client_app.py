@@ -1,0 +1,80 @@
+"""Flower ClientApp: privfl's DPClient, unchanged, with its privacy state kept in ``context.state``.
+
+``client_fn`` runs once per message. It rebuilds the node's ``DPClient`` (same data,
+model and DP settings), restores the accountant and optimizer state saved in the
+node's ``context.state`` and, after each fit, writes them back — before the reply
+leaves, and even when the fit fails part-way (the steps it reserved stay counted).
+A node whose budget is spent raises ``BudgetExhausted``; Flower turns that into an
+error reply, which the server's FedAvg counts as a failure and leaves out.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flwr.app import Context
+from flwr.client import Client, NumPyClient
+from flwr.clientapp import ClientApp
+
+from clients import DPClient
+from privfl_app.task import (
+    dp_config,
+    load_site,
+    load_state,
+    make_model,
+    message_seed,
+    partition_of,
+    save_state,
+    settings,
+)
+
+log = logging.getLogger("privfl.flower_app")
+
+NDArrays = list[Any]
+
+
+class ContextDPClient(NumPyClient):
+    """A ``DPClient`` whose accountant/optimizer state persists in the Flower ``Context``."""
+
+    def __init__(self, inner: DPClient, context: Context, fits: int, node: str) -> None:
+        self.inner = inner
+        self.ctx = context
+        self.fits = fits
+        self.node = node
+
+    def get_parameters(self, config: dict[str, Any]) -> NDArrays:
+        return self.inner.get_parameters(config)
+
+    def fit(self, parameters: NDArrays, config: dict[str, Any]) -> tuple[NDArrays, int, dict[str, Any]]:
+        try:
+            out = self.inner.fit(parameters, config)
+        finally:
+            save_state(self.ctx, self.inner, self.fits + 1)
+        log.info("node %s fit %d: epsilon=%.4f after %d steps", self.node, self.fits + 1,
+                 self.inner.epsilon, self.inner.accountant.steps)
+        return out
+
+    def evaluate(self, parameters: NDArrays, config: dict[str, Any]) -> tuple[float, int, dict[str, Any]]:
+        return self.inner.evaluate(parameters, config)
+
+
+def client_fn(context: Context) -> Client:
+    """Build this node's DPClient for one message, with its saved privacy state restored."""
+    cfg = settings(context.run_config)
+    pid, n = partition_of(context)
+    site = load_site(str(cfg["dataset"]), str(cfg["partitioning"]), int(cfg["seed"]), pid, n)
+    state, fits = load_state(context)
+    client = DPClient(
+        make_model(cfg, site),
+        (site.train.x, site.train.y),
+        (site.test.x, site.test.y),
+        dp_config(cfg),
+        seed=message_seed(int(cfg["seed"]), pid, fits),
+    )
+    if state is not None:
+        client.load_state_dict(state)
+    return ContextDPClient(client, context, fits, node=f"partition-{pid}").to_client()
+
+
+app = ClientApp(client_fn=client_fn)

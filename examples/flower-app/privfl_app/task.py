@@ -1,0 +1,139 @@
+"""What the ClientApp and ServerApp share: run settings, site data, model, DP settings, node state.
+
+Flower calls ``client_fn`` once per message (and the Deployment Engine starts a fresh
+process for each), so a ``DPClient`` object never lives from one round to the next. Its
+accountant and optimizer state are therefore kept in the node's ``context.state`` (a
+``RecordDict`` that Flower keeps per node for the whole run) and restored on every
+message: ε keeps accumulating across rounds instead of restarting at zero.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from functools import lru_cache
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context
+from torch import nn
+
+from clients import DPClient, DPConfig
+from privfl.data import SiteData, load_dataset, split_sites
+from privfl.errors import ConfigError
+from privfl.models import build_model
+
+STATE_KEY = "privfl.dpclient"
+
+DEFAULTS: dict[str, Any] = {
+    "num-server-rounds": 3,
+    "local-steps": 10,
+    "fraction-fit": 1.0,
+    "min-fit-clients": 2,
+    "min-available-clients": 2,
+    "dataset": "breast_cancer",
+    "partitioning": "iid",
+    "model": "logreg",
+    "seed": 0,
+    "clipping": "psac",
+    "max-grad-norm": 1.0,
+    "noise-multiplier": 1.2,
+    "target-epsilon": 8.0,
+    "delta": 1e-5,
+    "batch-size": 32,
+    "lr": 0.5,
+}
+
+
+def settings(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run config over :data:`DEFAULTS`, each value checked against its default's type."""
+    unknown = sorted(set(run_config) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"run config: unknown key(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
+    out = dict(DEFAULTS)
+    for key, value in run_config.items():
+        want = type(DEFAULTS[key])
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise ConfigError(f"run config: {key} must be {want.__name__}, got {value!r}")
+        out[key] = value
+    for key in ("num-server-rounds", "local-steps", "min-fit-clients", "min-available-clients", "batch-size"):
+        if out[key] < 1:
+            raise ConfigError(f"run config: {key} must be >= 1, got {out[key]}")
+    return out
+
+
+@lru_cache(maxsize=8)
+def load_site(dataset: str, partitioning: str, seed: int, partition_id: int, num_partitions: int) -> SiteData:
+    """This node's standardised train/test split (cached: in one process every message reuses it)."""
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(f"node config: partition-id={partition_id} not in [0, num-partitions={num_partitions})")
+    return split_sites(load_dataset(dataset, seed=seed), num_partitions, partitioning, seed=seed)[partition_id]  # type: ignore[arg-type]
+
+
+def make_model(cfg: Mapping[str, Any], site: SiteData) -> nn.Module:
+    """The model every node and the server start from (same seed, so the same initial weights)."""
+    return build_model(str(cfg["model"]), tuple(site.train.x.shape[1:]), site.train.num_classes, seed=int(cfg["seed"]))
+
+
+def dp_config(cfg: Mapping[str, Any]) -> DPConfig:
+    """DP-SGD settings of every site, from the run config."""
+    return DPConfig(
+        clipping=str(cfg["clipping"]),
+        max_grad_norm=float(cfg["max-grad-norm"]),
+        noise_multiplier=float(cfg["noise-multiplier"]),
+        target_epsilon=float(cfg["target-epsilon"]),
+        delta=float(cfg["delta"]),
+        batch_size=int(cfg["batch-size"]),
+        lr=float(cfg["lr"]),
+    )
+
+
+def partition_of(context: Context) -> tuple[int, int]:
+    """(partition-id, num-partitions) from the node config Flower sets on each SuperNode."""
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as exc:
+        raise ConfigError(
+            f"node config: missing {exc.args[0]!r}; start each SuperNode with "
+            "--node-config \"partition-id=<i> num-partitions=<n>\""
+        ) from None
+
+
+def message_seed(base_seed: int, partition_id: int, fits: int) -> int:
+    """A fresh seed per node and fit: a rebuilt client must never replay an earlier round's noise."""
+    return int(np.random.SeedSequence([base_seed, partition_id, fits]).generate_state(1)[0])
+
+
+def load_state(context: Context) -> tuple[dict[str, Any] | None, int]:
+    """The DPClient state saved in ``context.state`` and the number of fits so far."""
+    rec = context.state.config_records.get(STATE_KEY)
+    if rec is None:
+        return None, 0
+    state: dict[str, Any] = {"accountant": json.loads(str(rec["accountant"]))}
+    blob = rec.get("optimizer")
+    if isinstance(blob, bytes) and blob:
+        state["optimizer"] = torch.load(io.BytesIO(blob), weights_only=True)
+    return state, int(rec["fits"])
+
+
+def save_state(context: Context, client: DPClient, fits: int) -> None:
+    """Write the client's accountant (JSON) and optimizer state (tensor bytes) into ``context.state``."""
+    state = client.state_dict()
+    buf = io.BytesIO()
+    torch.save(state["optimizer"], buf)
+    context.state.config_records[STATE_KEY] = ConfigRecord({
+        "accountant": json.dumps(state["accountant"]),
+        "optimizer": buf.getvalue(),
+        "fits": int(fits),
+        "epsilon": float(client.epsilon),
+        "steps": int(client.accountant.steps),
+    })
+
+
+def epsilon_of(context: Context) -> float:
+    """ε this node has spent so far, as recorded in its context (0 before its first fit)."""
+    rec = context.state.config_records.get(STATE_KEY)
+    return 0.0 if rec is None else float(rec["epsilon"])

@@ -1,0 +1,147 @@
+"""The Flower App (examples/flower-app): DPClient under Flower's runtime, privacy state in context.state.
+
+No Ray and no SuperLink: the ClientApp is called with hand-built Messages (platform.md
+§1b), and the ServerApp runs against in-process ClientApp nodes through the app's
+LocalGrid (a ``flwr.serverapp.Grid`` that hands each message to the ClientApp).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+APP_DIR = Path(__file__).resolve().parent.parent / "examples" / "flower-app"
+sys.path.insert(0, str(APP_DIR))
+
+from flwr.app import Context, Message, MessageType, Metadata, RecordDict  # noqa: E402
+from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
+from flwr.compat.common import recorddict_compat as compat  # noqa: E402
+
+from privfl.errors import ConfigError  # noqa: E402
+from privfl_app import task  # noqa: E402
+from privfl_app.client_app import app as client_app  # noqa: E402
+from privfl_app.local_grid import app_run_config, run_in_process  # noqa: E402
+from privfl_app.server_app import app as server_app  # noqa: E402
+from privfl_app.server_app import build_strategy  # noqa: E402
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True)
+def _flower_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+
+
+RUN_CONFIG = {**app_run_config(), "local-steps": 4}
+
+
+def node_context(pid: int = 0, n: int = 3, run_config: dict | None = None) -> Context:
+    return Context(run_id=1, node_id=100 + pid, node_config={"partition-id": pid, "num-partitions": n},
+                   state=RecordDict(), run_config=dict(run_config or RUN_CONFIG))
+
+
+def initial_params(cfg: dict | None = None) -> list[np.ndarray]:
+    strat = build_strategy(task.settings(cfg or RUN_CONFIG))
+    return parameters_to_ndarrays(strat.initial_parameters)
+
+
+def message(content: RecordDict, kind: str, n: int) -> Message:
+    md = Metadata(run_id=1, message_id=f"m{n}", src_node_id=0, dst_node_id=100, reply_to_message_id="",
+                  group_id=str(n), created_at=time.time(), ttl=3600.0, message_type=kind)
+    return Message(content=content, metadata=md)
+
+
+def fit(ctx: Context, params: list[np.ndarray], n: int, steps: int = 4):
+    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(params), {"local_steps": steps}),
+                                          keep_input=True)
+    out = client_app(message(content, MessageType.TRAIN, n), ctx)
+    assert not out.has_error(), out.error
+    return compat.recorddict_to_fitres(out.content, keep_input=True)
+
+
+def test_clientapp_epsilon_accumulates_across_rounds_in_context_state() -> None:
+    ctx = node_context()
+    w0 = initial_params()
+    r1 = fit(ctx, w0, 1)
+    eps1 = float(r1.metrics["epsilon"])
+    # round 2 gets the *same* global model: a client rebuilt from scratch would restart at eps1
+    r2 = fit(ctx, w0, 2)
+    eps2 = float(r2.metrics["epsilon"])
+    assert 0 < eps1 < eps2
+    assert r1.metrics["total_steps"] == 4 and r2.metrics["total_steps"] == 8
+    assert task.load_state(ctx)[1] == 2 and task.epsilon_of(ctx) == pytest.approx(eps2)
+    # fresh noise and batches every round: same input model, different output
+    p1, p2 = parameters_to_ndarrays(r1.parameters), parameters_to_ndarrays(r2.parameters)
+    assert any(np.abs(a - b).max() > 1e-6 for a, b in zip(p1, p2))
+    # the state is the context's, not the process's: another node's context starts from zero
+    other = fit(node_context(pid=0), w0, 3)
+    assert float(other.metrics["epsilon"]) == pytest.approx(eps1)
+
+
+def test_clientapp_evaluate_reports_accuracy_without_spending_budget() -> None:
+    ctx = node_context(pid=1)
+    w0 = initial_params()
+    fit(ctx, w0, 1)
+    eps = task.epsilon_of(ctx)
+    content = compat.evaluateins_to_recorddict(EvaluateIns(ndarrays_to_parameters(w0), {}), keep_input=True)
+    out = client_app(message(content, MessageType.EVALUATE, 2), ctx)
+    assert not out.has_error()
+    res = compat.recorddict_to_evaluateres(out.content)
+    assert res.num_examples > 0 and 0.0 <= float(res.metrics["accuracy"]) <= 1.0
+    assert task.epsilon_of(ctx) == eps and task.load_state(ctx)[1] == 1
+
+
+def test_clientapp_fails_closed_when_the_budget_is_spent() -> None:
+    cfg = {**RUN_CONFIG, "target-epsilon": 3.0}
+    ctx = node_context(run_config=cfg)
+    w0 = initial_params(cfg)
+    r1 = fit(ctx, w0, 1, steps=1000)
+    assert r1.metrics["budget_exhausted"] == 1 and float(r1.metrics["epsilon"]) <= 3.0
+    steps = task.load_state(ctx)[0]["accountant"]["events"][0]["count"]
+    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(w0), {"local_steps": 1}), keep_input=True)
+    try:
+        out = client_app(message(content, MessageType.TRAIN, 2), ctx)
+    except Exception as exc:  # Flower may raise to its runtime, which replies with an error
+        assert "budget exhausted" in str(exc)
+    else:
+        assert out.has_error() and "budget exhausted" in str(out.error.reason)
+    # nothing more was spent, and the state still says so
+    assert task.load_state(ctx)[0]["accountant"]["events"][0]["count"] == steps
+
+
+def test_serverapp_and_clientapp_in_process_fedavg() -> None:
+    threads_before = set(threading.enumerate())
+    hist, grid = run_in_process(3, {"num-server-rounds": 2, "local-steps": 3})
+    assert set(threading.enumerate()) <= threads_before  # Flower's node-update thread was joined
+    assert hist is not None
+    acc = dict(hist.metrics_distributed["accuracy"])
+    assert set(acc) == {1, 2} and all(0.5 < a <= 1.0 for a in acc.values())
+    eps_max = dict(hist.metrics_distributed_fit["epsilon_max"])
+    assert 0 < eps_max[1] < eps_max[2]
+    for ctx in grid.contexts.values():
+        state, fits = task.load_state(ctx)
+        assert fits == 2 and state is not None
+        assert state["accountant"]["events"][0]["count"] == 6
+    assert max(task.epsilon_of(c) for c in grid.contexts.values()) == pytest.approx(eps_max[2])
+
+
+def test_the_serverapp_object_itself_drives_the_nodes() -> None:
+    hist, grid = run_in_process(2, {"num-server-rounds": 2, "local-steps": 2}, server_app=server_app)
+    assert hist is None
+    assert [task.load_state(c)[1] for c in grid.contexts.values()] == [2, 2]
+    assert all(task.epsilon_of(c) > 0 for c in grid.contexts.values())
+
+
+def test_bad_run_config_names_the_key() -> None:
+    with pytest.raises(ConfigError, match="local-steps"):
+        task.settings({"local-steps": "ten"})
+    with pytest.raises(ConfigError, match="unknown key"):
+        task.settings({"rounds": 3})
+    with pytest.raises(ConfigError, match="partition-id"):
+        task.partition_of(Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}))
