@@ -122,20 +122,29 @@ class TopologySection:
     edges: list[list[str]] = field(default_factory=list)
     seed: int = 0
 
+    def params(self) -> dict[str, Any]:
+        """The keyword arguments ``build_topology`` takes for this kind (and only those)."""
+        if self.kind in ("random_regular", "d-regular", "regular"):
+            return {"degree": self.degree, "seed": self.seed}
+        if self.kind == "torus":
+            return {"rows": self.rows} if self.rows > 0 else {}
+        if self.kind == "explicit":
+            return {"edges": [tuple(e) for e in self.edges]}
+        return {}
+
 
 @dataclass
 class StrategySection:
-    """How models meet, and how much local work between meetings."""
+    """How models meet, how much local work between meetings, and strategy-specific ``params``.
+
+    ``params`` is passed to the strategy as keyword arguments (e.g. ``fraction_fit`` for
+    fedavg, ``period`` for periodic averaging, ``p_max`` for adaptive_period, a
+    ``compressor`` for gossip); each strategy refuses keys it does not take.
+    """
 
     name: str = "async_gossip"
     local_steps: int = 5
-    compressor: str = "none"
-    compression_ratio: float = 0.01
-    fraction_fit: float = 1.0
-    period: int = 1
-    p_max: int = 64
-    warmup_syncs: int = 5
-    grow_factor: float = 2.0
+    params: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
         if self.local_steps < 1:
