@@ -9,7 +9,16 @@ from clients.clipping import (
     clipping_rule,
 )
 from clients.dp_client import DPClient, DPConfig, evaluate_model
+from clients.ghost import GhostDPOptimizer, GhostGradModule, make_ghost_private
 from clients.optimizer import PerSampleWeightDPOptimizer
+from clients.topagg import (
+    SparseTernary,
+    TopAggDPOptimizer,
+    TopAggParams,
+    per_sample_votes,
+    sum_votes,
+    votes_to_dense,
+)
 
 __all__ = [
     "CLIPPING_RULES",
@@ -18,8 +27,17 @@ __all__ = [
     "DPClient",
     "DPConfig",
     "FlatClipping",
+    "GhostDPOptimizer",
+    "GhostGradModule",
     "PSACClipping",
     "PerSampleWeightDPOptimizer",
+    "SparseTernary",
+    "TopAggDPOptimizer",
+    "TopAggParams",
     "clipping_rule",
     "evaluate_model",
+    "per_sample_votes",
+    "sum_votes",
+    "votes_to_dense",
+    "make_ghost_private",
 ]

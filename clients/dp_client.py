@@ -24,7 +24,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from accounting import BudgetExhausted, BudgetGuard, PrivacyAccountant, calibrate_noise
 from clients.clipping import clipping_rule
+from clients.ghost import make_ghost_private
 from clients.optimizer import PerSampleWeightDPOptimizer
+from privfl.errors import ConfigError
 
 warnings.filterwarnings("ignore", message=".*full backward hook.*")
 warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
@@ -52,6 +54,9 @@ class DPConfig:
     accountant: str = "rdp"
     mechanism: str = "gaussian"
     mechanism_params: dict[str, Any] = field(default_factory=dict)
+    #: "opacus": GradSampleModule hooks + PerSampleWeightDPOptimizer; "fast": clients.ghost
+    #: (ghost norms, same noise and sensitivity, Linear/Conv2d/GroupNorm/LayerNorm only)
+    engine: str = "opacus"
 
     def sample_rate(self, n_train: int) -> float:
         """Poisson sampling rate q = expected batch / local dataset size."""
@@ -88,13 +93,20 @@ class DPClient(flwr.client.NumPyClient):
         self._gen = torch.Generator().manual_seed(seed)
         dataset = TensorDataset(x.float(), y.long())
         base_opt = torch.optim.SGD(self.module.parameters(), lr=config.lr, momentum=config.momentum)
+        self.train_module: nn.Module
+        self.optimizer: torch.optim.Optimizer
         if config.enabled:
             self.noise_multiplier = self._resolve_noise()
             self.guard: BudgetGuard | None = BudgetGuard(self.accountant, config.target_epsilon, config.delta)
-            self.train_module: nn.Module = GradSampleModule(self.module)
+            if config.engine not in ("opacus", "fast"):
+                raise ConfigError(f"dp.engine: unknown engine {config.engine!r}; choose 'opacus' or 'fast'")
             self.loader: DataLoader = DPDataLoader(dataset, sample_rate=self.sample_rate, generator=self._gen)
             noise_gen = torch.Generator(device=self.device).manual_seed(seed + 7919)
-            self.optimizer: torch.optim.Optimizer = self._make_dp_optimizer(base_opt, noise_gen)
+            if config.engine == "fast":
+                self.train_module, self.optimizer = self._make_fast_dp(base_opt, noise_gen)
+            else:
+                self.train_module = GradSampleModule(self.module)
+                self.optimizer = self._make_dp_optimizer(base_opt, noise_gen)
         else:
             self.noise_multiplier = 0.0
             self.guard = None
@@ -117,6 +129,17 @@ class DPClient(flwr.client.NumPyClient):
 
     def _make_dp_optimizer(self, base: torch.optim.Optimizer, gen: torch.Generator) -> torch.optim.Optimizer:
         c = self.config
+        if c.mechanism == "topagg":
+            from clients.topagg import TopAggDPOptimizer  # local imports keep this branch self-contained
+
+            # σ = z·√k inside the optimizer; the accountant gets z (self.noise_multiplier)
+            return TopAggDPOptimizer.from_params(
+                base, c.mechanism_params, noise_multiplier=self.noise_multiplier,
+                expected_batch_size=max(1, int(round(self.n_train * self.sample_rate))), generator=gen)
+        if c.mechanism != "gaussian":
+            from privfl.errors import ConfigError as _ConfigError
+
+            raise _ConfigError(f"dp.mechanism: must be gaussian or topagg, got {c.mechanism!r}")
         rule = clipping_rule(c.clipping, psac_r=c.psac_r, autos_gamma=c.autos_gamma)
         return PerSampleWeightDPOptimizer(
             base,
@@ -126,6 +149,14 @@ class DPClient(flwr.client.NumPyClient):
             generator=gen,
             clipping=rule,
         )
+
+    def _make_fast_dp(self, base: torch.optim.Optimizer, gen: torch.Generator
+                      ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        c = self.config
+        return make_ghost_private(
+            self.module, base, noise_multiplier=self.noise_multiplier, max_grad_norm=c.max_grad_norm,
+            expected_batch_size=max(1, int(round(self.n_train * self.sample_rate))), generator=gen,
+            clipping=clipping_rule(c.clipping, psac_r=c.psac_r, autos_gamma=c.autos_gamma))
 
     # ---- parameters -------------------------------------------------------------------
     def parameter_names(self) -> list[str]:

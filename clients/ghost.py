@@ -135,14 +135,28 @@ class _Conv2d(_Layer):
         m: nn.Conv2d = self.module  # type: ignore[assignment]
         b = a.shape[0]
         dT = d.reshape(b, d.shape[1], -1)  # (B, O, L)
-        aT = (F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # type: ignore[arg-type]
-              if self.w is not None else None)  # (B, K, L)
+        aT = _unfold(a, m) if self.w is not None else None  # (B, K, L)
         self.record.cache = _SeqCache(aT, dT, self.w is not None, self.b is not None)
         return self.record.cache.norm_sq()
 
     def clipped_sum(self, a: torch.Tensor, d: torch.Tensor, coef: torch.Tensor,
                     noise: dict[nn.Parameter, torch.Tensor]) -> None:
         self.record.cache.clipped_sum(coef, self.w, self.b, noise)
+
+
+def _unfold(x: torch.Tensor, m: nn.Conv2d) -> torch.Tensor:
+    """``F.unfold(x)`` for ``m``'s geometry, as one strided copy (≈2× faster than im2col on CPU)."""
+    kh, kw = m.kernel_size
+    sh, sw = m.stride
+    dh, dw = m.dilation
+    ph, pw = m.padding  # type: ignore[misc]
+    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    b, c, h, w = xp.shape
+    ho = (h - dh * (kh - 1) - 1) // sh + 1
+    wo = (w - dw * (kw - 1) - 1) // sw + 1
+    s0, s1, s2, s3 = xp.stride()
+    patches = xp.as_strided((b, c, kh, kw, ho, wo), (s0, s1, s2 * dh, s3 * dw, s2 * sh, s3 * sw))
+    return patches.reshape(b, c * kh * kw, ho * wo)
 
 
 class _SeqCache:
@@ -471,8 +485,8 @@ class GhostDPOptimizer(Optimizer):
                 from opacus.optimizers.optimizer import _generate_noise
                 out[p] = _generate_noise(std, p, self.generator, True).mul_(scale)
             else:
-                out[p] = torch.normal(0.0, std, p.shape, generator=self.generator, device=p.device,
-                                      dtype=p.dtype).mul_(scale)
+                out[p] = torch.normal(0.0, std * scale, p.shape, generator=self.generator, device=p.device,
+                                      dtype=p.dtype)
         return out
 
     def pre_step(self) -> None:
