@@ -340,11 +340,15 @@ class FederatedAveraging(CollectiveStrategy):
         """Flower's configure_evaluate / aggregate_evaluate over every node (evaluation is free of DP cost)."""
         assert self.global_parameters is not None
         n_eval = self._eval_manager.num_available()
-        # Flower's FedAvg refuses to sample fewer than min_evaluate_clients; clamp to what exists.
-        self.strategy.min_evaluate_clients = min(self.strategy.min_evaluate_clients, n_eval)
-        self.strategy.min_available_clients = min(self.strategy.min_available_clients, n_eval)
-        instructions = self.strategy.configure_evaluate(round, self.global_parameters, self._eval_manager)
-        self.strategy.min_available_clients = self.config.min_available_clients
+        # Flower's FedAvg samples nobody when fewer than its minimums exist; evaluation may use
+        # every node there is (stopped ones too: it costs no budget), so clamp for this call only.
+        saved = self.strategy.min_evaluate_clients, self.strategy.min_available_clients
+        self.strategy.min_evaluate_clients = min(saved[0], n_eval)
+        self.strategy.min_available_clients = min(saved[1], n_eval)
+        try:
+            instructions = self.strategy.configure_evaluate(round, self.global_parameters, self._eval_manager)
+        finally:
+            self.strategy.min_evaluate_clients, self.strategy.min_available_clients = saved
         results: list[tuple[ClientProxy, EvaluateRes]] = []
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException] = []
         for proxy, ins in instructions:
