@@ -27,9 +27,13 @@ from strategies.compression import (
     decompress,
     released,
 )
+from strategies.federated import FedAvgConfig, FederatedAveraging, InProcessClientProxy
+from strategies.periodic import AdaptivePeriod, AllReduce, PeriodicAveraging
 from strategies.topology import TOPOLOGY_KINDS, Bipartition, Topology, TopologyError, build_topology
 
 __all__ = [
+    "AdaptivePeriod", "AllReduce", "FedAvgConfig", "FederatedAveraging", "InProcessClientProxy",
+    "PeriodicAveraging",
     "COMPRESSORS", "TOPOLOGY_KINDS", "AdaComp", "Bipartition", "CLTk", "CollectiveRound",
     "CollectiveStrategy", "Compressed", "CompressionError", "Compressor", "Identity",
     "InnovationGossip", "MalformedMessage", "ModelMessage", "NodeStrategy", "Params", "PeerNetwork",
