@@ -102,6 +102,7 @@ class DPClient(flwr.client.NumPyClient):
                 raise ConfigError(f"dp.engine: unknown engine {config.engine!r}; choose 'opacus' or 'fast'")
             self.loader: DataLoader = DPDataLoader(dataset, sample_rate=self.sample_rate, generator=self._gen)
             noise_gen = torch.Generator(device=self.device).manual_seed(seed + 7919)
+            self._noise_gen: torch.Generator | None = noise_gen
             if config.engine == "fast":
                 self.train_module, self.optimizer = self._make_fast_dp(base_opt, noise_gen)
             else:
@@ -111,6 +112,7 @@ class DPClient(flwr.client.NumPyClient):
             self.noise_multiplier = 0.0
             self.guard = None
             self.train_module = self.module
+            self._noise_gen = None
             self.loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=self._gen)
             self.optimizer = base_opt
         self._batches = iter(self.loader)
@@ -272,13 +274,22 @@ class DPClient(flwr.client.NumPyClient):
 
     # ---- persistence ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Accountant, optimizer and RNG state: what a restart needs besides the model."""
-        return {
+        """Accountant, optimizer and RNG state: what a restart needs besides the model.
+
+        The sampling and noise generators are saved so a restored client continues their
+        streams: replaying noise already used on earlier steps would correlate the noise
+        of different releases.
+        """
+        state: dict[str, Any] = {
             "accountant": self.accountant.state_dict(),
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
             "optimizer": self.optimizer.state_dict(),
+            "sampling_rng": self._gen.get_state().tolist(),
         }
+        if self._noise_gen is not None:
+            state["noise_rng"] = self._noise_gen.get_state().tolist()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved; the accountant never goes backwards."""
@@ -289,6 +300,10 @@ class DPClient(flwr.client.NumPyClient):
         self.accountant.load_state_dict(state["accountant"])
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
+        if "sampling_rng" in state:
+            self._gen.set_state(torch.tensor(state["sampling_rng"], dtype=torch.uint8))
+        if "noise_rng" in state and self._noise_gen is not None:
+            self._noise_gen.set_state(torch.tensor(state["noise_rng"], dtype=torch.uint8))
 
 
 @torch.no_grad()
