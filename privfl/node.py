@@ -1,0 +1,598 @@
+"""One hospital's node process: DP training, gossip over mutual TLS, a signed privacy ledger.
+
+Why this order at start: identity and trust first (a node that cannot prove who it is
+must not open a port), then the consortium policy (refuse weaker DP settings), then the
+ledger (refuse to run on a ledger that does not verify; rebuild the accountant from it so
+a restart, a crash or a deleted checkpoint never resets the budget), then data, model,
+DPClient (every DP event is written to the ledger *before* the steps run), the gossip
+server and the strategy.
+
+The run: ``strategy.step()`` in a loop until ``stop.max_steps`` local DP steps (counted
+from the ledger, so across restarts), ``stop.max_seconds``, ``stop.target_accuracy``, a
+signal, or the budget. Budget exhausted: fail closed — no further step and no further
+model leaves the node (incoming exchanges are refused). Otherwise, once every neighbour
+has finished training, active nodes do ``node.consensus_exchanges`` pure pairwise
+averages (post-processing of already-noised models: no privacy cost) so the hospitals
+end with (nearly) the same model; each node waits for its neighbours' goodbye before it
+leaves, so nobody loses a partner mid-exchange. Unreachable peers are skipped with
+backoff; every wait is bounded.
+
+Outputs (``node.output``): ``ledger.jsonl``, ``checkpoint.pt`` (atomic), ``metrics.jsonl``
+and ``metrics.csv``, ``final_model.npz``, ``summary.json``, ``node.log`` (by the launcher).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import privfl
+from accounting import calibrate_noise
+from accounting.ledger import Ledger, LedgerError, LedgerPolicy, TornTailError
+from clients import DPClient
+from privfl.data import load_dataset, split_sites
+from privfl.errors import ConfigError, PrivflError
+from privfl.models import build_model
+from privfl.node_config import NodeConfig, load_node_config
+from privfl.peer_network import AdvertisedPolicy, GrpcPeerNetwork
+from privfl.pki import (
+    NodeIdentity,
+    PKIError,
+    Roster,
+    load_certificate,
+    load_crl,
+    load_private_key,
+    load_roster,
+    node_id_from_cert,
+    verify_crl,
+    verify_node_certificate,
+)
+from strategies.base import NodeStrategy
+from strategies.gossip import AsyncGossip, SyncGossip
+from strategies.topology import Topology, build_topology
+
+log = logging.getLogger("privfl.node")
+
+LEDGER_FILE = "ledger.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_JSONL = "metrics.jsonl"
+METRICS_CSV = "metrics.csv"
+FINAL_MODEL = "final_model.npz"
+SUMMARY_FILE = "summary.json"
+METRIC_FIELDS = ("time", "node", "phase", "steps", "loss", "accuracy", "test_loss", "epsilon", "delta",
+                 "bytes_sent", "bytes_received", "exchanges", "served")
+STRATEGIES = ("async_gossip", "sync_gossip")
+
+
+class NodeError(PrivflError):
+    """The node refuses to start or to continue; the message says why and names the file/field."""
+
+
+# --------------------------------------------------------------------------- start-up checks
+
+
+def load_identity(cfg: NodeConfig) -> tuple[NodeIdentity, Roster, bytes]:
+    """The node's identity, roster and CRL, with every check a peer would make of us.
+
+    One-line errors name the ``[identity]`` field: unreadable or malformed files, a key
+    that does not belong to the certificate, a certificate naming another node id, or one
+    the roster does not pin / the CRL revokes.
+    """
+    src = cfg.path
+
+    def read(name: str) -> bytes:
+        p: Path = getattr(cfg, f"{name}_path")
+        try:
+            return p.read_bytes()
+        except OSError as exc:
+            raise NodeError(f"{src}: [identity].{name}: cannot read {p}: {exc.strerror}") from None
+
+    cert_pem, key_pem, ca_pem, crl_pem = read("cert"), read("key"), read("ca"), read("crl")
+    try:
+        cert = load_certificate(cert_pem)
+    except PKIError as exc:
+        raise NodeError(f"{src}: [identity].cert: {cfg.cert_path}: {exc}") from None
+    try:
+        key = load_private_key(key_pem)
+    except PKIError as exc:
+        raise NodeError(f"{src}: [identity].key: {cfg.key_path}: {exc}") from None
+    try:
+        ca = load_certificate(ca_pem)
+    except PKIError as exc:
+        raise NodeError(f"{src}: [identity].ca: {cfg.ca_path}: {exc}") from None
+    from cryptography.hazmat.primitives import serialization as ser
+
+    spki = (ser.Encoding.DER, ser.PublicFormat.SubjectPublicKeyInfo)
+    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+        raise NodeError(f"{src}: [identity].key: {cfg.key_path} is not the key of the certificate {cfg.cert_path}")
+    try:
+        cert_id = node_id_from_cert(cert)
+    except PKIError as exc:
+        raise NodeError(f"{src}: [identity].cert: {cfg.cert_path}: {exc}") from None
+    if cert_id != cfg.node.id:
+        raise NodeError(f"{src}: [node].id: {cfg.node.id!r} but the certificate {cfg.cert_path} names node {cert_id!r}")
+    try:
+        roster = load_roster(cfg.roster_path)
+    except PKIError as exc:
+        raise NodeError(f"{src}: [identity].roster: {exc}") from None
+    try:
+        verify_crl(load_crl(crl_pem), ca)
+    except PKIError as exc:
+        raise NodeError(f"{src}: [identity].crl: {cfg.crl_path}: {exc}") from None
+    try:
+        verify_node_certificate(cert, ca, roster, crl_pem)
+    except PKIError as exc:
+        raise NodeError(f"{src}: [identity].cert: {cfg.cert_path} is refused by the roster/CA/CRL: {exc}") from None
+    return NodeIdentity(cfg.node.id, cert_pem, key_pem, ca_pem), roster, crl_pem
+
+
+def resolved_noise(cfg: NodeConfig, n_train: int) -> float:
+    """The noise multiplier the node will use (configured, or calibrated as DPClient does)."""
+    dp = cfg.common.dp
+    if dp.noise_multiplier > 0:
+        return float(dp.noise_multiplier)
+    q = min(1.0, dp.batch_size / n_train)
+    return float(calibrate_noise(dp.target_epsilon, dp.delta, q, dp.planned_steps, dp.accountant))  # type: ignore[arg-type]
+
+
+def check_policy(cfg: NodeConfig, roster: Roster, sigma: float) -> None:
+    """Refuse DP settings weaker than the consortium minimum (the roster's ``[policy]``)."""
+    dp, pol, src = cfg.common.dp, roster.policy, cfg.path
+    if not dp.enabled:
+        raise NodeError(f"{src}: [dp].enabled: a node releases models to its peers and must train with DP")
+    if pol.min_noise_multiplier is not None and sigma < pol.min_noise_multiplier:
+        raise NodeError(f"{src}: [dp].noise_multiplier: {sigma:g} is below the consortium minimum "
+                        f"{pol.min_noise_multiplier:g} (roster {cfg.roster_path} [policy].min_noise_multiplier)")
+    if pol.max_epsilon is not None and dp.target_epsilon > pol.max_epsilon:
+        raise NodeError(f"{src}: [dp].target_epsilon: {dp.target_epsilon:g} exceeds the consortium maximum "
+                        f"{pol.max_epsilon:g} (roster {cfg.roster_path} [policy].max_epsilon)")
+    if pol.delta is not None and dp.delta > pol.delta:
+        raise NodeError(f"{src}: [dp].delta: {dp.delta:g} exceeds the consortium δ {pol.delta:g} "
+                        f"(roster {cfg.roster_path} [policy].delta)")
+
+
+def ledger_policy(cfg: NodeConfig, roster: Roster, sigma: float) -> LedgerPolicy:
+    """The privacy policy pinned in the ledger header."""
+    dp = cfg.common.dp
+    floor = roster.policy.min_noise_multiplier if roster.policy.min_noise_multiplier is not None else sigma
+    return LedgerPolicy(target_epsilon=float(dp.target_epsilon), delta=float(dp.delta),
+                        min_noise_multiplier=float(floor), allowed_clipping_rules=(dp.clipping,),
+                        accountant=dp.accountant)
+
+
+def open_ledger(path: Path, identity: NodeIdentity, policy: LedgerPolicy) -> Ledger:
+    """Open (or create) the node's ledger; repair a torn tail with a logged note; refuse anything else."""
+    key = load_private_key(identity.key_pem)
+    try:
+        try:
+            return Ledger.open_or_create(path, key, identity.cert_pem, policy, privfl.__version__,
+                                         node_id=identity.node_id)
+        except TornTailError as exc:
+            log.warning("node %s: ledger %s has a torn last line (%d bytes, a crash during an append); "
+                        "repairing it explicitly", identity.node_id, path, exc.torn_bytes)
+            Ledger.repair_torn_tail(path, key).close()
+            log.warning("node %s: ledger %s torn tail repaired (a 'torn_tail_repaired' note was appended)",
+                        identity.node_id, path)
+            return Ledger.open_or_create(path, key, identity.cert_pem, policy, privfl.__version__,
+                                         node_id=identity.node_id)
+    except LedgerError as exc:
+        raise NodeError(f"ledger {path} failed verification, refusing to start: {exc}") from None
+    except ValueError as exc:
+        raise NodeError(f"ledger {path}: {exc}") from None
+
+
+def topology_of(cfg: NodeConfig, node_ids: Sequence[str]) -> Topology:
+    """The consortium graph over the roster's node ids (same on every node)."""
+    t = cfg.common.topology
+    kind = t.kind.strip().lower().replace("-", "_")
+    params: dict[str, Any] = {}
+    if kind in ("random_regular", "d_regular", "regular"):
+        params = {"degree": t.degree, "seed": t.seed}
+    elif kind in ("torus", "torus2d", "grid"):
+        params = {"rows": t.rows or None}
+    elif kind in ("explicit", "edges", "edge_list"):
+        params = {"edges": [tuple(e) for e in t.edges]}
+    return build_topology(t.kind, list(node_ids), **params)
+
+
+# --------------------------------------------------------------------------- the node
+
+
+class Node:
+    """A node built from its config: call :meth:`run` (blocking) and :meth:`request_stop` from a signal."""
+
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+        self.node_id = cfg.node.id
+        self.out = cfg.output_dir
+        self._stop_requested = threading.Event()
+        self._t0 = time.monotonic()
+        self._last_ckpt = time.monotonic()
+        self.metrics_rows: list[dict[str, Any]] = []
+        self.stop_reason = ""
+        self.ledger: Ledger | None = None
+        self.network: GrpcPeerNetwork | None = None
+        self._setup()
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg, c = self.cfg, self.cfg.common
+        if c.strategy.name not in STRATEGIES:
+            raise NodeError(f"{cfg.path}: [strategy].name: a node runs {' or '.join(STRATEGIES)}, "
+                            f"got {c.strategy.name!r}")
+        self.identity, self.roster, crl = load_identity(cfg)
+        if self.node_id not in self.roster.nodes:
+            raise NodeError(f"{cfg.path}: [node].id: {self.node_id!r} is not in the roster {cfg.roster_path}")
+        # data: every node uses the same data seed, so the partitions agree; standardisation is local
+        data = load_dataset(c.data.source, label_column=c.data.label_column or None, seed=c.data.seed)
+        sites = split_sites(data, c.data.num_sites, c.data.partitioning, seed=c.data.seed,  # type: ignore[arg-type]
+                            alpha=c.data.alpha, test_fraction=c.data.test_fraction,
+                            shards_per_site=c.data.shards_per_site)
+        self.site = sites[cfg.site_index]
+        n_train = len(self.site.train)
+        self.sigma = resolved_noise(cfg, n_train)
+        check_policy(cfg, self.roster, self.sigma)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ledger = open_ledger(self.out / LEDGER_FILE, self.identity, ledger_policy(cfg, self.roster, self.sigma))
+        accountant = self.ledger.rebuild_accountant()
+        self.steps_before = self.ledger.steps
+        in_shape = tuple(data.x.shape[1:])
+        model = build_model(c.model.name, in_shape, data.num_classes, seed=cfg.init_seed, hidden=tuple(c.model.hidden))
+        dpc = c.dp.to_dp_config()
+        dpc.noise_multiplier = self.sigma
+        try:
+            self.client = DPClient(model, (self.site.train.x, self.site.train.y), (self.site.test.x, self.site.test.y),
+                                   dpc, seed=cfg.seed + 1000 * self.steps_before, device="cpu",
+                                   accountant=accountant, on_dp_event=self._on_dp_event)
+        except ValueError as exc:
+            raise ConfigError(f"{cfg.path}: [dp]: {exc}") from None
+        self.names = self.client.parameter_names()
+        params = self.client.get_parameters({})
+        self.initial_params = [p.copy() for p in params]
+        resumed = self._load_checkpoint()
+        if resumed is not None:
+            params = resumed
+        eps = self.client.epsilon
+        log.info("node %s: site %d, %d train / %d test records, σ=%.4g, q=%.4g, ledger steps=%d ε=%.4f of %g "
+                 "(δ=%g)%s", self.node_id, cfg.site_index, n_train, len(self.site.test), self.sigma,
+                 self.client.sample_rate, self.steps_before, eps, c.dp.target_epsilon, c.dp.delta,
+                 ", resumed from checkpoint" if resumed is not None else "")
+        self.topology = topology_of(cfg, list(self.roster.nodes))
+        summary = self.topology.summary()
+        log.info("node %s: topology %s", self.node_id, summary)
+        print(f"[{self.node_id}] topology: {summary}", flush=True)
+        neighbors = self.topology.neighbors(self.node_id)
+        self.network = GrpcPeerNetwork(
+            self.identity, self.roster, crl, neighbors, self.names, params,
+            policy=AdvertisedPolicy(self.sigma, c.dp.target_epsilon, c.dp.delta),
+            listen=cfg.node.listen or None, timeout=cfg.node.peer_timeout, on_release=self._on_release)
+        scfg: dict[str, Any] = {"local_steps": c.strategy.local_steps, "seed": cfg.seed}
+        self.strategy: NodeStrategy
+        if c.strategy.name == "async_gossip":
+            scfg.update(AsyncGossip.roles(self.topology, self.node_id))
+            self.strategy = AsyncGossip(self.client, self.network, params, scfg)
+        else:
+            scfg.update(mixing=self.topology.mixing_row(self.node_id), timeout=cfg.node.sync_timeout)
+            self.strategy = SyncGossip(self.client, self.network, params, scfg)
+        self.network.attach(self.strategy)
+
+    def _on_dp_event(self, event: dict[str, Any]) -> None:
+        """Write-ahead: the DPClient calls this before the steps run."""
+        assert self.ledger is not None
+        self.ledger.append_dp_event(event["noise_multiplier"], event["sample_rate"], int(event["steps"]),
+                                    event["clipping"], event["max_grad_norm"], epsilon=event["epsilon"])
+
+    def _on_release(self, peer: str, seq: int, round: int, digest: str, nbytes: int) -> None:
+        """Every model released to a peer gets a ledger entry first (never its values)."""
+        assert self.ledger is not None
+        self.ledger.append_message(peer, seq, round, digest=digest, size=nbytes)
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def _load_checkpoint(self) -> list[np.ndarray] | None:
+        path = self.out / CHECKPOINT_FILE
+        if not path.exists():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            names = list(state["names"])
+            params = [t.numpy().copy() for t in state["params"]]
+        except Exception as exc:  # a corrupt checkpoint is not fatal: the ledger keeps the budget
+            log.warning("node %s: ignoring unreadable checkpoint %s: %s", self.node_id, path, exc)
+            return None
+        if names != self.names or any(p.shape != q.shape for p, q in zip(params, self.initial_params)):
+            log.warning("node %s: ignoring checkpoint %s: it is of another model", self.node_id, path)
+            return None
+        self.client.load_state_dict(state["client"])  # never moves the accountant backwards
+        log.info("node %s: resumed model from checkpoint %s (saved at step %d)", self.node_id, path,
+                 int(state.get("steps", 0)))
+        return params
+
+    def checkpoint(self) -> None:
+        """Save the latest model and DPClient state atomically (tmp file, then os.replace)."""
+        path = self.out / CHECKPOINT_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        state = {"names": self.names, "params": [torch.from_numpy(np.array(p)) for p in self._snapshot()],
+                 "client": self.client.state_dict(), "steps": self.total_steps}
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        self._last_ckpt = time.monotonic()
+        log.debug("node %s: checkpoint at step %d", self.node_id, self.total_steps)
+
+    def _snapshot(self) -> list[np.ndarray]:
+        snap = getattr(self.strategy, "snapshot", None)
+        return snap() if snap is not None else [np.array(p) for p in self.strategy.params]
+
+    # ---- metrics ---------------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        """DP steps taken by this node over all its runs (the ledger's count)."""
+        assert self.ledger is not None
+        return self.ledger.steps
+
+    def evaluate(self, phase: str = "train") -> dict[str, Any]:
+        """Evaluate the current model on the node's own test split and append a metrics row."""
+        assert self.network is not None
+        params = self._snapshot()
+        loss, _n, m = self.client.evaluate(params, {})
+        traffic = self.network.counters.total()
+        row = {"time": round(time.monotonic() - self._t0, 4), "node": self.node_id, "phase": phase,
+               "steps": self.total_steps, "loss": _num(getattr(self.strategy, "last_loss", math.nan)),
+               "accuracy": float(m.get("accuracy", 0.0)), "test_loss": _num(loss),
+               "epsilon": _num(self.client.epsilon), "delta": self.cfg.common.dp.delta,
+               "bytes_sent": traffic.bytes_sent, "bytes_received": traffic.bytes_received,
+               "exchanges": int(getattr(self.strategy, "exchanges", 0)),
+               "served": int(getattr(self.strategy, "served", 0))}
+        self.metrics_rows.append(row)
+        with open(self.out / METRICS_JSONL, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        new = not (self.out / METRICS_CSV).exists()
+        with open(self.out / METRICS_CSV, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        return row
+
+    # ---- control -------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Ask the node to stop after the current step (signal handlers call this)."""
+        self._stop_requested.set()
+
+    def _stop_reason(self) -> str | None:
+        stop = self.cfg.common.stop
+        if self._stop_requested.is_set():
+            return "signal"
+        if self.total_steps >= stop.max_steps:
+            return "max_steps"
+        if time.monotonic() - self._t0 >= stop.max_seconds:
+            return "max_seconds"
+        if stop.target_accuracy > 0 and self.metrics_rows and self.metrics_rows[-1]["accuracy"] >= stop.target_accuracy:
+            return "target_accuracy"
+        return None
+
+    def _wait_for(self, kind: str, peers: Sequence[str], timeout: float, give_up_after: int | None = 3) -> set[str]:
+        """Wait (bounded) until every peer in ``peers`` has sent ``kind`` (or, for ``hello``, answered ours).
+
+        Peers we have not heard from are pinged with ``hello`` once a second; with
+        ``give_up_after`` a peer that cannot be reached that many times in a row counts as
+        gone. Returns the peers not considered gone.
+        """
+        assert self.network is not None
+        net = self.network
+        reached: set[str] = set()
+        pending = set(peers) - net.heard(kind)
+        failures: dict[str, int] = {p: 0 for p in peers}
+        deadline = time.monotonic() + timeout
+        next_ping = 0.0
+        while pending and time.monotonic() < deadline and not self._stop_requested.is_set():
+            if time.monotonic() >= next_ping:
+                got = net.notify("hello", sorted(pending), timeout=min(2.0, self.cfg.node.peer_timeout))
+                for p in pending - got:
+                    failures[p] += 1
+                for p in got:
+                    failures[p] = 0
+                if kind == "hello":
+                    reached |= got
+                next_ping = time.monotonic() + 1.0
+            pending = {p for p in pending if give_up_after is None or failures[p] < give_up_after}
+            pending -= net.heard(kind) | reached
+            if pending:
+                time.sleep(0.05)
+        gone = {p for p, f in failures.items() if give_up_after is not None and f >= give_up_after}
+        if gone:
+            log.info("node %s: peers %s unreachable while waiting for %s; not waiting for them", self.node_id,
+                     ",".join(sorted(gone)), kind)
+        left = set(peers) - net.heard(kind) - reached - gone
+        if left:
+            log.info("node %s: gave up waiting for %s from %s", self.node_id, kind, ",".join(sorted(left)))
+        return set(peers) - gone - left
+
+    def _consensus_phase(self) -> int:
+        """After training: pure pairwise averaging with finished neighbours (post-processing)."""
+        strat = self.strategy
+        n = self.cfg.node.consensus_exchanges
+        if not isinstance(strat, AsyncGossip) or n <= 0 or not strat.active or not strat.peers:
+            return 0
+        rng = random.Random(self.cfg.seed + 17)
+        done, attempts = 0, 0
+        live = [p for p in strat.peers]
+        while done < n and attempts < 4 * n and live and not self._stop_requested.is_set():
+            attempts += 1
+            peer = rng.choice(live)
+            _s, _r, ok = strat._exchange_with(peer)  # noqa: SLF001 - averaging only, no training
+            if ok:
+                done += 1
+            else:
+                time.sleep(rng.uniform(0.005, 0.03))
+        log.info("node %s: consensus phase: %d pure averaging exchanges (%d attempts)", self.node_id, done, attempts)
+        return done
+
+    # ---- the run -----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Serve, train until a stop criterion, finish with consensus, write outputs; returns the summary."""
+        assert self.network is not None and self.ledger is not None
+        net, cfg = self.network, self.cfg
+        port = net.start()
+        log.info("node %s: serving on port %d; neighbours %s", self.node_id, port, ",".join(net.neighbors()))
+        try:
+            self._t0 = time.monotonic()
+            if net.neighbors() and cfg.node.wait_for_peers > 0:
+                up = self._wait_for("hello", net.neighbors(), cfg.node.wait_for_peers, give_up_after=None)
+                log.info("node %s: %d of %d neighbours reachable at start", self.node_id, len(up),
+                         len(net.neighbors()))
+            self._t0 = time.monotonic()
+            if not (self.out / "initial_model.npz").exists():
+                np.savez(self.out / "initial_model.npz", **dict(zip(self.names, self._snapshot())))
+            self.evaluate("start")
+            self._train_loop()
+            self._finish()
+        finally:
+            self.checkpoint()
+            net.close()
+            self.ledger.close()
+        return self.summary()
+
+    def _train_loop(self) -> None:
+        assert self.ledger is not None and self.network is not None
+        stop, c = self.cfg.common.stop, self.cfg.common
+        local = c.strategy.local_steps
+        steps_since_eval = 0
+        while True:
+            reason = self._stop_reason()
+            if reason is not None:
+                self.stop_reason = reason
+                break
+            if hasattr(self.strategy, "local_steps"):
+                self.strategy.local_steps = max(1, min(local, stop.max_steps - self.total_steps))  # type: ignore[attr-defined]
+            report = self.strategy.step()
+            steps_since_eval += 1
+            if self.strategy.stopped:
+                self.stop_reason = "budget_exhausted"
+                self.network.serving_models = False  # fail closed: nothing more leaves this node
+                log.warning("node %s: %s", self.node_id, self.strategy.stop_reason)
+                self.evaluate("train")
+                break
+            if steps_since_eval >= self.cfg.node.eval_every:
+                steps_since_eval = 0
+                row = self.evaluate("train")
+                log.debug("node %s: step %d loss %.4f acc %.3f ε %.4f peers %s", self.node_id, row["steps"],
+                          report.loss, row["accuracy"], row["epsilon"], ",".join(report.peers))
+            if time.monotonic() - self._last_ckpt >= self.cfg.node.checkpoint_every:
+                self.checkpoint()
+        log.info("node %s: training stopped: %s after %d steps, ε=%.4f", self.node_id, self.stop_reason,
+                 self.total_steps, self.client.epsilon)
+        self.ledger.append_stop(self.stop_reason, steps=self.total_steps)
+        self.checkpoint()
+
+    def _finish(self) -> None:
+        """Tell neighbours we are done, average to consensus (unless fail-closed), say goodbye."""
+        assert self.network is not None
+        net, ncfg = self.network, self.cfg.node
+        nbrs = net.neighbors()
+        if self.stop_reason == "signal":
+            net.notify("done", timeout=1.0)
+            net.notify("bye", timeout=1.0)
+            return
+        net.notify("done", timeout=min(2.0, ncfg.peer_timeout))
+        if self.stop_reason != "budget_exhausted" and nbrs:
+            self._wait_for("done", nbrs, ncfg.consensus_wait)
+            self._consensus_phase()
+        net.notify("bye", timeout=min(2.0, ncfg.peer_timeout))
+        if nbrs:
+            self._wait_for("bye", nbrs, ncfg.linger)
+        self.evaluate("final")
+
+    def summary(self) -> dict[str, Any]:
+        """Write the final model (npz) and summary.json; returns the summary."""
+        params = self._snapshot()
+        np.savez(self.out / FINAL_MODEL, **{n: p for n, p in zip(self.names, params)})
+        last = self.metrics_rows[-1] if self.metrics_rows else {}
+        traffic = self.network.counters.total() if self.network else None
+        summary = {
+            "node": self.node_id, "site_index": self.cfg.site_index, "strategy": self.cfg.common.strategy.name,
+            "topology": self.topology.name, "spectral_gap": self.topology.spectral_gap(),
+            "neighbors": self.topology.neighbors(self.node_id), "stop_reason": self.stop_reason,
+            "steps": self.total_steps, "steps_this_run": self.total_steps - self.steps_before,
+            "epsilon": _num(self.client.epsilon), "target_epsilon": self.cfg.common.dp.target_epsilon,
+            "delta": self.cfg.common.dp.delta, "noise_multiplier": self.sigma,
+            "sample_rate": self.client.sample_rate, "accuracy": last.get("accuracy"),
+            "test_loss": last.get("test_loss"), "train_records": len(self.site.train),
+            "test_records": len(self.site.test),
+            "bytes_sent": traffic.bytes_sent if traffic else 0,
+            "bytes_received": traffic.bytes_received if traffic else 0,
+            "exchanges": int(getattr(self.strategy, "exchanges", 0)),
+            "served": int(getattr(self.strategy, "served", 0)),
+            "refused_peers_policy": sorted(self.network.refused_policy) if self.network else [],
+            "ledger": str(self.out / LEDGER_FILE), "ledger_entries": self.ledger.num_entries if self.ledger else 0,
+            "wall_seconds": round(time.monotonic() - self._t0, 3), "software_version": privfl.__version__,
+        }
+        tmp = self.out / (SUMMARY_FILE + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, self.out / SUMMARY_FILE)
+        log.info("node %s: finished: %s, steps=%d, ε=%.4f, accuracy=%s", self.node_id, self.stop_reason,
+                 self.total_steps, summary["epsilon"], summary["accuracy"])
+        return summary
+
+
+def _num(x: Any) -> float | None:
+    """A JSON-safe number (None for NaN/inf)."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def run_node(config: str | Path, install_signals: bool = True) -> dict[str, Any]:
+    """Load the config, build the node and run it to the end; SIGINT/SIGTERM stop it gracefully."""
+    cfg = load_node_config(config)
+    logging.getLogger("privfl").setLevel(cfg.log_level)
+    torch.set_num_threads(1)
+    node = Node(cfg)
+    if install_signals and threading.current_thread() is threading.main_thread():
+        def _handler(signum: int, _frame: Any) -> None:
+            log.info("node %s: signal %d: stopping after the current step", node.node_id, signum)
+            node.request_stop()
+        signal.signal(signal.SIGTERM, _handler)
+        signal.signal(signal.SIGINT, _handler)
+    return node.run()
+
+
+__all__ = ["Node", "NodeError", "check_policy", "load_identity", "open_ledger", "run_node", "topology_of"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m privfl.node --config FILE`` (what the launcher spawns): one clean line on bad input."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m privfl.node", description="Run one privfl node.")
+    parser.add_argument("--config", "-c", required=True, help="the node's TOML config")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    logging.basicConfig(level=os.environ.get("PRIVFL_LOG", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        summary = run_node(args.config)
+    except PrivflError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print(json.dumps({k: summary[k] for k in ("node", "stop_reason", "steps", "epsilon", "accuracy")}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""A node's TOML configuration: the shared sections plus ``[node]`` and ``[identity]``.
+
+Why: a hospital runs exactly one ``privfl node --config node.toml``. The shared sections
+(``data``, ``model``, ``dp``, ``topology``, ``strategy``, ``stop``) mean the same as in a
+simulation (see :mod:`privfl.config`); this file adds what only a real node has: its id,
+listen address, output folder and its identity files (certificate, key, CA, roster, CRL),
+whose paths are relative to the config file. ``data.site_index`` says which partition of
+the (shared-seed) split this node holds. Every error names the field or the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from privfl.config import CommonConfig, common_from, from_table, read_toml, resolve_path
+from privfl.errors import ConfigError
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass
+class NodeSection:
+    """What only a real node has: id, address, output folder and run-time knobs."""
+
+    id: str = ""
+    listen: str = ""  # empty: the node's address in the roster
+    output: str = "out"
+    seed: int = -1  # -1: derived from data.seed and site_index
+    init_seed: int = -1  # model initialisation seed; -1: model.seed (every node starts alike)
+    log_level: str = "INFO"
+    checkpoint_every: float = 10.0  # seconds between checkpoints (and always at the end)
+    eval_every: int = 1  # evaluate and write a metrics row every N strategy steps
+    peer_timeout: float = 10.0  # deadline of one call to a peer
+    wait_for_peers: float = 60.0  # at start, wait at most this long for neighbours to answer
+    consensus_exchanges: int = 20  # pure-averaging exchanges after training (0: none)
+    consensus_wait: float = 30.0  # wait at most this long for neighbours to finish training
+    linger: float = 30.0  # wait at most this long for neighbours to say goodbye
+    sync_timeout: float = 10.0  # sync_gossip: wait at most this long for a round's models
+
+    def validate(self, where: str) -> None:
+        if not self.id:
+            raise ConfigError(f"{where}.id: required (this node's id in the roster)")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(f"{where}.log_level: must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.listen:
+            host, sep, port = self.listen.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+                raise ConfigError(f"{where}.listen: expected 'host:port', got {self.listen!r}")
+        for name in ("checkpoint_every", "peer_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{where}.{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("wait_for_peers", "consensus_wait", "linger", "sync_timeout"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ConfigError(f"{where}.{name}: must be a finite number >= 0, got {v}")
+        if self.eval_every < 1:
+            raise ConfigError(f"{where}.eval_every: must be >= 1, got {self.eval_every}")
+        if self.consensus_exchanges < 0:
+            raise ConfigError(f"{where}.consensus_exchanges: must be >= 0, got {self.consensus_exchanges}")
+
+
+@dataclass
+class IdentitySection:
+    """The node's identity and trust files (paths relative to the config file)."""
+
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+    roster: str = ""
+    crl: str = ""
+
+    def validate(self, where: str) -> None:
+        for name in ("cert", "key", "ca", "roster", "crl"):
+            if not getattr(self, name):
+                raise ConfigError(f"{where}.{name}: required (path to the node's {name} file)")
+
+
+@dataclass
+class NodeConfig:
+    """A validated node configuration with its identity paths resolved."""
+
+    path: Path
+    node: NodeSection
+    identity: IdentitySection
+    common: CommonConfig
+    site_index: int
+    cert_path: Path = field(default_factory=Path)
+    key_path: Path = field(default_factory=Path)
+    ca_path: Path = field(default_factory=Path)
+    roster_path: Path = field(default_factory=Path)
+    crl_path: Path = field(default_factory=Path)
+    output_dir: Path = field(default_factory=Path)
+
+    @property
+    def log_level(self) -> int:
+        """The node's log level as a :mod:`logging` constant."""
+        return int(getattr(logging, self.node.log_level.upper()))
+
+    @property
+    def seed(self) -> int:
+        """The node's training seed (sampling and noise)."""
+        if self.node.seed >= 0:
+            return self.node.seed
+        return self.common.data.seed * 1000 + self.site_index
+
+    @property
+    def init_seed(self) -> int:
+        """The seed of the model's initial weights."""
+        return self.node.init_seed if self.node.init_seed >= 0 else self.common.model.seed
+
+
+_TOP_LEVEL = {"node", "identity", "data", "model", "dp", "topology", "strategy", "stop"}
+
+
+def node_config_from(table: dict[str, Any], path: str | Path) -> NodeConfig:
+    """Validate a parsed node config; ``path`` is where it came from (paths are relative to it)."""
+    p = Path(path)
+    src = str(p)
+    unknown = sorted(set(table) - _TOP_LEVEL)
+    if unknown:
+        raise ConfigError(f"{src}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_TOP_LEVEL))}")
+    if "node" not in table:
+        raise ConfigError(f"{src}: missing section [node] (at least node.id)")
+    if "identity" not in table:
+        raise ConfigError(f"{src}: missing section [identity] (cert, key, ca, roster, crl)")
+    node = from_table(NodeSection, table["node"], f"{src}: [node]")
+    identity = from_table(IdentitySection, table["identity"], f"{src}: [identity]")
+    rest = {k: v for k, v in table.items() if k not in ("node", "identity")}
+    data = dict(rest.get("data", {})) if isinstance(rest.get("data", {}), dict) else rest.get("data")
+    site_index = 0
+    if isinstance(data, dict):
+        if "site_index" not in data:
+            raise ConfigError(f"{src}: [data].site_index: required (which partition this node holds)")
+        raw = data.pop("site_index")
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(f"{src}: [data].site_index: expected an integer, got {raw!r}")
+        site_index = raw
+        rest["data"] = data
+    else:
+        raise ConfigError(f"{src}: missing section [data] (at least data.site_index)")
+    common = common_from(rest, src)
+    if not 0 <= site_index < common.data.num_sites:
+        raise ConfigError(f"{src}: [data].site_index: must be in 0..{common.data.num_sites - 1} "
+                          f"(data.num_sites = {common.data.num_sites}), got {site_index}")
+    base = p.parent
+    cfg = NodeConfig(path=p, node=node, identity=identity, common=common, site_index=site_index)
+    for name in ("cert", "key", "ca", "roster", "crl"):
+        resolved = resolve_path(base, getattr(identity, name))
+        if not resolved.is_file():
+            raise ConfigError(f"{src}: [identity].{name}: file not found: {resolved}")
+        setattr(cfg, f"{name}_path", resolved)
+    cfg.output_dir = resolve_path(base, node.output)
+    return cfg
+
+
+def load_node_config(path: str | Path) -> NodeConfig:
+    """Read and validate a node's TOML config file."""
+    return node_config_from(read_toml(path), path)
+
+
+__all__ = ["IdentitySection", "NodeConfig", "NodeSection", "load_node_config", "node_config_from"]
