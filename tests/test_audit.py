@@ -443,3 +443,74 @@ def test_cli_empirical(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--k-pos" in res.output
     res = runner.invoke(app, ["audit", "empirical"])
     assert res.exit_code == 2
+
+
+def _bad_middle_signature_under_intact_chain(path: Path, pki: dict[str, Any]) -> bytes:
+    """Entry 4's signature is garbage; the key holder re-chained and re-signed the rest."""
+    key, _ = pki["nodes"]["h1"]
+    lines = lines_of(path)
+    e = json.loads(lines[4])
+    e["signature"] = sign_bytes(key, b"something else")
+    lines[4] = canonical_bytes(e)
+    for i in range(5, len(lines)):
+        nxt = json.loads(lines[i])
+        nxt["prev_hash"] = entry_hash(lines[i - 1])
+        nxt["signature"] = sign_bytes(key, signing_bytes(nxt))
+        lines[i] = canonical_bytes(nxt)
+    return b"".join(x + b"\n" for x in lines)
+
+
+def test_full_check_names_a_bad_middle_signature(tmp_path: Path, pki: dict[str, Any]) -> None:
+    data = _bad_middle_signature_under_intact_chain(build(tmp_path / "l.jsonl", pki), pki)
+    res = verify_bytes(data)
+    assert res.error is not None and res.error.index == 4 and res.error.kind == "modified"
+    # the fast reopen path trusts the key holder's last signature (documented)
+    assert verify_bytes(data, every_signature=False).ok
+
+
+@pytest.mark.slow
+def test_parallel_signature_check(
+    tmp_path: Path, pki: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import accounting.ledger as ledger_mod
+
+    monkeypatch.setattr(ledger_mod, "PARALLEL_MIN_ENTRIES", 0)
+    path = build(tmp_path / "l.jsonl", pki)
+    jobs: list[tuple[bytes, bytes]] = []
+    fast = ledger_mod._verify(path.read_bytes(), None, every_signature=False, collect=jobs)
+    assert fast.ok and len(jobs) == 9  # all but the header and the last entry
+    assert fast.certificate is not None
+    assert ledger_mod._verify_parallel(fast.certificate, jobs, 2)
+    jobs[3] = (jobs[3][0], jobs[3][1] + b" ")
+    assert not ledger_mod._verify_parallel(fast.certificate, jobs, 2)
+    data = _bad_middle_signature_under_intact_chain(path, pki)
+    res = verify_bytes(data, workers=2)
+    assert res.error is not None and res.error.index == 4 and res.error.kind == "modified"
+
+
+def test_entry_outside_certificate_validity_fails(tmp_path: Path, pki: dict[str, Any]) -> None:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca = x509.load_pem_x509_certificate(pki["ca_pem"].encode())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old")]))
+        .issuer_name(ca.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now - dt.timedelta(hours=1))
+        .sign(pki["ca_key"], hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    path = tmp_path / "l.jsonl"
+    with Ledger.create(path, key, pem, POLICY, "v") as led:
+        led.append_dp_event(1.0, 0.01, 10, "psac", 1.0)
+    rep = audit(path, pki)
+    assert not rep.ok and rep.checks["certificate"] == "fail"
+    assert rep.issues[0].kind == "certificate_validity" and rep.issues[0].index == 0

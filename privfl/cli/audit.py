@@ -74,6 +74,7 @@ def ledger_cmd(
     plot: Path | None = typer.Option(None, "--plot", help="write ε over time to this PNG"),
     all_events: bool = typer.Option(False, "--all-events", help="list every DP event"),
     no_pld: bool = typer.Option(False, "--no-pld", help="skip the PLD cross-check (faster)"),
+    workers: int = typer.Option(1, "--workers", min=1, help="processes checking signatures of large ledgers"),
 ) -> None:
     """Verify LEDGER (certificate, signatures, hash chain, policy, budget) and recompute ε."""
     for p, what in [(ledger, "ledger"), (ca, "CA certificate"), *[(c, "certificate") for c in other_cert]]:
@@ -86,6 +87,7 @@ def ledger_cmd(
             other_certs=[c.read_bytes() for c in other_cert],
             expected_node_id=node_id,
             compute_pld=not no_pld,
+            workers=workers,
         )
     except (ValueError, OSError) as exc:
         raise _fail_input(str(exc)) from None
