@@ -161,8 +161,8 @@ class AsyncGossip(_GossipBase):
     try-lock (refused when busy), which cannot deadlock because an active node never
     waits for its own lock while a peer waits on it; ``peers`` (list of node ids the node
     may initiate with; default: every neighbour); ``seed`` (int) for the peer choice;
-    ``compressor`` (optional, reserved: see :meth:`_outgoing`). :meth:`roles` builds the
-    role keys from a topology.
+    ``compressor`` must be absent or ``"none"`` (see :meth:`_outgoing`). :meth:`roles`
+    builds the role keys from a topology.
 
     Exchange (atomic pairwise averaging, ``x_i = x_j = (x_i + x_j)/2``): the active side
     holds its own lock, sends its model; the passive side, under its lock, replies with
@@ -179,7 +179,9 @@ class AsyncGossip(_GossipBase):
         peers = self.config.get("peers")
         self.peers: list[str] = list(peers) if peers is not None else list(network.neighbors())
         self._rng = random.Random(int(self.config.get("seed", 0)))
-        self.compressor = self.config.get("compressor")
+        if self.config.get("compressor") not in (None, "none"):
+            raise ConfigError("async_gossip: compression is not supported (pairwise averaging of compressed "
+                              "models needs shared estimates); use sync_gossip with a compressor")
         self._version = 0  # bumped by every change to self.params made by an exchange
         self.exchanges = 0
         self.served = 0
@@ -308,11 +310,21 @@ class SyncGossip(_GossipBase):
 
     Config keys: ``local_steps``; ``mixing`` (this node's row of W over its neighbours,
     ``{peer: w_ij}``) or ``topology`` (a ``Topology``; its MH row is used);
-    ``timeout`` (seconds to wait for neighbours in :meth:`step`, default 30).
+    ``timeout`` (seconds to wait for neighbours in :meth:`step`, default 30);
+    ``compressor`` (optional ``strategies.compression.Compressor`` without error feedback,
+    one instance per node), ``gamma`` (consensus step, default 0.5) and
+    ``shared_init`` (all nodes start from the same public model, default False).
 
-    ``x_i ← W_ii x_i + Σ_j W_ij x_j``. A neighbour whose message is missing (timeout,
-    stopped, invalid) has its weight put back on the node itself, so the row still sums
-    to one (the global mean is then no longer exactly preserved that round).
+    Dense: ``x_i ← W_ii x_i + Σ_j W_ij x_j``. A neighbour whose message is missing
+    (timeout, stopped, invalid) has its weight put back on the node itself, so the row
+    still sums to one (the global mean is then no longer exactly preserved that round).
+
+    Compressed (CHOCO-style innovation gossip, ``strategies.compression.InnovationGossip``):
+    each node sends ``C(x_i − x̂_i)`` of its post-noise model (a ``released`` value, so
+    compression is post-processing) and mixes ``x_i ← x_i + γ Σ_j W_ij (x̂_j − x̂_i)``.
+    It needs every message of a live neighbour delivered exactly once; a stopped node
+    sends nothing and moves neither its own nor others' copies of its estimate, so the
+    estimates stay in step.
     """
 
     synchronous = True
@@ -331,6 +343,16 @@ class SyncGossip(_GossipBase):
             raise ConfigError(f"sync_gossip: mixing weights must be >= 0 and sum to <= 1, got {self.mixing}")
         self.timeout = float(self.config.get("timeout", 30.0))
         self.missing = 0
+        self.innovation: Any = None
+        comp = self.config.get("compressor")
+        if comp is not None and comp != "none":
+            from strategies.compression import Compressor, InnovationGossip, released
+
+            if not isinstance(comp, Compressor):
+                raise ConfigError(f"sync_gossip: compressor must be a strategies.compression.Compressor, got {comp!r}")
+            initial = released(self.params, "public initial model") if self.config.get("shared_init") else None
+            self.innovation = InnovationGossip(self.node_id, self.mixing, comp,
+                                               float(self.config.get("gamma", 0.5)), initial)
 
     def begin_round(self) -> StepReport:
         """Train ``local_steps`` and send the new model to every neighbour (nothing once stopped)."""
@@ -341,8 +363,17 @@ class SyncGossip(_GossipBase):
             return self._report(0, [], 0, 0)
         self.params = trained
         sent, peers = 0, []
+        payload = None
+        if self.innovation is not None:
+            from strategies.compression import released
+
+            # the model was updated only by noised gradients (or is a mix of released models)
+            payload = self.innovation.make_message(released(self.params, "dp-sgd model"))
         for peer in self.mixing:
-            msg = ModelMessage(sender=self.node_id, round=self.round, kind="model", params=_copy(self.params))
+            if payload is not None:
+                msg = ModelMessage(sender=self.node_id, round=self.round, kind="innovation", payload=payload)
+            else:
+                msg = ModelMessage(sender=self.node_id, round=self.round, kind="model", params=_copy(self.params))
             if self.network.send(peer, msg):
                 sent += msg.nbytes
                 peers.append(peer)
@@ -353,6 +384,8 @@ class SyncGossip(_GossipBase):
 
     def finish_round(self, received: dict[str, ModelMessage]) -> StepReport:
         """Mix: ``x_i ← W_ii x_i + Σ_j W_ij x_j``; missing neighbours' weight stays on self."""
+        if self.innovation is not None:
+            return self._finish_compressed(received)
         got: dict[str, Params] = {}
         nbytes = 0
         for peer in self.mixing:
@@ -378,6 +411,29 @@ class SyncGossip(_GossipBase):
         self.bytes_received += nbytes
         self.round += 1
         return self._report(0, sorted(got), 0, nbytes)
+
+    def _finish_compressed(self, received: dict[str, ModelMessage]) -> StepReport:
+        from strategies.compression import MalformedMessage, released
+
+        nbytes, peers = 0, []
+        for peer in self.mixing:
+            msg = received.get(peer)
+            if msg is None or msg.kind != "innovation" or msg.round != self.round:
+                self.missing += 1
+                continue
+            try:
+                self.innovation.receive(peer, msg.payload)
+            except MalformedMessage as e:
+                log.warning("node %s: dropped malformed innovation from %s: %s", self.node_id, peer, e)
+                self.missing += 1
+                continue
+            nbytes += msg.nbytes
+            peers.append(peer)
+        mixed = self.innovation.consensus_step(released(self.params, "dp-sgd model"))
+        self.params = [np.asarray(m).astype(p.dtype) for m, p in zip(mixed.arrays, self.params)]
+        self.bytes_received += nbytes
+        self.round += 1
+        return self._report(0, peers, 0, nbytes)
 
     def step(self) -> StepReport:
         """One whole round for a real node: train and send, wait for neighbours, mix."""

@@ -460,3 +460,31 @@ def test_sync_gossip_needs_mixing_and_valid_local_steps() -> None:
         AsyncGossip(IdentityClient(), hub.net("n0"), [np.zeros(2)], {"local_steps": 0})
     with pytest.raises(ConfigError, match="mixing"):
         SyncGossip(IdentityClient(), hub.net("n0"), [np.zeros(2)], {"mixing": {"n1": 0.7, "n2": 0.7}})
+
+
+def test_sync_gossip_compressed_innovation_conserves_sum_and_converges() -> None:
+    from strategies.compression import compressor_from_config
+
+    topo = build_topology("ring", ids(5))
+    models = random_models(5, seed=4)
+    hub = Hub(topo)
+    nodes = []
+    for i, nid in enumerate(topo.nodes):
+        comp = compressor_from_config("topk", ratio=0.25, error_feedback=False)
+        s = SyncGossip(IdentityClient(), hub.net(nid), models[i],
+                       {"local_steps": 1, "topology": topo, "compressor": comp, "gamma": 0.5})
+        hub.nodes[nid] = s
+        nodes.append(s)
+    start_sum = total([n.params for n in nodes])
+    d0 = max_dist([n.params for n in nodes])
+    dense = sum(p.nbytes for p in models[0])
+    for r in range(150):
+        sent = [n.begin_round().bytes_sent for n in nodes]
+        assert all(0 < b < dense * 2 for b in sent)  # 2 neighbours, each far less than the dense model
+        for n in nodes:
+            n.finish_round(n.network.receive(r, list(n.mixing), 1.0))
+    for a, b in zip(start_sum, total([n.params for n in nodes])):
+        np.testing.assert_allclose(b, a, atol=1e-6)
+    assert max_dist([n.params for n in nodes]) < d0 * 1e-3
+    with pytest.raises(ConfigError, match="compression"):
+        AsyncGossip(IdentityClient(), hub.net("n0"), models[0], {"compressor": comp})

@@ -197,3 +197,32 @@ def test_profiles_and_bad_input() -> None:
         run_simulation(spec(stop=StopCriteria()))
     with pytest.raises(ConfigError, match="bandwidth"):
         run_simulation(spec(links=LinkSpec(bandwidth=0)))
+
+
+@pytest.mark.parametrize("name,params", [("allreduce", {}), ("periodic", {"period": 3}),
+                                         ("adaptive_period", {"warmup_syncs": 2, "p_max": 8})])
+def test_allreduce_family_runs_as_collective_strategies(name: str, params: dict) -> None:
+    r = run_simulation(spec(strategy=name, strategy_params=params, stop=StopCriteria(max_steps=12), eval_every=None,
+                            eval_every_rounds=1))
+    assert r.summary["final_consensus_max"] == 0.0
+    assert min(r.summary["steps"].values()) >= 12
+    assert all(sent > 0 for sent in r.summary["bytes_sent"].values())
+    eps = set(r.summary["epsilon"].values())
+    assert len(eps) == 1 and 0 < eps.pop() < 8.0  # same steps, same q: the same ε on every node
+
+
+def test_collective_budget_exhaustion_keeps_the_last_model() -> None:
+    r = run_simulation(spec(strategy="allreduce", dp=dp(target_epsilon=4.0), stop=StopCriteria(max_rounds=50)))
+    assert r.summary["end_reason"] == "all_stopped"
+    assert set(r.summary["steps"].values()) == {7}
+    assert all("budget" in v for v in r.summary["stop_reasons"].values())
+
+
+def test_sync_gossip_with_compression_sends_fewer_bytes() -> None:
+    dense = run_simulation(spec(strategy="sync_gossip", model="mlp", stop=StopCriteria(max_rounds=8)))
+    comp = run_simulation(spec(strategy="sync_gossip", model="mlp", stop=StopCriteria(max_rounds=8),
+                               strategy_params={"compressor": "topk",
+                                                "compression_params": {"ratio": 0.05, "error_feedback": False}}))
+    assert sum(comp.summary["bytes_sent"].values()) < 0.2 * sum(dense.summary["bytes_sent"].values())
+    assert comp.summary["epsilon"] == dense.summary["epsilon"]  # compression is post-processing
+    assert comp.summary["mean_accuracy"] > 0.85

@@ -298,7 +298,7 @@ class Engine:
             while True:
                 if self._limit_reached(t):
                     break
-                live = {nid: c for i, (nid, c) in enumerate(self.clients.items()) if not self.stopped[i]}
+                live = {nid: self.clients[nid] for i, nid in enumerate(self.node_ids) if not self.stopped[i]}
                 cr = strategy.run_round(live, params, self.round)
                 durations = []
                 for i, nid in enumerate(self.node_ids):
@@ -316,7 +316,7 @@ class Engine:
                     self.epsilons[i] = self._epsilon(i, fallback)
                     if nid in cr.stopped and not self.stopped[i]:
                         self.stopped[i] = True
-                        self.stop_reasons[nid] = "stopped by strategy (privacy budget)"
+                        self.stop_reasons[nid] = str(m.get("stop_reason", "stopped by the strategy"))
                 t += max(durations) if durations else 0.0
                 self.world.clocks = [t] * n
                 self.round += 1
