@@ -26,7 +26,6 @@ import heapq
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,7 +363,3 @@ def _config(msg: str) -> Exception:
 
     return ConfigError(msg)
 
-
-def now_wall() -> float:
-    """Wall-clock seconds (for the summary's real run time only, never for virtual time)."""
-    return time.perf_counter()
