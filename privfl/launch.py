@@ -504,7 +504,8 @@ def launch_consortium(config: str | Path, runs_dir: str | Path | None = None, pr
     if progress:
         console.print(result_table(summary))
         cd, d0 = summary.get("consensus_distance"), summary.get("initial_distance")
-        console.print(f"mean accuracy {summary['mean_accuracy']}, max ε {summary['max_epsilon']:.3f} "
+        ma = summary['mean_accuracy']
+        console.print(f"mean accuracy {ma if ma is None else f'{ma:.3f}'}, max ε {summary['max_epsilon']:.3f} "
                       f"(target {summary['target_epsilon']:g}), consensus distance "
                       f"{cd if cd is None else f'{cd:.3g}'} (initial {d0 if d0 is None else f'{d0:.3g}'})")
     (plan.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -220,9 +220,9 @@ class GrpcPeerNetwork:
         except TransportError as exc:
             log.info("node %s: exchange with %s failed: %s", self.node_id, peer, exc)
             return None
-        if not self._accept_policy(peer, reply.scalars):
-            return None
         if reply.kind == REFUSED_KIND or not reply.tensors:
+            return None  # busy, stopped or refused: nothing to check, nothing to apply
+        if not self._accept_policy(peer, reply.scalars):
             return None
         try:
             return from_transport(reply, self.names)
@@ -278,10 +278,14 @@ class GrpcPeerNetwork:
             return set(self.control[kind])
 
     # ---- server side ------------------------------------------------------------------
+    def _refused(self) -> Message:
+        """The reply to a request we do not serve (it carries no model, only our policy)."""
+        return Message(kind=REFUSED_KIND, scalars=self.policy.scalars() if self.policy else {})
+
     def _handle(self, sender: str, msg: DecodedMessage) -> Message | None:
         """Route one authenticated, validated incoming message."""
         if not self._accept_policy(sender, msg.scalars):
-            return Message(kind=REFUSED_KIND)
+            return self._refused()
         if msg.kind in CONTROL_KINDS:
             with self._cond:
                 self.control[msg.kind].add(sender)
@@ -292,7 +296,7 @@ class GrpcPeerNetwork:
             incoming = from_transport(msg, self.names)
         except TransportError as exc:
             log.warning("node %s: refused %s from %s: %s", self.node_id, msg.kind, sender, exc)
-            return Message(kind=REFUSED_KIND)
+            return self._refused()
         if msg.kind == "model":
             with self._cond:
                 self._inbox[(incoming.round, sender)] = incoming
@@ -300,11 +304,11 @@ class GrpcPeerNetwork:
             return None
         strategy = self.strategy
         if strategy is None or not self.serving_models:
-            return Message(kind=REFUSED_KIND)
+            return self._refused()
         if msg.kind == "exchange_request":
             reply = strategy.handle_exchange(sender, incoming)
             if reply is None:
-                return Message(kind=REFUSED_KIND)
+                return self._refused()
             # recorded under the request's sequence number: the reply's own is set by the server
             out = to_transport(reply, self.names, self.policy)
             if out.tensors and self.on_release is not None:

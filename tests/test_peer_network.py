@@ -112,6 +112,9 @@ def test_exchange_averages_over_mtls_and_records_releases(cluster: _Cluster) -> 
     (peer_b, seq_b, _r, digest_b, _n), = cluster.released["b"]
     assert peer_b == "a" and seq_b == seq and digest_b != digest  # b's reply: its pre-average model
     assert cluster.nets["a"].counters.total().bytes_sent > 32
+    with b._lock:  # b busy (try-lock): a's request is refused, which is no policy violation
+        assert not a._exchange_with("b")[2]
+    assert not any(net.refused_policy for net in cluster.nets.values())
 
 
 @pytest.mark.timeout(60)
