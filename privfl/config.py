@@ -33,9 +33,12 @@ class DataSection:
     alpha: float = 0.5
     shards_per_site: int = 2
     test_fraction: float = 0.2
+    scaling: str = "site"
     seed: int = 0
 
     def validate(self, where: str) -> None:
+        if self.scaling not in ("site", "scale", "log", "none"):
+            raise ConfigError(f"{where}.scaling: must be site, scale, log or none, got {self.scaling!r}")
         if self.num_sites < 1:
             raise ConfigError(f"{where}.num_sites: must be >= 1, got {self.num_sites}")
         if self.partitioning not in ("iid", "dirichlet", "shards", "quantity"):

@@ -120,6 +120,7 @@ def spec_for(exp: Experiment, strategy: str, progress: bool = False) -> SimSpec:
         alpha=c.data.alpha,
         shards_per_site=c.data.shards_per_site,
         test_fraction=c.data.test_fraction,
+        scaling=c.data.scaling,
         model=c.model.name,
         hidden=tuple(c.model.hidden),
         dp=c.dp.to_dp_config(),

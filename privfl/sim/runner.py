@@ -52,6 +52,7 @@ class SimSpec:
     alpha: float = 0.5
     shards_per_site: int = 2
     test_fraction: float = 0.2
+    scaling: str = "site"
     model: str = "logreg"
     hidden: tuple[int, ...] = (64, 32)
     dp: DPConfig = field(default_factory=lambda: DPConfig(noise_multiplier=1.0, batch_size=16, lr=0.5))
@@ -245,7 +246,8 @@ def _run(spec: SimSpec) -> SimulationResult:
     node_ids = list(spec.node_ids) if spec.node_ids else [f"node{i}" for i in range(n)]
     data = load_dataset(spec.dataset, label_column=spec.label_column, seed=spec.seed)
     sites = split_sites(data, n, spec.partitioning, seed=spec.seed, alpha=spec.alpha,  # type: ignore[arg-type]
-                        test_fraction=spec.test_fraction, shards_per_site=spec.shards_per_site)
+                        test_fraction=spec.test_fraction, shards_per_site=spec.shards_per_site,
+                        scaling=spec.scaling)  # type: ignore[arg-type]
     in_shape = tuple(data.x.shape[1:])
     num_classes = data.num_classes
     topo_params = dict(spec.topology_params)
