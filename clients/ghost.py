@@ -44,6 +44,12 @@ log = logging.getLogger("privfl.clients")
 #: above it, use the Gram trick (more flops, memory B·L² instead of B·|W|).
 MATERIALISE_LIMIT_BYTES = 256 * 2**20
 
+#: How conv per-sample weight gradients are materialised: "unfold" (strided unfold + bmm),
+#: "grouped" (one grouped weight-gradient convolution), or "auto": grouped when a kernel has
+#: at least GROUPED_CONV_MIN_COLS input columns (C_in·kh·kw), where it measured faster on CPU.
+CONV_METHOD = "auto"
+GROUPED_CONV_MIN_COLS = 32
+
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
 
 
@@ -59,6 +65,16 @@ class _Record:
         self.activation = None
         self.backprop = None
         self.cache = None
+
+
+class _State:
+    """Mutable per-step flags of a :class:`GhostGradModule`."""
+
+    __slots__ = ("capturing", "batch_size")
+
+    def __init__(self) -> None:
+        self.capturing = False
+        self.batch_size: int | None = None
 
 
 class _Layer:
@@ -81,8 +97,8 @@ class _Layer:
 
 
 def _vdot(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise squared norm of a (B, k) tensor."""
-    return torch.linalg.vecdot(x, x)
+    """Row-wise squared norm of a (B, k) tensor (one reduction, no (B, k) temporary)."""
+    return torch.linalg.vector_norm(x, dim=1).square_()
 
 
 class _Linear(_Layer):
@@ -103,16 +119,17 @@ class _Linear(_Layer):
         b = a.shape[0]
         aT = a.reshape(b, -1, a.shape[-1]).transpose(1, 2)  # (B, K, T)
         dT = d.reshape(b, -1, d.shape[-1]).transpose(1, 2)  # (B, O, T)
-        self.record.cache = _SeqCache(aT, dT, self.w is not None, self.b is not None)
+        self.record.cache = _SeqCache(dT, aT.shape[1] if self.w is not None else 0, self.b is not None,
+                                      lambda: aT)
         return self.record.cache.norm_sq()
 
     def clipped_sum(self, a: torch.Tensor, d: torch.Tensor, coef: torch.Tensor,
                     noise: dict[nn.Parameter, torch.Tensor]) -> None:
         if a.dim() == 2:
             if self.w is not None:
-                self.w.grad = torch.addmm(noise[self.w], (d * coef[:, None]).t(), a)
+                self.w.grad = noise[self.w].addmm_((d * coef[:, None]).t(), a)
             if self.b is not None:
-                self.b.grad = torch.addmv(noise[self.b], d.t(), coef)
+                self.b.grad = noise[self.b].addmv_(d.t(), coef)
             return
         self.record.cache.clipped_sum(coef, self.w, self.b, noise)
 
@@ -135,13 +152,30 @@ class _Conv2d(_Layer):
         m: nn.Conv2d = self.module  # type: ignore[assignment]
         b = a.shape[0]
         dT = d.reshape(b, d.shape[1], -1)  # (B, O, L)
-        aT = _unfold(a, m) if self.w is not None else None  # (B, K, L)
-        self.record.cache = _SeqCache(aT, dT, self.w is not None, self.b is not None)
+        k = a.shape[1] * m.kernel_size[0] * m.kernel_size[1] if self.w is not None else 0
+        method = CONV_METHOD if CONV_METHOD != "auto" else ("grouped" if k >= GROUPED_CONV_MIN_COLS else "unfold")
+        grouped = (lambda: _grouped_weight_grad(a, d, m)) if method == "grouped" else None
+        self.record.cache = _SeqCache(dT, k, self.b is not None, lambda: _unfold(a, m), grouped)
         return self.record.cache.norm_sq()
 
     def clipped_sum(self, a: torch.Tensor, d: torch.Tensor, coef: torch.Tensor,
                     noise: dict[nn.Parameter, torch.Tensor]) -> None:
         self.record.cache.clipped_sum(coef, self.w, self.b, noise)
+
+
+def _grouped_weight_grad(x: torch.Tensor, d: torch.Tensor, m: nn.Conv2d) -> torch.Tensor:
+    """Per-sample weight gradients (B·O, C, kh, kw): the batch as B convolution groups.
+
+    One weight-gradient convolution (oneDNN on CPU) with no explicit unfold; it costs about
+    what the non-private weight gradient costs, which the fast engine never computes.
+    """
+    b, c = x.shape[:2]
+    o = d.shape[1]
+    shape = (b * o, c, *m.kernel_size)
+    return torch.ops.aten.convolution_backward(
+        d.reshape(1, b * o, *d.shape[2:]), x.reshape(1, b * c, *x.shape[2:]),
+        x.new_empty(1).expand(shape), None, list(m.stride), list(m.padding), list(m.dilation),  # type: ignore[arg-type]
+        False, [0, 0], b, [False, True, False])[1]
 
 
 def _unfold(x: torch.Tensor, m: nn.Conv2d) -> torch.Tensor:
@@ -160,26 +194,35 @@ def _unfold(x: torch.Tensor, m: nn.Conv2d) -> torch.Tensor:
 
 
 class _SeqCache:
-    """Per-sample gradients δ_iᵀU_i summed over positions (conv / sequence layers)."""
+    """Per-sample gradients δ_iᵀU_i summed over positions (conv / sequence layers).
 
-    def __init__(self, aT: torch.Tensor | None, dT: torch.Tensor, weight: bool, bias: bool) -> None:
-        self.aT, self.dT = aT, dT  # (B, K, L), (B, O, L)
-        self.weight, self.bias = weight, bias
+    ``unfolded()`` gives U as (B, K, L); ``grouped()``, when given, gives the materialised
+    per-sample weight gradients (B, O·K) directly.
+    """
+
+    def __init__(self, dT: torch.Tensor, k: int, bias: bool, unfolded: Callable[[], torch.Tensor],
+                 grouped: Callable[[], torch.Tensor] | None = None) -> None:
+        self.dT = dT  # (B, O, L)
+        self.k, self.bias = k, bias
+        self.unfolded, self.grouped = unfolded, grouped
+        self.aT: torch.Tensor | None = None
         self.g_w: torch.Tensor | None = None
         self.g_b: torch.Tensor | None = None
         b, o, _ = dT.shape
-        k = aT.shape[1] if aT is not None else 0
         self.materialise = b * o * k * dT.element_size() <= MATERIALISE_LIMIT_BYTES
 
     def norm_sq(self) -> torch.Tensor:
         b = self.dT.shape[0]
         total = torch.zeros(b, dtype=self.dT.dtype, device=self.dT.device)
-        if self.weight:
-            assert self.aT is not None
+        if self.k:
             if self.materialise:
-                self.g_w = torch.bmm(self.dT, self.aT.transpose(1, 2)).reshape(b, -1)  # (B, O·K)
+                if self.grouped is not None:
+                    self.g_w = self.grouped().reshape(b, -1)
+                else:
+                    self.g_w = torch.bmm(self.dT, self.unfolded().transpose(1, 2)).reshape(b, -1)  # (B, O·K)
                 total = _vdot(self.g_w)
             else:
+                self.aT = self.unfolded()
                 dd = torch.bmm(self.dT.transpose(1, 2), self.dT)  # (B, L, L)
                 aa = torch.bmm(self.aT.transpose(1, 2), self.aT)
                 total = (dd * aa).sum(dim=(1, 2))
@@ -192,16 +235,16 @@ class _SeqCache:
                     noise: dict[nn.Parameter, torch.Tensor]) -> None:
         if w is not None:
             if self.g_w is not None:
-                w.grad = torch.addmv(noise[w].reshape(-1), self.g_w.t(), coef).view_as(w)
+                w.grad = noise[w].reshape(-1).addmv_(self.g_w.t(), coef).view_as(w)
             else:
                 assert self.aT is not None
                 b, o, length = self.dT.shape
                 dc = (self.dT * coef[:, None, None]).transpose(0, 1).reshape(o, b * length)
                 at = self.aT.transpose(1, 2).reshape(b * length, -1)
-                w.grad = torch.addmm(noise[w].reshape(o, -1), dc, at).view_as(w)
+                w.grad = noise[w].reshape(o, -1).addmm_(dc, at).view_as(w)
         if bias is not None:
             assert self.g_b is not None
-            bias.grad = torch.addmv(noise[bias], self.g_b.t(), coef)
+            bias.grad = noise[bias].addmv_(self.g_b.t(), coef)
 
 
 class _Norm(_Layer):
@@ -244,7 +287,7 @@ class _Norm(_Layer):
         g_w, g_b = self.record.cache
         for p, g in ((self.w, g_w), (self.b, g_b)):
             if p is not None:
-                p.grad = torch.addmv(noise[p].reshape(-1), g.t(), coef).view_as(p)
+                p.grad = noise[p].reshape(-1).addmv_(g.t(), coef).view_as(p)
 
 
 def _make_layer(name: str, module: nn.Module) -> _Layer:
@@ -285,9 +328,13 @@ class GhostGradModule(nn.Module):
         if not self.layers:
             raise ConfigError("dp.engine 'fast': the model has no trainable parameters")
         self.trainable: list[nn.Parameter] = [p for layer in self.layers for p in layer.params]
-        self._capturing = False
+        self._state = _State()  # written every step: a plain object, not nn.Module.__setattr__
         self._handles = [layer.module.register_forward_hook(self._forward_hook(layer)) for layer in self.layers]
-        self.batch_size: int | None = None
+
+    @property
+    def batch_size(self) -> int | None:
+        """Rows of the batch recorded this step (None before a recording forward)."""
+        return self._state.batch_size
 
     @property
     def module(self) -> nn.Module:
@@ -296,6 +343,7 @@ class GhostGradModule(nn.Module):
 
     def _forward_hook(self, layer: _Layer) -> Callable[..., torch.Tensor | None]:
         rec = layer.record
+        state = self._state
 
         def set_backprop(grad: torch.Tensor) -> None:
             if rec.backprop is not None:
@@ -304,7 +352,7 @@ class GhostGradModule(nn.Module):
             rec.backprop = grad.detach()
 
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
-            if not self._capturing:
+            if not state.capturing:
                 return None
             if rec.activation is not None:
                 raise RuntimeError(f"layer {layer.name!r} ran twice in one step (shared or reused layer, or a "
@@ -322,27 +370,28 @@ class GhostGradModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return self._module(*args, **kwargs)
-        if self.batch_size is not None:
+        state = self._state
+        if state.batch_size is not None:
             raise RuntimeError("a second forward pass before optimizer.step()/zero_grad(): the fast DP engine "
                                "does not accumulate batches (Poisson sampling forbids it)")
         for p in self.trainable:  # autograd then skips the non-private weight gradients
             p.requires_grad_(False)
-        self._capturing = True
+        state.capturing = True
         try:
             out = self._module(*args, **kwargs)
         finally:
-            self._capturing = False
+            state.capturing = False
             for p in self.trainable:
                 p.requires_grad_(True)
         acts = [layer.record.activation for layer in self.layers if layer.record.activation is not None]
-        self.batch_size = int(acts[0].shape[0]) if acts else 0
+        state.batch_size = int(acts[0].shape[0]) if acts else 0
         return out
 
     def clear(self) -> None:
         """Drop what the last forward/backward recorded."""
         for layer in self.layers:
             layer.record.clear()
-        self.batch_size = None
+        self._state.batch_size = None
 
     def _live(self) -> list[_Layer]:
         """Layers that got both an activation and an output gradient this step."""
@@ -383,7 +432,7 @@ class GhostGradModule(nn.Module):
             done.update(id(p) for p in la.params)
         for p in self.trainable:
             if id(p) not in done:
-                p.grad = noise[p].clone()
+                p.grad = noise[p]
 
 
 class GhostDPOptimizer(Optimizer):

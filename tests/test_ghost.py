@@ -120,6 +120,21 @@ def test_gram_path_equals_materialised_path(name, monkeypatch):
     assert torch.allclose(got, ref, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("name", ["cnn", "oddconv"])
+@pytest.mark.parametrize("method", ["unfold", "grouped"])
+def test_conv_materialisation_methods_equal_opacus(name, method, monkeypatch):
+    model, shape, k = _model(name)
+    x, y = _batch(shape, k)
+    ref = _opacus_norms(model, x, y)
+    monkeypatch.setattr(ghost, "CONV_METHOD", method)
+    assert torch.allclose(_fast_norms(model, x, y), ref, rtol=1e-5, atol=0)
+    ps = _per_sample_grads(model, x, y)
+    w = clipping_rule("psac").weights(ref, 0.5)
+    got, _ = _fast_step_grads(model, x, y, "psac", 0.5, 10)
+    for key, g in ps.items():
+        assert torch.allclose(got[key], torch.einsum("i,i...->...", w, g) / 10, rtol=1e-4, atol=1e-7), key
+
+
 # ---- clipped sum against an explicit per-sample computation ------------------------------
 def _fast_step_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule: str, c: float,
                      expected: int) -> tuple[dict[str, torch.Tensor], GhostDPOptimizer]:
