@@ -9,9 +9,21 @@ from accounting.accountant import (
     sampled_gaussian_event,
 )
 from accounting.budget import BudgetExhausted, BudgetGuard
+from accounting.audit import AuditReport, audit_ledger
+from accounting.audit_empirical import OneRunAudit, audit_one_run, epsilon_lower_bound
 from accounting.calibration import calibrate_noise
+from accounting.ledger import Ledger, LedgerError, LedgerPolicy, TornTailError
 
 __all__ = [
+    "AuditReport",
+    "Ledger",
+    "LedgerError",
+    "LedgerPolicy",
+    "OneRunAudit",
+    "TornTailError",
+    "audit_ledger",
+    "audit_one_run",
+    "epsilon_lower_bound",
     "NEIGHBORING_RELATION",
     "BudgetExhausted",
     "BudgetGuard",

@@ -28,7 +28,7 @@ from clients.ghost import make_ghost_private
 from clients.optimizer import PerSampleWeightDPOptimizer
 from privfl.errors import ConfigError
 
-warnings.filterwarnings("ignore", message=".*full backward hook.*")
+warnings.filterwarnings("ignore", message="(?i).*full backward hook.*")
 warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
 
 NDArrays = list[np.ndarray]
@@ -104,6 +104,9 @@ class DPClient(flwr.client.NumPyClient):
             noise_gen = torch.Generator(device=self.device).manual_seed(seed + 7919)
             self._noise_gen: torch.Generator | None = noise_gen
             if config.engine == "fast":
+                if config.mechanism != "gaussian":
+                    raise ConfigError(f"dp.engine: the 'fast' engine implements the gaussian mechanism only, "
+                                      f"not {config.mechanism!r}; use engine = 'opacus'")
                 self.train_module, self.optimizer = self._make_fast_dp(base_opt, noise_gen)
             else:
                 self.train_module = GradSampleModule(self.module)
@@ -196,7 +199,7 @@ class DPClient(flwr.client.NumPyClient):
         """Account for ``steps`` before they run (write-ahead: crash-safe)."""
         self.accountant.step(self.noise_multiplier, self.sample_rate, steps)
         if self.on_dp_event is not None:
-            self.on_dp_event({
+            event = {
                 "mechanism": "poisson_gaussian",
                 "noise_multiplier": self.noise_multiplier,
                 "sample_rate": self.sample_rate,
@@ -207,7 +210,11 @@ class DPClient(flwr.client.NumPyClient):
                 "accountant": self.accountant.method,
                 "epsilon": self.epsilon,
                 "delta": self.config.delta,
-            })
+                "local_mechanism": self.config.mechanism,
+            }
+            if self.config.mechanism == "topagg":
+                event["topagg_k"] = int(self.config.mechanism_params.get("k", 0))
+            self.on_dp_event(event)
 
     # ---- training ---------------------------------------------------------------------
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,10 +240,15 @@ class DPClient(flwr.client.NumPyClient):
             xb, yb = self._next_batch()
             xb, yb = xb.to(self.device), yb.to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.criterion(self.train_module(xb), yb) if len(yb) else None
-            if loss is not None:
-                loss.backward()
+            out = self.train_module(xb)
+            if len(yb):
+                loss = self.criterion(out, yb)
                 losses.append(float(loss.detach()))
+            else:
+                # An empty Poisson batch still takes a (noise-only) step: skipping it would
+                # make the released model depend on whether the batch was empty.
+                loss = out.sum() * 0.0
+            loss.backward()
             self.optimizer.step()
         if allowed < steps:
             self.exhausted = True

@@ -38,7 +38,9 @@ def test_every_clipped_norm_is_below_c(norm, c, r, rule):
     n = torch.tensor([norm], dtype=torch.float64)
     w = clipping_rule(rule, psac_r=r, autos_gamma=r).weights(n, c)
     assert float(n * w) <= c * (1 + 1e-12)
-    if rule != "flat":
+    if rule != "flat" and norm <= 1e3:
+        # mathematically n·w(n) < C for every n; above ~1e5 the gap falls below float64
+        # resolution and the product can round to exactly C, still within the bound above
         assert float(n * w) < c
 
 

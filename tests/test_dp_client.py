@@ -110,3 +110,21 @@ def test_restored_client_continues_noise_stream_instead_of_replaying_it(site):
     for x, y in zip(cont, restored):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
     assert any(not np.allclose(x, y) for x, y in zip(restored, fresh))
+
+
+@pytest.mark.parametrize("engine", ["opacus", "fast"])
+def test_empty_poisson_batches_take_noise_only_steps(site, engine):
+    """With an expected batch of 1, about a third of Poisson batches are empty; each is
+    still a step (noise only), never a crash and never a skipped release."""
+    c = make_client(site, batch_size=1, engine=engine)
+    p0 = c.get_parameters({})
+    p, _, m = c.fit(p0, {"local_steps": 12})
+    assert m["steps"] == 12 and c.accountant.steps == 12
+    assert all(np.isfinite(x).all() for x in p)
+    assert any(not np.allclose(a, b) for a, b in zip(p, p0))
+
+
+def test_fast_engine_refuses_topagg(site):
+    from privfl.errors import ConfigError
+    with pytest.raises(ConfigError, match="fast"):
+        make_client(site, engine="fast", mechanism="topagg", mechanism_params={"k": 5})
