@@ -97,7 +97,9 @@ class _Layer:
 
 
 def _vdot(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise squared norm of a (B, k) tensor (one reduction, no (B, k) temporary)."""
+    """Row-wise squared norm of a (B, k) tensor; big ones without a (B, k) temporary."""
+    if x.numel() < 65536:
+        return torch.linalg.vecdot(x, x)
     return torch.linalg.vector_norm(x, dim=1).square_()
 
 
@@ -115,7 +117,7 @@ class _Linear(_Layer):
             if self.w is None:
                 return d_sq
             a_sq = _vdot(a)
-            return d_sq * (a_sq + 1.0) if self.b is not None else d_sq * a_sq
+            return torch.addcmul(d_sq, d_sq, a_sq) if self.b is not None else d_sq * a_sq
         b = a.shape[0]
         aT = a.reshape(b, -1, a.shape[-1]).transpose(1, 2)  # (B, K, T)
         dT = d.reshape(b, -1, d.shape[-1]).transpose(1, 2)  # (B, O, T)
@@ -127,7 +129,7 @@ class _Linear(_Layer):
                     noise: dict[nn.Parameter, torch.Tensor]) -> None:
         if a.dim() == 2:
             if self.w is not None:
-                self.w.grad = noise[self.w].addmm_((d * coef[:, None]).t(), a)
+                self.w.grad = noise[self.w].addmm_((d * coef.unsqueeze(1)).t(), a)
             if self.b is not None:
                 self.b.grad = noise[self.b].addmv_(d.t(), coef)
             return
@@ -379,6 +381,9 @@ class GhostGradModule(nn.Module):
         state.capturing = True
         try:
             out = self._module(*args, **kwargs)
+        except BaseException:
+            self.clear()  # a failed forward leaves nothing half-recorded behind
+            raise
         finally:
             state.capturing = False
             for p in self.trainable:

@@ -212,6 +212,54 @@ def test_noisy_updates_equal_opacus_with_same_generator(name, rule):
     assert not torch.allclose(next(model.parameters()), next(m_fast.parameters()))  # it did train
 
 
+def test_secure_mode_noise_equals_opacus():
+    model, shape, k = _model("mlp")
+    m_op, m_fast = copy.deepcopy(model), copy.deepcopy(model)
+    gsm = GradSampleModule(m_op)
+    opt_op = PerSampleWeightDPOptimizer(torch.optim.SGD(m_op.parameters(), lr=0.1), noise_multiplier=0.9,
+                                        max_grad_norm=1.0, expected_batch_size=16, secure_mode=True,
+                                        generator=torch.Generator().manual_seed(4), clipping=clipping_rule("flat"))
+    gm = GhostGradModule(m_fast)
+    opt_fast = GhostDPOptimizer(torch.optim.SGD(m_fast.parameters(), lr=0.1), gm, noise_multiplier=0.9,
+                                max_grad_norm=1.0, expected_batch_size=16, secure_mode=True,
+                                generator=torch.Generator().manual_seed(4), clipping=clipping_rule("flat"))
+    x, y = _batch(shape, k, n=16)
+    for mod, opt in ((gsm, opt_op), (gm, opt_fast)):
+        opt.zero_grad()
+        nn.functional.cross_entropy(mod(x), y).backward()
+        opt.step()
+    for p, q in zip(m_op.parameters(), m_fast.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+
+
+class _Boom(nn.Module):
+    """Fails on demand after the first layer has recorded its activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fail:
+            raise ValueError("boom")
+        return x
+
+
+def test_failed_forward_leaves_nothing_recorded():
+    boom = _Boom()
+    model = nn.Sequential(nn.Linear(3, 4), boom, nn.Linear(4, 2))
+    gm, opt = _fast_pair(model, "flat", 1.0, 1.0, 8, 0, 0.1)
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    with pytest.raises(ValueError, match="boom"):
+        gm(x)
+    assert all(la.record.activation is None for la in gm.layers)
+    assert all(p.requires_grad for p in model.parameters())
+    boom.fail = False
+    nn.functional.cross_entropy(gm(x), y).backward()  # no "ran twice" error
+    opt.step()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_noise_std_is_sigma_c_over_expected_batch():
     """An empty step's gradient is pure noise: std σ·C/E[B], mean 0."""
     model = nn.Linear(200, 100)
