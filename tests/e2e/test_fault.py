@@ -101,3 +101,29 @@ def test_kill_one_node_and_restart_it(tmp_path: Path) -> None:
     finally:
         procs.cleanup()
     assert not procs.running()
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_stops_a_node_gracefully(tmp_path: Path) -> None:
+    """SIGTERM while waiting for peers: the node stops, checkpoints, records 'signal', exits 0."""
+    plan = prepare_run(_config(tmp_path), run_name="sigterm")
+    procs = NodeProcesses(plan, grace=20.0)
+    nid = plan.node_ids[0]
+    d = plan.node_dirs[nid]
+    try:
+        procs.start(nid)  # alone: it waits (up to 60 s) for neighbours that never come
+        deadline = time.monotonic() + 60
+        while "serving on port" not in (d / "node.log").read_text() and time.monotonic() < deadline:
+            assert procs.poll()[nid] is None
+            time.sleep(0.1)
+        procs.kill(nid, signal.SIGTERM)
+        assert procs.wait(30)
+        assert procs.returncodes[nid] == 0, (d / "node.log").read_text()[-2000:]
+        s = json.loads((d / "summary.json").read_text())
+        assert s["stop_reason"] == "signal"
+        assert (d / "checkpoint.pt").exists()
+        rep = audit_ledger(d / "ledger.jsonl", (plan.pki_dir / "ca.pem").read_bytes(), compute_pld=False)
+        assert rep.ok
+        assert '"reason":"signal"' in (d / "ledger.jsonl").read_text()
+    finally:
+        procs.cleanup()
