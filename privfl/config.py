@@ -83,12 +83,21 @@ class DPSection:
     accountant: str = "rdp"
     topagg_k: int = 0
     topagg_threshold: float = 0.0
+    topagg_bound: float = 0.0
+    topagg_scale: float = 1.0
+    engine: str = "opacus"
 
     def validate(self, where: str) -> None:
         if self.clipping not in CLIPPING_RULES:
             raise ConfigError(f"{where}.clipping: must be one of {', '.join(CLIPPING_RULES)}, got {self.clipping!r}")
         if self.mechanism not in ("gaussian", "topagg"):
             raise ConfigError(f"{where}.mechanism: must be gaussian or topagg, got {self.mechanism!r}")
+        if self.engine not in ("opacus", "fast"):
+            raise ConfigError(f"{where}.engine: must be opacus or fast, got {self.engine!r}")
+        if self.mechanism == "topagg" and self.topagg_k < 1:
+            raise ConfigError(f"{where}.topagg_k: mechanism 'topagg' needs topagg_k >= 1")
+        if self.mechanism == "topagg" and self.engine == "fast":
+            raise ConfigError(f"{where}.engine: the 'fast' engine implements the gaussian mechanism only")
         if self.accountant not in ("rdp", "pld"):
             raise ConfigError(f"{where}.accountant: must be rdp or pld, got {self.accountant!r}")
         for name in ("max_grad_norm", "psac_r", "autos_gamma", "target_epsilon", "lr"):
@@ -111,7 +120,10 @@ class DPSection:
             noise_multiplier=self.noise_multiplier or None, target_epsilon=self.target_epsilon,
             delta=self.delta, planned_steps=self.planned_steps or None, batch_size=self.batch_size,
             lr=self.lr, momentum=self.momentum, accountant=self.accountant, mechanism=self.mechanism,
-            mechanism_params={"k": self.topagg_k, "threshold": self.topagg_threshold},
+            mechanism_params=({"k": self.topagg_k, "threshold": self.topagg_threshold,
+                               "bound": self.topagg_bound or None, "scale": self.topagg_scale}
+                              if self.mechanism == "topagg" else {}),
+            engine=self.engine,
         )
 
 

@@ -1,9 +1,11 @@
 """Experiment configs (``privfl simulate`` / ``privfl compare``) turned into simulator specs.
 
 A compare config is one experiment config plus a ``[compare]`` table listing the
-strategies; every strategy gets the very same data split, model, DP settings, seed and
-simulated machines — only the way models meet changes (``[compare.overrides.<name>]``
-may change a strategy's ``local_steps`` or ``params``, and says so in the summary).
+runs; every run gets the very same data split, model, DP settings, seed and simulated
+machines — only the way models meet changes. A run may change only what it declares:
+``[compare.overrides.<name>]`` or a ``[[compare.runs]]`` entry (label, strategy) may set
+``local_steps``, strategy ``params`` (e.g. a compressor) and ``dp`` fields (e.g.
+``mechanism = "topagg"``), and the resolved config of every run is saved beside it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from privfl.config import CommonConfig, common_from, from_table, read_toml, resolve_path
+from privfl.config import CommonConfig, DPSection, common_from, from_table, read_toml, resolve_path
 from privfl.errors import ConfigError
 from privfl.sim import LinkSpec, SimSpec, SimulationResult, StopCriteria, run_simulation, write_results
 
@@ -52,16 +54,51 @@ class SimulationSection:
 
 
 @dataclass
+class RunVariant:
+    """One run of a comparison: a strategy, and what (if anything) it changes besides."""
+
+    label: str
+    strategy: str
+    local_steps: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    dp: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Experiment:
-    """A parsed experiment: shared sections, simulation settings, and the strategies to run."""
+    """A parsed experiment: shared sections, simulation settings, and the runs to make."""
 
     name: str
     common: CommonConfig
     simulation: SimulationSection
-    strategies: list[str]
-    overrides: dict[str, dict[str, Any]]
+    runs: list[RunVariant]
     source: Path
     raw: dict[str, Any]
+
+    @property
+    def strategies(self) -> list[str]:
+        """The labels of the runs, in order."""
+        return [r.label for r in self.runs]
+
+
+_VARIANT_KEYS = {"local_steps", "params", "dp"}
+
+
+def _variant(p: Path, where: str, label: str, strategy: str, table: dict[str, Any]) -> RunVariant:
+    bad = sorted(set(table) - _VARIANT_KEYS - {"label", "strategy"})
+    if bad:
+        raise ConfigError(f"{p}: {where}: unknown key(s) {', '.join(bad)}; a run may change "
+                          f"{', '.join(sorted(_VARIANT_KEYS))}")
+    ls = table.get("local_steps")
+    if ls is not None and (isinstance(ls, bool) or not isinstance(ls, int) or ls < 1):
+        raise ConfigError(f"{p}: {where}.local_steps: must be a positive integer, got {ls!r}")
+    for key in ("params", "dp"):
+        if not isinstance(table.get(key, {}), dict):
+            raise ConfigError(f"{p}: {where}.{key}: must be a table")
+    dp = dict(table.get("dp", {}))
+    if dp:  # validate the overridden DP section as a whole
+        from_table(DPSection, {**dataclasses.asdict(DPSection()), **dp}, f"{p}: {where}.dp")
+    return RunVariant(label, strategy, ls, dict(table.get("params", {})), dp)
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -77,36 +114,61 @@ def load_experiment(path: str | Path) -> Experiment:
     name = table.get("name", p.parent.name or p.stem)
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{p}: name must be a non-empty string")
-    strategies = [common.strategy.name]
-    overrides: dict[str, dict[str, Any]] = {}
+    runs = [RunVariant(common.strategy.name, common.strategy.name)]
     if "compare" in table:
-        cmp = table["compare"]
-        if not isinstance(cmp, dict):
-            raise ConfigError(f"{p}: [compare] must be a table")
-        bad = sorted(set(cmp) - {"strategies", "overrides"})
-        if bad:
-            raise ConfigError(f"{p}: [compare]: unknown key(s) {', '.join(bad)}; allowed: overrides, strategies")
-        strategies = cmp.get("strategies", [])
-        if not isinstance(strategies, list) or not strategies or not all(isinstance(s, str) for s in strategies):
-            raise ConfigError(f"{p}: [compare].strategies must be a non-empty list of strategy names")
-        overrides = cmp.get("overrides", {})
-        for sname, ov in overrides.items():
-            if sname not in strategies:
-                raise ConfigError(f"{p}: [compare.overrides.{sname}]: {sname!r} is not in compare.strategies")
-            if not isinstance(ov, dict) or set(ov) - {"local_steps", "params"}:
-                raise ConfigError(f"{p}: [compare.overrides.{sname}]: only local_steps and params may be overridden")
-    return Experiment(name, common, sim, strategies, overrides, p, table)
+        runs = _compare_runs(p, table["compare"])
+    labels = [r.label for r in runs]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ConfigError(f"{p}: [compare]: run label(s) {', '.join(dup)} appear twice")
+    return Experiment(name, common, sim, runs, p, table)
 
 
-def spec_for(exp: Experiment, strategy: str, progress: bool = False) -> SimSpec:
-    """The simulator spec of ``exp`` run with ``strategy`` (applying its overrides)."""
+def _compare_runs(p: Path, cmp: Any) -> list[RunVariant]:
+    """``strategies = [...]`` (with optional ``[compare.overrides.<name>]``) and/or
+    ``[[compare.runs]]`` entries with a ``label``, a ``strategy`` and what they change."""
+    if not isinstance(cmp, dict):
+        raise ConfigError(f"{p}: [compare] must be a table")
+    bad = sorted(set(cmp) - {"strategies", "overrides", "runs"})
+    if bad:
+        raise ConfigError(f"{p}: [compare]: unknown key(s) {', '.join(bad)}; allowed: overrides, runs, strategies")
+    names = cmp.get("strategies", [])
+    if not isinstance(names, list) or not all(isinstance(s, str) for s in names):
+        raise ConfigError(f"{p}: [compare].strategies must be a list of strategy names")
+    overrides = cmp.get("overrides", {})
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{p}: [compare.overrides] must be a table")
+    for sname in overrides:
+        if sname not in names:
+            raise ConfigError(f"{p}: [compare.overrides.{sname}]: {sname!r} is not in compare.strategies")
+    runs = [_variant(p, f"[compare.overrides.{n}]", n, n, overrides.get(n, {})) for n in names]
+    extra = cmp.get("runs", [])
+    if not isinstance(extra, list):
+        raise ConfigError(f"{p}: [[compare.runs]] must be an array of tables")
+    for i, r in enumerate(extra):
+        where = f"[[compare.runs]] #{i + 1}"
+        if not isinstance(r, dict) or not isinstance(r.get("label"), str) or not isinstance(r.get("strategy"), str):
+            raise ConfigError(f"{p}: {where}: needs a string label and a string strategy")
+        runs.append(_variant(p, where, r["label"], r["strategy"], r))
+    if not runs:
+        raise ConfigError(f"{p}: [compare] lists no runs: give strategies = [...] or [[compare.runs]]")
+    return runs
+
+
+def spec_for(exp: Experiment, run: RunVariant | str, progress: bool = False) -> SimSpec:
+    """The simulator spec of one run of ``exp`` (a run variant, or a label of one)."""
+    if isinstance(run, str):
+        matches = [r for r in exp.runs if r.label == run]
+        if not matches:
+            raise ConfigError(f"no run labelled {run!r}; runs are {', '.join(exp.strategies)}")
+        run = matches[0]
     c = exp.common
-    ov = exp.overrides.get(strategy, {})
-    params = dict(c.strategy.params)
-    if strategy != c.strategy.name:
-        params = {}
-    params.update(ov.get("params", {}))
-    local_steps = int(ov.get("local_steps", c.strategy.local_steps))
+    params = dict(c.strategy.params) if run.strategy == c.strategy.name else {}
+    params.update(run.params)
+    local_steps = run.local_steps or c.strategy.local_steps
+    dp_section = c.dp
+    if run.dp:
+        dp_section = from_table(DPSection, {**dataclasses.asdict(c.dp), **run.dp}, f"run {run.label}: dp")
     n = c.data.num_sites
     s = exp.simulation
     source = c.data.source
@@ -123,8 +185,8 @@ def spec_for(exp: Experiment, strategy: str, progress: bool = False) -> SimSpec:
         scaling=c.data.scaling,
         model=c.model.name,
         hidden=tuple(c.model.hidden),
-        dp=c.dp.to_dp_config(),
-        strategy=strategy,
+        dp=dp_section.to_dp_config(),
+        strategy=run.strategy,
         strategy_params=params,
         local_steps=local_steps,
         topology=c.topology.kind,
@@ -164,15 +226,15 @@ def run_experiment(exp: Experiment, run_dir: Path, progress: bool = False) -> di
     from privfl.plots import plot_runs
 
     (run_dir / "config.toml").write_text(exp.source.read_text())
-    resolved = {"name": exp.name, "strategies": exp.strategies}
+    resolved: dict[str, Any] = {"name": exp.name, "runs": exp.strategies}
     results: dict[str, SimulationResult] = {}
-    for strategy in exp.strategies:
-        spec = spec_for(exp, strategy, progress=progress)
+    for run in exp.runs:
+        spec = spec_for(exp, run, progress=progress)
         res = run_simulation(spec)
-        sub = run_dir / strategy if len(exp.strategies) > 1 else run_dir
+        sub = run_dir / run.label if len(exp.runs) > 1 else run_dir
         write_results(res, sub)
-        resolved[strategy] = _spec_json(spec)
-        results[strategy] = res
+        resolved[run.label] = _spec_json(spec)
+        results[run.label] = res
     (run_dir / "resolved_config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
     plot_runs({k: v.rows for k, v in results.items()}, run_dir, title=exp.name)
     comparison = {k: summarize(v) for k, v in results.items()}

@@ -41,10 +41,10 @@ def _log_to(run_dir: Path, verbose: bool) -> None:
 def _run(config: Path, out: str | None, progress: bool, compare: bool, verbose: bool = False) -> None:
     console = Console()
     exp = load_experiment(config)
-    if compare and len(exp.strategies) < 2:
+    if compare and len(exp.runs) < 2:
         console.print("[yellow]note[/]: this config has no [compare] list of several strategies; running one")
     if not compare:
-        exp.strategies = exp.strategies[:1]
+        exp.runs = exp.runs[:1]
     run_dir = run_dir_for(exp, out)
     _log_to(run_dir, verbose)
     console.print(f"[bold]{exp.name}[/]: {exp.common.data.num_sites} nodes, {exp.common.data.source} "
