@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin
 
 from clients import CLIPPING_RULES, DPConfig
+from privfl.data import SiteData, load_dataset, split_sites
 from privfl.errors import ConfigError
 from privfl.models import MODELS
 
@@ -48,6 +49,19 @@ class DataSection:
             raise ConfigError(f"{where}.alpha: must be > 0, got {self.alpha}")
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"{where}.test_fraction: must be in (0, 1), got {self.test_fraction}")
+
+    def sites(self, base_dir: Path | None = None) -> list[SiteData]:
+        """Load the data and split it into ``num_sites`` locally scaled sites (deterministic for ``seed``).
+
+        A relative CSV/NPZ path is taken relative to ``base_dir`` (the config file's folder).
+        """
+        source = self.source
+        if base_dir is not None and source.endswith((".csv", ".npz")):
+            source = str(resolve_path(base_dir, source))
+        data = load_dataset(source, label_column=self.label_column or None, seed=self.seed)
+        return split_sites(data, self.num_sites, self.partitioning, seed=self.seed,  # type: ignore[arg-type]
+                           alpha=self.alpha, test_fraction=self.test_fraction,
+                           shards_per_site=self.shards_per_site, scaling=self.scaling)  # type: ignore[arg-type]
 
 
 @dataclass

@@ -43,7 +43,6 @@ import privfl
 from accounting import calibrate_noise
 from accounting.ledger import Ledger, LedgerError, LedgerPolicy, TornTailError
 from clients import DPClient
-from privfl.data import load_dataset, split_sites
 from privfl.errors import ConfigError, PrivflError
 from privfl.models import build_model
 from privfl.node_config import NodeConfig, load_node_config
@@ -237,11 +236,7 @@ class Node:
         if self.node_id not in self.roster.nodes:
             raise NodeError(f"{cfg.path}: [node].id: {self.node_id!r} is not in the roster {cfg.roster_path}")
         # data: every node uses the same data seed, so the partitions agree; standardisation is local
-        data = load_dataset(c.data.source, label_column=c.data.label_column or None, seed=c.data.seed)
-        sites = split_sites(data, c.data.num_sites, c.data.partitioning, seed=c.data.seed,  # type: ignore[arg-type]
-                            alpha=c.data.alpha, test_fraction=c.data.test_fraction,
-                            shards_per_site=c.data.shards_per_site)
-        self.site = sites[cfg.site_index]
+        self.site = c.data.sites(cfg.path.parent)[cfg.site_index]
         n_train = len(self.site.train)
         self.sigma = resolved_noise(cfg, n_train)
         check_policy(cfg, self.roster, self.sigma)
@@ -249,13 +244,14 @@ class Node:
         self.ledger = open_ledger(self.out / LEDGER_FILE, self.identity, ledger_policy(cfg, self.roster, self.sigma))
         accountant = self.ledger.rebuild_accountant()
         self.steps_before = self.ledger.steps
-        in_shape = tuple(data.x.shape[1:])
-        model = build_model(c.model.name, in_shape, data.num_classes, seed=cfg.init_seed, hidden=tuple(c.model.hidden))
+        in_shape = tuple(self.site.train.x.shape[1:])
+        model = build_model(c.model.name, in_shape, self.site.train.num_classes, seed=cfg.init_seed,
+                            hidden=tuple(c.model.hidden))
         dpc = c.dp.to_dp_config()
         dpc.noise_multiplier = self.sigma
         try:
             self.client = DPClient(model, (self.site.train.x, self.site.train.y), (self.site.test.x, self.site.test.y),
-                                   dpc, seed=cfg.seed + 1000 * self.steps_before, device="cpu",
+                                   dpc, seed=cfg.seed + 1000 * self.steps_before,
                                    accountant=accountant, on_dp_event=self._on_dp_event)
         except ValueError as exc:
             raise ConfigError(f"{cfg.path}: [dp]: {exc}") from None
