@@ -1,0 +1,321 @@
+"""The canary training run of the one-run empirical privacy audit (Steinke, Nasr & Jagielski 2023).
+
+One node's data, model and DP settings come from a TOML config ([data], [model], [dp],
+as everywhere) plus an ``[audit]`` section. m canaries are made, each is included
+independently with probability ½ (S_i = ±1) on top of the node's ordinary training
+data, ONE model is trained with the real :class:`clients.DPClient` (real Opacus, real
+accountant), each canary is scored by how much training lowered the loss of its label
+(``loss_before − loss_after``: higher = looks included), and
+:func:`accounting.audit_empirical.audit_one_run` turns the guesses on the k₊ highest /
+k₋ lowest scores into an ε lower bound at confidence 1 − β, reported beside the
+accountant's ε at the same δ. A lower bound above the formal ε is a bug signal.
+
+Canary kinds (all are input-space canaries; the auditor only queries the final model):
+
+* ``mislabeled``: m of the node's own training rows, each with a random wrong label;
+  the ordinary data is the rest of the node's rows. Weakest, most realistic.
+* ``ood``: m random inputs, N(0, canary_scale²) per feature, each with a random label.
+* ``dirac``: the inputs get m extra features, zero for every ordinary row; canary i is
+  ``canary_scale`` on extra feature i and zero elsewhere, with a random label. Only
+  canary i ever moves the weights of its own feature, so the final model holds the
+  canary's clipped gradient sum plus the DP noise and nothing else: close to the
+  white-box "gradient canary" of the paper, realised through the data (logreg/mlp only).
+
+What keeps the audit honest: the sampling rate given to the client and the number of
+steps are fixed from the *expected* training-set size (ordinary rows + m/2), so nothing
+but the canaries' presence depends on S; k₊ and k₋ are fixed by the config before any
+score exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from accounting import BudgetExhausted
+from accounting.audit_empirical import OneRunAudit, audit_one_run, draw_inclusion_signs
+from clients import DPClient, DPConfig
+from clients.dp_client import evaluate_model
+from privfl.config import DataSection, DPSection, ModelSection, from_table, read_toml
+from privfl.data import Dataset
+from privfl.errors import ConfigError
+from privfl.models import build_model
+
+log = logging.getLogger("privfl.audit")
+
+CANARY_KINDS = ("mislabeled", "ood", "dirac")
+ALLOWED_SECTIONS = ("data", "model", "dp", "audit")
+#: ood: std of the random inputs (features are z-scored); dirac: the value on the canary's own
+#: feature (large, so that nearly all of the clipped gradient lands on that feature's weights)
+#: mislabeled: unused
+DEFAULT_SCALE = {"mislabeled": 1.0, "ood": 1.0, "dirac": 10.0}
+
+
+@dataclass
+class AuditSection:
+    """How the canary audit is run. ``k_pos``/``k_neg`` = 0 mean m // 10 each (fixed before scoring)."""
+
+    canaries: int = 200
+    canary: str = "dirac"
+    k_pos: int = 0
+    k_neg: int = 0
+    beta: float = 0.05
+    epochs: float = 20.0
+    steps: int = 0
+    site: int = 0
+    canary_scale: float = 0.0  # 0 = the kind's default (DEFAULT_SCALE)
+    seed: int = 0
+    node_id: str = ""
+
+    def validate(self, where: str) -> None:
+        if self.canaries < 2:
+            raise ConfigError(f"{where}.canaries: need at least 2 canaries, got {self.canaries}")
+        if self.canary not in CANARY_KINDS:
+            raise ConfigError(f"{where}.canary: must be one of {', '.join(CANARY_KINDS)}, got {self.canary!r}")
+        for name in ("k_pos", "k_neg", "steps", "site"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
+        kp, kn = self.guesses()
+        if kp + kn > self.canaries:
+            raise ConfigError(f"{where}.k_pos: k_pos + k_neg = {kp + kn} exceeds canaries = {self.canaries}")
+        if kp + kn == 0:
+            raise ConfigError(f"{where}.k_pos: k_pos + k_neg must be >= 1")
+        if not 0 < self.beta < 1:
+            raise ConfigError(f"{where}.beta: must be in (0, 1), got {self.beta}")
+        if self.steps == 0 and not self.epochs > 0:
+            raise ConfigError(f"{where}.epochs: must be > 0 (or give steps), got {self.epochs}")
+        if self.canary_scale < 0:
+            raise ConfigError(f"{where}.canary_scale: must be > 0 (or 0 for the default), got {self.canary_scale}")
+
+    def scale(self) -> float:
+        """The canary scale: as configured, or the kind's default."""
+        return self.canary_scale or DEFAULT_SCALE[self.canary]
+
+    def guesses(self) -> tuple[int, int]:
+        """(k₊, k₋) with the default m // 10 each side where the config leaves 0 (both 0 → both default)."""
+        if self.k_pos == 0 and self.k_neg == 0:
+            k = max(1, self.canaries // 10)
+            return k, k
+        return self.k_pos, self.k_neg
+
+
+@dataclass
+class AuditConfig:
+    """A parsed audit config: the node's data, model and DP settings, and the audit itself."""
+
+    data: DataSection = field(default_factory=lambda: DataSection(num_sites=1))
+    model: ModelSection = field(default_factory=ModelSection)
+    dp: DPSection = field(default_factory=DPSection)
+    audit: AuditSection = field(default_factory=AuditSection)
+    base_dir: Path | None = None
+
+    def validate(self, source: str) -> None:
+        """Cross-section checks (each error names its field)."""
+        a = self.audit
+        if a.site >= self.data.num_sites:
+            raise ConfigError(f"{source}: [audit].site: {a.site} but [data].num_sites = {self.data.num_sites}")
+        if a.canary == "dirac" and self.model.name not in ("logreg", "mlp"):
+            raise ConfigError(f"{source}: [audit].canary: 'dirac' canaries need model logreg or mlp, "
+                              f"not {self.model.name!r}")
+
+
+def audit_config_from(table: dict[str, Any], source: str, base_dir: Path | None = None) -> AuditConfig:
+    """An :class:`AuditConfig` from a parsed TOML table; unknown sections and keys are refused."""
+    unknown = sorted(set(table) - set(ALLOWED_SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; "
+                          f"an audit config has {', '.join(ALLOWED_SECTIONS)}")
+    if "audit" not in table:
+        raise ConfigError(f"{source}: [audit] section missing")
+    kw: dict[str, Any] = {}
+    for name, cls in (("data", DataSection), ("model", ModelSection), ("dp", DPSection), ("audit", AuditSection)):
+        if name in table:
+            kw[name] = from_table(cls, table[name], f"{source}: [{name}]")
+    cfg = AuditConfig(**kw, base_dir=base_dir)
+    cfg.validate(source)
+    return cfg
+
+
+def load_audit_config(path: str | Path) -> AuditConfig:
+    """Read and validate an audit TOML file."""
+    p = Path(path)
+    return audit_config_from(read_toml(p), str(p), base_dir=p.parent)
+
+
+@dataclass(frozen=True)
+class Canaries:
+    """Ordinary training rows, the m canaries, and the test rows, in the model's input shape."""
+
+    ordinary_x: np.ndarray
+    ordinary_y: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+def make_canaries(kind: str, train: Dataset, test: Dataset, m: int, scale: float,
+                  rng: np.random.Generator) -> Canaries:
+    """Build the m canaries of ``kind`` for one node's train/test data (see the module docstring)."""
+    c = train.num_classes
+    if c < 2:
+        raise ConfigError("[data]: the audit needs at least 2 classes")
+    if kind == "mislabeled":
+        if m > len(train) - 1:
+            raise ConfigError(f"[audit].canaries: {m} mislabeled canaries need more than {m} training rows "
+                              f"at the node; it has {len(train)}")
+        idx = rng.permutation(len(train))
+        cidx, oidx = np.sort(idx[:m]), np.sort(idx[m:])
+        wrong = (train.y[cidx] + rng.integers(1, c, size=m)) % c
+        return Canaries(train.x[oidx], train.y[oidx], train.x[cidx], wrong.astype(np.int64), test.x, test.y)
+    labels = rng.integers(0, c, size=m).astype(np.int64)
+    if kind == "ood":
+        x = (rng.standard_normal((m, *train.x.shape[1:])) * scale).astype(np.float32)
+        return Canaries(train.x, train.y, x, labels, test.x, test.y)
+    if kind == "dirac":
+        d = int(np.prod(train.x.shape[1:]))
+        pad = lambda a: np.concatenate(  # noqa: E731
+            [a.reshape(len(a), d), np.zeros((len(a), m), dtype=np.float32)], axis=1)
+        x = np.zeros((m, d + m), dtype=np.float32)
+        x[np.arange(m), d + np.arange(m)] = scale
+        return Canaries(pad(train.x), train.y, x, labels, pad(test.x), test.y)
+    raise ConfigError(f"[audit].canary: must be one of {', '.join(CANARY_KINDS)}, got {kind!r}")
+
+
+@dataclass
+class _FixedRateDPConfig(DPConfig):
+    """DPConfig whose Poisson rate is fixed in advance, so it cannot depend on which canaries are in."""
+
+    fixed_sample_rate: float = 1.0
+
+    def sample_rate(self, n_train: int) -> float:
+        return self.fixed_sample_rate
+
+
+@dataclass(frozen=True)
+class AuditRunResult:
+    """The audit's bound, the formal ε it is compared with, and what the run did."""
+
+    audit: OneRunAudit
+    formal_epsilon: float | None  # None when DP is off (no finite guarantee)
+    dp_enabled: bool
+    canary: str
+    node_id: str
+    steps: int
+    noise_multiplier: float
+    sample_rate: float
+    max_grad_norm: float
+    clipping: str
+    included: int
+    test_accuracy: float
+    mean_score_included: float
+    mean_score_excluded: float
+    seconds: float
+    scores: list[float] = field(repr=False, default_factory=list)
+    inclusion: list[int] = field(repr=False, default_factory=list)
+
+    @property
+    def epsilon_lb(self) -> float:
+        """The empirical lower bound on ε at confidence 1 − β."""
+        return self.audit.epsilon_lb
+
+    @property
+    def exceeds_formal(self) -> bool:
+        """The lower bound exceeds the accountant's ε: DP or accounting is broken."""
+        return self.audit.exceeds_upper_bound
+
+    def to_dict(self, with_scores: bool = False) -> dict[str, Any]:
+        """JSON-serialisable form (scores and inclusion signs only when asked)."""
+        d = {k: getattr(self, k) for k in (
+            "formal_epsilon", "dp_enabled", "canary", "node_id", "steps", "noise_multiplier",
+            "sample_rate", "max_grad_norm", "clipping", "included", "test_accuracy",
+            "mean_score_included", "mean_score_excluded", "seconds")}
+        d.update(self.audit.to_dict())
+        d["exceeds_formal"] = self.exceeds_formal
+        if with_scores:
+            d["scores"], d["inclusion"] = list(self.scores), list(self.inclusion)
+        return d
+
+
+@torch.no_grad()
+def _label_losses(model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device) -> np.ndarray:
+    """Per-row cross-entropy of label ``y`` under ``model`` (eval mode, restored after)."""
+    was_training = model.training
+    model.eval()
+    out = model(torch.as_tensor(x).float().to(device))
+    losses = nn.functional.cross_entropy(out, torch.as_tensor(y).long().to(device), reduction="none")
+    model.train(was_training)
+    return losses.detach().cpu().numpy().astype(np.float64)
+
+
+def run_audit(cfg: AuditConfig, seed: int | None = None, device: torch.device | str | None = None) -> AuditRunResult:
+    """Insert canaries, train once with the node's DP settings, score, and bound ε (see module docstring).
+
+    ``seed`` overrides ``[audit].seed`` (canaries, inclusion, sampling and noise).
+    """
+    t0 = time.perf_counter()
+    a = cfg.audit
+    seed = a.seed if seed is None else seed
+    node = a.node_id or f"site{a.site}"
+    sites = cfg.data.sites(cfg.base_dir)
+    if a.site >= len(sites):
+        raise ConfigError(f"[audit].site: {a.site} but the data has {len(sites)} sites")
+    site = sites[a.site]
+    rng = np.random.default_rng(seed)
+    can = make_canaries(a.canary, site.train, site.test, a.canaries, a.scale(), rng)
+    signs = draw_inclusion_signs(a.canaries, rng)
+    inc = signs > 0
+    train_x = np.concatenate([can.ordinary_x, can.x[inc]])
+    train_y = np.concatenate([can.ordinary_y, can.y[inc]])
+
+    expected_n = len(can.ordinary_y) + a.canaries / 2
+    dp = cfg.dp.to_dp_config()
+    q = min(1.0, dp.batch_size / expected_n)
+    dp_cfg = _FixedRateDPConfig(**{f.name: getattr(dp, f.name) for f in dataclasses.fields(DPConfig)},
+                                fixed_sample_rate=q)
+    steps = a.steps or max(1, int(round(a.epochs * expected_n / dp.batch_size)))
+    if dp_cfg.enabled and dp_cfg.noise_multiplier is None and dp_cfg.planned_steps is None:
+        dp_cfg.planned_steps = steps  # calibrate σ from target ε over the audit's own steps
+
+    model = build_model(cfg.model.name, tuple(can.x.shape[1:]), site.train.num_classes,
+                        seed=cfg.model.seed, hidden=tuple(cfg.model.hidden))
+    try:
+        client = DPClient(model, (train_x, train_y), (can.test_x, can.test_y), dp_cfg, seed=seed, device=device)
+    except ValueError as exc:
+        raise ConfigError(f"[dp]: {exc}") from None
+    log.info("audit node=%s canary=%s m=%d included=%d steps=%d dp=%s sigma=%.4g q=%.4g",
+             node, a.canary, a.canaries, int(inc.sum()), steps, dp_cfg.enabled, client.noise_multiplier, q)
+    before = _label_losses(client.module, can.x, can.y, client.device)
+    try:
+        _, _, metrics = client.fit(client.get_parameters({}), {"local_steps": steps})
+    except BudgetExhausted as exc:
+        raise ConfigError(f"[dp].target_epsilon: no step fits the budget ({exc})") from None
+    after = _label_losses(client.module, can.x, can.y, client.device)
+    scores = before - after
+    formal = client.epsilon if dp_cfg.enabled else None
+    k_pos, k_neg = a.guesses()
+    result = audit_one_run(scores, signs, k_pos, k_neg, dp_cfg.delta, a.beta, formal)
+    _, acc = evaluate_model(client.module, torch.as_tensor(can.test_x), torch.as_tensor(can.test_y), client.device)
+    out = AuditRunResult(
+        audit=result, formal_epsilon=formal, dp_enabled=dp_cfg.enabled, canary=a.canary, node_id=node,
+        steps=int(metrics["steps"]), noise_multiplier=float(client.noise_multiplier), sample_rate=q,
+        max_grad_norm=dp_cfg.max_grad_norm, clipping=dp_cfg.clipping, included=int(inc.sum()),
+        test_accuracy=float(acc), mean_score_included=float(scores[inc].mean()) if inc.any() else math.nan,
+        mean_score_excluded=float(scores[~inc].mean()) if (~inc).any() else math.nan,
+        seconds=time.perf_counter() - t0, scores=scores.tolist(), inclusion=signs.astype(int).tolist(),
+    )
+    log.info("audit node=%s eps_lb=%.4f formal_eps=%s delta=%g r=%d v=%d", node, result.epsilon_lb,
+             "none" if formal is None else f"{formal:.4f}", dp_cfg.delta, result.r, result.v)
+    if out.exceeds_formal:
+        log.error("audit node=%s: empirical eps_lb %.4f EXCEEDS the accountant's eps %.4f: DP or accounting broken",
+                  node, result.epsilon_lb, formal)
+    return out
