@@ -428,7 +428,7 @@ class Node:
         while done < n and attempts < 4 * n and live and not self._stop_requested.is_set():
             attempts += 1
             peer = rng.choice(live)
-            _s, _r, ok = strat._exchange_with(peer)  # noqa: SLF001 - averaging only, no training
+            ok = strat.average_with(peer)  # averaging only, no training
             if ok:
                 done += 1
             else:

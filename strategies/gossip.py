@@ -161,8 +161,12 @@ class AsyncGossip(_GossipBase):
     try-lock (refused when busy), which cannot deadlock because an active node never
     waits for its own lock while a peer waits on it; ``peers`` (list of node ids the node
     may initiate with; default: every neighbour); ``seed`` (int) for the peer choice;
-    ``compressor`` must be absent or ``"none"`` (see :meth:`_outgoing`). :meth:`roles`
-    builds the role keys from a topology.
+    ``compressor`` must be absent or ``"none"`` (see :meth:`_outgoing`);
+    ``consensus_exchanges`` (int, default 0): after training ends, how many pure averaging
+    exchanges an active node makes (:meth:`consensus_round`; post-processing of already
+    noised models, so free of privacy cost) — the real node and the simulator both run
+    them, so the two measure the same protocol. :meth:`roles` builds the role keys from a
+    topology.
 
     Exchange (atomic pairwise averaging, ``x_i = x_j = (x_i + x_j)/2``): the active side
     holds its own lock, sends its model; the passive side, under its lock, replies with
@@ -182,6 +186,9 @@ class AsyncGossip(_GossipBase):
         if self.config.get("compressor") not in (None, "none"):
             raise ConfigError("async_gossip: compression is not supported (pairwise averaging of compressed "
                               "models needs shared estimates); use sync_gossip with a compressor")
+        self.consensus_exchanges = int(self.config.get("consensus_exchanges", 0))
+        if self.consensus_exchanges < 0:
+            raise ConfigError(f"async_gossip: consensus_exchanges must be >= 0, got {self.consensus_exchanges}")
         self._version = 0  # bumped by every change to self.params made by an exchange
         self.exchanges = 0
         self.served = 0
@@ -241,6 +248,18 @@ class AsyncGossip(_GossipBase):
         models additionally needs shared state (CHOCO-style), so dense is the default.
         """
         return ModelMessage(sender=self.node_id, round=self.round, kind=kind, params=params)
+
+    def average_with(self, peer: str) -> bool:
+        """One pure pairwise average with ``peer``, no training (post-processing: no privacy cost)."""
+        return self._exchange_with(peer)[2]
+
+    def consensus_round(self) -> StepReport:
+        """After training: one pure averaging exchange with a random peer (active nodes only)."""
+        if not (self.active and self.peers):
+            return self._report(0, [], 0, 0)
+        peer = self._rng.choice(self.peers)
+        s, r, ok = self._exchange_with(peer)
+        return self._report(0, [peer] if ok else [], s, r)
 
     def _exchange_with(self, peer: str) -> tuple[int, int, bool]:
         """Atomic pairwise average with ``peer``: (bytes sent, bytes received, success)."""

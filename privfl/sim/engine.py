@@ -232,11 +232,25 @@ class Engine:
                     bar.update(bar.task_ids[0], completed=t if limit else sum(self.steps))
             else:
                 self.end_reason = self.end_reason or ("all_stopped" if all(self.stopped) else "max_steps")
+                t_end = max(t_end, self._consensus_phase(strategies))
         finally:
             if bar is not None:
                 bar.stop()
         self._record(t_end, models())
         return t_end
+
+    def _consensus_phase(self, strategies: Sequence[NodeStrategy]) -> float:
+        """After training, the strategies' pure averaging exchanges (as a real node runs them),
+        in rounds of one exchange per active node, in node order; returns the clock at the end."""
+        rounds = max((int(getattr(s, "consensus_exchanges", 0)) for s in strategies), default=0)
+        if rounds:
+            start = max(self.world.clocks)  # the phase starts once every node has finished training
+            self.world.clocks[:] = [start] * len(self.world.clocks)
+        for r in range(rounds):
+            for i, s in enumerate(strategies):
+                if getattr(s, "consensus_exchanges", 0) > r:
+                    s.consensus_round()  # type: ignore[attr-defined]
+        return max(self.world.clocks) if rounds else 0.0
 
     # ---- round-synchronous node strategies -------------------------------------------
     def run_sync(self, strategies: Sequence[NodeStrategy]) -> float:
