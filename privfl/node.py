@@ -446,6 +446,8 @@ class Node:
         try:
             self._t0 = time.monotonic()
             if net.neighbors() and cfg.node.wait_for_peers > 0:
+                log.info("node %s: waiting up to %.0f s for neighbours %s ([node].wait_for_peers)", self.node_id,
+                         cfg.node.wait_for_peers, ",".join(net.neighbors()))
                 up = self._wait_for("hello", net.neighbors(), cfg.node.wait_for_peers, give_up_after=None)
                 log.info("node %s: %d of %d neighbours reachable at start", self.node_id, len(up),
                          len(net.neighbors()))
