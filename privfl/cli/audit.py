@@ -3,6 +3,7 @@
     privfl audit LEDGER --ca CA.pem [--json] [--plot eps.png]   (same as `audit ledger ...`)
     privfl audit empirical --scores canaries.csv --k-pos 50 --k-neg 50 --delta 1e-5
     privfl audit empirical --m 1000 --r 100 --v 75 --delta 1e-5
+    privfl audit empirical --config examples/audit/audit.toml [--json] [--seed 3]
 
 Register with ``app.add_typer(audit.app, name="audit")``. Exit codes: 0 when every check
 passes, 1 when verification fails, 2 for bad input (one clean line, no traceback).
@@ -257,19 +258,42 @@ def load_canary_scores(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 @app.command("empirical")
 def empirical_cmd(
+    config: Path | None = typer.Option(
+        None, "--config", help="audit TOML ([data], [model], [dp], [audit]): insert canaries, train once, bound ε"),
+    seed: int | None = typer.Option(None, "--seed", help="with --config: override [audit].seed"),
+    save_scores: Path | None = typer.Option(
+        None, "--save-scores", help="with --config: write the canary scores and inclusion (.json), "
+        "re-auditable with --scores"),
     scores: Path | None = typer.Option(None, "--scores", help="canary scores + inclusion (.json/.npz/.csv)"),
     k_pos: int | None = typer.Option(None, "--k-pos", help="guess 'included' for the k₊ top scores"),
     k_neg: int | None = typer.Option(None, "--k-neg", help="guess 'excluded' for the k₋ lowest scores"),
     m: int | None = typer.Option(None, "--m", help="number of canaries (counts mode)"),
     r: int | None = typer.Option(None, "--r", help="number of guesses (counts mode)"),
     v: int | None = typer.Option(None, "--v", help="number of correct guesses (counts mode)"),
-    delta: float = typer.Option(1e-5, "--delta", help="δ of the guarantee being audited"),
-    beta: float = typer.Option(DEFAULT_BETA, "--beta", help="1 − confidence"),
+    delta: float | None = typer.Option(None, "--delta", help="δ of the guarantee being audited (default 1e-5; "
+                                       "with --config it is [dp].delta)"),
+    beta: float | None = typer.Option(None, "--beta", help=f"1 − confidence (default {DEFAULT_BETA}; "
+                                      "with --config it is [audit].beta)"),
     epsilon_upper: float | None = typer.Option(None, "--epsilon-upper", help="the accountant's ε, to compare"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
-    """One-run empirical lower bound on ε (Steinke, Nasr & Jagielski 2023) at confidence 1 − β."""
+    """One-run empirical lower bound on ε (Steinke, Nasr & Jagielski 2023) at confidence 1 − β.
+
+    With --config: run the canary audit of one node (its data, model and DP settings) and
+    report ε_lb beside the accountant's ε; exit 1 if ε_lb exceeds it (a bug signal).
+    """
+    if config is not None:
+        _empirical_from_config(config, seed, save_scores, as_json,
+                               clash=[n for n, x in (("--scores", scores), ("--k-pos", k_pos), ("--k-neg", k_neg),
+                                                     ("--m", m), ("--r", r), ("--v", v), ("--delta", delta),
+                                                     ("--beta", beta), ("--epsilon-upper", epsilon_upper))
+                                      if x is not None])
+        return
+    delta = 1e-5 if delta is None else delta
+    beta = DEFAULT_BETA if beta is None else beta
     try:
+        if seed is not None or save_scores is not None:
+            raise ValueError("--seed and --save-scores go with --config")
         if scores is not None:
             if k_pos is None or k_neg is None:
                 raise ValueError("--scores needs --k-pos and --k-neg (choose them before looking)")
@@ -282,7 +306,7 @@ def empirical_cmd(
             eps = epsilon_lower_bound_from_counts(m, r, v, delta, beta)
             result = OneRunAudit(eps, m, r, v, -1, -1, delta, beta, epsilon_upper)
         else:
-            raise ValueError("give --scores FILE (with --k-pos/--k-neg) or all of --m, --r, --v")
+            raise ValueError("give --config FILE, --scores FILE (with --k-pos/--k-neg) or all of --m, --r, --v")
     except ValueError as exc:
         raise _fail_input(str(exc)) from None
     if as_json:
@@ -298,3 +322,55 @@ def empirical_cmd(
         if result.exceeds_upper_bound:
             typer.echo("the empirical lower bound EXCEEDS the accountant's ε: DP or accounting is broken")
     raise typer.Exit(EXIT_FAILED if result.exceeds_upper_bound else EXIT_OK)
+
+
+def _empirical_from_config(config: Path, seed: int | None, save_scores: Path | None, as_json: bool,
+                           clash: list[str]) -> None:
+    """``audit empirical --config``: the canary training run, then the table or JSON; exits."""
+    from privfl.audit_run import load_audit_config, run_audit  # torch/opacus only when needed
+    from privfl.errors import PrivflError
+
+    if clash:
+        raise _fail_input(f"--config takes its settings from the file; drop {', '.join(clash)}")
+    try:
+        cfg = load_audit_config(config)
+        res = run_audit(cfg, seed=seed)
+    except PrivflError as exc:
+        raise _fail_input(str(exc)) from None
+    if save_scores is not None:
+        try:
+            save_scores.parent.mkdir(parents=True, exist_ok=True)
+            save_scores.write_text(json.dumps({"scores": res.scores, "inclusion": res.inclusion,
+                                               "k_pos": res.audit.k_pos, "k_neg": res.audit.k_neg,
+                                               "delta": res.audit.delta}))
+        except OSError as exc:
+            raise _fail_input(f"cannot write scores file {save_scores}: {exc}") from None
+    if as_json:
+        typer.echo(json.dumps(res.to_dict(), sort_keys=True))
+    else:
+        console = Console()
+        a = res.audit
+        t = Table(title=f"one-run empirical audit of {res.node_id} ({config})")
+        t.add_column("")
+        t.add_column("", justify="right")
+        t.add_row(f"ε lower bound ({100 * (1 - a.beta):g}% confidence)", f"[bold]{a.epsilon_lb:.4f}[/]")
+        t.add_row(f"formal ε (accountant) at δ = {a.delta:g}",
+                  "— (DP disabled)" if res.formal_epsilon is None else f"{res.formal_epsilon:.4f}")
+        if res.formal_epsilon:
+            t.add_row("ε_lb / formal ε", f"{a.epsilon_lb / res.formal_epsilon:.3f}")
+        t.add_row("canaries (kind, m, included)", f"{res.canary}, {a.m}, {res.included}")
+        t.add_row("guesses k₊ / k₋, correct v / r", f"{a.k_pos} / {a.k_neg}, {a.v} / {a.r}")
+        t.add_row("mean score included / excluded", f"{res.mean_score_included:.4f} / {res.mean_score_excluded:.4f}")
+        t.add_row("steps, σ, q", f"{res.steps}, {res.noise_multiplier:g}, {res.sample_rate:.4f}")
+        t.add_row("clipping, C", f"{res.clipping}, {res.max_grad_norm:g}")
+        t.add_row("test accuracy (with canaries)", f"{res.test_accuracy:.4f}")
+        t.add_row("seconds", f"{res.seconds:.1f}")
+        console.print(t)
+        if res.exceeds_formal:
+            console.print("[bold red]the empirical lower bound EXCEEDS the accountant's ε: "
+                          "DP or accounting is broken[/]")
+        elif res.formal_epsilon is None:
+            console.print("DP is disabled: there is no formal ε; ε_lb shows what the canaries leak without noise")
+        else:
+            console.print("[green]consistent[/]: ε_lb ≤ formal ε")
+    raise typer.Exit(EXIT_FAILED if res.exceeds_formal else EXIT_OK)
