@@ -31,7 +31,7 @@ from accounting import BudgetExhausted
 from privfl.errors import ConfigError
 from strategies.base import ModelMessage, NodeStrategy, Params, PeerNetwork, StepReport
 
-__all__ = ["AsyncGossip", "SyncGossip", "average_pair", "params_compatible"]
+__all__ = ["AsyncGossip", "ErrorFeedbackGossip", "SyncGossip", "average_pair", "params_compatible"]
 
 log = logging.getLogger("privfl.gossip")
 
@@ -324,15 +324,112 @@ class AsyncGossip(_GossipBase):
             return _copy(self.params)
 
 
+class ErrorFeedbackGossip:
+    """Compressed gossip for compressors that keep their own error memory (TopK/RandomK with
+    error feedback, AdaComp's residue): the CHOCO estimate pattern with the residual held
+    by the compressor instead of the estimate.
+
+    Node i sends q_i = C(x_i − x_i⁻), the change of its post-noise model since its last
+    send (a difference of two released models, so post-processing); the compressor adds
+    its memory m and keeps what it did not send, so x̂_i + m = x_i after every send when
+    the estimates start at the shared public model (or at zero). Every neighbour of i adds
+    q_i to its x̂_i exactly as i does, and the mix is x_i ← x_i + γ Σ_j w_ij (x̂_j − x̂_i),
+    as in ``strategies.compression.InnovationGossip`` (same interface).
+    """
+
+    def __init__(self, node_id: str, neighbor_weights: Mapping[str, float], compressor: Any, gamma: Any,
+                 initial: Any = None) -> None:
+        from strategies.compression import CompressionError, Compressor
+
+        if not isinstance(compressor, Compressor) or not compressor.error_feedback:
+            raise CompressionError("error-feedback gossip: compressor must be a Compressor with error feedback")
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+            raise CompressionError(f"sync_gossip: gamma must be in (0, 1], got {gamma!r}")
+        self._node_id = node_id
+        self._weights = {str(j): float(w) for j, w in neighbor_weights.items()}
+        self._compressor = compressor
+        self._gamma = float(gamma)
+        self._shapes: tuple[tuple[int, ...], ...] | None = None
+        self._estimates: dict[str, np.ndarray] = {}
+        self._last: np.ndarray | None = None  # the model at the last send (x_i⁻)
+        if initial is not None:
+            self._init(tuple(initial.shapes), initial.flat())
+        log.info("node %s: error-feedback gossip with %d neighbours, %s, gamma=%g", node_id, len(self._weights),
+                 compressor.describe(), self._gamma)
+
+    def _init(self, shapes: tuple[tuple[int, ...], ...], start: np.ndarray) -> None:
+        self._shapes = shapes
+        self._last = start.astype(np.float64, copy=True)
+        for j in [self._node_id, *self._weights]:
+            self._estimates[j] = start.astype(np.float64, copy=True)
+
+    def _check(self, shapes: tuple[tuple[int, ...], ...]) -> None:
+        from strategies.compression import MalformedMessage
+
+        if self._shapes is None:
+            self._init(tuple(shapes), np.zeros(int(sum(int(np.prod(s, dtype=np.int64)) for s in shapes))))
+        elif tuple(shapes) != self._shapes:
+            raise MalformedMessage(f"node {self._node_id}: shapes {list(shapes)} differ from the model's "
+                                   f"{list(self._shapes)}")
+
+    def make_message(self, x: Any) -> Any:
+        """q_i = C(x_i − x_i⁻) of the released model ``x``; x̂_i ← x̂_i + q_i."""
+        from strategies.compression import Released, released
+        from strategies.compression.message import decode_flat, split_flat
+
+        if type(x) is not Released:
+            raise TypeError(f"error-feedback gossip accepts only Released models, got {type(x).__name__}")
+        self._check(x.shapes)
+        assert self._shapes is not None and self._last is not None
+        flat = x.flat()
+        change = released(split_flat(flat - self._last, self._shapes, np.float64),
+                          "post-processing: change of the released model since the last send")
+        msg = self._compressor.compress(change)
+        self._last = flat
+        self._estimates[self._node_id] = self._estimates[self._node_id] + decode_flat(msg)
+        return msg
+
+    def receive(self, sender: str, msg: Any) -> None:
+        """x̂_j ← x̂_j + q_j for neighbour ``sender``."""
+        from strategies.compression import Compressed, MalformedMessage
+        from strategies.compression.message import decode_flat
+
+        if sender not in self._weights:
+            raise MalformedMessage(f"node {self._node_id}: message from non-neighbour {sender!r}")
+        if not isinstance(msg, Compressed):
+            raise MalformedMessage(f"node {self._node_id}: expected a Compressed message from {sender!r}")
+        self._check(msg.shapes)
+        self._estimates[sender] = self._estimates[sender] + decode_flat(msg)
+
+    def consensus_step(self, x: Any) -> Any:
+        """x + γ Σ_j w_ij (x̂_j − x̂_i) (post-processing of released values)."""
+        from strategies.compression import Released, released
+        from strategies.compression.message import split_flat
+
+        if type(x) is not Released:
+            raise TypeError(f"error-feedback gossip accepts only Released models, got {type(x).__name__}")
+        self._check(x.shapes)
+        assert self._shapes is not None
+        own = self._estimates[self._node_id]
+        pull = np.zeros_like(own)
+        for j, w in self._weights.items():
+            pull += w * (self._estimates[j] - own)
+        out = x.flat() + self._gamma * pull
+        # the mix moves the model; the next message carries that move too (x_i⁻ stays the sent model)
+        return released(split_flat(out, self._shapes, np.float64), "post-processing: error-feedback gossip")
+
+
 class SyncGossip(_GossipBase):
     """D-PSGD rounds: train, send the model to every neighbour, mix with Metropolis–Hastings weights.
 
     Config keys: ``local_steps``; ``mixing`` (this node's row of W over its neighbours,
     ``{peer: w_ij}``) or ``topology`` (a ``Topology``; its MH row is used);
     ``timeout`` (seconds to wait for neighbours in :meth:`step`, default 30);
-    ``compressor`` (optional ``strategies.compression.Compressor`` without error feedback,
-    one instance per node), ``gamma`` (consensus step, default 0.5) and
-    ``shared_init`` (all nodes start from the same public model, default False).
+    ``compressor`` (optional ``strategies.compression.Compressor``, one instance per node;
+    without error feedback: CHOCO innovation gossip; with it (TopK/RandomK with
+    ``error_feedback``, AdaComp): :class:`ErrorFeedbackGossip`; CLT-k is refused),
+    ``gamma`` (consensus step, default 0.5) and ``shared_init`` (all nodes start from the
+    same public model, default False).
 
     Dense: ``x_i ← W_ii x_i + Σ_j W_ij x_j``. A neighbour whose message is missing
     (timeout, stopped, invalid) has its weight put back on the node itself, so the row
@@ -365,13 +462,20 @@ class SyncGossip(_GossipBase):
         self.innovation: Any = None
         comp = self.config.get("compressor")
         if comp is not None and comp != "none":
-            from strategies.compression import Compressor, InnovationGossip, released
+            from strategies.compression import CLTk, Compressor, InnovationGossip, released
 
             if not isinstance(comp, Compressor):
                 raise ConfigError(f"sync_gossip: compressor must be a strategies.compression.Compressor, got {comp!r}")
+            if isinstance(comp, CLTk):
+                raise ConfigError("sync_gossip: compressor 'cltk' is not supported: CLT-k needs one leader's index "
+                                  "set broadcast to every node before each round, which neighbour-only gossip "
+                                  "does not have; use topk/adacomp (error feedback) or topk/randomk without it")
+            gamma = self.config.get("gamma", 0.5)
             initial = released(self.params, "public initial model") if self.config.get("shared_init") else None
-            self.innovation = InnovationGossip(self.node_id, self.mixing, comp,
-                                               float(self.config.get("gamma", 0.5)), initial)
+            if comp.error_feedback:  # the compressor keeps the residual: send compressed model changes
+                self.innovation = ErrorFeedbackGossip(self.node_id, self.mixing, comp, gamma, initial)
+            else:  # the public estimate keeps the residual (CHOCO)
+                self.innovation = InnovationGossip(self.node_id, self.mixing, comp, gamma, initial)
 
     def begin_round(self) -> StepReport:
         """Train ``local_steps`` and send the new model to every neighbour (nothing once stopped)."""

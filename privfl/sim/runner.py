@@ -137,7 +137,26 @@ def _node_config(ctx: SimContext, node_id: str) -> dict[str, Any]:
     return cfg
 
 
+_ASYNC_KEYS = {"local_steps", "seed", "consensus_exchanges", "compressor"}
+_SYNC_KEYS = {"local_steps", "seed", "mixing", "timeout", "compressor", "compression_params", "gamma", "shared_init"}
+
+
+def _check_keys(name: str, params: dict[str, Any], allowed: set[str], extra_note: str = "") -> None:
+    """ConfigError naming every key of ``strategy.params`` the strategy does not take."""
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ConfigError(f"strategy.params: {name} does not take {', '.join(unknown)}; "
+                          f"allowed: {', '.join(sorted(allowed))}{extra_note}")
+
+
 def _async_gossip(ctx: SimContext, node_id: str, client: NumPyClient, net: PeerNetwork, params: Params) -> NodeStrategy:
+    _check_keys("async_gossip", ctx.spec.strategy_params, _ASYNC_KEYS)
+    comp = ctx.spec.strategy_params.get("compressor")
+    if comp not in (None, "none"):
+        raise ConfigError(f"strategy.params.compressor: async_gossip cannot compress ({comp!r}): its pairwise "
+                          "averaging exchanges whole models with a random peer each time, and CHOCO-style "
+                          "estimates would need every message to every neighbour delivered in order; "
+                          "use strategy sync_gossip with a compressor")
     cfg = _node_config(ctx, node_id)
     cfg.update(AsyncGossip.roles(ctx.topology, node_id))
     return AsyncGossip(client, net, params, cfg)
@@ -147,14 +166,74 @@ def _sync_gossip(ctx: SimContext, node_id: str, client: NumPyClient, net: PeerNe
     cfg = _node_config(ctx, node_id)
     cfg.setdefault("mixing", ctx.topology.mixing_row(node_id))
     cfg.setdefault("timeout", math.inf)  # the simulator waits for every live neighbour
-    comp = cfg.get("compressor")
-    if isinstance(comp, str) and comp != "none":
+    comp_cfg = sync_compression_params(ctx.spec.strategy_params)
+    for key in set(cfg) - _SYNC_KEYS:  # compressor settings, validated above
+        cfg.pop(key)
+    cfg.pop("compression_params", None)
+    if comp_cfg is None:
+        cfg.pop("compressor", None)
+    else:
         from strategies.compression import compressor_from_config
 
+        import inspect
+
+        from strategies.compression import COMPRESSORS
+
+        name, kwargs = comp_cfg
+        if "seed" in inspect.signature(COMPRESSORS[name].__init__).parameters:
+            # per-node streams (random-k, stochastic rounding), reproducible from the run's seed
+            kwargs["seed"] = int(cfg["seed"]) + 7919 * ctx.node_ids.index(node_id)
         # one compressor per node: compressors keep per-node state
-        cfg["compressor"] = compressor_from_config(comp, **dict(cfg.pop("compression_params", {}) or {}))
+        cfg["compressor"] = compressor_from_config(name, **kwargs)
         cfg.setdefault("shared_init", True)  # every simulated node starts from the same public model
     return SyncGossip(client, net, params, cfg)
+
+
+def sync_compression_params(params: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The compressor (name, settings) that sync_gossip's ``strategy.params`` ask for, or None.
+
+    Settings may sit beside ``compressor`` (``{compressor = "topk", ratio = 0.01, gamma = 0.5}``)
+    or in a ``compression_params`` table. Sparsifiers default to ``error_feedback = false``
+    (CHOCO: the public estimate keeps the residual); with ``error_feedback = true`` (and for
+    AdaComp, whose residue is intrinsic) the compressor keeps it and the nodes send compressed
+    model changes. Raises ConfigError naming any key neither sync_gossip nor the compressor takes.
+    """
+    import inspect
+
+    from strategies.compression import COMPRESSORS
+
+    comp = params.get("compressor")
+    nested = params.get("compression_params", {}) or {}
+    if not isinstance(nested, dict):
+        raise ConfigError("strategy.params.compression_params: must be a table")
+    flat = {k: v for k, v in params.items() if k not in _SYNC_KEYS}
+    if comp is None or comp == "none":
+        if flat or nested:
+            _check_keys("sync_gossip", params, _SYNC_KEYS - {"compression_params"},
+                        " (compressor settings need strategy.params.compressor)")
+        return None
+    if not isinstance(comp, str):
+        raise ConfigError(f"strategy.params.compressor: must be a compressor name, got {comp!r}")
+    key = comp.strip().lower().replace("-", "_")
+    from strategies.compression.compressors import _ALIASES
+
+    key = _ALIASES.get(key, key)
+    if key not in COMPRESSORS:
+        raise ConfigError(f"strategy.params.compressor: unknown compressor {comp!r}; "
+                          f"choose one of {', '.join(COMPRESSORS)}")
+    takes = {p for p in inspect.signature(COMPRESSORS[key].__init__).parameters if p != "self"}
+    both = sorted(set(flat) & set(nested))
+    if both:
+        raise ConfigError(f"strategy.params: {', '.join(both)} given both beside compressor and in compression_params")
+    kwargs = {**nested, **flat}
+    bad = sorted(set(kwargs) - takes)
+    if bad:
+        raise ConfigError(f"strategy.params: sync_gossip with compressor {key!r} does not take {', '.join(bad)}; "
+                          f"sync_gossip takes {', '.join(sorted(_SYNC_KEYS))}; {key} takes "
+                          f"{', '.join(sorted(takes)) or 'nothing'}")
+    if "error_feedback" in takes and "error_feedback" not in kwargs and not kwargs.get("unbiased", False):
+        kwargs["error_feedback"] = False
+    return key, kwargs
 
 
 def _fedavg(ctx: SimContext) -> CollectiveStrategy:
