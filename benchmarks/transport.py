@@ -2,10 +2,15 @@
 
 Both sides run in this process on 127.0.0.1 with the same consortium certificates. An
 exchange moves the model both ways (request + reply). The baseline is a generic raw-bytes
-bidi stream sending the same bytes in 1 MiB chunks and echoing them back, with no codec,
-authorization, digest or validation. Prints JSON: MB/s (model bytes * 2 / seconds, median
-of ``--repeats``) and the ratio privfl / bare (target >= 0.8), once with the receiver
-verifying the SHA-256 model digest (default) and once trusting the declared digest.
+bidi stream doing the same transfers with no codec, authorization, digest or validation:
+the client streams its array as 1 MiB ``bytes`` chunks, the server takes the whole request
+and then streams *its own* array back the same way (one ``tobytes`` copy per chunk on each
+sending side, as gRPC Python needs ``bytes``; the receivers keep gRPC's chunks as they are
+and never assemble them, so the baseline is the cheapest possible use of the stream).
+Prints JSON: MB/s (model bytes * 2 / seconds, median of ``--repeats`` interleaved runs),
+the process CPU seconds per exchange (both ends run in this process) and the ratio
+privfl / bare (target >= 0.8), once with the receiver verifying the model digest (default)
+and once trusting the declared digest.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -30,10 +37,16 @@ CHUNK = 1 << 20
 BARE_METHOD = "/bench.Bare/Echo"
 
 
-def _bare_server(ident: NodeIdentity) -> tuple[grpc.Server, int]:
+def _chunks(payload: np.ndarray) -> Iterator[bytes]:
+    mv = memoryview(payload.reshape(-1).view(np.uint8))
+    return (mv[i:i + CHUNK].tobytes() for i in range(0, mv.nbytes, CHUNK))
+
+
+def _bare_server(ident: NodeIdentity, reply: np.ndarray) -> tuple[grpc.Server, int]:
     def echo(request_iterator, context):  # noqa: ANN001, ANN202
-        chunks = list(request_iterator)  # receive everything, then send it back
-        yield from chunks
+        n = sum(len(raw) for raw in request_iterator)  # receive everything, then answer
+        assert n == reply.nbytes
+        yield from _chunks(reply)
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=grpc_options())
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
@@ -45,12 +58,16 @@ def _bare_server(ident: NodeIdentity) -> tuple[grpc.Server, int]:
     return server, port
 
 
-def _bare_exchange(call: grpc.StreamStreamMultiCallable, payload: bytes) -> int:
-    mv = memoryview(payload)
+def _bare_exchange(call: grpc.StreamStreamMultiCallable, payload: np.ndarray) -> int:
     n = 0
-    for raw in call((mv[i:i + CHUNK].tobytes() for i in range(0, len(payload), CHUNK)), timeout=60):
+    for raw in call(_chunks(payload), timeout=60):
         n += len(raw)
     return n
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def run(sizes_mb: list[int], repeats: int, verify_digest: bool = True) -> dict[str, object]:
@@ -69,7 +86,7 @@ def run(sizes_mb: list[int], repeats: int, verify_digest: bool = True) -> dict[s
                                address="127.0.0.1:0", expected_spec=spec,
                                max_message_bytes=2 * mb * 1_000_000, verify_digest=verify_digest)
             port = srv.start()
-            bare, bport = _bare_server(idb)
+            bare, bport = _bare_server(idb, theirs["w"])
             r = dataclasses.replace(roster, nodes={**roster.nodes, "b": dataclasses.replace(
                 roster.nodes["b"], address=f"127.0.0.1:{port}")})
             client = GossipClient(ida, r, crl, expected_spec=spec, verify_digest=verify_digest)
@@ -79,31 +96,35 @@ def run(sizes_mb: list[int], repeats: int, verify_digest: bool = True) -> dict[s
             ch = grpc.secure_channel(f"127.0.0.1:{bport}", creds, options=grpc_options([
                 ("grpc.ssl_target_name_override", "b.bench.privfl")]))
             call = ch.stream_stream(BARE_METHOD)
-            payload = mine["w"].tobytes()
+            payload = mine["w"]
             try:
                 client.exchange("b", Message("exchange_request", 0, mine), timeout=60)  # warm-up
                 _bare_exchange(call, payload)
-                t_privfl, t_bare = [], []
+                t_privfl, t_bare, c_privfl, c_bare = [], [], [], []
                 for i in range(repeats):  # interleave to share any drift
-                    t0 = time.perf_counter()
+                    c0, t0 = _cpu(), time.perf_counter()
                     reply = client.exchange("b", Message("exchange_request", i, mine), timeout=60)
                     t_privfl.append(time.perf_counter() - t0)
+                    c_privfl.append(_cpu() - c0)
                     assert reply.tensors["w"].shape == mine["w"].shape
-                    t0 = time.perf_counter()
+                    c0, t0 = _cpu(), time.perf_counter()
                     got = _bare_exchange(call, payload)
                     t_bare.append(time.perf_counter() - t0)
-                    assert got == len(payload)
+                    c_bare.append(_cpu() - c0)
+                    assert got == payload.nbytes
             finally:
                 client.close()
                 ch.close()
                 srv.stop(0)
                 bare.stop(0).wait()
-            moved = 2 * len(payload) / 1e6
+            moved = 2 * payload.nbytes / 1e6
             p, b = statistics.median(t_privfl), statistics.median(t_bare)
             results.append({
-                "model_mb": mb, "bytes_each_way": len(payload),
+                "model_mb": mb, "bytes_each_way": payload.nbytes,
                 "privfl_s": round(p, 4), "bare_s": round(b, 4),
                 "privfl_mb_s": round(moved / p, 1), "bare_mb_s": round(moved / b, 1),
+                "privfl_cpu_s": round(statistics.median(c_privfl), 4),
+                "bare_cpu_s": round(statistics.median(c_bare), 4),
                 "ratio": round(b / p, 3), "verify_digest": verify_digest,
             })
     return {"benchmark": "transport_exchange", "tls": "mTLS ECDSA P-256", "chunk_bytes": CHUNK,
