@@ -20,6 +20,13 @@ Canary kinds (all are input-space canaries; the auditor only queries the final m
   canary i ever moves the weights of its own feature, so the final model holds the
   canary's clipped gradient sum plus the DP noise and nothing else: close to the
   white-box "gradient canary" of the paper, realised through the data (logreg/mlp only).
+* ``gradient`` (white-box): the inputs get m extra all-zero features as for ``dirac``, but
+  canary i is no input at all: it is a gradient of norm C (the sensitivity) on one weight
+  of the first layer, at extra feature i, added to the clipped per-sample sum of every
+  step in which the canary is Poisson-sampled (rate q, like a record) — before the noise.
+  Its score is minus the canary weight's total update. No ordinary record touches those
+  weights, so this audits the Gaussian mechanism and its accountant directly (Opacus
+  engine, gaussian mechanism only).
 
 What keeps the audit honest: the sampling rate given to the client and the number of
 steps are fixed from the *expected* training-set size (ordinary rows + m/2), so nothing
@@ -52,12 +59,13 @@ from privfl.models import build_model
 
 log = logging.getLogger("privfl.audit")
 
-CANARY_KINDS = ("mislabeled", "ood", "dirac")
+CANARY_KINDS = ("mislabeled", "ood", "dirac", "gradient")
 ALLOWED_SECTIONS = ("data", "model", "dp", "audit")
 #: ood: std of the random inputs (features are z-scored); dirac: the value on the canary's own
 #: feature (large, so that nearly all of the clipped gradient lands on that feature's weights)
 #: mislabeled: unused
-DEFAULT_SCALE = {"mislabeled": 1.0, "ood": 1.0, "dirac": 10.0}
+#: gradient: unused (the canary gradient has norm C)
+DEFAULT_SCALE = {"mislabeled": 1.0, "ood": 1.0, "dirac": 10.0, "gradient": 1.0}
 
 
 @dataclass
@@ -123,9 +131,13 @@ class AuditConfig:
         a = self.audit
         if a.site >= self.data.num_sites:
             raise ConfigError(f"{source}: [audit].site: {a.site} but [data].num_sites = {self.data.num_sites}")
-        if a.canary == "dirac" and self.model.name not in ("logreg", "mlp"):
-            raise ConfigError(f"{source}: [audit].canary: 'dirac' canaries need model logreg or mlp, "
+        if a.canary in ("dirac", "gradient") and self.model.name not in ("logreg", "mlp"):
+            raise ConfigError(f"{source}: [audit].canary: {a.canary!r} canaries need model logreg or mlp, "
                               f"not {self.model.name!r}")
+        if a.canary == "gradient" and self.dp.enabled and (self.dp.engine != "opacus"
+                                                          or self.dp.mechanism != "gaussian"):
+            raise ConfigError(f"{source}: [audit].canary: 'gradient' canaries need dp.engine = 'opacus' "
+                              f"and dp.mechanism = 'gaussian'")
 
 
 def audit_config_from(table: dict[str, Any], source: str, base_dir: Path | None = None) -> AuditConfig:
@@ -181,12 +193,12 @@ def make_canaries(kind: str, train: Dataset, test: Dataset, m: int, scale: float
     if kind == "ood":
         x = (rng.standard_normal((m, *train.x.shape[1:])) * scale).astype(np.float32)
         return Canaries(train.x, train.y, x, labels, test.x, test.y)
-    if kind == "dirac":
+    if kind in ("dirac", "gradient"):
         d = int(np.prod(train.x.shape[1:]))
         pad = lambda a: np.concatenate(  # noqa: E731
             [a.reshape(len(a), d), np.zeros((len(a), m), dtype=np.float32)], axis=1)
         x = np.zeros((m, d + m), dtype=np.float32)
-        x[np.arange(m), d + np.arange(m)] = scale
+        x[np.arange(m), d + np.arange(m)] = scale  # for 'gradient' only the shape matters
         return Canaries(pad(train.x), train.y, x, labels, pad(test.x), test.y)
     raise ConfigError(f"[audit].canary: must be one of {', '.join(CANARY_KINDS)}, got {kind!r}")
 
@@ -246,6 +258,72 @@ class AuditRunResult:
         return d
 
 
+def _first_linear(module: nn.Module) -> nn.Linear:
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            return layer
+    raise ConfigError("[model].name: 'gradient' canaries need a model with a Linear first layer")
+
+
+class _GradientCanaries:
+    """White-box canaries: norm-C gradients on private weights, Poisson-sampled into each step's sum.
+
+    With DP on they enter the clipped per-sample sum (``p.summed_grad``) before Opacus adds the
+    noise; with DP off they are added to the mean gradient as one more batch member (C / B).
+    """
+
+    def __init__(self, client: DPClient, d: int, included: np.ndarray, q: float, seed: int) -> None:
+        m = len(included)
+        self.weight = _first_linear(client.module).weight
+        rows = np.random.default_rng(seed + 104729).integers(0, self.weight.shape[0], size=m)
+        self.rows = torch.as_tensor(rows, device=self.weight.device)
+        self.cols = torch.as_tensor(d + np.arange(m), device=self.weight.device)
+        self.included, self.q = included, q
+        self.c = float(client.config.max_grad_norm)
+        self.rng = np.random.default_rng(seed + 15485863)
+        self.start = self.weight.detach()[self.rows, self.cols].clone()
+        self.hits = np.zeros(m, dtype=np.int64)
+        opt = client.optimizer
+        if client.config.enabled:
+            orig = opt.clip_and_accumulate
+
+            def clip_and_accumulate() -> None:
+                orig()
+                g = self._draw()
+                if g is not None:
+                    self.weight.summed_grad = self.weight.summed_grad + g  # type: ignore[attr-defined]
+
+            opt.clip_and_accumulate = clip_and_accumulate  # type: ignore[method-assign]
+        else:
+            orig_step = opt.step
+            batch = client.config.batch_size
+
+            def step(*args: Any, **kwargs: Any) -> Any:
+                g = self._draw()
+                if g is not None and self.weight.grad is not None:
+                    self.weight.grad.add_(g / batch)
+                return orig_step(*args, **kwargs)
+
+            opt.step = step  # type: ignore[method-assign]
+
+    def _draw(self) -> torch.Tensor | None:
+        """This step's canary gradient: C on the weight of each included canary sampled (rate q)."""
+        hit = self.included & (self.rng.random(len(self.included)) < self.q)
+        if not hit.any():
+            return None
+        self.hits += hit
+        g = torch.zeros_like(self.weight)
+        idx = torch.as_tensor(np.flatnonzero(hit), device=g.device)
+        g[self.rows[idx], self.cols[idx]] = self.c
+        return g
+
+    @torch.no_grad()
+    def scores(self) -> np.ndarray:
+        """Minus each canary weight's total update (SGD moves against the canary's +C gradient)."""
+        now = self.weight.detach()[self.rows, self.cols]
+        return (self.start - now).cpu().numpy().astype(np.float64)
+
+
 @torch.no_grad()
 def _label_losses(model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device) -> np.ndarray:
     """Per-row cross-entropy of label ``y`` under ``model`` (eval mode, restored after)."""
@@ -274,8 +352,11 @@ def run_audit(cfg: AuditConfig, seed: int | None = None, device: torch.device | 
     can = make_canaries(a.canary, site.train, site.test, a.canaries, a.scale(), rng)
     signs = draw_inclusion_signs(a.canaries, rng)
     inc = signs > 0
-    train_x = np.concatenate([can.ordinary_x, can.x[inc]])
-    train_y = np.concatenate([can.ordinary_y, can.y[inc]])
+    if a.canary == "gradient":  # gradient canaries are no records: they enter in the optimizer
+        train_x, train_y = can.ordinary_x, can.ordinary_y
+    else:
+        train_x = np.concatenate([can.ordinary_x, can.x[inc]])
+        train_y = np.concatenate([can.ordinary_y, can.y[inc]])
 
     expected_n = len(can.ordinary_y) + a.canaries / 2
     dp = cfg.dp.to_dp_config()
@@ -294,13 +375,19 @@ def run_audit(cfg: AuditConfig, seed: int | None = None, device: torch.device | 
         raise ConfigError(f"[dp]: {exc}") from None
     log.info("audit node=%s canary=%s m=%d included=%d steps=%d dp=%s sigma=%.4g q=%.4g",
              node, a.canary, a.canaries, int(inc.sum()), steps, dp_cfg.enabled, client.noise_multiplier, q)
-    before = _label_losses(client.module, can.x, can.y, client.device)
+    gradient = None
+    if a.canary == "gradient":
+        gradient = _GradientCanaries(client, can.x.shape[1] - a.canaries, inc, q, seed)
+    else:
+        before = _label_losses(client.module, can.x, can.y, client.device)
     try:
         _, _, metrics = client.fit(client.get_parameters({}), {"local_steps": steps})
     except BudgetExhausted as exc:
         raise ConfigError(f"[dp].target_epsilon: no step fits the budget ({exc})") from None
-    after = _label_losses(client.module, can.x, can.y, client.device)
-    scores = before - after
+    if gradient is not None:
+        scores = gradient.scores()
+    else:
+        scores = before - _label_losses(client.module, can.x, can.y, client.device)
     formal = client.epsilon if dp_cfg.enabled else None
     k_pos, k_neg = a.guesses()
     result = audit_one_run(scores, signs, k_pos, k_neg, dp_cfg.delta, a.beta, formal)

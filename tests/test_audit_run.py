@@ -86,6 +86,20 @@ def test_black_box_mislabeled_canaries() -> None:
     assert dp.epsilon_lb < DP_MAX, dp.to_dict()
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_white_box_gradient_canaries(seed: int) -> None:
+    nodp = run_audit(_cfg(audit__canary="gradient", dp__enabled=False), seed=seed)
+    dp = run_audit(_cfg(audit__canary="gradient", dp__noise_multiplier=3.0), seed=seed)
+    assert nodp.epsilon_lb > NO_DP_MIN, nodp.to_dict()
+    assert dp.formal_epsilon is not None and dp.epsilon_lb <= dp.formal_epsilon
+    assert dp.epsilon_lb < DP_MAX, dp.to_dict()
+    # without noise the canary weights move only when their canary is in: nothing else touches them
+    s, inc = np.array(nodp.scores), np.array(nodp.inclusion)
+    assert np.all(s[inc < 0] == 0.0) and np.all(s[inc > 0] > 0.0)
+    # with noise every canary weight moves (the noise reaches all of them)
+    assert np.all(np.array(dp.scores) != 0.0)
+
+
 def test_sampling_rate_and_steps_do_not_depend_on_inclusion() -> None:
     a = run_audit(_cfg(dp__noise_multiplier=3.0, audit__steps=5), seed=0)
     b = run_audit(_cfg(dp__noise_multiplier=3.0, audit__steps=5), seed=1)
@@ -129,6 +143,7 @@ def test_canary_kinds() -> None:
         (dict(audit__canaries="many"), "[audit].canaries"),
         (dict(audit__bogus=1), "[audit]: unknown key(s) bogus"),
         (dict(model__name="cnn"), "[audit].canary"),
+        (dict(audit__canary="gradient", dp__engine="fast"), "[audit].canary"),
         (dict(dp__delta=2.0), "[dp].delta"),
     ],
 )
