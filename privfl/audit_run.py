@@ -31,7 +31,9 @@ Canary kinds (all are input-space canaries; the auditor only queries the final m
 What keeps the audit honest: the sampling rate given to the client and the number of
 steps are fixed from the *expected* training-set size (ordinary rows + m/2), so nothing
 but the canaries' presence depends on S; k₊ and k₋ are fixed by the config before any
-score exists.
+score exists. One residue: the DPClient divides each noisy sum by round(n_train·q), and n_train
+counts the included input-space canaries, so that global factor moves by ±2 % with their
+number (the same factor for every canary; none for ``gradient`` canaries, which are no rows).
 """
 
 from __future__ import annotations
