@@ -259,8 +259,8 @@ def load_canary_scores(path: Path) -> tuple[np.ndarray, np.ndarray]:
 @app.command("empirical")
 def empirical_cmd(
     config: Path | None = typer.Option(
-        None, "--config", help="audit TOML ([data], [model], [dp], [audit]): insert canaries, train once, bound ε"),
-    seed: int | None = typer.Option(None, "--seed", help="with --config: override [audit].seed"),
+        None, "--config", help="audit TOML (\\[data], \\[model], \\[dp], \\[audit]): insert canaries, train once, bound ε"),
+    seed: int | None = typer.Option(None, "--seed", help="with --config: override \\[audit].seed"),
     save_scores: Path | None = typer.Option(
         None, "--save-scores", help="with --config: write the canary scores and inclusion (.json), "
         "re-auditable with --scores"),
@@ -271,9 +271,9 @@ def empirical_cmd(
     r: int | None = typer.Option(None, "--r", help="number of guesses (counts mode)"),
     v: int | None = typer.Option(None, "--v", help="number of correct guesses (counts mode)"),
     delta: float | None = typer.Option(None, "--delta", help="δ of the guarantee being audited (default 1e-5; "
-                                       "with --config it is [dp].delta)"),
+                                       "with --config it is \\[dp].delta)"),
     beta: float | None = typer.Option(None, "--beta", help=f"1 − confidence (default {DEFAULT_BETA}; "
-                                      "with --config it is [audit].beta)"),
+                                      "with --config it is \\[audit].beta)"),
     epsilon_upper: float | None = typer.Option(None, "--epsilon-upper", help="the accountant's ε, to compare"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
