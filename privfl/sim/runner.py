@@ -150,13 +150,13 @@ def _check_keys(name: str, params: dict[str, Any], allowed: set[str], extra_note
 
 
 def _async_gossip(ctx: SimContext, node_id: str, client: NumPyClient, net: PeerNetwork, params: Params) -> NodeStrategy:
-    _check_keys("async_gossip", ctx.spec.strategy_params, _ASYNC_KEYS)
     comp = ctx.spec.strategy_params.get("compressor")
     if comp not in (None, "none"):
         raise ConfigError(f"strategy.params.compressor: async_gossip cannot compress ({comp!r}): its pairwise "
                           "averaging exchanges whole models with a random peer each time, and CHOCO-style "
                           "estimates would need every message to every neighbour delivered in order; "
                           "use strategy sync_gossip with a compressor")
+    _check_keys("async_gossip", ctx.spec.strategy_params, _ASYNC_KEYS)
     cfg = _node_config(ctx, node_id)
     cfg.update(AsyncGossip.roles(ctx.topology, node_id))
     return AsyncGossip(client, net, params, cfg)
