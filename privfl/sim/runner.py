@@ -397,6 +397,7 @@ def _run(spec: SimSpec) -> SimulationResult:
         "final_consensus_max": final[0]["consensus_max"] if final else math.nan,
         "bytes_sent": dict(zip(node_ids, world.bytes_sent)),
         "bytes_received": dict(zip(node_ids, world.bytes_received)),
+        "messages_sent": dict(zip(node_ids, world.messages_sent)),
         "evaluations": engine.evals,
         "wall_seconds": time.perf_counter() - wall0,
         "seed": spec.seed,

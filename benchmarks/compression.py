@@ -1,0 +1,156 @@
+"""Compressed gossip on the digits heterogeneous setting: bytes to reach dense accuracy, gap at equal ε.
+
+Runs every ``[[compare.runs]]`` entry of ``examples/digits-compressed/compare.toml``
+(16 sites, CNN, Dirichlet α = 0.5, one 4× straggler, sync_gossip on a 4-regular graph;
+every run the same DP-SGD settings, so the same ε) in the simulator, which counts the real
+wire bytes (``Compressed.nbytes`` + the link header per message). For each run it reports:
+
+* ``bytes_to_dense_final``: total bytes all sites had sent at the first evaluation where
+  the mean accuracy reached the dense run's final mean accuracy (null if never), and
+  ``bytes_to_within_1pp`` for 1 percentage point below it;
+* ``reduction_*``: the dense run's bytes for the same target divided by the run's;
+* ``accuracy_gap_pp``: dense final mean accuracy minus the run's, in percentage points;
+* ``bytes_per_message`` and ``epsilon_max`` (equal across runs by construction).
+
+``--quick`` shortens every run (``--rounds``, default 40) for a smoke check; ``--jobs``
+runs that many simulations in parallel processes (one torch thread each). Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+EXAMPLE = ROOT / "examples" / "digits-compressed" / "compare.toml"
+
+
+def _curve(rows: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
+    """(round, mean accuracy over sites, total bytes sent so far) per evaluation."""
+    by_round: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_round.setdefault(int(r["round"]), []).append(r)
+    out = []
+    for rnd in sorted(by_round):
+        rs = by_round[rnd]
+        acc = sum(float(r["accuracy"]) for r in rs) / len(rs)
+        out.append((rnd, acc, float(sum(float(r.get("bytes_sent", 0) or 0) for r in rs))))
+    return out
+
+
+def _bytes_to(curve: list[tuple[int, float, float]], target: float) -> tuple[float | None, int | None]:
+    for rnd, acc, b in curve:
+        if acc >= target - 1e-12:
+            return b, rnd
+    return None, None
+
+
+def _one(args: tuple[str, str, int | None]) -> dict[str, Any]:
+    """Run one labelled variant; returns its curve and summary (runs in a worker process)."""
+    import logging
+
+    logging.disable(logging.WARNING)
+    from privfl.experiment import load_experiment, spec_for
+    from privfl.sim import run_simulation
+
+    config, label, rounds = args
+    exp = load_experiment(config)
+    spec = spec_for(exp, label)
+    if rounds:
+        spec.stop.max_steps = None
+        spec.stop.max_rounds = rounds
+        spec.eval_every_rounds = max(1, rounds // 8)
+    t0 = time.perf_counter()
+    res = run_simulation(spec)
+    s = res.summary
+    msgs = sum(s.get("messages_sent", {}).values()) if isinstance(s.get("messages_sent"), dict) else None
+    total = float(sum(s["bytes_sent"].values()))
+    return {
+        "label": label,
+        "mechanism": spec.dp.mechanism,
+        "params": spec.strategy_params,
+        "rounds": s["rounds"],
+        "final_accuracy_mean": s["mean_accuracy"],
+        "final_accuracy_min": min(s["final_accuracy"].values()),
+        "epsilon_max": max(s["epsilon"].values()),
+        "bytes_total": total,
+        "messages": msgs,
+        "consensus_max": s["final_consensus_max"],
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "curve": _curve(res.rows),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(EXAMPLE))
+    ap.add_argument("--quick", action="store_true", help="short runs (--rounds) for a smoke check")
+    ap.add_argument("--rounds", type=int, default=40, help="rounds per run with --quick")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--only", nargs="*", help="labels to run (dense is always run)")
+    a = ap.parse_args()
+
+    from privfl.experiment import load_experiment
+
+    exp = load_experiment(a.config)
+    labels = exp.strategies
+    if "dense" not in labels:
+        raise SystemExit(f"{a.config}: needs a run labelled 'dense' (the reference)")
+    if a.only:
+        labels = ["dense", *[x for x in labels if x in a.only and x != "dense"]]
+    rounds = a.rounds if a.quick else None
+    t0 = time.perf_counter()
+    jobs = [(a.config, lab, rounds) for lab in labels]
+    if a.jobs > 1:
+        with ProcessPoolExecutor(a.jobs) as pool:
+            results = list(pool.map(_one, jobs))
+    else:
+        results = [_one(j) for j in jobs]
+    by = {r["label"]: r for r in results}
+    dense = by["dense"]
+    target = dense["final_accuracy_mean"]
+    d_full, _ = _bytes_to(dense["curve"], target)
+    d_1pp, _ = _bytes_to(dense["curve"], target - 0.01)
+    runs = []
+    for r in results:
+        b_full, r_full = _bytes_to(r["curve"], target)
+        b_1pp, r_1pp = _bytes_to(r["curve"], target - 0.01)
+        n_msgs = r["messages"]
+        runs.append({
+            **{k: v for k, v in r.items() if k != "curve"},
+            "bytes_per_message": (r["bytes_total"] / n_msgs) if n_msgs else None,
+            "wire_reduction_per_message": (dense["bytes_total"] / r["bytes_total"]) if r["bytes_total"] else None,
+            "accuracy_gap_pp": round(100 * (target - r["final_accuracy_mean"]), 2),
+            "bytes_to_dense_final": b_full,
+            "round_to_dense_final": r_full,
+            "reduction_to_dense_final": (d_full / b_full) if (b_full and d_full) else None,
+            "bytes_to_within_1pp": b_1pp,
+            "round_to_within_1pp": r_1pp,
+            "reduction_to_within_1pp": (d_1pp / b_1pp) if (b_1pp and d_1pp) else None,
+            "accuracy_curve": [(rnd, round(acc, 4)) for rnd, acc, _ in r["curve"]],
+        })
+    out = {
+        "benchmark": "compression",
+        "config": str(Path(a.config).resolve().relative_to(ROOT)) if str(a.config).startswith(str(ROOT)) else a.config,
+        "quick": a.quick,
+        "rounds": rounds or exp.common.stop.max_steps,
+        "dense_final_accuracy": target,
+        "epsilon_equal": len({round(r["epsilon_max"], 9) for r in results}) == 1,
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "cpu_count": os.cpu_count(),
+        "runs": runs,
+    }
+    print(json.dumps(out, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)))
+
+
+if __name__ == "__main__":
+    main()
