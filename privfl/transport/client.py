@@ -294,6 +294,7 @@ class GossipClient:
             log.warning("node %s: refused reply from %s: %s", self.node_id, peer_id, exc)
             raise
         finally:
+            asm.close()
             self.counters.add_sent(peer_id, sent[0], messages=1 if sent[0] else 0)
             self.counters.add_received(peer_id, received, messages=int(done))
         self.backoff.success(peer_id)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import queue
 import re
+import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -26,6 +29,9 @@ CHUNK_BYTES = 1 << 20
 MAX_TENSORS = 4096
 MAX_NDIM = 8
 MAX_SCALARS = 64
+# bodies at least this large are hashed on a helper thread (hashlib releases the GIL on
+# large updates), so SHA-256 runs on another core while chunks are copied and streamed
+PARALLEL_HASH_BYTES = 4 << 20
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.:/\-\[\]]{1,200}$")
 # dtypes a tensor may have on the wire (numpy little-endian strings)
@@ -91,7 +97,10 @@ def spec_of(tensors: Mapping[str, Tensor], allow_sparse: bool = True) -> dict[st
 class Message:
     """A message to send: kind, round and named tensors (dense arrays or SparseTensor).
 
-    ``sequence`` None lets the client assign the next sequence number.
+    ``sequence`` None lets the client assign the next sequence number. ``digest`` is the
+    ``model_digest(tensors)`` when the caller already computed it (e.g. for its ledger):
+    it is sent as is instead of hashing the body a second time, and a verifying receiver
+    refuses the message if it does not match the bytes.
     """
 
     kind: str
@@ -99,6 +108,7 @@ class Message:
     tensors: Mapping[str, Tensor] = field(default_factory=dict)
     scalars: Mapping[str, float] = field(default_factory=dict)
     sequence: int | None = None
+    digest: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +175,49 @@ def _digest_start(specs: Iterable[pb.TensorSpec]) -> hashlib._Hash:
     return h
 
 
+def _hash_worker(q: queue.SimpleQueue, h: hashlib._Hash, out: list[bytes]) -> None:
+    while (item := q.get()) is not None:
+        h.update(item)
+    out.append(h.digest())
+
+
+class BackgroundHash:
+    """A SHA-256 fed in order and computed on a helper thread, overlapping the stream.
+
+    Why: hashlib releases the GIL while it hashes a large buffer, so the helper uses a
+    second core while the caller copies and streams the next chunk; the digest is the
+    same as hashing inline. Buffers passed to ``update`` must not change until ``digest``
+    returns. ``close`` (or garbage collection) stops the helper without a digest.
+    """
+
+    def __init__(self, h: hashlib._Hash) -> None:
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._out: list[bytes] = []
+        self._thread = threading.Thread(target=_hash_worker, args=(self._q, h, self._out),
+                                        name="privfl-digest", daemon=True)
+        self._thread.start()
+        self._stop = weakref.finalize(self, self._q.put, None)
+
+    def update(self, data: memoryview | bytes) -> None:
+        """Queue ``data`` to be hashed after everything queued before it."""
+        self._q.put(data)
+
+    def digest(self) -> bytes:
+        """Wait for the helper to hash everything queued and return the digest."""
+        self._stop()
+        self._thread.join()
+        return self._out[0]
+
+    def close(self) -> None:
+        """Stop the helper (whatever is still queued is hashed and dropped)."""
+        self._stop()
+
+
+def _hasher(specs: Iterable[pb.TensorSpec], body_bytes: int) -> hashlib._Hash | BackgroundHash:
+    h = _digest_start(specs)
+    return BackgroundHash(h) if body_bytes >= PARALLEL_HASH_BYTES else h
+
+
 def encode_tensors(tensors: Mapping[str, Tensor]) -> tuple[list[pb.TensorSpec], list[memoryview]]:
     """Tensor specs and zero-copy little-endian body buffers for named dense/sparse tensors."""
     if len(tensors) > MAX_TENSORS:
@@ -203,9 +256,11 @@ def model_digest(tensors: Mapping[str, Tensor]) -> bytes:
 
 def encode_message(msg: Message, sender: str, recipient: str, sequence: int,
                    in_reply_to: int = 0) -> EncodedMessage:
-    """Build the header and body of ``msg`` and compute its digest."""
+    """Build the header and body of ``msg`` (its digest is computed while it streams)."""
     if not _KIND.match(msg.kind):
         raise TransportError(f"message kind {msg.kind!r} is invalid")
+    if msg.digest is not None and (not isinstance(msg.digest, bytes) or len(msg.digest) != 32):
+        raise TransportError("message digest must be the 32-byte model_digest of its tensors")
     if len(msg.scalars) > MAX_SCALARS:
         raise TransportError(f"too many scalars: {len(msg.scalars)} > {MAX_SCALARS}")
     specs, buffers = encode_tensors(msg.tensors)
@@ -214,7 +269,7 @@ def encode_message(msg: Message, sender: str, recipient: str, sequence: int,
                        body_bytes=sum(b.nbytes for b in buffers), in_reply_to=in_reply_to)
     for k, v in msg.scalars.items():
         header.scalars[k] = float(v)
-    return EncodedMessage(header, buffers)
+    return EncodedMessage(header, buffers, msg.digest)
 
 
 def _varint(n: int) -> bytes:
@@ -237,28 +292,39 @@ def iter_chunks(enc: EncodedMessage, chunk_bytes: int = CHUNK_BYTES) -> Iterator
 
     Data chunks are written as their protobuf encoding directly (tag, length, bytes), which
     is byte-identical to ``Chunk(data=...).SerializeToString()`` and saves two copies.
+    The digest (if not known yet) is computed while the body streams: on a helper thread
+    for large bodies (see ``BackgroundHash``), inline otherwise.
     """
     yield pb.Chunk(header=enc.header).SerializeToString()
-    h = _digest_start(enc.header.tensors) if enc.digest is None else None
-    pending: list[memoryview] = []
-    size = 0
-    for buf in enc.buffers:
-        off = 0
-        while off < buf.nbytes:
-            take = min(chunk_bytes - size, buf.nbytes - off)
-            piece = buf[off:off + take]
-            if h is not None:
-                h.update(piece)
-            pending.append(piece)
-            size += take
-            off += take
-            if size == chunk_bytes:
-                yield b"".join([_DATA_TAG, _varint(size), *pending])
-                pending, size = [], 0
-    if size:
-        yield b"".join([_DATA_TAG, _varint(size), *pending])
-    if h is not None:
-        enc.digest = h.digest()
+    h = None
+    if enc.digest is None:
+        h = _hasher(enc.header.tensors, enc.body_bytes)
+        if isinstance(h, BackgroundHash):
+            for buf in enc.buffers:  # whole buffers: one GIL-free update each
+                h.update(buf)
+    try:
+        pending: list[memoryview] = []
+        size = 0
+        for buf in enc.buffers:
+            off = 0
+            while off < buf.nbytes:
+                take = min(chunk_bytes - size, buf.nbytes - off)
+                piece = buf[off:off + take]
+                if h is not None and not isinstance(h, BackgroundHash):
+                    h.update(piece)
+                pending.append(piece)
+                size += take
+                off += take
+                if size == chunk_bytes:
+                    yield b"".join([_DATA_TAG, _varint(size), *pending])
+                    pending, size = [], 0
+        if size:
+            yield b"".join([_DATA_TAG, _varint(size), *pending])
+        if h is not None:
+            enc.digest = h.digest()
+    finally:
+        if isinstance(h, BackgroundHash):
+            h.close()
     yield pb.Chunk(trailer=pb.Trailer(model_digest=enc.digest)).SerializeToString()
 
 
@@ -401,13 +467,26 @@ class MessageAssembler:
         self.verify_digest = verify_digest
         self.header: pb.Header | None = None
         self.wire_bytes = 0
-        self._body: bytearray | None = None
+        self._body: np.ndarray | None = None  # uint8, written in place as chunks arrive
+        self._view: memoryview | None = None
         self._filled = 0
-        self._hash: hashlib._Hash | None = None
+        self._hash: hashlib._Hash | BackgroundHash | None = None
         self.digest: bytes | None = None
+
+    def close(self) -> None:
+        """Release the digest helper thread, if any (idempotent; call when abandoning)."""
+        if isinstance(self._hash, BackgroundHash):
+            self._hash.close()
 
     def feed(self, raw: bytes) -> bool:
         """Consume one serialized chunk; True once the trailer has been accepted."""
+        try:
+            return self._feed(raw)
+        except TransportError:
+            self.close()
+            raise
+
+    def _feed(self, raw: bytes) -> bool:
         if self.digest is not None:
             raise TransportError("data after the trailer")
         self.wire_bytes += len(raw)
@@ -425,28 +504,34 @@ class MessageAssembler:
                     raise TransportError(f"malformed stream: first chunk is {part}, not header")
                 check_header(chunk.header, self.expected, self.max_body_bytes)
                 self.header = chunk.header
-                self._body = bytearray(self.header.body_bytes)
-                self._hash = _digest_start(self.header.tensors) if self.verify_digest else None
+                # np.empty, not bytearray: no zero-fill pass, and numpy asks the kernel for
+                # huge pages on large buffers (far fewer page faults); every byte is written
+                # by a chunk before it can be read (``_finish`` checks the fill).
+                self._body = np.empty(self.header.body_bytes, dtype=np.uint8)
+                self._view = memoryview(self._body)
+                self._hash = (_hasher(self.header.tensors, self.header.body_bytes)
+                              if self.verify_digest else None)
                 return False
             if part == "header":
                 raise TransportError("malformed stream: second header")
             if part == "trailer":
                 return self._finish(chunk.trailer.model_digest)
             view = memoryview(chunk.data)
-        assert self._body is not None
+        assert self._body is not None and self._view is not None
         n = view.nbytes
-        if self._filled + n > len(self._body):
-            raise TransportError(f"body longer than the declared {len(self._body)} bytes")
-        self._body[self._filled:self._filled + n] = view
+        if self._filled + n > self._body.nbytes:
+            raise TransportError(f"body longer than the declared {self._body.nbytes} bytes")
+        dest = self._view[self._filled:self._filled + n]
+        dest[:] = view
         if self._hash is not None:
-            self._hash.update(view)
+            self._hash.update(dest)  # our copy: it stays unchanged until the digest is taken
         self._filled += n
         return False
 
     def _finish(self, digest: bytes) -> bool:
         assert self._body is not None
-        if self._filled != len(self._body):
-            raise TransportError(f"body truncated: {self._filled} of {len(self._body)} bytes")
+        if self._filled != self._body.nbytes:
+            raise TransportError(f"body truncated: {self._filled} of {self._body.nbytes} bytes")
         if len(digest) != 32:
             raise TransportError(f"model digest has {len(digest)} bytes, not 32")
         if self._hash is not None and self._hash.digest() != digest:
@@ -459,7 +544,8 @@ class MessageAssembler:
         if self.header is None or self.digest is None or self._body is None:
             raise TransportError("stream ended before the message was complete")
         h = self.header
-        tensors = decode_tensors(h.tensors, self._body, self.expected)
+        assert self._view is not None
+        tensors = decode_tensors(h.tensors, self._view, self.expected)
         return DecodedMessage(sender=h.sender, recipient=h.recipient, sequence=h.sequence,
                               round=h.round, kind=h.kind, tensors=tensors,
                               scalars=dict(h.scalars), digest=self.digest,

@@ -163,6 +163,7 @@ class GossipServer:
                 if done:
                     break
         finally:
+            asm.close()
             self.counters.add_received(peer, received, messages=1 if done else 0)
         if not done:
             raise TransportError("stream ended before the message was complete")
