@@ -24,9 +24,11 @@ def _table(title: str, results: dict) -> Table:
     return t
 
 
-def _log_to(run_dir: Path, verbose: bool) -> None:
+def _log_to(run_dir: Path, verbose: bool) -> logging.Handler:
     """Every event goes to ``run.log`` in the run folder; the console shows warnings only
-    (the progress bar and the summary table are the console's story) unless ``verbose``."""
+    (the progress bar and the summary table are the console's story) unless ``verbose``.
+    Returns the file handler, which the caller removes when the run ends (so a second
+    run in the same process does not write into the first run's log)."""
     root = logging.getLogger()
     for h in root.handlers:
         if not verbose:
@@ -36,6 +38,7 @@ def _log_to(run_dir: Path, verbose: bool) -> None:
     fh.setLevel(logging.INFO)
     root.addHandler(fh)
     root.setLevel(logging.INFO)
+    return fh
 
 
 def _run(config: Path, out: str | None, progress: bool, compare: bool, verbose: bool = False) -> None:
@@ -46,12 +49,16 @@ def _run(config: Path, out: str | None, progress: bool, compare: bool, verbose: 
     if not compare:
         exp.runs = exp.runs[:1]
     run_dir = run_dir_for(exp, out)
-    _log_to(run_dir, verbose)
+    fh = _log_to(run_dir, verbose)
     console.print(f"[bold]{exp.name}[/]: {exp.common.data.num_sites} nodes, {exp.common.data.source} "
                   f"({exp.common.data.partitioning}), model {exp.common.model.name}, "
                   f"DP {exp.common.dp.clipping if exp.common.dp.enabled else 'off'}, "
                   f"strategies {', '.join(exp.strategies)} → {run_dir}")
-    results = run_experiment(exp, run_dir, progress=progress)
+    try:
+        results = run_experiment(exp, run_dir, progress=progress)
+    finally:
+        logging.getLogger().removeHandler(fh)
+        fh.close()
     console.print(_table(exp.name, results))
     console.print(f"run folder: {run_dir} (metrics.csv, summary.json, comparison.json, run.log, plots *.png)")
 
