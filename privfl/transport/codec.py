@@ -293,7 +293,8 @@ def iter_chunks(enc: EncodedMessage, chunk_bytes: int = CHUNK_BYTES) -> Iterator
     Data chunks are written as their protobuf encoding directly (tag, length, bytes), which
     is byte-identical to ``Chunk(data=...).SerializeToString()`` and saves two copies.
     The digest (if not known yet) is computed while the body streams: on a helper thread
-    for large bodies (see ``BackgroundHash``), inline otherwise.
+    for large bodies (see ``BackgroundHash``), inline otherwise. The tensors must not change
+    while the message streams (if they do, a verifying receiver refuses it: digest mismatch).
     """
     yield pb.Chunk(header=enc.header).SerializeToString()
     h = None
