@@ -107,6 +107,10 @@ def main() -> None:
     for k, c in curves.items():
         t = time_to(c, target)
         runs[k]["time_to_target"] = round(t, 3) if math.isfinite(t) else None
+        runs[k]["time_to_accuracy"] = {
+            f"{a:.2f}": (round(time_to(c, a), 3) if math.isfinite(time_to(c, a)) else None)
+            for a in (0.5, 0.6, 0.7, 0.75, 0.8, 0.85)
+        }
 
     def ratio(a: str, b: str) -> float | None:
         ta, tb = runs[a]["time_to_target"], runs[b]["time_to_target"]
