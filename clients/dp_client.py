@@ -122,6 +122,11 @@ class DPClient(flwr.client.NumPyClient):
         self.exhausted = False
 
     # ---- construction helpers -------------------------------------------------------
+    def _expected_batch(self) -> int:
+        """The divisor of the noisy sum: the configured expected batch (public), not a count
+        of the private data; the whole local set only when every record is sampled."""
+        return max(1, self.config.batch_size if self.sample_rate < 1 else self.n_train)
+
     def _resolve_noise(self) -> float:
         c = self.config
         if c.noise_multiplier is not None:
@@ -140,7 +145,7 @@ class DPClient(flwr.client.NumPyClient):
             # σ = z·√k inside the optimizer; the accountant gets z (self.noise_multiplier)
             return TopAggDPOptimizer.from_params(
                 base, c.mechanism_params, noise_multiplier=self.noise_multiplier,
-                expected_batch_size=max(1, int(round(self.n_train * self.sample_rate))), generator=gen)
+                expected_batch_size=self._expected_batch(), generator=gen)
         if c.mechanism != "gaussian":
             from privfl.errors import ConfigError as _ConfigError
 
@@ -150,7 +155,7 @@ class DPClient(flwr.client.NumPyClient):
             base,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=c.max_grad_norm,
-            expected_batch_size=max(1, int(round(self.n_train * self.sample_rate))),
+            expected_batch_size=self._expected_batch(),
             generator=gen,
             clipping=rule,
         )
@@ -160,7 +165,7 @@ class DPClient(flwr.client.NumPyClient):
         c = self.config
         return make_ghost_private(
             self.module, base, noise_multiplier=self.noise_multiplier, max_grad_norm=c.max_grad_norm,
-            expected_batch_size=max(1, int(round(self.n_train * self.sample_rate))), generator=gen,
+            expected_batch_size=self._expected_batch(), generator=gen,
             clipping=clipping_rule(c.clipping, psac_r=c.psac_r, autos_gamma=c.autos_gamma))
 
     # ---- parameters -------------------------------------------------------------------

@@ -18,6 +18,8 @@ advertised settings are weaker than the roster's ``[policy]`` is refused and log
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import threading
 import time
@@ -194,7 +196,9 @@ class GrpcPeerNetwork:
         msg = to_transport(message, self.names, self.policy, sequence=seq)
         if msg.tensors and self.on_release is not None:
             nbytes = int(sum(np.asarray(t).nbytes for t in msg.tensors.values()))
-            self.on_release(peer, seq, int(message.round), model_digest(msg.tensors).hex(), nbytes)
+            digest = model_digest(msg.tensors)  # for the ledger; the transport sends it, not hashing again
+            self.on_release(peer, seq, int(message.round), digest.hex(), nbytes)
+            msg = dataclasses.replace(msg, digest=digest)
         return msg
 
     def _accept_policy(self, peer: str, scalars: Mapping[str, float]) -> bool:
@@ -313,8 +317,9 @@ class GrpcPeerNetwork:
             out = to_transport(reply, self.names, self.policy)
             if out.tensors and self.on_release is not None:
                 nbytes = int(sum(np.asarray(t).nbytes for t in out.tensors.values()))
-                self.on_release(sender, int(msg.sequence), int(reply.round), model_digest(out.tensors).hex(),
-                                nbytes)
+                digest = model_digest(out.tensors)
+                self.on_release(sender, int(msg.sequence), int(reply.round), digest.hex(), nbytes)
+                out = dataclasses.replace(out, digest=digest)
             return out
         strategy.handle_message(sender, incoming)
         return None
