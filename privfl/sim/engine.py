@@ -280,16 +280,9 @@ class Engine:
                         self.stopped[i] = True
                         self.stop_reasons[self.node_ids[i]] = s.stop_reason
                 t = max(self.world.clocks)
-                self.world.clocks = [t] * n
-                self.round += 1
-                if bar is not None:
-                    bar.update(bar.task_ids[0], completed=self.round if self.stop.max_rounds else t)
-                if self._eval_due(t, next_eval):
-                    if self._record(t, models()):
-                        self.end_reason = "target_accuracy"
-                        return t
-                    while next_eval <= t:
-                        next_eval += self.eval_every or math.inf
+                hit, next_eval = self._end_round(t, bar, next_eval, models)
+                if hit:
+                    return t
         finally:
             if bar is not None:
                 bar.stop()
@@ -331,21 +324,30 @@ class Engine:
                         self.stopped[i] = True
                         self.stop_reasons[nid] = str(m.get("stop_reason", "stopped by the strategy"))
                 t += max(durations) if durations else 0.0
-                self.world.clocks = [t] * n
-                self.round += 1
-                if bar is not None:
-                    bar.update(bar.task_ids[0], completed=self.round if self.stop.max_rounds else t)
-                if self._eval_due(t, next_eval):
-                    if self._record(t, models()):
-                        self.end_reason = "target_accuracy"
-                        return t
-                    while next_eval <= t:
-                        next_eval += self.eval_every or math.inf
+                hit, next_eval = self._end_round(t, bar, next_eval, models)
+                if hit:
+                    return t
         finally:
             if bar is not None:
                 bar.stop()
         self._record(t, models())
         return t
+
+    def _end_round(self, t: float, bar: Any, next_eval: float,
+                   models: Callable[[], Sequence[Params]]) -> tuple[bool, float]:
+        """Close a lock-step round at time ``t``: barrier the clocks, advance the progress bar,
+        evaluate when due. Returns (target accuracy reached, next evaluation time)."""
+        self.world.clocks = [t] * len(self.node_ids)
+        self.round += 1
+        if bar is not None:
+            bar.update(bar.task_ids[0], completed=self.round if self.stop.max_rounds else t)
+        if self._eval_due(t, next_eval):
+            if self._record(t, models()):
+                self.end_reason = "target_accuracy"
+                return True, next_eval
+            while next_eval <= t:
+                next_eval += self.eval_every or math.inf
+        return False, next_eval
 
     def _limit_reached(self, t: float) -> bool:
         s = self.stop
