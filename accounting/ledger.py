@@ -200,6 +200,11 @@ def verify_signature(public_key: PublicKey, signature_b64: str, data: bytes) -> 
         sig = base64.b64decode(signature_b64.encode("ascii"), validate=True)
     except (binascii.Error, ValueError, UnicodeEncodeError):
         return False
+    # Base64 ignores the unused low bits of its last character, so two spellings decode to
+    # the same signature; only the canonical one counts, or a flipped bit there would go
+    # unnoticed in this entry (and surface only as the next entry's broken hash link).
+    if base64.b64encode(sig).decode("ascii") != signature_b64:
+        return False
     try:
         if isinstance(public_key, ec.EllipticCurvePublicKey):
             public_key.verify(sig, data, ec.ECDSA(hashes.SHA256()))

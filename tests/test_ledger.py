@@ -381,3 +381,28 @@ def test_reopen_fast_path_still_catches_tampering(tmp_path: Path, pki: dict[str,
     with pytest.raises(LedgerError) as info:
         Ledger.open(path, key)
     assert info.value.index == len(lines) - 1 and info.value.kind == "modified"
+
+
+def test_non_canonical_base64_signature_is_refused() -> None:
+    """A flip in the unused padding bits of the signature's last base64 character decodes
+    to the same bytes; it must still count as a modified entry."""
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from accounting.ledger import sign_bytes, verify_signature
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    for i in range(40):
+        data = b"entry %d" % i
+        sig = sign_bytes(key, data)
+        assert verify_signature(key.public_key(), sig, data)
+        if sig.endswith("="):
+            stem = sig.rstrip("=")
+            last = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".index(stem[-1])
+            alt = stem[:-1] + "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"[last ^ 1] \
+                + sig[len(stem):]
+            assert base64.b64decode(alt) == base64.b64decode(sig)
+            assert not verify_signature(key.public_key(), alt, data)
+            return
+    pytest.skip("no padded signature drawn")
