@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from privfl.data import load_builtin, split_sites
+
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 torch.set_num_threads(1)
 
@@ -16,3 +18,9 @@ def flwr_home(tmp_path, monkeypatch):
     """A private FLWR_HOME so tests never write to ~/.flwr."""
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
     return tmp_path / "flwr"
+
+
+@pytest.fixture(scope="module")
+def sites():
+    """breast_cancer split IID across three sites."""
+    return split_sites(load_builtin("breast_cancer"), 3, "iid", seed=0)

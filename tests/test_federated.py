@@ -8,11 +8,9 @@ import pytest
 from flwr.server.strategy import FedAvg
 
 from accounting import BudgetExhausted
-from clients import DPClient, DPConfig
-from privfl.data import load_builtin, split_sites
 from privfl.errors import ConfigError
-from privfl.models import build_model
 from strategies.federated import FedAvgConfig, FederatedAveraging, InProcessClientProxy
+from tests.helpers import dp_clients
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -117,18 +115,6 @@ def test_bad_config_is_a_config_error() -> None:
 
 # ---- with real DPClients ----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def sites():
-    return split_sites(load_builtin("breast_cancer"), 3, "iid", seed=0)
-
-
-def dp_clients(sites, target_eps=(50.0, 50.0, 50.0)) -> dict[str, DPClient]:
-    out = {}
-    for i, (s, eps) in enumerate(zip(sites, target_eps)):
-        cfg = DPConfig(noise_multiplier=1.0, batch_size=32, lr=0.5, target_epsilon=eps)
-        model = build_model("logreg", s.train.x.shape[1:], 2, seed=0)
-        out[f"h{i}"] = DPClient(model, (s.train.x, s.train.y), (s.test.x, s.test.y), cfg, seed=i)
-    return out
 
 
 def test_epsilon_per_node_grows_across_rounds_with_dpclients(sites) -> None:
