@@ -30,9 +30,7 @@ from privfl.pki import (
     NodeIdentity,
     PKIError,
     Roster,
-    load_crl,
     node_dns_name,
-    verify_crl,
     verify_node_certificate,
 )
 from privfl.transport.codec import (
@@ -51,6 +49,7 @@ from privfl.transport.common import (
     METHOD,
     PeerBackoff,
     TrafficCounters,
+    TrustState,
     grpc_options,
 )
 from privfl.transport.server import ACK_KIND
@@ -104,8 +103,7 @@ class GossipClient:
         self.probe_server = probe_server
         self.probe_interval = probe_interval
         self._lock = threading.Lock()
-        self._roster = roster
-        self._crl = verify_crl(load_crl(crl), identity.ca_pem)
+        self._trust = TrustState(identity.ca_pem, roster, crl)
         self._peers: dict[str, _Peer] = {}
         self._seq = time.time_ns() // 1000
         self._creds = grpc.ssl_channel_credentials(
@@ -118,11 +116,8 @@ class GossipClient:
 
     def update_trust(self, roster: Roster | None = None, crl: bytes | None = None) -> None:
         """Swap roster and/or CRL; cached channels are closed so peers are probed again."""
+        self._trust.update(roster, crl)
         with self._lock:
-            if roster is not None:
-                self._roster = roster
-            if crl is not None:
-                self._crl = verify_crl(load_crl(crl), self.identity.ca_pem)
             peers, self._peers = self._peers, {}
         for p in peers.values():
             p.channel.close()
@@ -200,8 +195,8 @@ class GossipClient:
             raise PeerRefused(f"peer {peer_id} at {address}: server identifies as {got}")
 
     def _peer(self, peer_id: str, timeout: float) -> _Peer:
+        roster, crl = self._trust.current()
         with self._lock:
-            roster, crl = self._roster, self._crl
             cached = self._peers.get(peer_id)
         if peer_id not in roster.nodes:
             raise TransportError(f"node {self.node_id}: unknown peer {peer_id!r} (not in roster)")

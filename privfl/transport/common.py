@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from privfl.pki import Roster, load_crl, verify_crl
 from privfl.transport.codec import CHUNK_BYTES
 
 METHOD = "/privfl.transport.v1.Gossip/Exchange"
@@ -125,3 +126,27 @@ class PeerBackoff:
         """Consecutive failures recorded for ``peer``."""
         with self._lock:
             return self._failures.get(peer, 0)
+
+
+class TrustState:
+    """The roster and verified CRL a server or client checks peers against; swappable at run time."""
+
+    def __init__(self, ca_pem: bytes, roster: Roster, crl: bytes) -> None:
+        self._ca_pem = ca_pem
+        self._lock = threading.Lock()
+        self._roster = roster
+        self._crl = verify_crl(load_crl(crl), ca_pem)
+
+    def current(self) -> tuple[Roster, object]:
+        """The roster and CRL in force now."""
+        with self._lock:
+            return self._roster, self._crl
+
+    def update(self, roster: Roster | None = None, crl: bytes | None = None) -> None:
+        """Swap the roster and/or the CRL (verified against the CA before it is used)."""
+        verified = verify_crl(load_crl(crl), self._ca_pem) if crl is not None else None
+        with self._lock:
+            if roster is not None:
+                self._roster = roster
+            if verified is not None:
+                self._crl = verified

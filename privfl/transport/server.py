@@ -17,7 +17,7 @@ from concurrent import futures
 
 import grpc
 
-from privfl.pki import NodeIdentity, PKIError, Roster, load_crl, verify_crl, verify_node_certificate
+from privfl.pki import NodeIdentity, PKIError, Roster, verify_node_certificate
 from privfl.transport.codec import (
     DecodedMessage,
     ExpectedSpec,
@@ -27,7 +27,7 @@ from privfl.transport.codec import (
     encode_message,
     iter_chunks,
 )
-from privfl.transport.common import DEFAULT_MAX_MESSAGE_BYTES, METHOD, TrafficCounters, grpc_options
+from privfl.transport.common import DEFAULT_MAX_MESSAGE_BYTES, METHOD, TrafficCounters, TrustState, grpc_options
 
 log = logging.getLogger("privfl.transport")
 
@@ -64,8 +64,7 @@ class GossipServer:
         self.counters = counters or TrafficCounters()
         self.address = address or roster.address_of(identity.node_id)
         self._lock = threading.Lock()
-        self._roster = roster
-        self._crl = verify_crl(load_crl(crl), identity.ca_pem)
+        self._trust = TrustState(identity.ca_pem, roster, crl)
         self._last_seq: dict[str, int] = {}
         self._reply_seq = time.time_ns() // 1000  # monotone across restarts
         self._max_workers = max_workers
@@ -110,11 +109,7 @@ class GossipServer:
 
     def update_trust(self, roster: Roster | None = None, crl: bytes | None = None) -> None:
         """Swap the roster and/or CRL used for every following call (e.g. after a revocation)."""
-        with self._lock:
-            if roster is not None:
-                self._roster = roster
-            if crl is not None:
-                self._crl = verify_crl(load_crl(crl), self.identity.ca_pem)
+        self._trust.update(roster, crl)
         log.info("node %s: trust updated (roster=%s, crl=%s)", self.node_id,
                  roster is not None, crl is not None)
 
@@ -126,8 +121,7 @@ class GossipServer:
             log.warning("node %s: refused %s: no client certificate in the TLS session",
                         self.node_id, context.peer())
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "client certificate required")
-        with self._lock:
-            roster, crl = self._roster, self._crl
+        roster, crl = self._trust.current()
         try:
             return verify_node_certificate(pems[0], self.identity.ca_pem, roster, crl)
         except PKIError as exc:
