@@ -11,6 +11,10 @@ Privacy: each ``DPClient`` runs record-level DP-SGD on its own data and accounts
 it locally. The server only post-processes already-noised models, so FedAvg's weighting
 by ``num_examples`` does not change any site's (ε, δ) guarantee. (It would matter for
 client-level DP with server-side noise, which is not what this baseline does.)
+
+``FedAvgConfig.upload = "update"`` sends model changes instead of whole models, framed
+and optionally compressed (see :mod:`strategies.update_transfer`); the default
+``"model"`` sends whole models both ways.
 """
 
 from __future__ import annotations
@@ -47,22 +51,24 @@ from flwr.server.strategy import FedAvg
 from accounting import BudgetExhausted
 from privfl.errors import ConfigError
 from strategies.base import CollectiveRound, CollectiveStrategy, Params
+from strategies.compression import CLTk, Compressor, compressor_from_config
+from strategies.update_transfer import (
+    GlobalModelTracker,
+    UpdateReceiver,
+    apply_change,
+    parameters_nbytes,
+    unframe_parameters,
+)
 
 __all__ = [
     "FedAvgConfig",
     "FederatedAveraging",
     "InProcessClientProxy",
     "SeededClientManager",
-    "model_nbytes",
     "weighted_average",
 ]
 
 log = logging.getLogger("privfl.strategies.federated")
-
-
-def model_nbytes(params: Params) -> int:
-    """Bytes of tensor data in ``params`` (the wire-size convention of every strategy)."""
-    return int(sum(np.asarray(a).nbytes for a in params))
 
 
 def weighted_average(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
@@ -87,12 +93,17 @@ class InProcessClientProxy(ClientProxy):
     the wrapped ``NumPyClient`` through Flower's own ``NumPyClient.to_client()`` adapter,
     so ``FitIns``/``FitRes`` and ``Parameters`` take exactly the shapes they take on the
     wire. Exceptions of the client (e.g. ``BudgetExhausted``) propagate to the caller.
+
+    With a ``receiver`` (update transfer) the proxy is the client's end of the wire: it
+    rebuilds whole models from the server's framed changes and returns its trained
+    model as a framed, compressed change.
     """
 
-    def __init__(self, cid: str, client: NumPyClient) -> None:
+    def __init__(self, cid: str, client: NumPyClient, receiver: UpdateReceiver | None = None) -> None:
         super().__init__(cid)
         self.numpy_client = client
         self.client = client.to_client()
+        self.receiver = receiver
 
     def get_properties(self, ins: GetPropertiesIns, timeout: float | None,
                        group_id: int | None) -> GetPropertiesRes:
@@ -103,9 +114,18 @@ class InProcessClientProxy(ClientProxy):
         return self.client.get_parameters(ins)
 
     def fit(self, ins: FitIns, timeout: float | None, group_id: int | None) -> FitRes:
-        return self.client.fit(ins)
+        if self.receiver is None:
+            return self.client.fit(ins)
+        whole = FitIns(ndarrays_to_parameters(self.receiver.receive(ins.parameters)), ins.config)
+        res = self.client.fit(whole)
+        if res.status.code == Code.OK:
+            res = FitRes(res.status, self.receiver.upload(parameters_to_ndarrays(res.parameters)),
+                         res.num_examples, res.metrics)
+        return res
 
     def evaluate(self, ins: EvaluateIns, timeout: float | None, group_id: int | None) -> EvaluateRes:
+        if self.receiver is not None:
+            ins = EvaluateIns(ndarrays_to_parameters(self.receiver.receive(ins.parameters)), ins.config)
         return self.client.evaluate(ins)
 
     def reconnect(self, ins: ReconnectIns, timeout: float | None, group_id: int | None) -> DisconnectRes:
@@ -151,9 +171,19 @@ class FedAvgConfig:
     local_steps: int = 10
     evaluate: bool = True
     seed: int = 0
+    upload: str = "model"
+    compressor: str = "exact"
+    compression_params: dict[str, Any] | None = None
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad field."""
+        if self.upload not in ("model", "update"):
+            raise ConfigError(f"fedavg.upload must be 'model' (whole models) or 'update' (model changes), "
+                              f"got {self.upload!r}")
+        if self.upload == "model" and (self.compressor != "exact" or self.compression_params):
+            raise ConfigError("fedavg.compressor: compression applies to model changes; set fedavg.upload = 'update'")
+        if self.upload == "update":
+            self.make_compressor()
         for name in ("fraction_fit", "fraction_evaluate"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 < v <= 1:
@@ -168,13 +198,29 @@ class FedAvgConfig:
                 f"fedavg.min_available_clients={self.min_available_clients}"
             )
 
+    def make_compressor(self) -> Compressor:
+        """A fresh upload compressor (one per client: compressors keep per-client memory)."""
+        params = self.compression_params or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"fedavg.compression_params must be a table, got {params!r}")
+        try:
+            comp = compressor_from_config(self.compressor, **params)
+        except ConfigError as exc:
+            raise ConfigError(f"fedavg.compressor: {exc}") from None
+        if isinstance(comp, CLTk):
+            raise ConfigError("fedavg.compressor: 'cltk' needs the leader's index set broadcast before each "
+                              "upload, which this FedAvg round does not do; use topk, randomk, quantize8, "
+                              "adacomp or exact")
+        return comp
+
 
 class FederatedAveraging(CollectiveStrategy):
     """Centralized FedAvg: Flower's ``FedAvg`` strategy object over in-process clients.
 
     Each round the server's global model goes to every selected client
-    (``bytes_down`` = model bytes), each trains ``local_steps`` DP-SGD steps and returns
-    its model (``bytes_up`` = model bytes), Flower's ``FedAvg.aggregate_fit`` averages
+    (``bytes_down`` = model bytes, or the framed change with ``upload = "update"``), each
+    trains ``local_steps`` DP-SGD steps and returns its model (``bytes_up`` = model bytes,
+    or the framed, compressed change), Flower's ``FedAvg.aggregate_fit`` averages
     them weighted by ``num_examples``, and every node's model becomes the new global
     model. With evaluation on, the new global model is also sent to the evaluating
     clients (counted in ``bytes_down``; evaluation uses the sites' test data and costs
@@ -213,6 +259,7 @@ class FederatedAveraging(CollectiveStrategy):
         self._eval_manager = SeededClientManager(c.seed + 1)
         self._proxies: dict[str, InProcessClientProxy] = {}
         self.global_parameters: Parameters | None = None
+        self.tracker: GlobalModelTracker | None = None  # update transfer only
         self.stopped: set[str] = set()
         self.history: list[dict[str, Any]] = []
 
@@ -227,8 +274,11 @@ class FederatedAveraging(CollectiveStrategy):
                 if proxy is not None:
                     self.client_manager.unregister(proxy)
                     self._eval_manager.unregister(proxy)
-                proxy = InProcessClientProxy(node, client)
+                receiver = UpdateReceiver(self.config.make_compressor()) if self.config.upload == "update" else None
+                proxy = InProcessClientProxy(node, client, receiver)
                 self._proxies[node] = proxy
+                if self.tracker is not None:
+                    self.tracker.forget(node)
                 self._eval_manager.register(proxy)
                 if node not in self.stopped:
                     self.client_manager.register(proxy)
@@ -265,6 +315,8 @@ class FederatedAveraging(CollectiveStrategy):
                 first = sorted(params)[0] if params else sorted(clients)[0]
                 init = params[first] if first in params else clients[first].get_parameters({})
                 self.global_parameters = ndarrays_to_parameters([np.asarray(a) for a in init])
+            if self.config.upload == "update":
+                self.tracker = GlobalModelTracker(parameters_to_ndarrays(self.global_parameters))
         nodes = sorted(clients)
         bytes_up = {n: 0 for n in nodes}
         bytes_down = {n: 0 for n in nodes}
@@ -272,7 +324,6 @@ class FederatedAveraging(CollectiveStrategy):
         metrics: dict[str, dict[str, Any]] = {n: {"selected": False} for n in nodes}
         newly_stopped: set[str] = set()
         global_nd = parameters_to_ndarrays(self.global_parameters)
-        model_bytes = model_nbytes(global_nd)
 
         active = self.client_manager.num_available()
         if active < self.config.min_available_clients:
@@ -290,7 +341,8 @@ class FederatedAveraging(CollectiveStrategy):
         for proxy, ins in instructions:
             node = proxy.cid
             metrics[node]["selected"] = True
-            bytes_down[node] += model_bytes
+            ins = FitIns(self._downlink(node, ins.parameters), ins.config)
+            bytes_down[node] += parameters_nbytes(ins.parameters)
             try:
                 res = proxy.fit(ins, timeout=None, group_id=round)
             except BudgetExhausted as exc:
@@ -301,8 +353,8 @@ class FederatedAveraging(CollectiveStrategy):
             if res.status.code != Code.OK:
                 failures.append((proxy, res))
                 continue
-            results.append((proxy, res))
-            bytes_up[node] += model_nbytes(parameters_to_ndarrays(res.parameters))
+            bytes_up[node] += parameters_nbytes(res.parameters)
+            results.append((proxy, self._uplink(res)))
             m = dict(res.metrics)
             local_steps[node] = int(m.get("steps", ins.config.get("local_steps", 0)))
             metrics[node].update(m)
@@ -313,15 +365,18 @@ class FederatedAveraging(CollectiveStrategy):
 
         aggregated, fit_metrics = self.strategy.aggregate_fit(round, results, failures)
         if aggregated is not None:
-            self.global_parameters = aggregated
             global_nd = parameters_to_ndarrays(aggregated)
+            if self.tracker is not None:
+                global_nd = self.tracker.advance(global_nd)
+                aggregated = ndarrays_to_parameters(global_nd)
+            self.global_parameters = aggregated
         log.info("fedavg round %d: %d/%d clients aggregated, %d failures",
                  round, len(results), len(instructions), len(failures))
 
         server: dict[str, Any] = {"round": round, "aggregated": len(results),
                                   "failures": len(failures), "fit": dict(fit_metrics)}
         if self.config.evaluate and results:
-            loss, eval_metrics = self._evaluate(round, bytes_down, metrics, model_nbytes(global_nd))
+            loss, eval_metrics = self._evaluate(round, bytes_down, metrics)
             server["loss"] = loss
             server.update({f"eval_{k}": v for k, v in eval_metrics.items()})
             for n in nodes:
@@ -335,8 +390,21 @@ class FederatedAveraging(CollectiveStrategy):
         return CollectiveRound(params=new_params, local_steps=local_steps, bytes_up=bytes_up,
                                bytes_down=bytes_down, metrics=metrics, stopped=newly_stopped)
 
-    def _evaluate(self, round: int, bytes_down: dict[str, int], metrics: dict[str, dict[str, Any]],
-                  model_bytes: int) -> tuple[float | None, dict[str, Scalar]]:
+    # ---- the wire ---------------------------------------------------------------------
+    def _downlink(self, node: str, parameters: Parameters) -> Parameters:
+        """What the server sends ``node``: the global model, or its change when update transfer is on."""
+        return parameters if self.tracker is None else self.tracker.downlink(node)
+
+    def _uplink(self, res: FitRes) -> FitRes:
+        """A client's result as Flower's ``aggregate_fit`` needs it: whole arrays (rebuilt from a change)."""
+        if self.tracker is None:
+            return res
+        base = self.tracker.model
+        rebuilt = apply_change(base, unframe_parameters(res.parameters, [a.shape for a in base]))
+        return FitRes(res.status, ndarrays_to_parameters(rebuilt), res.num_examples, res.metrics)
+
+    def _evaluate(self, round: int, bytes_down: dict[str, int],
+                  metrics: dict[str, dict[str, Any]]) -> tuple[float | None, dict[str, Scalar]]:
         """Flower's configure_evaluate / aggregate_evaluate over every node (evaluation is free of DP cost)."""
         assert self.global_parameters is not None
         n_eval = self._eval_manager.num_available()
@@ -352,7 +420,8 @@ class FederatedAveraging(CollectiveStrategy):
         results: list[tuple[ClientProxy, EvaluateRes]] = []
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException] = []
         for proxy, ins in instructions:
-            bytes_down[proxy.cid] += model_bytes
+            ins = EvaluateIns(self._downlink(proxy.cid, ins.parameters), ins.config)
+            bytes_down[proxy.cid] += parameters_nbytes(ins.parameters)
             res = proxy.evaluate(ins, timeout=None, group_id=round)
             if res.status.code != Code.OK or res.num_examples == 0:
                 failures.append((proxy, res))

@@ -28,6 +28,7 @@ __all__ = [
     "CLTk",
     "CompressionError",
     "Compressor",
+    "Exact",
     "Identity",
     "Quantize8",
     "RandomK",
@@ -172,6 +173,26 @@ class Identity(Compressor):
 
     def _encode(self, p: np.ndarray, fresh: np.ndarray, shapes: Shapes) -> Compressed:
         return Compressed("dense", shapes, values=p.astype(np.float32))
+
+
+class Exact(Compressor):
+    """Lossless: the non-zero entries as (int32 index, float32 value), or dense float32 if smaller.
+
+    For updates that are sparse already (TopAgg's ternary steps, a top-k step's change),
+    this sends them sparse at no loss: what arrives is bit-for-bit the float32 update.
+    """
+
+    name = "exact"
+
+    def __init__(self) -> None:
+        super().__init__(error_feedback=False)
+
+    def _encode(self, p: np.ndarray, fresh: np.ndarray, shapes: Shapes) -> Compressed:
+        v = p.astype(np.float32)
+        idx = np.flatnonzero(v)
+        if 8 * len(idx) < 4 * len(v):
+            return Compressed("sparse", shapes, indices=idx.astype(np.int32), values=v[idx])
+        return Compressed("dense", shapes, values=v)
 
 
 class _Sparsifier(Compressor):
@@ -411,6 +432,7 @@ class CLTk(_Sparsifier):
 
 COMPRESSORS: dict[str, type[Compressor]] = {
     "none": Identity,
+    "exact": Exact,
     "topk": TopK,
     "randomk": RandomK,
     "quantize8": Quantize8,
@@ -420,6 +442,7 @@ COMPRESSORS: dict[str, type[Compressor]] = {
 _ALIASES = {
     "identity": "none",
     "dense": "none",
+    "lossless": "exact",
     "top_k": "topk",
     "random_k": "randomk",
     "randk": "randomk",
@@ -431,7 +454,7 @@ _ALIASES = {
 
 
 def compressor_from_config(name: str, **params: Any) -> Compressor:
-    """Build a compressor by name (none, topk, randomk, quantize8, adacomp, cltk)."""
+    """Build a compressor by name (none, exact, topk, randomk, quantize8, adacomp, cltk)."""
     if not isinstance(name, str):
         raise CompressionError(f"compression: name must be a string, got {name!r}")
     key = name.strip().lower().replace("-", "_")

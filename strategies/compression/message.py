@@ -14,7 +14,10 @@ ternary    indices i32[k], codes u8[⌈k/8⌉]  4k + ⌈k/8⌉ + 4T (sign bits p
 =========  ===============================  ===============================================
 
 d is the total element count, T the number of tensors; ``shapes`` are fixed by the model
-schema both sides share, so they are not counted. Indices are flat positions into the
+schema both sides share, so they are not counted. :meth:`Compressed.to_bytes` frames a
+message as one byte string (a 20-byte header — version, kind, shared flag, four array
+lengths — then the arrays); :meth:`Compressed.from_bytes` checks the framing against the
+receiver's own shapes before building the message. Indices are flat positions into the
 concatenation of all tensors, strictly increasing. A message built from network bytes is
 validated in full (dtypes, lengths, index range and order, finiteness) before anything
 is decoded, and a bad one raises :class:`MalformedMessage`.
@@ -31,6 +34,11 @@ import numpy as np
 from privfl.errors import PrivflError
 
 __all__ = ["Compressed", "MalformedMessage", "decompress"]
+
+_FRAME_VERSION = 1
+_FRAME = np.dtype([("version", "u1"), ("kind", "u1"), ("shared", "u1"), ("pad", "u1"),
+                   ("n_indices", "<u4"), ("n_values", "<u4"), ("n_codes", "<u4"), ("n_scales", "<u4")])
+_FIELDS = (("indices", "<i4"), ("values", "<f4"), ("codes", "u1"), ("scales", "<f4"))
 
 Kind = Literal["dense", "sparse", "quant8", "ternary"]
 KINDS: tuple[str, ...] = ("dense", "sparse", "quant8", "ternary")
@@ -130,6 +138,53 @@ class Compressed:
 
     def __repr__(self) -> str:
         return f"Compressed({self.kind}, d={self.size}, nbytes={self.nbytes})"
+
+    def to_bytes(self) -> bytes:
+        """The message framed for the wire: header, then indices, values, codes, scales (little-endian).
+
+        Shared indices are not framed (the receiver has them from the leader's broadcast),
+        so a shared-index message cannot be framed on its own.
+        """
+        if self.shared_indices:
+            raise ValueError("a shared-index message travels without its indices; frame the leader's broadcast")
+        head = np.zeros((), dtype=_FRAME)
+        head["version"], head["kind"] = _FRAME_VERSION, KINDS.index(self.kind)
+        for name, _ in _FIELDS:
+            head[f"n_{name}"] = len(getattr(self, name))
+        parts = [head.tobytes()] + [getattr(self, name).astype(dt, copy=False).tobytes() for name, dt in _FIELDS]
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview,
+                   shapes: Sequence[tuple[int, ...]]) -> Compressed:
+        """Rebuild a framed message for a model of ``shapes`` (the receiver's own); MalformedMessage if bad.
+
+        Lengths are checked against the frame size and the model size before any array is
+        read, and the message is then validated in full by the constructor.
+        """
+        buf = memoryview(data).cast("B")
+        if len(buf) < _FRAME.itemsize:
+            raise MalformedMessage(f"frame: {len(buf)} bytes is shorter than the {_FRAME.itemsize}-byte header")
+        head = np.frombuffer(buf[:_FRAME.itemsize], dtype=_FRAME)[0]
+        if int(head["version"]) != _FRAME_VERSION or int(head["pad"]) != 0 or int(head["shared"]) != 0:
+            raise MalformedMessage(f"frame: unknown version/flags {int(head['version'])}/{int(head['shared'])}")
+        if int(head["kind"]) >= len(KINDS):
+            raise MalformedMessage(f"frame: unknown kind code {int(head['kind'])}")
+        d = int(sum(int(np.prod(s, dtype=np.int64)) for s in shapes))
+        counts = [int(head[f"n_{name}"]) for name, _ in _FIELDS]
+        if any(n > max(d, 2 * len(shapes)) for n in counts):
+            raise MalformedMessage(f"frame: array lengths {counts} exceed a model of {d} elements")
+        want = _FRAME.itemsize + sum(n * np.dtype(dt).itemsize for n, (_, dt) in zip(counts, _FIELDS))
+        if len(buf) != want:
+            raise MalformedMessage(f"frame: {len(buf)} bytes, the header announces {want}")
+        arrays, offset = {}, _FRAME.itemsize
+        for n, (name, dt) in zip(counts, _FIELDS):
+            size = n * np.dtype(dt).itemsize
+            arrays[name] = np.frombuffer(buf[offset:offset + size], dtype=dt)
+            offset += size
+        return cls(KINDS[int(head["kind"])], tuple(tuple(s) for s in shapes),
+                   indices=arrays["indices"].astype(np.int32), values=arrays["values"].astype(np.float32),
+                   codes=arrays["codes"].astype(np.uint8), scales=arrays["scales"].astype(np.float32))
 
 
 def _offsets(shapes: Sequence[tuple[int, ...]]) -> np.ndarray:
