@@ -121,11 +121,13 @@ def _toml_value(v: Any, where: str) -> str:
         return json.dumps(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x, where) for x in v) + "]"
+    if isinstance(v, Mapping):  # an inline table, e.g. [strategy].params = { compressor = "topk", ... }
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x, f'{where}.{k}')}" for k, x in v.items()) + " }"
     raise ConfigError(f"{where}: cannot write {type(v).__name__} value to TOML")
 
 
 def dump_toml(tables: Mapping[str, Mapping[str, Any]]) -> str:
-    """TOML text of ``{section: {key: scalar or list}}`` (all privfl configs need)."""
+    """TOML text of ``{section: {key: scalar, list or inline table}}`` (all privfl configs need)."""
     out = []
     for section, body in tables.items():
         out.append(f"[{section}]")

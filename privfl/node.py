@@ -45,7 +45,7 @@ from accounting.ledger import Ledger, LedgerError, LedgerPolicy, TornTailError
 from clients import DPClient
 from privfl.errors import ConfigError, PrivflError
 from privfl.models import build_model
-from privfl.node_config import NodeConfig, load_node_config
+from privfl.node_config import NodeConfig, NodeStrategyParams, load_node_config, node_strategy_params
 from privfl.peer_network import AdvertisedPolicy, GrpcPeerNetwork
 from privfl.pki import (
     NodeIdentity,
@@ -60,6 +60,7 @@ from privfl.pki import (
     verify_node_certificate,
 )
 from strategies.base import NodeStrategy
+from strategies.compression.params import build_compressor
 from strategies.gossip import AsyncGossip, SyncGossip
 from strategies.topology import Topology, build_topology
 
@@ -232,6 +233,7 @@ class Node:
         if c.strategy.name not in STRATEGIES:
             raise NodeError(f"{cfg.path}: [strategy].name: a node runs {' or '.join(STRATEGIES)}, "
                             f"got {c.strategy.name!r}")
+        strategy_params = node_strategy_params(c.strategy, f"{cfg.path}: [strategy].params")
         self.identity, self.roster, crl = load_identity(cfg)
         if self.node_id not in self.roster.nodes:
             raise NodeError(f"{cfg.path}: [node].id: {self.node_id!r} is not in the roster {cfg.roster_path}")
@@ -282,8 +284,33 @@ class Node:
             self.strategy = AsyncGossip(self.client, self.network, params, scfg)
         else:
             scfg.update(mixing=self.topology.mixing_row(self.node_id), timeout=cfg.node.sync_timeout)
+            scfg.update(self._compression_config(strategy_params, resumed=resumed is not None))
             self.strategy = SyncGossip(self.client, self.network, params, scfg)
         self.network.attach(self.strategy)
+
+    def _compression_config(self, sp: NodeStrategyParams, resumed: bool) -> dict[str, Any]:
+        """sync_gossip's compressor, gamma and shared_init from ``[strategy].params`` ({} if uncompressed).
+
+        ``shared_init`` defaults to true when every node builds its initial model from
+        ``model.seed`` (no ``[node].init_seed``): then all nodes start from the same
+        public model and the estimates of each other can start there too.
+        """
+        if sp.compressor is None:
+            return {}
+        name, kwargs = sp.compressor
+        compressor = build_compressor(name, kwargs, self.cfg.seed + 7919)  # cfg.seed differs per node
+        own_init = self.cfg.node.init_seed >= 0
+        shared = sp.shared_init if sp.shared_init is not None else not own_init
+        if shared and own_init:
+            log.warning("node %s: [strategy].params.shared_init with [node].init_seed set: every node must use "
+                        "the same init_seed, or the public estimates start out of step", self.node_id)
+        if resumed:
+            log.warning("node %s: resumed compressed sync_gossip: the public estimates of neighbours restart "
+                        "from %s and may be out of step with theirs", self.node_id,
+                        "this checkpoint" if shared else "zero")
+        log.info("node %s: sync_gossip compressed with %s, gamma=%g, shared_init=%s", self.node_id,
+                 compressor.describe(), sp.gamma, shared)
+        return {"compressor": compressor, "gamma": sp.gamma, "shared_init": shared}
 
     def _on_dp_event(self, event: dict[str, Any]) -> None:
         """Write-ahead: the DPClient calls this before the steps run."""

@@ -5,7 +5,9 @@ Why: a hospital runs exactly one ``privfl node --config node.toml``. The shared 
 simulation (see :mod:`privfl.config`); this file adds what only a real node has: its id,
 listen address, output folder and its identity files (certificate, key, CA, roster, CRL),
 whose paths are relative to the config file. ``data.site_index`` says which partition of
-the (shared-seed) split this node holds. Every error names the field or the file.
+the (shared-seed) split this node holds. ``[strategy].params`` may ask sync_gossip for a
+compressor (``{ compressor = "topk", ratio = 0.01, gamma = 0.5 }``, read exactly as the
+simulator reads it). Every error names the field or the file.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from privfl.config import CommonConfig, common_from, from_table, read_toml, resolve_path
+from privfl.config import CommonConfig, StrategySection, common_from, from_table, read_toml, resolve_path
 from privfl.errors import ConfigError
+from strategies.compression.params import check_strategy_keys, sync_compression_params
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -113,6 +116,69 @@ class NodeConfig:
         return self.node.init_seed if self.node.init_seed >= 0 else self.common.model.seed
 
 
+@dataclass(frozen=True)
+class NodeStrategyParams:
+    """A node strategy's validated ``[strategy].params``: the compressor (name, settings) and its knobs.
+
+    ``shared_init`` None: the node decides (every node starts from the same model unless
+    ``[node].init_seed`` is set).
+    """
+
+    compressor: tuple[str, dict[str, Any]] | None = None
+    gamma: float = 0.5
+    shared_init: bool | None = None
+
+
+# sync_gossip settings a node takes from elsewhere in its config, not from [strategy].params
+_NODE_OWNED = {"local_steps": "[strategy].local_steps", "seed": "[node].seed",
+               "mixing": "[topology] (the node's Metropolis–Hastings row)", "timeout": "[node].sync_timeout"}
+
+
+def node_strategy_params(strategy: StrategySection, where: str) -> NodeStrategyParams:
+    """Validate ``[strategy].params`` for a node's async_gossip / sync_gossip; ConfigError names the key.
+
+    ``where`` prefixes every error (e.g. ``node.toml: [strategy].params``). async_gossip
+    takes no params and cannot compress; sync_gossip takes ``compressor`` (a name, with its
+    settings beside it or in ``compression_params``), ``gamma`` and ``shared_init``.
+    """
+    params = dict(strategy.params)
+    comp = params.get("compressor")
+    if strategy.name == "async_gossip":
+        if comp not in (None, "none"):
+            raise ConfigError(f"{where}.compressor: async_gossip cannot compress ({comp!r}): its pairwise averaging "
+                              "exchanges whole models; use [strategy].name = \"sync_gossip\" with a compressor")
+        check_strategy_keys("async_gossip", params, {"compressor"}, where=where)
+        return NodeStrategyParams()
+    if strategy.name != "sync_gossip":
+        return NodeStrategyParams()
+    for key in sorted(set(params) & set(_NODE_OWNED)):
+        raise ConfigError(f"{where}.{key}: a node sets this from {_NODE_OWNED[key]}, not from [strategy].params")
+    gamma = params.get("gamma", 0.5)
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+        raise ConfigError(f"{where}.gamma: must be a number in (0, 1], got {gamma!r}")
+    shared = params.get("shared_init")
+    if shared is not None and not isinstance(shared, bool):
+        raise ConfigError(f"{where}.shared_init: must be true or false, got {shared!r}")
+    chosen = sync_compression_params(params, where)
+    if chosen is not None:
+        _check_compressor(chosen, where)
+    return NodeStrategyParams(chosen, float(gamma), shared)
+
+
+def _check_compressor(chosen: tuple[str, dict[str, Any]], where: str) -> None:
+    """Build the compressor once so that bad settings fail at load time, naming the field."""
+    from strategies.compression import CompressionError, compressor_from_config
+
+    name, kwargs = chosen
+    if name == "cltk":
+        raise ConfigError(f"{where}.compressor: 'cltk' is not supported by sync_gossip (CLT-k needs one leader's "
+                          "index set broadcast to every node each round); use topk, randomk, quantize8 or adacomp")
+    try:
+        compressor_from_config(name, **kwargs)
+    except (CompressionError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 _TOP_LEVEL = {"node", "identity", "data", "model", "dp", "topology", "strategy", "stop"}
 
 
@@ -143,6 +209,7 @@ def node_config_from(table: dict[str, Any], path: str | Path) -> NodeConfig:
     else:
         raise ConfigError(f"{src}: missing section [data] (at least data.site_index)")
     common = common_from(rest, src)
+    node_strategy_params(common.strategy, f"{src}: [strategy].params")
     if not 0 <= site_index < common.data.num_sites:
         raise ConfigError(f"{src}: [data].site_index: must be in 0..{common.data.num_sites - 1} "
                           f"(data.num_sites = {common.data.num_sites}), got {site_index}")
@@ -162,4 +229,5 @@ def load_node_config(path: str | Path) -> NodeConfig:
     return node_config_from(read_toml(path), path)
 
 
-__all__ = ["IdentitySection", "NodeConfig", "NodeSection", "load_node_config", "node_config_from"]
+__all__ = ["IdentitySection", "NodeConfig", "NodeSection", "NodeStrategyParams", "load_node_config",
+           "node_config_from", "node_strategy_params"]

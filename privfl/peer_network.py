@@ -9,6 +9,15 @@ against the expected spec before any body byte is accepted), and routes incoming
 :meth:`receive` reads (synchronous gossip), control messages (``hello``, ``done``,
 ``bye``) to the node's bookkeeping.
 
+A compressed update (a :class:`~strategies.compression.Compressed` payload, sent by
+compressed ``sync_gossip`` as kind ``innovation``) travels as four named 1-D tensors
+(``compressed.indices`` <i4, ``compressed.values`` <f4, ``compressed.codes`` |u1,
+``compressed.scales`` <f4) plus the scalars ``compressed_kind`` and ``compressed_shared``.
+Their lengths vary per message, so the receiver accepts them only up to the model's size
+(d elements, 2·T scales) and rebuilds the message with its *own* model shapes; the
+``Compressed`` constructor then validates lengths, index order and range and finiteness,
+and a message that fails is refused and logged like any other bad message.
+
 Every model a node releases is reported to ``on_release`` *before* it leaves (the
 ledger's write-ahead "message" entry: peer, sequence, round, digest, bytes — never
 values). Each message also advertises the sender's privacy settings as scalars
@@ -38,18 +47,28 @@ from privfl.transport import (
     PeerBackoff,
     PeerUnavailable,
     SparseTensor,
+    SpecChoice,
     TensorExpectation,
     TrafficCounters,
     TransportError,
     model_digest,
 )
 from strategies.base import ModelMessage, NodeStrategy
+from strategies.compression import Compressed, MalformedMessage
+from strategies.compression.message import KINDS as COMPRESSED_KINDS
 
 log = logging.getLogger("privfl.node")
 
 CONTROL_KINDS = ("hello", "done", "bye")
 REFUSED_KIND = "refused"
 POLICY_KEYS = ("policy_sigma", "policy_epsilon", "policy_delta")
+INBOX_KINDS = ("model", "innovation")  # one-way model messages of synchronous gossip
+# a Compressed payload's arrays on the wire: tensor name -> (Compressed field, little-endian dtype)
+COMPRESSED_TENSORS = {"compressed.indices": ("indices", "<i4"), "compressed.values": ("values", "<f4"),
+                      "compressed.codes": ("codes", "|u1"), "compressed.scales": ("scales", "<f4")}
+COMPRESSED_KIND_KEY = "compressed_kind"
+COMPRESSED_SHARED_KEY = "compressed_shared"
+COMPRESSED_KEYS = (COMPRESSED_KIND_KEY, COMPRESSED_SHARED_KEY)
 
 ReleaseHook = Callable[[str, int, int, str, int], None]  # peer, seq, round, digest hex, bytes
 
@@ -94,31 +113,96 @@ def expected_spec_of(names: Sequence[str], params: Sequence[np.ndarray]) -> dict
             for n, p in zip(names, params)}
 
 
+def compressed_spec_of(params: Sequence[np.ndarray]) -> dict[str, TensorExpectation]:
+    """The spec of a compressed update for a model of ``params``: 1-D arrays bounded by its size.
+
+    No kind stores more than d indices, values or codes, or more than 2·T scales (quant8).
+    """
+    d = int(sum(int(np.asarray(p).size) for p in params))
+    bounds = {"indices": d, "values": d, "codes": d, "scales": 2 * len(params)}
+    return {name: TensorExpectation((bounds[field],), dtype, allow_sparse=False, bounded=True)
+            for name, (field, dtype) in COMPRESSED_TENSORS.items()}
+
+
+def compressed_to_tensors(payload: Compressed) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The named tensors and scalars that carry ``payload`` (all four arrays, empty ones too)."""
+    tensors = {name: np.ascontiguousarray(getattr(payload, field), dtype=np.dtype(dtype))
+               for name, (field, dtype) in COMPRESSED_TENSORS.items()}
+    scalars = {COMPRESSED_KIND_KEY: float(COMPRESSED_KINDS.index(payload.kind)),
+               COMPRESSED_SHARED_KEY: float(payload.shared_indices)}
+    return tensors, scalars
+
+
+def compressed_from_tensors(msg: DecodedMessage, shapes: Sequence[tuple[int, ...]]) -> Compressed:
+    """Rebuild a received compressed update for the receiver's own model ``shapes``.
+
+    TransportError with the reason if a tensor or scalar is missing or the message is
+    inconsistent (the ``Compressed`` constructor checks lengths, indices and finiteness).
+    """
+    missing = [n for n in COMPRESSED_TENSORS if n not in msg.tensors]
+    missing += [k for k in COMPRESSED_KEYS if k not in msg.scalars]
+    if missing:
+        raise TransportError(f"compressed message from {msg.sender} lacks {', '.join(missing)}")
+    code, shared = msg.scalars[COMPRESSED_KIND_KEY], msg.scalars[COMPRESSED_SHARED_KEY]
+    if code not in range(len(COMPRESSED_KINDS)):
+        raise TransportError(f"compressed message from {msg.sender}: unknown {COMPRESSED_KIND_KEY} {code!r}")
+    if shared not in (0.0, 1.0):
+        raise TransportError(f"compressed message from {msg.sender}: {COMPRESSED_SHARED_KEY} must be 0 or 1, "
+                             f"got {shared!r}")
+    arrays = {}
+    for name, (field, dtype) in COMPRESSED_TENSORS.items():
+        t = msg.tensors[name]
+        if isinstance(t, SparseTensor):
+            raise TransportError(f"compressed message from {msg.sender}: {name} must be dense")
+        arrays[field] = np.array(t, dtype=np.dtype(dtype).newbyteorder("="), copy=True)
+    try:
+        return Compressed(COMPRESSED_KINDS[int(code)], tuple(tuple(s) for s in shapes),
+                          shared_indices=bool(shared), **arrays)
+    except MalformedMessage as exc:
+        raise TransportError(f"malformed compressed message from {msg.sender}: {exc}") from None
+
+
 def to_transport(message: ModelMessage, names: Sequence[str], policy: AdvertisedPolicy | None = None,
                  sequence: int | None = None) -> Message:
-    """A transport message with named dense tensors; ValueError if the arrays do not match ``names``."""
+    """A transport message with named tensors: the model's dense arrays, or a compressed payload's arrays.
+
+    ValueError if the arrays do not match ``names`` or the payload is not a ``Compressed``.
+    """
     tensors: dict[str, np.ndarray] = {}
+    scalars: dict[str, float] = {}
     if message.params is not None:
         if len(message.params) != len(names):
             raise ValueError(f"message has {len(message.params)} arrays, the model has {len(names)}")
         tensors = {n: np.asarray(p) for n, p in zip(names, message.params)}
     elif message.payload is not None:
-        raise ValueError("compressed payloads are not carried by the gRPC network yet; send dense params")
-    scalars = {k: float(v) for k, v in message.meta.items()}
+        if not isinstance(message.payload, Compressed):
+            raise ValueError(f"only Compressed payloads travel over gRPC, got {type(message.payload).__name__}")
+        tensors, scalars = compressed_to_tensors(message.payload)
+    clash = sorted(set(message.meta) & set(COMPRESSED_KEYS))
+    if clash:
+        raise ValueError(f"message meta may not use the reserved scalar(s) {', '.join(clash)}")
+    scalars.update({k: float(v) for k, v in message.meta.items()})
     if policy is not None:
         scalars.update(policy.scalars())
     return Message(kind=message.kind, round=int(message.round), tensors=tensors, scalars=scalars,
                    sequence=sequence)
 
 
-def from_transport(msg: DecodedMessage, names: Sequence[str]) -> ModelMessage:
+def from_transport(msg: DecodedMessage, names: Sequence[str],
+                   shapes: Sequence[tuple[int, ...]] | None = None) -> ModelMessage:
     """A strategy message from a decoded one: tensors in the model's parameter order.
 
-    A message with no tensors has ``params=None``; otherwise every name must be present
-    (the transport already refused unknown names, shapes and dtypes).
+    A message with no tensors has ``params=None``; a compressed one has ``payload`` (a
+    ``Compressed`` rebuilt for ``shapes``, the receiver's own model shapes); otherwise
+    every name must be present (the transport already refused unknown names, shapes and dtypes).
     """
     params = None
-    if msg.tensors:
+    payload = None
+    if msg.tensors and any(n in COMPRESSED_TENSORS for n in msg.tensors):
+        if shapes is None:
+            raise TransportError(f"compressed message from {msg.sender}, but no model shapes to rebuild it")
+        payload = compressed_from_tensors(msg, shapes)
+    elif msg.tensors:
         missing = [n for n in names if n not in msg.tensors]
         if missing:
             raise TransportError(f"message from {msg.sender} lacks tensors {', '.join(missing[:5])}")
@@ -127,15 +211,17 @@ def from_transport(msg: DecodedMessage, names: Sequence[str]) -> ModelMessage:
             t = msg.tensors[n]
             arr = t.to_dense() if isinstance(t, SparseTensor) else np.array(t, copy=True)
             params.append(arr)
-    meta = {k: float(v) for k, v in msg.scalars.items() if k not in POLICY_KEYS}
-    return ModelMessage(sender=msg.sender, round=int(msg.round), kind=msg.kind, params=params, meta=meta)
+    meta = {k: float(v) for k, v in msg.scalars.items() if k not in POLICY_KEYS + COMPRESSED_KEYS}
+    return ModelMessage(sender=msg.sender, round=int(msg.round), kind=msg.kind, params=params, payload=payload,
+                        meta=meta)
 
 
 class GrpcPeerNetwork:
     """PeerNetwork over the mTLS gossip transport, plus the node's gossip server.
 
     ``neighbors``: the topology neighbours this node may talk to. ``names`` and
-    ``template``: parameter names and arrays of the node's model (the expected spec).
+    ``template``: parameter names and arrays of the node's model (the expected spec: the
+    dense model, or a compressed update bounded by the model's size).
     ``policy``: what this node advertises; ``roster.policy`` is the minimum it requires.
     ``on_release(peer, seq, round, digest_hex, nbytes)`` is called before every model leaves.
     Call :meth:`attach` with the strategy before :meth:`start`.
@@ -148,7 +234,9 @@ class GrpcPeerNetwork:
         self.node_id = identity.node_id
         self.roster = roster
         self.names = list(names)
-        self.spec: ExpectedSpec = expected_spec_of(self.names, list(template))
+        self.shapes = tuple(tuple(int(s) for s in np.shape(p)) for p in template)
+        self.spec: ExpectedSpec = SpecChoice((expected_spec_of(self.names, list(template)),
+                                              compressed_spec_of(list(template))))
         self.policy = policy
         self.timeout = timeout
         self.on_release = on_release
@@ -229,14 +317,14 @@ class GrpcPeerNetwork:
         if not self._accept_policy(peer, reply.scalars):
             return None
         try:
-            return from_transport(reply, self.names)
+            return from_transport(reply, self.names, self.shapes)
         except TransportError as exc:
             log.warning("node %s: invalid reply from %s: %s", self.node_id, peer, exc)
             return None
 
     def send(self, peer: str, message: ModelMessage) -> bool:
         """Deliver ``message`` one-way (waits for the peer's ack); False if it could not be delivered."""
-        if message.params is not None and not self.serving_models:
+        if (message.params is not None or message.payload is not None) and not self.serving_models:
             return False
         if not self.client.available(peer):
             return False
@@ -297,11 +385,11 @@ class GrpcPeerNetwork:
             log.debug("node %s: %s from %s", self.node_id, msg.kind, sender)
             return None
         try:
-            incoming = from_transport(msg, self.names)
+            incoming = from_transport(msg, self.names, self.shapes)
         except TransportError as exc:
             log.warning("node %s: refused %s from %s: %s", self.node_id, msg.kind, sender, exc)
             return self._refused()
-        if msg.kind == "model":
+        if msg.kind in INBOX_KINDS:
             with self._cond:
                 self._inbox[(incoming.round, sender)] = incoming
                 self._cond.notify_all()
@@ -325,5 +413,6 @@ class GrpcPeerNetwork:
         return None
 
 
-__all__ = ["AdvertisedPolicy", "CONTROL_KINDS", "GrpcPeerNetwork", "REFUSED_KIND", "expected_spec_of",
-           "from_transport", "policy_problem", "to_transport"]
+__all__ = ["AdvertisedPolicy", "COMPRESSED_TENSORS", "CONTROL_KINDS", "GrpcPeerNetwork", "INBOX_KINDS",
+           "REFUSED_KIND", "compressed_from_tensors", "compressed_spec_of", "compressed_to_tensors",
+           "expected_spec_of", "from_transport", "policy_problem", "to_transport"]

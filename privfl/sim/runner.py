@@ -26,6 +26,12 @@ from flwr.client import NumPyClient
 
 from clients import DPClient, DPConfig, evaluate_model
 from strategies.base import CollectiveStrategy, NodeStrategy, Params, PeerNetwork
+from strategies.compression.params import (  # shared with privfl.node
+    SYNC_GOSSIP_KEYS,
+    build_compressor,
+    check_strategy_keys,
+    sync_compression_params,
+)
 from strategies.gossip import AsyncGossip, SyncGossip
 from strategies.topology import Topology, build_topology
 
@@ -138,15 +144,8 @@ def _node_config(ctx: SimContext, node_id: str) -> dict[str, Any]:
 
 
 _ASYNC_KEYS = {"local_steps", "seed", "consensus_exchanges", "compressor"}
-_SYNC_KEYS = {"local_steps", "seed", "mixing", "timeout", "compressor", "compression_params", "gamma", "shared_init"}
-
-
-def _check_keys(name: str, params: dict[str, Any], allowed: set[str], extra_note: str = "") -> None:
-    """ConfigError naming every key of ``strategy.params`` the strategy does not take."""
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise ConfigError(f"strategy.params: {name} does not take {', '.join(unknown)}; "
-                          f"allowed: {', '.join(sorted(allowed))}{extra_note}")
+_SYNC_KEYS = SYNC_GOSSIP_KEYS
+_check_keys = check_strategy_keys
 
 
 def _async_gossip(ctx: SimContext, node_id: str, client: NumPyClient, net: PeerNetwork, params: Params) -> NodeStrategy:
@@ -173,67 +172,11 @@ def _sync_gossip(ctx: SimContext, node_id: str, client: NumPyClient, net: PeerNe
     if comp_cfg is None:
         cfg.pop("compressor", None)
     else:
-        from strategies.compression import compressor_from_config
-
-        import inspect
-
-        from strategies.compression import COMPRESSORS
-
+        # one compressor per node (per-node state and random streams, reproducible from the run's seed)
         name, kwargs = comp_cfg
-        if "seed" in inspect.signature(COMPRESSORS[name].__init__).parameters:
-            # per-node streams (random-k, stochastic rounding), reproducible from the run's seed
-            kwargs["seed"] = int(cfg["seed"]) + 7919 * ctx.node_ids.index(node_id)
-        # one compressor per node: compressors keep per-node state
-        cfg["compressor"] = compressor_from_config(name, **kwargs)
+        cfg["compressor"] = build_compressor(name, kwargs, int(cfg["seed"]) + 7919 * ctx.node_ids.index(node_id))
         cfg.setdefault("shared_init", True)  # every simulated node starts from the same public model
     return SyncGossip(client, net, params, cfg)
-
-
-def sync_compression_params(params: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """The compressor (name, settings) that sync_gossip's ``strategy.params`` ask for, or None.
-
-    Settings may sit beside ``compressor`` (``{compressor = "topk", ratio = 0.01, gamma = 0.5}``)
-    or in a ``compression_params`` table. Sparsifiers default to ``error_feedback = false``
-    (CHOCO: the public estimate keeps the residual); with ``error_feedback = true`` (and for
-    AdaComp, whose residue is intrinsic) the compressor keeps it and the nodes send compressed
-    model changes. Raises ConfigError naming any key neither sync_gossip nor the compressor takes.
-    """
-    import inspect
-
-    from strategies.compression import COMPRESSORS
-
-    comp = params.get("compressor")
-    nested = params.get("compression_params", {}) or {}
-    if not isinstance(nested, dict):
-        raise ConfigError("strategy.params.compression_params: must be a table")
-    flat = {k: v for k, v in params.items() if k not in _SYNC_KEYS}
-    if comp is None or comp == "none":
-        if flat or nested:
-            _check_keys("sync_gossip", params, _SYNC_KEYS - {"compression_params"},
-                        " (compressor settings need strategy.params.compressor)")
-        return None
-    if not isinstance(comp, str):
-        raise ConfigError(f"strategy.params.compressor: must be a compressor name, got {comp!r}")
-    key = comp.strip().lower().replace("-", "_")
-    from strategies.compression.compressors import _ALIASES
-
-    key = _ALIASES.get(key, key)
-    if key not in COMPRESSORS:
-        raise ConfigError(f"strategy.params.compressor: unknown compressor {comp!r}; "
-                          f"choose one of {', '.join(COMPRESSORS)}")
-    takes = {p for p in inspect.signature(COMPRESSORS[key].__init__).parameters if p != "self"}
-    both = sorted(set(flat) & set(nested))
-    if both:
-        raise ConfigError(f"strategy.params: {', '.join(both)} given both beside compressor and in compression_params")
-    kwargs = {**nested, **flat}
-    bad = sorted(set(kwargs) - takes)
-    if bad:
-        raise ConfigError(f"strategy.params: sync_gossip with compressor {key!r} does not take {', '.join(bad)}; "
-                          f"sync_gossip takes {', '.join(sorted(_SYNC_KEYS))}; {key} takes "
-                          f"{', '.join(sorted(takes)) or 'nothing'}")
-    if "error_feedback" in takes and "error_feedback" not in kwargs and not kwargs.get("unbiased", False):
-        kwargs["error_feedback"] = False
-    return key, kwargs
 
 
 def _fedavg(ctx: SimContext) -> CollectiveStrategy:

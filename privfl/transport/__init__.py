@@ -14,6 +14,7 @@ from privfl.transport.codec import (
     PeerRefused,
     PeerUnavailable,
     SparseTensor,
+    SpecChoice,
     TensorExpectation,
     TransportError,
     decode_stream,
@@ -30,7 +31,7 @@ from privfl.transport.server import ACK_KIND, GossipServer, Handler
 __all__ = [
     "ACK_KIND", "CHUNK_BYTES", "DecodedMessage", "Delivery", "ExpectedSpec", "GossipClient",
     "GossipServer", "Handler", "Message", "NodeIdentity", "PeerBackoff", "PeerRefused",
-    "PeerTraffic", "PeerUnavailable", "SparseTensor", "TensorExpectation", "TrafficCounters",
+    "PeerTraffic", "PeerUnavailable", "SparseTensor", "SpecChoice", "TensorExpectation", "TrafficCounters",
     "TransportError", "decode_stream", "decode_tensors", "encode_message", "encode_tensors",
     "iter_chunks", "model_digest", "spec_of",
 ]

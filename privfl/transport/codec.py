@@ -72,14 +72,58 @@ Tensor = np.ndarray | SparseTensor
 
 @dataclass(frozen=True)
 class TensorExpectation:
-    """What a received tensor must look like: dense shape, dtype, and whether sparse is OK."""
+    """What a received tensor must look like: dense shape, dtype, and whether sparse is OK.
+
+    ``bounded``: ``shape`` is the largest size of each dimension rather than the exact
+    shape (same number of dimensions), for tensors whose length varies per message
+    (the arrays of a compressed update).
+    """
 
     shape: tuple[int, ...]
     dtype: str
     allow_sparse: bool = True
+    bounded: bool = False
+
+    def shape_ok(self, shape: tuple[int, ...]) -> bool:
+        """Whether a received tensor of ``shape`` fits this expectation."""
+        if not self.bounded:
+            return tuple(shape) == tuple(self.shape)
+        return len(shape) == len(self.shape) and all(0 <= s <= m for s, m in zip(shape, self.shape))
 
 
-ExpectedSpec = Mapping[str, TensorExpectation]
+Layout = Mapping[str, TensorExpectation]
+
+
+@dataclass(frozen=True)
+class SpecChoice:
+    """Alternative layouts: a message's tensors must match exactly one of them.
+
+    Why: a node accepts either its dense model (its parameter names) or a compressed
+    update (a few fixed 1-D names); the layout is chosen by the first tensor's name, and
+    then every name, shape and dtype is checked against that layout alone.
+    """
+
+    layouts: tuple[Layout, ...]
+
+    def layout_for(self, names: Iterable[str]) -> Layout | None:
+        """The layout that holds the first of ``names`` (None if there are no names)."""
+        first = next(iter(names), None)
+        if first is None:
+            return None
+        for layout in self.layouts:
+            if first in layout:
+                return layout
+        raise TransportError(f"unexpected tensor name {first!r}")
+
+
+ExpectedSpec = Layout | SpecChoice
+
+
+def _layout(expected: ExpectedSpec | None, specs: Iterable[pb.TensorSpec]) -> Layout | None:
+    """The single layout that ``specs`` must match (resolving a SpecChoice by tensor name)."""
+    if isinstance(expected, SpecChoice):
+        return expected.layout_for(s.name for s in specs)
+    return expected
 
 
 def spec_of(tensors: Mapping[str, Tensor], allow_sparse: bool = True) -> dict[str, TensorExpectation]:
@@ -368,6 +412,7 @@ def check_header(header: pb.Header, expected: ExpectedSpec | None, max_body_byte
     for k, v in header.scalars.items():
         if not math.isfinite(v):
             raise TransportError(f"scalar {k!r} is not finite")
+    expected = _layout(expected, header.tensors)
     names: set[str] = set()
     total = 0
     for spec in header.tensors:
@@ -392,8 +437,9 @@ def check_header(header: pb.Header, expected: ExpectedSpec | None, max_body_byte
             exp = expected.get(spec.name)
             if exp is None:
                 raise TransportError(f"unexpected tensor name {spec.name!r}")
-            if tuple(spec.shape) != tuple(exp.shape):
-                raise TransportError(f"tensor {spec.name}: shape {tuple(spec.shape)} != expected "
+            if not exp.shape_ok(tuple(spec.shape)):
+                relation = "exceeds the bound" if exp.bounded else "!= expected"
+                raise TransportError(f"tensor {spec.name}: shape {tuple(spec.shape)} {relation} "
                                      f"{tuple(exp.shape)}")
             if spec.dtype != exp.dtype:
                 raise TransportError(f"tensor {spec.name}: dtype {spec.dtype} != expected {exp.dtype}")
@@ -418,6 +464,8 @@ def _all_finite(arr: np.ndarray) -> bool:
 def decode_tensors(specs: Iterable[pb.TensorSpec], body: bytes | bytearray | memoryview,
                    expected: ExpectedSpec | None = None) -> dict[str, Tensor]:
     """Arrays (views of ``body``) for validated specs; checks sizes, sparse indices, finiteness."""
+    specs = list(specs)
+    expected = _layout(expected, specs)
     out: dict[str, Tensor] = {}
     off = 0
     mv = memoryview(body)

@@ -1,0 +1,289 @@
+"""Compressed gossip messages over the real mTLS gRPC transport, and the node's compressor config.
+
+(a) sparse, quant8 and ternary ``Compressed`` updates sent through ``GrpcPeerNetwork``
+arrive bit-exactly, cost fewer bytes than the dense model, and the ledger hook sees the
+real tensor bytes; (b) malformed compressed messages are refused (logged) and the server
+keeps serving; (c) ``[strategy].params`` of a node config: a compressor validates, bad
+names and unknown keys are refused naming the field.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from privfl.errors import ConfigError
+from privfl.launch import dump_toml, free_ports
+from privfl.node_config import load_node_config
+from privfl.peer_network import (
+    COMPRESSED_TENSORS,
+    AdvertisedPolicy,
+    GrpcPeerNetwork,
+    compressed_spec_of,
+    to_transport,
+)
+from privfl.pki import NodeIdentity, Policy, init_consortium, load_pki
+from privfl.transport import Message, PeerRefused, TransportError
+from strategies.base import ModelMessage
+from strategies.compression import AdaComp, Compressed, Quantize8, TopK, decompress, released
+
+NAMES = ["fc.weight", "fc.bias"]
+SHAPES = [(40, 50), (40,)]
+D = 40 * 50 + 40
+GOOD = AdvertisedPolicy(noise_multiplier=1.0, target_epsilon=3.0, delta=1e-5)
+
+
+def _model(seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=s).astype(np.float32) for s in SHAPES]
+
+
+def _messages() -> dict[str, Compressed]:
+    x = released(_model(1), "test: stands for a DP-noised model")
+    return {"sparse": TopK(k=50, error_feedback=False).compress(x),
+            "quant8": Quantize8().compress(x),
+            "ternary": AdaComp(bin_size=20, quantize=True).compress(x)}
+
+
+class _Pair:
+    """Two networks (a, b) over real mTLS on loopback, recording what the ledger hook sees."""
+
+    def __init__(self, root: Path) -> None:
+        ids = ["a", "b"]
+        ports = free_ports(2)
+        init_consortium("ct", ids, root, addresses={n: f"127.0.0.1:{p}" for n, p in zip(ids, ports)},
+                        policy=Policy(min_noise_multiplier=0.8, max_epsilon=3.0))
+        _ca, roster, crl = load_pki(root)
+        self.released: dict[str, list[tuple[Any, ...]]] = {n: [] for n in ids}
+        self.nets: dict[str, GrpcPeerNetwork] = {}
+        for n in ids:
+            net = GrpcPeerNetwork(NodeIdentity.load(root / n), roster, crl, [m for m in ids if m != n], NAMES,
+                                  _model(0), policy=GOOD, timeout=5.0,
+                                  on_release=lambda *a, n=n: self.released[n].append(a))
+            net.start()
+            self.nets[n] = net
+
+    def close(self) -> None:
+        for net in self.nets.values():
+            net.close()
+
+
+@pytest.fixture()
+def pair(tmp_path: Path) -> Iterator[_Pair]:
+    p = _Pair(tmp_path / "pki")
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def _raw(tensors: dict[str, np.ndarray], kind_code: float, shared: float = 0.0) -> Message:
+    """A hand-made compressed message (bypassing to_transport's checks), as a hostile peer could send."""
+    return Message(kind="innovation", round=0, tensors=tensors,
+                   scalars={**GOOD.scalars(), "compressed_kind": kind_code, "compressed_shared": shared})
+
+
+def _sparse_tensors(indices: list[int], values: list[float]) -> dict[str, np.ndarray]:
+    return {"compressed.indices": np.array(indices, dtype="<i4"), "compressed.values": np.array(values, dtype="<f4"),
+            "compressed.codes": np.zeros(0, dtype="u1"), "compressed.scales": np.zeros(0, dtype="<f4")}
+
+
+# ---- (a) bit-exact delivery, fewer bytes ---------------------------------------------------
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["sparse", "quant8", "ternary"])
+def test_compressed_message_arrives_bit_exact_and_costs_fewer_bytes(pair: _Pair, kind: str) -> None:
+    payload = _messages()[kind]
+    assert payload.kind == kind
+    a, b = pair.nets["a"], pair.nets["b"]
+    assert a.send("b", ModelMessage("a", 3, "innovation", payload=payload))
+    got = b.receive(3, ["a"], timeout=5.0)
+    msg = got["a"]
+    assert msg.params is None and isinstance(msg.payload, Compressed)
+    back = msg.payload
+    assert back.kind == kind and back.shapes == payload.shapes and back.nbytes == payload.nbytes
+    for field in ("indices", "values", "codes", "scales"):
+        np.testing.assert_array_equal(getattr(back, field), getattr(payload, field))
+    for x, y in zip(decompress(back), decompress(payload)):
+        assert x.tobytes() == y.tobytes()
+    assert msg.meta == {}  # the kind code and flags are not model metadata
+    dense = 4 * D
+    wire = b.counters.peer("a").bytes_received
+    assert 0 < wire < dense, (wire, dense)
+    (peer, seq, rnd, digest, nbytes), = pair.released["a"]  # the ledger hook saw the real tensor bytes
+    tensors = to_transport(ModelMessage("a", 3, "innovation", payload=payload), NAMES).tensors
+    assert peer == "b" and rnd == 3 and seq > 0 and len(digest) == 64
+    assert nbytes == sum(t.nbytes for t in tensors.values()) >= payload.nbytes
+
+
+@pytest.mark.timeout(60)
+def test_dense_models_still_travel_as_before(pair: _Pair) -> None:
+    a, b = pair.nets["a"], pair.nets["b"]
+    model = _model(5)
+    assert a.send("b", ModelMessage("a", 1, "model", params=model))
+    got = b.receive(1, ["a"], timeout=5.0)["a"]
+    assert got.payload is None and got.params is not None
+    for x, y in zip(got.params, model):
+        np.testing.assert_array_equal(x, y)
+    assert pair.released["a"][0][4] == sum(p.nbytes for p in model)
+
+
+def test_compressed_spec_is_bounded_by_the_model_size() -> None:
+    spec = compressed_spec_of(_model(0))
+    assert set(spec) == set(COMPRESSED_TENSORS)
+    assert spec["compressed.indices"].shape == (D,) and spec["compressed.scales"].shape == (4,)
+    assert all(e.bounded and not e.allow_sparse for e in spec.values())
+    assert spec["compressed.codes"].dtype == "|u1" and spec["compressed.values"].dtype == "<f4"
+
+
+def test_to_transport_refuses_a_foreign_payload() -> None:
+    with pytest.raises(ValueError, match="only Compressed payloads"):
+        to_transport(ModelMessage("a", 0, "innovation", payload=b"zip"), NAMES)
+
+
+# ---- (b) malformed compressed messages are refused, the server keeps serving ---------------
+MALFORMED = {
+    "unsorted indices": (_sparse_tensors([5, 3], [1.0, 2.0]), 1.0, "strictly increasing"),
+    "index out of range": (_sparse_tensors([3, D], [1.0, 2.0]), 1.0, "strictly increasing"),
+    "values length mismatch": (_sparse_tensors([3, 5], [1.0]), 1.0, "lengths"),
+    "unknown kind code": (_sparse_tensors([3], [1.0]), 9.0, "unknown compressed_kind"),
+    "shared flag not 0/1": (_sparse_tensors([3], [1.0]), 1.0, "compressed_shared"),
+    "quant8 with too few codes": ({"compressed.indices": np.zeros(0, "<i4"), "compressed.values": np.zeros(0, "<f4"),
+                                   "compressed.codes": np.zeros(7, "u1"), "compressed.scales": np.zeros(4, "<f4")},
+                                  2.0, "lengths"),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_compressed_message_is_refused_and_logged(pair: _Pair, case: str,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    tensors, code, reason = MALFORMED[case]
+    shared = 0.5 if case == "shared flag not 0/1" else 0.0
+    a, b = pair.nets["a"], pair.nets["b"]
+    with caplog.at_level(logging.WARNING, logger="privfl.node"):
+        a.client.send("b", _raw(tensors, code, shared), timeout=5.0)
+    assert b.receive(0, ["a"], timeout=0.2) == {}
+    assert any("node b: refused innovation from a" in r.getMessage() and reason in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    _still_serves(pair)
+
+
+TRANSPORT_REFUSED = {
+    "NaN value": (_sparse_tensors([3, 5], [1.0, float("nan")]), "non-finite"),
+    "longer than the model": (_sparse_tensors(list(range(D + 1)), [1.0] * (D + 1)), "exceeds the bound"),
+    "wrong dtype": ({**_sparse_tensors([3], [1.0]), "compressed.indices": np.array([3], dtype="<i8")},
+                    "dtype"),
+    "unknown tensor name": ({**_sparse_tensors([3], [1.0]), "compressed.extra": np.zeros(1, "<f4")},
+                            "unexpected tensor name"),
+    "missing tensor": ({k: v for k, v in _sparse_tensors([3], [1.0]).items() if k != "compressed.codes"},
+                       "missing tensors"),
+    "2-D values": ({**_sparse_tensors([3], [1.0]), "compressed.values": np.ones((1, 1), "<f4")}, "shape"),
+    "mixed with dense names": ({**_sparse_tensors([3], [1.0]), "fc.bias": np.zeros(40, "<f4")},
+                               "unexpected tensor name"),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", sorted(TRANSPORT_REFUSED))
+def test_compressed_message_off_spec_is_refused_by_the_transport(pair: _Pair, case: str) -> None:
+    tensors, reason = TRANSPORT_REFUSED[case]
+    with pytest.raises((PeerRefused, TransportError), match=reason):
+        pair.nets["a"].client.send("b", _raw(tensors, 1.0), timeout=5.0)
+    assert pair.nets["b"].receive(0, ["a"], timeout=0.2) == {}
+    _still_serves(pair)
+
+
+def _still_serves(pair: _Pair) -> None:
+    """b still accepts a good compressed update from a after refusing a bad one."""
+    good = _messages()["sparse"]
+    assert pair.nets["a"].send("b", ModelMessage("a", 9, "innovation", payload=good))
+    got = pair.nets["b"].receive(9, ["a"], timeout=5.0)
+    np.testing.assert_array_equal(got["a"].payload.indices, good.indices)
+
+
+# ---- (c) a node's [strategy].params ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def node_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    init_consortium("ctc", ["h-a", "h-b"], d, base_port=47300)
+    return d
+
+
+def _node_toml(pki: Path, tmp_path: Path, strategy: dict[str, Any]) -> Path:
+    t = {
+        "node": {"id": "h-a", "output": str(tmp_path / "out")},
+        "identity": {"cert": str(pki / "h-a" / "node.pem"), "key": str(pki / "h-a" / "node.key"),
+                     "ca": str(pki / "ca.pem"), "roster": str(pki / "roster.toml"), "crl": str(pki / "crl.pem")},
+        "data": {"source": "breast_cancer", "num_sites": 2, "site_index": 0},
+        "model": {"name": "logreg"},
+        "dp": {"noise_multiplier": 2.0, "target_epsilon": 3.0, "batch_size": 32},
+        "strategy": strategy,
+        "stop": {"max_steps": 10},
+    }
+    p = tmp_path / "node.toml"
+    p.write_text(dump_toml(t))
+    return p
+
+
+def test_node_config_with_a_compressor_validates(node_pki: Path, tmp_path: Path) -> None:
+    from privfl.node_config import node_strategy_params
+
+    strategy = {"name": "sync_gossip", "local_steps": 1, "params": {"compressor": "topk", "ratio": 0.1, "gamma": 0.5}}
+    cfg = load_node_config(_node_toml(node_pki, tmp_path, strategy))
+    sp = node_strategy_params(cfg.common.strategy, "x")
+    assert sp.compressor == ("topk", {"ratio": 0.1, "error_feedback": False})
+    assert sp.gamma == 0.5 and sp.shared_init is None
+    nested = {"name": "sync_gossip", "params": {"compressor": "quantize8", "compression_params": {"stochastic": True},
+                                                "shared_init": True}}
+    sp = node_strategy_params(load_node_config(_node_toml(node_pki, tmp_path, nested)).common.strategy, "x")
+    assert sp.compressor == ("quantize8", {"stochastic": True, "error_feedback": False}) and sp.shared_init is True
+
+
+@pytest.mark.parametrize("strategy,field", [
+    ({"name": "sync_gossip", "params": {"compressor": "zstd"}}, r"\[strategy\]\.params\.compressor: unknown"),
+    ({"name": "sync_gossip", "params": {"compressor": "topk", "ratio": 0.1, "ratoi": 1}},
+     r"\[strategy\]\.params\.ratoi"),
+    ({"name": "sync_gossip", "params": {"gama": 0.5}}, r"\[strategy\]\.params\.gama"),
+    ({"name": "sync_gossip", "params": {"compressor": "topk", "ratio": 2.0}}, r"\[strategy\]\.params: .*ratio"),
+    ({"name": "sync_gossip", "params": {"compressor": "topk", "ratio": 0.1, "gamma": 1.5}},
+     r"\[strategy\]\.params\.gamma"),
+    ({"name": "sync_gossip", "params": {"compressor": "topk", "ratio": 0.1, "shared_init": "yes"}},
+     r"\[strategy\]\.params\.shared_init"),
+    ({"name": "sync_gossip", "params": {"compressor": "cltk", "ratio": 0.1}}, r"\[strategy\]\.params\.compressor: 'cltk'"),
+    ({"name": "sync_gossip", "params": {"timeout": 3}}, r"\[strategy\]\.params\.timeout: .*\[node\]\.sync_timeout"),
+    ({"name": "async_gossip", "params": {"compressor": "topk", "ratio": 0.1}},
+     r"\[strategy\]\.params\.compressor: async_gossip cannot compress"),
+    ({"name": "async_gossip", "params": {"bogus": 1}}, r"\[strategy\]\.params\.bogus"),
+])
+def test_node_config_strategy_params_errors_name_the_field(node_pki: Path, tmp_path: Path,
+                                                           strategy: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        load_node_config(_node_toml(node_pki, tmp_path, strategy))
+
+
+@pytest.mark.timeout(120)
+def test_node_builds_compressed_sync_gossip(node_pki: Path, tmp_path: Path) -> None:
+    from privfl.node import Node
+    from strategies.compression import InnovationGossip, Quantize8 as Q8
+    from strategies.gossip import SyncGossip
+
+    strategy = {"name": "sync_gossip", "local_steps": 1, "params": {"compressor": "quantize8", "gamma": 0.25}}
+    node = Node(load_node_config(_node_toml(node_pki, tmp_path, strategy)))
+    try:
+        assert isinstance(node.strategy, SyncGossip)
+        inno = node.strategy.innovation
+        assert isinstance(inno, InnovationGossip) and isinstance(inno._compressor, Q8)
+        assert inno._gamma == 0.25
+        # shared_init (default: every node builds its initial model from model.seed): estimates start there
+        for est, p in zip(inno.estimate("h-a"), node.initial_params):
+            np.testing.assert_array_equal(est, p)
+    finally:
+        assert node.ledger is not None
+        node.ledger.close()
+        assert node.network is not None
+        node.network.close()
