@@ -174,16 +174,21 @@ class FedAvgConfig:
     upload: str = "model"
     compressor: str = "exact"
     compression_params: dict[str, Any] | None = None
+    downlink_compressor: str = "exact"
+    downlink_params: dict[str, Any] | None = None
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad field."""
         if self.upload not in ("model", "update"):
             raise ConfigError(f"fedavg.upload must be 'model' (whole models) or 'update' (model changes), "
                               f"got {self.upload!r}")
-        if self.upload == "model" and (self.compressor != "exact" or self.compression_params):
-            raise ConfigError("fedavg.compressor: compression applies to model changes; set fedavg.upload = 'update'")
+        for name, params in (("compressor", self.compression_params), ("downlink_compressor", self.downlink_params)):
+            if self.upload == "model" and (getattr(self, name) != "exact" or params):
+                raise ConfigError(f"fedavg.{name}: compression applies to model changes; "
+                                  "set fedavg.upload = 'update'")
         if self.upload == "update":
             self.make_compressor()
+            self.make_compressor(downlink=True)
         for name in ("fraction_fit", "fraction_evaluate"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 < v <= 1:
@@ -198,17 +203,18 @@ class FedAvgConfig:
                 f"fedavg.min_available_clients={self.min_available_clients}"
             )
 
-    def make_compressor(self) -> Compressor:
-        """A fresh upload compressor (one per client: compressors keep per-client memory)."""
-        params = self.compression_params or {}
+    def make_compressor(self, downlink: bool = False) -> Compressor:
+        """A fresh upload compressor (one per client: they keep per-client memory), or the server's."""
+        name, field = ("downlink_compressor", "downlink_params") if downlink else ("compressor", "compression_params")
+        params = getattr(self, field) or {}
         if not isinstance(params, dict):
-            raise ConfigError(f"fedavg.compression_params must be a table, got {params!r}")
+            raise ConfigError(f"fedavg.{field} must be a table, got {params!r}")
         try:
-            comp = compressor_from_config(self.compressor, **params)
+            comp = compressor_from_config(getattr(self, name), **params)
         except ConfigError as exc:
-            raise ConfigError(f"fedavg.compressor: {exc}") from None
+            raise ConfigError(f"fedavg.{name}: {exc}") from None
         if isinstance(comp, CLTk):
-            raise ConfigError("fedavg.compressor: 'cltk' needs the leader's index set broadcast before each "
+            raise ConfigError(f"fedavg.{name}: 'cltk' needs the leader's index set broadcast before each "
                               "upload, which this FedAvg round does not do; use topk, randomk, quantize8, "
                               "adacomp or exact")
         return comp
@@ -316,7 +322,8 @@ class FederatedAveraging(CollectiveStrategy):
                 init = params[first] if first in params else clients[first].get_parameters({})
                 self.global_parameters = ndarrays_to_parameters([np.asarray(a) for a in init])
             if self.config.upload == "update":
-                self.tracker = GlobalModelTracker(parameters_to_ndarrays(self.global_parameters))
+                self.tracker = GlobalModelTracker(parameters_to_ndarrays(self.global_parameters),
+                                                  self.config.make_compressor(downlink=True))
         nodes = sorted(clients)
         bytes_up = {n: 0 for n in nodes}
         bytes_down = {n: 0 for n in nodes}

@@ -122,18 +122,24 @@ class GlobalModelTracker:
     change message of version v−1 → v, so server and clients never drift apart. A client
     holding version v−1 gets that change; one holding v gets an empty change; any other
     client (never selected, or missed a round) gets the whole model.
+
+    ``compressor`` (default :class:`Exact`, lossless) compresses the change; a lossy one
+    with error feedback keeps what it did not send in its own memory and sends it later
+    (the aggregate's change is post-processing of released updates, so that memory is
+    post-noise too).
     """
 
-    def __init__(self, initial: Params) -> None:
+    def __init__(self, initial: Params, compressor: Compressor | None = None) -> None:
         self.version = 0
         self.model: Params = [np.array(a, copy=True) for a in initial]
         self._last_change: Parameters | None = None
         self._holds: dict[str, int] = {}
         self._exact = Exact()
+        self._compressor = compressor or self._exact
 
     def advance(self, aggregated: Params) -> Params:
         """Make ``aggregated`` the next version (as clients will rebuild it) and return it."""
-        msg = change_message(aggregated, self.model, self._exact, "aggregate of released updates")
+        msg = change_message(aggregated, self.model, self._compressor, "aggregate of released updates")
         self.model = apply_change(self.model, msg)
         self._last_change = frame_parameters(msg)
         self.version += 1

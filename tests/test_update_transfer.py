@@ -218,3 +218,27 @@ def test_fedavg_upload_settings_are_validated_with_the_field_named() -> None:
     with pytest.raises(ConfigError, match="fedavg.compressor.*ratio"):
         FedAvgConfig(upload="update", compressor="topk", compression_params={"ratio": 2.0}).validate()
     FedAvgConfig(upload="update", compressor="topk", compression_params={"ratio": 0.1}).validate()
+
+
+def test_lossy_downlink_keeps_clients_and_server_identical_and_sends_the_rest_later() -> None:
+    rng = np.random.default_rng(3)
+    init = [np.zeros(200, np.float32)]
+    tracker = GlobalModelTracker(init, TopK(k=5, error_feedback=True))
+    client = UpdateReceiver(Exact())
+    client.receive(tracker.downlink("a"))
+    target = rng.standard_normal(200).astype(np.float32)
+    tracker.advance([target])  # one big change, then none: error feedback must deliver all of it
+    for _ in range(60):
+        msg = tracker.downlink("a")
+        assert parameters_nbytes(msg) == 20 + 8 * 5
+        held = client.receive(msg)
+        assert held[0].tobytes() == tracker.model[0].tobytes()
+        tracker.advance([tracker.model[0]])  # the aggregate equals the global model: no new change
+    np.testing.assert_allclose(tracker.model[0], target, atol=1e-6)
+
+
+def test_downlink_compressor_needs_update_transfer() -> None:
+    with pytest.raises(ConfigError, match="fedavg.downlink_compressor"):
+        FedAvgConfig(downlink_compressor="quantize8").validate()
+    with pytest.raises(ConfigError, match="fedavg.downlink_compressor.*unknown"):
+        FedAvgConfig(upload="update", downlink_compressor="gzip").validate()
