@@ -10,13 +10,14 @@ against the expected spec before any body byte is accepted), and routes incoming
 ``bye``) to the node's bookkeeping.
 
 A compressed update (a :class:`~strategies.compression.Compressed` payload, sent by
-compressed ``sync_gossip`` as kind ``innovation``) travels as four named 1-D tensors
-(``compressed.indices`` <i4, ``compressed.values`` <f4, ``compressed.codes`` |u1,
-``compressed.scales`` <f4) plus the scalars ``compressed_kind`` and ``compressed_shared``.
-Their lengths vary per message, so the receiver accepts them only up to the model's size
-(d elements, 2·T scales) and rebuilds the message with its *own* model shapes; the
-``Compressed`` constructor then validates lengths, index order and range and finiteness,
-and a message that fails is refused and logged like any other bad message.
+compressed ``sync_gossip`` as kind ``innovation``) travels as ONE 1-D ``|u1`` tensor,
+``compressed.frame``, holding ``Compressed.to_bytes()`` — the same framing FedAvg's
+update transfer uses, so there is one byte encoding of a compressed message. Its length
+varies per message, so the transport accepts it only up to the largest valid frame for
+the model (:func:`max_frame_bytes`) before any body byte is read; the receiver rebuilds
+it with ``Compressed.from_bytes(frame, own_shapes)``, which checks the framing against
+the receiver's own model and then validates lengths, index order and range and
+finiteness. A frame that fails is refused and logged like any other bad message.
 
 Every model a node releases is reported to ``on_release`` *before* it leaves (the
 ledger's write-ahead "message" entry: peer, sequence, round, digest, bytes — never
@@ -55,7 +56,6 @@ from privfl.transport import (
 )
 from strategies.base import ModelMessage, NodeStrategy
 from strategies.compression import Compressed, MalformedMessage
-from strategies.compression.message import KINDS as COMPRESSED_KINDS
 
 log = logging.getLogger("privfl.node")
 
@@ -63,12 +63,9 @@ CONTROL_KINDS = ("hello", "done", "bye")
 REFUSED_KIND = "refused"
 POLICY_KEYS = ("policy_sigma", "policy_epsilon", "policy_delta")
 INBOX_KINDS = ("model", "innovation")  # one-way model messages of synchronous gossip
-# a Compressed payload's arrays on the wire: tensor name -> (Compressed field, little-endian dtype)
-COMPRESSED_TENSORS = {"compressed.indices": ("indices", "<i4"), "compressed.values": ("values", "<f4"),
-                      "compressed.codes": ("codes", "|u1"), "compressed.scales": ("scales", "<f4")}
-COMPRESSED_KIND_KEY = "compressed_kind"
-COMPRESSED_SHARED_KEY = "compressed_shared"
-COMPRESSED_KEYS = (COMPRESSED_KIND_KEY, COMPRESSED_SHARED_KEY)
+# a Compressed payload on the wire: one 1-D uint8 tensor holding Compressed.to_bytes()
+COMPRESSED_FRAME = "compressed.frame"
+FRAME_HEADER_BYTES = 20  # Compressed.to_bytes(): version, kind, shared, pad, four u32 array lengths
 
 ReleaseHook = Callable[[str, int, int, str, int], None]  # peer, seq, round, digest hex, bytes
 
@@ -113,60 +110,50 @@ def expected_spec_of(names: Sequence[str], params: Sequence[np.ndarray]) -> dict
             for n, p in zip(names, params)}
 
 
-def compressed_spec_of(params: Sequence[np.ndarray]) -> dict[str, TensorExpectation]:
-    """The spec of a compressed update for a model of ``params``: 1-D arrays bounded by its size.
+def max_frame_bytes(params: Sequence[np.ndarray]) -> int:
+    """An upper bound on a valid ``Compressed.to_bytes()`` frame for a model of ``params``.
 
-    No kind stores more than d indices, values or codes, or more than 2·T scales (quant8).
+    The header plus every array at its largest: d int32 indices, d float32 values, d
+    uint8 codes and 2·T float32 scales (no kind reaches all of them at once; the largest
+    real frame is sparse with k = d, 20 + 8d bytes).
     """
     d = int(sum(int(np.asarray(p).size) for p in params))
-    bounds = {"indices": d, "values": d, "codes": d, "scales": 2 * len(params)}
-    return {name: TensorExpectation((bounds[field],), dtype, allow_sparse=False, bounded=True)
-            for name, (field, dtype) in COMPRESSED_TENSORS.items()}
+    return FRAME_HEADER_BYTES + 4 * d * 2 + d + 4 * 2 * len(params)
 
 
-def compressed_to_tensors(payload: Compressed) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """The named tensors and scalars that carry ``payload`` (all four arrays, empty ones too)."""
-    tensors = {name: np.ascontiguousarray(getattr(payload, field), dtype=np.dtype(dtype))
-               for name, (field, dtype) in COMPRESSED_TENSORS.items()}
-    scalars = {COMPRESSED_KIND_KEY: float(COMPRESSED_KINDS.index(payload.kind)),
-               COMPRESSED_SHARED_KEY: float(payload.shared_indices)}
-    return tensors, scalars
+def compressed_spec_of(params: Sequence[np.ndarray]) -> dict[str, TensorExpectation]:
+    """The spec of a compressed update for a model of ``params``: one 1-D uint8 frame of bounded length."""
+    return {COMPRESSED_FRAME: TensorExpectation((max_frame_bytes(params),), "|u1", allow_sparse=False,
+                                                bounded=True)}
 
 
-def compressed_from_tensors(msg: DecodedMessage, shapes: Sequence[tuple[int, ...]]) -> Compressed:
-    """Rebuild a received compressed update for the receiver's own model ``shapes``.
+def compressed_from_frame(msg: DecodedMessage, shapes: Sequence[tuple[int, ...]]) -> Compressed:
+    """Rebuild a received compressed update from its frame, for the receiver's own model ``shapes``.
 
-    TransportError with the reason if a tensor or scalar is missing or the message is
-    inconsistent (the ``Compressed`` constructor checks lengths, indices and finiteness).
+    TransportError with the reason if the frame is missing, not a dense uint8 vector, or
+    malformed (``Compressed.from_bytes`` checks the framing, then the message in full).
     """
-    missing = [n for n in COMPRESSED_TENSORS if n not in msg.tensors]
-    missing += [k for k in COMPRESSED_KEYS if k not in msg.scalars]
-    if missing:
-        raise TransportError(f"compressed message from {msg.sender} lacks {', '.join(missing)}")
-    code, shared = msg.scalars[COMPRESSED_KIND_KEY], msg.scalars[COMPRESSED_SHARED_KEY]
-    if code not in range(len(COMPRESSED_KINDS)):
-        raise TransportError(f"compressed message from {msg.sender}: unknown {COMPRESSED_KIND_KEY} {code!r}")
-    if shared not in (0.0, 1.0):
-        raise TransportError(f"compressed message from {msg.sender}: {COMPRESSED_SHARED_KEY} must be 0 or 1, "
-                             f"got {shared!r}")
-    arrays = {}
-    for name, (field, dtype) in COMPRESSED_TENSORS.items():
-        t = msg.tensors[name]
-        if isinstance(t, SparseTensor):
-            raise TransportError(f"compressed message from {msg.sender}: {name} must be dense")
-        arrays[field] = np.array(t, dtype=np.dtype(dtype).newbyteorder("="), copy=True)
+    frame = msg.tensors.get(COMPRESSED_FRAME)
+    if frame is None:
+        raise TransportError(f"compressed message from {msg.sender} lacks {COMPRESSED_FRAME}")
+    if isinstance(frame, SparseTensor):
+        raise TransportError(f"compressed message from {msg.sender}: {COMPRESSED_FRAME} must be dense")
+    frame = np.asarray(frame)
+    if frame.dtype != np.uint8 or frame.ndim != 1:
+        raise TransportError(f"compressed message from {msg.sender}: {COMPRESSED_FRAME} must be 1-D uint8, "
+                             f"got {frame.ndim}-D {frame.dtype}")
     try:
-        return Compressed(COMPRESSED_KINDS[int(code)], tuple(tuple(s) for s in shapes),
-                          shared_indices=bool(shared), **arrays)
+        return Compressed.from_bytes(np.ascontiguousarray(frame).tobytes(), tuple(tuple(s) for s in shapes))
     except MalformedMessage as exc:
         raise TransportError(f"malformed compressed message from {msg.sender}: {exc}") from None
 
 
 def to_transport(message: ModelMessage, names: Sequence[str], policy: AdvertisedPolicy | None = None,
                  sequence: int | None = None) -> Message:
-    """A transport message with named tensors: the model's dense arrays, or a compressed payload's arrays.
+    """A transport message with named tensors: the model's dense arrays, or a compressed payload's frame.
 
-    ValueError if the arrays do not match ``names`` or the payload is not a ``Compressed``.
+    ValueError if the arrays do not match ``names``, the payload is not a ``Compressed``,
+    or it is a shared-index (CLT-k) message, which has no frame of its own.
     """
     tensors: dict[str, np.ndarray] = {}
     scalars: dict[str, float] = {}
@@ -177,10 +164,10 @@ def to_transport(message: ModelMessage, names: Sequence[str], policy: Advertised
     elif message.payload is not None:
         if not isinstance(message.payload, Compressed):
             raise ValueError(f"only Compressed payloads travel over gRPC, got {type(message.payload).__name__}")
-        tensors, scalars = compressed_to_tensors(message.payload)
-    clash = sorted(set(message.meta) & set(COMPRESSED_KEYS))
-    if clash:
-        raise ValueError(f"message meta may not use the reserved scalar(s) {', '.join(clash)}")
+        if message.payload.shared_indices:
+            raise ValueError("a shared-index (CLT-k) compressed message cannot travel over gRPC: it carries no "
+                             "indices of its own (only the leader's broadcast does), so it has no frame")
+        tensors = {COMPRESSED_FRAME: np.frombuffer(message.payload.to_bytes(), dtype=np.uint8)}
     scalars.update({k: float(v) for k, v in message.meta.items()})
     if policy is not None:
         scalars.update(policy.scalars())
@@ -198,10 +185,10 @@ def from_transport(msg: DecodedMessage, names: Sequence[str],
     """
     params = None
     payload = None
-    if msg.tensors and any(n in COMPRESSED_TENSORS for n in msg.tensors):
+    if COMPRESSED_FRAME in msg.tensors:
         if shapes is None:
             raise TransportError(f"compressed message from {msg.sender}, but no model shapes to rebuild it")
-        payload = compressed_from_tensors(msg, shapes)
+        payload = compressed_from_frame(msg, shapes)
     elif msg.tensors:
         missing = [n for n in names if n not in msg.tensors]
         if missing:
@@ -211,7 +198,7 @@ def from_transport(msg: DecodedMessage, names: Sequence[str],
             t = msg.tensors[n]
             arr = t.to_dense() if isinstance(t, SparseTensor) else np.array(t, copy=True)
             params.append(arr)
-    meta = {k: float(v) for k, v in msg.scalars.items() if k not in POLICY_KEYS + COMPRESSED_KEYS}
+    meta = {k: float(v) for k, v in msg.scalars.items() if k not in POLICY_KEYS}
     return ModelMessage(sender=msg.sender, round=int(msg.round), kind=msg.kind, params=params, payload=payload,
                         meta=meta)
 
@@ -221,7 +208,7 @@ class GrpcPeerNetwork:
 
     ``neighbors``: the topology neighbours this node may talk to. ``names`` and
     ``template``: parameter names and arrays of the node's model (the expected spec: the
-    dense model, or a compressed update bounded by the model's size).
+    dense model, or a compressed update's frame bounded by the model's size).
     ``policy``: what this node advertises; ``roster.policy`` is the minimum it requires.
     ``on_release(peer, seq, round, digest_hex, nbytes)`` is called before every model leaves.
     Call :meth:`attach` with the strategy before :meth:`start`.
@@ -413,6 +400,6 @@ class GrpcPeerNetwork:
         return None
 
 
-__all__ = ["AdvertisedPolicy", "COMPRESSED_TENSORS", "CONTROL_KINDS", "GrpcPeerNetwork", "INBOX_KINDS",
-           "REFUSED_KIND", "compressed_from_tensors", "compressed_spec_of", "compressed_to_tensors",
-           "expected_spec_of", "from_transport", "policy_problem", "to_transport"]
+__all__ = ["AdvertisedPolicy", "COMPRESSED_FRAME", "CONTROL_KINDS", "GrpcPeerNetwork", "INBOX_KINDS",
+           "REFUSED_KIND", "compressed_from_frame", "compressed_spec_of", "expected_spec_of", "from_transport",
+           "max_frame_bytes", "policy_problem", "to_transport"]

@@ -1,15 +1,18 @@
 """Compressed gossip messages over the real mTLS gRPC transport, and the node's compressor config.
 
 (a) sparse, quant8 and ternary ``Compressed`` updates sent through ``GrpcPeerNetwork``
-arrive bit-exactly, cost fewer bytes than the dense model, and the ledger hook sees the
-real tensor bytes; (b) malformed compressed messages are refused (logged) and the server
-keeps serving; (c) ``[strategy].params`` of a node config: a compressor validates, bad
-names and unknown keys are refused naming the field.
+travel as one ``Compressed.to_bytes()`` frame, arrive bit-exactly, cost fewer bytes than
+the dense model, and the ledger hook sees the real frame length; (b) malformed frames are
+refused (logged) and the server keeps serving, and frames off the transport spec (too
+long, wrong dtype or shape, foreign names) are refused before decoding; (c)
+``[strategy].params`` of a node config: a compressor validates, bad names and unknown
+keys are refused naming the field.
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +24,12 @@ from privfl.errors import ConfigError
 from privfl.launch import dump_toml, free_ports
 from privfl.node_config import load_node_config
 from privfl.peer_network import (
-    COMPRESSED_TENSORS,
+    COMPRESSED_FRAME,
+    FRAME_HEADER_BYTES,
     AdvertisedPolicy,
     GrpcPeerNetwork,
     compressed_spec_of,
+    max_frame_bytes,
     to_transport,
 )
 from privfl.pki import NodeIdentity, Policy, init_consortium, load_pki
@@ -35,6 +40,7 @@ from strategies.compression import AdaComp, Compressed, Quantize8, TopK, decompr
 NAMES = ["fc.weight", "fc.bias"]
 SHAPES = [(40, 50), (40,)]
 D = 40 * 50 + 40
+T = len(SHAPES)
 GOOD = AdvertisedPolicy(noise_multiplier=1.0, target_epsilon=3.0, delta=1e-5)
 
 
@@ -82,15 +88,22 @@ def pair(tmp_path: Path) -> Iterator[_Pair]:
         p.close()
 
 
-def _raw(tensors: dict[str, np.ndarray], kind_code: float, shared: float = 0.0) -> Message:
-    """A hand-made compressed message (bypassing to_transport's checks), as a hostile peer could send."""
-    return Message(kind="innovation", round=0, tensors=tensors,
-                   scalars={**GOOD.scalars(), "compressed_kind": kind_code, "compressed_shared": shared})
+def _frame(kind: int, indices: list[int] = (), values: list[float] = (), codes: list[int] = (),
+           scales: list[float] = (), version: int = 1, shared: int = 0,
+           counts: tuple[int, int, int, int] | None = None) -> bytes:
+    """A hand-framed message, written from the documented layout (not via to_bytes), as a hostile peer could."""
+    arrays = [np.array(indices, "<i4"), np.array(values, "<f4"), np.array(codes, "u1"), np.array(scales, "<f4")]
+    n = counts if counts is not None else tuple(len(a) for a in arrays)
+    return struct.pack("<BBBBIIII", version, kind, shared, 0, *n) + b"".join(a.tobytes() for a in arrays)
 
 
-def _sparse_tensors(indices: list[int], values: list[float]) -> dict[str, np.ndarray]:
-    return {"compressed.indices": np.array(indices, dtype="<i4"), "compressed.values": np.array(values, dtype="<f4"),
-            "compressed.codes": np.zeros(0, dtype="u1"), "compressed.scales": np.zeros(0, dtype="<f4")}
+def _raw(tensors: dict[str, np.ndarray]) -> Message:
+    """A hand-made compressed message (bypassing to_transport), as a hostile peer could send."""
+    return Message(kind="innovation", round=0, tensors=tensors, scalars=GOOD.scalars())
+
+
+def _framed(data: bytes) -> dict[str, np.ndarray]:
+    return {COMPRESSED_FRAME: np.frombuffer(data, dtype=np.uint8)}
 
 
 # ---- (a) bit-exact delivery, fewer bytes ---------------------------------------------------
@@ -110,14 +123,17 @@ def test_compressed_message_arrives_bit_exact_and_costs_fewer_bytes(pair: _Pair,
         np.testing.assert_array_equal(getattr(back, field), getattr(payload, field))
     for x, y in zip(decompress(back), decompress(payload)):
         assert x.tobytes() == y.tobytes()
-    assert msg.meta == {}  # the kind code and flags are not model metadata
+    assert back.to_bytes() == payload.to_bytes()
+    assert msg.meta == {}  # no reserved scalars leak into model metadata
     dense = 4 * D
     wire = b.counters.peer("a").bytes_received
     assert 0 < wire < dense, (wire, dense)
-    (peer, seq, rnd, digest, nbytes), = pair.released["a"]  # the ledger hook saw the real tensor bytes
+    # the ledger hook saw the real bytes: the frame, i.e. the payload plus its 20-byte header
+    (peer, seq, rnd, digest, nbytes), = pair.released["a"]
     tensors = to_transport(ModelMessage("a", 3, "innovation", payload=payload), NAMES).tensors
+    assert set(tensors) == {COMPRESSED_FRAME} and tensors[COMPRESSED_FRAME].dtype == np.uint8
     assert peer == "b" and rnd == 3 and seq > 0 and len(digest) == 64
-    assert nbytes == sum(t.nbytes for t in tensors.values()) >= payload.nbytes
+    assert nbytes == len(payload.to_bytes()) == payload.nbytes + FRAME_HEADER_BYTES
 
 
 @pytest.mark.timeout(60)
@@ -132,12 +148,22 @@ def test_dense_models_still_travel_as_before(pair: _Pair) -> None:
     assert pair.released["a"][0][4] == sum(p.nbytes for p in model)
 
 
-def test_compressed_spec_is_bounded_by_the_model_size() -> None:
+def test_compressed_spec_is_one_frame_bounded_by_the_model_size() -> None:
     spec = compressed_spec_of(_model(0))
-    assert set(spec) == set(COMPRESSED_TENSORS)
-    assert spec["compressed.indices"].shape == (D,) and spec["compressed.scales"].shape == (4,)
-    assert all(e.bounded and not e.allow_sparse for e in spec.values())
-    assert spec["compressed.codes"].dtype == "|u1" and spec["compressed.values"].dtype == "<f4"
+    assert set(spec) == {COMPRESSED_FRAME}
+    e = spec[COMPRESSED_FRAME]
+    assert e.bounded and not e.allow_sparse and e.dtype == "|u1"
+    assert e.shape == (max_frame_bytes(_model(0)),) == (20 + 8 * D + D + 8 * T,)
+    # the largest valid frame of every kind fits the bound
+    every = np.arange(D, dtype=np.int32)
+    largest = [Compressed("dense", SHAPES, values=np.zeros(D, np.float32)),
+               Compressed("sparse", SHAPES, indices=every, values=np.ones(D, np.float32)),
+               Compressed("quant8", SHAPES, codes=np.zeros(D, np.uint8), scales=np.zeros(2 * T, np.float32)),
+               Compressed("ternary", SHAPES, indices=every, codes=np.zeros((D + 7) // 8, np.uint8),
+                          scales=np.ones(T, np.float32))]
+    assert all(len(m.to_bytes()) <= e.shape[0] for m in largest)
+    assert _frame(1, [3, 5], [1.0, 2.0]) == Compressed("sparse", SHAPES, indices=np.array([3, 5], np.int32),
+                                                       values=np.array([1, 2], np.float32)).to_bytes()
 
 
 def test_to_transport_refuses_a_foreign_payload() -> None:
@@ -145,28 +171,44 @@ def test_to_transport_refuses_a_foreign_payload() -> None:
         to_transport(ModelMessage("a", 0, "innovation", payload=b"zip"), NAMES)
 
 
-# ---- (b) malformed compressed messages are refused, the server keeps serving ---------------
+def test_to_transport_refuses_a_shared_index_message() -> None:
+    shared = Compressed("sparse", SHAPES, indices=np.array([3], np.int32), values=np.array([1.0], np.float32),
+                        shared_indices=True)
+    with pytest.raises(ValueError, match="shared-index .* cannot travel over gRPC"):
+        to_transport(ModelMessage("a", 0, "innovation", payload=shared), NAMES)
+
+
+# ---- (b) malformed frames are refused, the server keeps serving ---------------------------
+_GOOD_FRAME = _frame(1, [3, 5], [1.0, 2.0])
 MALFORMED = {
-    "unsorted indices": (_sparse_tensors([5, 3], [1.0, 2.0]), 1.0, "strictly increasing"),
-    "index out of range": (_sparse_tensors([3, D], [1.0, 2.0]), 1.0, "strictly increasing"),
-    "values length mismatch": (_sparse_tensors([3, 5], [1.0]), 1.0, "lengths"),
-    "unknown kind code": (_sparse_tensors([3], [1.0]), 9.0, "unknown compressed_kind"),
-    "shared flag not 0/1": (_sparse_tensors([3], [1.0]), 1.0, "compressed_shared"),
-    "quant8 with too few codes": ({"compressed.indices": np.zeros(0, "<i4"), "compressed.values": np.zeros(0, "<f4"),
-                                   "compressed.codes": np.zeros(7, "u1"), "compressed.scales": np.zeros(4, "<f4")},
-                                  2.0, "lengths"),
+    "truncated header": (_GOOD_FRAME[:10], "shorter than the 20-byte header"),
+    "truncated body": (_GOOD_FRAME[:-1], "the header announces"),
+    "trailing bytes": (_GOOD_FRAME + b"\0", "the header announces"),
+    "header lies about lengths": (_frame(1, [3, 5], [1.0, 2.0], counts=(3, 3, 0, 0)), "the header announces"),
+    "empty frame": (b"", "shorter than the 20-byte header"),
+    "bad version": (_frame(1, [3], [1.0], version=2), "unknown version"),
+    "shared flag set": (_frame(1, [3], [1.0], shared=1), "unknown version/flags"),
+    "bad kind code": (_frame(9, [3], [1.0]), "unknown kind code"),
+    "lengths exceed the model": (_frame(1, counts=(D + 1, D + 1, 0, 0)), "exceed a model"),
+    "unsorted indices": (_frame(1, [5, 3], [1.0, 2.0]), "strictly increasing"),
+    "repeated index": (_frame(1, [3, 3], [1.0, 2.0]), "strictly increasing"),
+    "index out of range": (_frame(1, [3, D], [1.0, 2.0]), "strictly increasing"),
+    "negative index": (_frame(1, [-1, 3], [1.0, 2.0]), "strictly increasing"),
+    "NaN value": (_frame(1, [3, 5], [1.0, float("nan")]), "non-finite"),
+    "infinite scale": (_frame(2, codes=[0] * D, scales=[0.0, 1.0, float("inf"), 1.0]), "non-finite"),
+    "values length mismatch": (_frame(1, [3, 5], [1.0]), "lengths"),
+    "quant8 with too few codes": (_frame(2, codes=[0] * 7, scales=[0.0] * 4), "lengths"),
+    "dense of the wrong size": (_frame(0, values=[1.0] * (D - 1)), "lengths"),
 }
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("case", sorted(MALFORMED))
-def test_malformed_compressed_message_is_refused_and_logged(pair: _Pair, case: str,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
-    tensors, code, reason = MALFORMED[case]
-    shared = 0.5 if case == "shared flag not 0/1" else 0.0
+def test_malformed_frame_is_refused_and_logged(pair: _Pair, case: str, caplog: pytest.LogCaptureFixture) -> None:
+    data, reason = MALFORMED[case]
     a, b = pair.nets["a"], pair.nets["b"]
     with caplog.at_level(logging.WARNING, logger="privfl.node"):
-        a.client.send("b", _raw(tensors, code, shared), timeout=5.0)
+        a.client.send("b", _raw(_framed(data)), timeout=5.0)
     assert b.receive(0, ["a"], timeout=0.2) == {}
     assert any("node b: refused innovation from a" in r.getMessage() and reason in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
@@ -174,26 +216,24 @@ def test_malformed_compressed_message_is_refused_and_logged(pair: _Pair, case: s
 
 
 TRANSPORT_REFUSED = {
-    "NaN value": (_sparse_tensors([3, 5], [1.0, float("nan")]), "non-finite"),
-    "longer than the model": (_sparse_tensors(list(range(D + 1)), [1.0] * (D + 1)), "exceeds the bound"),
-    "wrong dtype": ({**_sparse_tensors([3], [1.0]), "compressed.indices": np.array([3], dtype="<i8")},
-                    "dtype"),
-    "unknown tensor name": ({**_sparse_tensors([3], [1.0]), "compressed.extra": np.zeros(1, "<f4")},
+    "oversize frame beyond the bound": (_framed(bytes(max_frame_bytes(_model(0)) + 1)), "exceeds the bound"),
+    "wrong dtype": ({COMPRESSED_FRAME: np.frombuffer(_GOOD_FRAME, dtype="<i4")}, "dtype"),
+    "2-D frame": ({COMPRESSED_FRAME: np.frombuffer(_GOOD_FRAME, dtype=np.uint8).reshape(2, -1)}, "shape"),
+    "unknown tensor name": ({**_framed(_GOOD_FRAME), "compressed.extra": np.zeros(1, "u1")},
                             "unexpected tensor name"),
-    "missing tensor": ({k: v for k, v in _sparse_tensors([3], [1.0]).items() if k != "compressed.codes"},
-                       "missing tensors"),
-    "2-D values": ({**_sparse_tensors([3], [1.0]), "compressed.values": np.ones((1, 1), "<f4")}, "shape"),
-    "mixed with dense names": ({**_sparse_tensors([3], [1.0]), "fc.bias": np.zeros(40, "<f4")},
+    "old four-tensor layout": ({"compressed.indices": np.array([3], "<i4"), "compressed.values": np.ones(1, "<f4")},
+                               "unexpected tensor name"),
+    "mixed with dense names": ({**_framed(_GOOD_FRAME), "fc.bias": np.zeros(40, "<f4")},
                                "unexpected tensor name"),
 }
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("case", sorted(TRANSPORT_REFUSED))
-def test_compressed_message_off_spec_is_refused_by_the_transport(pair: _Pair, case: str) -> None:
+def test_frame_off_spec_is_refused_by_the_transport(pair: _Pair, case: str) -> None:
     tensors, reason = TRANSPORT_REFUSED[case]
     with pytest.raises((PeerRefused, TransportError), match=reason):
-        pair.nets["a"].client.send("b", _raw(tensors, 1.0), timeout=5.0)
+        pair.nets["a"].client.send("b", _raw(tensors), timeout=5.0)
     assert pair.nets["b"].receive(0, ["a"], timeout=0.2) == {}
     _still_serves(pair)
 

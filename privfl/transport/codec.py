@@ -76,7 +76,7 @@ class TensorExpectation:
 
     ``bounded``: ``shape`` is the largest size of each dimension rather than the exact
     shape (same number of dimensions), for tensors whose length varies per message
-    (the arrays of a compressed update).
+    (the byte frame of a compressed update).
     """
 
     shape: tuple[int, ...]
@@ -99,7 +99,7 @@ class SpecChoice:
     """Alternative layouts: a message's tensors must match exactly one of them.
 
     Why: a node accepts either its dense model (its parameter names) or a compressed
-    update (a few fixed 1-D names); the layout is chosen by the first tensor's name, and
+    update (one bounded 1-D byte frame); the layout is chosen by the first tensor's name, and
     then every name, shape and dtype is checked against that layout alone.
     """
 

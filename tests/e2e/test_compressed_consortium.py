@@ -2,7 +2,7 @@
 
 Short (a few rounds): the point is that compressed messages really travel between node
 processes — every node finishes its steps, its ledger verifies with the recomputed ε,
-and every released message the ledger records is the quantised size, not the dense one.
+and every released message the ledger records is the quantised frame's size, not the dense one.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hospitals-gossip" 
 STEPS = 12
 NODES = ["st-mary", "general", "childrens"]
 # logreg on breast_cancer: weight (2, 30) + bias (2) = 62 float32 = 248 bytes dense;
-# quant8 carries 62 one-byte codes and (low, step) per tensor = 62 + 16 bytes
-DENSE_BYTES, QUANT8_BYTES = 248, 62 + 16
+# quant8 carries 62 one-byte codes and (low, step) per tensor = 62 + 16 = 78 payload bytes,
+# and travels as one Compressed.to_bytes() frame: a 20-byte header (version, kind, shared
+# flag, pad, four u32 array lengths) + those 78 bytes = 98, the bytes the ledger records
+DENSE_BYTES, QUANT8_BYTES = 248, 20 + 62 + 16
 
 
 def _config(tmp_path: Path) -> Path:
