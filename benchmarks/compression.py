@@ -1,15 +1,18 @@
-"""Compressed gossip on the digits heterogeneous setting: bytes to reach dense accuracy, gap at equal ε.
+"""Compressed gossip and FedAvg on the digits heterogeneous setting: bytes to reach dense accuracy at equal ε.
 
 Runs every ``[[compare.runs]]`` entry of ``examples/digits-compressed/compare.toml``
-(16 sites, CNN, Dirichlet α = 0.5, one 4× straggler, sync_gossip on a 4-regular graph;
-every run the same DP-SGD settings, so the same ε) in the simulator, which counts the real
-wire bytes (``Compressed.nbytes`` + the link header per message). For each run it reports:
+(16 sites, CNN, Dirichlet α = 0.5, one 4× straggler; every run the same DP-SGD settings,
+so the same ε) in the simulator, which counts the real wire bytes (``Compressed.nbytes``
+or the framed change, + the link header per message). Each run is measured against the
+dense run of its own strategy: the run labelled ``dense`` (sync_gossip) or
+``<strategy>-dense`` (e.g. ``fedavg-dense``). For each run it reports:
 
-* ``bytes_to_dense_final``: total bytes all sites had sent at the first evaluation where
-  the mean accuracy reached the dense run's final mean accuracy (null if never), and
-  ``bytes_to_within_1pp`` for 1 percentage point below it;
-* ``reduction_*``: the dense run's bytes for the same target divided by the run's;
-* ``accuracy_gap_pp``: dense final mean accuracy minus the run's, in percentage points;
+* ``reference``: that dense run's label;
+* ``bytes_to_dense_final``: total bytes all sites (and the server) had sent at the first
+  evaluation where the mean accuracy reached the reference's final mean accuracy (null
+  if never), and ``bytes_to_within_1pp`` for 1 percentage point below it;
+* ``reduction_*``: the reference's bytes for the same target divided by the run's;
+* ``accuracy_gap_pp``: reference final mean accuracy minus the run's, in percentage points;
 * ``bytes_per_message`` and ``epsilon_max`` (equal across runs by construction).
 
 ``--quick`` shortens every run (``--rounds``, default 40) for a smoke check; ``--jobs``
@@ -76,6 +79,7 @@ def _one(args: tuple[str, str, int | None]) -> dict[str, Any]:
     total = float(sum(s["bytes_sent"].values()))
     return {
         "label": label,
+        "strategy": spec.strategy,
         "mechanism": spec.dp.mechanism,
         "params": spec.strategy_params,
         "rounds": s["rounds"],
@@ -90,23 +94,28 @@ def _one(args: tuple[str, str, int | None]) -> dict[str, Any]:
     }
 
 
+def _is_reference(label: str) -> bool:
+    return label == "dense" or label.endswith("-dense")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(EXAMPLE))
     ap.add_argument("--quick", action="store_true", help="short runs (--rounds) for a smoke check")
     ap.add_argument("--rounds", type=int, default=40, help="rounds per run with --quick")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--only", nargs="*", help="labels to run (dense is always run)")
+    ap.add_argument("--only", nargs="*", help="labels to run (the dense references are always run)")
     a = ap.parse_args()
 
     from privfl.experiment import load_experiment
 
     exp = load_experiment(a.config)
     labels = exp.strategies
-    if "dense" not in labels:
-        raise SystemExit(f"{a.config}: needs a run labelled 'dense' (the reference)")
+    refs = [x for x in labels if _is_reference(x)]
+    if not refs:
+        raise SystemExit(f"{a.config}: needs a run labelled 'dense' or '<strategy>-dense' (the reference)")
     if a.only:
-        labels = ["dense", *[x for x in labels if x in a.only and x != "dense"]]
+        labels = [*refs, *[x for x in labels if x in a.only and x not in refs]]
     rounds = a.rounds if a.quick else None
     t0 = time.perf_counter()
     jobs = [(a.config, lab, rounds) for lab in labels]
@@ -115,18 +124,22 @@ def main() -> None:
             results = list(pool.map(_one, jobs))
     else:
         results = [_one(j) for j in jobs]
-    by = {r["label"]: r for r in results}
-    dense = by["dense"]
-    target = dense["final_accuracy_mean"]
-    d_full, _ = _bytes_to(dense["curve"], target)
-    d_1pp, _ = _bytes_to(dense["curve"], target - 0.01)
+    reference = {r["strategy"]: r for r in results if _is_reference(r["label"])}
     runs = []
     for r in results:
+        dense = reference.get(r["strategy"])
+        if dense is None:
+            raise SystemExit(f"{a.config}: run {r['label']!r} ({r['strategy']}) has no '{r['strategy']}-dense' "
+                             "reference run")
+        target = dense["final_accuracy_mean"]
+        d_full, _ = _bytes_to(dense["curve"], target)
+        d_1pp, _ = _bytes_to(dense["curve"], target - 0.01)
         b_full, r_full = _bytes_to(r["curve"], target)
         b_1pp, r_1pp = _bytes_to(r["curve"], target - 0.01)
         n_msgs = r["messages"]
         runs.append({
             **{k: v for k, v in r.items() if k != "curve"},
+            "reference": dense["label"],
             "bytes_per_message": (r["bytes_total"] / n_msgs) if n_msgs else None,
             "wire_reduction_per_message": (dense["bytes_total"] / r["bytes_total"]) if r["bytes_total"] else None,
             "accuracy_gap_pp": round(100 * (target - r["final_accuracy_mean"]), 2),
@@ -143,7 +156,7 @@ def main() -> None:
         "config": str(Path(a.config).resolve().relative_to(ROOT)) if str(a.config).startswith(str(ROOT)) else a.config,
         "quick": a.quick,
         "rounds": rounds or exp.common.stop.max_steps,
-        "dense_final_accuracy": target,
+        "reference_final_accuracy": {s: r["final_accuracy_mean"] for s, r in reference.items()},
         "epsilon_equal": len({round(r["epsilon_max"], 9) for r in results}) == 1,
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "cpu_count": os.cpu_count(),

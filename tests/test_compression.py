@@ -29,6 +29,7 @@ from strategies.compression import (
     decompress,
     released,
 )
+from strategies.compression.message import pack_codes, unpack_codes
 from strategies.topology import Topology
 
 pytestmark = pytest.mark.timeout(120)
@@ -227,14 +228,19 @@ def test_unbiased_randomk_is_unbiased() -> None:
 
 
 @SETTINGS
-@given(st.lists(arrays(np.float32, st.integers(1, 40), elements=finite32), min_size=1, max_size=3))
-def test_quantize8_error_bound(tensors: list[np.ndarray]) -> None:
-    msg = Quantize8().compress(released(tensors))
-    assert msg.codes.dtype == np.uint8 and msg.nbytes == sum(t.size for t in tensors) + 8 * len(tensors)
+@given(st.lists(arrays(np.float32, st.integers(1, 40), elements=finite32), min_size=1, max_size=3),
+       st.sampled_from([8, 4, 2, 1]))
+def test_quantize_error_bound(tensors: list[np.ndarray], bits: int) -> None:
+    msg = Quantize8(bits=bits).compress(released(tensors))
+    d = sum(t.size for t in tensors)
+    assert msg.kind == f"quant{bits}"
+    assert msg.codes.dtype == np.uint8 and msg.nbytes == (d * bits + 7) // 8 + 8 * len(tensors)
+    back = Compressed.from_bytes(msg.to_bytes(), [t.shape for t in tensors])  # packed codes survive framing
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(decompress(msg), decompress(back)))
     dec = decompress(msg)
     for t, (x, q) in enumerate(zip(tensors, dec)):
         x64 = x.astype(np.float64)
-        step = (x64.max() - x64.min()) / 255
+        step = (x64.max() - x64.min()) / (2**bits - 1)
         assert float(msg.scales[2 * t + 1]) <= step * (1 + 1e-6) + 1e-30
         # nearest rounding: half a step, plus float32 output rounding
         assert np.all(np.abs(q.astype(np.float64) - x64) <= step / 2 * (1 + 1e-5) + 1e-6 * np.abs(x64) + 1e-30)
@@ -404,6 +410,27 @@ def test_choco_with_8bit_quantisation_converges() -> None:
     xs, mean, dev0, _ = run_choco(lambda: Quantize8(), gamma=0.5, rounds=150)
     dev = max(np.abs(x.flat() - mean).max() for x in xs)
     assert dev < 1e-4 * dev0
+
+
+def test_choco_with_4bit_stochastic_quantisation_converges() -> None:
+    xs, mean, dev0, _ = run_choco(lambda: Quantize8(bits=4, stochastic=True), gamma=0.5, rounds=200)
+    dev = max(np.abs(x.flat() - mean).max() for x in xs)
+    assert dev < 1e-3 * dev0
+
+
+@SETTINGS
+@given(st.sampled_from([4, 2, 1]), st.integers(0, 50), st.integers(0, 2**31 - 1))
+def test_code_packing_round_trips(bits: int, n: int, seed: int) -> None:
+    codes = np.random.default_rng(seed).integers(0, 2**bits, n).astype(np.uint8)
+    packed = pack_codes(codes, bits)
+    assert len(packed) == (n * bits + 7) // 8
+    np.testing.assert_array_equal(unpack_codes(packed, bits, n), codes)
+
+
+def test_quantize_refuses_other_bit_widths() -> None:
+    for bad in (3, 16, 0, True):
+        with pytest.raises(CompressionError, match="bits"):
+            Quantize8(bits=bad)
 
 
 def test_innovation_gossip_guards() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from privfl.errors import ConfigError
-from strategies.compression.message import Compressed, MalformedMessage, _offsets, decode_flat
+from strategies.compression.message import Compressed, MalformedMessage, _offsets, decode_flat, pack_codes
 from strategies.compression.release import Released
 
 __all__ = [
@@ -279,16 +279,21 @@ class RandomK(_Sparsifier):
 
 
 class Quantize8(Compressor):
-    """8-bit uniform quantisation per tensor between its min and max.
+    """Uniform quantisation per tensor between its min and max, 8 bits per element by default.
 
-    Deterministic rounding errs by at most step/2 per element, step = (max − min)/255;
-    ``stochastic=True`` rounds up with probability equal to the fractional part, which
-    is unbiased with error below one step.
+    ``bits`` may be 8, 4, 2 or 1 (codes packed into bytes). Deterministic rounding errs by
+    at most step/2 per element, step = (max − min)/(2**bits − 1); ``stochastic=True``
+    rounds up with probability equal to the fractional part, which is unbiased with
+    error below one step.
     """
 
     name = "quantize8"
 
-    def __init__(self, stochastic: bool = False, seed: int = 0, error_feedback: bool = False) -> None:
+    def __init__(self, stochastic: bool = False, seed: int = 0, error_feedback: bool = False,
+                 bits: int = 8) -> None:
+        if isinstance(bits, bool) or bits not in (8, 4, 2, 1):
+            raise CompressionError(f"quantize8: bits must be 8, 4, 2 or 1, got {bits!r}")
+        self._bits = int(bits)
         if not isinstance(stochastic, bool):
             raise CompressionError(f"quantize8: stochastic must be true or false, got {stochastic!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -301,6 +306,7 @@ class Quantize8(Compressor):
         offsets = _offsets(shapes)
         codes = np.zeros(len(p), dtype=np.uint8)
         scales = np.zeros(2 * len(shapes), dtype=np.float32)
+        top = float((1 << self._bits) - 1)
         for t in range(len(shapes)):
             seg = p[offsets[t] : offsets[t + 1]]
             if seg.size == 0:
@@ -309,8 +315,8 @@ class Quantize8(Compressor):
             if np.float64(lo32) > seg.min():  # round the low end down so codes stay ≥ 0
                 lo32 = np.nextafter(lo32, np.float32(-np.inf))
             lo = np.float64(lo32)
-            step32 = np.float32((seg.max() - lo) / 255.0)
-            if np.float64(lo) + 255.0 * np.float64(step32) < seg.max():
+            step32 = np.float32((seg.max() - lo) / top)
+            if np.float64(lo) + top * np.float64(step32) < seg.max():
                 step32 = np.nextafter(step32, np.float32(np.inf))
             step = np.float64(step32)
             if step > 0:
@@ -320,13 +326,13 @@ class Quantize8(Compressor):
                     q = base + (self._rng.random(seg.size) < (t_ - base))
                 else:
                     q = np.rint(t_)
-                codes[offsets[t] : offsets[t + 1]] = np.clip(q, 0, 255).astype(np.uint8)
+                codes[offsets[t] : offsets[t + 1]] = np.clip(q, 0, top).astype(np.uint8)
             scales[2 * t], scales[2 * t + 1] = lo32, step32
-        return Compressed("quant8", shapes, codes=codes, scales=scales)
+        return Compressed(f"quant{self._bits}", shapes, codes=pack_codes(codes, self._bits), scales=scales)
 
     def describe(self) -> str:
         mode = "stochastic" if self._stochastic else "nearest"
-        return f"{self.name}({mode}, error_feedback={'on' if self._error_feedback else 'off'})"
+        return f"{self.name}(bits={self._bits}, {mode}, error_feedback={'on' if self._error_feedback else 'off'})"
 
 
 class AdaComp(Compressor):
@@ -447,6 +453,7 @@ _ALIASES = {
     "random_k": "randomk",
     "randk": "randomk",
     "q8": "quantize8",
+    "quantize": "quantize8",
     "int8": "quantize8",
     "clt_k": "cltk",
     "scalecom": "cltk",

@@ -9,6 +9,8 @@ dense      values f32[d]                    4d
 sparse     indices i32[k], values f32[k]    8k (4k when ``shared_indices``: the index set
                                             travels once, in the CLT-k leader's broadcast)
 quant8     codes u8[d], scales f32[2T]      d + 8T   (per tensor: low, step)
+quantB     codes u8[⌈dB/8⌉], scales f32[2T] ⌈dB/8⌉ + 8T (B = 4, 2 or 1 bits per code, packed
+                                            little-end first within each byte)
 ternary    indices i32[k], codes u8[⌈k/8⌉]  4k + ⌈k/8⌉ + 4T (sign bits packed; one scale
            scales f32[T]                    per tensor)
 =========  ===============================  ===============================================
@@ -40,8 +42,9 @@ _FRAME = np.dtype([("version", "u1"), ("kind", "u1"), ("shared", "u1"), ("pad", 
                    ("n_indices", "<u4"), ("n_values", "<u4"), ("n_codes", "<u4"), ("n_scales", "<u4")])
 _FIELDS = (("indices", "<i4"), ("values", "<f4"), ("codes", "u1"), ("scales", "<f4"))
 
-Kind = Literal["dense", "sparse", "quant8", "ternary"]
-KINDS: tuple[str, ...] = ("dense", "sparse", "quant8", "ternary")
+Kind = Literal["dense", "sparse", "quant8", "ternary", "quant4", "quant2", "quant1"]
+KINDS: tuple[str, ...] = ("dense", "sparse", "quant8", "ternary", "quant4", "quant2", "quant1")
+QUANT_BITS: dict[str, int] = {"quant8": 8, "quant4": 4, "quant2": 2, "quant1": 1}
 _MAX_ELEMENTS = 2**31 - 1  # int32 indices
 
 _EMPTY_I32 = np.zeros(0, dtype=np.int32)
@@ -98,8 +101,8 @@ class Compressed:
         expect: dict[str, tuple[int, int, int, int]] = {
             "dense": (0, d, 0, 0),
             "sparse": (n_idx, n_idx, 0, 0),
-            "quant8": (0, 0, d, 2 * t),
             "ternary": (n_idx, 0, (n_idx + 7) // 8, t),
+            **{k: (0, 0, (d * b + 7) // 8, 2 * t) for k, b in QUANT_BITS.items()},
         }
         want = expect[self.kind]
         got = (n_idx, n_val, n_code, n_scale)
@@ -117,7 +120,7 @@ class Compressed:
         for name in ("values", "scales"):
             if not np.isfinite(getattr(self, name)).all():
                 raise MalformedMessage(f"{name}: non-finite value in message")
-        if self.kind == "quant8" and t and (self.scales[1::2] < 0).any():
+        if self.kind in QUANT_BITS and t and (self.scales[1::2] < 0).any():
             raise MalformedMessage("scales: quantisation step must be ≥ 0")
 
     @property
@@ -192,6 +195,26 @@ def _offsets(shapes: Sequence[tuple[int, ...]]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
 
 
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack codes < 2**bits (bits dividing 8) into bytes, the first code in the low bits."""
+    if bits == 8:
+        return codes.astype(np.uint8)
+    per = 8 // bits
+    padded = np.zeros(-(-len(codes) // per) * per, dtype=np.uint8)
+    padded[: len(codes)] = codes
+    shifts = (bits * np.arange(per)).astype(np.uint8)
+    return np.bitwise_or.reduce(padded.reshape(-1, per) << shifts, axis=1).astype(np.uint8)
+
+
+def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """The first ``count`` codes of :func:`pack_codes` output."""
+    if bits == 8:
+        return packed[:count]
+    per = 8 // bits
+    shifts = (bits * np.arange(per)).astype(np.uint8)
+    return ((packed[:, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(-1)[:count]
+
+
 def decode_flat(msg: Compressed) -> np.ndarray:
     """The message as one dense float64 vector of length d."""
     if not isinstance(msg, Compressed):
@@ -202,9 +225,9 @@ def decode_flat(msg: Compressed) -> np.ndarray:
     out = np.zeros(d, dtype=np.float64)
     if msg.kind == "sparse":
         out[msg.indices] = msg.values.astype(np.float64)
-    elif msg.kind == "quant8":
+    elif msg.kind in QUANT_BITS:
         offsets = _offsets(msg.shapes)
-        codes = msg.codes.astype(np.float64)
+        codes = unpack_codes(msg.codes, QUANT_BITS[msg.kind], d).astype(np.float64)
         for t in range(len(msg.shapes)):
             lo, step = np.float64(msg.scales[2 * t]), np.float64(msg.scales[2 * t + 1])
             sl = slice(offsets[t], offsets[t + 1])
