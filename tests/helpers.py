@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
+
 from clients import DPClient, DPConfig
 from privfl.models import build_model
 
@@ -14,3 +17,13 @@ def dp_clients(sites, target_eps=(50.0, 50.0, 50.0)) -> dict[str, DPClient]:
         model = build_model("logreg", s.train.x.shape[1:], 2, seed=0)
         out[f"h{i}"] = DPClient(model, (s.train.x, s.train.y), (s.test.x, s.test.y), cfg, seed=i)
     return out
+
+
+def patched_copy(src: Path, dest: Path, replacements: Iterable[tuple[str, str]]) -> Path:
+    """Write ``src`` to ``dest`` with each (old, new) replaced; every ``old`` must occur (so edits can't go stale)."""
+    text = src.read_text()
+    for old, new in replacements:
+        assert old in text, old
+        text = text.replace(old, new)
+    dest.write_text(text)
+    return dest

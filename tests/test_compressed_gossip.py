@@ -236,13 +236,22 @@ def test_the_digits_compare_example_resolves_every_run() -> None:
     exp = load_experiment(EXAMPLE)
     labels = exp.strategies
     assert len(labels) >= 6 and "dense" in labels
-    mechs, comps = set(), set()
+    from strategies.federated import FedAvgConfig
+
+    mechs, comps, uploads = set(), set(), set()
     for run in exp.runs:
         s = spec_for(exp, run)
         s.validate()
         mechs.add(s.dp.mechanism)
-        c = sync_compression_params(s.strategy_params)
-        comps.add(c[0] if c else "none")
+        if s.strategy == "fedavg":
+            cfg = FedAvgConfig(**s.strategy_params)
+            cfg.validate()
+            uploads.add((cfg.upload, cfg.compressor))
+        else:
+            assert s.strategy == "sync_gossip"
+            c = sync_compression_params(s.strategy_params)
+            comps.add(c[0] if c else "none")
         assert s.dp.noise_multiplier == spec_for(exp, "dense").dp.noise_multiplier  # equal ε by construction
     assert mechs == {"gaussian", "topagg"}
     assert {"none", "topk", "randomk", "quantize8", "adacomp"} <= comps
+    assert {("model", "exact"), ("update", "exact"), ("update", "quantize8"), ("update", "topk")} <= uploads

@@ -460,12 +460,17 @@ _ALIASES = {
 }
 
 
+def canonical_name(name: str) -> str:
+    """The registry key a compressor name or alias stands for (may not be registered)."""
+    key = name.strip().lower().replace("-", "_")
+    return _ALIASES.get(key, key)
+
+
 def compressor_from_config(name: str, **params: Any) -> Compressor:
     """Build a compressor by name (none, exact, topk, randomk, quantize8, adacomp, cltk)."""
     if not isinstance(name, str):
         raise CompressionError(f"compression: name must be a string, got {name!r}")
-    key = name.strip().lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
+    key = canonical_name(name)
     if key not in COMPRESSORS:
         raise CompressionError(f"compression: unknown compressor {name!r}; choose one of: {', '.join(COMPRESSORS)}")
     cls = COMPRESSORS[key]

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from privfl.errors import ConfigError
-from strategies.compression.compressors import _ALIASES, COMPRESSORS, Compressor, compressor_from_config
+from strategies.compression.compressors import COMPRESSORS, Compressor, canonical_name, compressor_from_config
 
 __all__ = ["SYNC_GOSSIP_KEYS", "build_compressor", "check_strategy_keys", "sync_compression_params"]
 
@@ -59,8 +59,7 @@ def sync_compression_params(params: Mapping[str, Any], where: str = "strategy.pa
         return None
     if not isinstance(comp, str):
         raise ConfigError(f"{where}.compressor: must be a compressor name, got {comp!r}")
-    key = comp.strip().lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
+    key = canonical_name(comp)
     if key not in COMPRESSORS:
         raise ConfigError(f"{where}.compressor: unknown compressor {comp!r}; choose one of {', '.join(COMPRESSORS)}")
     takes = {p for p in inspect.signature(COMPRESSORS[key].__init__).parameters if p != "self"}

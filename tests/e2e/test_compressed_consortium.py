@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from privfl.launch import launch_consortium
+from tests.helpers import patched_copy
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hospitals-gossip" / "consortium.toml"
 STEPS = 12
@@ -25,19 +26,15 @@ DENSE_BYTES, QUANT8_BYTES = 248, 20 + 62 + 16
 
 
 def _config(tmp_path: Path) -> Path:
-    text = EXAMPLE.read_text()
-    for old, new in [('nodes = ["st-mary", "general", "childrens", "university"]', f"nodes = {json.dumps(NODES)}"),
-                     ("timeout = 300.0", "timeout = 90.0"),
-                     ("planned_steps = 150", f"planned_steps = {STEPS}"),
-                     ("max_steps = 150 ", f"max_steps = {STEPS} "),
-                     ('name = "async_gossip"\nlocal_steps = 5',
-                      'name = "sync_gossip"\nlocal_steps = 2\nparams = { compressor = "quantize8", gamma = 0.5 }'),
-                     ('runs_dir = "runs"', f'runs_dir = "{tmp_path / "runs"}"')]:
-        assert old in text, old
-        text = text.replace(old, new)
-    p = tmp_path / "consortium.toml"
-    p.write_text(text)
-    return p
+    return patched_copy(EXAMPLE, tmp_path / "consortium.toml", [
+        ('nodes = ["st-mary", "general", "childrens", "university"]', f"nodes = {json.dumps(NODES)}"),
+        ("timeout = 300.0", "timeout = 90.0"),
+        ("planned_steps = 150", f"planned_steps = {STEPS}"),
+        ("max_steps = 150 ", f"max_steps = {STEPS} "),
+        ('name = "async_gossip"\nlocal_steps = 5',
+         'name = "sync_gossip"\nlocal_steps = 2\nparams = { compressor = "quantize8", gamma = 0.5 }'),
+        ('runs_dir = "runs"', f'runs_dir = "{tmp_path / "runs"}"'),
+    ])
 
 
 def _message_sizes(ledger: Path) -> list[int]:

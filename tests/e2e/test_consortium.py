@@ -16,19 +16,17 @@ import torch
 from privfl.data import load_dataset, split_sites
 from privfl.launch import launch_consortium, load_model
 from privfl.models import build_model
+from tests.helpers import patched_copy
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hospitals-gossip" / "consortium.toml"
 
 
 def _config(tmp_path: Path) -> Path:
-    text = EXAMPLE.read_text()
-    text = text.replace("distinct_init = false", "distinct_init = true")
-    text = text.replace("timeout = 300.0", "timeout = 150.0")
-    text = text.replace('runs_dir = "runs"', f'runs_dir = "{tmp_path / "runs"}"')
-    assert "distinct_init = true" in text
-    p = tmp_path / "consortium.toml"
-    p.write_text(text)
-    return p
+    return patched_copy(EXAMPLE, tmp_path / "consortium.toml", [
+        ("distinct_init = false", "distinct_init = true"),
+        ("timeout = 300.0", "timeout = 150.0"),
+        ('runs_dir = "runs"', f'runs_dir = "{tmp_path / "runs"}"'),
+    ])
 
 
 def _pooled_accuracy(model_path: Path) -> tuple[float, float]:

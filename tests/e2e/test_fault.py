@@ -19,6 +19,7 @@ import pytest
 
 from accounting.audit import audit_ledger
 from privfl.launch import NodeProcesses, collect, last_metrics, prepare_run
+from tests.helpers import patched_copy
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hospitals-gossip" / "consortium.toml"
 VICTIM = "childrens"
@@ -26,16 +27,12 @@ STEPS = 400
 
 
 def _config(tmp_path: Path) -> Path:
-    text = EXAMPLE.read_text()
-    for old, new in [("planned_steps = 150", f"planned_steps = {STEPS}"),
-                     ("max_steps = 150 ", f"max_steps = {STEPS} "),
-                     ("checkpoint_every = 5.0", "checkpoint_every = 0.5\nwait_for_peers = 60.0"),
-                     ('runs_dir = "runs"', f'runs_dir = "{tmp_path / "runs"}"')]:
-        assert old in text, old
-        text = text.replace(old, new)
-    p = tmp_path / "consortium.toml"
-    p.write_text(text)
-    return p
+    return patched_copy(EXAMPLE, tmp_path / "consortium.toml", [
+        ("planned_steps = 150", f"planned_steps = {STEPS}"),
+        ("max_steps = 150 ", f"max_steps = {STEPS} "),
+        ("checkpoint_every = 5.0", "checkpoint_every = 0.5\nwait_for_peers = 60.0"),
+        ('runs_dir = "runs"', f'runs_dir = "{tmp_path / "runs"}"'),
+    ])
 
 
 @pytest.mark.slow
