@@ -14,9 +14,9 @@ compressed ``sync_gossip`` as kind ``innovation``) travels as ONE 1-D ``|u1`` te
 ``compressed.frame``, holding ``Compressed.to_bytes()`` — the same framing FedAvg's
 update transfer uses, so there is one byte encoding of a compressed message. Its length
 varies per message, so the transport accepts it only up to the largest valid frame for
-the model (:func:`max_frame_bytes`) before any body byte is read; the receiver rebuilds
-it with ``Compressed.from_bytes(frame, own_shapes)``, which checks the framing against
-the receiver's own model and then validates lengths, index order and range and
+the model (``max_frame_bytes``) before any body byte is read; the receiver rebuilds it
+with ``Compressed.from_bytes(frame, own_shapes)``, which checks the framing against the
+receiver's own model and then validates lengths, index order and range and
 finiteness. A frame that fails is refused and logged like any other bad message.
 
 Every model a node releases is reported to ``on_release`` *before* it leaves (the
@@ -56,6 +56,7 @@ from privfl.transport import (
 )
 from strategies.base import ModelMessage, NodeStrategy
 from strategies.compression import Compressed, MalformedMessage
+from strategies.compression.message import max_frame_bytes
 
 log = logging.getLogger("privfl.node")
 
@@ -65,7 +66,6 @@ POLICY_KEYS = ("policy_sigma", "policy_epsilon", "policy_delta")
 INBOX_KINDS = ("model", "innovation")  # one-way model messages of synchronous gossip
 # a Compressed payload on the wire: one 1-D uint8 tensor holding Compressed.to_bytes()
 COMPRESSED_FRAME = "compressed.frame"
-FRAME_HEADER_BYTES = 20  # Compressed.to_bytes(): version, kind, shared, pad, four u32 array lengths
 
 ReleaseHook = Callable[[str, int, int, str, int], None]  # peer, seq, round, digest hex, bytes
 
@@ -110,20 +110,9 @@ def expected_spec_of(names: Sequence[str], params: Sequence[np.ndarray]) -> dict
             for n, p in zip(names, params)}
 
 
-def max_frame_bytes(params: Sequence[np.ndarray]) -> int:
-    """An upper bound on a valid ``Compressed.to_bytes()`` frame for a model of ``params``.
-
-    The header plus every array at its largest: d int32 indices, d float32 values, d
-    uint8 codes and 2·T float32 scales (no kind reaches all of them at once; the largest
-    real frame is sparse with k = d, 20 + 8d bytes).
-    """
-    d = int(sum(int(np.asarray(p).size) for p in params))
-    return FRAME_HEADER_BYTES + 4 * d * 2 + d + 4 * 2 * len(params)
-
-
 def compressed_spec_of(params: Sequence[np.ndarray]) -> dict[str, TensorExpectation]:
     """The spec of a compressed update for a model of ``params``: one 1-D uint8 frame of bounded length."""
-    return {COMPRESSED_FRAME: TensorExpectation((max_frame_bytes(params),), "|u1", allow_sparse=False,
+    return {COMPRESSED_FRAME: TensorExpectation((max_frame_bytes([np.shape(p) for p in params]),), "|u1", allow_sparse=False,
                                                 bounded=True)}
 
 
@@ -402,4 +391,4 @@ class GrpcPeerNetwork:
 
 __all__ = ["AdvertisedPolicy", "COMPRESSED_FRAME", "CONTROL_KINDS", "GrpcPeerNetwork", "INBOX_KINDS",
            "REFUSED_KIND", "compressed_from_frame", "compressed_spec_of", "expected_spec_of", "from_transport",
-           "max_frame_bytes", "policy_problem", "to_transport"]
+           "policy_problem", "to_transport"]

@@ -23,6 +23,7 @@ arrays, so the server and every up-to-date client hold bit-identical models
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
 import numpy as np
@@ -51,11 +52,20 @@ def is_compressed(parameters: Parameters) -> bool:
     return parameters.tensor_type == COMPRESSED_TENSOR_TYPE
 
 
+def _npy_data_bytes(blob: bytes) -> int:
+    """Bytes of array data in one ``.npy`` blob, read from its header (the data is not decoded)."""
+    f = io.BytesIO(blob)
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
 def parameters_nbytes(parameters: Parameters) -> int:
     """Bytes of a framed change (the frame's length) or of whole arrays (tensor data only)."""
     if is_compressed(parameters):
         return int(sum(len(t) for t in parameters.tensors))
-    return int(sum(np.asarray(a).nbytes for a in parameters_to_ndarrays(parameters)))
+    return int(sum(_npy_data_bytes(t) for t in parameters.tensors))
 
 
 def frame_parameters(message: Compressed) -> Parameters:
@@ -134,8 +144,7 @@ class GlobalModelTracker:
         self.model: Params = [np.array(a, copy=True) for a in initial]
         self._last_change: Parameters | None = None
         self._holds: dict[str, int] = {}
-        self._exact = Exact()
-        self._compressor = compressor or self._exact
+        self._compressor = compressor or Exact()
 
     def advance(self, aggregated: Params) -> Params:
         """Make ``aggregated`` the next version (as clients will rebuild it) and return it."""
@@ -149,9 +158,8 @@ class GlobalModelTracker:
         """What to send ``node`` so it holds the current version (and record that it does)."""
         held = self._holds.get(node)
         self._holds[node] = self.version
-        if held == self.version:
-            zero = [np.zeros_like(a) for a in self.model]
-            return frame_parameters(change_message(zero, zero, self._exact, "no change"))
+        if held == self.version:  # nothing changed: an empty sparse message
+            return frame_parameters(Compressed("sparse", tuple(a.shape for a in self.model)))
         if held == self.version - 1 and self._last_change is not None:
             return self._last_change
         return ndarrays_to_parameters(self.model)

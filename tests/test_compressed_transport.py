@@ -25,17 +25,16 @@ from privfl.launch import dump_toml, free_ports
 from privfl.node_config import load_node_config
 from privfl.peer_network import (
     COMPRESSED_FRAME,
-    FRAME_HEADER_BYTES,
     AdvertisedPolicy,
     GrpcPeerNetwork,
     compressed_spec_of,
-    max_frame_bytes,
     to_transport,
 )
 from privfl.pki import NodeIdentity, Policy, init_consortium, load_pki
 from privfl.transport import Message, PeerRefused, TransportError
 from strategies.base import ModelMessage
 from strategies.compression import AdaComp, Compressed, Quantize8, TopK, decompress, released
+from strategies.compression.message import FRAME_HEADER_BYTES, max_frame_bytes
 
 NAMES = ["fc.weight", "fc.bias"]
 SHAPES = [(40, 50), (40,)]
@@ -153,7 +152,7 @@ def test_compressed_spec_is_one_frame_bounded_by_the_model_size() -> None:
     assert set(spec) == {COMPRESSED_FRAME}
     e = spec[COMPRESSED_FRAME]
     assert e.bounded and not e.allow_sparse and e.dtype == "|u1"
-    assert e.shape == (max_frame_bytes(_model(0)),) == (20 + 8 * D + D + 8 * T,)
+    assert e.shape == (max_frame_bytes(SHAPES),) == (20 + 8 * D + D + 8 * T,)
     # the largest valid frame of every kind fits the bound
     every = np.arange(D, dtype=np.int32)
     largest = [Compressed("dense", SHAPES, values=np.zeros(D, np.float32)),
@@ -216,7 +215,7 @@ def test_malformed_frame_is_refused_and_logged(pair: _Pair, case: str, caplog: p
 
 
 TRANSPORT_REFUSED = {
-    "oversize frame beyond the bound": (_framed(bytes(max_frame_bytes(_model(0)) + 1)), "exceeds the bound"),
+    "oversize frame beyond the bound": (_framed(bytes(max_frame_bytes(SHAPES) + 1)), "exceeds the bound"),
     "wrong dtype": ({COMPRESSED_FRAME: np.frombuffer(_GOOD_FRAME, dtype="<i4")}, "dtype"),
     "2-D frame": ({COMPRESSED_FRAME: np.frombuffer(_GOOD_FRAME, dtype=np.uint8).reshape(2, -1)}, "shape"),
     "unknown tensor name": ({**_framed(_GOOD_FRAME), "compressed.extra": np.zeros(1, "u1")},

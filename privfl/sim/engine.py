@@ -255,99 +255,81 @@ class Engine:
     # ---- round-synchronous node strategies -------------------------------------------
     def run_sync(self, strategies: Sequence[NodeStrategy]) -> float:
         """Lock-step rounds: all begin, deliver, all finish, barrier at the slowest node."""
-        n = len(self.node_ids)
-        models = lambda: [_snap(s) for s in strategies]  # noqa: E731
-        self.epsilons = [self._initial_epsilon(i) for i in range(n)]
-        t = 0.0
-        self._record(0.0, models())
-        next_eval = self.eval_every if self.eval_every is not None else math.inf
-        bar = self._progress(float(self.stop.max_rounds or self.stop.max_time or 1), "simulating")
-        try:
-            while True:
-                if self._limit_reached(t):
-                    break
-                for i, s in enumerate(strategies):
-                    self.world.clocks[i] = t + (0.0 if s.stopped else self.compute_time(i, s.config.get("local_steps", self.local_steps)))
-                    rep = s.begin_round()
-                    self.steps[i] += rep.local_steps
-                    self.epsilons[i] = self._epsilon(i, rep.epsilon)
-                for i, s in enumerate(strategies):
-                    net = self.world.network(self.node_ids[i])
-                    peers = list(getattr(s, "mixing", net.neighbors()))
-                    received = net.receive(self.round, peers, float(getattr(s, "timeout", math.inf)))
-                    s.finish_round(received)
-                    if s.stopped and not self.stopped[i]:
-                        self.stopped[i] = True
-                        self.stop_reasons[self.node_ids[i]] = s.stop_reason
-                t = max(self.world.clocks)
-                hit, next_eval = self._end_round(t, bar, next_eval, models)
-                if hit:
-                    return t
-        finally:
-            if bar is not None:
-                bar.stop()
-        self._record(t, models())
-        return t
+
+        def one_round(t: float) -> float:
+            for i, s in enumerate(strategies):
+                steps = s.config.get("local_steps", self.local_steps)
+                self.world.clocks[i] = t + (0.0 if s.stopped else self.compute_time(i, steps))
+                rep = s.begin_round()
+                self.steps[i] += rep.local_steps
+                self.epsilons[i] = self._epsilon(i, rep.epsilon)
+            for i, s in enumerate(strategies):
+                net = self.world.network(self.node_ids[i])
+                peers = list(getattr(s, "mixing", net.neighbors()))
+                received = net.receive(self.round, peers, float(getattr(s, "timeout", math.inf)))
+                s.finish_round(received)
+                if s.stopped and not self.stopped[i]:
+                    self.stopped[i] = True
+                    self.stop_reasons[self.node_ids[i]] = s.stop_reason
+            return max(self.world.clocks)
+
+        return self._lockstep(lambda: [_snap(s) for s in strategies], one_round)
 
     # ---- collective strategies -------------------------------------------------------
     def run_collective(self, strategy: CollectiveStrategy, init: Params) -> float:
         """Rounds of ``strategy.run_round``; stopped nodes keep their last model."""
-        n = len(self.node_ids)
         params: dict[str, Params] = {nid: [np.array(p, copy=True) for p in init] for nid in self.node_ids}
-        models = lambda: [params[nid] for nid in self.node_ids]  # noqa: E731
-        self.epsilons = [self._initial_epsilon(i) for i in range(n)]
+
+        def one_round(t: float) -> float:
+            live = {nid: self.clients[nid] for i, nid in enumerate(self.node_ids) if not self.stopped[i]}
+            cr = strategy.run_round(live, params, self.round)
+            durations = []
+            for i, nid in enumerate(self.node_ids):
+                if nid in cr.params:
+                    params[nid] = [np.asarray(p) for p in cr.params[nid]]
+                k = int(cr.local_steps.get(nid, 0))
+                self.steps[i] += k
+                d = self.compute_time(i, k)
+                for nbytes in (cr.bytes_up.get(nid, 0), cr.bytes_down.get(nid, 0)):
+                    if nbytes:
+                        d += self.world.charge(i, None, int(nbytes))
+                durations.append(d)
+                m = cr.metrics.get(nid, {})
+                fallback = float(m["epsilon"]) if "epsilon" in m and float(m["epsilon"]) >= 0 else math.inf
+                self.epsilons[i] = self._epsilon(i, fallback)
+                if nid in cr.stopped and not self.stopped[i]:
+                    self.stopped[i] = True
+                    self.stop_reasons[nid] = str(m.get("stop_reason", "stopped by the strategy"))
+            return t + (max(durations) if durations else 0.0)
+
+        return self._lockstep(lambda: [params[nid] for nid in self.node_ids], one_round)
+
+    def _lockstep(self, models: Callable[[], Sequence[Params]], one_round: Callable[[float], float]) -> float:
+        """Run ``one_round(t) -> t_end`` until a stop limit; after each, barrier the clocks,
+        advance the progress bar and evaluate when due. Returns the final virtual time."""
+        self.epsilons = [self._initial_epsilon(i) for i in range(len(self.node_ids))]
         t = 0.0
         self._record(0.0, models())
         next_eval = self.eval_every if self.eval_every is not None else math.inf
         bar = self._progress(float(self.stop.max_rounds or self.stop.max_time or 1), "simulating")
         try:
-            while True:
-                if self._limit_reached(t):
-                    break
-                live = {nid: self.clients[nid] for i, nid in enumerate(self.node_ids) if not self.stopped[i]}
-                cr = strategy.run_round(live, params, self.round)
-                durations = []
-                for i, nid in enumerate(self.node_ids):
-                    if nid in cr.params:
-                        params[nid] = [np.asarray(p) for p in cr.params[nid]]
-                    k = int(cr.local_steps.get(nid, 0))
-                    self.steps[i] += k
-                    d = self.compute_time(i, k)
-                    for nbytes in (cr.bytes_up.get(nid, 0), cr.bytes_down.get(nid, 0)):
-                        if nbytes:
-                            d += self.world.charge(i, None, int(nbytes))
-                    durations.append(d)
-                    m = cr.metrics.get(nid, {})
-                    fallback = float(m["epsilon"]) if "epsilon" in m and float(m["epsilon"]) >= 0 else math.inf
-                    self.epsilons[i] = self._epsilon(i, fallback)
-                    if nid in cr.stopped and not self.stopped[i]:
-                        self.stopped[i] = True
-                        self.stop_reasons[nid] = str(m.get("stop_reason", "stopped by the strategy"))
-                t += max(durations) if durations else 0.0
-                hit, next_eval = self._end_round(t, bar, next_eval, models)
-                if hit:
-                    return t
+            while not self._limit_reached(t):
+                t = one_round(t)
+                self.world.clocks = [t] * len(self.node_ids)
+                self.round += 1
+                if bar is not None:
+                    bar.update(bar.task_ids[0], completed=self.round if self.stop.max_rounds else t)
+                if self._eval_due(t, next_eval):
+                    if self._record(t, models()):
+                        self.end_reason = "target_accuracy"
+                        return t
+                    while next_eval <= t:
+                        next_eval += self.eval_every or math.inf
         finally:
             if bar is not None:
                 bar.stop()
         self._record(t, models())
         return t
-
-    def _end_round(self, t: float, bar: Any, next_eval: float,
-                   models: Callable[[], Sequence[Params]]) -> tuple[bool, float]:
-        """Close a lock-step round at time ``t``: barrier the clocks, advance the progress bar,
-        evaluate when due. Returns (target accuracy reached, next evaluation time)."""
-        self.world.clocks = [t] * len(self.node_ids)
-        self.round += 1
-        if bar is not None:
-            bar.update(bar.task_ids[0], completed=self.round if self.stop.max_rounds else t)
-        if self._eval_due(t, next_eval):
-            if self._record(t, models()):
-                self.end_reason = "target_accuracy"
-                return True, next_eval
-            while next_eval <= t:
-                next_eval += self.eval_every or math.inf
-        return False, next_eval
 
     def _limit_reached(self, t: float) -> bool:
         s = self.stop

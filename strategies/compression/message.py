@@ -35,12 +35,13 @@ import numpy as np
 
 from privfl.errors import PrivflError
 
-__all__ = ["Compressed", "MalformedMessage", "decompress"]
+__all__ = ["FRAME_HEADER_BYTES", "Compressed", "MalformedMessage", "decompress", "max_frame_bytes"]
 
 _FRAME_VERSION = 1
 _FRAME = np.dtype([("version", "u1"), ("kind", "u1"), ("shared", "u1"), ("pad", "u1"),
                    ("n_indices", "<u4"), ("n_values", "<u4"), ("n_codes", "<u4"), ("n_scales", "<u4")])
 _FIELDS = (("indices", "<i4"), ("values", "<f4"), ("codes", "u1"), ("scales", "<f4"))
+FRAME_HEADER_BYTES = _FRAME.itemsize  # version, kind, shared flag, pad, four u32 array lengths
 
 Kind = Literal["dense", "sparse", "quant8", "ternary", "quant4", "quant2", "quant1"]
 KINDS: tuple[str, ...] = ("dense", "sparse", "quant8", "ternary", "quant4", "quant2", "quant1")
@@ -188,6 +189,18 @@ class Compressed:
         return cls(KINDS[int(head["kind"])], tuple(tuple(s) for s in shapes),
                    indices=arrays["indices"].astype(np.int32), values=arrays["values"].astype(np.float32),
                    codes=arrays["codes"].astype(np.uint8), scales=arrays["scales"].astype(np.float32))
+
+
+def max_frame_bytes(shapes: Sequence[tuple[int, ...]]) -> int:
+    """An upper bound on a valid :meth:`Compressed.to_bytes` frame for a model of ``shapes``.
+
+    The header plus every array at its largest: d indices, d values, d codes and 2·T
+    scales (no kind reaches all of them at once; the largest real frame is sparse with
+    k = d). A receiver can refuse anything longer before reading it.
+    """
+    d = int(_offsets(shapes)[-1])
+    most = {"indices": d, "values": d, "codes": d, "scales": 2 * len(shapes)}
+    return FRAME_HEADER_BYTES + sum(most[name] * np.dtype(dt).itemsize for name, dt in _FIELDS)
 
 
 def _offsets(shapes: Sequence[tuple[int, ...]]) -> np.ndarray:
