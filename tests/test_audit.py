@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import dp_accounting
 import numpy as np
 import pytest
-import typer
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
@@ -27,9 +25,8 @@ from accounting.ledger import (
     signing_bytes,
     verify_bytes,
 )
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_ledger import POLICY, make_pki  # noqa: E402
+from tests.helpers import audit_cli
+from tests.test_ledger import POLICY, make_pki
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -370,25 +367,12 @@ def test_wrong_recorded_epsilon_and_events_after_stop(tmp_path: Path, pki: dict[
 # --------------------------------------------------------------------------- CLI
 
 
-def _cli() -> typer.Typer:
-    from privfl.cli import audit as audit_cli
-
-    main = typer.Typer()
-    main.add_typer(audit_cli.app, name="audit")
-
-    @main.command()
-    def version() -> None:  # a second command so that `main` stays a group
-        typer.echo("0")
-
-    return main
-
-
 def test_cli_ledger_forms_and_exit_codes(tmp_path: Path, pki: dict[str, Any]) -> None:
     path = build(tmp_path / "l.jsonl", pki, EVENTS[:2])
     ca = tmp_path / "ca.pem"
     ca.write_text(pki["ca_pem"])
     runner = CliRunner()
-    app = _cli()
+    app = audit_cli()
     res = runner.invoke(app, ["audit", str(path), "--ca", str(ca), "--no-pld"])
     assert res.exit_code == 0, res.output
     assert "PASS" in res.output and "integrity" in res.output and "ε (RDP)" in res.output
@@ -420,7 +404,7 @@ def test_cli_ledger_forms_and_exit_codes(tmp_path: Path, pki: dict[str, Any]) ->
 
 def test_cli_empirical(tmp_path: Path) -> None:
     runner = CliRunner()
-    app = _cli()
+    app = audit_cli()
     res = runner.invoke(app, ["audit", "empirical", "--m", "100", "--r", "100", "--v", "75",
                               "--delta", "0", "--json"])
     assert res.exit_code == 0, res.output

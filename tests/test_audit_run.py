@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import typer
 from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
 from dp_accounting.rdp import RdpAccountant
 from typer.testing import CliRunner
@@ -31,6 +30,7 @@ from privfl.audit_run import (
 )
 from privfl.data import Dataset
 from privfl.errors import ConfigError
+from tests.helpers import audit_cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -174,21 +174,8 @@ def test_config_file_errors(tmp_path: Path) -> None:
     assert not load_audit_config(EXAMPLE.with_name("audit-nodp.toml")).dp.enabled
 
 
-def _cli() -> typer.Typer:
-    from privfl.cli import audit as audit_cli
-
-    main = typer.Typer()
-    main.add_typer(audit_cli.app, name="audit")
-
-    @main.command()
-    def version() -> None:  # a second command so that `main` stays a group
-        typer.echo("0")
-
-    return main
-
-
 def test_cli_config_table_json_and_rescore(tmp_path: Path) -> None:
-    runner, app = CliRunner(), _cli()
+    runner, app = CliRunner(), audit_cli()
     res = runner.invoke(app, ["audit", "empirical", "--config", str(EXAMPLE)])
     assert res.exit_code == 0, res.output
     assert "ε lower bound" in res.output and "formal ε" in res.output and "consistent" in res.output
@@ -228,10 +215,10 @@ def test_cli_bound_above_formal_epsilon_exits_1(tmp_path: Path, monkeypatch: pyt
     cfg.write_text(EXAMPLE.read_text().replace("noise_multiplier = 1.0", "noise_multiplier = 0.05")
                    .replace("target_epsilon = 10.0", "target_epsilon = 1e9"))
     monkeypatch.setattr(DPClient, "epsilon", property(lambda self: 0.5))
-    res = CliRunner().invoke(_cli(), ["audit", "empirical", "--config", str(cfg)])
+    res = CliRunner().invoke(audit_cli(), ["audit", "empirical", "--config", str(cfg)])
     assert res.exit_code == 1, res.output
     assert "EXCEEDS" in res.output
-    res = CliRunner().invoke(_cli(), ["audit", "empirical", "--config", str(cfg), "--json"])
+    res = CliRunner().invoke(audit_cli(), ["audit", "empirical", "--config", str(cfg), "--json"])
     doc = json.loads(res.output)
     assert res.exit_code == 1 and doc["exceeds_formal"] and doc["epsilon_lb"] > 0.5
     assert math.isclose(doc["formal_epsilon"], 0.5)
