@@ -541,29 +541,18 @@ def _first_pld_over(
 def _check_claims(report: AuditReport, policy: LedgerPolicy) -> None:
     """The node's recorded ε must match the recomputation (every event for RDP, the last for PLD)."""
     rtol = CLAIM_RTOL[policy.accountant]
-    bad: AuditIssue | None = None
     points = report.timeline
     if policy.accountant == "rdp":
-        for p in points:
-            if p.epsilon_claimed is None or not _close(p.epsilon_claimed, p.epsilon_rdp, rtol):
-                bad = AuditIssue(
-                    p.index,
-                    "epsilon_mismatch",
-                    f"the node recorded ε={p.epsilon_claimed} but the events give "
-                    f"ε={p.epsilon_rdp:.6f} (RDP)",
-                )
-                break
-    elif points:
-        last = points[-1]
-        if last.epsilon_claimed is None or not _close(last.epsilon_claimed, report.epsilon, rtol):
-            bad = AuditIssue(
-                last.index,
-                "epsilon_mismatch",
-                f"the node recorded ε={last.epsilon_claimed} but the events give "
-                f"ε={report.epsilon:.6f} (PLD)",
-            )
+        checks = [(p, p.epsilon_rdp, "RDP") for p in points]
+    else:
+        checks = [(points[-1], report.epsilon, "PLD")] if points else []
+    bad = next(((p, want, method) for p, want, method in checks
+                if p.epsilon_claimed is None or not _close(p.epsilon_claimed, want, rtol)), None)
     if bad is not None:
-        report.issues.append(bad)
+        p, want, method = bad
+        report.issues.append(AuditIssue(
+            p.index, "epsilon_mismatch",
+            f"the node recorded ε={p.epsilon_claimed} but the events give ε={want:.6f} ({method})"))
     report.checks["claimed_epsilon"] = PASS if bad is None else FAIL
 
 
