@@ -54,7 +54,7 @@ from accounting import BudgetExhausted
 from accounting.audit_empirical import OneRunAudit, audit_one_run, draw_inclusion_signs
 from clients import DPClient, DPConfig
 from clients.dp_client import evaluate_model
-from privfl.config import DataSection, DPSection, ModelSection, from_table, read_toml
+from privfl.config import DataSection, DPSection, ModelSection, check_sections, from_table, read_toml
 from privfl.data import Dataset
 from privfl.errors import ConfigError
 from privfl.models import build_model
@@ -144,10 +144,7 @@ class AuditConfig:
 
 def audit_config_from(table: dict[str, Any], source: str, base_dir: Path | None = None) -> AuditConfig:
     """An :class:`AuditConfig` from a parsed TOML table; unknown sections and keys are refused."""
-    unknown = sorted(set(table) - set(ALLOWED_SECTIONS))
-    if unknown:
-        raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; "
-                          f"an audit config has {', '.join(ALLOWED_SECTIONS)}")
+    check_sections(table, ALLOWED_SECTIONS, source)
     if "audit" not in table:
         raise ConfigError(f"{source}: [audit] section missing")
     kw: dict[str, Any] = {}

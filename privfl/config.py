@@ -11,6 +11,7 @@ import dataclasses
 import tomllib
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin
@@ -274,6 +275,14 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML ({e})") from None
+
+
+def check_sections(table: dict[str, Any], allowed: Iterable[str], src: str) -> None:
+    """Refuse top-level sections a config file does not have (a typo must not pass silently)."""
+    names = sorted(allowed)
+    unknown = sorted(set(table) - set(names))
+    if unknown:
+        raise ConfigError(f"{src}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
 
 
 def resolve_path(base: Path, value: str) -> Path:

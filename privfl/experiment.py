@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from privfl.config import CommonConfig, DPSection, common_from, from_table, read_toml, resolve_path
+from privfl.config import CommonConfig, DPSection, check_sections, common_from, from_table, read_toml, resolve_path
 from privfl.errors import ConfigError
 from privfl.sim import LinkSpec, SimSpec, SimulationResult, StopCriteria, run_simulation, write_results
 
@@ -105,10 +105,8 @@ def load_experiment(path: str | Path) -> Experiment:
     """Read and validate an experiment (or compare) TOML file."""
     p = Path(path)
     table = read_toml(p)
-    allowed = {"name", "data", "model", "dp", "topology", "strategy", "stop", "simulation", "compare"}
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise ConfigError(f"{p}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    check_sections(table, ("name", "data", "model", "dp", "topology", "strategy", "stop", "simulation", "compare"),
+                   str(p))
     common = common_from(table, str(p))
     sim = from_table(SimulationSection, table.get("simulation", {}), f"{p}: [simulation]")
     name = table.get("name", p.parent.name or p.stem)

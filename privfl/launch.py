@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from privfl.config import common_from, from_table, read_toml, resolve_path
+from privfl.config import check_sections, common_from, from_table, read_toml, resolve_path
 from privfl.errors import ConfigError
 from privfl.node_config import NodeSection
 from privfl.pki import CA_FILE, CRL_FILE, ROSTER_FILE, Policy, init_consortium, load_roster, validate_label
@@ -159,10 +159,7 @@ def load_consortium(path: str | Path) -> tuple[dict[str, Any], ConsortiumSection
     p = Path(path)
     table = read_toml(p)
     src = str(p)
-    allowed = {"consortium", "policy", "node", "data", "model", "dp", "topology", "strategy", "stop"}
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise ConfigError(f"{src}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    check_sections(table, ("consortium", "policy", "node", "data", "model", "dp", "topology", "strategy", "stop"), src)
     if "consortium" not in table:
         raise ConfigError(f"{src}: missing section [consortium] (name, nodes)")
     cons = from_table(ConsortiumSection, table["consortium"], f"{src}: [consortium]")

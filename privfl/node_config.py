@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from privfl.config import CommonConfig, StrategySection, common_from, from_table, read_toml, resolve_path
+from privfl.config import (
+    CommonConfig,
+    StrategySection,
+    check_sections,
+    common_from,
+    from_table,
+    read_toml,
+    resolve_path,
+)
 from privfl.errors import ConfigError
 from strategies.compression.params import check_strategy_keys, sync_compression_params
 
@@ -186,9 +194,7 @@ def node_config_from(table: dict[str, Any], path: str | Path) -> NodeConfig:
     """Validate a parsed node config; ``path`` is where it came from (paths are relative to it)."""
     p = Path(path)
     src = str(p)
-    unknown = sorted(set(table) - _TOP_LEVEL)
-    if unknown:
-        raise ConfigError(f"{src}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_TOP_LEVEL))}")
+    check_sections(table, _TOP_LEVEL, src)
     if "node" not in table:
         raise ConfigError(f"{src}: missing section [node] (at least node.id)")
     if "identity" not in table:
