@@ -45,7 +45,7 @@ from accounting.ledger import Ledger, LedgerError, LedgerPolicy, TornTailError
 from clients import DPClient
 from privfl.errors import ConfigError, PrivflError
 from privfl.models import build_model
-from privfl.node_config import NodeConfig, NodeStrategyParams, load_node_config, node_strategy_params
+from privfl.node_config import NodeConfig, NodeStrategyParams, load_node_config
 from privfl.peer_network import AdvertisedPolicy, GrpcPeerNetwork
 from privfl.pki import (
     NodeIdentity,
@@ -233,7 +233,6 @@ class Node:
         if c.strategy.name not in STRATEGIES:
             raise NodeError(f"{cfg.path}: [strategy].name: a node runs {' or '.join(STRATEGIES)}, "
                             f"got {c.strategy.name!r}")
-        strategy_params = node_strategy_params(c.strategy, f"{cfg.path}: [strategy].params")
         self.identity, self.roster, crl = load_identity(cfg)
         if self.node_id not in self.roster.nodes:
             raise NodeError(f"{cfg.path}: [node].id: {self.node_id!r} is not in the roster {cfg.roster_path}")
@@ -284,7 +283,7 @@ class Node:
             self.strategy = AsyncGossip(self.client, self.network, params, scfg)
         else:
             scfg.update(mixing=self.topology.mixing_row(self.node_id), timeout=cfg.node.sync_timeout)
-            scfg.update(self._compression_config(strategy_params, resumed=resumed is not None))
+            scfg.update(self._compression_config(cfg.strategy_params, resumed=resumed is not None))
             self.strategy = SyncGossip(self.client, self.network, params, scfg)
         self.network.attach(self.strategy)
 

@@ -105,6 +105,7 @@ class NodeConfig:
     roster_path: Path = field(default_factory=Path)
     crl_path: Path = field(default_factory=Path)
     output_dir: Path = field(default_factory=Path)
+    strategy_params: NodeStrategyParams = field(default_factory=lambda: NodeStrategyParams())
 
     @property
     def log_level(self) -> int:
@@ -167,24 +168,7 @@ def node_strategy_params(strategy: StrategySection, where: str) -> NodeStrategyP
     shared = params.get("shared_init")
     if shared is not None and not isinstance(shared, bool):
         raise ConfigError(f"{where}.shared_init: must be true or false, got {shared!r}")
-    chosen = sync_compression_params(params, where)
-    if chosen is not None:
-        _check_compressor(chosen, where)
-    return NodeStrategyParams(chosen, float(gamma), shared)
-
-
-def _check_compressor(chosen: tuple[str, dict[str, Any]], where: str) -> None:
-    """Build the compressor once so that bad settings fail at load time, naming the field."""
-    from strategies.compression import CompressionError, compressor_from_config
-
-    name, kwargs = chosen
-    if name == "cltk":
-        raise ConfigError(f"{where}.compressor: 'cltk' is not supported by sync_gossip (CLT-k needs one leader's "
-                          "index set broadcast to every node each round); use topk, randomk, quantize8 or adacomp")
-    try:
-        compressor_from_config(name, **kwargs)
-    except (CompressionError, TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+    return NodeStrategyParams(sync_compression_params(params, where), float(gamma), shared)
 
 
 _TOP_LEVEL = {"node", "identity", "data", "model", "dp", "topology", "strategy", "stop"}
@@ -215,12 +199,13 @@ def node_config_from(table: dict[str, Any], path: str | Path) -> NodeConfig:
     else:
         raise ConfigError(f"{src}: missing section [data] (at least data.site_index)")
     common = common_from(rest, src)
-    node_strategy_params(common.strategy, f"{src}: [strategy].params")
+    strategy_params = node_strategy_params(common.strategy, f"{src}: [strategy].params")
     if not 0 <= site_index < common.data.num_sites:
         raise ConfigError(f"{src}: [data].site_index: must be in 0..{common.data.num_sites - 1} "
                           f"(data.num_sites = {common.data.num_sites}), got {site_index}")
     base = p.parent
-    cfg = NodeConfig(path=p, node=node, identity=identity, common=common, site_index=site_index)
+    cfg = NodeConfig(path=p, node=node, identity=identity, common=common, site_index=site_index,
+                     strategy_params=strategy_params)
     for name in ("cert", "key", "ca", "roster", "crl"):
         resolved = resolve_path(base, getattr(identity, name))
         if not resolved.is_file():

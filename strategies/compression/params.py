@@ -72,8 +72,15 @@ def sync_compression_params(params: Mapping[str, Any], where: str = "strategy.pa
         raise ConfigError(f"{_named(where, bad)}: sync_gossip with compressor {key!r} does not take "
                           f"{', '.join(bad)}; sync_gossip takes {', '.join(sorted(SYNC_GOSSIP_KEYS))}; {key} takes "
                           f"{', '.join(sorted(takes)) or 'nothing'}")
+    if key == "cltk":
+        raise ConfigError(f"{where}.compressor: 'cltk' is not supported by sync_gossip (CLT-k needs one leader's "
+                          "index set broadcast to every node each round); use topk, randomk, quantize8 or adacomp")
     if "error_feedback" in takes and "error_feedback" not in kwargs and not kwargs.get("unbiased", False):
         kwargs["error_feedback"] = False
+    try:  # build once so that bad values fail when the config is read, naming the field
+        compressor_from_config(key, **kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     return key, kwargs
 
 
