@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from accounting.accountant import PrivacyAccountant
@@ -30,8 +31,8 @@ class BudgetGuard:
     delta: float
 
     def __post_init__(self) -> None:
-        if not self.target_epsilon > 0:
-            raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon}")
+        if not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
+            raise ValueError(f"target_epsilon must be a finite number > 0, got {self.target_epsilon}")
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
 
@@ -41,9 +42,9 @@ class BudgetGuard:
         return self.accountant.get_epsilon(self.delta)
 
     def would_exceed(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> bool:
-        """Whether ``steps`` more steps would take ε above the target."""
+        """Whether ``steps`` more steps would take ε above the target (fail closed: a NaN ε exceeds it)."""
         after = self.accountant.epsilon_after(self.delta, noise_multiplier, sample_rate, steps)
-        return after > self.target_epsilon
+        return not after <= self.target_epsilon
 
     def check(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
         """Raise :class:`BudgetExhausted` if ``steps`` more steps do not fit."""

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 
-
-from accounting.accountant import Method, epsilon_of, DpEventKey
+from accounting.accountant import DpEventKey, Method, epsilon_of
 
 
 def calibrate_noise(
@@ -14,11 +14,13 @@ def calibrate_noise(
     steps: int,
     method: Method = "rdp",
     tol: float = 1e-4,
+    prior: Mapping[DpEventKey, int] | None = None,
 ) -> float:
     """Noise multiplier σ such that ``steps`` Poisson-sampled Gaussian steps cost ≤ ε.
 
-    Uses dp-accounting's bracketed calibration; the returned σ is on the safe side
-    (its ε does not exceed the target).
+    ``prior``: DP events already spent (e.g. a DP preprocessing estimate), composed with
+    the planned steps. Uses dp-accounting's bracketed calibration; the returned σ is on
+    the safe side (its ε does not exceed the target). Every input is public, so σ is too.
     """
     if not target_epsilon > 0:
         raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
@@ -29,8 +31,15 @@ def calibrate_noise(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
 
+    base = dict(prior or {})
+    if base and epsilon_of(base, delta, method) >= target_epsilon:
+        raise ValueError(f"the prior DP events already spend ε >= {target_epsilon} at δ={delta}")
+
     def eps(sigma: float) -> float:
-        return epsilon_of({DpEventKey(sigma, sample_rate): steps}, delta, method)
+        events = dict(base)
+        key = DpEventKey(sigma, sample_rate)
+        events[key] = events.get(key, 0) + steps
+        return epsilon_of(events, delta, method)
 
     lo, hi = 0.05, 1.0
     while eps(hi) > target_epsilon:

@@ -1,10 +1,20 @@
 """DPClient: a Flower NumPyClient that trains locally with DP-SGD on Opacus.
 
-The Opacus pieces (GradSampleModule, Poisson-sampled DPDataLoader, the optimizer) and
-the accountant are built once and live as long as the client, so ε accumulates across
+The Opacus pieces (GradSampleModule, the optimizer), the Poisson batch sampler and the
+accountant are built once and live as long as the client, so ε accumulates across
 ``fit`` calls and never restarts. The steps of a ``fit`` are reserved in the accountant
 (and reported to ``on_dp_event``, e.g. the ledger) *before* they run: a crash mid-fit
 can only over-count the budget, never under-count it.
+
+What it releases (see the README's threat model): ``fit`` returns the noised model, a
+public weight (the declared site size, or 1) and public values only (ε, δ, steps,
+flags) — never the training loss or the realised record count. ``evaluate`` releases
+nothing by default (evaluation stays on the site: :meth:`DPClient.evaluate_local`); with
+``eval_noise_multiplier`` set it releases a Gaussian-noised correct count over a public
+denominator, its cost composed into the same accountant first. The sampling rate q,
+the divisor of the noisy sum and σ all come from public declarations, never from the
+number of records the site holds. Noise and batches come from a secure random source
+unless a ``seed`` is given explicitly (simulations, tests).
 """
 
 from __future__ import annotations
@@ -18,26 +28,35 @@ import flwr
 import numpy as np
 import torch
 from opacus import GradSampleModule
-from opacus.data_loader import DPDataLoader
+from opacus.data_loader import wrap_collate_with_empty
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from accounting import BudgetExhausted, BudgetGuard, PrivacyAccountant, calibrate_noise
 from clients.clipping import clipping_rule
 from clients.ghost import make_ghost_private
 from clients.optimizer import PerSampleWeightDPOptimizer
+from clients.randomness import PoissonBatchSampler, RandomSource, random_source
 from privfl.errors import ConfigError
 
 warnings.filterwarnings("ignore", message="(?i).*full backward hook.*")
-warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
 
 NDArrays = list[np.ndarray]
 DpEventHook = Callable[[dict[str, Any]], None]
 
+#: what a released fit result's metrics may hold: public values only
+PUBLIC_FIT_METRICS = ("steps", "total_steps", "epsilon", "delta", "dp", "budget_exhausted")
+
 
 @dataclass
 class DPConfig:
-    """Local training and differential-privacy settings of one site."""
+    """Local training and differential-privacy settings of one site (all public).
+
+    The sampling rate is declared, never derived from the records: ``sample_rate`` (q),
+    or ``batch_size / declared_size`` where ``declared_size`` is the site's public
+    declared record count. The noisy sum is divided by the public expected batch:
+    ``q · declared_size`` when a size is declared, else ``batch_size``.
+    """
 
     enabled: bool = True
     clipping: str = "psac"
@@ -49,6 +68,8 @@ class DPConfig:
     delta: float = 1e-5
     planned_steps: int | None = None
     batch_size: int = 64
+    sample_rate: float | None = None
+    declared_size: int | None = None
     lr: float = 0.1
     momentum: float = 0.0
     accountant: str = "rdp"
@@ -57,14 +78,82 @@ class DPConfig:
     #: "opacus": GradSampleModule hooks + PerSampleWeightDPOptimizer; "fast": clients.ghost
     #: (ghost norms, same noise and sensitivity, Linear/Conv2d/GroupNorm/LayerNorm only)
     engine: str = "opacus"
+    #: None: evaluation stays local; else the noise multiplier of the released correct count
+    eval_noise_multiplier: float | None = None
+    #: the public denominator of a released accuracy (a declared test-set size)
+    eval_denominator: int | None = None
 
-    def sample_rate(self, n_train: int) -> float:
-        """Poisson sampling rate q = expected batch / local dataset size."""
-        return min(1.0, self.batch_size / n_train)
+    def validate(self, where: str = "dp") -> None:
+        """Raise ConfigError naming ``<where>.<field>`` for the first bad value."""
+        for name in ("max_grad_norm", "psac_r", "autos_gamma", "target_epsilon", "lr"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+                raise ConfigError(f"{where}.{name}: must be a finite number > 0, got {v!r}")
+        if not (0 <= self.momentum < 1):
+            raise ConfigError(f"{where}.momentum: must be in [0, 1), got {self.momentum!r}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"{where}.delta: must be in (0, 1), got {self.delta!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"{where}.batch_size: must be >= 1, got {self.batch_size!r}")
+        if self.noise_multiplier is not None and not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
+            raise ConfigError(f"{where}.noise_multiplier: must be a finite number > 0, got {self.noise_multiplier!r}")
+        if self.sample_rate is not None and not 0 < self.sample_rate <= 1:
+            raise ConfigError(f"{where}.sample_rate: must be in (0, 1], got {self.sample_rate!r}")
+        if self.declared_size is not None and self.declared_size < 1:
+            raise ConfigError(f"{where}.declared_size: must be >= 1, got {self.declared_size!r}")
+        if self.declared_size is not None and self.delta >= 1 / self.declared_size:
+            raise ConfigError(f"{where}.delta: δ={self.delta:g} must be below 1/declared_size "
+                              f"= {1 / self.declared_size:g}")
+        if self.enabled and self.sample_rate is None and self.declared_size is None:
+            raise ConfigError(f"{where}.sample_rate: required: a public Poisson sampling rate in (0, 1] "
+                              f"(or {where}.declared_size, the site's public record count, with batch_size); "
+                              "it is never derived from the private number of records")
+        if self.eval_noise_multiplier is not None:
+            if not (self.eval_noise_multiplier > 0 and math.isfinite(self.eval_noise_multiplier)):
+                raise ConfigError(f"{where}.eval_noise_multiplier: must be a finite number > 0, "
+                                  f"got {self.eval_noise_multiplier!r}")
+            if not self.eval_denominator or self.eval_denominator < 1:
+                raise ConfigError(f"{where}.eval_denominator: required with eval_noise_multiplier: the public "
+                                  "(declared) test-set size the released accuracy is divided by")
+
+    def public_sample_rate(self) -> float:
+        """q: declared, or batch_size / declared_size (capped at 1)."""
+        if self.sample_rate is not None:
+            return float(self.sample_rate)
+        if self.declared_size is None:
+            raise ConfigError("dp.sample_rate: required (or dp.declared_size)")
+        return min(1.0, self.batch_size / self.declared_size)
+
+    def expected_batch_size(self) -> float:
+        """The public divisor of the noisy gradient sum: q · declared_size, else batch_size."""
+        if self.declared_size is not None:
+            return max(1e-12, self.public_sample_rate() * self.declared_size)
+        return float(self.batch_size)
+
+    def public_weight(self) -> int:
+        """The FedAvg weight a site may release: its declared size, or 1 (equal weights)."""
+        return int(self.declared_size) if self.declared_size is not None else 1
+
+    def resolved_noise(self, prior: dict[Any, int] | None = None) -> float:
+        """σ: configured, or calibrated from (q, planned_steps, ε, δ) and ``prior`` events — all public."""
+        if self.noise_multiplier is not None:
+            return float(self.noise_multiplier)
+        if not self.planned_steps:
+            raise ConfigError("dp.noise_multiplier: give it, or dp.planned_steps to calibrate σ from the target ε")
+        try:
+            return calibrate_noise(self.target_epsilon, self.delta, self.public_sample_rate(), self.planned_steps,
+                                   self.accountant, prior=prior)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ConfigError(f"dp.target_epsilon: {exc}") from None
 
 
 class DPClient(flwr.client.NumPyClient):
-    """Trains ``model`` on one site's data with per-sample clipping, noise and accounting."""
+    """Trains ``model`` on one site's data with per-sample clipping, noise and accounting.
+
+    ``seed``: None (the default) draws noise and batches from a fresh secure source;
+    an integer asks explicitly for a reproducible seeded stream (``random_kind``
+    says which, and the node writes it into its ledger).
+    """
 
     def __init__(
         self,
@@ -72,72 +161,75 @@ class DPClient(flwr.client.NumPyClient):
         train: tuple[np.ndarray, np.ndarray],
         test: tuple[np.ndarray, np.ndarray] | None,
         config: DPConfig,
-        seed: int = 0,
+        seed: int | None = None,
         device: torch.device | str | None = None,
         accountant: PrivacyAccountant | None = None,
         on_dp_event: DpEventHook | None = None,
     ) -> None:
         self.config = config
+        config.validate()
         self.device = torch.device(device) if device is not None else _default_device()
         self.seed = seed
         self.on_dp_event = on_dp_event
         x, y = (torch.as_tensor(a) for a in train)
-        self.n_train = len(y)
+        self.n_train = len(y)  # private: used on the site only, never released
         if self.n_train == 0:
             raise ValueError("a site needs at least one training sample")
+        if config.enabled and config.delta >= 1 / self.n_train:
+            raise ConfigError(f"dp.delta: δ={config.delta:g} is not below 1/n for this site's training records; "
+                              "choose a smaller δ")
         self.test = None if test is None else tuple(torch.as_tensor(a) for a in test)
         self.module = model.to(self.device)
         self.criterion = nn.CrossEntropyLoss()
-        self.sample_rate = config.sample_rate(self.n_train)
         self.accountant = accountant or PrivacyAccountant(config.accountant)  # type: ignore[arg-type]
-        self._gen = torch.Generator().manual_seed(seed)
+        self.sampling_source: RandomSource = random_source(seed)
+        self.noise_source: RandomSource = random_source(None if seed is None else seed + 7919, self.device)
+        self.last_loss = math.nan  # the last fit's mean training loss: local, never released
+        self.training_steps = 0  # DP training steps this client reserved (not preprocessing/evaluation)
         dataset = TensorDataset(x.float(), y.long())
         base_opt = torch.optim.SGD(self.module.parameters(), lr=config.lr, momentum=config.momentum)
         self.train_module: nn.Module
         self.optimizer: torch.optim.Optimizer
         if config.enabled:
-            self.noise_multiplier = self._resolve_noise()
+            self.sample_rate = config.public_sample_rate()
+            self.noise_multiplier = config.resolved_noise()
             self.guard: BudgetGuard | None = BudgetGuard(self.accountant, config.target_epsilon, config.delta)
             if config.engine not in ("opacus", "fast"):
                 raise ConfigError(f"dp.engine: unknown engine {config.engine!r}; choose 'opacus' or 'fast'")
-            self.loader: DataLoader = DPDataLoader(dataset, sample_rate=self.sample_rate, generator=self._gen)
-            noise_gen = torch.Generator(device=self.device).manual_seed(seed + 7919)
-            self._noise_gen: torch.Generator | None = noise_gen
+            sampler = PoissonBatchSampler(self.n_train, self.sample_rate, self.sampling_source)
+            collate = wrap_collate_with_empty(collate_fn=default_collate, sample_empty_shapes=[(0, *x.shape[1:]), (0,)],
+                                              dtypes=[torch.float32, torch.int64])
+            self.loader: DataLoader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
             if config.engine == "fast":
                 if config.mechanism != "gaussian":
                     raise ConfigError(f"dp.engine: the 'fast' engine implements the gaussian mechanism only, "
                                       f"not {config.mechanism!r}; use engine = 'opacus'")
-                self.train_module, self.optimizer = self._make_fast_dp(base_opt, noise_gen)
+                self.train_module, self.optimizer = self._make_fast_dp(base_opt)
             else:
                 self.train_module = GradSampleModule(self.module)
-                self.optimizer = self._make_dp_optimizer(base_opt, noise_gen)
+                self.optimizer = self._make_dp_optimizer(base_opt)
         else:
+            self.sample_rate = min(1.0, config.batch_size / self.n_train)
             self.noise_multiplier = 0.0
             self.guard = None
             self.train_module = self.module
-            self._noise_gen = None
-            self.loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=self._gen)
+            gen = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(np.random.bytes(4), "little"))
+            self.loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=gen)
             self.optimizer = base_opt
         self._batches = iter(self.loader)
         self.exhausted = False
 
     # ---- construction helpers -------------------------------------------------------
-    def _expected_batch(self) -> int:
-        """The divisor of the noisy sum: the configured expected batch (public), not a count
-        of the private data; the whole local set only when every record is sampled."""
-        return max(1, self.config.batch_size if self.sample_rate < 1 else self.n_train)
+    @property
+    def random_kind(self) -> str:
+        """"secure" or "seeded": where this client's noise and batches come from."""
+        return self.noise_source.kind
 
-    def _resolve_noise(self) -> float:
-        c = self.config
-        if c.noise_multiplier is not None:
-            if not c.noise_multiplier > 0:
-                raise ValueError(f"noise_multiplier must be > 0, got {c.noise_multiplier}")
-            return float(c.noise_multiplier)
-        if not c.planned_steps:
-            raise ValueError("give dp.noise_multiplier, or dp.planned_steps to calibrate it from the target ε")
-        return calibrate_noise(c.target_epsilon, c.delta, self.sample_rate, c.planned_steps, c.accountant)  # type: ignore[arg-type]
+    def _expected_batch(self) -> float:
+        """The divisor of the noisy sum: public (see :meth:`DPConfig.expected_batch_size`)."""
+        return self.config.expected_batch_size()
 
-    def _make_dp_optimizer(self, base: torch.optim.Optimizer, gen: torch.Generator) -> torch.optim.Optimizer:
+    def _make_dp_optimizer(self, base: torch.optim.Optimizer) -> torch.optim.Optimizer:
         c = self.config
         if c.mechanism == "topagg":
             from clients.topagg import TopAggDPOptimizer  # local imports keep this branch self-contained
@@ -145,27 +237,24 @@ class DPClient(flwr.client.NumPyClient):
             # σ = z·√k inside the optimizer; the accountant gets z (self.noise_multiplier)
             return TopAggDPOptimizer.from_params(
                 base, c.mechanism_params, noise_multiplier=self.noise_multiplier,
-                expected_batch_size=self._expected_batch(), generator=gen)
+                expected_batch_size=self._expected_batch(), random_source=self.noise_source)  # type: ignore[arg-type]
         if c.mechanism != "gaussian":
-            from privfl.errors import ConfigError as _ConfigError
-
-            raise _ConfigError(f"dp.mechanism: must be gaussian or topagg, got {c.mechanism!r}")
+            raise ConfigError(f"dp.mechanism: must be gaussian or topagg, got {c.mechanism!r}")
         rule = clipping_rule(c.clipping, psac_r=c.psac_r, autos_gamma=c.autos_gamma)
         return PerSampleWeightDPOptimizer(
             base,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=c.max_grad_norm,
             expected_batch_size=self._expected_batch(),
-            generator=gen,
+            random_source=self.noise_source,
             clipping=rule,
         )
 
-    def _make_fast_dp(self, base: torch.optim.Optimizer, gen: torch.Generator
-                      ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def _make_fast_dp(self, base: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         c = self.config
         return make_ghost_private(
             self.module, base, noise_multiplier=self.noise_multiplier, max_grad_norm=c.max_grad_norm,
-            expected_batch_size=self._expected_batch(), generator=gen,
+            expected_batch_size=self._expected_batch(), random_source=self.noise_source,  # type: ignore[arg-type]
             clipping=clipping_rule(c.clipping, psac_r=c.psac_r, autos_gamma=c.autos_gamma))
 
     # ---- parameters -------------------------------------------------------------------
@@ -200,26 +289,42 @@ class DPClient(flwr.client.NumPyClient):
             return requested
         return min(requested, self.guard.max_steps(self.noise_multiplier, self.sample_rate, limit=requested))
 
-    def _reserve(self, steps: int) -> None:
-        """Account for ``steps`` before they run (write-ahead: crash-safe)."""
-        self.accountant.step(self.noise_multiplier, self.sample_rate, steps)
+    def mechanism_description(self) -> dict[str, Any]:
+        """What an auditor needs to know of the training mechanism (public)."""
+        c = self.config
+        if c.mechanism == "topagg":
+            k = int(c.mechanism_params.get("k", 0))
+            return {"local_mechanism": "topagg", "clipping": "topagg", "max_grad_norm": math.sqrt(k),
+                    "sensitivity": math.sqrt(k),
+                    "mechanism_params": {key: v for key, v in c.mechanism_params.items() if v is not None}}
+        return {"local_mechanism": "gaussian", "clipping": c.clipping, "max_grad_norm": c.max_grad_norm,
+                "sensitivity": c.max_grad_norm, "mechanism_params": {}}
+
+    def _event(self, purpose: str, noise_multiplier: float, sample_rate: float, steps: int,
+               **details: Any) -> dict[str, Any]:
+        """Account ``steps`` events, then report them (write-ahead) to ``on_dp_event``."""
+        self.accountant.step(noise_multiplier, sample_rate, steps)
+        event = {
+            "purpose": purpose,
+            "mechanism": "poisson_gaussian",
+            "noise_multiplier": noise_multiplier,
+            "sample_rate": sample_rate,
+            "steps": steps,
+            "neighboring_relation": "add_or_remove_one",
+            "accountant": self.accountant.method,
+            "epsilon": self.epsilon,
+            "delta": self.config.delta,
+            "randomness": self.random_kind,
+            **details,
+        }
         if self.on_dp_event is not None:
-            event = {
-                "mechanism": "poisson_gaussian",
-                "noise_multiplier": self.noise_multiplier,
-                "sample_rate": self.sample_rate,
-                "steps": steps,
-                "clipping": self.config.clipping,
-                "max_grad_norm": self.config.max_grad_norm,
-                "neighboring_relation": "add_or_remove_one",
-                "accountant": self.accountant.method,
-                "epsilon": self.epsilon,
-                "delta": self.config.delta,
-                "local_mechanism": self.config.mechanism,
-            }
-            if self.config.mechanism == "topagg":
-                event["topagg_k"] = int(self.config.mechanism_params.get("k", 0))
             self.on_dp_event(event)
+        return event
+
+    def _reserve(self, steps: int) -> None:
+        """Account for ``steps`` training steps before they run (write-ahead: crash-safe)."""
+        self._event("training", self.noise_multiplier, self.sample_rate, steps, **self.mechanism_description())
+        self.training_steps += steps
 
     # ---- training ---------------------------------------------------------------------
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,7 +335,10 @@ class DPClient(flwr.client.NumPyClient):
             return next(self._batches)
 
     def train_steps(self, steps: int) -> dict[str, float]:
-        """Run up to ``steps`` local steps; fewer when the budget ends. Raises BudgetExhausted at 0."""
+        """Run up to ``steps`` local steps; fewer when the budget ends. Raises BudgetExhausted at 0.
+
+        The returned (and :attr:`last_loss`) mean loss is local to the site: never released.
+        """
         allowed = self.steps_allowed(steps)
         if allowed <= 0:
             self.exhausted = True
@@ -257,56 +365,86 @@ class DPClient(flwr.client.NumPyClient):
             self.optimizer.step()
         if allowed < steps:
             self.exhausted = True
-        return {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": float(allowed)}
+        self.last_loss = float(np.mean(losses)) if losses else float("nan")
+        return {"loss": self.last_loss, "steps": float(allowed)}
 
     def local_steps_from(self, config: dict[str, Any]) -> int:
-        """Steps asked for by a fit config: ``local_steps``, else ``local_epochs`` × steps per epoch."""
+        """Steps asked for by a fit config: ``local_steps``, else ``local_epochs`` × (1/q) steps."""
         if "local_steps" in config:
             return int(config["local_steps"])
         epochs = float(config.get("local_epochs", 1))
         return max(1, int(round(epochs / self.sample_rate))) if self.config.enabled else \
             max(1, int(round(epochs * self.n_train / self.config.batch_size)))
 
-    def fit(self, parameters: NDArrays, config: dict[str, Any]) -> tuple[NDArrays, int, dict[str, Any]]:
-        self.set_parameters(parameters)
-        stats = self.train_steps(self.local_steps_from(config))
-        metrics: dict[str, Any] = {
-            "loss": stats["loss"],
-            "steps": int(stats["steps"]),
-            "total_steps": self.accountant.steps,
+    def public_fit_metrics(self, steps: int) -> dict[str, Any]:
+        """The metrics a fit result carries: public values only (:data:`PUBLIC_FIT_METRICS`)."""
+        return {
+            "steps": int(steps),
+            "total_steps": self.training_steps,
             "epsilon": self.epsilon if self.config.enabled else -1.0,
             "delta": self.config.delta,
             "dp": int(self.config.enabled),
             "budget_exhausted": int(self.exhausted),
         }
-        return self.get_parameters({}), self.n_train, metrics
+
+    def fit(self, parameters: NDArrays, config: dict[str, Any]) -> tuple[NDArrays, int, dict[str, Any]]:
+        """Train, and release the noised model with a public weight and public metrics."""
+        self.set_parameters(parameters)
+        stats = self.train_steps(self.local_steps_from(config))
+        return self.get_parameters({}), self.config.public_weight(), self.public_fit_metrics(int(stats["steps"]))
+
+    @torch.no_grad()
+    def evaluate_local(self, parameters: NDArrays | None = None) -> tuple[float, float]:
+        """(test loss, accuracy) on the site's own test split: for the site alone, never released."""
+        if parameters is not None:
+            self.set_parameters(parameters)
+        if self.test is None or len(self.test[1]) == 0:
+            return math.nan, math.nan
+        return evaluate_model(self.module, self.test[0], self.test[1], self.device)
 
     @torch.no_grad()
     def evaluate(self, parameters: NDArrays, config: dict[str, Any]) -> tuple[float, int, dict[str, Any]]:
+        """What the server may see of an evaluation: nothing by default, else a DP accuracy.
+
+        With ``eval_noise_multiplier`` σₑ: correct count + N(0, σₑ²) (sensitivity 1 under
+        add/remove one test record), divided by the public ``eval_denominator``, clipped
+        to [0, 1]; the event is accounted (and budget-checked) before the release. The
+        returned loss is 1 − that accuracy (post-processing), the example count the public
+        denominator. Without it: ``(0.0, 0, {})`` — Flower's convention for "no result".
+        """
+        c = self.config
+        if c.eval_noise_multiplier is None or not c.enabled:
+            return 0.0, 0, {}
         self.set_parameters(parameters)
-        if self.test is None or len(self.test[1]) == 0:
-            return 0.0, 0, {"accuracy": 0.0}
-        loss, acc = evaluate_model(self.module, self.test[0], self.test[1], self.device)
-        return loss, len(self.test[1]), {"accuracy": acc}
+        if self.guard is not None and self.guard.would_exceed(c.eval_noise_multiplier, 1.0, 1):
+            return 0.0, 0, {}
+        correct = 0
+        if self.test is not None and len(self.test[1]):
+            _, acc = evaluate_model(self.module, self.test[0], self.test[1], self.device)
+            correct = int(round(acc * len(self.test[1])))
+        self._event("evaluation", float(c.eval_noise_multiplier), 1.0, 1, local_mechanism="gaussian_count",
+                    clipping="count", max_grad_norm=1.0, sensitivity=1.0, mechanism_params={})
+        noisy = correct + float(self.noise_source.normal(float(c.eval_noise_multiplier), (1,), dtype=torch.float64))
+        acc_dp = min(1.0, max(0.0, noisy / float(c.eval_denominator)))  # type: ignore[arg-type]
+        return 1.0 - acc_dp, int(c.eval_denominator), {"accuracy": acc_dp, "dp": 1}  # type: ignore[arg-type]
 
     # ---- persistence ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Accountant, optimizer and RNG state: what a restart needs besides the model.
+        """Accountant, optimizer and (seeded only) RNG state: what a restart needs besides the model.
 
-        The sampling and noise generators are saved so a restored client continues their
-        streams: replaying noise already used on earlier steps would correlate the noise
-        of different releases.
+        A seeded client saves its streams so a restored client continues them: replaying
+        noise already used would correlate the noise of different releases. A secure
+        client saves nothing of its stream: a restart draws a fresh key.
         """
-        state: dict[str, Any] = {
+        return {
             "accountant": self.accountant.state_dict(),
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
+            "training_steps": self.training_steps,
             "optimizer": self.optimizer.state_dict(),
-            "sampling_rng": self._gen.get_state().tolist(),
+            "sampling_rng": self.sampling_source.state_dict(),
+            "noise_rng": self.noise_source.state_dict(),
         }
-        if self._noise_gen is not None:
-            state["noise_rng"] = self._noise_gen.get_state().tolist()
-        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved; the accountant never goes backwards."""
@@ -315,12 +453,13 @@ class DPClient(flwr.client.NumPyClient):
         if restored.steps < self.accountant.steps:
             return  # our accountant already knows more (e.g. rebuilt from the ledger)
         self.accountant.load_state_dict(state["accountant"])
+        self.training_steps = max(self.training_steps, int(state.get("training_steps", 0)))
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
-        if "sampling_rng" in state:
-            self._gen.set_state(torch.tensor(state["sampling_rng"], dtype=torch.uint8))
-        if "noise_rng" in state and self._noise_gen is not None:
-            self._noise_gen.set_state(torch.tensor(state["noise_rng"], dtype=torch.uint8))
+        if isinstance(state.get("sampling_rng"), dict):
+            self.sampling_source.load_state_dict(state["sampling_rng"])
+        if isinstance(state.get("noise_rng"), dict):
+            self.noise_source.load_state_dict(state["noise_rng"])
 
 
 @torch.no_grad()

@@ -19,7 +19,8 @@ non-private weight gradients, which would be thrown away. There is no second bac
 
 :class:`GhostDPOptimizer` then adds N(0, σ²C²) noise to the clipped sum and divides by the
 expected batch size exactly as Opacus's ``DPOptimizer`` does (same noise order, same
-generator calls), so with the same seed both give the same update up to rounding.
+draws from the :class:`~clients.randomness.RandomSource`), so with the same seeded source
+both give the same update up to rounding.
 A trainable parameter in a layer type this engine does not know raises
 :class:`~privfl.errors.ConfigError` at construction; nothing is skipped silently.
 """
@@ -36,6 +37,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from clients.clipping import ClippingRule, FlatClipping
+from clients.randomness import RandomSource, SecureRandom
 from privfl.errors import ConfigError
 
 log = logging.getLogger("privfl.clients")
@@ -444,7 +446,8 @@ class GhostDPOptimizer(Optimizer):
     """DP-SGD step on a :class:`GhostGradModule`: clip by rule, add σ·C noise, divide by E[B].
 
     Mirrors Opacus's ``DPOptimizer``: noise N(0, σ²C²) per parameter in the optimizer's
-    parameter order from ``generator``, then division by ``expected_batch_size`` when
+    parameter order from ``random_source`` (secure unless a seeded source is given), then
+    division by ``expected_batch_size`` when
     ``loss_reduction='mean'``. Interface: ``zero_grad``, ``step``, ``state_dict``,
     ``load_state_dict``, ``attach_step_hook``; ``param_groups``/``state`` are the wrapped
     optimizer's.
@@ -452,8 +455,8 @@ class GhostDPOptimizer(Optimizer):
 
     def __init__(self, optimizer: Optimizer, module: GhostGradModule, *, noise_multiplier: float,
                  max_grad_norm: float, expected_batch_size: int | None,
-                 clipping: ClippingRule | None = None, generator: torch.Generator | None = None,
-                 loss_reduction: str = "mean", secure_mode: bool = False) -> None:
+                 clipping: ClippingRule | None = None, random_source: RandomSource | None = None,
+                 loss_reduction: str = "mean") -> None:
         if loss_reduction not in ("mean", "sum"):
             raise ConfigError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if loss_reduction == "mean" and not expected_batch_size:
@@ -471,8 +474,7 @@ class GhostDPOptimizer(Optimizer):
         self.expected_batch_size = expected_batch_size
         self.loss_reduction = loss_reduction
         self.clipping: ClippingRule = clipping or FlatClipping()
-        self.generator = generator
-        self.secure_mode = secure_mode
+        self.random_source: RandomSource = random_source or SecureRandom()
         self.step_hook: Callable[[GhostDPOptimizer], None] | None = None
         self.last_per_sample_norms: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
@@ -529,18 +531,11 @@ class GhostDPOptimizer(Optimizer):
         self.original_optimizer.zero_grad(set_to_none)
 
     def _noise(self, scale: float) -> dict[nn.Parameter, torch.Tensor]:
-        """N(0, (σC·scale)²) per parameter, in Opacus's order and with its generator calls."""
+        """N(0, (σC·scale)²) per parameter, in Opacus's order (the same draws for a seeded source)."""
         std = self.noise_multiplier * self.max_grad_norm
         out: dict[nn.Parameter, torch.Tensor] = {}
         for p in self.params:
-            if std == 0:
-                out[p] = torch.zeros_like(p)
-            elif self.secure_mode:
-                from opacus.optimizers.optimizer import _generate_noise
-                out[p] = _generate_noise(std, p, self.generator, True).mul_(scale)
-            else:
-                out[p] = torch.normal(0.0, std * scale, p.shape, generator=self.generator, device=p.device,
-                                      dtype=p.dtype)
+            out[p] = torch.zeros_like(p) if std == 0 else self.random_source.normal_like(std * scale, p)
         return out
 
     def pre_step(self) -> None:
@@ -575,12 +570,13 @@ class GhostDPOptimizer(Optimizer):
 
 def make_ghost_private(module: nn.Module, optimizer: Optimizer, *, noise_multiplier: float,
                        max_grad_norm: float, expected_batch_size: int, clipping: ClippingRule | None = None,
-                       generator: torch.Generator | None = None,
+                       random_source: RandomSource | None = None,
                        loss_reduction: str = "mean") -> tuple[GhostGradModule, GhostDPOptimizer]:
     """Wrap ``module`` and ``optimizer`` for fast DP-SGD; train through the returned pair."""
     gm = GhostGradModule(module, loss_reduction=loss_reduction)
     opt = GhostDPOptimizer(optimizer, gm, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                           expected_batch_size=expected_batch_size, clipping=clipping, generator=generator,
+                           expected_batch_size=expected_batch_size, clipping=clipping,
+                           random_source=random_source,
                            loss_reduction=loss_reduction)
     log.debug("fast DP engine on %d layers (%d parameters)", len(gm.layers), len(gm.trainable))
     return gm, opt

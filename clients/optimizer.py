@@ -1,8 +1,9 @@
 """A DPOptimizer whose per-sample clipping is any :class:`ClippingRule`.
 
-Only ``clip_and_accumulate`` changes; Opacus's ``add_noise`` (std σ·C) and
-``scale_grad`` (divide by the expected batch size) are inherited unchanged, so the σ the
-accountant sees is exactly the σ used for the noise.
+``clip_and_accumulate`` applies the rule; ``add_noise`` adds N(0, σ²C²) exactly as
+Opacus's does, but drawn from a :class:`~clients.randomness.RandomSource` (secure by
+default) instead of a ``torch.Generator``; ``scale_grad`` (divide by the public expected
+batch size) is inherited unchanged, so the σ the accountant sees is the σ of the noise.
 """
 
 from __future__ import annotations
@@ -11,14 +12,19 @@ import torch
 from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
 
 from clients.clipping import ClippingRule, FlatClipping
+from clients.randomness import RandomSource, SecureRandom
 
 
 class PerSampleWeightDPOptimizer(DPOptimizer):
     """DP-SGD optimizer with a pluggable per-sample clipping rule."""
 
-    def __init__(self, *args: object, clipping: ClippingRule | None = None, **kwargs: object) -> None:
+    def __init__(self, *args: object, clipping: ClippingRule | None = None,
+                 random_source: RandomSource | None = None, **kwargs: object) -> None:
+        if kwargs.get("generator") is not None:
+            raise ValueError("pass random_source (a clients.randomness.RandomSource), not a torch generator")
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.clipping: ClippingRule = clipping or FlatClipping()
+        self.random_source: RandomSource = random_source or SecureRandom()
         self.last_per_sample_norms: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
 
@@ -44,3 +50,12 @@ class PerSampleWeightDPOptimizer(DPOptimizer):
             g = torch.einsum("i,i...", weights.to(gs.device, p.dtype), gs)
             p.summed_grad = g if p.summed_grad is None else p.summed_grad + g
             _mark_as_processed(p.grad_sample)
+
+    def add_noise(self) -> None:
+        """``p.grad`` = Σ clipped + N(0, (σC)²), the noise from :attr:`random_source`."""
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = self.random_source.normal_like(std, p.summed_grad) if std > 0 else torch.zeros_like(p.summed_grad)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)

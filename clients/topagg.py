@@ -42,10 +42,10 @@ import torch
 from opacus.optimizers.optimizer import (
     DPOptimizer,
     _check_processed_flag,
-    _generate_noise,
     _mark_as_processed,
 )
 
+from clients.randomness import RandomSource, SecureRandom
 from privfl.errors import ConfigError
 
 __all__ = [
@@ -111,7 +111,7 @@ class SparseTernary(NamedTuple):
 
 
 def per_sample_votes(flat: torch.Tensor, k: int, bound: float | None = None,
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     source: RandomSource | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k stochastic-sign votes of each row of ``flat`` (n, d).
 
     Returns ``(indices, signs)``, both (n, k): the kept coordinates of each sample and
@@ -132,7 +132,7 @@ def per_sample_votes(flat: torch.Tensor, k: int, bound: float | None = None,
         b = b.clamp(max=bound)
     safe_b = torch.where(b > 0, b, torch.ones_like(b))
     p_plus = torch.where(b > 0, (0.5 + vals / (2 * safe_b)).clamp(0.0, 1.0), torch.full_like(vals, 0.5))
-    u = torch.rand(vals.shape, generator=generator, device=flat.device, dtype=flat.dtype)
+    u = (source or SecureRandom()).uniform(tuple(vals.shape), device=flat.device, dtype=flat.dtype)
     signs = torch.where(u < p_plus, 1.0, -1.0).to(flat.dtype)
     return idx, signs
 
@@ -168,8 +168,7 @@ class TopAggDPOptimizer(DPOptimizer):
         threshold: float = 0.0,
         bound: float | None = None,
         scale: float = 1.0,
-        generator: torch.Generator | None = None,
-        secure_mode: bool = False,
+        random_source: RandomSource | None = None,
         node_id: str = "",
     ) -> None:
         self.topagg = TopAggParams(k=k, threshold=threshold, bound=bound, scale=scale)
@@ -179,9 +178,8 @@ class TopAggDPOptimizer(DPOptimizer):
             max_grad_norm=math.sqrt(k),
             expected_batch_size=expected_batch_size,
             loss_reduction="mean",
-            generator=generator,
-            secure_mode=secure_mode,
         )
+        self.random_source: RandomSource = random_source or SecureRandom()
         self.dim = sum(p.numel() for p in self.params)
         if k > self.dim:
             raise ConfigError(f"dp.mechanism_params.k (dp.topagg_k): k={k} exceeds the model's "
@@ -196,13 +194,13 @@ class TopAggDPOptimizer(DPOptimizer):
 
     @classmethod
     def from_params(cls, optimizer: torch.optim.Optimizer, params: Mapping[str, Any], *, noise_multiplier: float,
-                    expected_batch_size: int, generator: torch.Generator | None = None,
+                    expected_batch_size: int, random_source: RandomSource | None = None,
                     node_id: str = "") -> TopAggDPOptimizer:
         """Build from ``DPConfig.mechanism_params`` (``k``, ``threshold``, optional ``bound``, ``scale``)."""
         p = TopAggParams.from_mapping(params)
         return cls(optimizer, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size,
                    k=int(p.k), threshold=float(p.threshold), bound=p.bound, scale=float(p.scale),
-                   generator=generator, node_id=node_id)
+                   random_source=random_source, node_id=node_id)
 
     # ---- conventions ------------------------------------------------------------------
     @property
@@ -242,7 +240,7 @@ class TopAggDPOptimizer(DPOptimizer):
             total = torch.zeros(self.dim, dtype=dtype, device=dev)
         else:
             flat = torch.cat([g.reshape(n, -1).to(dev, dtype) for g in gs], dim=1)
-            idx, signs = per_sample_votes(flat, self.k, self.topagg.bound, self.generator)
+            idx, signs = per_sample_votes(flat, self.k, self.topagg.bound, self.random_source)
             total = sum_votes(idx, signs, self.dim)
         self.last_batch_size = n
         offset = 0
@@ -260,8 +258,7 @@ class TopAggDPOptimizer(DPOptimizer):
         noisy_all, tern_all = [], []
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            noise = _generate_noise(std=self.noise_std, reference=p.summed_grad, generator=self.generator,
-                                    secure_mode=self.secure_mode)
+            noise = self.random_source.normal_like(self.noise_std, p.summed_grad)
             noisy = p.summed_grad + noise
             tern = torch.where(noisy.abs() >= tau, torch.sign(noisy), torch.zeros_like(noisy))
             p.grad = (scale * tern).view_as(p)

@@ -136,7 +136,8 @@ class _GossipBase(NodeStrategy):
         self._update_privacy(metrics)
         steps = int(metrics.get("steps", self.local_steps))
         self.total_steps += steps
-        loss = metrics.get("loss")
+        # the training loss is local to the site (a DPClient keeps it, never releases it)
+        loss = getattr(self.client, "last_loss", metrics.get("loss"))
         if loss is not None:
             self.last_loss = float(loss)
         new = [np.asarray(p) for p in new]
