@@ -8,9 +8,27 @@ object aggregate the ``FitRes`` (``aggregate_fit``) and the evaluation results
 (``aggregate_evaluate``). The aggregation is therefore Flower's, not a copy of it.
 
 Privacy: each ``DPClient`` runs record-level DP-SGD on its own data and accounts for
-it locally. The server only post-processes already-noised models, so FedAvg's weighting
-by ``num_examples`` does not change any site's (ε, δ) guarantee. (It would matter for
-client-level DP with server-side noise, which is not what this baseline does.)
+it locally, and only public or DP values reach Flower's strategy (the project rule: a
+value leaves a node only if it is DP output or public by declaration):
+
+- the FedAvg weight is public: ``FitRes.num_examples`` is the weight the client
+  releases — a privfl ``DPClient`` releases its declared site size, or 1 (equal
+  weights) — never its realised record count; ``FedAvgConfig.weighting = "equal"``
+  overrides whatever a client reports with 1;
+- a fit result's metrics are filtered at the client's end of the wire
+  (:class:`InProcessClientProxy`) to :data:`PUBLIC_FIT_METRICS` (ε, δ, step counts,
+  flags): a training loss, a count or any other key is dropped before the strategy
+  sees it;
+- evaluation stays on the sites by default: an evaluation result reaches
+  ``aggregate_evaluate`` only if it is a DP release (``metrics["dp"] == 1`` and a public
+  denominator as ``num_examples`` > 0, e.g. ``DPConfig.eval_noise_multiplier``), with
+  its metrics filtered to :data:`DP_EVALUATE_METRICS`; a client that releases nothing
+  (``num_examples == 0``) gives no result, and a round without any gives no loss.
+
+The server then only post-processes already-noised models and public weights, so the
+aggregation does not change any site's (ε, δ). (Client-level DP with server-side noise
+is not what this baseline does.) A researcher's true test accuracy is the simulator's
+business (it reads the models it holds), never a value the nodes release.
 
 ``FedAvgConfig.upload = "update"`` sends model changes instead of whole models, framed
 and optionally compressed (see :mod:`strategies.update_transfer`); the default
@@ -40,6 +58,7 @@ from flwr.common import (
     Parameters,
     ReconnectIns,
     Scalar,
+    Status,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
@@ -61,18 +80,66 @@ from strategies.update_transfer import (
 )
 
 __all__ = [
+    "DP_EVALUATE_METRICS",
+    "PUBLIC_FIT_METRICS",
     "FedAvgConfig",
     "FederatedAveraging",
     "InProcessClientProxy",
     "SeededClientManager",
+    "no_evaluation",
+    "public_fit_res",
+    "released_evaluate_res",
     "weighted_average",
 ]
 
 log = logging.getLogger("privfl.strategies.federated")
 
+#: The only metric keys a fit result may carry to the strategy: public values (ε, δ,
+#: step counts, flags). The same set as ``clients.dp_client.PUBLIC_FIT_METRICS``
+#: (``strategies`` may not import ``clients``; tests/test_federated.py checks they agree).
+PUBLIC_FIT_METRICS: frozenset[str] = frozenset(
+    {"steps", "total_steps", "epsilon", "delta", "dp", "budget_exhausted"})
+
+#: The only metric keys a (DP) evaluation release may carry: the noisy accuracy and the flag.
+DP_EVALUATE_METRICS: frozenset[str] = frozenset({"accuracy", "dp"})
+
+
+def no_evaluation() -> EvaluateRes:
+    """What a client that releases no evaluation gives the server: Flower's "no result" (0 examples)."""
+    return EvaluateRes(Status(Code.OK, "nothing released"), 0.0, 0, {})
+
+
+def public_fit_res(res: FitRes) -> FitRes:
+    """``res`` with its metrics cut down to :data:`PUBLIC_FIT_METRICS` (dropped key names are logged)."""
+    dropped = sorted(k for k in res.metrics if k not in PUBLIC_FIT_METRICS)
+    if not dropped:
+        return res
+    log.warning("fit result: dropped non-public metric(s) %s before the server", ", ".join(dropped))
+    metrics = {k: v for k, v in res.metrics.items() if k in PUBLIC_FIT_METRICS}
+    return FitRes(res.status, res.parameters, res.num_examples, metrics)
+
+
+def released_evaluate_res(res: EvaluateRes) -> EvaluateRes:
+    """``res`` if it is a DP release (``dp`` = 1, public denominator > 0), else :data:`no_evaluation`.
+
+    A non-DP evaluation (a raw loss, accuracy or test count) never reaches the server;
+    a DP one keeps only :data:`DP_EVALUATE_METRICS`.
+    """
+    if res.status.code != Code.OK or res.num_examples <= 0:
+        return no_evaluation()
+    if int(res.metrics.get("dp", 0)) != 1:  # type: ignore[arg-type]
+        log.warning("evaluation result: not a DP release (no metrics['dp'] = 1); nothing goes to the server")
+        return no_evaluation()
+    dropped = sorted(k for k in res.metrics if k not in DP_EVALUATE_METRICS)
+    if dropped:
+        log.warning("evaluation result: dropped metric(s) %s that are not part of the DP release", ", ".join(dropped))
+    metrics = {k: v for k, v in res.metrics.items() if k in DP_EVALUATE_METRICS}
+    return EvaluateRes(res.status, res.loss, res.num_examples, metrics)
+
+
 
 def weighted_average(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
-    """Example-weighted mean of every numeric metric the clients report (Flower's metric-aggregation hook)."""
+    """Mean of every numeric metric the clients report, weighted by their public weights (Flower's hook)."""
     total = sum(n for n, _ in metrics)
     if total <= 0:
         return {}
@@ -93,6 +160,10 @@ class InProcessClientProxy(ClientProxy):
     the wrapped ``NumPyClient`` through Flower's own ``NumPyClient.to_client()`` adapter,
     so ``FitIns``/``FitRes`` and ``Parameters`` take exactly the shapes they take on the
     wire. Exceptions of the client (e.g. ``BudgetExhausted``) propagate to the caller.
+
+    The proxy is the client's end of the wire, so it enforces the release rule there:
+    a fit result leaves with public metrics only (:func:`public_fit_res`), an evaluation
+    result only if it is a DP release (:func:`released_evaluate_res`).
 
     With a ``receiver`` (update transfer) the proxy is the client's end of the wire: it
     rebuilds whole models from the server's framed changes and returns its trained
@@ -115,18 +186,18 @@ class InProcessClientProxy(ClientProxy):
 
     def fit(self, ins: FitIns, timeout: float | None, group_id: int | None) -> FitRes:
         if self.receiver is None:
-            return self.client.fit(ins)
+            return public_fit_res(self.client.fit(ins))
         whole = FitIns(ndarrays_to_parameters(self.receiver.receive(ins.parameters)), ins.config)
         res = self.client.fit(whole)
         if res.status.code == Code.OK:
             res = FitRes(res.status, self.receiver.upload(parameters_to_ndarrays(res.parameters)),
                          res.num_examples, res.metrics)
-        return res
+        return public_fit_res(res)
 
     def evaluate(self, ins: EvaluateIns, timeout: float | None, group_id: int | None) -> EvaluateRes:
         if self.receiver is not None:
             ins = EvaluateIns(ndarrays_to_parameters(self.receiver.receive(ins.parameters)), ins.config)
-        return self.client.evaluate(ins)
+        return released_evaluate_res(self.client.evaluate(ins))
 
     def reconnect(self, ins: ReconnectIns, timeout: float | None, group_id: int | None) -> DisconnectRes:
         return DisconnectRes(reason="")
@@ -159,6 +230,10 @@ class SeededClientManager(SimpleClientManager):
         return [self.clients[c] for c in self._rng.sample(cids, num_clients)]
 
 
+#: FedAvgConfig.weighting choices (both public: never a realised record count)
+WEIGHTINGS = ("public", "equal")
+
+
 @dataclass
 class FedAvgConfig:
     """Settings of the FedAvg baseline (names follow Flower's ``FedAvg`` arguments)."""
@@ -176,9 +251,14 @@ class FedAvgConfig:
     compression_params: dict[str, Any] | None = None
     downlink_compressor: str = "exact"
     downlink_params: dict[str, Any] | None = None
+    #: the FedAvg weight of a result: "public" = the weight the client releases (a privfl
+    #: DPClient: its declared site size, or 1), "equal" = 1 for every result, whatever it says
+    weighting: str = "public"
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad field."""
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"fedavg.weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         if self.upload not in ("model", "update"):
             raise ConfigError(f"fedavg.upload must be 'model' (whole models) or 'update' (model changes), "
                               f"got {self.upload!r}")
@@ -227,14 +307,18 @@ class FederatedAveraging(CollectiveStrategy):
     (``bytes_down`` = model bytes, or the framed change with ``upload = "update"``), each
     trains ``local_steps`` DP-SGD steps and returns its model (``bytes_up`` = model bytes,
     or the framed, compressed change), Flower's ``FedAvg.aggregate_fit`` averages
-    them weighted by ``num_examples``, and every node's model becomes the new global
-    model. With evaluation on, the new global model is also sent to the evaluating
-    clients (counted in ``bytes_down``; evaluation uses the sites' test data and costs
-    no privacy budget) and ``aggregate_evaluate`` gives the distributed loss/accuracy.
+    them weighted by ``num_examples`` — the public weight each client releases (or 1
+    each with ``weighting = "equal"``), never a realised record count — and every
+    node's model becomes the new global model. A result with a weight below 1 is a
+    failure (Flower's mean would divide by zero).
 
-    Weighting by ``num_examples`` is safe here: DP is record-level inside each client,
-    so the server's weighted mean is post-processing of already-noised models and no
-    site's guarantee depends on it.
+    With evaluation on, the new global model is also sent to the evaluating clients
+    (counted in ``bytes_down``). A privfl ``DPClient`` releases nothing by default, so
+    the round has no loss; one configured to release a DP accuracy (its cost in its own
+    accountant) gives it over its public denominator, and ``aggregate_evaluate``
+    averages those releases (``global_accuracy``, per node ``released_accuracy``).
+
+    Only public values reach the strategy: see the module docstring.
 
     A client that raises ``BudgetExhausted`` is a failure of that round (left out of
     the aggregate), reported in ``stopped`` and never selected again; a client whose fit
@@ -361,11 +445,17 @@ class FederatedAveraging(CollectiveStrategy):
                 failures.append((proxy, res))
                 continue
             bytes_up[node] += parameters_nbytes(res.parameters)
-            results.append((proxy, self._uplink(res)))
+            res = self._weighted(res)
             m = dict(res.metrics)
             local_steps[node] = int(m.get("steps", ins.config.get("local_steps", 0)))
             metrics[node].update(m)
-            metrics[node]["num_examples"] = res.num_examples
+            metrics[node]["weight"] = res.num_examples
+            if res.num_examples < 1:
+                log.warning("node %s: fit result with weight %d left out (weights must be >= 1)",
+                            node, res.num_examples)
+                failures.append((proxy, res))
+                continue
+            results.append((proxy, self._uplink(res)))
             if int(m.get("budget_exhausted", 0)):
                 self._stop(node, "budget exhausted after this round's last allowed steps", metrics)
                 newly_stopped.add(node)
@@ -398,6 +488,12 @@ class FederatedAveraging(CollectiveStrategy):
                                bytes_down=bytes_down, metrics=metrics, stopped=newly_stopped)
 
     # ---- the wire ---------------------------------------------------------------------
+    def _weighted(self, res: FitRes) -> FitRes:
+        """``res`` with the FedAvg weight :attr:`FedAvgConfig.weighting` asks for (both public)."""
+        if self.config.weighting == "equal" and res.num_examples != 1:
+            return FitRes(res.status, res.parameters, 1, res.metrics)
+        return res
+
     def _downlink(self, node: str, parameters: Parameters) -> Parameters:
         """What the server sends ``node``: the global model, or its change when update transfer is on."""
         return parameters if self.tracker is None else self.tracker.downlink(node)
@@ -412,11 +508,17 @@ class FederatedAveraging(CollectiveStrategy):
 
     def _evaluate(self, round: int, bytes_down: dict[str, int],
                   metrics: dict[str, dict[str, Any]]) -> tuple[float | None, dict[str, Scalar]]:
-        """Flower's configure_evaluate / aggregate_evaluate over every node (evaluation is free of DP cost)."""
+        """Flower's configure_evaluate / aggregate_evaluate over every node, on DP releases only.
+
+        A client that releases nothing (``num_examples == 0``: the default of a DPClient)
+        is simply not in ``results``, so Flower's weighted mean never divides by zero and
+        a round where no one releases gives ``(None, {})``.
+        """
         assert self.global_parameters is not None
         n_eval = self._eval_manager.num_available()
         # Flower's FedAvg samples nobody when fewer than its minimums exist; evaluation may use
-        # every node there is (stopped ones too: it costs no budget), so clamp for this call only.
+        # every node there is (stopped ones too), so clamp for this call only. A node's DP
+        # release is accounted (and budget-checked) by the node itself.
         saved = self.strategy.min_evaluate_clients, self.strategy.min_available_clients
         self.strategy.min_evaluate_clients = min(saved[0], n_eval)
         self.strategy.min_available_clients = min(saved[1], n_eval)
@@ -430,11 +532,12 @@ class FederatedAveraging(CollectiveStrategy):
             ins = EvaluateIns(self._downlink(proxy.cid, ins.parameters), ins.config)
             bytes_down[proxy.cid] += parameters_nbytes(ins.parameters)
             res = proxy.evaluate(ins, timeout=None, group_id=round)
-            if res.status.code != Code.OK or res.num_examples == 0:
+            if res.status.code != Code.OK:
                 failures.append((proxy, res))
                 continue
+            if res.num_examples == 0:  # nothing released: evaluation stayed on the site
+                continue
             results.append((proxy, res))
-            metrics[proxy.cid]["local_test_loss"] = res.loss
             if "accuracy" in res.metrics:
-                metrics[proxy.cid]["local_test_accuracy"] = res.metrics["accuracy"]
+                metrics[proxy.cid]["released_accuracy"] = res.metrics["accuracy"]
         return self.strategy.aggregate_evaluate(round, results, failures)

@@ -1,11 +1,16 @@
 """Flower ClientApp: privfl's DPClient, unchanged, with its privacy state kept in ``context.state``.
 
 ``client_fn`` runs once per message. It rebuilds the node's ``DPClient`` (same data,
-model and DP settings), restores the accountant and optimizer state saved in the
-node's ``context.state`` and, after each fit, writes them back — before the reply
-leaves, and even when the fit fails part-way (the steps it reserved stay counted).
-A node whose budget is spent raises ``BudgetExhausted``; Flower turns that into an
-error reply, which the server's FedAvg counts as a failure and leaves out.
+model and DP settings, no seed: noise and batches from a fresh secure source), restores
+the accountant and optimizer state saved in the node's ``context.state`` and, after
+each fit or DP evaluation release, writes them back — before the reply leaves, and
+even when the call fails part-way (the steps it reserved stay counted). A node whose
+budget is spent raises ``BudgetExhausted``; Flower turns that into an error reply,
+which the server's FedAvg counts as a failure and leaves out.
+
+What the reply carries is the DPClient's release, and this node's end of the wire
+checks it once more: fit metrics are cut to ``PUBLIC_FIT_METRICS``; an evaluation
+reply is empty (0 examples) unless the run config asks for a DP accuracy.
 """
 
 from __future__ import annotations
@@ -18,12 +23,12 @@ from flwr.client import Client, NumPyClient
 from flwr.clientapp import ClientApp
 
 from clients import DPClient
+from clients.dp_client import PUBLIC_FIT_METRICS
 from privfl_app.task import (
     dp_config,
     load_site,
     load_state,
     make_model,
-    message_seed,
     partition_of,
     save_state,
     settings,
@@ -47,16 +52,25 @@ class ContextDPClient(NumPyClient):
         return self.inner.get_parameters(config)
 
     def fit(self, parameters: NDArrays, config: dict[str, Any]) -> tuple[NDArrays, int, dict[str, Any]]:
+        """The DPClient's release: noised model, public weight, public metrics only."""
         try:
-            out = self.inner.fit(parameters, config)
+            params, weight, metrics = self.inner.fit(parameters, config)
         finally:
             save_state(self.ctx, self.inner, self.fits + 1)
         log.info("node %s fit %d: epsilon=%.4f after %d steps", self.node, self.fits + 1,
                  self.inner.epsilon, self.inner.accountant.steps)
-        return out
+        return params, weight, {k: v for k, v in metrics.items() if k in PUBLIC_FIT_METRICS}
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Any]) -> tuple[float, int, dict[str, Any]]:
-        return self.inner.evaluate(parameters, config)
+        """Nothing (0 examples) unless a DP accuracy release is configured; its cost is saved before the reply."""
+        if self.inner.config.eval_noise_multiplier is None:
+            return 0.0, 0, {}
+        try:
+            loss, count, metrics = self.inner.evaluate(parameters, config)
+        finally:
+            save_state(self.ctx, self.inner, self.fits)
+        log.info("node %s evaluation release: epsilon=%.4f", self.node, self.inner.epsilon)
+        return loss, count, metrics
 
 
 def client_fn(context: Context) -> Client:
@@ -70,7 +84,6 @@ def client_fn(context: Context) -> Client:
         (site.train.x, site.train.y),
         (site.test.x, site.test.y),
         dp_config(cfg),
-        seed=message_seed(int(cfg["seed"]), pid, fits),
     )
     if state is not None:
         client.load_state_dict(state)

@@ -8,6 +8,12 @@ the whole run, as a SuperNode's does). Everything else — the ServerApp, Flower
 the legacy-compat ``GridClientProxy``, the message (de)serialisation and the ClientApp —
 is Flower's real code. Use it for a smoke test; real deployments use ``flwr run``.
 
+Being a simulator, it holds every site's data, so with ``researcher_eval`` it measures
+the true test accuracy of each round's global model on all sites' test splits through
+Flower's server-side ``evaluate_fn`` (``History.metrics_centralized``) — for the
+researcher's figures only, apart from what the nodes release (``metrics_distributed``,
+empty unless a DP evaluation release is configured).
+
     python -m privfl_app.local_grid --nodes 3 --run-config "num-server-rounds=2"
 """
 
@@ -19,12 +25,13 @@ import logging
 import threading
 import time
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Mapping
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.common import Scalar
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.server.compat.app import start_grid
@@ -102,13 +109,42 @@ class LocalGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
+def researcher_evaluate_fn(cfg: Mapping[str, Any], num_nodes: int) -> Callable[..., tuple[float, dict[str, Scalar]]]:
+    """Flower ``evaluate_fn``: (loss, {"true_accuracy"}) of a global model on every site's test split.
+
+    Simulation only: no node computes or releases this; the simulator reads the data it
+    generated itself.
+    """
+    import numpy as np
+    import torch
+
+    from clients.dp_client import evaluate_model
+    from privfl_app.task import load_site, make_model, settings
+
+    full = settings(cfg)
+    sites = [load_site(str(full["dataset"]), str(full["partitioning"]), int(full["seed"]), i, num_nodes)
+             for i in range(num_nodes)]
+    x = torch.as_tensor(np.concatenate([s.test.x for s in sites])).float()
+    y = torch.as_tensor(np.concatenate([s.test.y for s in sites])).long()
+    model = make_model(full, sites[0])
+
+    def evaluate(server_round: int, parameters: list[Any], config: dict[str, Scalar]) -> tuple[float, dict[str, Scalar]]:
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in zip(model.state_dict(), parameters)})
+        loss, acc = evaluate_model(model, x, y, torch.device("cpu"))
+        return loss, {"true_accuracy": acc}
+
+    return evaluate
+
+
 def run_in_process(num_nodes: int, run_config: Mapping[str, Any] | None = None,
-                   server_app: ServerApp | None = None) -> tuple[History | None, LocalGrid]:
+                   server_app: ServerApp | None = None,
+                   researcher_eval: bool = False) -> tuple[History | None, LocalGrid]:
     """Run the app's ServerApp against ``num_nodes`` in-process ClientApp nodes.
 
     With ``server_app`` given, that ServerApp object itself is called (its return value
     is None, so no History); otherwise the app's ``server_fn`` components are run with
     ``start_grid`` — what ``ServerApp.__call__`` does — to return Flower's ``History``.
+    ``researcher_eval`` adds the simulator's own true accuracy (see the module docstring).
     """
     from privfl_app.client_app import app as client_app
     from privfl_app.server_app import server_fn
@@ -120,6 +156,8 @@ def run_in_process(num_nodes: int, run_config: Mapping[str, Any] | None = None,
         server_app(grid, server_ctx)
         return None, grid
     components = server_fn(server_ctx)
+    if researcher_eval:
+        components.strategy.evaluate_fn = researcher_evaluate_fn(cfg, num_nodes)  # type: ignore[attr-defined]
     hist = start_grid(grid=grid, strategy=components.strategy, config=components.config)
     return hist, grid
 
@@ -139,13 +177,16 @@ def main() -> None:
     p.add_argument("--run-config", default="", help='e.g. "num-server-rounds=2 local-steps=5"')
     args = p.parse_args()
     t0 = time.perf_counter()
-    hist, grid = run_in_process(args.nodes, _parse_run_config(args.run_config))
+    hist, grid = run_in_process(args.nodes, _parse_run_config(args.run_config), researcher_eval=True)
     assert hist is not None
     from privfl_app.task import epsilon_of
 
     print(json.dumps({
         "seconds": round(time.perf_counter() - t0, 2),
-        "accuracy": hist.metrics_distributed.get("accuracy", []),
+        # the simulator's own measurement (never released by a node)
+        "true_accuracy": hist.metrics_centralized.get("true_accuracy", []),
+        # what the nodes released: a DP accuracy, only with eval-noise-multiplier/eval-denominator set
+        "released_dp_accuracy": hist.metrics_distributed.get("accuracy", []),
         "epsilon_max": hist.metrics_distributed_fit.get("epsilon_max", []),
         "epsilon_per_node": {n: epsilon_of(c) for n, c in grid.contexts.items()},
     }))

@@ -4,7 +4,13 @@ Flower calls ``client_fn`` once per message (and the Deployment Engine starts a 
 process for each), so a ``DPClient`` object never lives from one round to the next. Its
 accountant and optimizer state are therefore kept in the node's ``context.state`` (a
 ``RecordDict`` that Flower keeps per node for the whole run) and restored on every
-message: ε keeps accumulating across rounds instead of restarting at zero.
+message: ε keeps accumulating across rounds instead of restarting at zero. Noise and
+Poisson batches come from a fresh secure source in every rebuilt client (no seed: the
+deployed path), so nothing in the run config or the state predicts them.
+
+What a node releases (see the README): its noised model, a public FedAvg weight (1)
+and public fit metrics (ε, δ, steps, flags); an evaluation only as a DP accuracy when
+the run config sets ``eval-noise-multiplier`` and ``eval-denominator``.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ import json
 from functools import lru_cache
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context
 from torch import nn
@@ -43,6 +48,12 @@ DEFAULTS: dict[str, Any] = {
     "delta": 1e-5,
     "batch-size": 32,
     "lr": 0.5,
+    # the public Poisson sampling rate q (declared, never derived from a site's record count)
+    "sample-rate": 0.2,
+    # a DP evaluation release: σ of the noisy correct count (0 = evaluation stays on the site)
+    "eval-noise-multiplier": 0.0,
+    # … and the public denominator of the released accuracy (a declared test-set size; 0 = off)
+    "eval-denominator": 0,
 }
 
 
@@ -62,7 +73,21 @@ def settings(run_config: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("num-server-rounds", "local-steps", "min-fit-clients", "min-available-clients", "batch-size"):
         if out[key] < 1:
             raise ConfigError(f"run config: {key} must be >= 1, got {out[key]}")
+    if not 0 < out["sample-rate"] <= 1:
+        raise ConfigError(f"run config: sample-rate must be in (0, 1], got {out['sample-rate']}")
+    for key in ("eval-noise-multiplier", "eval-denominator"):
+        if out[key] < 0:
+            raise ConfigError(f"run config: {key} must be >= 0 (0 = no evaluation release), got {out[key]}")
+    if (out["eval-noise-multiplier"] > 0) != (out["eval-denominator"] > 0):
+        missing = "eval-denominator" if out["eval-noise-multiplier"] > 0 else "eval-noise-multiplier"
+        raise ConfigError(f"run config: {missing} must be set (> 0) too: a DP evaluation release needs both "
+                          "eval-noise-multiplier and eval-denominator")
     return out
+
+
+def dp_evaluation(cfg: Mapping[str, Any]) -> bool:
+    """Whether the sites release a DP accuracy (else evaluation stays on each site)."""
+    return float(cfg["eval-noise-multiplier"]) > 0 and int(cfg["eval-denominator"]) > 0
 
 
 @lru_cache(maxsize=8)
@@ -79,7 +104,7 @@ def make_model(cfg: Mapping[str, Any], site: SiteData) -> nn.Module:
 
 
 def dp_config(cfg: Mapping[str, Any]) -> DPConfig:
-    """DP-SGD settings of every site, from the run config."""
+    """DP-SGD (and DP evaluation release) settings of every site, from the run config (all public)."""
     return DPConfig(
         clipping=str(cfg["clipping"]),
         max_grad_norm=float(cfg["max-grad-norm"]),
@@ -87,7 +112,10 @@ def dp_config(cfg: Mapping[str, Any]) -> DPConfig:
         target_epsilon=float(cfg["target-epsilon"]),
         delta=float(cfg["delta"]),
         batch_size=int(cfg["batch-size"]),
+        sample_rate=float(cfg["sample-rate"]),
         lr=float(cfg["lr"]),
+        eval_noise_multiplier=float(cfg["eval-noise-multiplier"]) if dp_evaluation(cfg) else None,
+        eval_denominator=int(cfg["eval-denominator"]) if dp_evaluation(cfg) else None,
     )
 
 
@@ -102,17 +130,13 @@ def partition_of(context: Context) -> tuple[int, int]:
         ) from None
 
 
-def message_seed(base_seed: int, partition_id: int, fits: int) -> int:
-    """A fresh seed per node and fit: a rebuilt client must never replay an earlier round's noise."""
-    return int(np.random.SeedSequence([base_seed, partition_id, fits]).generate_state(1)[0])
-
-
 def load_state(context: Context) -> tuple[dict[str, Any] | None, int]:
     """The DPClient state saved in ``context.state`` and the number of fits so far."""
     rec = context.state.config_records.get(STATE_KEY)
     if rec is None:
         return None, 0
-    state: dict[str, Any] = {"accountant": json.loads(str(rec["accountant"]))}
+    state: dict[str, Any] = {"accountant": json.loads(str(rec["accountant"])),
+                             "training_steps": int(rec.get("training_steps", 0))}
     blob = rec.get("optimizer")
     if isinstance(blob, bytes) and blob:
         state["optimizer"] = torch.load(io.BytesIO(blob), weights_only=True)
@@ -120,7 +144,11 @@ def load_state(context: Context) -> tuple[dict[str, Any] | None, int]:
 
 
 def save_state(context: Context, client: DPClient, fits: int) -> None:
-    """Write the client's accountant (JSON) and optimizer state (tensor bytes) into ``context.state``."""
+    """Write the client's accountant (JSON) and optimizer state (tensor bytes) into ``context.state``.
+
+    Nothing of the secure noise stream is saved (there is nothing to save): a rebuilt
+    client draws a fresh key.
+    """
     state = client.state_dict()
     buf = io.BytesIO()
     torch.save(state["optimizer"], buf)
@@ -128,6 +156,7 @@ def save_state(context: Context, client: DPClient, fits: int) -> None:
         "accountant": json.dumps(state["accountant"]),
         "optimizer": buf.getvalue(),
         "fits": int(fits),
+        "training_steps": int(state["training_steps"]),
         "epsilon": float(client.epsilon),
         "steps": int(client.accountant.steps),
     })
