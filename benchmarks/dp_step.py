@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clients.clipping import CLIPPING_RULES, clipping_rule  # noqa: E402
 from clients.ghost import make_ghost_private  # noqa: E402
 from clients.optimizer import PerSampleWeightDPOptimizer  # noqa: E402
+from clients.randomness import SecureRandom, SeededRandom  # noqa: E402
 from privfl.models import build_model  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -77,13 +78,26 @@ def _variants(model_name: str, shape: tuple[int, ...], classes: int, batches: li
         gsm = GradSampleModule(m)
         opt = PerSampleWeightDPOptimizer(torch.optim.SGD(m.parameters(), lr=lr), noise_multiplier=sigma,
                                          max_grad_norm=clip, expected_batch_size=64,
-                                         generator=torch.Generator().manual_seed(1), clipping=clipping_rule(rule))
+                                         random_source=SeededRandom(1), clipping=clipping_rule(rule))
         out[f"opacus_{rule}"] = _make_step(gsm, opt, batches)
         m = build_model(model_name, shape, classes, seed=0)
         gm, gopt = make_ghost_private(m, torch.optim.SGD(m.parameters(), lr=lr), noise_multiplier=sigma,
                                       max_grad_norm=clip, expected_batch_size=64, clipping=clipping_rule(rule),
-                                      generator=torch.Generator().manual_seed(1))
+                                      random_source=SeededRandom(1))
         out[f"fast_{rule}"] = _make_step(gm, gopt, batches)
+    # what a deployed node runs: the same step with noise from the secure ChaCha20 source
+    for engine in ("opacus", "fast"):
+        m = build_model(model_name, shape, classes, seed=0)
+        if engine == "opacus":
+            opt = PerSampleWeightDPOptimizer(torch.optim.SGD(m.parameters(), lr=lr), noise_multiplier=sigma,
+                                             max_grad_norm=clip, expected_batch_size=64,
+                                             random_source=SecureRandom(), clipping=clipping_rule("psac"))
+            out["opacus_psac_secure"] = _make_step(GradSampleModule(m), opt, batches)
+        else:
+            gm, gopt = make_ghost_private(m, torch.optim.SGD(m.parameters(), lr=lr), noise_multiplier=sigma,
+                                          max_grad_norm=clip, expected_batch_size=64,
+                                          clipping=clipping_rule("psac"), random_source=SecureRandom())
+            out["fast_psac_secure"] = _make_step(gm, gopt, batches)
     return out
 
 
@@ -123,6 +137,12 @@ def bench_model(model_name: str, shape: tuple[int, ...], classes: int, reps: int
                 "fast_speedup_vs_opacus": round(med[f"opacus_{rule}"] / med[f"fast_{rule}"], 3),
             }
         out[label] = rules
+        # the cost of the secure noise source a deployed node uses (psac, same step otherwise)
+        out[f"{label}_secure_noise"] = {
+            eng: {"seeded_ms": round(med[f"{eng}_psac"], 4), "secure_ms": round(med[f"{eng}_psac_secure"], 4),
+                  "secure_ratio_vs_nonprivate": round(med[f"{eng}_psac_secure"] / base, 3),
+                  "secure_over_seeded": round(med[f"{eng}_psac_secure"] / med[f"{eng}_psac"], 3)}
+            for eng in ("opacus", "fast")}
     out["wall_iqr_ms"] = {k: [round(float(np.percentile(v, 25)) * 1e3, 4), round(float(np.percentile(v, 75)) * 1e3, 4)]
                           for k, v in wall.items()}
     return out

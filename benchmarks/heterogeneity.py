@@ -60,7 +60,7 @@ def spec(strategy: str, args: argparse.Namespace) -> SimSpec:
     return SimSpec(
         dataset="digits", num_nodes=args.nodes, partitioning="iid", scaling="none", model="cnn",
         dp=DPConfig(noise_multiplier=None, planned_steps=args.steps, target_epsilon=args.epsilon, delta=1e-5,
-                    batch_size=16, lr=args.lr, clipping="psac", engine="fast"),
+                    batch_size=16, sample_rate=0.18, lr=args.lr, clipping="psac", engine="fast"),
         strategy=strategy, strategy_params=params, local_steps=local_steps, topology=topology,
         compute_profile="straggler", compute_params={"factor": args.factor},
         stop=StopCriteria(max_steps=args.steps), eval_every=args.eval_every, seed=args.seed,

@@ -47,6 +47,7 @@ def child(n: int, dataset: str, model: str, strategy: str, batch: int, trace: bo
     steps = math.ceil(rows / batch)
     spec = SimSpec(dataset=dataset, num_nodes=n, partitioning="iid", scaling="none", model=model,
                    dp=DPConfig(noise_multiplier=1.0, target_epsilon=1e6, batch_size=batch, lr=0.1,
+                               sample_rate=min(1.0, batch / rows),
                                engine="fast" if model != "logreg" else "opacus"),
                    strategy=strategy, local_steps=1, topology="random_regular", topology_params={"degree": 3},
                    stop=StopCriteria(max_steps=steps), seed=0)

@@ -106,7 +106,7 @@ class DPConfig:
                               f"= {1 / self.declared_size:g}")
         if self.enabled and self.sample_rate is None and self.declared_size is None:
             raise ConfigError(f"{where}.sample_rate: required: a public Poisson sampling rate in (0, 1] "
-                              f"(or {where}.declared_size, the site's public record count, with batch_size); "
+                              "(or declared_size, the site's public record count, with batch_size); "
                               "it is never derived from the private number of records")
         if self.eval_noise_multiplier is not None:
             if not (self.eval_noise_multiplier > 0 and math.isfinite(self.eval_noise_multiplier)):

@@ -28,12 +28,14 @@ Canary kinds (all are input-space canaries; the auditor only queries the final m
   weights, so this audits the Gaussian mechanism and its accountant directly (Opacus
   engine, gaussian mechanism only).
 
-What keeps the audit honest: the sampling rate given to the client and the number of
-steps are fixed from the *expected* training-set size (ordinary rows + m/2), so nothing
-but the canaries' presence depends on S; k₊ and k₋ are fixed by the config before any
-score exists. One residue: the DPClient divides each noisy sum by round(n_train·q), and n_train
-counts the included input-space canaries, so that global factor moves by ±2 % with their
-number (the same factor for every canary; none for ``gradient`` canaries, which are no rows).
+What keeps the audit honest: the sampling rate given to the client (``[dp].sample_rate``,
+or batch_size over the *expected* training-set size, ordinary rows + m/2) and the number
+of steps are fixed before S is drawn, and the noisy sum is divided by the public
+batch_size, so nothing but the canaries' presence depends on S; k₊ and k₋ are fixed by
+the config before any score exists. The DP noise is drawn from a secure source
+(``[audit].noise = "secure"``, the default), so an attacker who knows every config value,
+``[audit].seed`` included, cannot subtract it; ``"seeded"`` makes the noise reproducible
+from the seed too, for regression tests only.
 """
 
 from __future__ import annotations
@@ -85,8 +87,11 @@ class AuditSection:
     canary_scale: float = 0.0  # 0 = the kind's default (DEFAULT_SCALE)
     seed: int = 0
     node_id: str = ""
+    noise: str = "secure"  # "secure": DP noise from OS entropy; "seeded": from seed (tests only)
 
     def validate(self, where: str) -> None:
+        if self.noise not in ("secure", "seeded"):
+            raise ConfigError(f"{where}.noise: must be secure or seeded, got {self.noise!r}")
         if self.canaries < 2:
             raise ConfigError(f"{where}.canaries: need at least 2 canaries, got {self.canaries}")
         if self.canary not in CANARY_KINDS:
@@ -200,16 +205,6 @@ def make_canaries(kind: str, train: Dataset, test: Dataset, m: int, scale: float
         x[np.arange(m), d + np.arange(m)] = scale  # for 'gradient' only the shape matters
         return Canaries(pad(train.x), train.y, x, labels, pad(test.x), test.y)
     raise ConfigError(f"[audit].canary: must be one of {', '.join(CANARY_KINDS)}, got {kind!r}")
-
-
-@dataclass
-class _FixedRateDPConfig(DPConfig):
-    """DPConfig whose Poisson rate is fixed in advance, so it cannot depend on which canaries are in."""
-
-    fixed_sample_rate: float = 1.0
-
-    def sample_rate(self, n_train: int) -> float:
-        return self.fixed_sample_rate
 
 
 @dataclass(frozen=True)
@@ -338,7 +333,8 @@ def run_audit(cfg: AuditConfig, seed: int | None = None, device: torch.device | 
               torch_threads: int = 1) -> AuditRunResult:
     """Insert canaries, train once with the node's DP settings, score, and bound ε (see module docstring).
 
-    ``seed`` overrides ``[audit].seed`` (canaries, inclusion, sampling and noise). Torch runs
+    ``seed`` overrides ``[audit].seed`` (canaries and inclusion; sampling and noise too only
+    with ``[audit].noise = "seeded"``). Torch runs
     with ``torch_threads`` intra-op threads for the duration (restored after): the models are
     tiny, and more threads only contend (a run took 16–27 s instead of ~1.5 s on a loaded
     2-core machine).
@@ -373,9 +369,8 @@ def _run_audit(cfg: AuditConfig, seed: int | None, device: torch.device | str | 
 
     expected_n = len(can.ordinary_y) + a.canaries / 2
     dp = cfg.dp.to_dp_config()
-    q = min(1.0, dp.batch_size / expected_n)
-    dp_cfg = _FixedRateDPConfig(**{f.name: getattr(dp, f.name) for f in dataclasses.fields(DPConfig)},
-                                fixed_sample_rate=q)
+    q = dp.sample_rate if dp.sample_rate is not None else min(1.0, dp.batch_size / expected_n)
+    dp_cfg = dataclasses.replace(dp, sample_rate=q, declared_size=None)
     steps = a.steps or max(1, int(round(a.epochs * expected_n / dp.batch_size)))
     if dp_cfg.enabled and dp_cfg.noise_multiplier is None and dp_cfg.planned_steps is None:
         dp_cfg.planned_steps = steps  # calibrate σ from target ε over the audit's own steps
@@ -383,7 +378,8 @@ def _run_audit(cfg: AuditConfig, seed: int | None, device: torch.device | str | 
     model = build_model(cfg.model.name, tuple(can.x.shape[1:]), site.train.num_classes,
                         seed=cfg.model.seed, hidden=tuple(cfg.model.hidden))
     try:
-        client = DPClient(model, (train_x, train_y), (can.test_x, can.test_y), dp_cfg, seed=seed, device=device)
+        client = DPClient(model, (train_x, train_y), (can.test_x, can.test_y), dp_cfg,
+                          seed=seed if a.noise == "seeded" else None, device=device)
     except ValueError as exc:
         raise ConfigError(f"[dp]: {exc}") from None
     log.info("audit node=%s canary=%s m=%d included=%d steps=%d dp=%s sigma=%.4g q=%.4g",

@@ -8,6 +8,7 @@ same thing everywhere, so a comparison really changes only what it says it chang
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -80,7 +81,13 @@ class ModelSection:
 
 @dataclass
 class DPSection:
-    """Local DP-SGD settings and the site's privacy budget."""
+    """Local DP-SGD settings and the site's privacy budget (all public).
+
+    ``sample_rate`` (q) is declared, or derived from ``batch_size`` and the site's public
+    ``declared_size``; 0 means unset. σ is calibrated from (q, planned_steps, ε, δ) alone.
+    ``eval_noise_multiplier`` > 0 (with ``eval_denominator``, the public test-set size)
+    lets a site release a DP accuracy; 0 keeps evaluation local.
+    """
 
     enabled: bool = True
     mechanism: str = "gaussian"
@@ -93,6 +100,8 @@ class DPSection:
     delta: float = 1e-5
     planned_steps: int = 0
     batch_size: int = 32
+    sample_rate: float = 0.0
+    declared_size: int = 0
     lr: float = 0.5
     momentum: float = 0.0
     accountant: str = "rdp"
@@ -101,6 +110,8 @@ class DPSection:
     topagg_bound: float = 0.0
     topagg_scale: float = 1.0
     engine: str = "opacus"
+    eval_noise_multiplier: float = 0.0
+    eval_denominator: int = 0
 
     def validate(self, where: str) -> None:
         if self.clipping not in CLIPPING_RULES:
@@ -115,17 +126,17 @@ class DPSection:
             raise ConfigError(f"{where}.engine: the 'fast' engine implements the gaussian mechanism only")
         if self.accountant not in ("rdp", "pld"):
             raise ConfigError(f"{where}.accountant: must be rdp or pld, got {self.accountant!r}")
-        for name in ("max_grad_norm", "psac_r", "autos_gamma", "target_epsilon", "lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{where}.{name}: must be > 0, got {getattr(self, name)}")
-        if not 0 < self.delta < 1:
-            raise ConfigError(f"{where}.delta: must be in (0, 1), got {self.delta}")
-        if self.noise_multiplier < 0:
-            raise ConfigError(f"{where}.noise_multiplier: must be > 0 (or 0 to calibrate), got {self.noise_multiplier}")
+        for name in ("noise_multiplier", "sample_rate", "eval_noise_multiplier", "topagg_threshold",
+                     "topagg_bound", "topagg_scale"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ConfigError(f"{where}.{name}: must be a finite number >= 0, got {v}")
+        for name in ("declared_size", "eval_denominator", "planned_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
         if self.enabled and self.noise_multiplier == 0 and self.planned_steps <= 0:
             raise ConfigError(f"{where}: give noise_multiplier, or planned_steps to calibrate σ from target_epsilon")
-        if self.batch_size < 1:
-            raise ConfigError(f"{where}.batch_size: must be >= 1, got {self.batch_size}")
+        self.to_dp_config().validate(where)
 
     def to_dp_config(self) -> DPConfig:
         """The client-side DPConfig these settings describe."""
@@ -134,11 +145,14 @@ class DPSection:
             psac_r=self.psac_r, autos_gamma=self.autos_gamma,
             noise_multiplier=self.noise_multiplier or None, target_epsilon=self.target_epsilon,
             delta=self.delta, planned_steps=self.planned_steps or None, batch_size=self.batch_size,
+            sample_rate=self.sample_rate or None, declared_size=self.declared_size or None,
             lr=self.lr, momentum=self.momentum, accountant=self.accountant, mechanism=self.mechanism,
             mechanism_params=({"k": self.topagg_k, "threshold": self.topagg_threshold,
                                "bound": self.topagg_bound or None, "scale": self.topagg_scale}
                               if self.mechanism == "topagg" else {}),
             engine=self.engine,
+            eval_noise_multiplier=self.eval_noise_multiplier or None,
+            eval_denominator=self.eval_denominator or None,
         )
 
 

@@ -41,6 +41,7 @@ import numpy as np
 from privfl.config import check_sections, common_from, from_table, read_toml, resolve_path
 from privfl.errors import ConfigError
 from privfl.node_config import NodeSection
+from privfl.preprocessing import check_deployable
 from privfl.pki import CA_FILE, CRL_FILE, ROSTER_FILE, Policy, init_consortium, load_roster, validate_label
 
 log = logging.getLogger("privfl.launch")
@@ -177,7 +178,8 @@ def load_consortium(path: str | Path) -> tuple[dict[str, Any], ConsortiumSection
                           f"{len(cons.nodes)} nodes")
     data["num_sites"] = len(cons.nodes)
     table["data"] = data
-    common_from({k: v for k, v in table.items() if k not in ("consortium", "policy", "node")}, src)  # validate
+    common = common_from({k: v for k, v in table.items() if k not in ("consortium", "policy", "node")}, src)
+    check_deployable(common.data.preprocessing_spec(p.parent), f"{src}: [data]")  # nodes refuse it too, later
     return table, cons, pol
 
 
@@ -211,6 +213,11 @@ def prepare_run(config: str | Path, runs_dir: str | Path | None = None, run_name
                         addresses={nid: f"127.0.0.1:{port}" for nid, port in zip(cons.nodes, ports)},
                         policy=pol.to_policy())
     shared = {k: dict(table[k]) for k in ("data", "model", "dp", "topology", "strategy", "stop") if k in table}
+    data = shared.get("data", {})
+    for key in ("source", "statistics"):  # files named in the launch config are relative to it, not to a node
+        value = data.get(key)
+        if isinstance(value, str) and value and (key == "statistics" or value.endswith((".csv", ".npz"))):
+            data[key] = str(resolve_path(base, value).resolve())
     node_dirs, node_configs = {}, {}
     for i, nid in enumerate(cons.nodes):
         d = run_dir / nid

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import random
+import secrets
 import signal
 import threading
 import time
@@ -40,9 +41,11 @@ import numpy as np
 import torch
 
 import privfl
-from accounting import calibrate_noise
+from accounting import DpEventKey
 from accounting.ledger import Ledger, LedgerError, LedgerPolicy, TornTailError
 from clients import DPClient
+from clients.randomness import random_source
+from privfl.data import Dataset, SiteData
 from privfl.errors import ConfigError, PrivflError
 from privfl.models import build_model
 from privfl.node_config import NodeConfig, NodeStrategyParams, load_node_config
@@ -59,6 +62,15 @@ from privfl.pki import (
     verify_crl,
     verify_node_certificate,
 )
+from privfl.preprocessing import (
+    Preprocessing,
+    PreprocessingSpec,
+    check_deployable,
+    fit_preprocessing,
+    load_preprocessing,
+    save_preprocessing,
+    spec_description,
+)
 from strategies.base import NodeStrategy
 from strategies.compression.params import build_compressor
 from strategies.gossip import AsyncGossip, SyncGossip
@@ -72,6 +84,7 @@ METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 FINAL_MODEL = "final_model.npz"
 SUMMARY_FILE = "summary.json"
+PREPROCESSING_FILE = "preprocessing.json"
 METRIC_FIELDS = ("time", "node", "phase", "steps", "loss", "accuracy", "test_loss", "epsilon", "delta",
                  "bytes_sent", "bytes_received", "exchanges", "served")
 STRATEGIES = ("async_gossip", "sync_gossip")
@@ -139,13 +152,16 @@ def load_identity(cfg: NodeConfig) -> tuple[NodeIdentity, Roster, bytes]:
     return NodeIdentity(cfg.node.id, cert_pem, key_pem, ca_pem), roster, crl_pem
 
 
-def resolved_noise(cfg: NodeConfig, n_train: int) -> float:
-    """The noise multiplier the node will use (configured, or calibrated as DPClient does)."""
-    dp = cfg.common.dp
-    if dp.noise_multiplier > 0:
-        return float(dp.noise_multiplier)
-    q = min(1.0, dp.batch_size / n_train)
-    return float(calibrate_noise(dp.target_epsilon, dp.delta, q, dp.planned_steps, dp.accountant))  # type: ignore[arg-type]
+def resolved_noise(cfg: NodeConfig, prior: dict[Any, int] | None = None) -> float:
+    """The node's noise multiplier: configured, or calibrated from public values alone.
+
+    (q, planned_steps, ε, δ) and the public cost of a DP preprocessing estimate
+    (``prior``) — never the number of records the site holds, so σ reveals nothing of it.
+    """
+    try:
+        return cfg.common.dp.to_dp_config().resolved_noise(prior)
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg.path}: [dp]: {exc}") from None
 
 
 def check_policy(cfg: NodeConfig, roster: Roster, sigma: float) -> None:
@@ -168,18 +184,24 @@ def ledger_policy(cfg: NodeConfig, roster: Roster, sigma: float) -> LedgerPolicy
     """The privacy policy pinned in the ledger header."""
     dp = cfg.common.dp
     floor = roster.policy.min_noise_multiplier if roster.policy.min_noise_multiplier is not None else sigma
+    rule = "topagg" if dp.mechanism == "topagg" else dp.clipping
     return LedgerPolicy(target_epsilon=float(dp.target_epsilon), delta=float(dp.delta),
-                        min_noise_multiplier=float(floor), allowed_clipping_rules=(dp.clipping,),
+                        min_noise_multiplier=float(floor), allowed_clipping_rules=(rule,),
                         accountant=dp.accountant)
 
 
-def open_ledger(path: Path, identity: NodeIdentity, policy: LedgerPolicy) -> Ledger:
-    """Open (or create) the node's ledger; repair a torn tail with a logged note; refuse anything else."""
+def open_ledger(path: Path, identity: NodeIdentity, policy: LedgerPolicy, randomness: str,
+                preprocessing: dict[str, Any] | None = None) -> Ledger:
+    """Open (or create) the node's ledger; repair a torn tail with a logged note; refuse anything else.
+
+    The header records the randomness kind and the public preprocessing description.
+    """
     key = load_private_key(identity.key_pem)
+    extra: dict[str, Any] = {"randomness": randomness, "preprocessing": preprocessing}
     try:
         try:
             return Ledger.open_or_create(path, key, identity.cert_pem, policy, privfl.__version__,
-                                         node_id=identity.node_id)
+                                         node_id=identity.node_id, **extra)
         except TornTailError as exc:
             log.warning("node %s: ledger %s has a torn last line (%d bytes, a crash during an append); "
                         "repairing it explicitly", identity.node_id, path, exc.torn_bytes)
@@ -187,7 +209,7 @@ def open_ledger(path: Path, identity: NodeIdentity, policy: LedgerPolicy) -> Led
             log.warning("node %s: ledger %s torn tail repaired (a 'torn_tail_repaired' note was appended)",
                         identity.node_id, path)
             return Ledger.open_or_create(path, key, identity.cert_pem, policy, privfl.__version__,
-                                         node_id=identity.node_id)
+                                         node_id=identity.node_id, **extra)
     except LedgerError as exc:
         raise NodeError(f"ledger {path} failed verification, refusing to start: {exc}") from None
     except ValueError as exc:
@@ -236,13 +258,21 @@ class Node:
         self.identity, self.roster, crl = load_identity(cfg)
         if self.node_id not in self.roster.nodes:
             raise NodeError(f"{cfg.path}: [node].id: {self.node_id!r} is not in the roster {cfg.roster_path}")
-        # data: every node uses the same data seed, so the partitions agree; standardisation is local
-        self.site = c.data.sites(cfg.path.parent)[cfg.site_index]
-        n_train = len(self.site.train)
-        self.sigma = resolved_noise(cfg, n_train)
-        check_policy(cfg, self.roster, self.sigma)
+        # data: every node uses the same data seed, so the partitions agree; preprocessing is
+        # public (declared statistics) or a DP estimate whose cost is in the ledger
+        spec = c.data.preprocessing_spec(cfg.path.parent)
+        check_deployable(spec, f"{cfg.path}: [data]")
+        raw = c.data.sites(cfg.path.parent)[cfg.site_index]
         self.out.mkdir(parents=True, exist_ok=True)
-        self.ledger = open_ledger(self.out / LEDGER_FILE, self.identity, ledger_policy(cfg, self.roster, self.sigma))
+        pre, fresh = self._preprocessing(spec, raw.train.x, c.data.source)
+        self.site = SiteData(raw.site, _mapped(raw.train, pre), _mapped(raw.test, pre))
+        prior = {DpEventKey(pre.dp_event.noise_multiplier, 1.0): 1} if pre.dp_event is not None else None
+        self.sigma = resolved_noise(cfg, prior)
+        check_policy(cfg, self.roster, self.sigma)
+        self.ledger = open_ledger(self.out / LEDGER_FILE, self.identity, ledger_policy(cfg, self.roster, self.sigma),
+                                  cfg.randomness, pre.describe())
+        if fresh and pre.dp_event is not None:
+            self._record_preprocessing(pre)
         accountant = self.ledger.rebuild_accountant()
         self.steps_before = self.ledger.steps
         in_shape = tuple(self.site.train.x.shape[1:])
@@ -250,12 +280,17 @@ class Node:
                             hidden=tuple(c.model.hidden))
         dpc = c.dp.to_dp_config()
         dpc.noise_multiplier = self.sigma
+        if cfg.seed is not None:
+            log.warning("node %s: [node].seed = %d: SEEDED noise and sampling — anyone who knows the seed can "
+                        "recompute them; for tests only (the ledger says 'seeded' and the audit fails it)",
+                        self.node_id, cfg.seed)
         try:
             self.client = DPClient(model, (self.site.train.x, self.site.train.y), (self.site.test.x, self.site.test.y),
-                                   dpc, seed=cfg.seed + 1000 * self.steps_before,
+                                   dpc, seed=None if cfg.seed is None else cfg.seed + 1000 * self.steps_before,
                                    accountant=accountant, on_dp_event=self._on_dp_event)
         except ValueError as exc:
             raise ConfigError(f"{cfg.path}: [dp]: {exc}") from None
+        self.client.training_steps = self.steps_before
         self.names = self.client.parameter_names()
         params = self.client.get_parameters({})
         self.initial_params = [p.copy() for p in params]
@@ -263,9 +298,10 @@ class Node:
         if resumed is not None:
             params = resumed
         eps = self.client.epsilon
-        log.info("node %s: site %d, %d train / %d test records, σ=%.4g, q=%.4g, ledger steps=%d ε=%.4f of %g "
-                 "(δ=%g)%s", self.node_id, cfg.site_index, n_train, len(self.site.test), self.sigma,
-                 self.client.sample_rate, self.steps_before, eps, c.dp.target_epsilon, c.dp.delta,
+        log.info("node %s: site %d, %d train / %d test records (local), σ=%.4g, q=%.4g, %s randomness, ledger "
+                 "steps=%d ε=%.4f of %g (δ=%g)%s", self.node_id, cfg.site_index, len(self.site.train),
+                 len(self.site.test), self.sigma, self.client.sample_rate, self.client.random_kind,
+                 self.steps_before, eps, c.dp.target_epsilon, c.dp.delta,
                  ", resumed from checkpoint" if resumed is not None else "")
         self.topology = topology_of(cfg, list(self.roster.nodes))
         summary = self.topology.summary()
@@ -276,7 +312,7 @@ class Node:
             self.identity, self.roster, crl, neighbors, self.names, params,
             policy=AdvertisedPolicy(self.sigma, c.dp.target_epsilon, c.dp.delta),
             listen=cfg.node.listen or None, timeout=cfg.node.peer_timeout, on_release=self._on_release)
-        scfg: dict[str, Any] = {"local_steps": c.strategy.local_steps, "seed": cfg.seed}
+        scfg: dict[str, Any] = {"local_steps": c.strategy.local_steps, "seed": self._strategy_seed(0)}
         self.strategy: NodeStrategy
         if c.strategy.name == "async_gossip":
             scfg.update(AsyncGossip.roles(self.topology, self.node_id))
@@ -297,7 +333,7 @@ class Node:
         if sp.compressor is None:
             return {}
         name, kwargs = sp.compressor
-        compressor = build_compressor(name, kwargs, self.cfg.seed + 7919)  # cfg.seed differs per node
+        compressor = build_compressor(name, kwargs, self._strategy_seed(7919))
         own_init = self.cfg.node.init_seed >= 0
         shared = sp.shared_init if sp.shared_init is not None else not own_init
         if shared and own_init:
@@ -311,11 +347,53 @@ class Node:
                  compressor.describe(), sp.gamma, shared)
         return {"compressor": compressor, "gamma": sp.gamma, "shared_init": shared}
 
+    def _strategy_seed(self, offset: int) -> int:
+        """A seed for post-processing randomness (peer choice, compressor masks): from the
+        explicit ``[node].seed`` in a seeded test node, else from OS entropy."""
+        return self.cfg.seed + offset if self.cfg.seed is not None else secrets.randbits(62)
+
+    def _preprocessing(self, spec: PreprocessingSpec, train_x: np.ndarray, dataset: str) -> tuple[Preprocessing, bool]:
+        """The site's preprocessing: reloaded from its saved public description when this node
+        estimated it before (a DP estimate is never paid for twice), else fitted now.
+
+        Returns (preprocessing, fitted now)."""
+        path = self.out / PREPROCESSING_FILE
+        if path.exists():
+            try:
+                saved = load_preprocessing(path)
+            except (OSError, ValueError, ConfigError) as exc:
+                raise NodeError(f"{path}: unreadable saved preprocessing ({exc}); remove it only together with a "
+                                "new ledger") from None
+            if saved.describe().get("spec") == spec_description(spec):
+                log.info("node %s: preprocessing %s reloaded from %s", self.node_id, saved.kind, path)
+                return saved, False
+            log.info("node %s: [data] preprocessing changed since %s was saved; fitting it again", self.node_id, path)
+        source = random_source(None if self.cfg.seed is None else self.cfg.seed + 4243)
+        pre = fit_preprocessing(spec, train_x, source=source, base_dir=self.cfg.path.parent, dataset_name=dataset)
+        return pre, True
+
+    def _record_preprocessing(self, pre: Preprocessing) -> None:
+        """Write a fresh DP preprocessing estimate's event to the ledger, then save the estimate."""
+        assert self.ledger is not None and pre.dp_event is not None
+        ev = pre.dp_event
+        acc = self.ledger.rebuild_accountant()
+        acc.step(ev.noise_multiplier, 1.0, 1)
+        self.ledger.append_dp_event(ev.noise_multiplier, 1.0, 1, "value_clip", ev.sensitivity,
+                                    epsilon=acc.get_epsilon(self.cfg.common.dp.delta), purpose="preprocessing",
+                                    sensitivity=ev.sensitivity, local_mechanism=ev.query, mechanism_params={})
+        self.ledger.sync()
+        save_preprocessing(pre, self.out / PREPROCESSING_FILE)
+        log.info("node %s: DP preprocessing estimate (%s, σ=%.4g, sensitivity %.4g) recorded in the ledger",
+                 self.node_id, ev.query, ev.noise_multiplier, ev.sensitivity)
+
     def _on_dp_event(self, event: dict[str, Any]) -> None:
-        """Write-ahead: the DPClient calls this before the steps run."""
+        """Write-ahead: the DPClient calls this before the steps (or a DP release) run."""
         assert self.ledger is not None
         self.ledger.append_dp_event(event["noise_multiplier"], event["sample_rate"], int(event["steps"]),
-                                    event["clipping"], event["max_grad_norm"], epsilon=event["epsilon"])
+                                    event["clipping"], event["max_grad_norm"], epsilon=event["epsilon"],
+                                    purpose=event["purpose"], sensitivity=event["sensitivity"],
+                                    local_mechanism=event["local_mechanism"],
+                                    mechanism_params=event.get("mechanism_params") or {})
 
     def _on_release(self, peer: str, seq: int, round: int, digest: str, nbytes: int) -> None:
         """Every model released to a peer gets a ledger entry first (never its values)."""
@@ -368,11 +446,11 @@ class Node:
         """Evaluate the current model on the node's own test split and append a metrics row."""
         assert self.network is not None
         params = self._snapshot()
-        loss, _n, m = self.client.evaluate(params, {})
+        loss, acc = self.client.evaluate_local(params)  # the site's own view: stays on the node
         traffic = self.network.counters.total()
         row = {"time": round(time.monotonic() - self._t0, 4), "node": self.node_id, "phase": phase,
                "steps": self.total_steps, "loss": _num(getattr(self.strategy, "last_loss", math.nan)),
-               "accuracy": float(m.get("accuracy", 0.0)), "test_loss": _num(loss),
+               "accuracy": _num(acc), "test_loss": _num(loss),
                "epsilon": _num(self.client.epsilon), "delta": self.cfg.common.dp.delta,
                "bytes_sent": traffic.bytes_sent, "bytes_received": traffic.bytes_received,
                "exchanges": int(getattr(self.strategy, "exchanges", 0)),
@@ -401,7 +479,7 @@ class Node:
             return "max_steps"
         if time.monotonic() - self._t0 >= stop.max_seconds:
             return "max_seconds"
-        if stop.target_accuracy > 0 and self.metrics_rows and self.metrics_rows[-1]["accuracy"] >= stop.target_accuracy:
+        if stop.target_accuracy > 0 and self.metrics_rows and (self.metrics_rows[-1]["accuracy"] or 0.0) >= stop.target_accuracy:
             return "target_accuracy"
         return None
 
@@ -448,7 +526,7 @@ class Node:
         n = self.cfg.node.consensus_exchanges
         if not isinstance(strat, AsyncGossip) or n <= 0 or not strat.active or not strat.peers:
             return 0
-        rng = random.Random(self.cfg.seed + 17)
+        rng = random.Random(self._strategy_seed(17))
         done, attempts = 0, 0
         live = [p for p in strat.peers]
         while done < n and attempts < 4 * n and live and not self._stop_requested.is_set():
@@ -569,6 +647,11 @@ class Node:
         log.info("node %s: finished: %s, steps=%d, ε=%.4f, accuracy=%s", self.node_id, self.stop_reason,
                  self.total_steps, summary["epsilon"], summary["accuracy"])
         return summary
+
+
+def _mapped(d: Dataset, pre: Preprocessing) -> Dataset:
+    """``d`` with the site's preprocessing applied to its features."""
+    return Dataset(pre.apply(d.x), d.y, d.num_classes, d.name)
 
 
 def _num(x: Any) -> float | None:

@@ -40,7 +40,7 @@ class NodeSection:
     id: str = ""
     listen: str = ""  # empty: the node's address in the roster
     output: str = "out"
-    seed: int = -1  # -1: derived from data.seed and site_index
+    seed: int = -1  # -1: secure randomness (OS entropy); >= 0: seeded noise, for tests only (the audit fails it)
     init_seed: int = -1  # model initialisation seed; -1: model.seed (every node starts alike)
     log_level: str = "INFO"
     checkpoint_every: float = 10.0  # seconds between checkpoints (and always at the end)
@@ -113,11 +113,18 @@ class NodeConfig:
         return int(getattr(logging, self.node.log_level.upper()))
 
     @property
-    def seed(self) -> int:
-        """The node's training seed (sampling and noise)."""
-        if self.node.seed >= 0:
-            return self.node.seed
-        return self.common.data.seed * 1000 + self.site_index
+    def seed(self) -> int | None:
+        """The explicit seed of the node's noise and sampling; None (the default): secure randomness.
+
+        Nothing in a config reproduces a deployed node's noise: only ``[node].seed >= 0``
+        asks for a seeded stream, and the ledger then says "seeded".
+        """
+        return self.node.seed if self.node.seed >= 0 else None
+
+    @property
+    def randomness(self) -> str:
+        """"secure" or "seeded": what the ledger records."""
+        return "seeded" if self.seed is not None else "secure"
 
     @property
     def init_seed(self) -> int:
