@@ -24,6 +24,7 @@ that into its ledger and ``privfl audit`` fails a seeded ledger unless told othe
 
 from __future__ import annotations
 
+import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from torch.utils.data import Sampler
 
 RandomnessKind = Literal["secure", "seeded"]
 RANDOMNESS_KINDS: tuple[str, ...] = ("secure", "seeded")
+_MASK53 = (1 << 53) - 1
 
 __all__ = [
     "RANDOMNESS_KINDS",
@@ -91,30 +93,26 @@ class SecureRandom(RandomSource):
         nonce = os.urandom(16)  # ChaCha20 in cryptography: 4-byte counter + 12-byte nonce
         self._stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
 
-    def _u64(self, n: int) -> np.ndarray:
-        return np.frombuffer(self._stream.update(bytes(8 * n)), dtype="<u8")
+    def _uniform53(self, n: int) -> torch.Tensor:
+        """n float64 values uniform on [0, 1), each from 53 bits of the keystream."""
+        words = torch.frombuffer(bytearray(self._stream.update(bytes(8 * n))), dtype=torch.int64)
+        return ((words >> 11) & _MASK53).to(torch.float64).mul_(1.0 / (1 << 53))
 
-    def _uniform53(self, n: int) -> np.ndarray:
-        """n doubles uniform on [0, 1), each from 53 random bits."""
-        return (self._u64(n) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-    def _standard_normal(self, n: int) -> np.ndarray:
-        """n N(0, 1) doubles, each the scaled sum of four Box–Muller samples."""
+    def _standard_normal(self, n: int) -> torch.Tensor:
+        """n N(0, 1) float64 values, each the scaled sum of four Box–Muller samples."""
         k = self.GAUSSIAN_SUMMANDS
         m = n * k
         pairs = (m + 1) // 2
         u = self._uniform53(2 * pairs)
-        u1 = 1.0 - u[:pairs]  # (0, 1]: log is finite
-        u2 = u[pairs:]
-        r = np.sqrt(-2.0 * np.log(u1))
-        theta = 2.0 * np.pi * u2
-        z = np.concatenate([r * np.cos(theta), r * np.sin(theta)])[:m]
-        return z.reshape(n, k).sum(axis=1) / np.sqrt(k)
+        r = torch.log1p(-u[:pairs]).mul_(-2.0).sqrt_()  # 1 − u ∈ (0, 1]: the log is finite
+        theta = u[pairs:].mul_(2.0 * math.pi)
+        z = torch.cat([r * torch.cos(theta), r * torch.sin(theta)])[:m]
+        return z.view(n, k).sum(dim=1).div_(math.sqrt(k))
 
     def uniform(self, shape: tuple[int, ...], device: torch.device | str | None = None,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n = int(np.prod(shape)) if shape else 1
-        u = torch.from_numpy(self._uniform53(n).reshape(shape))
+        u = self._uniform53(n).view(shape)
         if dtype != torch.float64:
             # rounding to a narrower float may reach 1.0: keep the interval half-open
             u = u.to(dtype).clamp_(max=1.0 - torch.finfo(dtype).eps / 2)
@@ -123,7 +121,7 @@ class SecureRandom(RandomSource):
     def normal(self, std: float, shape: tuple[int, ...], device: torch.device | str | None = None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n = int(np.prod(shape)) if shape else 1
-        z = torch.from_numpy((self._standard_normal(n) * float(std)).reshape(shape)).to(dtype)
+        z = self._standard_normal(n).mul_(float(std)).view(shape).to(dtype)
         return z.to(device) if device is not None else z
 
 
