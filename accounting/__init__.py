@@ -9,12 +9,24 @@ from accounting.accountant import (
     sampled_gaussian_event,
 )
 from accounting.budget import BudgetExhausted, BudgetGuard
-from accounting.audit import AuditReport, audit_ledger
+from accounting.audit import AuditIssue, AuditReport, audit_ledger
 from accounting.audit_empirical import OneRunAudit, audit_one_run, epsilon_lower_bound
 from accounting.calibration import calibrate_noise
-from accounting.ledger import Ledger, LedgerError, LedgerPolicy, TornTailError
+from accounting.ledger import (
+    DP_PURPOSES,
+    LEDGER_FORMAT,
+    RANDOMNESS_KINDS,
+    Ledger,
+    LedgerError,
+    LedgerPolicy,
+    TornTailError,
+)
 
 __all__ = [
+    "DP_PURPOSES",
+    "LEDGER_FORMAT",
+    "RANDOMNESS_KINDS",
+    "AuditIssue",
     "AuditReport",
     "Ledger",
     "LedgerError",

@@ -3,8 +3,11 @@
 :func:`audit_ledger` checks that the node certificate in the header chains to the
 consortium CA and was valid when each entry was written, every signature, the hash
 chain and the index sequence (naming the first bad entry and the kind of problem),
-that every DP event obeys the header's policy, and recomputes ε from the dp_event
-entries with dp-accounting directly (``RdpAccountant`` and ``PLDAccountant`` on
+that the noise was drawn from secure randomness (a seeded ledger fails unless the
+caller allows it, for simulations and tests: anyone who knows a seed can recompute the
+noise and subtract it), that every DP event obeys the header's policy, and recomputes ε
+from every dp_event entry — training, preprocessing and evaluation alike —
+with dp-accounting directly (``RdpAccountant`` and ``PLDAccountant`` on
 ``PoissonSampledDpEvent(q, GaussianDpEvent(σ))``, composed once per distinct (σ, q)
 with the summed step count) — not with privfl's own accountant, so a bug there cannot
 hide here. ε over time (RDP, after every dp_event) is computed incrementally: the
@@ -32,12 +35,19 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
 from accounting.ledger import (
+    DP_PURPOSES,
+    LEDGER_FORMAT_V1,
     MECHANISM_POISSON_GAUSSIAN,
+    PURPOSE_TRAINING,
+    RANDOMNESS_SECURE,
+    RANDOMNESS_SEEDED,
+    RANDOMNESS_UNRECORDED,
     TORN_TAIL,
     LedgerPolicy,
     PublicKey,
     cert_node_ids,
     public_key_of_cert,
+    purpose_of,
     read_ledger,
 )
 
@@ -49,6 +59,11 @@ BUDGET_TOLERANCE = 1e-9
 CLAIM_RTOL = {"rdp": 1e-6, "pld": 1e-4}
 
 PASS, FAIL, SKIPPED = "pass", "fail", "skipped"
+
+# Issue kinds of the randomness check.
+SEEDED_NOISE = "seeded_noise"
+UNRECORDED_RANDOMNESS = "unrecorded_randomness"
+RANDOMNESS_MISMATCH = "randomness_mismatch"
 
 
 @dataclass
@@ -62,23 +77,37 @@ class AuditIssue:
 
 @dataclass
 class EpsilonPoint:
-    """ε after one dp_event: recomputed (RDP) and as the node recorded it."""
+    """ε after one dp_event: recomputed (RDP) and as the node recorded it.
+
+    ``steps`` is the running count of every accounted step (all purposes).
+    """
 
     index: int
     timestamp: float
     steps: int
     epsilon_rdp: float
     epsilon_claimed: float | None
+    purpose: str = PURPOSE_TRAINING
 
 
 @dataclass
 class AuditReport:
-    """Everything :func:`audit_ledger` found; ``ok`` only when every check passed."""
+    """Everything :func:`audit_ledger` found; ``ok`` only when every check passed.
+
+    ``randomness`` is the header's kind ("secure", "seeded", or "unrecorded" for a
+    privfl-ledger/1 header); ``randomness_allowed`` is True when a non-secure kind
+    passed only because the caller gave ``allow_seeded``. ``epsilon_pld`` is None when
+    PLD was not computed. ``by_purpose``: purpose → {"events", "steps"}.
+    """
 
     path: str
     ok: bool = False
     node_id: str | None = None
     software_version: str | None = None
+    format: str | None = None
+    randomness: str | None = None
+    randomness_allowed: bool = False
+    preprocessing: dict[str, Any] | None = None
     entries_verified: int = 0
     first_bad_index: int | None = None
     issues: list[AuditIssue] = field(default_factory=list)
@@ -89,12 +118,19 @@ class AuditReport:
     delta: float | None = None
     accountant: str | None = None
     epsilon_rdp: float = 0.0
-    epsilon_pld: float = 0.0
+    epsilon_pld: float | None = None
     epsilon: float = 0.0
     events: list[dict[str, Any]] = field(default_factory=list)
     timeline: list[EpsilonPoint] = field(default_factory=list)
     over_budget: list[int] = field(default_factory=list)
     totals: dict[str, Any] = field(default_factory=dict)
+    by_purpose: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def randomness_label(self) -> str:
+        """The randomness kind in words, e.g. "secure" or "seeded (allowed)"."""
+        kind = self.randomness or RANDOMNESS_UNRECORDED
+        return f"{kind} (allowed)" if self.randomness_allowed else kind
 
     @property
     def first_issue(self) -> AuditIssue | None:
@@ -263,11 +299,14 @@ def audit_ledger(
     expected_node_id: str | None = None,
     compute_pld: bool = True,
     workers: int = 1,
+    allow_seeded: bool = False,
 ) -> AuditReport:
     """Verify the ledger at ``path`` and recompute its ε; see the module docstring.
 
-    ``ca_pem``: the consortium CA certificate (PEM); without it the certificate check
-    is reported as skipped (not failed). ``other_certs``: other nodes' certificates,
+    ``allow_seeded``: for simulations and tests only, let a ledger whose noise was
+    seeded (or whose randomness a privfl-ledger/1 header did not record) pass the
+    randomness check. ``ca_pem``: the consortium CA certificate (PEM); without it the
+    certificate check is reported as skipped (not failed). ``other_certs``: other nodes' certificates,
     so that an entry signed by one of them is named as such. ``expected_node_id``:
     fail unless the header names this node. ``workers``: processes for checking the
     signatures of a ledger of ≥ 5000 entries (1 = serial, the default: worth it only
@@ -307,6 +346,9 @@ def audit_ledger(
     policy = LedgerPolicy.from_dict(header["policy"])
     report.node_id = header["node_id"]
     report.software_version = header.get("software_version")
+    report.format = header.get("format")
+    prep = header.get("preprocessing")
+    report.preprocessing = dict(prep) if isinstance(prep, dict) else None
     report.certificate = _cert_info(cert)
     report.policy = policy.to_dict()
     report.target_epsilon = policy.target_epsilon
@@ -314,6 +356,7 @@ def audit_ledger(
     report.accountant = policy.accountant
 
     _check_certificate(report, cert, ca, entries)
+    _check_randomness(report, header, entries, allow_seeded)
     if expected_node_id is not None:
         if report.node_id == expected_node_id:
             report.checks["node_id"] = PASS
@@ -329,16 +372,58 @@ def audit_ledger(
     _check_events(report, policy, entries, compute_pld)
 
     report.ok = all(v in (PASS, SKIPPED) for v in report.checks.values()) and not report.issues
+    eps = f"eps_rdp={report.epsilon_rdp:.4f}"
+    if report.epsilon_pld is not None:
+        eps += f" eps_pld={report.epsilon_pld:.4f}"
     log.info(
-        "audit node=%s ok=%s entries=%d eps_rdp=%.4f eps_pld=%.4f issues=%d",
+        "audit node=%s ok=%s entries=%d randomness=%s %s issues=%d",
         report.node_id,
         report.ok,
         report.entries_verified,
-        report.epsilon_rdp,
-        report.epsilon_pld,
+        report.randomness_label,
+        eps,
         len(report.issues),
     )
     return report
+
+
+def _check_randomness(
+    report: AuditReport,
+    header: Mapping[str, Any],
+    entries: list[dict[str, Any]],
+    allow_seeded: bool,
+) -> None:
+    """The header must say "secure" (or the caller allows seeded), and every dp_event agree."""
+    recorded = header.get("randomness") if header.get("format") != LEDGER_FORMAT_V1 else None
+    kind = recorded if isinstance(recorded, str) else RANDOMNESS_UNRECORDED
+    report.randomness = kind
+    ok = True
+    if kind != RANDOMNESS_SECURE:
+        if allow_seeded:
+            report.randomness_allowed = True
+        else:
+            ok = False
+            if kind == RANDOMNESS_SEEDED:
+                report.issues.append(AuditIssue(
+                    0, SEEDED_NOISE,
+                    "the noise and sampling were seeded from a value: anyone who knows the seed "
+                    "can recompute the noise and remove it, so the ε below does not hold "
+                    "(pass allow_seeded / --allow-seeded for simulations and tests)"))
+            else:
+                report.issues.append(AuditIssue(
+                    0, UNRECORDED_RANDOMNESS,
+                    f"the header ({header.get('format')}) does not record whether the noise was "
+                    "drawn from secure randomness or seeded, so the ε below is not established "
+                    "(pass allow_seeded / --allow-seeded for simulations and tests)"))
+    odd = [e for e in entries if e["kind"] == "dp_event" and e["body"].get("randomness") != recorded]
+    if odd:
+        ok = False
+        first = odd[0]
+        report.issues.append(AuditIssue(
+            first["index"], RANDOMNESS_MISMATCH,
+            f"{len(odd)} dp_event(s) record a randomness other than the header's {recorded!r}; "
+            f"first at entry {first['index']} ({first['body'].get('randomness')!r})"))
+    report.checks["randomness"] = PASS if ok else FAIL
 
 
 def _check_certificate(
@@ -373,7 +458,10 @@ def _check_events(
 ) -> None:
     """Policy, budget, claimed-ε and totals over the verified entries."""
     timeline = RdpTimeline(policy.delta)
+    v1 = report.format == LEDGER_FORMAT_V1
     groups: dict[tuple[float, float], int] = {}
+    purpose_groups: dict[tuple[str, float, float], int] = {}
+    by_purpose: dict[str, dict[str, int]] = {p: {"events": 0, "steps": 0} for p in DP_PURPOSES}
     prefix_groups: list[dict[tuple[float, float], int]] = []  # only kept for PLD bisection
     dp_positions: list[int] = []
     policy_issues: list[AuditIssue] = []
@@ -408,12 +496,10 @@ def _check_events(
         elif kind == "note":
             totals["notes"] += 1
         elif kind == "dp_event":
-            problem = _event_problem(body, policy)
-            if problem is not None and problem[0] == "bad_entry":
-                policy_issues.append(AuditIssue(idx, problem[0], problem[1]))
-                continue  # cannot be accounted
-            if problem is not None:
-                policy_issues.append(AuditIssue(idx, problem[0], problem[1]))
+            accountable, problems = _event_problems(body, policy, v1)
+            policy_issues.extend(AuditIssue(idx, k, m) for k, m in problems)
+            if not accountable:
+                continue  # σ, q or steps unusable: nothing to compose
             if stop_seen is not None:
                 after_stop.append(idx)
             sigma, q, steps = (
@@ -421,8 +507,14 @@ def _check_events(
                 float(body["sample_rate"]),
                 int(body["steps"]),
             )
+            purpose = purpose_of(body)
             key = (sigma, q)
             groups[key] = groups.get(key, 0) + steps
+            pkey = (purpose, sigma, q)
+            purpose_groups[pkey] = purpose_groups.get(pkey, 0) + steps
+            per = by_purpose.setdefault(purpose, {"events": 0, "steps": 0})
+            per["events"] += 1
+            per["steps"] += steps
             totals["dp_events"] += 1
             totals["steps"] += steps
             eps = timeline.add(sigma, q, steps)
@@ -434,6 +526,7 @@ def _check_events(
                     totals["steps"],
                     eps,
                     float(claimed) if isinstance(claimed, (int, float)) else None,
+                    purpose,
                 )
             )
             dp_positions.append(idx)
@@ -443,15 +536,21 @@ def _check_events(
         totals["first_timestamp"] = float(entries[0]["timestamp"])
         totals["last_timestamp"] = float(entries[-1]["timestamp"])
     report.totals = totals
+    report.by_purpose = by_purpose
     report.events = [
-        {"noise_multiplier": s, "sample_rate": q, "steps": c} for (s, q), c in groups.items()
+        {"purpose": p, "noise_multiplier": s, "sample_rate": q, "steps": c}
+        for (p, s, q), c in purpose_groups.items()
     ]
 
-    # ε with dp-accounting directly, from the summed counts.
+    # ε with dp-accounting directly, from the summed counts of every purpose.
     report.epsilon_rdp = epsilon_rdp_of(groups, policy.delta)
     need_pld = compute_pld or policy.accountant == "pld"
-    report.epsilon_pld = epsilon_pld_of(groups, policy.delta) if need_pld else math.nan
-    report.epsilon = report.epsilon_pld if policy.accountant == "pld" else report.epsilon_rdp
+    report.epsilon_pld = epsilon_pld_of(groups, policy.delta) if need_pld else None
+    if policy.accountant == "pld":
+        assert report.epsilon_pld is not None
+        report.epsilon = report.epsilon_pld
+    else:
+        report.epsilon = report.epsilon_rdp
 
     report.issues.extend(policy_issues)
     report.checks["policy"] = PASS if not policy_issues else FAIL
@@ -488,8 +587,18 @@ def _check_events(
     _check_claims(report, policy)
 
 
-def _event_problem(body: Mapping[str, Any], policy: LedgerPolicy) -> tuple[str, str] | None:
-    """("bad_entry" | "policy", message) for a dp_event that breaks the rules, else None."""
+def _event_problems(
+    body: Mapping[str, Any], policy: LedgerPolicy, v1: bool
+) -> tuple[bool, list[tuple[str, str]]]:
+    """(accountable, [(kind, message), ...]) for one dp_event body.
+
+    Not accountable (σ, q, steps or the mechanism unusable) means it cannot be composed;
+    any other "bad_entry" or "policy" problem is reported while the event still counts
+    in ε and the budget. The policy's σ floor and clipping rules bind training events;
+    every event needs a finite sensitivity > 0 and the policy's relation, accountant
+    and δ. Events of a privfl-ledger/1 ledger lack the mechanism fields: they are
+    training events of sensitivity = clipping norm.
+    """
     try:
         sigma = body["noise_multiplier"]
         q = body["sample_rate"]
@@ -498,21 +607,55 @@ def _event_problem(body: Mapping[str, Any], policy: LedgerPolicy) -> tuple[str, 
         rule = body["clipping_rule"]
         eps = body["epsilon"]
     except (KeyError, TypeError):
-        return "bad_entry", "dp_event body lacks a required field"
+        return False, [("bad_entry", "dp_event body lacks a required field")]
     nums = (sigma, q, norm, eps)
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in nums):
-        return "bad_entry", "dp_event has a non-numeric parameter"
+        return False, [("bad_entry", "dp_event has a non-numeric parameter")]
     if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
-        return "bad_entry", f"dp_event steps must be an integer >= 1, got {steps!r}"
+        return False, [("bad_entry", f"dp_event steps must be an integer >= 1, got {steps!r}")]
     if not (sigma > 0 and 0 < q <= 1 and math.isfinite(sigma)):
-        return "bad_entry", f"dp_event has σ={sigma!r}, q={q!r}: not accountable"
+        return False, [("bad_entry", f"dp_event has σ={sigma!r}, q={q!r}: not accountable")]
     if body.get("mechanism") != MECHANISM_POISSON_GAUSSIAN:
-        return "bad_entry", f"unknown mechanism {body.get('mechanism')!r}"
+        return False, [("bad_entry", f"unknown mechanism {body.get('mechanism')!r}")]
+
+    out: list[tuple[str, str]] = []
+    new_fields = ("purpose", "sensitivity", "local_mechanism", "mechanism_params", "randomness")
+    missing = [] if v1 else [f for f in new_fields if f not in body]
+    if missing:
+        out.append(("bad_entry", f"dp_event lacks {', '.join(missing)}"))
+    purpose = purpose_of(body)
+    sens = body.get("sensitivity", norm)
+    params = body.get("mechanism_params", {})
+    local = body.get("local_mechanism", "gaussian")
+    bad = []
+    if purpose not in DP_PURPOSES:
+        bad.append(f"purpose {purpose!r} is not one of {', '.join(DP_PURPOSES)}")
+    if not (
+        isinstance(sens, (int, float)) and not isinstance(sens, bool)
+        and math.isfinite(sens) and sens > 0
+    ):
+        bad.append(f"sensitivity {sens!r} must be a finite number > 0")
+    if not (isinstance(local, str) and local):
+        bad.append(f"local_mechanism {local!r} must be a non-empty name")
+    if not isinstance(params, dict):
+        bad.append("mechanism_params must be a JSON object")
+    elif local == "topagg" and not bad:
+        k = params.get("k")
+        if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+            bad.append(f"TopAgg event lacks an integer k >= 1 in mechanism_params (got {k!r})")
+        elif not math.isclose(float(sens), math.sqrt(k), rel_tol=1e-9):
+            bad.append(f"TopAgg with k={k} has L2 sensitivity √k = {math.sqrt(k):.6g}, "
+                       f"but the event records {sens!r}")
+    out.extend(("bad_entry", f"dp_event: {b}") for b in bad)
+
     problems = []
-    if sigma < policy.min_noise_multiplier:
-        problems.append(f"σ={sigma:g} is below the policy's minimum {policy.min_noise_multiplier:g}")
-    if rule not in policy.allowed_clipping_rules:
-        problems.append(f"clipping rule {rule!r} is not allowed by the policy")
+    if purpose == PURPOSE_TRAINING:
+        if sigma < policy.min_noise_multiplier:
+            problems.append(
+                f"σ={sigma:g} is below the policy's minimum {policy.min_noise_multiplier:g}"
+            )
+        if rule not in policy.allowed_clipping_rules:
+            problems.append(f"clipping rule {rule!r} is not allowed by the policy")
     if not norm > 0:
         problems.append(f"clipping norm {norm!r} must be > 0")
     if body.get("neighbouring_relation") != policy.neighbouring_relation:
@@ -521,7 +664,9 @@ def _event_problem(body: Mapping[str, Any], policy: LedgerPolicy) -> tuple[str, 
         problems.append(f"accountant {body.get('accountant')!r} differs from the policy's")
     if body.get("delta") is not None and body.get("delta") != policy.delta:
         problems.append(f"δ {body.get('delta')!r} differs from the policy's")
-    return ("policy", "; ".join(problems)) if problems else None
+    if problems:
+        out.append(("policy", "; ".join(problems)))
+    return True, out
 
 
 def _first_pld_over(

@@ -11,8 +11,19 @@ Each line is one entry, written as canonical JSON
 * ``signature`` is by the node's identity key over the canonical JSON of the entry
   without its ``signature`` field: ECDSA P-256 with SHA-256 (DER, base64), or Ed25519.
 * kinds: ``header`` (first entry: node certificate, node id, privacy policy, software
-  version), ``dp_event``, ``message`` (a digest of what was sent, never the values),
-  ``stop`` and ``note``.
+  version, the kind of randomness the noise was drawn from and a public description of
+  the site's preprocessing), ``dp_event``, ``message`` (a digest of what was sent, never
+  the values), ``stop`` and ``note``.
+* a ``dp_event`` records the whole mechanism, so an auditor can recompute ε without
+  trusting the node: its purpose (training, preprocessing or evaluation), the L2
+  sensitivity of the noised sum, the local mechanism and its public parameters, and the
+  randomness kind (copied from the header). Every event, whatever its purpose, is a
+  Poisson-sampled Gaussian with noise multiplier σ (noise std / sensitivity) and rate q
+  (1.0 for a one-shot release) composed into the one accountant.
+
+Format ``privfl-ledger/2`` adds the randomness and preprocessing to the header and the
+mechanism fields to dp_events; ``privfl-ledger/1`` ledgers still verify (their randomness
+is "unrecorded" and every event counts as training) but take no new dp_events.
 
 The node rebuilds its accountant from the ledger at start (:meth:`Ledger.rebuild_accountant`),
 so a restart never resets the budget. Appends are durable (write, flush, ``os.fsync``;
@@ -30,6 +41,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import threading
 import time
@@ -58,11 +70,27 @@ except ImportError:  # pragma: no cover - non-POSIX
 
 log = logging.getLogger("privfl.ledger")
 
-LEDGER_FORMAT = "privfl-ledger/1"
+LEDGER_FORMAT = "privfl-ledger/2"
+LEDGER_FORMAT_V1 = "privfl-ledger/1"
+LEDGER_FORMATS = (LEDGER_FORMAT_V1, LEDGER_FORMAT)
 GENESIS_HASH = "0" * 64
 KINDS = ("header", "dp_event", "message", "stop", "note")
 ENTRY_FIELDS = frozenset({"body", "index", "kind", "prev_hash", "signature", "timestamp"})
 MECHANISM_POISSON_GAUSSIAN = "poisson_gaussian"
+
+# Where the noise and the sampling came from: an OS-entropy-keyed CSPRNG, or a seed
+# (simulations and tests only: anyone who knows the seed can recompute the noise).
+RANDOMNESS_SECURE = "secure"
+RANDOMNESS_SEEDED = "seeded"
+RANDOMNESS_KINDS = (RANDOMNESS_SECURE, RANDOMNESS_SEEDED)
+RANDOMNESS_UNRECORDED = "unrecorded"  # a privfl-ledger/1 header, which has no such field
+
+# What a dp_event paid for; every purpose costs ε in the same accountant.
+PURPOSE_TRAINING = "training"
+PURPOSE_PREPROCESSING = "preprocessing"
+PURPOSE_EVALUATION = "evaluation"
+DP_PURPOSES = (PURPOSE_TRAINING, PURPOSE_PREPROCESSING, PURPOSE_EVALUATION)
+NO_PREPROCESSING: dict[str, Any] = {"kind": "none"}
 
 PrivateKey = Union[ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey]
 PublicKey = Union[ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey]
@@ -171,6 +199,22 @@ class LedgerPolicy:
 def canonical_bytes(obj: Mapping[str, Any]) -> bytes:
     """The canonical JSON bytes of ``obj`` (sorted keys, no spaces, ASCII)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def json_safe_dict(value: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``value`` as a plain JSON dict (string keys, finite numbers), or ValueError naming ``what``.
+
+    Header and dp_event descriptions must survive canonical JSON unchanged, or the
+    signed record and what the node meant would differ.
+    """
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{what} must be a mapping, got {type(value).__name__}")
+    try:
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError("keys must be strings")
+        return dict(json.loads(canonical_bytes(dict(value))))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be JSON-safe (string keys, finite numbers): {exc}") from None
 
 
 def signing_bytes(entry: Mapping[str, Any]) -> bytes:
@@ -513,8 +557,16 @@ def _verify_header_entry(entry: Mapping[str, Any]) -> tuple[x509.Certificate, Pu
         raise LedgerError(0, "header must have index 0 and the genesis prev_hash", BAD_HEADER)
     body = entry["body"]
     try:
-        if body.get("format") != LEDGER_FORMAT:
+        if body.get("format") not in LEDGER_FORMATS:
             raise ValueError(f"unknown ledger format {body.get('format')!r}")
+        if body["format"] != LEDGER_FORMAT_V1:
+            if body.get("randomness") not in RANDOMNESS_KINDS:
+                raise ValueError(
+                    f"randomness must be one of {', '.join(RANDOMNESS_KINDS)}, "
+                    f"got {body.get('randomness')!r}"
+                )
+            if not isinstance(body.get("preprocessing"), dict):
+                raise ValueError("preprocessing must be a JSON object")
         cert = _load_cert(body["certificate"])
         pub = public_key_of_cert(cert)
         LedgerPolicy.from_dict(body["policy"])
@@ -548,14 +600,34 @@ def dp_event_key(body: Mapping[str, Any]) -> DpEventKey:
     return DpEventKey(float(body["noise_multiplier"]), float(body["sample_rate"]))
 
 
-def events_of(entries: list[dict[str, Any]]) -> dict[DpEventKey, int]:
-    """Counted DP events (σ, q) → steps of the dp_event entries."""
-    events: dict[DpEventKey, int] = {}
+def purpose_of(body: Mapping[str, Any]) -> str:
+    """A dp_event body's purpose; events of privfl-ledger/1 (no field) were training."""
+    return str(body.get("purpose", PURPOSE_TRAINING))
+
+
+def events_by_purpose_of(entries: list[dict[str, Any]]) -> dict[str, dict[DpEventKey, int]]:
+    """Counted DP events per purpose: purpose → (σ, q) → steps (every known purpose present)."""
+    out: dict[str, dict[DpEventKey, int]] = {p: {} for p in DP_PURPOSES}
     for e in entries:
         if e["kind"] == "dp_event":
+            events = out.setdefault(purpose_of(e["body"]), {})
             key = dp_event_key(e["body"])
             events[key] = events.get(key, 0) + int(e["body"]["steps"])
+    return out
+
+
+def merge_events(by_purpose: Mapping[str, Mapping[DpEventKey, int]]) -> dict[DpEventKey, int]:
+    """All purposes' counted events in one map: what the accountant composes."""
+    events: dict[DpEventKey, int] = {}
+    for per in by_purpose.values():
+        for key, count in per.items():
+            events[key] = events.get(key, 0) + count
     return events
+
+
+def events_of(entries: list[dict[str, Any]]) -> dict[DpEventKey, int]:
+    """Counted DP events (σ, q) → steps of every dp_event entry, whatever its purpose."""
+    return merge_events(events_by_purpose_of(entries))
 
 
 # --------------------------------------------------------------------------- the ledger
@@ -586,11 +658,13 @@ class Ledger:
         self.certificate = verified.certificate
         self.node_id: str = verified.header["body"]["node_id"]
         self.policy = LedgerPolicy.from_dict(verified.header["body"]["policy"])
+        self.format: str = verified.header["body"]["format"]
         self._lock = threading.Lock()
         self._next_index = len(verified.entries)
         self._last_hash = verified.last_hash
         self._unsynced = 0
-        self._events = events_of(verified.entries)
+        self._by_purpose = events_by_purpose_of(verified.entries)
+        self._events = merge_events(self._by_purpose)
         self._messages = sum(1 for e in verified.entries if e["kind"] == "message")
         self._bytes_sent = sum(
             int(e["body"]["bytes"]) for e in verified.entries if e["kind"] == "message"
@@ -626,14 +700,26 @@ class Ledger:
         software_version: str,
         node_id: str | None = None,
         fsync_every: int = 1,
+        *,
+        randomness: str,
+        preprocessing: Mapping[str, Any] | None = None,
     ) -> Ledger:
         """Start a new ledger at ``path`` (which must not exist) with a signed header.
 
         The header pins the node certificate, node id (default: the certificate's CN),
-        the privacy policy and the software version. It is written to a temporary
-        file, fsynced and renamed, so a crash never leaves a half-written header.
+        the privacy policy, the software version, ``randomness`` ("secure": noise and
+        sampling from an OS-entropy-keyed CSPRNG; "seeded": from a seed, for simulations
+        and tests) and ``preprocessing``, a public JSON-safe description of the site's
+        preprocessing (None: ``{"kind": "none"}``). It is written to a temporary file,
+        fsynced and renamed, so a crash never leaves a half-written header.
         """
         p = Path(path)
+        kind = _check_randomness(randomness)
+        prep = (
+            dict(NO_PREPROCESSING)
+            if preprocessing is None
+            else json_safe_dict(preprocessing, "preprocessing")
+        )
         _check_key_type(key)
         cert = _load_cert(cert_pem)
         if not _same_public_key(public_key_of_cert(cert), key.public_key()):
@@ -650,6 +736,8 @@ class Ledger:
             "certificate": pem,
             "policy": policy.to_dict(),
             "software_version": str(software_version),
+            "randomness": kind,
+            "preprocessing": prep,
         }
         entry, line = _make_entry(key, 0, "header", body, GENESIS_HASH)
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -672,7 +760,7 @@ class Ledger:
             last_hash=entry_hash(line),
             good_bytes=len(line) + 1,
         )
-        log.info("ledger created node=%s path=%s", nid, p)
+        log.info("ledger created node=%s path=%s randomness=%s", nid, p, kind)
         return cls(p, key, verified, fsync_every)
 
     @classmethod
@@ -716,14 +804,40 @@ class Ledger:
         software_version: str,
         node_id: str | None = None,
         fsync_every: int = 1,
+        *,
+        randomness: str,
+        preprocessing: Mapping[str, Any] | None = None,
     ) -> Ledger:
-        """Open the ledger if it exists (refusing a changed policy or certificate), else create it."""
+        """Open the ledger if it exists, else create it (see :meth:`create`).
+
+        An existing ledger is refused (:class:`LedgerError` ``bad_header``) when its
+        policy, certificate, node id, randomness kind or preprocessing description
+        differs from the one given: one ledger describes one way of running the site.
+        A privfl-ledger/1 ledger records no randomness, so it is always refused here.
+        """
         p = Path(path)
+        kind = _check_randomness(randomness)
+        prep = (
+            dict(NO_PREPROCESSING)
+            if preprocessing is None
+            else json_safe_dict(preprocessing, "preprocessing")
+        )
         if not p.exists():
-            return cls.create(p, key, cert_pem, policy, software_version, node_id, fsync_every)
+            return cls.create(
+                p, key, cert_pem, policy, software_version, node_id, fsync_every,
+                randomness=kind, preprocessing=prep,
+            )
         ledger = cls.open(p, key, fsync_every)
         cert = _load_cert(cert_pem)
         problems = []
+        if ledger.randomness != kind:
+            problems.append(
+                f"randomness {kind!r} differs from the header's {ledger.randomness!r}"
+            )
+        if ledger.preprocessing != prep:
+            problems.append(
+                f"preprocessing {prep} differs from the header's {ledger.preprocessing}"
+            )
         if ledger.policy != policy:
             problems.append(f"policy {policy} differs from the header's {ledger.policy}")
         if cert != ledger.certificate:
@@ -799,21 +913,51 @@ class Ledger:
         clipping_norm: float,
         epsilon: float | None = None,
         mechanism: str = MECHANISM_POISSON_GAUSSIAN,
+        *,
+        purpose: str = PURPOSE_TRAINING,
+        sensitivity: float | None = None,
+        local_mechanism: str = "gaussian",
+        mechanism_params: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Record ``steps`` Poisson-sampled Gaussian steps; returns the entry.
+        """Record ``steps`` Poisson-sampled Gaussian releases; returns the entry.
 
+        ``purpose``: "training" (DP-SGD steps; the only ones :attr:`steps` counts),
+        "preprocessing" (a DP estimate of statistics) or "evaluation" (a DP release of
+        e.g. an accuracy); all cost ε in the same accountant. A one-shot Gaussian
+        release has ``sample_rate`` 1.0 and ``steps`` 1. ``noise_multiplier`` is the
+        noise std divided by ``sensitivity``, the L2 sensitivity of the noised sum
+        (default ``clipping_norm``; √k for TopAgg). ``local_mechanism`` names what the
+        node ran ("gaussian", "topagg", "gaussian_count", "feature_moments", ...) and
+        ``mechanism_params`` its public, JSON-safe settings (TopAgg: k, threshold, ...).
         ``epsilon`` is the ε (at the policy's δ, by the policy's accountant) after
         this event as the node computed it; when None the ledger computes it. The
         event is recorded even when it breaks the policy (the ledger tells the truth,
         the budget guard prevents; the audit flags it).
         """
+        if self.format == LEDGER_FORMAT_V1:
+            raise LedgerError(
+                None,
+                f"a {LEDGER_FORMAT_V1} ledger records no randomness kind and cannot carry "
+                "the whole mechanism of a new dp_event; start a new ledger",
+                BAD_HEADER,
+            )
         validate_step(noise_multiplier, sample_rate, steps)
         if int(steps) < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        if not (isinstance(clipping_norm, (int, float)) and clipping_norm > 0):
-            raise ValueError(f"clipping_norm must be > 0, got {clipping_norm!r}")
+        if not _positive_finite(clipping_norm):
+            raise ValueError(f"clipping_norm must be a finite number > 0, got {clipping_norm!r}")
         if mechanism != MECHANISM_POISSON_GAUSSIAN:
             raise ValueError(f"unsupported mechanism {mechanism!r}")
+        if purpose not in DP_PURPOSES:
+            raise ValueError(f"purpose must be one of {', '.join(DP_PURPOSES)}, got {purpose!r}")
+        sens = clipping_norm if sensitivity is None else sensitivity
+        if not _positive_finite(sens):
+            raise ValueError(f"sensitivity must be a finite number > 0, got {sens!r}")
+        if not (isinstance(local_mechanism, str) and local_mechanism):
+            raise ValueError(f"local_mechanism must be a non-empty name, got {local_mechanism!r}")
+        params = (
+            {} if mechanism_params is None else json_safe_dict(mechanism_params, "mechanism_params")
+        )
         key = DpEventKey(float(noise_multiplier), float(sample_rate))
         events = dict(self._events)
         events[key] = events.get(key, 0) + int(steps)
@@ -834,9 +978,16 @@ class Ledger:
             "accountant": self.policy.accountant,
             "delta": float(self.policy.delta),
             "epsilon": float(epsilon),
+            "purpose": purpose,
+            "sensitivity": float(sens),
+            "local_mechanism": local_mechanism,
+            "mechanism_params": params,
+            "randomness": self.randomness,
         }
         entry = self._append("dp_event", body)
         self._events = events
+        per = self._by_purpose[purpose]
+        per[key] = per.get(key, 0) + int(steps)
         self._last_epsilon = float(epsilon)
         if float(epsilon) > self.policy.target_epsilon:
             log.warning(
@@ -932,8 +1083,23 @@ class Ledger:
 
     @property
     def steps(self) -> int:
-        """Total DP steps recorded."""
-        return sum(self._events.values())
+        """Training steps recorded (purpose "training"): what a node's step budget counts."""
+        return sum(self._by_purpose[PURPOSE_TRAINING].values())
+
+    @property
+    def randomness(self) -> str:
+        """The header's randomness kind: "secure", "seeded", or "unrecorded" (privfl-ledger/1)."""
+        return str(self.header["body"].get("randomness", RANDOMNESS_UNRECORDED))
+
+    @property
+    def preprocessing(self) -> dict[str, Any] | None:
+        """The header's public description of the site's preprocessing (None: privfl-ledger/1)."""
+        prep = self.header["body"].get("preprocessing")
+        return dict(prep) if isinstance(prep, dict) else None
+
+    def events_by_purpose(self) -> dict[str, dict[DpEventKey, int]]:
+        """Counted DP events per purpose: purpose → (σ, q) → steps (each known purpose present)."""
+        return {p: dict(per) for p, per in self._by_purpose.items()}
 
     @property
     def messages(self) -> int:
@@ -956,11 +1122,12 @@ class Ledger:
         return self._last_epsilon
 
     def accountant_events(self) -> dict[DpEventKey, int]:
-        """Counted DP events (σ, q) → steps recorded in the ledger."""
+        """Counted DP events (σ, q) → steps recorded in the ledger, of every purpose."""
         return dict(self._events)
 
     def rebuild_accountant(self) -> PrivacyAccountant:
-        """A fresh accountant holding every DP step of the ledger (by the policy's method)."""
+        """A fresh accountant holding every DP event of the ledger, whatever its purpose
+        (preprocessing and evaluation cost ε too), by the policy's method."""
         acc = PrivacyAccountant(self.policy.accountant)  # type: ignore[arg-type]
         acc.load_state_dict(_state_of(self._events, self.policy.accountant))
         return acc
@@ -972,6 +1139,26 @@ class Ledger:
             for line in f:
                 if line.endswith(b"\n"):
                     yield json.loads(line)
+
+
+def _positive_finite(x: Any) -> bool:
+    """Whether ``x`` is a real number (not a bool), finite and > 0."""
+    return (
+        isinstance(x, numbers.Real)
+        and not isinstance(x, bool)
+        and math.isfinite(float(x))
+        and float(x) > 0
+    )
+
+
+def _check_randomness(randomness: Any) -> str:
+    """The randomness kind, or ValueError for anything but "secure" / "seeded"."""
+    if randomness not in RANDOMNESS_KINDS:
+        raise ValueError(
+            f"randomness must be one of {', '.join(map(repr, RANDOMNESS_KINDS))}, "
+            f"got {randomness!r}"
+        )
+    return str(randomness)
 
 
 def _state_of(events: Mapping[DpEventKey, int], method: str) -> dict[str, Any]:

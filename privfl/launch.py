@@ -401,9 +401,14 @@ def collect(plan: LaunchPlan, returncodes: Mapping[str, int | None], wall_second
         except (OSError, ValueError):
             entry["error"] = "no summary.json (the node did not finish)"
         if (d / "ledger.jsonl").exists():
-            rep = audit_ledger(d / "ledger.jsonl", ca_pem, expected_node_id=nid, compute_pld=False)
+            # launched nodes draw secure noise: a seeded ledger fails here (no allow_seeded)
+            rep = audit_ledger(d / "ledger.jsonl", ca_pem, expected_node_id=nid, compute_pld=True)
             entry["audit_ok"] = rep.ok
-            entry["audit_epsilon"] = rep.epsilon_rdp
+            entry["audit_accountant"] = rep.accountant
+            entry["audit_epsilon"] = rep.epsilon  # by the node's own accountant
+            entry["audit_epsilon_rdp"] = rep.epsilon_rdp
+            entry["audit_epsilon_pld"] = rep.epsilon_pld
+            entry["audit_randomness"] = rep.randomness
             if not rep.ok and rep.first_issue is not None:
                 entry["audit_issue"] = rep.first_issue.message
         if (d / "final_model.npz").exists():
@@ -455,16 +460,31 @@ def result_table(summary: Mapping[str, Any]) -> Any:
     """A rich table of the final results."""
     from rich.table import Table
 
+    def num(x: Any) -> str:  # a value that was not computed shows "-", never a placeholder
+        ok = isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+        return f"{x:.3f}" if ok else "-"
+
+    def _other_method(method: str | None) -> str:  # the method beside the node's own
+        return "pld" if method == "rdp" else "rdp"
+
+    nodes = summary["nodes"]
+    methods = {e.get("audit_accountant") for e in nodes.values() if e.get("audit_accountant")}
+    single = next(iter(methods)) if len(methods) == 1 else None
+    own = f"ε (audit, {single})" if single else "ε (audit, node's accountant)"
+    other = f"ε (audit, {_other_method(single)})" if single else "ε (audit, other method)"
     t = Table(title=f"{summary['name']}: finished in {summary['wall_seconds']:.1f} s")
-    for col in ("node", "exit", "stop", "steps", "ε (node)", "ε (audit)", "ledger", "accuracy"):
+    for col in ("node", "exit", "stop", "steps", "ε (node)", own, other, "noise", "ledger", "accuracy"):
         t.add_column(col)
-    for nid, e in summary["nodes"].items():
-        eps, aeps, acc = e.get("epsilon"), e.get("audit_epsilon"), e.get("accuracy")
+    for nid, e in nodes.items():
+        method = e.get("audit_accountant")
+        alt = _other_method(method) if method else None
+        aeps, oeps = num(e.get("audit_epsilon")), num(e.get(f"audit_epsilon_{alt}") if alt else None)
+        if single is None and method:  # mixed accountants: each cell names its method
+            aeps = f"{aeps} ({method})" if aeps != "-" else aeps
+            oeps = f"{oeps} ({alt})" if oeps != "-" else oeps
         t.add_row(nid, str(e.get("exit_code")), str(e.get("stop_reason", "-")), str(e.get("steps", "-")),
-                  f"{eps:.3f}" if isinstance(eps, (int, float)) else "-",
-                  f"{aeps:.3f}" if isinstance(aeps, (int, float)) else "-",
-                  "verified" if e.get("audit_ok") else "FAILED",
-                  f"{acc:.3f}" if isinstance(acc, (int, float)) else "-")
+                  num(e.get("epsilon")), aeps, oeps, str(e.get("audit_randomness") or "-"),
+                  "verified" if e.get("audit_ok") else "FAILED", num(e.get("accuracy")))
     return t
 
 

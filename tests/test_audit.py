@@ -43,7 +43,7 @@ def build(path: Path, pki: dict[str, Any], events: list[tuple[float, float, int]
           policy: LedgerPolicy = POLICY, node: str = "h1") -> Path:
     """A ledger alternating dp_events and messages (header + 2 entries per event)."""
     key, cert = pki["nodes"][node]
-    with Ledger.create(path, key, cert, policy, "privfl-test") as led:
+    with Ledger.create(path, key, cert, policy, "privfl-test", randomness="secure") as led:
         for i, (s, q, n) in enumerate(events):
             led.append_dp_event(s, q, n, "psac", 1.0)
             led.append_message("h2", i, i, b"payload-%d" % i)
@@ -292,7 +292,7 @@ def test_whole_ledger_forged_by_another_node_fails_node_check(tmp_path: Path, pk
     """h2 writes a ledger claiming to be h1: its header cannot name h1."""
     key, cert = pki["nodes"]["h2"]
     with pytest.raises(ValueError, match="not named"):
-        Ledger.create(tmp_path / "f.jsonl", key, cert, POLICY, "v", node_id="h1")
+        Ledger.create(tmp_path / "f.jsonl", key, cert, POLICY, "v", node_id="h1", randomness="secure")
 
 
 # --------------------------------------------------------------------------- policy and budget
@@ -320,7 +320,7 @@ def test_pld_policy_budget_is_found_by_bisection(tmp_path: Path, pki: dict[str, 
         pld_after.append(acc.get_epsilon(1e-5))
     key, cert = pki["nodes"]["h1"]
     path = tmp_path / "l.jsonl"
-    with Ledger.create(path, key, cert, pol, "v") as led:
+    with Ledger.create(path, key, cert, pol, "v", randomness="secure") as led:
         for k in range(6):  # the node's recorded ε is the PLD one
             led.append_dp_event(1.0, 0.01, 100, "psac", 1.0, epsilon=pld_after[k])
             led.append_message("h2", k, k, b"m")
@@ -337,7 +337,7 @@ def test_pld_policy_budget_is_found_by_bisection(tmp_path: Path, pki: dict[str, 
 def test_policy_violations_are_flagged(tmp_path: Path, pki: dict[str, Any]) -> None:
     key, cert = pki["nodes"]["h1"]
     path = tmp_path / "l.jsonl"
-    with Ledger.create(path, key, cert, POLICY, "v") as led:
+    with Ledger.create(path, key, cert, POLICY, "v", randomness="secure") as led:
         led.append_dp_event(1.0, 0.01, 10, "psac", 1.0)
         led.append_dp_event(0.3, 0.01, 10, "psac", 1.0)  # σ below the minimum 0.5
         led.append_dp_event(1.0, 0.01, 10, "none", 1.0)  # clipping rule not allowed
@@ -350,7 +350,7 @@ def test_policy_violations_are_flagged(tmp_path: Path, pki: dict[str, Any]) -> N
 def test_wrong_recorded_epsilon_and_events_after_stop(tmp_path: Path, pki: dict[str, Any]) -> None:
     key, cert = pki["nodes"]["h1"]
     path = tmp_path / "l.jsonl"
-    with Ledger.create(path, key, cert, POLICY, "v") as led:
+    with Ledger.create(path, key, cert, POLICY, "v", randomness="secure") as led:
         led.append_dp_event(1.0, 0.01, 10, "psac", 1.0)
         led.append_dp_event(1.0, 0.01, 10, "psac", 1.0, epsilon=0.01)  # under-reported
         led.append_stop("budget_exhausted")
@@ -493,7 +493,7 @@ def test_entry_outside_certificate_validity_fails(tmp_path: Path, pki: dict[str,
     )
     pem = cert.public_bytes(serialization.Encoding.PEM).decode()
     path = tmp_path / "l.jsonl"
-    with Ledger.create(path, key, pem, POLICY, "v") as led:
+    with Ledger.create(path, key, pem, POLICY, "v", randomness="secure") as led:
         led.append_dp_event(1.0, 0.01, 10, "psac", 1.0)
     rep = audit(path, pki)
     assert not rep.ok and rep.checks["certificate"] == "fail"

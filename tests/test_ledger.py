@@ -100,6 +100,7 @@ POLICY = LedgerPolicy(
 
 def new_ledger(path: Path, pki: dict[str, Any], node: str = "h1", **kw: Any) -> Ledger:
     key, cert = pki["nodes"][node]
+    kw.setdefault("randomness", "secure")
     return Ledger.create(path, key, cert, POLICY, "privfl-test 0.0", **kw)
 
 
@@ -176,7 +177,7 @@ def test_reopen_continues_chain_and_rebuilds_accountant(tmp_path: Path, pki: dic
 def test_pld_policy_rebuilds_pld_accountant(tmp_path: Path, pki: dict[str, Any]) -> None:
     key, cert = pki["nodes"]["h1"]
     pol = LedgerPolicy(3.0, 1e-5, 0.5, ("psac",), accountant="pld")
-    with Ledger.create(tmp_path / "l.jsonl", key, cert, pol, "v") as led:
+    with Ledger.create(tmp_path / "l.jsonl", key, cert, pol, "v", randomness="secure") as led:
         led.append_dp_event(1.0, 0.01, 100, "psac", 1.0)
         acc = led.rebuild_accountant()
     assert acc.method == "pld"
@@ -274,7 +275,9 @@ def test_open_refuses_wrong_key_and_existing_file(tmp_path: Path, pki: dict[str,
     with pytest.raises(FileExistsError):
         new_ledger(path, pki)
     with pytest.raises(ValueError, match="does not match"):
-        Ledger.create(tmp_path / "x.jsonl", other_key, pki["nodes"]["h1"][1], POLICY, "v")
+        Ledger.create(
+            tmp_path / "x.jsonl", other_key, pki["nodes"]["h1"][1], POLICY, "v", randomness="secure"
+        )
 
 
 def test_second_writer_is_refused(tmp_path: Path, pki: dict[str, Any]) -> None:
@@ -288,13 +291,13 @@ def test_second_writer_is_refused(tmp_path: Path, pki: dict[str, Any]) -> None:
 def test_open_or_create_refuses_changed_policy(tmp_path: Path, pki: dict[str, Any]) -> None:
     path = tmp_path / "ledger.jsonl"
     key, cert = pki["nodes"]["h1"]
-    with Ledger.open_or_create(path, key, cert, POLICY, "v") as led:
+    with Ledger.open_or_create(path, key, cert, POLICY, "v", randomness="secure") as led:
         led.append_dp_event(1.0, 0.01, 5, "psac", 1.0)
-    with Ledger.open_or_create(path, key, cert, POLICY, "v") as led:
+    with Ledger.open_or_create(path, key, cert, POLICY, "v", randomness="secure") as led:
         assert led.steps == 5
     looser = LedgerPolicy(8.0, 1e-5, 0.5, ("psac", "flat"))
     with pytest.raises(LedgerError, match="policy"):
-        Ledger.open_or_create(path, key, cert, looser, "v")
+        Ledger.open_or_create(path, key, cert, looser, "v", randomness="secure")
 
 
 def test_bad_inputs_are_refused(tmp_path: Path, pki: dict[str, Any]) -> None:
@@ -330,7 +333,7 @@ def test_works_with_privfl_pki_certificates(tmp_path: Path) -> None:
     cert, key = pki_mod.make_node_cert(ca, ca_key, "testnet", "hosp-a")
     pem = cert.public_bytes(serialization.Encoding.PEM)
     path = tmp_path / "l.jsonl"
-    with Ledger.create(path, key, pem, POLICY, "v") as led:
+    with Ledger.create(path, key, pem, POLICY, "v", randomness="secure") as led:
         assert led.node_id == "hosp-a"
         led.append_dp_event(1.0, 0.01, 5, "psac", 1.0)
     with Ledger.open(path, key) as led:

@@ -1,6 +1,6 @@
 """``privfl audit``: verify a node's privacy ledger, or bound ε empirically from canaries.
 
-    privfl audit LEDGER --ca CA.pem [--json] [--plot eps.png]   (same as `audit ledger ...`)
+    privfl audit LEDGER --ca CA.pem [--json] [--plot eps.png] [--allow-seeded]   (= `audit ledger ...`)
     privfl audit empirical --scores canaries.csv --k-pos 50 --k-neg 50 --delta 1e-5
     privfl audit empirical --m 1000 --r 100 --v 75 --delta 1e-5
     privfl audit empirical --config examples/audit/audit.toml [--json] [--seed 3]
@@ -76,8 +76,12 @@ def ledger_cmd(
     all_events: bool = typer.Option(False, "--all-events", help="list every DP event"),
     no_pld: bool = typer.Option(False, "--no-pld", help="skip the PLD cross-check (faster)"),
     workers: int = typer.Option(1, "--workers", min=1, help="processes checking signatures of large ledgers"),
+    allow_seeded: bool = typer.Option(
+        False, "--allow-seeded",
+        help="pass a ledger whose noise was seeded (or whose randomness is unrecorded): "
+        "for simulations and tests only"),
 ) -> None:
-    """Verify LEDGER (certificate, signatures, hash chain, policy, budget) and recompute ε."""
+    """Verify LEDGER (certificate, signatures, hash chain, randomness, policy, budget) and recompute ε."""
     for p, what in [(ledger, "ledger"), (ca, "CA certificate"), *[(c, "certificate") for c in other_cert]]:
         if not p.is_file():
             raise _fail_input(f"{what} file {p} does not exist")
@@ -89,6 +93,7 @@ def ledger_cmd(
             expected_node_id=node_id,
             compute_pld=not no_pld,
             workers=workers,
+            allow_seeded=allow_seeded,
         )
     except (ValueError, OSError) as exc:
         raise _fail_input(str(exc)) from None
@@ -131,6 +136,11 @@ def print_report(report: AuditReport, console: Console, all_events: bool = False
             f"({pol['accountant'].upper()}, {pol['neighbouring_relation']}), "
             f"σ ≥ {pol['min_noise_multiplier']:g}, clipping {', '.join(pol['allowed_clipping_rules'])}"
         )
+    if report.randomness is not None:
+        color = "green" if report.randomness == "secure" else ("yellow" if report.randomness_allowed else "red")
+        console.print(f"randomness: [{color}]{report.randomness_label}[/]  (ledger format {report.format})")
+        prep = "unrecorded" if report.preprocessing is None else json.dumps(report.preprocessing, sort_keys=True)
+        console.print(f"preprocessing: {prep}", markup=False, highlight=False)
 
     checks = Table(title="checks")
     checks.add_column("check")
@@ -154,7 +164,7 @@ def print_report(report: AuditReport, console: Console, all_events: bool = False
     if report.timeline:
         over = set(report.over_budget)
         events = Table(title="DP events and ε over time (recomputed with dp-accounting, RDP)")
-        for col in ("entry", "time (UTC)", "steps", "ε (RDP)", "ε recorded"):
+        for col in ("entry", "time (UTC)", "purpose", "steps", "ε (RDP)", "ε recorded"):
             events.add_column(col, justify="right")
         pts = report.timeline
         shown = pts if all_events or len(pts) <= MAX_EVENT_ROWS else None
@@ -165,11 +175,11 @@ def print_report(report: AuditReport, console: Console, all_events: bool = False
             rows = list(shown)
         for p in rows:
             if p is None:
-                events.add_row("…", f"{len(pts) - MAX_EVENT_ROWS} more", "", "", "")
+                events.add_row("…", f"{len(pts) - MAX_EVENT_ROWS} more", "", "", "", "")
                 continue
             style = "red" if p.index in over else None
             events.add_row(
-                str(p.index), _fmt_time(p.timestamp), str(p.steps),
+                str(p.index), _fmt_time(p.timestamp), p.purpose, str(p.steps),
                 _fmt_eps(p.epsilon_rdp), _fmt_eps(p.epsilon_claimed), style=style,
             )
         console.print(events)
@@ -180,11 +190,14 @@ def print_report(report: AuditReport, console: Console, all_events: bool = False
         tot.add_column("")
         tot.add_column("", justify="right")
         tot.add_row("entries verified", str(report.entries_verified))
-        tot.add_row("DP events / steps", f"{t.get('dp_events', 0)} / {t.get('steps', 0)}")
+        tot.add_row("DP events / steps (all purposes)", f"{t.get('dp_events', 0)} / {t.get('steps', 0)}")
+        for purpose, n in report.by_purpose.items():
+            tot.add_row(f"  {purpose} events / steps", f"{n.get('events', 0)} / {n.get('steps', 0)}")
         tot.add_row("messages / bytes sent", f"{t.get('messages', 0)} / {t.get('bytes_sent', 0)}")
         tot.add_row("peers", ", ".join(f"{k}: {v}" for k, v in sorted(t.get("peers", {}).items())) or "—")
         tot.add_row(f"ε (RDP) at δ={report.delta:g}", _fmt_eps(report.epsilon_rdp))
-        tot.add_row(f"ε (PLD) at δ={report.delta:g}", _fmt_eps(report.epsilon_pld))
+        tot.add_row(f"ε (PLD) at δ={report.delta:g}",
+                    "not computed (--no-pld)" if report.epsilon_pld is None else _fmt_eps(report.epsilon_pld))
         tot.add_row("target ε", f"{report.target_epsilon:g}")
         tot.add_row("events over budget", str(len(report.over_budget)))
         console.print(tot)
