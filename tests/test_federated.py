@@ -1,22 +1,48 @@
-"""FedAvg baseline through Flower's own FedAvg strategy object: weighting, bytes, ε, budget stop."""
+"""FedAvg baseline through Flower's own FedAvg strategy object: public weighting, release filter, bytes, ε, budget stop.
+
+The FixedClients' ``n`` plays a site's *declared* (public) size; the curious-server
+attack against real DPClients is in tests/privacy/test_curious_server.py.
+"""
 
 from __future__ import annotations
 
 import flwr
 import numpy as np
 import pytest
+from flwr.common import parameters_to_ndarrays
 from flwr.server.strategy import FedAvg
 
 from accounting import BudgetExhausted
+from clients import DPClient, DPConfig
+from clients.dp_client import PUBLIC_FIT_METRICS as CLIENT_PUBLIC_FIT_METRICS
 from privfl.errors import ConfigError
-from strategies.federated import FedAvgConfig, FederatedAveraging, InProcessClientProxy
-from tests.helpers import dp_clients
+from privfl.models import build_model
+from strategies.federated import (
+    PUBLIC_FIT_METRICS,
+    FedAvgConfig,
+    FederatedAveraging,
+    InProcessClientProxy,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
 
+def dp_clients(sites, target_eps=(50.0, 50.0, 50.0), declared=(None, None, None), **kw) -> dict[str, DPClient]:
+    """One logreg DPClient per site (σ = 1, public q = 0.2, batch 32), named h0, h1, …"""
+    out = {}
+    for i, (s, eps, size) in enumerate(zip(sites, target_eps, declared)):
+        cfg = DPConfig(noise_multiplier=1.0, batch_size=32, sample_rate=0.2, lr=0.5, target_epsilon=eps,
+                       declared_size=size, **kw)
+        model = build_model("logreg", s.train.x.shape[1:], 2, seed=0)
+        out[f"h{i}"] = DPClient(model, (s.train.x, s.train.y), (s.test.x, s.test.y), cfg, seed=i)
+    return out
+
+
 class FixedClient(flwr.client.NumPyClient):
-    """Returns fixed arrays with a fixed num_examples; records what it was sent."""
+    """Returns fixed arrays with a fixed (declared, public) weight; records what it was sent.
+
+    Its evaluation is marked as a DP release (``dp`` = 1) over the public denominator ``n``.
+    """
 
     def __init__(self, arrays: list[np.ndarray], n: int, acc: float = 0.0) -> None:
         self.arrays, self.n, self.acc = arrays, n, acc
@@ -32,7 +58,25 @@ class FixedClient(flwr.client.NumPyClient):
         return [a.copy() for a in self.arrays], self.n, {"steps": int(config["local_steps"])}
 
     def evaluate(self, parameters, config):
-        return 1.0 - self.acc, self.n, {"accuracy": self.acc}
+        return 1.0 - self.acc, self.n, {"accuracy": self.acc, "dp": 1}
+
+
+class Recording(FedAvg):
+    """Flower's FedAvg that keeps what reaches ``aggregate_fit`` / ``aggregate_evaluate``."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.fit_in: list[list] = []
+        self.eval_in: list[list] = []
+
+    def aggregate_fit(self, server_round, results, failures):
+        self.fit_in.append([(p.cid, r.num_examples, dict(r.metrics), parameters_to_ndarrays(r.parameters))
+                            for p, r in results])
+        return super().aggregate_fit(server_round, results, failures)
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        self.eval_in.append([(p.cid, r.num_examples, r.loss, dict(r.metrics)) for p, r in results])
+        return super().aggregate_evaluate(server_round, results, failures)
 
 
 def fixed_clients() -> dict[str, FixedClient]:
@@ -43,13 +87,13 @@ def fixed_clients() -> dict[str, FixedClient]:
     }
 
 
-def test_flower_fedavg_matches_hand_computed_weighted_average() -> None:
+def test_flower_fedavg_matches_hand_computed_declared_size_weighted_average() -> None:
     clients = fixed_clients()
     init = [np.zeros(2, np.float32), np.zeros((1, 1), np.float32)]
     strat = FederatedAveraging(FedAvgConfig(local_steps=3, min_fit_clients=3, min_available_clients=3))
     assert isinstance(strat.strategy, FedAvg)  # Flower's own object does the aggregation
     out = strat.run_round(clients, {k: init for k in clients}, round=1)
-    # weights 1, 2, 7 (num_examples) -> (1·a + 2·b + 7·c) / 10
+    # declared weights 1, 2, 7 (num_examples) -> (1·a + 2·b + 7·c) / 10
     want0 = (1 * np.array([1, 2]) + 2 * np.array([3, 0]) + 7 * np.array([-1, 4])) / 10
     want1 = (1 * 0 + 2 * 6 + 7 * 2) / 10
     for node in clients:
@@ -60,8 +104,10 @@ def test_flower_fedavg_matches_hand_computed_weighted_average() -> None:
         assert out.local_steps[node] == 3
         assert clients[node].configs[0]["local_steps"] == 3
         np.testing.assert_array_equal(clients[node].received[0][0], init[0])
-    # distributed accuracy: example-weighted (1·0.5 + 2·0.8 + 7·1.0) / 10
+        assert out.metrics[node]["weight"] == clients[node].n
+    # distributed (DP-released) accuracy: weighted by the public denominators (1·0.5 + 2·0.8 + 7·1.0) / 10
     assert out.metrics["a"]["global_accuracy"] == pytest.approx((0.5 + 1.6 + 7.0) / 10)
+    assert out.metrics["b"]["released_accuracy"] == 0.8
     assert strat.history[-1]["loss"] == pytest.approx((0.5 + 2 * 0.2 + 0.0) / 10)
     # round 2 starts from the aggregate
     strat.run_round(clients, out.params, round=2)
@@ -78,6 +124,72 @@ def test_proxy_is_a_real_flower_client_proxy() -> None:
     res = proxy.fit(FitIns(ndarrays_to_parameters(c.arrays), {"local_steps": 1}), None, 1)
     assert res.num_examples == 2
     np.testing.assert_array_equal(parameters_to_ndarrays(res.parameters)[0], c.arrays[0])
+
+
+def test_the_public_metric_set_is_the_clients_one() -> None:
+    # strategies may not import clients, so the set is written twice: they must agree
+    assert PUBLIC_FIT_METRICS == frozenset(CLIENT_PUBLIC_FIT_METRICS)
+
+
+def test_equal_weighting_ignores_the_reported_weights() -> None:
+    clients = fixed_clients()
+    init = [np.zeros(2, np.float32), np.zeros((1, 1), np.float32)]
+    rec = Recording(min_fit_clients=3, min_available_clients=3, fraction_evaluate=0.0,
+                    on_fit_config_fn=lambda r: {"local_steps": 1})
+    strat = FederatedAveraging(FedAvgConfig(weighting="equal", min_fit_clients=3, min_available_clients=3,
+                                            evaluate=False), strategy=rec)
+    out = strat.run_round(clients, {k: init for k in clients}, 1)
+    assert sorted(n for _, n, _, _ in rec.fit_in[0]) == [1, 1, 1]
+    np.testing.assert_allclose(out.params["a"][0], (np.array([1, 2]) + np.array([3, 0]) + np.array([-1, 4])) / 3,
+                               rtol=1e-6)
+    np.testing.assert_allclose(out.params["a"][1], [[(0 + 6 + 2) / 3]], rtol=1e-6)
+
+
+def test_private_metrics_of_a_leaky_client_never_reach_the_strategy() -> None:
+    class Leaky(FixedClient):
+        def fit(self, parameters, config):
+            params, n, m = super().fit(parameters, config)
+            return params, n, {**m, "loss": 0.123, "n_train": 151, "accuracy": 0.9, "epsilon": 1.5}
+
+    for upload in ("model", "update"):
+        clients = {k: Leaky(c.arrays, c.n) for k, c in fixed_clients().items()}
+        rec = Recording(min_fit_clients=3, min_available_clients=3, fraction_evaluate=0.0,
+                        on_fit_config_fn=lambda r: {"local_steps": 2})
+        strat = FederatedAveraging(FedAvgConfig(min_fit_clients=3, min_available_clients=3, evaluate=False,
+                                                upload=upload), strategy=rec)
+        init = [np.zeros(2, np.float32), np.zeros((1, 1), np.float32)]
+        out = strat.run_round(clients, {k: init for k in clients}, 1)
+        for _, _, metrics, _ in rec.fit_in[0]:
+            assert metrics == {"steps": 2, "epsilon": 1.5}
+        for node in clients:
+            assert not {"loss", "n_train", "accuracy"} & set(out.metrics[node])
+        assert not {"loss", "n_train", "accuracy"} & set(strat.history[-1]["fit"])
+
+
+def test_evaluation_that_releases_nothing_gives_no_result() -> None:
+    class Silent(FixedClient):
+        def evaluate(self, parameters, config):
+            return 0.0, 0, {}  # DPClient's default: evaluation stays on the site
+
+    class Raw(FixedClient):
+        def evaluate(self, parameters, config):
+            return 0.4, 38, {"accuracy": 0.6}  # a raw (non-DP) accuracy: must not reach the server
+
+    for cls in (Silent, Raw):
+        clients = {k: cls(c.arrays, c.n) for k, c in fixed_clients().items()}
+        rec = Recording(min_fit_clients=3, min_available_clients=3, on_fit_config_fn=lambda r: {"local_steps": 1})
+        strat = FederatedAveraging(FedAvgConfig(min_fit_clients=3, min_available_clients=3), strategy=rec)
+        init = [np.zeros(2, np.float32), np.zeros((1, 1), np.float32)]
+        out = strat.run_round(clients, {k: init for k in clients}, 1)  # Flower's weighted mean would divide by 0
+        assert rec.eval_in == [[]]
+        assert strat.history[-1]["loss"] is None
+        for node in clients:
+            assert not {"global_accuracy", "global_loss", "released_accuracy"} & set(out.metrics[node])
+
+
+def test_bad_weighting_names_the_field() -> None:
+    with pytest.raises(ConfigError, match="fedavg.weighting"):
+        FederatedAveraging(FedAvgConfig(weighting="num_examples"))
 
 
 def test_fraction_fit_sampling_is_seeded_and_only_selected_pay_bytes() -> None:
@@ -123,7 +235,6 @@ def test_epsilon_per_node_grows_across_rounds_with_dpclients(sites) -> None:
     strat = FederatedAveraging(FedAvgConfig(local_steps=4, min_fit_clients=3, min_available_clients=3))
     params = {k: init for k in clients}
     eps: dict[str, list[float]] = {k: [] for k in clients}
-    acc = []
     for r in range(1, 4):
         out = strat.run_round(clients, params, r)
         params = out.params
@@ -131,16 +242,39 @@ def test_epsilon_per_node_grows_across_rounds_with_dpclients(sites) -> None:
             eps[k].append(out.metrics[k]["epsilon"])
             assert out.local_steps[k] == 4
             assert out.bytes_up[k] == sum(a.nbytes for a in init)
-        acc.append(out.metrics["h0"]["global_accuracy"])
+            assert out.metrics[k]["weight"] == 1  # equal public weights, not the sites' record counts
+            # evaluation stays on the sites: nothing of it in the round's results
+            assert not {"global_accuracy", "global_loss", "loss"} & set(out.metrics[k])
         # everyone holds the same global model
         for k in clients:
             for a, b in zip(params[k], params["h0"]):
                 np.testing.assert_array_equal(a, b)
         assert not out.stopped
+        assert strat.history[-1]["loss"] is None
     for k in clients:
         assert eps[k][0] < eps[k][1] < eps[k][2]
         assert clients[k].accountant.steps == 12
-    assert 0.0 <= acc[-1] <= 1.0
+    # the researcher may still measure the global model locally (never released)
+    loss, acc = clients["h0"].evaluate_local(params["h0"])
+    assert 0.0 <= acc <= 1.0
+
+
+@pytest.mark.parametrize("declared", [(None, None, None), (100, 300, 600)])
+def test_dpclient_global_model_is_the_public_weight_average(sites, declared) -> None:
+    clients = dp_clients(sites, declared=declared)
+    init = clients["h0"].get_parameters({})
+    rec = Recording(min_fit_clients=3, min_available_clients=3, fraction_evaluate=0.0,
+                    on_fit_config_fn=lambda r: {"local_steps": 2})
+    strat = FederatedAveraging(FedAvgConfig(min_fit_clients=3, min_available_clients=3, evaluate=False),
+                               strategy=rec)
+    out = strat.run_round(clients, {k: init for k in clients}, 1)
+    got = {cid: (n, arrays) for cid, n, _, arrays in rec.fit_in[0]}
+    weights = {k: (1 if d is None else d) for k, d in zip(sorted(clients), declared)}
+    assert {k: n for k, (n, _) in got.items()} == weights
+    total = sum(weights.values())
+    for i, a in enumerate(out.params["h0"]):
+        want = sum(weights[k] * got[k][1][i].astype(np.float64) for k in got) / total
+        np.testing.assert_allclose(a, want, rtol=1e-5, atol=1e-6)
 
 
 def test_budget_exhausted_client_is_stopped_and_left_out(sites) -> None:

@@ -1,5 +1,9 @@
 """The Flower App (examples/flower-app): DPClient under Flower's runtime, privacy state in context.state.
 
+What a node releases is public or DP only: equal public weights, public fit metrics,
+no evaluation unless a DP accuracy release is configured (then over its public
+denominator, its cost in the node's accountant).
+
 No Ray and no SuperLink: the ClientApp is called with hand-built Messages (platform.md
 §1b), and the ServerApp runs against in-process ClientApp nodes through the app's
 LocalGrid (a ``flwr.serverapp.Grid`` that hands each message to the ClientApp).
@@ -22,6 +26,7 @@ from flwr.app import Context, Message, MessageType, Metadata, RecordDict  # noqa
 from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
 from flwr.compat.common import recorddict_compat as compat  # noqa: E402
 
+from clients.dp_client import PUBLIC_FIT_METRICS  # noqa: E402
 from privfl.errors import ConfigError  # noqa: E402
 from privfl_app import task  # noqa: E402
 from privfl_app.client_app import app as client_app  # noqa: E402
@@ -84,17 +89,71 @@ def test_clientapp_epsilon_accumulates_across_rounds_in_context_state() -> None:
     assert float(other.metrics["epsilon"]) == pytest.approx(eps1)
 
 
-def test_clientapp_evaluate_reports_accuracy_without_spending_budget() -> None:
+def evaluate(ctx: Context, params: list[np.ndarray], n: int):
+    content = compat.evaluateins_to_recorddict(EvaluateIns(ndarrays_to_parameters(params), {}), keep_input=True)
+    out = client_app(message(content, MessageType.EVALUATE, n), ctx)
+    assert not out.has_error(), out.error
+    return compat.recorddict_to_evaluateres(out.content)
+
+
+def test_clientapp_fit_releases_only_public_values() -> None:
+    w0 = initial_params()
+    sizes = {pid: len(task.load_site("breast_cancer", "iid", 0, pid, 2).train.y) for pid in (0, 1)}
+    res = {pid: fit(node_context(pid=pid, n=2), w0, 1) for pid in (0, 1)}
+    for pid, r in res.items():
+        assert r.num_examples == 1 != sizes[pid]  # equal public weights, never the record count
+        assert set(r.metrics) <= set(PUBLIC_FIT_METRICS)
+        assert not {"loss", "accuracy", "n_train"} & set(r.metrics)
+    assert res[0].metrics == res[1].metrics  # q is public: ε does not depend on a site's size
+
+
+def test_clientapp_evaluates_nothing_by_default() -> None:
     ctx = node_context(pid=1)
     w0 = initial_params()
     fit(ctx, w0, 1)
     eps = task.epsilon_of(ctx)
-    content = compat.evaluateins_to_recorddict(EvaluateIns(ndarrays_to_parameters(w0), {}), keep_input=True)
-    out = client_app(message(content, MessageType.EVALUATE, 2), ctx)
-    assert not out.has_error()
-    res = compat.recorddict_to_evaluateres(out.content)
-    assert res.num_examples > 0 and 0.0 <= float(res.metrics["accuracy"]) <= 1.0
+    res = evaluate(ctx, w0, 2)
+    assert res.num_examples == 0 and res.metrics == {} and res.loss == 0.0
     assert task.epsilon_of(ctx) == eps and task.load_state(ctx)[1] == 1
+
+
+def test_clientapp_dp_evaluation_release_is_accounted_in_context_state() -> None:
+    cfg = {**RUN_CONFIG, "eval-noise-multiplier": 2.0, "eval-denominator": 40}
+    ctx = node_context(pid=1, run_config=cfg)
+    w0 = initial_params(cfg)
+    fit(ctx, w0, 1)
+    eps = task.epsilon_of(ctx)
+    steps = task.load_state(ctx)[0]["accountant"]
+    res = evaluate(ctx, w0, 2)
+    assert res.num_examples == 40  # the public denominator, not the test-split size (38)
+    assert set(res.metrics) == {"accuracy", "dp"} and res.metrics["dp"] == 1
+    assert 0.0 <= float(res.metrics["accuracy"]) <= 1.0
+    assert res.loss == pytest.approx(1.0 - float(res.metrics["accuracy"]))
+    # the release's cost is in the node's saved state (a rebuilt client keeps it); no fit was counted
+    assert task.epsilon_of(ctx) > eps and task.load_state(ctx)[1] == 1
+    assert task.load_state(ctx)[0]["accountant"] != steps
+    r2 = fit(ctx, w0, 3)
+    assert float(r2.metrics["epsilon"]) > task.epsilon_of(node_context(pid=1)) and r2.metrics["total_steps"] == 8
+
+
+def test_dp_evaluation_run_config_needs_both_keys() -> None:
+    with pytest.raises(ConfigError, match="eval-denominator"):
+        task.settings({"eval-noise-multiplier": 2.0})
+    with pytest.raises(ConfigError, match="eval-noise-multiplier"):
+        task.settings({"eval-denominator": 40})
+    with pytest.raises(ConfigError, match="sample-rate"):
+        task.settings({"sample-rate": 1.5})
+    assert build_strategy(task.settings({})).fraction_evaluate == 0.0
+    assert build_strategy(task.settings({"eval-noise-multiplier": 2.0, "eval-denominator": 40})).fraction_evaluate == 1.0
+
+
+def test_no_per_message_seed_noise_is_secure() -> None:
+    assert not hasattr(task, "message_seed")
+    ctx = node_context()
+    w0 = initial_params()
+    a, b = fit(ctx, w0, 1), fit(node_context(), w0, 1)  # same node, same state, same input model
+    pa, pb = parameters_to_ndarrays(a.parameters), parameters_to_ndarrays(b.parameters)
+    assert any(np.abs(x - y).max() > 1e-6 for x, y in zip(pa, pb))  # a seeded rebuild would repeat itself
 
 
 def test_clientapp_fails_closed_when_the_budget_is_spent() -> None:
@@ -117,11 +176,13 @@ def test_clientapp_fails_closed_when_the_budget_is_spent() -> None:
 
 def test_serverapp_and_clientapp_in_process_fedavg() -> None:
     threads_before = set(threading.enumerate())
-    hist, grid = run_in_process(3, {"num-server-rounds": 2, "local-steps": 3})
+    hist, grid = run_in_process(3, {"num-server-rounds": 2, "local-steps": 3}, researcher_eval=True)
     assert set(threading.enumerate()) <= threads_before  # Flower's node-update thread was joined
     assert hist is not None
-    acc = dict(hist.metrics_distributed["accuracy"])
-    assert set(acc) == {1, 2} and all(0.5 < a <= 1.0 for a in acc.values())
+    assert hist.metrics_distributed == {} and hist.losses_distributed == []  # the nodes released no evaluation
+    # the simulator's own measurement of the global model, apart from anything the nodes release
+    acc = dict(hist.metrics_centralized["true_accuracy"])
+    assert set(acc) == {0, 1, 2} and all(0.5 < acc[r] <= 1.0 for r in (1, 2))
     eps_max = dict(hist.metrics_distributed_fit["epsilon_max"])
     assert 0 < eps_max[1] < eps_max[2]
     for ctx in grid.contexts.values():
@@ -129,6 +190,17 @@ def test_serverapp_and_clientapp_in_process_fedavg() -> None:
         assert fits == 2 and state is not None
         assert state["accountant"]["events"][0]["count"] == 6
     assert max(task.epsilon_of(c) for c in grid.contexts.values()) == pytest.approx(eps_max[2])
+
+
+def test_serverapp_with_dp_evaluation_release() -> None:
+    hist, grid = run_in_process(3, {"num-server-rounds": 2, "local-steps": 3, "eval-noise-multiplier": 2.0,
+                                    "eval-denominator": 38})
+    assert hist is not None
+    acc = dict(hist.metrics_distributed["accuracy"])  # noisy counts / 38, averaged by Flower's FedAvg
+    assert set(acc) == {1, 2} and all(0.0 <= a <= 1.0 for a in acc.values())
+    eps_max = dict(hist.metrics_distributed_fit["epsilon_max"])
+    # round 2's fit ε includes round 1's evaluation release; the last release comes after it
+    assert all(task.epsilon_of(c) > eps_max[2] for c in grid.contexts.values())
 
 
 def test_the_serverapp_object_itself_drives_the_nodes() -> None:

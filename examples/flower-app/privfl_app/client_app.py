@@ -26,12 +26,12 @@ from clients import DPClient
 from clients.dp_client import PUBLIC_FIT_METRICS
 from privfl_app.task import (
     dp_config,
-    load_site,
     load_state,
     make_model,
     partition_of,
     save_state,
     settings,
+    site_of,
 )
 
 log = logging.getLogger("privfl.flower_app")
@@ -77,7 +77,7 @@ def client_fn(context: Context) -> Client:
     """Build this node's DPClient for one message, with its saved privacy state restored."""
     cfg = settings(context.run_config)
     pid, n = partition_of(context)
-    site = load_site(str(cfg["dataset"]), str(cfg["partitioning"]), int(cfg["seed"]), pid, n)
+    site = site_of(cfg, pid, n)
     state, fits = load_state(context)
     client = DPClient(
         make_model(cfg, site),

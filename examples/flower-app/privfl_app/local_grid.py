@@ -119,11 +119,10 @@ def researcher_evaluate_fn(cfg: Mapping[str, Any], num_nodes: int) -> Callable[.
     import torch
 
     from clients.dp_client import evaluate_model
-    from privfl_app.task import load_site, make_model, settings
+    from privfl_app.task import make_model, settings, site_of
 
     full = settings(cfg)
-    sites = [load_site(str(full["dataset"]), str(full["partitioning"]), int(full["seed"]), i, num_nodes)
-             for i in range(num_nodes)]
+    sites = [site_of(full, i, num_nodes) for i in range(num_nodes)]
     x = torch.as_tensor(np.concatenate([s.test.x for s in sites])).float()
     y = torch.as_tensor(np.concatenate([s.test.y for s in sites])).long()
     model = make_model(full, sites[0])

@@ -19,7 +19,7 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from privfl_app.task import dp_evaluation, load_site, make_model, settings
+from privfl_app.task import dp_evaluation, make_model, settings, site_of
 from strategies.federated import released_evaluate_res, weighted_average
 
 
@@ -52,7 +52,7 @@ class DPReleaseFedAvg(FedAvg):
 
 def build_strategy(cfg: dict[str, Any]) -> FedAvg:
     """Flower's FedAvg configured from the run config, starting from the shared initial model."""
-    site = load_site(str(cfg["dataset"]), str(cfg["partitioning"]), int(cfg["seed"]), 0, 1)
+    site = site_of(cfg, 0, 1)
     model = make_model(cfg, site)
     init = [v.detach().cpu().numpy() for v in model.state_dict().values()]
     local_steps = int(cfg["local-steps"])

@@ -28,8 +28,12 @@ from clients import DPClient, DPConfig
 from privfl.data import SiteData, load_dataset, split_sites
 from privfl.errors import ConfigError
 from privfl.models import build_model
+from privfl.preprocessing import PreprocessingSpec, preprocess_site
 
 STATE_KEY = "privfl.dpclient"
+
+#: preprocessing the app runs: public by declaration, so it costs no budget and needs no ledger
+APP_SCALINGS = ("public", "none")
 
 DEFAULTS: dict[str, Any] = {
     "num-server-rounds": 3,
@@ -39,6 +43,10 @@ DEFAULTS: dict[str, Any] = {
     "min-available-clients": 2,
     "dataset": "breast_cancer",
     "partitioning": "iid",
+    # feature scaling from public statistics only: "public" (declared ranges: the published
+    # ones of a shipped dataset, or the `statistics` file) or "none"
+    "scaling": "public",
+    "statistics": "",
     "model": "logreg",
     "seed": 0,
     "clipping": "psac",
@@ -47,7 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "target-epsilon": 8.0,
     "delta": 1e-5,
     "batch-size": 32,
-    "lr": 0.5,
+    "lr": 2.0,
     # the public Poisson sampling rate q (declared, never derived from a site's record count)
     "sample-rate": 0.2,
     # a DP evaluation release: σ of the noisy correct count (0 = evaluation stays on the site)
@@ -73,6 +81,11 @@ def settings(run_config: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("num-server-rounds", "local-steps", "min-fit-clients", "min-available-clients", "batch-size"):
         if out[key] < 1:
             raise ConfigError(f"run config: {key} must be >= 1, got {out[key]}")
+    if out["scaling"] not in APP_SCALINGS:
+        raise ConfigError(f"run config: scaling must be one of {', '.join(APP_SCALINGS)}, got {out['scaling']!r} "
+                          "(a DP estimate of the scale needs a node's ledger: use privfl's own node runtime)")
+    if out["statistics"] and out["scaling"] != "public":
+        raise ConfigError("run config: statistics is only read with scaling = 'public'")
     if not 0 < out["sample-rate"] <= 1:
         raise ConfigError(f"run config: sample-rate must be in (0, 1], got {out['sample-rate']}")
     for key in ("eval-noise-multiplier", "eval-denominator"):
@@ -91,11 +104,25 @@ def dp_evaluation(cfg: Mapping[str, Any]) -> bool:
 
 
 @lru_cache(maxsize=8)
-def load_site(dataset: str, partitioning: str, seed: int, partition_id: int, num_partitions: int) -> SiteData:
-    """This node's standardised train/test split (cached: in one process every message reuses it)."""
+def load_site(dataset: str, partitioning: str, seed: int, partition_id: int, num_partitions: int,
+              scaling: str = "public", statistics: str = "") -> SiteData:
+    """This node's train/test split, scaled from public statistics (cached: every message reuses it).
+
+    ``scaling = "public"`` maps each feature by declared ranges (a shipped dataset's
+    published ones, or the ``statistics`` file), never by the site's own mean or std.
+    """
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"node config: partition-id={partition_id} not in [0, num-partitions={num_partitions})")
-    return split_sites(load_dataset(dataset, seed=seed), num_partitions, partitioning, seed=seed)[partition_id]  # type: ignore[arg-type]
+    raw = split_sites(load_dataset(dataset, seed=seed), num_partitions, partitioning, seed=seed)[partition_id]  # type: ignore[arg-type]
+    spec = PreprocessingSpec(scaling=scaling, statistics=statistics)
+    site, _ = preprocess_site(spec, raw, dataset_name=dataset if not statistics else None, where="run config")
+    return site
+
+
+def site_of(cfg: Mapping[str, Any], partition_id: int, num_partitions: int) -> SiteData:
+    """:func:`load_site` with the run config's data keys."""
+    return load_site(str(cfg["dataset"]), str(cfg["partitioning"]), int(cfg["seed"]), partition_id, num_partitions,
+                     str(cfg["scaling"]), str(cfg["statistics"]))
 
 
 def make_model(cfg: Mapping[str, Any], site: SiteData) -> nn.Module:
