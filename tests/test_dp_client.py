@@ -8,6 +8,7 @@ import pytest
 
 from accounting import BudgetExhausted, DpEventKey
 from clients import DPClient, DPConfig
+from clients.dp_client import PUBLIC_FIT_METRICS
 from privfl.data import load_builtin, split_sites
 from privfl.models import build_model
 
@@ -18,7 +19,10 @@ def site():
 
 
 def make_client(site, events=None, **kw):
-    cfg = DPConfig(**{"noise_multiplier": 1.0, "batch_size": 32, "lr": 0.5, "target_epsilon": 50.0, **kw})
+    # the test declares q (a public number); a deployed site declares it in its config
+    q = min(1.0, kw.get("batch_size", 32) / len(site.train))
+    cfg = DPConfig(**{"noise_multiplier": 1.0, "batch_size": 32, "sample_rate": q, "lr": 0.5,
+                      "target_epsilon": 50.0, **kw})
     model = build_model("mlp", site.train.x.shape[1:], 2, seed=0)
     return DPClient(model, (site.train.x, site.train.y), (site.test.x, site.test.y), cfg, seed=0,
                     on_dp_event=None if events is None else events.append)
@@ -40,7 +44,7 @@ def test_epsilon_grows_monotonically_across_fit_calls(site):
     for _ in range(4):
         p, n, m = c.fit(p, {"local_steps": 5})
         eps.append(m["epsilon"])
-        assert m["steps"] == 5 and n == len(site.train)
+        assert m["steps"] == 5 and n == 1  # the public weight (no declared size): never the record count
     assert all(b > a for a, b in zip(eps, eps[1:]))
     assert c.accountant.steps == 20
     # the σ handed to the accountant is the σ the optimizer used
@@ -74,9 +78,9 @@ def test_a_few_dp_epochs_beat_chance_widely(site):
     c = make_client(site, noise_multiplier=1.0, clipping="psac", lr=1.0)
     p = c.get_parameters({})
     p, _, m = c.fit(p, {"local_epochs": 5})
-    _, n, ev = c.evaluate(p, {})
+    _, acc = c.evaluate_local(p)
     majority = max(np.mean(site.test.y), 1 - np.mean(site.test.y))
-    assert ev["accuracy"] > 0.85 and ev["accuracy"] > majority + 0.15
+    assert acc > 0.85 and acc > majority + 0.15
 
 
 def test_restore_state_keeps_spent_budget(site):
@@ -128,3 +132,42 @@ def test_fast_engine_refuses_topagg(site):
     from privfl.errors import ConfigError
     with pytest.raises(ConfigError, match="fast"):
         make_client(site, engine="fast", mechanism="topagg", mechanism_params={"k": 5})
+
+
+def test_fit_releases_public_weight_and_public_metrics_only(site):
+    c = make_client(site, declared_size=400, sample_rate=None)
+    _, n, m = c.fit(c.get_parameters({}), {"local_steps": 2})
+    assert n == 400  # the declared size, not len(site.train)
+    assert n != len(site.train)
+    assert set(m) == set(PUBLIC_FIT_METRICS) and "loss" not in m
+    assert c.sample_rate == 32 / 400 and c._expected_batch() == pytest.approx(32.0)
+    assert np.isfinite(c.last_loss)  # the loss is kept on the site
+
+
+def test_evaluate_releases_nothing_by_default_and_a_dp_accuracy_when_asked(site):
+    c = make_client(site)
+    p = c.get_parameters({})
+    assert c.evaluate(p, {}) == (0.0, 0, {})
+    assert c.accountant.steps == 0
+    events: list[dict] = []
+    d = make_client(site, events, eval_noise_multiplier=2.0, eval_denominator=100)
+    eps0 = d.epsilon
+    loss, n, m = d.evaluate(p, {})
+    assert n == 100 and 0.0 <= m["accuracy"] <= 1.0 and loss == pytest.approx(1 - m["accuracy"])
+    assert events[-1]["purpose"] == "evaluation" and events[-1]["sensitivity"] == 1.0
+    assert events[-1]["sample_rate"] == 1.0 and events[-1]["noise_multiplier"] == 2.0
+    assert d.epsilon > eps0 and d.training_steps == 0
+
+
+def test_dp_config_refuses_missing_sample_rate_and_bad_values(site):
+    from privfl.errors import ConfigError
+    with pytest.raises(ConfigError, match="sample_rate"):
+        DPConfig(noise_multiplier=1.0).validate()
+    for field, value in (("psac_r", float("inf")), ("max_grad_norm", float("inf")), ("autos_gamma", float("nan")),
+                         ("noise_multiplier", float("inf")), ("sample_rate", 1.5)):
+        with pytest.raises(ConfigError, match=field):
+            DPConfig(**{"sample_rate": 0.1, field: value}).validate()
+    with pytest.raises(ConfigError, match="delta"):
+        DPConfig(declared_size=1000, delta=1e-2).validate()
+    with pytest.raises(ConfigError, match="delta"):  # δ ≥ 1/n for the site's own records (a local check)
+        make_client(site, delta=0.5)

@@ -13,6 +13,7 @@ from opacus import GradSampleModule
 from torch import nn
 
 from accounting import DpEventKey
+from clients.randomness import SecureRandom, SeededRandom
 from clients import (
     DPClient,
     DPConfig,
@@ -48,7 +49,7 @@ def grads_and_k(draw: st.DrawFn) -> tuple[torch.Tensor, int, float | None, int]:
 def test_votes_are_k_sparse_ternary_and_removing_a_sample_moves_the_sum_by_at_most_sqrt_k(case):
     flat, k, bound, seed = case
     n, d = flat.shape
-    idx, signs = per_sample_votes(flat, k, bound, torch.Generator().manual_seed(seed))
+    idx, signs = per_sample_votes(flat, k, bound, SeededRandom(seed))
     v = votes_to_dense(idx, signs, d)
     assert set(v.unique().tolist()) <= {-1.0, 0.0, 1.0}
     assert ((v != 0).sum(dim=1) == k).all()  # exactly k votes, each ±1
@@ -75,7 +76,7 @@ def test_votes_are_k_sparse_ternary_and_removing_a_sample_moves_the_sum_by_at_mo
 def test_stochastic_sign_is_unbiased_for_the_clipped_value():
     g = torch.tensor([0.5, -0.25, 2.0, -3.0, 0.0, 0.1])
     n, bound = 40_000, 1.0
-    idx, signs = per_sample_votes(g.repeat(n, 1), k=6, bound=bound, generator=torch.Generator().manual_seed(0))
+    idx, signs = per_sample_votes(g.repeat(n, 1), k=6, bound=bound, source=SeededRandom(0))
     mean = votes_to_dense(idx, signs, 6).mean(0)
     torch.testing.assert_close(mean, g.clamp(-bound, bound) / bound, atol=0.02, rtol=0)
 
@@ -87,7 +88,7 @@ def _layer_step(k: int, z: float, threshold: float = 0.0, scale: float = 1.0, B:
     gsm = GradSampleModule(nn.Linear(200, 100))
     opt = TopAggDPOptimizer(torch.optim.SGD(gsm.parameters(), lr=0.1), noise_multiplier=z, expected_batch_size=B,
                             k=k, threshold=threshold, bound=bound, scale=scale,
-                            generator=torch.Generator().manual_seed(seed))
+                            random_source=SeededRandom(seed))
     x, y = torch.randn(B, 200), torch.randint(0, 100, (B,))
     opt.zero_grad()
     nn.functional.cross_entropy(gsm(x), y).backward()
@@ -97,7 +98,7 @@ def _layer_step(k: int, z: float, threshold: float = 0.0, scale: float = 1.0, B:
 def test_summed_votes_are_the_per_sample_votes_of_the_grad_samples():
     gsm, opt = _layer_step(k=30, z=0.5, bound=1e-3)
     flat = torch.cat([p.grad_sample.reshape(8, -1) for p in gsm.parameters()], dim=1)
-    expected = sum_votes(*per_sample_votes(flat, 30, 1e-3, torch.Generator().manual_seed(1)), flat.shape[1])
+    expected = sum_votes(*per_sample_votes(flat, 30, 1e-3, SeededRandom(1)), flat.shape[1])
     opt.pre_step()
     got = torch.cat([p.summed_grad.flatten() for p in gsm.parameters()])
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
@@ -160,7 +161,7 @@ def test_empty_poisson_batch_gives_a_thresholded_noise_only_update(backward):
     torch.manual_seed(0)
     gsm = GradSampleModule(nn.Linear(50, 40))
     opt = TopAggDPOptimizer(torch.optim.SGD(gsm.parameters(), lr=1.0), noise_multiplier=1.0, expected_batch_size=4,
-                            k=10, threshold=1.0, generator=torch.Generator().manual_seed(3))
+                            k=10, threshold=1.0, random_source=SeededRandom(3))
     calls: list[float] = []
     opt.attach_step_hook(lambda o: calls.append(o.noise_multiplier))  # Opacus's accountant hook still fires
     before = [p.detach().clone() for p in gsm.parameters()]
@@ -188,8 +189,9 @@ TOPAGG = {"k": 200, "threshold": 0.1}
 
 
 def make_client(site, events=None, seed=0, **kw):
-    cfg = DPConfig(**{"noise_multiplier": 1.0, "batch_size": 32, "lr": 0.01, "target_epsilon": 50.0,
-                      "mechanism": "topagg", "mechanism_params": TOPAGG, **kw})
+    q = min(1.0, kw.get("batch_size", 32) / len(site.train))  # declared by the test (public)
+    cfg = DPConfig(**{"noise_multiplier": 1.0, "batch_size": 32, "sample_rate": q, "lr": 0.01,
+                      "target_epsilon": 50.0, "mechanism": "topagg", "mechanism_params": TOPAGG, **kw})
     model = build_model("mlp", site.train.x.shape[1:], 2, seed=seed)
     return DPClient(model, (site.train.x, site.train.y), (site.test.x, site.test.y), cfg, seed=seed,
                     on_dp_event=None if events is None else events.append)
@@ -212,15 +214,20 @@ def test_client_accountant_gets_z_which_is_the_noise_std_used_over_sqrt_k(site):
     assert measured_z == pytest.approx(0.8, rel=0.05)
     assert c.accountant.events == {DpEventKey(0.8, c.sample_rate): 12}
     assert [e["noise_multiplier"] for e in events] == [0.8] * 3
+    # what the ledger gets: TopAgg's own k and sensitivity √k, not a clipping rule and C
+    k = TOPAGG["k"]
+    assert all(e["local_mechanism"] == "topagg" and e["clipping"] == "topagg" for e in events)
+    assert all(e["sensitivity"] == e["max_grad_norm"] == pytest.approx(math.sqrt(k)) for e in events)
+    assert all(e["mechanism_params"]["k"] == k and e["mechanism_params"]["threshold"] == 0.1 for e in events)
 
 
 def test_topagg_client_learns_breast_cancer(site):
     c = make_client(site)
     p = c.get_parameters({})
     p, _, m = c.fit(p, {"local_epochs": 5})
-    _, _, ev = c.evaluate(p, {})
+    _, acc = c.evaluate_local(p)
     majority = max(np.mean(site.test.y), 1 - np.mean(site.test.y))
-    assert ev["accuracy"] > 0.85 and ev["accuracy"] > majority + 0.15
+    assert acc > 0.85 and acc > majority + 0.15
     assert m["epsilon"] < 6.0
 
 
