@@ -140,7 +140,7 @@ def print_report(report: AuditReport, console: Console, all_events: bool = False
         color = "green" if report.randomness == "secure" else ("yellow" if report.randomness_allowed else "red")
         console.print(f"randomness: [{color}]{report.randomness_label}[/]  (ledger format {report.format})")
         prep = "unrecorded" if report.preprocessing is None else json.dumps(report.preprocessing, sort_keys=True)
-        console.print(f"preprocessing: {prep}", markup=False, highlight=False)
+        console.print(f"preprocessing: {prep}", markup=False, highlight=False, soft_wrap=True)
 
     checks = Table(title="checks")
     checks.add_column("check")
