@@ -28,7 +28,7 @@ def _tables(pki: Path, out: Path, **over: dict) -> dict[str, dict]:
                      "ca": str(pki / "ca.pem"), "roster": str(pki / "roster.toml"), "crl": str(pki / "crl.pem")},
         "data": {"source": "breast_cancer", "num_sites": 2, "site_index": 0},
         "model": {"name": "logreg"},
-        "dp": {"noise_multiplier": 2.0, "target_epsilon": 3.0, "batch_size": 32},
+        "dp": {"noise_multiplier": 2.0, "target_epsilon": 3.0, "batch_size": 32, "sample_rate": 0.14},
         "stop": {"max_steps": 10},
     }
     for k, v in over.items():
@@ -157,3 +157,86 @@ def test_errors_are_privfl_errors() -> None:
     from privfl.node import NodeError
 
     assert issubclass(NodeError, PrivflError)
+
+
+def _close(node: object) -> None:
+    node.ledger.close()  # type: ignore[attr-defined]
+    node.network.client.close()  # type: ignore[attr-defined]
+
+
+def test_node_uses_secure_randomness_and_says_so_in_its_ledger(pki: Path, tmp_path: Path) -> None:
+    from accounting.audit import audit_ledger
+    from privfl.node import Node
+
+    node = Node(load_node_config(_write(tmp_path, _tables(pki, tmp_path / "out"))))
+    assert node.client.random_kind == "secure" and node.ledger.randomness == "secure"  # type: ignore[union-attr]
+    node.client.fit(node.client.get_parameters({}), {"local_steps": 2})
+    _close(node)
+    report = audit_ledger(tmp_path / "out" / "ledger.jsonl", (pki / "ca.pem").read_bytes())
+    assert report.ok and report.checks["randomness"] == "pass"
+
+
+def test_seeded_test_node_is_recorded_and_fails_the_audit(pki: Path, tmp_path: Path) -> None:
+    from accounting.audit import audit_ledger
+    from privfl.node import Node
+
+    node = Node(load_node_config(_write(tmp_path, _tables(pki, tmp_path / "out", node={"seed": 5}))))
+    assert node.client.random_kind == "seeded" and node.ledger.randomness == "seeded"  # type: ignore[union-attr]
+    node.client.fit(node.client.get_parameters({}), {"local_steps": 2})
+    _close(node)
+    ledger = tmp_path / "out" / "ledger.jsonl"
+    assert not audit_ledger(ledger, (pki / "ca.pem").read_bytes()).ok
+    assert audit_ledger(ledger, (pki / "ca.pem").read_bytes(), allow_seeded=True).ok
+
+
+def test_node_refuses_per_site_statistics(pki: Path, tmp_path: Path) -> None:
+    p = _write(tmp_path, _tables(pki, tmp_path / "out", data={"scaling": "site"}))
+    from privfl.node import Node
+
+    with pytest.raises(ConfigError, match=r"\[data\]\.scaling"):
+        Node(load_node_config(p))
+    assert not (tmp_path / "out" / "ledger.jsonl").exists()
+
+
+def test_node_refuses_missing_sample_rate(pki: Path, tmp_path: Path) -> None:
+    t = _tables(pki, tmp_path)
+    del t["dp"]["sample_rate"]
+    with pytest.raises(ConfigError, match=r"\[dp\]\.sample_rate: required"):
+        load_node_config(_write(tmp_path, t))
+
+
+def test_sigma_is_the_same_at_sites_of_different_sizes(pki: Path, tmp_path: Path) -> None:
+    from privfl.node import Node
+
+    sigmas, qs = [], []
+    for i, alpha in enumerate((0.3, 5.0)):  # two different splits: the sites hold different numbers of records
+        t = _tables(pki, tmp_path / f"o{i}", dp={"noise_multiplier": 0.0, "planned_steps": 100},
+                    data={"partitioning": "dirichlet", "alpha": alpha})
+        node = Node(load_node_config(_write(tmp_path, t)))
+        sigmas.append(node.sigma)
+        qs.append(node.client.sample_rate)
+        sizes = len(node.site.train)
+        _close(node)
+        assert sizes > 0
+    assert sigmas[0] == sigmas[1] and qs[0] == qs[1] == 0.14
+
+
+def test_dp_preprocessing_is_in_the_ledger_and_not_paid_twice(pki: Path, tmp_path: Path) -> None:
+    from privfl.node import Node
+
+    out = tmp_path / "out"
+    t = _tables(pki, out, data={"scaling": "dp", "transform": "log1p", "dp_noise_multiplier": 20.0, "dp_bound": 10.0},
+                dp={"noise_multiplier": 0.0, "planned_steps": 50})
+    cfg = load_node_config(_write(tmp_path, t))
+    node = Node(cfg)
+    events = [e for e in node.ledger.entries() if e["kind"] == "dp_event"]  # type: ignore[union-attr]
+    assert len(events) == 1 and events[0]["body"]["purpose"] == "preprocessing"
+    assert events[0]["body"]["sample_rate"] == 1.0 and events[0]["body"]["noise_multiplier"] == 20.0
+    eps0 = node.client.epsilon
+    assert eps0 > 0 and node.ledger.steps == 0  # type: ignore[union-attr]
+    sigma = node.sigma
+    _close(node)
+    again = Node(cfg)  # restart: the saved estimate is reused, no second event, the same σ
+    events = [e for e in again.ledger.entries() if e["kind"] == "dp_event"]  # type: ignore[union-attr]
+    assert len(events) == 1 and again.sigma == sigma and again.client.epsilon == pytest.approx(eps0)
+    _close(again)
