@@ -63,7 +63,7 @@ DIGEST = "ab" * 32
 
 def append_rate(path: Path, key: ec.EllipticCurvePrivateKey, cert: str, n: int, fsync_every: int) -> float:
     """Message appends per second."""
-    with Ledger.create(path, key, cert, POLICY, "bench", fsync_every=fsync_every) as led:
+    with Ledger.create(path, key, cert, POLICY, "bench", fsync_every=fsync_every, randomness="secure") as led:
         t = time.perf_counter()
         for i in range(n):
             led.append_message("peer", i, i, digest=DIGEST, size=1000)
@@ -76,7 +76,7 @@ def build_big(path: Path, key: ec.EllipticCurvePrivateKey, cert: str, entries: i
     """A ledger of ``entries`` entries (1 in 4 a dp_event); returns the build seconds."""
     eps = 0.0
     t = time.perf_counter()
-    with Ledger.create(path, key, cert, POLICY, "bench", fsync_every=0) as led:
+    with Ledger.create(path, key, cert, POLICY, "bench", fsync_every=0, randomness="secure") as led:
         for i in range(1, entries):
             if i % 4 == 1:
                 eps += 1e-4  # the node's value; the audit's claimed-ε check will flag it

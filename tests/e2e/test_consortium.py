@@ -16,6 +16,7 @@ import torch
 from privfl.data import load_dataset, split_sites
 from privfl.launch import launch_consortium, load_model
 from privfl.models import build_model
+from privfl.preprocessing import PreprocessingSpec, preprocess_site
 from tests.helpers import patched_copy
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hospitals-gossip" / "consortium.toml"
@@ -32,12 +33,14 @@ def _config(tmp_path: Path) -> Path:
 def _pooled_accuracy(model_path: Path) -> tuple[float, float]:
     """Accuracy of a final model on every site's test split, and the majority-class rate there."""
     data = load_dataset("breast_cancer", seed=11)
-    sites = split_sites(data, 4, "dirichlet", seed=11, alpha=0.5)
+    spec = PreprocessingSpec()  # the example's default: the dataset's published feature ranges
+    sites = [preprocess_site(spec, s, dataset_name="breast_cancer")[0]
+             for s in split_sites(data, 4, "dirichlet", seed=11, alpha=0.5)]
     model = build_model("logreg", (30,), 2)
     params = load_model(model_path)
     model.load_state_dict({k: torch.as_tensor(v) for k, v in zip(model.state_dict(), params)})
     correct = total = majority = 0
-    for s in sites:  # each site standardises with its own statistics, as its node does
+    for s in sites:  # each site preprocesses with the public statistics, as its node does
         with torch.no_grad():
             pred = model(torch.as_tensor(s.test.x)).argmax(1).numpy()
         correct += int((pred == s.test.y).sum())
