@@ -21,7 +21,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., sparse: bool = ..., nnz: _Optional[int] = ...) -> None: ...
 
 class Header(_message.Message):
-    __slots__ = ("version", "sender", "recipient", "sequence", "round", "kind", "tensors", "body_bytes", "in_reply_to", "scalars")
+    __slots__ = ("version", "sender", "recipient", "sequence", "round", "kind", "tensors", "body_bytes", "in_reply_to", "scalars", "sender_certificate")
     class ScalarsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class Header(_message.Message):
     BODY_BYTES_FIELD_NUMBER: _ClassVar[int]
     IN_REPLY_TO_FIELD_NUMBER: _ClassVar[int]
     SCALARS_FIELD_NUMBER: _ClassVar[int]
+    SENDER_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     version: int
     sender: str
     recipient: str
@@ -49,13 +50,26 @@ class Header(_message.Message):
     body_bytes: int
     in_reply_to: int
     scalars: _containers.ScalarMap[str, float]
-    def __init__(self, version: _Optional[int] = ..., sender: _Optional[str] = ..., recipient: _Optional[str] = ..., sequence: _Optional[int] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., body_bytes: _Optional[int] = ..., in_reply_to: _Optional[int] = ..., scalars: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    sender_certificate: bytes
+    def __init__(self, version: _Optional[int] = ..., sender: _Optional[str] = ..., recipient: _Optional[str] = ..., sequence: _Optional[int] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., body_bytes: _Optional[int] = ..., in_reply_to: _Optional[int] = ..., scalars: _Optional[_Mapping[str, float]] = ..., sender_certificate: _Optional[bytes] = ...) -> None: ...
+
+class LedgerHead(_message.Message):
+    __slots__ = ("index", "entry_hash")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_HASH_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    entry_hash: bytes
+    def __init__(self, index: _Optional[int] = ..., entry_hash: _Optional[bytes] = ...) -> None: ...
 
 class Trailer(_message.Message):
-    __slots__ = ("model_digest",)
+    __slots__ = ("model_digest", "ledger_head", "signature")
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_HEAD_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     model_digest: bytes
-    def __init__(self, model_digest: _Optional[bytes] = ...) -> None: ...
+    ledger_head: LedgerHead
+    signature: bytes
+    def __init__(self, model_digest: _Optional[bytes] = ..., ledger_head: _Optional[_Union[LedgerHead, _Mapping]] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("header", "data", "trailer")
