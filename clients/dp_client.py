@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from accounting import BudgetExhausted, BudgetGuard, PrivacyAccountant, calibrate_noise
+from accounting.releases import PUBLIC_FIT_METRICS
 from clients.clipping import clipping_rule
 from clients.ghost import make_ghost_private
 from clients.optimizer import PerSampleWeightDPOptimizer
@@ -44,8 +45,6 @@ warnings.filterwarnings("ignore", message="(?i).*full backward hook.*")
 NDArrays = list[np.ndarray]
 DpEventHook = Callable[[dict[str, Any]], None]
 
-#: what a released fit result's metrics may hold: public values only
-PUBLIC_FIT_METRICS = ("steps", "total_steps", "epsilon", "delta", "dp", "budget_exhausted")
 
 
 @dataclass
@@ -378,7 +377,7 @@ class DPClient(flwr.client.NumPyClient):
 
     def public_fit_metrics(self, steps: int) -> dict[str, Any]:
         """The metrics a fit result carries: public values only (:data:`PUBLIC_FIT_METRICS`)."""
-        return {
+        metrics = {
             "steps": int(steps),
             "total_steps": self.training_steps,
             "epsilon": self.epsilon if self.config.enabled else -1.0,
@@ -386,6 +385,8 @@ class DPClient(flwr.client.NumPyClient):
             "dp": int(self.config.enabled),
             "budget_exhausted": int(self.exhausted),
         }
+        assert set(metrics) == PUBLIC_FIT_METRICS
+        return metrics
 
     def fit(self, parameters: NDArrays, config: dict[str, Any]) -> tuple[NDArrays, int, dict[str, Any]]:
         """Train, and release the noised model with a public weight and public metrics."""

@@ -68,6 +68,7 @@ from flwr.server.criterion import Criterion
 from flwr.server.strategy import FedAvg
 
 from accounting import BudgetExhausted
+from accounting.releases import DP_EVALUATE_METRICS, PUBLIC_FIT_METRICS
 from privfl.errors import ConfigError
 from strategies.base import CollectiveRound, CollectiveStrategy, Params
 from strategies.compression import CLTk, Compressor, compressor_from_config
@@ -94,14 +95,6 @@ __all__ = [
 
 log = logging.getLogger("privfl.strategies.federated")
 
-#: The only metric keys a fit result may carry to the strategy: public values (ε, δ,
-#: step counts, flags). The same set as ``clients.dp_client.PUBLIC_FIT_METRICS``
-#: (``strategies`` may not import ``clients``; tests/test_federated.py checks they agree).
-PUBLIC_FIT_METRICS: frozenset[str] = frozenset(
-    {"steps", "total_steps", "epsilon", "delta", "dp", "budget_exhausted"})
-
-#: The only metric keys a (DP) evaluation release may carry: the noisy accuracy and the flag.
-DP_EVALUATE_METRICS: frozenset[str] = frozenset({"accuracy", "dp"})
 
 
 def no_evaluation() -> EvaluateRes:
