@@ -39,13 +39,14 @@ def child(n: int, dataset: str, model: str, strategy: str, batch: int, trace: bo
     logging.basicConfig(level=logging.WARNING)
     from clients import DPConfig
     from privfl.data import load_dataset, split_sites
+    from privfl.preprocessing import PreprocessingSpec
     from privfl.sim import SimSpec, StopCriteria, run_simulation
 
     rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    sites = split_sites(load_dataset(dataset, seed=0), n, "iid", seed=0, test_fraction=0.2, scaling="none")
+    sites = split_sites(load_dataset(dataset, seed=0), n, "iid", seed=0, test_fraction=0.2)
     rows = max(len(s.train) for s in sites)
     steps = math.ceil(rows / batch)
-    spec = SimSpec(dataset=dataset, num_nodes=n, partitioning="iid", scaling="none", model=model,
+    spec = SimSpec(dataset=dataset, num_nodes=n, partitioning="iid", preprocessing=PreprocessingSpec(scaling="none"), model=model,
                    dp=DPConfig(noise_multiplier=1.0, target_epsilon=1e6, batch_size=batch, lr=0.1,
                                sample_rate=min(1.0, batch / rows),
                                engine="fast" if model != "logreg" else "opacus"),

@@ -52,14 +52,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from accounting import BudgetExhausted
+from accounting import BudgetExhausted, PrivacyAccountant
 from accounting.audit_empirical import OneRunAudit, audit_one_run, draw_inclusion_signs
 from clients import DPClient, DPConfig
 from clients.dp_client import evaluate_model
+from clients.randomness import random_source
 from privfl.config import DataSection, DPSection, ModelSection, check_sections, from_table, read_toml
 from privfl.data import Dataset
 from privfl.errors import ConfigError
 from privfl.models import build_model
+from privfl.preprocessing import preprocess_site
 
 log = logging.getLogger("privfl.audit")
 
@@ -356,7 +358,12 @@ def _run_audit(cfg: AuditConfig, seed: int | None, device: torch.device | str | 
     sites = cfg.data.sites(cfg.base_dir)
     if a.site >= len(sites):
         raise ConfigError(f"[audit].site: {a.site} but the data has {len(sites)} sites")
-    site = sites[a.site]
+    # the node's own preprocessing, fitted on its ordinary rows (public ranges, or a DP estimate
+    # whose event goes into the accountant below); the canaries live in the preprocessed space
+    noise_seed = seed if a.noise == "seeded" else None
+    site, pre = preprocess_site(cfg.data.preprocessing_spec(cfg.base_dir), sites[a.site],
+                                source=random_source(None if noise_seed is None else noise_seed + 4243),
+                                dataset_name=cfg.data.builtin_name())
     rng = np.random.default_rng(seed)
     can = make_canaries(a.canary, site.train, site.test, a.canaries, a.scale(), rng)
     signs = draw_inclusion_signs(a.canaries, rng)
@@ -374,12 +381,17 @@ def _run_audit(cfg: AuditConfig, seed: int | None, device: torch.device | str | 
     steps = a.steps or max(1, int(round(a.epochs * expected_n / dp.batch_size)))
     if dp_cfg.enabled and dp_cfg.noise_multiplier is None and dp_cfg.planned_steps is None:
         dp_cfg.planned_steps = steps  # calibrate σ from target ε over the audit's own steps
+    accountant = PrivacyAccountant(dp_cfg.accountant)  # type: ignore[arg-type]
+    if pre.dp_event is not None:  # preprocessing + training together fit the target ε, as on a node
+        accountant.step(pre.dp_event.noise_multiplier, pre.dp_event.sample_rate, pre.dp_event.steps)
+        if dp_cfg.enabled:
+            dp_cfg.noise_multiplier = dp_cfg.resolved_noise(prior=accountant.events)
 
     model = build_model(cfg.model.name, tuple(can.x.shape[1:]), site.train.num_classes,
                         seed=cfg.model.seed, hidden=tuple(cfg.model.hidden))
     try:
         client = DPClient(model, (train_x, train_y), (can.test_x, can.test_y), dp_cfg,
-                          seed=seed if a.noise == "seeded" else None, device=device)
+                          seed=noise_seed, device=device, accountant=accountant)
     except ValueError as exc:
         raise ConfigError(f"[dp]: {exc}") from None
     log.info("audit node=%s canary=%s m=%d included=%d steps=%d dp=%s sigma=%.4g q=%.4g",

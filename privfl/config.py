@@ -21,13 +21,22 @@ from clients import CLIPPING_RULES, DPConfig
 from privfl.data import SiteData, load_dataset, split_sites
 from privfl.errors import ConfigError
 from privfl.models import MODELS
+from privfl.preprocessing import BUILTIN_STATISTICS, PreprocessingSpec
 
 T = TypeVar("T")
 
 
 @dataclass
 class DataSection:
-    """Where the records come from and how they are split across sites."""
+    """Where the records come from, how they are split across sites, and how a site preprocesses them.
+
+    Preprocessing (see :mod:`privfl.preprocessing`) uses public statistics or a DP estimate,
+    never the site's raw statistics: ``scaling`` is ``public`` (declared ranges: the
+    ``statistics`` file, or a shipped dataset's published ranges), ``dp`` (a Gaussian
+    estimate with ``dp_noise_multiplier`` and ``dp_bound``, its cost in the ledger),
+    ``none``, or ``site`` (per-site z-scores, simulate/compare only). ``transform`` =
+    ``log1p`` is applied to each value first.
+    """
 
     source: str = "breast_cancer"
     label_column: str = ""
@@ -36,12 +45,20 @@ class DataSection:
     alpha: float = 0.5
     shards_per_site: int = 2
     test_fraction: float = 0.2
-    scaling: str = "site"
+    scaling: str = "public"
+    transform: str = "none"
+    statistics: str = ""
+    dp_noise_multiplier: float = 0.0
+    dp_bound: float = 0.0
+    dp_centre: bool = False
     seed: int = 0
 
     def validate(self, where: str) -> None:
-        if self.scaling not in ("site", "scale", "log", "none"):
-            raise ConfigError(f"{where}.scaling: must be site, scale, log or none, got {self.scaling!r}")
+        self.preprocessing_spec().validate(where)
+        if self.scaling == "public" and not self.statistics and self.source not in BUILTIN_STATISTICS:
+            raise ConfigError(f"{where}.statistics: scaling 'public' needs the consortium's public statistics "
+                              f"file for {self.source!r} (built-in ranges exist for "
+                              f"{', '.join(BUILTIN_STATISTICS)} only); or use scaling = 'dp' or 'none'")
         if self.num_sites < 1:
             raise ConfigError(f"{where}.num_sites: must be >= 1, got {self.num_sites}")
         if self.partitioning not in ("iid", "dirichlet", "shards", "quantity"):
@@ -52,10 +69,26 @@ class DataSection:
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"{where}.test_fraction: must be in (0, 1), got {self.test_fraction}")
 
+    def preprocessing_spec(self, base_dir: Path | None = None) -> PreprocessingSpec:
+        """The preprocessing these settings describe; a relative ``statistics`` path is taken
+        relative to ``base_dir`` (the config file's folder)."""
+        stats = self.statistics
+        if stats and base_dir is not None:
+            stats = str(resolve_path(base_dir, stats))
+        return PreprocessingSpec(scaling=self.scaling, transform=self.transform, statistics=stats,
+                                 dp_noise_multiplier=self.dp_noise_multiplier, dp_bound=self.dp_bound,
+                                 dp_centre=self.dp_centre)
+
+    def builtin_name(self) -> str | None:
+        """The shipped dataset whose published statistics ``public`` may use (None for a file)."""
+        return self.source if self.source in BUILTIN_STATISTICS else None
+
     def sites(self, base_dir: Path | None = None) -> list[SiteData]:
-        """Load the data and split it into ``num_sites`` locally scaled sites (deterministic for ``seed``).
+        """Load the data and split it into ``num_sites`` raw (unscaled) sites (deterministic for ``seed``).
 
         A relative CSV/NPZ path is taken relative to ``base_dir`` (the config file's folder).
+        Preprocess a site with :func:`privfl.preprocessing.preprocess_site` and
+        :meth:`preprocessing_spec`.
         """
         source = self.source
         if base_dir is not None and source.endswith((".csv", ".npz")):
@@ -63,7 +96,7 @@ class DataSection:
         data = load_dataset(source, label_column=self.label_column or None, seed=self.seed)
         return split_sites(data, self.num_sites, self.partitioning, seed=self.seed,  # type: ignore[arg-type]
                            alpha=self.alpha, test_fraction=self.test_fraction,
-                           shards_per_site=self.shards_per_site, scaling=self.scaling)  # type: ignore[arg-type]
+                           shards_per_site=self.shards_per_site)
 
 
 @dataclass

@@ -1,17 +1,9 @@
 """Site datasets: shipped scikit-learn sets, a synthetic generator, CSV/NPZ files, and
 partitioners that split one dataset across N sites deterministically for a seed.
 
-Scaling never lets a statistic cross a site boundary; each site uses its own training
-rows only:
-
-* ``site``: z-score (centre and scale). Right for IID sites; under label skew each site's
-  mean is pulled towards its majority class, so the same scaled value means different
-  things at different sites (a centrally trained model drops from 0.94 to 0.78 on
-  breast_cancer with Dirichlet α = 0.5).
-* ``scale``: divide by the site's standard deviation, no centring — robust to label skew.
-* ``log``: log1p of non-negative measurements, then ``scale``: for heavy-tailed
-  measurements such as the breast-cancer data.
-* ``none``: features as they are.
+The splits hold the records as they are: no scaling here. A site's preprocessing is
+fitted and applied by :mod:`privfl.preprocessing` from public statistics or a DP
+estimate whose cost is in the ledger, never from raw per-site statistics.
 """
 
 from __future__ import annotations
@@ -26,8 +18,6 @@ import numpy as np
 from privfl.errors import DataError
 
 Partitioning = Literal["iid", "dirichlet", "shards", "quantity"]
-Scaling = Literal["site", "scale", "log", "none"]
-SCALINGS = ("site", "scale", "log", "none")
 DATASETS = ("breast_cancer", "digits", "synthetic")
 
 
@@ -50,7 +40,7 @@ class Dataset:
 
 @dataclass(frozen=True)
 class SiteData:
-    """One site's standardised train and test split."""
+    """One site's train and test split (raw records until :mod:`privfl.preprocessing` maps them)."""
 
     site: int
     train: Dataset
@@ -222,17 +212,6 @@ def _dirichlet(y: np.ndarray, k: int, alpha: float, rng: np.random.Generator, mi
     raise DataError(f"Dirichlet(alpha={alpha}) split left a site with fewer than {min_size} samples; raise alpha")
 
 
-def standardise(train: Dataset, test: Dataset, centre: bool = True) -> tuple[Dataset, Dataset]:
-    """Scale features by the training rows' std, and centre them by their mean when ``centre``
-    (test rows use the training statistics)."""
-    axes = 0
-    mean = train.x.mean(axis=axes, keepdims=True) if centre else np.zeros_like(train.x[:1])
-    std = train.x.std(axis=axes, keepdims=True)
-    std = np.where(std < 1e-8, 1.0, std)
-    f = lambda d: Dataset(((d.x - mean) / std).astype(np.float32), d.y, d.num_classes, d.name)  # noqa: E731
-    return f(train), f(test)
-
-
 def split_sites(
     data: Dataset,
     num_sites: int,
@@ -241,18 +220,11 @@ def split_sites(
     alpha: float = 0.5,
     test_fraction: float = 0.2,
     shards_per_site: int = 2,
-    scaling: Scaling = "site",
 ) -> list[SiteData]:
-    """Partition ``data`` across sites, then split each site into train/test and scale it locally."""
+    """Partition ``data`` across sites, then split each site into train/test (records unscaled:
+    preprocess them with :func:`privfl.preprocessing.preprocess_site`)."""
     if not 0 < test_fraction < 1:
         raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    if scaling not in SCALINGS:
-        raise DataError(f"scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}")
-    if scaling == "log":
-        if (data.x < 0).any():
-            raise DataError(f"scaling 'log' needs non-negative features; {data.name} has negative values "
-                            "(use 'site', 'scale' or 'none')")
-        data = Dataset(np.log1p(data.x).astype(np.float32), data.y, data.num_classes, data.name)
     parts = partition(data.y, num_sites, method, seed, alpha, shards_per_site, min_per_site=4)
     rng = np.random.default_rng(seed + 1)
     sites = []
@@ -260,7 +232,5 @@ def split_sites(
         idx = rng.permutation(idx)
         n_test = max(1, int(round(len(idx) * test_fraction)))
         tr, te = data.subset(np.sort(idx[n_test:])), data.subset(np.sort(idx[:n_test]))
-        if scaling != "none":
-            tr, te = standardise(tr, te, centre=scaling == "site")
         sites.append(SiteData(i, tr, te))
     return sites

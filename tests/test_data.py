@@ -1,4 +1,4 @@
-"""Data loading and partitioning: determinism, skew, local standardisation, clear errors."""
+"""Data loading and partitioning: determinism, skew, raw (unscaled) site splits, clear errors."""
 
 from __future__ import annotations
 
@@ -30,11 +30,19 @@ def test_dirichlet_small_alpha_skews_labels():
     assert max_share(skewed) > 2 * max_share(iid)
 
 
-def test_standardisation_uses_only_site_training_rows():
-    sites = split_sites(load_builtin("breast_cancer"), 3, "dirichlet", seed=1)
-    for s in sites:
-        assert np.allclose(s.train.x.mean(0), 0, atol=1e-4)
-        assert not np.allclose(s.test.x.mean(0), 0, atol=1e-4)
+def test_split_sites_returns_raw_rows_and_the_same_split_as_before():
+    """No scaling in split_sites (privfl.preprocessing does it); the partition is unchanged:
+    the figures are those the old split_sites(..., scaling="none") gave for this seed."""
+    data = load_builtin("breast_cancer")
+    sites = split_sites(data, 4, "dirichlet", seed=0, alpha=0.5)
+    got = [(len(s.train), len(s.test), int(s.train.y.sum()), round(float(s.train.x[:, 0].sum()), 3)) for s in sites]
+    assert got == [(133, 33, 125, 1638.391), (168, 42, 42, 2736.368), (23, 6, 10, 358.77), (131, 33, 112, 1696.955)]
+    rows = {r.tobytes() for r in data.x}
+    for s in sites:  # every site row is a record of the dataset, bit for bit
+        assert all(r.tobytes() in rows for r in np.concatenate([s.train.x, s.test.x]))
+    assert max(float(s.train.x.max()) for s in sites) > 1000  # raw areas, not z-scores
+    with pytest.raises(TypeError):
+        split_sites(data, 4, scaling="site")  # type: ignore[call-arg]  # one way to preprocess
 
 
 def test_csv_and_npz(tmp_path):

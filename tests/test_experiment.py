@@ -59,7 +59,7 @@ name = "tiny"
 source = "breast_cancer"
 num_sites = 3
 partitioning = "iid"
-scaling = "scale"
+scaling = "public"
 seed = {seed}
 
 [model]
@@ -197,7 +197,7 @@ def test_compare_runs_every_variant_on_identical_data_and_equal_epsilon(tmp_path
     base = resolved["fedavg"]
     for label in labels:
         spec = resolved[label]
-        for key in ("dataset", "num_nodes", "partitioning", "alpha", "scaling", "test_fraction", "model",
+        for key in ("dataset", "num_nodes", "partitioning", "alpha", "preprocessing", "test_fraction", "model",
                     "hidden", "seed", "compute_profile", "compute_params", "links", "stop"):
             assert spec[key] == base[key], (label, key)
     assert resolved["fedavg-sigma2"]["dp"]["noise_multiplier"] == 2.0
@@ -243,7 +243,7 @@ def test_compare_config_errors_name_the_field(tmp_path: Path, extra: str, field:
 
 def test_config_errors_exit_2_with_one_line_and_no_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text(BASE.format(seed=0).replace('scaling = "scale"', 'scaling = "zscore"'))
+    bad.write_text(BASE.format(seed=0).replace('scaling = "public"', 'scaling = "zscore"'))
     unknown = tmp_path / "unknown.toml"
     unknown.write_text(BASE.format(seed=0) + "\n[simulation.extra]\nx = 1\n")
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
@@ -277,3 +277,30 @@ def test_shipped_example_configs_load(example: str) -> None:
     assert one.common.data == many.common.data and one.common.dp == many.common.dp
     assert one.common.model == many.common.model and one.simulation == many.simulation
     assert one.common.dp.planned_steps == one.common.stop.max_steps  # every site ends at exactly ε
+
+
+@pytest.mark.parametrize("old, hint", [("scale", "scaling = 'public'"), ("log", "transform = 'log1p'")])
+def test_retired_scaling_names_are_refused_with_guidance(tmp_path: Path, old: str, hint: str) -> None:
+    cfg = tmp_path / "old.toml"
+    cfg.write_text(BASE.format(seed=0).replace('scaling = "public"', f'scaling = "{old}"'))
+    with pytest.raises(ConfigError, match=r"\[data\]\.scaling: ") as e:
+        load_experiment(cfg)
+    assert hint in str(e.value) and "\n" not in str(e.value)
+
+
+def test_preprocessing_fields_reach_the_sim_spec(tmp_path: Path) -> None:
+    """[data] preprocessing keys become SimSpec.preprocessing; a statistics path is relative to the config."""
+    from privfl.experiment import spec_for
+
+    (tmp_path / "ranges.toml").write_text("low = [0.0]\nhigh = [1.0]\n")
+    base = BASE.format(seed=0).replace("batch_size = 16", "batch_size = 16\nsample_rate = 0.2")
+    cfg = tmp_path / "pre.toml"
+    cfg.write_text(base.replace('scaling = "public"',
+                                'scaling = "public"\ntransform = "log1p"\nstatistics = "ranges.toml"'))
+    spec = spec_for(load_experiment(cfg), "async_gossip")
+    assert spec.preprocessing.scaling == "public" and spec.preprocessing.transform == "log1p"
+    assert spec.preprocessing.statistics == str(tmp_path / "ranges.toml")
+    cfg.write_text(base.replace(
+        'scaling = "public"', 'scaling = "dp"\ndp_noise_multiplier = 2.0\ndp_bound = 8.0\ntransform = "log1p"'))
+    pre = spec_for(load_experiment(cfg), "async_gossip").preprocessing
+    assert (pre.scaling, pre.dp_noise_multiplier, pre.dp_bound) == ("dp", 2.0, 8.0)

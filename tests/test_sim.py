@@ -226,3 +226,56 @@ def test_sync_gossip_with_compression_sends_fewer_bytes() -> None:
     assert sum(comp.summary["bytes_sent"].values()) < 0.2 * sum(dense.summary["bytes_sent"].values())
     assert comp.summary["epsilon"] == dense.summary["epsilon"]  # compression is post-processing
     assert comp.summary["mean_accuracy"] > 0.85
+
+
+# ---- preprocessing: public by default, a DP estimate's cost in each site's budget ----------
+def test_default_preprocessing_is_public_and_described_in_the_summary() -> None:
+    from privfl.preprocessing import PreprocessingSpec
+
+    res = run_simulation(spec(dp=dp(sample_rate=0.2), stop=StopCriteria(max_steps=4)))
+    assert SimSpec().preprocessing == PreprocessingSpec()
+    for nid in res.node_ids:
+        d = res.summary["preprocessing"][nid]
+        assert d["kind"] == "public" and len(d["low"]) == 30 and "event" not in d
+
+
+def test_dp_preprocessing_event_is_in_each_sites_accountant_and_sigma_is_calibrated_for_both() -> None:
+    from accounting import PrivacyAccountant
+    from privfl.preprocessing import PreprocessingSpec
+
+    pre = PreprocessingSpec(scaling="dp", transform="log1p", dp_noise_multiplier=2.0, dp_bound=9.0)
+    steps = StopCriteria(max_steps=16)
+    # fixed σ: ε is the composition of the preprocessing estimate and the 16 training steps
+    fixed = run_simulation(spec(preprocessing=pre, dp=dp(sample_rate=0.2, target_epsilon=50.0), stop=steps))
+    acc = PrivacyAccountant("rdp")
+    acc.step(2.0, 1.0, 1)
+    acc.step(1.0, 0.2, 16)
+    plain = run_simulation(spec(dp=dp(sample_rate=0.2, target_epsilon=50.0), stop=steps))
+    for nid in fixed.node_ids:
+        assert fixed.summary["steps"][nid] == 16
+        assert fixed.summary["epsilon"][nid] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+        assert fixed.summary["epsilon"][nid] > plain.summary["epsilon"][nid]
+        d = fixed.summary["preprocessing"][nid]
+        assert d["kind"] == "dp" and d["event"]["sensitivity"] == pytest.approx(math.sqrt(61))
+        assert d["randomness"] == "seeded"
+    # seeded per site: different sites draw different noise, the same seed the same
+    scales = [tuple(fixed.summary["preprocessing"][n]["estimate"]["scale"]) for n in fixed.node_ids]
+    assert len(set(scales)) == len(scales)
+    again = run_simulation(spec(preprocessing=pre, dp=dp(sample_rate=0.2, target_epsilon=50.0), stop=steps))
+    assert again.rows == fixed.rows
+    # calibrated σ: preprocessing + planned training steps spend the target ε, no more
+    cal = run_simulation(spec(preprocessing=pre, stop=steps,
+                              dp=dp(sample_rate=0.2, noise_multiplier=None, planned_steps=16, target_epsilon=3.0)))
+    for nid in cal.node_ids:
+        assert cal.summary["steps"][nid] == 16
+        assert 2.9 < cal.summary["epsilon"][nid] <= 3.0
+
+
+def test_site_zscore_still_runs_in_simulation_with_a_warning(caplog) -> None:
+    from privfl.preprocessing import PreprocessingSpec
+
+    with caplog.at_level("WARNING", logger="privfl.data"):
+        res = run_simulation(spec(preprocessing=PreprocessingSpec(scaling="site"), dp=dp(sample_rate=0.2),
+                                  stop=StopCriteria(max_steps=4)))
+    assert "private statistics outside DP" in caplog.text
+    assert res.summary["preprocessing"]["node0"]["kind"] == "site"

@@ -10,6 +10,7 @@ from accounting import BudgetExhausted
 from clients import DPClient, DPConfig
 from privfl.data import load_builtin, split_sites
 from privfl.models import build_model
+from privfl.preprocessing import PreprocessingSpec, preprocess_site
 
 
 def demo(
@@ -20,7 +21,8 @@ def demo(
 ) -> None:
     """DP training (DP-PSAC, calibrated σ) on one site; prints accuracy and ε after each epoch."""
     console = Console()
-    site = split_sites(load_builtin("breast_cancer"), 1, "iid", seed=seed)[0]
+    raw = split_sites(load_builtin("breast_cancer"), 1, "iid", seed=seed)[0]
+    site, _ = preprocess_site(PreprocessingSpec(), raw, dataset_name="breast_cancer")  # published feature ranges
     batch = 64
     steps_per_epoch = max(1, round(len(site.train) / batch))
     cfg = DPConfig(clipping="psac", max_grad_norm=1.0, psac_r=0.1, target_epsilon=target_epsilon,

@@ -5,14 +5,20 @@ are looked up by name in :data:`STRATEGIES`, which other modules extend with
 :func:`register_strategy` (``node`` entries build one ``NodeStrategy`` per node,
 ``collective`` entries one ``CollectiveStrategy`` for all).
 
-Evaluation set: the union of every site's test split, each standardised with its own
-site's training statistics (the same preprocessing the site would apply in
-deployment), so a node's accuracy is its model's accuracy across all sites.
+Preprocessing: each site fits ``spec.preprocessing`` on its own training rows (public
+statistics, or a DP estimate drawn from a seed derived from the run seed and the site
+index) and applies it to its own train and test rows, as its node would. A DP estimate's
+event is put in the site's accountant before training, and the DP-SGD σ is calibrated so
+that preprocessing and training together fit the target ε.
+
+Evaluation set: the union of every site's test split, each preprocessed by its own
+site, so a node's accuracy is its model's accuracy across all sites.
 All nodes start from the same initial model (built once from ``seed``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -24,7 +30,9 @@ import numpy as np
 import torch
 from flwr.client import NumPyClient
 
+from accounting import PrivacyAccountant
 from clients import DPClient, DPConfig, evaluate_model
+from clients.randomness import SeededRandom
 from strategies.base import CollectiveStrategy, NodeStrategy, Params, PeerNetwork
 from strategies.compression.params import (  # shared with privfl.node
     SYNC_GOSSIP_KEYS,
@@ -35,9 +43,10 @@ from strategies.compression.params import (  # shared with privfl.node
 from strategies.gossip import AsyncGossip, SyncGossip
 from strategies.topology import Topology, build_topology
 
-from privfl.data import load_dataset, split_sites
+from privfl.data import DATASETS, SiteData, load_dataset, split_sites
 from privfl.errors import ConfigError
 from privfl.models import build_model
+from privfl.preprocessing import Preprocessing, PreprocessingSpec, preprocess_site
 from privfl.sim.engine import Engine, SimulationResult, StopCriteria
 from privfl.sim.network import SimWorld
 from privfl.sim.profiles import LinkSpec, compute_speeds, default_step_cost
@@ -58,7 +67,7 @@ class SimSpec:
     alpha: float = 0.5
     shards_per_site: int = 2
     test_fraction: float = 0.2
-    scaling: str = "site"
+    preprocessing: PreprocessingSpec = field(default_factory=PreprocessingSpec)
     model: str = "logreg"
     hidden: tuple[int, ...] = (64, 32)
     dp: DPConfig = field(default_factory=lambda: DPConfig(noise_multiplier=1.0, batch_size=16, lr=0.5))
@@ -96,6 +105,7 @@ class SimSpec:
             raise ConfigError(f"sim.step_cost must be > 0, got {self.step_cost!r}")
         if self.node_ids is not None and len(self.node_ids) != self.num_nodes:
             raise ConfigError(f"sim.node_ids lists {len(self.node_ids)} ids for {self.num_nodes} nodes")
+        self.preprocessing.validate("[data]")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy.name: unknown strategy {self.strategy!r}; choose one of {', '.join(sorted(STRATEGIES))}")
         s = self.stop
@@ -245,6 +255,44 @@ def _measure_step_cost(spec: SimSpec, train: tuple[np.ndarray, np.ndarray], in_s
     return (time.perf_counter() - t0) / 10
 
 
+def preprocessing_seed(run_seed: int, site: int) -> int:
+    """The seed of site ``site``'s DP preprocessing noise in a simulation (its own stream)."""
+    return int(np.random.SeedSequence([int(run_seed), int(site), 0x9E3779B9]).generate_state(1)[0])
+
+
+def _preprocess_sites(spec: SimSpec, node_ids: list[str], raw: list[SiteData]
+                      ) -> tuple[list[SiteData], list[Preprocessing]]:
+    """Fit each site's preprocessing on its own training rows and apply it to its own splits."""
+    name = spec.dataset if spec.dataset in DATASETS else None
+    sites, preps = [], []
+    for i, (nid, site) in enumerate(zip(node_ids, raw)):
+        s, pre = preprocess_site(spec.preprocessing, site, source=SeededRandom(preprocessing_seed(spec.seed, i)),
+                                 dataset_name=name)
+        if pre.dp_event is not None:
+            log.info("simulate %s: DP preprocessing estimate %s, sigma=%.4g, sensitivity=%.4g (seeded)", nid,
+                     pre.dp_event.query, pre.dp_event.noise_multiplier, pre.dp_event.sensitivity)
+        sites.append(s)
+        preps.append(pre)
+    return sites, preps
+
+
+def _site_accounting(dp: DPConfig, pre: Preprocessing, calibrated: dict[Any, DPConfig]
+                     ) -> tuple[PrivacyAccountant, DPConfig]:
+    """The site's accountant with its preprocessing event already in it, and the DP config whose σ
+    is calibrated so that preprocessing and training together fit the target ε."""
+    accountant = PrivacyAccountant(dp.accountant)  # type: ignore[arg-type]
+    ev = pre.dp_event
+    if ev is None:
+        return accountant, dp
+    accountant.step(ev.noise_multiplier, ev.sample_rate, ev.steps)
+    if not dp.enabled:
+        return accountant, dp
+    key = (ev.noise_multiplier, ev.sample_rate, ev.steps)
+    if key not in calibrated:
+        calibrated[key] = dataclasses.replace(dp, noise_multiplier=dp.resolved_noise(prior=accountant.events))
+    return accountant, calibrated[key]
+
+
 def run_simulation(spec: SimSpec) -> SimulationResult:
     """Run ``spec`` on a virtual clock with the real clients and strategies; return metrics.
 
@@ -267,9 +315,9 @@ def _run(spec: SimSpec) -> SimulationResult:
     n = spec.num_nodes
     node_ids = list(spec.node_ids) if spec.node_ids else [f"node{i}" for i in range(n)]
     data = load_dataset(spec.dataset, label_column=spec.label_column, seed=spec.seed)
-    sites = split_sites(data, n, spec.partitioning, seed=spec.seed, alpha=spec.alpha,  # type: ignore[arg-type]
-                        test_fraction=spec.test_fraction, shards_per_site=spec.shards_per_site,
-                        scaling=spec.scaling)  # type: ignore[arg-type]
+    raw = split_sites(data, n, spec.partitioning, seed=spec.seed, alpha=spec.alpha,  # type: ignore[arg-type]
+                      test_fraction=spec.test_fraction, shards_per_site=spec.shards_per_site)
+    sites, preps = _preprocess_sites(spec, node_ids, raw)
     in_shape = tuple(data.x.shape[1:])
     num_classes = data.num_classes
     topo_params = dict(spec.topology_params)
@@ -280,11 +328,13 @@ def _run(spec: SimSpec) -> SimulationResult:
     init_params: Params = [v.detach().cpu().numpy().copy() for v in init_model.state_dict().values()]
 
     clients: dict[str, NumPyClient] = {}
-    for i, (nid, site) in enumerate(zip(node_ids, sites)):
+    calibrated: dict[Any, DPConfig] = {}
+    for i, (nid, site, pre) in enumerate(zip(node_ids, sites, preps)):
         model = build_model(spec.model, in_shape, num_classes, seed=spec.seed, hidden=tuple(spec.hidden))
+        accountant, dpc = _site_accounting(spec.dp, pre, calibrated)
         try:
             clients[nid] = DPClient(model, (site.train.x, site.train.y), (site.test.x, site.test.y),
-                                    spec.dp, seed=spec.seed * 1000 + i, device=spec.device)
+                                    dpc, seed=spec.seed * 1000 + i, device=spec.device, accountant=accountant)
         except ValueError as e:
             raise ConfigError(f"dp: {e}") from None
 
@@ -344,6 +394,7 @@ def _run(spec: SimSpec) -> SimulationResult:
         "evaluations": engine.evals,
         "wall_seconds": time.perf_counter() - wall0,
         "seed": spec.seed,
+        "preprocessing": {nid: pre.describe() for nid, pre in zip(node_ids, preps)},
     }
     log.info("simulate %s done: t=%.3f s virtual, mean acc %.4f, %s", spec.strategy, t_end,
              summary["mean_accuracy"], engine.end_reason)
