@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from privfl.data import load_builtin, split_sites
+from privfl.preprocessing import PreprocessingSpec, preprocess_site
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 torch.set_num_threads(1)
@@ -22,5 +23,6 @@ def flwr_home(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def sites():
-    """breast_cancer split IID across three sites."""
-    return split_sites(load_builtin("breast_cancer"), 3, "iid", seed=0)
+    """breast_cancer split IID across three sites, each mapped by the published feature ranges."""
+    return [preprocess_site(PreprocessingSpec(), s, dataset_name="breast_cancer")[0]
+            for s in split_sites(load_builtin("breast_cancer"), 3, "iid", seed=0)]

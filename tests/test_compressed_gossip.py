@@ -147,9 +147,11 @@ def test_gossip_hands_compressors_only_released_post_fit_models(ef: bool) -> Non
     from clients import DPClient
     from privfl.data import load_builtin, split_sites
     from privfl.models import build_model
+    from privfl.preprocessing import PreprocessingSpec, preprocess_site
 
     data = load_builtin("breast_cancer")
-    sites = split_sites(data, 2, "iid", seed=0)
+    sites = [preprocess_site(PreprocessingSpec(), s, dataset_name="breast_cancer")[0]  # published ranges
+             for s in split_sites(data, 2, "iid", seed=0)]
     ids = ["a", "b"]
     topo = build_topology("ring", ids)
     world = SimWorld(ids, {i: topo.neighbors(i) for i in ids}, LinkSpec())

@@ -11,11 +11,13 @@ from clients import DPClient, DPConfig
 from clients.dp_client import PUBLIC_FIT_METRICS
 from privfl.data import load_builtin, split_sites
 from privfl.models import build_model
+from privfl.preprocessing import PreprocessingSpec, preprocess_site
 
 
 @pytest.fixture(scope="module")
 def site():
-    return split_sites(load_builtin("breast_cancer"), 1, "iid", seed=0)[0]
+    raw = split_sites(load_builtin("breast_cancer"), 1, "iid", seed=0)[0]
+    return preprocess_site(PreprocessingSpec(), raw, dataset_name="breast_cancer")[0]  # published ranges
 
 
 def make_client(site, events=None, **kw):

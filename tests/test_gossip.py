@@ -16,6 +16,7 @@ from clients import DPClient, DPConfig, evaluate_model
 from privfl.data import load_builtin, split_sites
 from privfl.errors import ConfigError
 from privfl.models import build_model
+from privfl.preprocessing import PreprocessingSpec, preprocess_site
 from strategies.base import ModelMessage, PeerNetwork
 from strategies.gossip import AsyncGossip, SyncGossip, average_pair
 from strategies.topology import Topology, build_topology
@@ -297,11 +298,12 @@ def test_plain_numpy_client_is_reported_as_not_private() -> None:
 # ---- with real DPClients ---------------------------------------------------------------
 def _dp_clients(n: int, target_eps: list[float], seed: int = 0) -> tuple[list[DPClient], Any, Any, list]:
     data = load_builtin("breast_cancer")
-    sites = split_sites(data, n, seed=seed)
+    sites = [preprocess_site(PreprocessingSpec(), s, dataset_name="breast_cancer")[0]  # published ranges
+             for s in split_sites(data, n, seed=seed)]
     clients = []
     for i, s in enumerate(sites):
         model = build_model("logreg", s.train.x.shape[1:], 2, seed=seed)
-        cfg = DPConfig(noise_multiplier=1.0, batch_size=16, lr=0.5, target_epsilon=target_eps[i])
+        cfg = DPConfig(noise_multiplier=1.0, batch_size=16, lr=1.0, target_epsilon=target_eps[i])  # [0, 1] features
         clients.append(DPClient(model, (s.train.x, s.train.y), (s.test.x, s.test.y), cfg, seed=i, device="cpu"))
     tx = np.concatenate([s.test.x for s in sites])
     ty = np.concatenate([s.test.y for s in sites])

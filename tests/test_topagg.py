@@ -26,6 +26,7 @@ from clients import (
 from privfl.data import load_builtin, split_sites
 from privfl.errors import ConfigError
 from privfl.models import build_model
+from privfl.preprocessing import PreprocessingSpec, preprocess_site
 from strategies.compression import Compressed, decompress
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.filterwarnings("ignore:Full backward hook")]
@@ -182,7 +183,8 @@ def test_empty_poisson_batch_gives_a_thresholded_noise_only_update(backward):
 # ---- inside a DPClient ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def site():
-    return split_sites(load_builtin("breast_cancer"), 1, "iid", seed=0)[0]
+    raw = split_sites(load_builtin("breast_cancer"), 1, "iid", seed=0)[0]
+    return preprocess_site(PreprocessingSpec(), raw, dataset_name="breast_cancer")[0]  # published ranges
 
 
 TOPAGG = {"k": 200, "threshold": 0.1}
@@ -222,7 +224,7 @@ def test_client_accountant_gets_z_which_is_the_noise_std_used_over_sqrt_k(site):
 
 
 def test_topagg_client_learns_breast_cancer(site):
-    c = make_client(site)
+    c = make_client(site, lr=0.1)  # features in [0, 1] (public ranges): lr 0.01 stays at the majority class
     p = c.get_parameters({})
     p, _, m = c.fit(p, {"local_epochs": 5})
     _, acc = c.evaluate_local(p)
