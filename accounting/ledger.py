@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import json
 import logging
@@ -106,6 +107,7 @@ DUPLICATED = "duplicated"
 CHAIN_BREAK = "chain_break"
 BAD_HEADER = "bad_header"
 EMPTY = "empty"
+WRITE_FAILED = "write_failed"  # an append / fsync / repair could not be written (the file is as before)
 
 
 class LedgerError(Exception):
@@ -678,7 +680,15 @@ class Ledger:
             ),
             0.0,
         )
-        self._file = open(path, "ab")  # noqa: SIM115 - closed in close()
+        # Unbuffered (O_APPEND, no Python buffer): an append that fails leaves nothing behind
+        # that a later write could flush beside the next entry (see :meth:`_write_entry`).
+        self._broken: str | None = None  # why the file no longer matches the in-memory state
+        try:
+            self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
+        except OSError as exc:
+            raise LedgerError(
+                None, f"cannot open {path} for appending: {_os_reason(exc)}", WRITE_FAILED
+            ) from None
         if fcntl is not None:
             try:
                 fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -869,10 +879,17 @@ class Ledger:
         with open(p, "rb") as f:
             f.seek(verified.good_bytes)
             torn = f.read()
-        with open(p, "r+b") as f:
-            f.truncate(verified.good_bytes)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(p, "r+b") as f:
+                f.truncate(verified.good_bytes)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise LedgerError(
+                verified.error.index,
+                f"cannot truncate the torn tail of {p}: {_os_reason(exc)}",
+                WRITE_FAILED,
+            ) from None
         ledger = cls.open(p, key, fsync_every)
         ledger.append_note(
             "torn_tail_repaired",
@@ -890,19 +907,80 @@ class Ledger:
     # ----- appending
 
     def _append(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Sign and write one entry whole, or raise ``write_failed`` with nothing changed.
+
+        The index, last hash and counters move only after the line is in the file (and
+        fsynced when due), so a failed append is simply not there: the next one reuses its
+        index and the chain stays intact.
+        """
         with self._lock:
             if self._file.closed:
                 raise LedgerError(None, "ledger is closed", "closed")
+            if self._broken is not None:
+                raise LedgerError(self._next_index, self._broken, WRITE_FAILED)
             entry, line = _make_entry(self._key, self._next_index, kind, body, self._last_hash)
-            self._file.write(line + b"\n")
-            self._file.flush()
-            self._unsynced += 1
-            if self._fsync_every and self._unsynced >= self._fsync_every:
-                os.fsync(self._file.fileno())
-                self._unsynced = 0
+            sync = bool(self._fsync_every) and self._unsynced + 1 >= self._fsync_every
+            self._write_entry(line + b"\n", sync)
+            self._unsynced = 0 if sync else self._unsynced + 1
             self._next_index += 1
             self._last_hash = entry_hash(line)
             return entry
+
+    def _write_entry(self, data: bytes, sync: bool) -> None:
+        """Append ``data`` with unbuffered ``os.write`` calls (fsync when ``sync``).
+
+        On any failure (EPERM of an immutable file, EROFS, ENOSPC, EFBIG, EIO, a short
+        write) the file is truncated back to its size before the append and
+        :class:`LedgerError` ``write_failed`` is raised. If even that truncation fails,
+        the ledger refuses every further append (its file and its state may differ); the
+        next :meth:`open` then finds the file whole or reports a torn tail that
+        :meth:`repair_torn_tail` removes.
+        """
+        fd = self._file.fileno()
+        try:
+            start = os.fstat(fd).st_size
+        except OSError as exc:
+            raise LedgerError(
+                self._next_index, f"cannot write {self.path}: {_os_reason(exc)}", WRITE_FAILED
+            ) from None
+        view = memoryview(data)
+        done = 0
+        try:
+            while done < len(data):
+                n = os.write(fd, view[done:])
+                if n <= 0:
+                    raise OSError(errno.EIO, f"short write ({done} of {len(data)} bytes)")
+                done += n
+            if sync:
+                os.fsync(fd)
+        except OSError as exc:
+            reason = f"cannot write {self.path}: {_os_reason(exc)}"
+            undo = self._truncate_back(fd, start)
+            if undo is not None:
+                self._broken = (
+                    f"{reason}; and it could not be truncated back to {start} bytes "
+                    f"({undo}): reopen the ledger (Ledger.open / repair_torn_tail)"
+                )
+                log.error("ledger node=%s: %s", self.node_id, self._broken)
+                raise LedgerError(self._next_index, self._broken, WRITE_FAILED) from None
+            log.error("ledger node=%s: %s (nothing was written)", self.node_id, reason)
+            raise LedgerError(self._next_index, reason, WRITE_FAILED) from None
+
+    def _truncate_back(self, fd: int, size: int) -> str | None:
+        """Cut the file back to ``size`` bytes if a failed append grew it; the OS reason if that fails."""
+        try:
+            if os.fstat(fd).st_size == size:
+                return None
+            os.ftruncate(fd, size)
+            if os.fstat(fd).st_size != size:
+                return "the size did not change"
+        except OSError as exc:
+            return _os_reason(exc)
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass  # the truncated size is what later reads see; durability is the next fsync's
+        return None
 
     def append_dp_event(
         self,
@@ -1051,22 +1129,32 @@ class Ledger:
     # ----- durability
 
     def sync(self) -> None:
-        """Flush and fsync everything appended so far."""
+        """Fsync everything appended so far (``write_failed`` if the OS refuses)."""
         with self._lock:
             if not self._file.closed:
-                self._file.flush()
-                os.fsync(self._file.fileno())
+                try:
+                    os.fsync(self._file.fileno())
+                except OSError as exc:
+                    raise LedgerError(
+                        None, f"cannot fsync {self.path}: {_os_reason(exc)}", WRITE_FAILED
+                    ) from None
                 self._unsynced = 0
 
     def close(self) -> None:
-        """Fsync and close (idempotent)."""
+        """Fsync and close (idempotent); the file is closed even when the fsync fails,
+        which is then raised as ``write_failed``."""
         with self._lock:
             if self._file.closed:
                 return
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._unsynced = 0
-            self._file.close()
+            try:
+                os.fsync(self._file.fileno())
+                self._unsynced = 0
+            except OSError as exc:
+                raise LedgerError(
+                    None, f"cannot fsync {self.path}: {_os_reason(exc)}", WRITE_FAILED
+                ) from None
+            finally:
+                self._file.close()
 
     def __enter__(self) -> Ledger:
         return self
@@ -1139,6 +1227,13 @@ class Ledger:
             for line in f:
                 if line.endswith(b"\n"):
                     yield json.loads(line)
+
+
+def _os_reason(exc: OSError) -> str:
+    """An OS error in words on one line, e.g. "[Errno 28] No space left on device"."""
+    if exc.errno is not None and exc.strerror:
+        return f"[Errno {exc.errno}] {exc.strerror}"
+    return str(exc).replace("\n", " ") or type(exc).__name__
 
 
 def _positive_finite(x: Any) -> bool:
