@@ -314,12 +314,27 @@ def from_table(cls: type[T], table: Any, where: str) -> T:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """Parse a TOML file, with a clear error for a missing file or a syntax error."""
+    """Parse a TOML file; one-line ConfigError naming the file for a missing file, a folder,
+    an unreadable file, bytes that are not UTF-8 (TOML is UTF-8; with the byte offset) or a
+    syntax error."""
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory, not a TOML file")
+    if not p.exists():
         raise ConfigError(f"config file not found: {p}")
+    if not p.is_file():
+        raise ConfigError(f"config file {p} is not a regular file")
     try:
-        return tomllib.loads(p.read_text())
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config file: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (TOML must be UTF-8): byte 0x{data[e.start]:02x} at offset "
+                          f"{e.start} ({e.reason})") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML ({e})") from None
 
