@@ -28,7 +28,9 @@ from privfl.pki import (
     revoke_node,
 )
 from privfl.transport import (
+    AuthenticationFailed,
     DecodedMessage,
+    Signer,
     GossipClient,
     GossipServer,
     Message,
@@ -150,6 +152,14 @@ def assert_serves(pki: Pki, roster: Roster, node: str = "h1") -> None:
     assert set(reply.tensors) == {"w", "b"}
 
 
+def signed(pki: Pki, msg: Message, sender: str, recipient: str, seq: int, key_of: str | None = None):  # noqa: ANN201
+    """``msg`` encoded and signed as ``sender`` would (with ``key_of``'s certificate and key if given)."""
+    idn = ident(pki, key_of or sender)
+    signer = Signer(idn.key_pem, idn.cert_pem)
+    return encode_message(msg, sender, recipient, seq, certificate=signer.certificate_der,
+                          seal=lambda h, d: signer.seal(h, d, None))
+
+
 def raw_stub(pki: Pki, identity: NodeIdentity, port: int) -> tuple[grpc.Channel, grpc.StreamStreamMultiCallable]:
     creds = grpc.ssl_channel_credentials(root_certificates=pki.ca_pem, private_key=identity.key_pem,
                                          certificate_chain=identity.cert_pem)
@@ -236,7 +246,7 @@ def test_refused_certificates(pki: Pki, server, caplog: pytest.LogCaptureFixture
     srv, roster, handler = server
     identity = ident(pki, "h4") if who == "revoked" else pki.rogue[who]
     caplog.set_level(logging.WARNING, logger=LOG)
-    with client(pki, identity, roster, probe_server=False) as c:
+    with client(pki, identity, roster) as c:
         err = PeerUnavailable if layer == "tls" else PeerRefused
         with pytest.raises(err) as info:
             c.exchange("h2", Message("exchange_request", 0, model()), timeout=5)
@@ -274,25 +284,32 @@ def test_revocation_applies_to_an_open_connection(pki: Pki, tmp_path: Path) -> N
 
 
 def test_client_checks_server_identity(pki: Pki, server) -> None:  # noqa: ANN001
-    srv, roster, _ = server
+    srv, roster, handler = server
     wrong = at(roster, "h3", srv.port)  # the roster says h3 lives where h2 listens
-    with client(pki, "h1", wrong) as c:
-        with pytest.raises(PeerRefused, match="server certificate refused"):
-            c.exchange("h3", Message("exchange_request", 0, model()), timeout=5)
-    with client(pki, "h1", wrong, probe_server=False) as c:  # gRPC's own hostname check
+    with client(pki, "h1", wrong) as c:  # gRPC's own hostname check (h3's DNS SAN)
         with pytest.raises(PeerUnavailable):
             c.exchange("h3", Message("exchange_request", 0, model()), timeout=5)
+    assert not handler.seen
 
 
-def test_client_refuses_revoked_server(pki: Pki) -> None:
-    srv = GossipServer(ident(pki, "h4"), pki.roster, pki.crl, Averager(), address="127.0.0.1:0")
+def test_client_refuses_revoked_server(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger=LOG)
+    handler = Averager()
+    srv = GossipServer(ident(pki, "h4"), pki.roster, pki.crl, handler, address="127.0.0.1:0")
     port = srv.start()
     try:
         with client(pki, "h1", at(pki.roster, "h4", port)) as c:
-            with pytest.raises(PeerRefused, match="revoked"):
+            with pytest.raises(AuthenticationFailed, match="revoked"):
+                c.exchange("h4", Message("exchange_request", 0, model()), timeout=5)
+            # its own pinned certificate is revoked: no new call goes to it
+            assert "h4" in c.blocked()
+            with pytest.raises(PeerRefused, match="is refused"):
                 c.exchange("h4", Message("exchange_request", 0, model()), timeout=5)
     finally:
         srv.stop(grace=0)
+    assert not handler.seen  # the accept failed: the body was never sent
+    assert any("refused reply from h4" in r.getMessage() and "revoked" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_unreachable_peer_fails_fast_and_backs_off(pki: Pki) -> None:
@@ -371,7 +388,7 @@ def test_replay_refused(pki: Pki, server, caplog) -> None:  # noqa: ANN001
         for again in (seq, seq - 1):
             with pytest.raises(PeerRefused, match="replayed"):
                 c.exchange("h2", Message("exchange_request", 0, model(), sequence=again))
-    assert sum("refused message from h1: replayed or out-of-order sequence" in r.getMessage()
+    assert sum("refused message from h1 (" in r.getMessage() and "replayed or out-of-order sequence" in r.getMessage()
                for r in caplog.records) == 2
     assert len(handler.seen) == 1
     assert_serves(pki, roster)
@@ -392,13 +409,13 @@ def test_malformed_and_oversized_streams_refused(pki: Pki, server, caplog) -> No
             list(call(iter([pb.Chunk(header=huge).SerializeToString()]), timeout=5))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         # a well-formed header whose body is longer than it declared
-        enc = encode_message(Message("exchange_request", 0, model()), "h1", "h2", time.time_ns() // 1000)
+        enc = signed(pki, Message("exchange_request", 0, model()), "h1", "h2", time.time_ns() // 1000)
         chunks = list(iter_chunks(enc))
         with pytest.raises(grpc.RpcError) as info:
             list(call(iter(chunks[:-1] + [pb.Chunk(data=b"x" * 10).SerializeToString()]), timeout=5))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         # sender spoofing: h1's certificate, h3's name in the header
-        spoof = encode_message(Message("exchange_request", 0, model()), "h3", "h2", time.time_ns() // 1000)
+        spoof = signed(pki, Message("exchange_request", 0, model()), "h3", "h2", time.time_ns() // 1000)
         with pytest.raises(grpc.RpcError) as info:
             list(call(iter_chunks(spoof), timeout=5))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -415,7 +432,7 @@ def test_malformed_and_oversized_streams_refused(pki: Pki, server, caplog) -> No
 def test_tampered_digest_refused(pki: Pki, server, caplog) -> None:  # noqa: ANN001
     srv, roster, handler = server
     caplog.set_level(logging.WARNING, logger=LOG)
-    enc = encode_message(Message("exchange_request", 0, model()), "h1", "h2", time.time_ns() // 1000)
+    enc = signed(pki, Message("exchange_request", 0, model()), "h1", "h2", time.time_ns() // 1000)
     chunks = list(iter_chunks(enc))
     chunks[-1] = pb.Chunk(trailer=pb.Trailer(model_digest=b"\0" * 32)).SerializeToString()
     ch, call = raw_stub(pki, ident(pki, "h1"), srv.port)

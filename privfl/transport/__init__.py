@@ -25,11 +25,12 @@ from privfl.transport.codec import (
     model_digest,
     spec_of,
 )
-from privfl.transport.common import PeerBackoff, PeerTraffic, TrafficCounters
-from privfl.transport.server import ACK_KIND, GossipServer, Handler
+from privfl.transport.common import PeerBackoff, PeerTraffic, TrafficCounters, TrustState
+from privfl.transport.server import ACCEPT_KIND, ACK_KIND, GossipServer, Handler
+from privfl.transport.signing import AuthenticationFailed, PeerVerifier, Signer
 
 __all__ = [
-    "ACK_KIND", "CHUNK_BYTES", "DecodedMessage", "Delivery", "ExpectedSpec", "GossipClient",
+    "ACCEPT_KIND", "ACK_KIND", "AuthenticationFailed", "CHUNK_BYTES", "PeerVerifier", "Signer", "TrustState", "DecodedMessage", "Delivery", "ExpectedSpec", "GossipClient",
     "GossipServer", "Handler", "Message", "NodeIdentity", "PeerBackoff", "PeerRefused",
     "PeerTraffic", "PeerUnavailable", "SparseTensor", "SpecChoice", "TensorExpectation", "TrafficCounters",
     "TransportError", "decode_stream", "decode_tensors", "encode_message", "encode_tensors",

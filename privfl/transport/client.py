@@ -2,40 +2,43 @@
 
 Server identity: every channel sets ``grpc.ssl_target_name_override`` to the peer's
 per-node DNS SAN (``<peer>.<consortium>.privfl``), so gRPC's own TLS hostname check
-refuses a server whose CA-signed certificate names another node. gRPC Python exposes
-neither the server's certificate nor a verification callback on the client, so the
-roster fingerprint pin and the CRL are checked by a *probe*: before a channel is first
-used (and again every ``probe_interval`` seconds or after ``update_trust``) the client
-does one TLS handshake to the peer with Python's ``ssl`` and verifies the presented
-certificate with :func:`privfl.pki.verify_node_certificate`. That check is per connection
-attempt, not bound to the gRPC connection itself (documented limitation).
+refuses a server whose certificate names another node. gRPC Python exposes neither the
+server's TLS certificate nor a verification callback on the client, so the roster pin
+and the CRL are checked on what the server *signs*: the server answers every request
+header with an ``accept`` message signed by its node key and bound to our sequence
+number (``transport/signing.py``), and the client streams its body only after that
+accept verified (certificate chains to the CA, equals the roster pin of the peer we
+called, not revoked by the current CRL, signature valid). The reply is verified the
+same way before anything is decoded. A server holding a revoked or unpinned certificate
+-- or a man in the middle forwarding our connection to one -- never receives our model,
+and nothing it sends is applied. No private key is copied anywhere.
+
+A peer whose verified certificate is revoked (learned from its reply, or by re-checking
+the last certificate it showed when the CRL/roster changes) gets no new call until a
+trust change accepts it again; this is logged once per peer.
+
+TLS: gRPC Python (grpcio 1.85) cannot set a minimum TLS version (see server.py);
+BoringSSL negotiates TLS 1.3 between privfl nodes, but TLS 1.2 is not refused.
+Handshake failures reach the client only as an UNAVAILABLE status whose details name
+the TLS error; they are logged through privfl's logger with the peer and its address.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import os
-import shutil
-import socket
-import ssl
-import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 
-from privfl.pki import (
-    NodeIdentity,
-    PKIError,
-    Roster,
-    node_dns_name,
-    verify_node_certificate,
-)
+from privfl.pki import NodeIdentity, Roster, node_dns_name
 from privfl.transport.codec import (
     DecodedMessage,
     ExpectedSpec,
+    KindRules,
     Message,
     MessageAssembler,
     PeerRefused,
@@ -52,46 +55,60 @@ from privfl.transport.common import (
     TrustState,
     grpc_options,
 )
-from privfl.transport.server import ACK_KIND
+from privfl.transport.proto import gossip_pb2 as pb
+from privfl.transport.server import ACCEPT_KIND, ACK_KIND, HeadSource
+from privfl.transport.signing import AuthenticationFailed, PeerVerifier, Signer
 
 log = logging.getLogger("privfl.transport")
 
 _UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                grpc.StatusCode.CANCELLED}
+                grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+_TLS_HINTS = ("handshake", "ssl", "tsi", "certificate", "tls")
+_ACCEPT_RULES: KindRules = {ACCEPT_KIND: "empty"}
 
 
 @dataclass(frozen=True)
 class Delivery:
-    """What was sent by ``send``: sequence number, model digest and serialized bytes."""
+    """What was sent by ``send``: sequence number, model digest, serialized bytes, and the peer's
+    verified ack (its ledger head included)."""
 
     peer: str
     sequence: int
     digest: bytes
     bytes_sent: int
+    reply: DecodedMessage | None = None
 
 
 @dataclass
 class _Peer:
     channel: grpc.Channel
     call: grpc.StreamStreamMultiCallable
-    probed_at: float
+    address: str
 
 
 class GossipClient:
     """Calls roster peers over mutual TLS; one cached channel per peer.
 
-    ``exchange`` sends a message and returns the peer's validated reply (pairwise model
+    ``exchange`` sends a message and returns the peer's verified reply (pairwise model
     averaging); ``send`` sends and waits for the peer's ack. Sequence numbers start at the
     current time in microseconds and increase by one per message, so a restarted node is
     never mistaken for a replay. A peer that fails is skipped by ``backoff`` for a while.
+
+    ``ledger_head()``: the node's (index, entry hash) signed into every outgoing message
+    (called when the message is encoded, i.e. after the node's write-ahead ledger entry).
+    ``reply_kinds``: the reply kinds accepted and what each carries (None: any).
+    ``on_verified(peer, reply)``: called for every verified reply. ``trust``: a TrustState
+    shared with the node's server (default: one of its own).
     """
 
     def __init__(self, identity: NodeIdentity, roster: Roster, crl: bytes,
                  expected_spec: ExpectedSpec | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  default_timeout: float = 30.0, counters: TrafficCounters | None = None,
-                 backoff: PeerBackoff | None = None, probe_server: bool = True,
-                 probe_interval: float = 300.0, verify_digest: bool = True) -> None:
+                 backoff: PeerBackoff | None = None, verify_digest: bool = True,
+                 trust: TrustState | None = None, ledger_head: HeadSource | None = None,
+                 reply_kinds: KindRules | None = None,
+                 on_verified: Callable[[str, DecodedMessage], None] | None = None) -> None:
         self.identity = identity
         self.verify_digest = verify_digest
         self.node_id = identity.node_id
@@ -100,37 +117,80 @@ class GossipClient:
         self.default_timeout = default_timeout
         self.counters = counters or TrafficCounters()
         self.backoff = backoff or PeerBackoff()
-        self.probe_server = probe_server
-        self.probe_interval = probe_interval
+        self.ledger_head = ledger_head
+        self.reply_kinds = reply_kinds
+        self.on_verified = on_verified
         self._lock = threading.Lock()
-        self._trust = TrustState(identity.ca_pem, roster, crl)
+        self.trust = trust or TrustState(identity.ca_pem, roster, crl, identity.node_id)
+        self.verifier = PeerVerifier(self.trust)
+        self._signer = Signer(identity.key_pem, identity.cert_pem)
         self._peers: dict[str, _Peer] = {}
+        self._seen_cert: dict[str, bytes] = {}  # peer -> DER of the last certificate that verified
+        self._blocked: dict[str, str] = {}  # peer -> why no call goes to it (revoked)
+        self._generation = self.trust.generation
         self._seq = time.time_ns() // 1000
         self._creds = grpc.ssl_channel_credentials(
             root_certificates=identity.ca_pem, private_key=identity.key_pem,
             certificate_chain=identity.cert_pem)
-        self._tmp: Path | None = None
-        self._ssl_ctx: ssl.SSLContext | None = None
 
     # ------------------------------------------------------------------ trust, channels
 
     def update_trust(self, roster: Roster | None = None, crl: bytes | None = None) -> None:
-        """Swap roster and/or CRL; cached channels are closed so peers are probed again."""
-        self._trust.update(roster, crl)
+        """Swap roster and/or CRL (the CRL is verified against the CA first), then re-check peers."""
+        self.trust.update(roster, crl)
+        self.trust_changed()
+
+    def trust_changed(self) -> None:
+        """Re-check the last verified certificate of every peer under the trust in force now.
+
+        A peer whose pinned certificate is now revoked (or no longer valid) is blocked
+        (logged once); a peer whose pin changed is forgotten (its next reply shows its new
+        certificate); a previously blocked peer that passes again is unblocked.
+        """
+        roster = self.trust.roster
         with self._lock:
-            peers, self._peers = self._peers, {}
-        for p in peers.values():
-            p.channel.close()
+            self._generation = self.trust.generation
+            seen = dict(self._seen_cert)
+            stale = [p for p, c in self._peers.items() if p not in roster.nodes or
+                     roster.nodes[p].address != c.address]
+            for p in stale:
+                self._peers.pop(p).channel.close()
+        for peer, der in seen.items():
+            entry = roster.nodes.get(peer)
+            pinned = entry is not None and entry.fingerprint == "sha256:" + hashlib.sha256(der).hexdigest()
+            if not pinned:
+                with self._lock:
+                    self._seen_cert.pop(peer, None)
+                    self._blocked.pop(peer, None)
+                continue
+            try:
+                self.verifier.certificate(der, claimed=peer)
+            except AuthenticationFailed as exc:
+                self._block(peer, str(exc))
+            else:
+                with self._lock:
+                    if self._blocked.pop(peer, None) is not None:
+                        log.info("node %s: peer %s accepted again after a trust change", self.node_id, peer)
+
+    def _block(self, peer: str, reason: str) -> None:
+        with self._lock:
+            first = peer not in self._blocked
+            self._blocked[peer] = reason
+        if first:
+            log.warning("node %s: peer %s refused from now on (no calls, no replies): %s",
+                        self.node_id, peer, reason)
+
+    def blocked(self) -> dict[str, str]:
+        """Peers that get no calls now, with the reason (e.g. a revoked certificate)."""
+        with self._lock:
+            return dict(self._blocked)
 
     def close(self) -> None:
-        """Close every channel and remove the probe's temporary key files."""
+        """Close every channel."""
         with self._lock:
             peers, self._peers = self._peers, {}
         for p in peers.values():
             p.channel.close()
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
 
     def __enter__(self) -> GossipClient:
         return self
@@ -145,72 +205,27 @@ class GossipClient:
             return self._seq
 
     def available(self, peer_id: str) -> bool:
-        """False while ``peer_id`` is being skipped after failures."""
+        """False while ``peer_id`` is being skipped after failures or is blocked."""
+        with self._lock:
+            if peer_id in self._blocked:
+                return False
         return self.backoff.available(peer_id)
 
-    def _probe_context(self) -> ssl.SSLContext:
-        if self._ssl_ctx is None:
-            tmp = Path(tempfile.mkdtemp(prefix=f"privfl-{self.node_id}-"))
-            os.chmod(tmp, 0o700)
-            cert, key = tmp / "node.pem", tmp / "node.key"
-            cert.write_bytes(self.identity.cert_pem)
-            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.identity.key_pem)
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            ctx.load_verify_locations(cadata=self.identity.ca_pem.decode())
-            ctx.load_cert_chain(str(cert), str(key))
-            ctx.set_alpn_protocols(["h2"])
-            self._tmp, self._ssl_ctx = tmp, ctx
-        return self._ssl_ctx
-
-    def _probe(self, peer_id: str, address: str, roster: Roster, crl: object,
-               timeout: float) -> None:
-        """TLS-handshake the peer and verify its certificate against roster, pin and CRL."""
-        host, _, port = address.rpartition(":")
-        ctx = self._probe_context()
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
-                with ctx.wrap_socket(sock, server_hostname=node_dns_name(roster.consortium,
-                                                                          peer_id)) as tls:
-                    der = tls.getpeercert(binary_form=True)
-        except ssl.SSLCertVerificationError as exc:
-            log.warning("node %s: server %s at %s failed TLS verification: %s", self.node_id,
-                        peer_id, address, exc.verify_message)
-            raise PeerRefused(f"peer {peer_id} at {address}: server certificate refused: "
-                              f"{exc.verify_message}") from None
-        except (OSError, ssl.SSLError) as exc:
-            raise PeerUnavailable(f"peer {peer_id} at {address} unreachable: {exc}") from None
-        if der is None:
-            raise PeerRefused(f"peer {peer_id} at {address}: no server certificate")
-        pem = ssl.DER_cert_to_PEM_cert(der).encode()
-        try:
-            got = verify_node_certificate(pem, self.identity.ca_pem, roster, crl)  # type: ignore[arg-type]
-        except PKIError as exc:
-            log.warning("node %s: server %s at %s refused: %s", self.node_id, peer_id, address, exc)
-            raise PeerRefused(f"peer {peer_id} at {address}: server certificate refused: {exc}") from None
-        if got != peer_id:
-            log.warning("node %s: server at %s is %s, expected %s", self.node_id, address, got, peer_id)
-            raise PeerRefused(f"peer {peer_id} at {address}: server identifies as {got}")
-
-    def _peer(self, peer_id: str, timeout: float) -> _Peer:
-        roster, crl = self._trust.current()
-        with self._lock:
-            cached = self._peers.get(peer_id)
+    def _peer(self, peer_id: str) -> _Peer:
+        if self.trust.generation != self._generation:
+            self.trust_changed()
+        roster = self.trust.roster
         if peer_id not in roster.nodes:
             raise TransportError(f"node {self.node_id}: unknown peer {peer_id!r} (not in roster)")
         if peer_id == self.node_id:
             raise TransportError(f"node {self.node_id}: refusing to call itself")
-        now = time.monotonic()
-        if cached is not None and (not self.probe_server
-                                   or now - cached.probed_at < self.probe_interval):
-            return cached
         address = roster.nodes[peer_id].address
-        if self.probe_server:
-            self._probe(peer_id, address, roster, crl, timeout)
-        if cached is not None:
-            cached.probed_at = now
+        with self._lock:
+            reason = self._blocked.get(peer_id)
+            cached = self._peers.get(peer_id)
+        if reason is not None:
+            raise PeerRefused(f"peer {peer_id} is refused: {reason}")
+        if cached is not None and cached.address == address:
             return cached
         channel = grpc.secure_channel(address, self._creds, options=grpc_options([
             ("grpc.ssl_target_name_override", node_dns_name(roster.consortium, peer_id)),
@@ -220,95 +235,157 @@ class GossipClient:
             ("grpc.max_reconnect_backoff_ms", 2000),
             ("grpc.enable_retries", 0),
         ]))
-        peer = _Peer(channel, channel.stream_stream(METHOD), now)
+        peer = _Peer(channel, channel.stream_stream(METHOD), address)
         with self._lock:
-            if peer_id in self._peers:  # another thread won the race
+            old = self._peers.get(peer_id)
+            if old is not None and old.address == address:  # another thread won the race
                 channel.close()
-                return self._peers[peer_id]
+                return old
             self._peers[peer_id] = peer
+        if old is not None:
+            old.channel.close()
         return peer
 
     # ------------------------------------------------------------------ calls
 
+    def _check_reply_header(self, peer_id: str, seq: int, header: pb.Header) -> None:
+        """Before any body byte of a reply (or the accept): addressing and the sender's certificate."""
+        if header.sender != peer_id or header.recipient != self.node_id:
+            raise TransportError(f"reply from {header.sender!r} to {header.recipient!r}, "
+                                 f"expected {peer_id!r} to {self.node_id!r}")
+        if header.in_reply_to != seq:
+            raise TransportError(f"reply is for sequence {header.in_reply_to}, not {seq}")
+        self.verifier.certificate(header.sender_certificate, claimed=peer_id)
+
+    def _verified(self, peer_id: str, asm: MessageAssembler) -> DecodedMessage:
+        """The reply of a complete assembler once its signature verified (nothing decoded before)."""
+        assert asm.header is not None and asm.trailer is not None and asm.digest is not None
+        peer, head = self.verifier.message(asm.header, asm.trailer, asm.digest, claimed=peer_id)
+        with self._lock:
+            self._seen_cert[peer_id] = bytes(asm.header.sender_certificate)
+        return asm.message(head)
+
+    def _auth_failed(self, peer_id: str, address: str, exc: AuthenticationFailed) -> None:
+        """Log a refused accept/reply; block the peer if its own pinned certificate is revoked."""
+        (log.debug if exc.repeat else log.warning)(
+            "node %s: refused reply from %s at %s: %s", self.node_id, peer_id, address, exc)
+        der = exc.certificate
+        entry = self.trust.roster.nodes.get(peer_id)
+        if der and entry is not None and "is revoked" in str(exc) and \
+                entry.fingerprint == "sha256:" + hashlib.sha256(der).hexdigest():
+            self._block(peer_id, str(exc))
+
     def _call(self, peer_id: str, msg: Message, timeout: float | None,
               expected: ExpectedSpec | None) -> tuple[DecodedMessage, int, bytes, int]:
         timeout = self.default_timeout if timeout is None else timeout
+        with self._lock:
+            reason = self._blocked.get(peer_id)
+        if reason is not None:
+            raise PeerRefused(f"peer {peer_id} is refused: {reason}")
         if not self.backoff.available(peer_id):
             raise PeerUnavailable(f"peer {peer_id} skipped: backing off for "
                                   f"{self.backoff.remaining(peer_id):.1f} s more")
         deadline = time.monotonic() + timeout
-        try:
-            peer = self._peer(peer_id, timeout)
-        except PeerUnavailable:
-            self.backoff.failure(peer_id)
-            raise
-        except PeerRefused:
-            self.backoff.failure(peer_id)
-            raise
+        peer = self._peer(peer_id)
         seq = msg.sequence if msg.sequence is not None else self.next_sequence()
-        enc = encode_message(msg, sender=self.node_id, recipient=peer_id, sequence=seq)
+        head = self.ledger_head() if self.ledger_head is not None else None
+        enc = encode_message(msg, sender=self.node_id, recipient=peer_id, sequence=seq,
+                             certificate=self._signer.certificate_der,
+                             seal=lambda h, d: self._signer.seal(h, d, head))
         sent = [0]
+        go = threading.Event()  # set once the server's accept verified (or the call is over)
+        proceed = [False]
 
-        def requests():  # consumed by a gRPC thread
-            for raw in iter_chunks(enc):
+        def requests():  # consumed by a gRPC thread: header, then the body only after the accept
+            chunks = iter_chunks(enc)
+            first = next(chunks)
+            sent[0] += len(first)
+            yield first
+            go.wait(max(0.0, deadline - time.monotonic()))
+            if not proceed[0]:
+                return
+            for raw in chunks:
                 sent[0] += len(raw)
                 yield raw
 
-        asm = MessageAssembler(expected, self.max_message_bytes, self.verify_digest)
+        accept = MessageAssembler(None, 0, True, kinds=_ACCEPT_RULES,
+                                  on_header=lambda h: self._check_reply_header(peer_id, seq, h))
+        asm = MessageAssembler(expected, self.max_message_bytes, self.verify_digest, kinds=self.reply_kinds,
+                               on_header=lambda h: self._check_reply_header(peer_id, seq, h))
         received, done = 0, False
         responses = None
+        current = accept
         try:
             responses = peer.call(requests(), timeout=max(0.001, deadline - time.monotonic()))
             for raw in responses:
                 received += len(raw)
+                if current is accept:
+                    if accept.feed(raw):
+                        self._verified(peer_id, accept)
+                        proceed[0] = True
+                        go.set()
+                        current = asm
+                    continue
                 done = asm.feed(raw)
             if not done:
                 raise TransportError("reply stream ended before the message was complete")
-            reply = asm.message()
-            if reply.sender != peer_id or reply.recipient != self.node_id:
-                raise TransportError(f"reply from {reply.sender!r} to {reply.recipient!r}, "
-                                     f"expected {peer_id!r} to {self.node_id!r}")
-            if reply.in_reply_to != seq:
-                raise TransportError(f"reply is for sequence {reply.in_reply_to}, not {seq}")
+            reply = self._verified(peer_id, asm)
         except grpc.RpcError as exc:
             code = exc.code()  # type: ignore[attr-defined]
             details = exc.details()  # type: ignore[attr-defined]
             if code != grpc.StatusCode.INVALID_ARGUMENT:  # our message was bad, not the peer
                 self.backoff.failure(peer_id)
             if code in _UNAVAILABLE:
-                log.info("node %s: peer %s unavailable: %s %s", self.node_id, peer_id,
-                         code.name, details)
+                tls = code == grpc.StatusCode.UNAVAILABLE and any(t in (details or "").lower() for t in _TLS_HINTS)
+                (log.warning if tls else log.info)(
+                    "node %s: peer %s at %s unavailable%s: %s %s", self.node_id, peer_id, peer.address,
+                    " (TLS handshake failed)" if tls else "", code.name, details)
                 raise PeerUnavailable(f"peer {peer_id} unavailable: {code.name}: {details}") from None
-            log.warning("node %s: peer %s refused seq=%d: %s %s", self.node_id, peer_id, seq,
-                        code.name, details)
+            log.warning("node %s: peer %s at %s refused seq=%d: %s %s", self.node_id, peer_id, peer.address,
+                        seq, code.name, details)
             raise PeerRefused(f"peer {peer_id} refused the call: {code.name}: {details}") from None
+        except AuthenticationFailed as exc:
+            if responses is not None:
+                responses.cancel()
+            self.backoff.failure(peer_id)
+            self._auth_failed(peer_id, peer.address, exc)
+            raise
         except TransportError as exc:
             if responses is not None:
                 responses.cancel()
             self.backoff.failure(peer_id)
-            log.warning("node %s: refused reply from %s: %s", self.node_id, peer_id, exc)
+            log.warning("node %s: refused reply from %s at %s: %s", self.node_id, peer_id, peer.address, exc)
             raise
         finally:
+            go.set()  # never leave the request thread waiting
+            accept.close()
             asm.close()
-            self.counters.add_sent(peer_id, sent[0], messages=1 if sent[0] else 0)
+            self.counters.add_sent(peer_id, sent[0], messages=1 if proceed[0] else 0)
             self.counters.add_received(peer_id, received, messages=int(done))
         self.backoff.success(peer_id)
+        if self.on_verified is not None:
+            try:
+                self.on_verified(peer_id, reply)
+            except Exception:  # bookkeeping must not fail the exchange
+                log.exception("node %s: on_verified failed for the reply of %s", self.node_id, peer_id)
         return reply, seq, enc.compute_digest(), sent[0]
 
     def exchange(self, peer_id: str, msg: Message, timeout: float | None = None,
                  expected: ExpectedSpec | None = None) -> DecodedMessage:
-        """Send ``msg`` to ``peer_id`` and return its validated reply (``in_reply_to`` = our seq).
+        """Send ``msg`` to ``peer_id`` and return its verified reply (``in_reply_to`` = our seq).
 
-        Raises PeerUnavailable (unreachable, handshake refused, deadline, backing off),
-        PeerRefused (the peer refused the call) or TransportError (invalid reply).
+        Raises PeerUnavailable (unreachable, handshake refused, deadline, busy, backing off),
+        PeerRefused (the peer refused the call, or it is blocked as revoked),
+        AuthenticationFailed (its accept or reply failed the certificate/signature check:
+        nothing of it is used) or TransportError (invalid reply).
         """
         reply, _, _, _ = self._call(peer_id, msg, timeout,
                                     self.expected_spec if expected is None else expected)
         return reply
 
     def send(self, peer_id: str, msg: Message, timeout: float | None = None) -> Delivery:
-        """Send ``msg`` one way and wait for the peer's ack."""
+        """Send ``msg`` one way and wait for the peer's (verified) ack."""
         reply, seq, digest, nbytes = self._call(peer_id, msg, timeout, None)
         if reply.kind != ACK_KIND:
             log.info("node %s: peer %s answered a send with %s", self.node_id, peer_id, reply.kind)
-        return Delivery(peer_id, seq, digest, nbytes)
+        return Delivery(peer_id, seq, digest, nbytes, reply)

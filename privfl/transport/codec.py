@@ -15,7 +15,7 @@ import queue
 import re
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,11 +29,18 @@ CHUNK_BYTES = 1 << 20
 MAX_TENSORS = 4096
 MAX_NDIM = 8
 MAX_SCALARS = 64
+MAX_SCALAR_KEY = 64  # characters of a scalar's name
+MAX_HEADER_BYTES = 2 << 20  # the serialized header chunk (specs, scalars, certificate)
+MAX_CERTIFICATE_BYTES = 16 * 1024
+# what a message kind may carry: "model" (tensors required), "empty" (no tensors), "any"
+KindRules = Mapping[str, str]
+_RULES = ("model", "empty", "any")
 # bodies at least this large are hashed on a helper thread (hashlib releases the GIL on
 # large updates), so SHA-256 runs on another core while chunks are copied and streamed
 PARALLEL_HASH_BYTES = 4 << 20
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.:/\-\[\]]{1,200}$")
+_SCALAR_KEY = re.compile(r"^[A-Za-z0-9_.:\-]{1,%d}$" % MAX_SCALAR_KEY)
 # dtypes a tensor may have on the wire (numpy little-endian strings)
 ALLOWED_DTYPES = frozenset({"<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8",
                             "|u1", "<u2", "<u4", "<u8", "|b1"})
@@ -169,6 +176,10 @@ class DecodedMessage:
     digest: bytes
     in_reply_to: int
     wire_bytes: int
+    ledger_head: tuple[int, bytes] | None = None  # the sender's signed (index, entry hash), verified
+
+
+Seal = Callable[[pb.Header, bytes], pb.Trailer]  # (header, digest) -> signed trailer
 
 
 @dataclass
@@ -182,6 +193,7 @@ class EncodedMessage:
     header: pb.Header
     buffers: list[memoryview]
     digest: bytes | None = None
+    seal: Seal | None = None  # signs the trailer once the digest is known (transport/signing.py)
 
     def compute_digest(self) -> bytes:
         """The model digest (hashing the body now if it has not been streamed yet)."""
@@ -206,7 +218,8 @@ def _le(dtype: np.dtype, name: str) -> np.dtype:
     return le
 
 
-def _spec_line(spec: pb.TensorSpec) -> bytes:
+def spec_line(spec: pb.TensorSpec) -> bytes:
+    """One tensor spec's canonical line (hashed into the model digest and signed)."""
     shape = ",".join(str(s) for s in spec.shape)
     return f"{spec.name}\0{spec.dtype}\0{shape}\0{int(spec.sparse)}\0{spec.nnz}\n".encode()
 
@@ -214,7 +227,7 @@ def _spec_line(spec: pb.TensorSpec) -> bytes:
 def _digest_start(specs: Iterable[pb.TensorSpec]) -> hashlib._Hash:
     h = hashlib.sha256(b"privfl-model-v1\n")
     for s in specs:
-        h.update(_spec_line(s))
+        h.update(spec_line(s))
     h.update(b"\n")
     return h
 
@@ -299,21 +312,30 @@ def model_digest(tensors: Mapping[str, Tensor]) -> bytes:
 
 
 def encode_message(msg: Message, sender: str, recipient: str, sequence: int,
-                   in_reply_to: int = 0) -> EncodedMessage:
-    """Build the header and body of ``msg`` (its digest is computed while it streams)."""
+                   in_reply_to: int = 0, certificate: bytes = b"",
+                   seal: Seal | None = None) -> EncodedMessage:
+    """Build the header and body of ``msg`` (its digest is computed while it streams).
+
+    ``certificate``: the sender's DER certificate for the header; ``seal``: builds the
+    signed trailer from (header, digest) -- without it the trailer carries the digest only.
+    """
     if not _KIND.match(msg.kind):
         raise TransportError(f"message kind {msg.kind!r} is invalid")
     if msg.digest is not None and (not isinstance(msg.digest, bytes) or len(msg.digest) != 32):
         raise TransportError("message digest must be the 32-byte model_digest of its tensors")
     if len(msg.scalars) > MAX_SCALARS:
         raise TransportError(f"too many scalars: {len(msg.scalars)} > {MAX_SCALARS}")
+    for k in msg.scalars:
+        if not isinstance(k, str) or not _SCALAR_KEY.match(k):
+            raise TransportError(f"scalar name {str(k)[:80]!r} is not allowed on the wire")
     specs, buffers = encode_tensors(msg.tensors)
     header = pb.Header(version=WIRE_VERSION, sender=sender, recipient=recipient,
                        sequence=sequence, round=msg.round, kind=msg.kind, tensors=specs,
-                       body_bytes=sum(b.nbytes for b in buffers), in_reply_to=in_reply_to)
+                       body_bytes=sum(b.nbytes for b in buffers), in_reply_to=in_reply_to,
+                       sender_certificate=certificate)
     for k, v in msg.scalars.items():
         header.scalars[k] = float(v)
-    return EncodedMessage(header, buffers, msg.digest)
+    return EncodedMessage(header, buffers, msg.digest, seal)
 
 
 def _varint(n: int) -> bytes:
@@ -370,7 +392,9 @@ def iter_chunks(enc: EncodedMessage, chunk_bytes: int = CHUNK_BYTES) -> Iterator
     finally:
         if isinstance(h, BackgroundHash):
             h.close()
-    yield pb.Chunk(trailer=pb.Trailer(model_digest=enc.digest)).SerializeToString()
+    assert enc.digest is not None
+    trailer = enc.seal(enc.header, enc.digest) if enc.seal is not None else pb.Trailer(model_digest=enc.digest)
+    yield pb.Chunk(trailer=trailer).SerializeToString()
 
 
 def _data_view(raw: bytes) -> memoryview | None:
@@ -399,17 +423,34 @@ def _expected_nbytes(spec: pb.TensorSpec) -> int:
     return math.prod(spec.shape) * itemsize
 
 
-def check_header(header: pb.Header, expected: ExpectedSpec | None, max_body_bytes: int) -> None:
-    """Validate a header before any body byte is accepted; TransportError with the reason."""
+def check_header(header: pb.Header, expected: ExpectedSpec | None, max_body_bytes: int,
+                 kinds: KindRules | None = None) -> None:
+    """Validate a header before any body byte is accepted; TransportError with the reason.
+
+    ``kinds``: the message kinds accepted here and what each carries ("model": tensors
+    required, "empty": none allowed, "any"); None accepts any well-formed kind.
+    """
     if header.version != WIRE_VERSION:
         raise TransportError(f"unsupported wire version {header.version}")
     if not _KIND.match(header.kind):
-        raise TransportError(f"invalid message kind {header.kind!r}")
+        raise TransportError(f"invalid message kind {header.kind[:40]!r}")
+    if kinds is not None:
+        rule = kinds.get(header.kind)
+        if rule is None:
+            raise TransportError(f"unknown message kind {header.kind!r}")
+        if rule == "model" and not header.tensors:
+            raise TransportError(f"{header.kind} message carries no tensors")
+        if rule == "empty" and header.tensors:
+            raise TransportError(f"{header.kind} message must not carry tensors")
+    if len(header.sender_certificate) > MAX_CERTIFICATE_BYTES:
+        raise TransportError(f"sender certificate of {len(header.sender_certificate)} bytes is too large")
     if len(header.tensors) > MAX_TENSORS:
         raise TransportError(f"too many tensors: {len(header.tensors)}")
     if len(header.scalars) > MAX_SCALARS:
-        raise TransportError(f"too many scalars: {len(header.scalars)}")
+        raise TransportError(f"too many scalars: {len(header.scalars)} > {MAX_SCALARS}")
     for k, v in header.scalars.items():
+        if not _SCALAR_KEY.match(k):
+            raise TransportError(f"invalid scalar name ({len(k)} characters, starts {k[:20]!r})")
         if not math.isfinite(v):
             raise TransportError(f"scalar {k!r} is not finite")
     expected = _layout(expected, header.tensors)
@@ -506,14 +547,19 @@ class MessageAssembler:
     bytes in transit); it saves one SHA-256 pass over the body on the receiver.
 
     ``on_header`` runs on the parsed header before any body is accepted (authorization,
-    replay checks); every problem raises TransportError with the reason.
+    replay checks); every problem raises TransportError with the reason. ``trailer`` holds
+    the received trailer (signature, ledger head) once ``feed`` returned True.
     """
 
     def __init__(self, expected: ExpectedSpec | None, max_body_bytes: int,
-                 verify_digest: bool = True) -> None:
+                 verify_digest: bool = True, kinds: KindRules | None = None,
+                 on_header: Callable[[pb.Header], None] | None = None) -> None:
         self.expected = expected
         self.max_body_bytes = max_body_bytes
         self.verify_digest = verify_digest
+        self.kinds = kinds
+        self.on_header = on_header
+        self.trailer: pb.Trailer | None = None
         self.header: pb.Header | None = None
         self.wire_bytes = 0
         self._body: np.ndarray | None = None  # uint8, written in place as chunks arrive
@@ -551,7 +597,11 @@ class MessageAssembler:
             if self.header is None:
                 if part != "header":
                     raise TransportError(f"malformed stream: first chunk is {part}, not header")
-                check_header(chunk.header, self.expected, self.max_body_bytes)
+                if len(raw) > MAX_HEADER_BYTES:
+                    raise TransportError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+                check_header(chunk.header, self.expected, self.max_body_bytes, self.kinds)
+                if self.on_header is not None:
+                    self.on_header(chunk.header)
                 self.header = chunk.header
                 # np.empty, not bytearray: no zero-fill pass, and numpy asks the kernel for
                 # huge pages on large buffers (far fewer page faults); every byte is written
@@ -564,6 +614,7 @@ class MessageAssembler:
             if part == "header":
                 raise TransportError("malformed stream: second header")
             if part == "trailer":
+                self.trailer = chunk.trailer
                 return self._finish(chunk.trailer.model_digest)
             view = memoryview(chunk.data)
         assert self._body is not None and self._view is not None
@@ -588,8 +639,9 @@ class MessageAssembler:
         self.digest = digest
         return True
 
-    def message(self) -> DecodedMessage:
-        """The decoded, validated message (after ``feed`` returned True)."""
+    def message(self, ledger_head: tuple[int, bytes] | None = None) -> DecodedMessage:
+        """The decoded, validated message (after ``feed`` returned True); ``ledger_head``: the
+        sender's verified head, as the caller's signature check returned it."""
         if self.header is None or self.digest is None or self._body is None:
             raise TransportError("stream ended before the message was complete")
         h = self.header
@@ -598,7 +650,8 @@ class MessageAssembler:
         return DecodedMessage(sender=h.sender, recipient=h.recipient, sequence=h.sequence,
                               round=h.round, kind=h.kind, tensors=tensors,
                               scalars=dict(h.scalars), digest=self.digest,
-                              in_reply_to=h.in_reply_to, wire_bytes=self.wire_bytes)
+                              in_reply_to=h.in_reply_to, wire_bytes=self.wire_bytes,
+                              ledger_head=ledger_head)
 
 
 def decode_stream(chunks: Iterable[bytes], expected: ExpectedSpec | None,

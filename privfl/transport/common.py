@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from privfl.pki import Roster, load_crl, verify_crl
+from privfl.pki import PKIError, Roster, load_crl, load_roster, verify_crl
 from privfl.transport.codec import CHUNK_BYTES
+
+log = logging.getLogger("privfl.transport")
 
 METHOD = "/privfl.transport.v1.Gossip/Exchange"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -129,24 +135,93 @@ class PeerBackoff:
 
 
 class TrustState:
-    """The roster and verified CRL a server or client checks peers against; swappable at run time."""
+    """The roster and verified CRL that a server or client checks peers against; swappable at run time.
 
-    def __init__(self, ca_pem: bytes, roster: Roster, crl: bytes) -> None:
-        self._ca_pem = ca_pem
+    ``generation`` increases on every change, so caches of verified certificates know
+    when to drop what they hold. ``reload_from_files`` picks up a changed CRL or roster
+    from disk (a running node refuses a newly revoked peer without a restart); a file
+    that does not verify or parse is logged and the previous one stays in force.
+    """
+
+    def __init__(self, ca_pem: bytes, roster: Roster, crl: bytes, node_id: str = "?") -> None:
+        self.ca_pem = ca_pem
+        self.node_id = node_id
         self._lock = threading.Lock()
         self._roster = roster
+        self._crl_pem = crl
         self._crl = verify_crl(load_crl(crl), ca_pem)
+        self.generation = 0
+        self._last_error: dict[str, str] = {}
 
     def current(self) -> tuple[Roster, object]:
         """The roster and CRL in force now."""
         with self._lock:
             return self._roster, self._crl
 
-    def update(self, roster: Roster | None = None, crl: bytes | None = None) -> None:
-        """Swap the roster and/or the CRL (verified against the CA before it is used)."""
-        verified = verify_crl(load_crl(crl), self._ca_pem) if crl is not None else None
+    @property
+    def roster(self) -> Roster:
+        """The roster in force now."""
         with self._lock:
-            if roster is not None:
-                self._roster = roster
-            if verified is not None:
-                self._crl = verified
+            return self._roster
+
+    def crl_fresh(self, now: dt.datetime | None = None) -> bool:
+        """Whether the CRL in force is still before its next update (fail closed after)."""
+        with self._lock:
+            nxt = self._crl.next_update_utc
+        return nxt is None or (now or dt.datetime.now(dt.timezone.utc)) <= nxt
+
+    def update(self, roster: Roster | None = None, crl: bytes | None = None) -> bool:
+        """Swap the roster and/or the CRL (verified against the CA before it is used).
+
+        Returns True if anything changed. PKIError (nothing swapped) if the CRL does not verify.
+        """
+        verified = verify_crl(load_crl(crl), self.ca_pem) if crl is not None else None
+        with self._lock:
+            changed = False
+            if roster is not None and roster != self._roster:
+                self._roster, changed = roster, True
+            if verified is not None and crl != self._crl_pem:
+                self._crl, self._crl_pem, changed = verified, crl, True
+            if changed:
+                self.generation += 1
+            return changed
+
+    def reload_from_files(self, crl_path: str | os.PathLike[str] | None,
+                          roster_path: str | os.PathLike[str] | None) -> bool:
+        """Re-read the CRL and roster files; swap whichever verifies (CRL) or parses (roster).
+
+        A file that fails is logged (once per distinct error) and its previous version stays
+        in force. Returns True if the trust in force changed.
+        """
+        roster: Roster | None = None
+        crl: bytes | None = None
+        if roster_path is not None:
+            try:
+                roster = load_roster(roster_path)
+                if roster.consortium != self._roster.consortium:
+                    raise PKIError(f"{roster_path}: consortium {roster.consortium!r} differs from "
+                                   f"{self._roster.consortium!r}")
+                self._last_error.pop("roster", None)
+            except PKIError as exc:
+                self._failed("roster", roster_path, exc)
+                roster = None
+        if crl_path is not None:
+            try:
+                crl = Path(crl_path).read_bytes()
+                verify_crl(load_crl(crl), self.ca_pem)
+                self._last_error.pop("crl", None)
+            except (OSError, PKIError) as exc:
+                self._failed("crl", crl_path, exc)
+                crl = None
+        changed = self.update(roster, crl)
+        if changed:
+            log.info("node %s: trust reloaded (roster %s, CRL %s), generation %d", self.node_id,
+                     roster_path, crl_path, self.generation)
+        return changed
+
+    def _failed(self, what: str, path: object, exc: Exception) -> None:
+        msg = str(exc)
+        if self._last_error.get(what) != msg:
+            log.error("node %s: cannot reload the %s from %s, keeping the previous one: %s",
+                      self.node_id, what, path, msg)
+        self._last_error[what] = msg
