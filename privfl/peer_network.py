@@ -29,12 +29,13 @@ advertised settings are weaker than the roster's ``[policy]`` is refused and log
 from __future__ import annotations
 
 import dataclasses
-
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -48,6 +49,7 @@ from privfl.transport import (
     PeerBackoff,
     PeerUnavailable,
     SparseTensor,
+    TrustState,
     SpecChoice,
     TensorExpectation,
     TrafficCounters,
@@ -55,7 +57,7 @@ from privfl.transport import (
     model_digest,
 )
 from strategies.base import ModelMessage, NodeStrategy
-from strategies.compression import Compressed, MalformedMessage
+from strategies.compression import Compressed, MalformedMessage, decompress
 from strategies.compression.message import max_frame_bytes
 
 log = logging.getLogger("privfl.node")
@@ -67,7 +69,23 @@ INBOX_KINDS = ("model", "innovation")  # one-way model messages of synchronous g
 # a Compressed payload on the wire: one 1-D uint8 tensor holding Compressed.to_bytes()
 COMPRESSED_FRAME = "compressed.frame"
 
+HEAD_QUERY_KIND = "head_query"  # "what is the last ledger head of mine that you hold?"
+HEAD_REPLY_KIND = "head_reply"  # carries HEAD_HASH (32 uint8) and the HEAD_INDEX scalar, or nothing
+HEAD_HASH = "ledger.entry_hash"
+HEAD_INDEX = "ledger_index"
+# what a node serves and accepts as replies: kind -> "model" (tensors required) / "empty" / "any"
+REQUEST_KINDS = {"exchange_request": "model", "model": "model", "innovation": "model",
+                 **{k: "empty" for k in CONTROL_KINDS}, HEAD_QUERY_KIND: "empty"}
+REPLY_KINDS = {"exchange_reply": "model", REFUSED_KIND: "empty", "ack": "empty", HEAD_REPLY_KIND: "any"}
+HEAD_SPEC = {HEAD_HASH: TensorExpectation((32,), "|u1", allow_sparse=False)}
+DEFAULT_MAX_ABS_VALUE = 1e6
+DEFAULT_MAX_NORM_RATIO = 100.0
+DEFAULT_NORM_FLOOR = 100.0
+
 ReleaseHook = Callable[[str, int, int, str, int], None]  # peer, seq, round, digest hex, bytes
+LedgerHeadHook = Callable[[], "tuple[int, bytes] | None"]  # this node's (index, entry hash)
+PeerHeadHook = Callable[[str, int, bytes], None]  # peer, index, entry hash of a verified message
+HeadForHook = Callable[[str], "tuple[int, bytes] | None"]  # the last head we hold for a peer
 
 
 @dataclass(frozen=True)
@@ -200,36 +218,77 @@ class GrpcPeerNetwork:
     dense model, or a compressed update's frame bounded by the model's size).
     ``policy``: what this node advertises; ``roster.policy`` is the minimum it requires.
     ``on_release(peer, seq, round, digest_hex, nbytes)`` is called before every model leaves.
-    Call :meth:`attach` with the strategy before :meth:`start`.
+
+    Ledger heads: ``ledger_head()`` gives this node's (index, 32-byte entry hash), signed
+    into every outgoing message (called when it is encoded, after ``on_release``);
+    ``on_peer_head(peer, index, entry_hash)`` is called for every verified message that
+    carries one (requests, replies, acks, notifications); ``head_for(peer)`` answers a
+    peer's ``head_query`` (see :meth:`query_head`).
+
+    Live trust: with ``crl_path``/``roster_path`` the files are re-read by
+    :meth:`reload_trust` (and, with ``trust_poll`` seconds, by a daemon thread watching
+    their mtime); a CRL that does not verify or a roster that does not parse is logged
+    and the previous one stays in force.
+
+    Bounds: a received model is refused (logged) when any value exceeds ``max_abs_value``
+    in magnitude or its L2 norm exceeds ``max_norm_ratio`` × this node's own current
+    model norm + ``norm_floor``. ``stream_timeout`` (default 2 × timeout, at least 10 s)
+    and ``max_calls_per_peer`` bound the server. Call :meth:`attach` with the strategy
+    before :meth:`start`.
     """
 
     def __init__(self, identity: NodeIdentity, roster: Roster, crl: bytes, neighbors: Sequence[str],
                  names: Sequence[str], template: Sequence[np.ndarray], policy: AdvertisedPolicy | None = None,
                  listen: str | None = None, timeout: float = 10.0, on_release: ReleaseHook | None = None,
-                 backoff: PeerBackoff | None = None) -> None:
+                 backoff: PeerBackoff | None = None, *, ledger_head: LedgerHeadHook | None = None,
+                 on_peer_head: PeerHeadHook | None = None, head_for: HeadForHook | None = None,
+                 crl_path: str | os.PathLike[str] | None = None,
+                 roster_path: str | os.PathLike[str] | None = None, trust_poll: float | None = 1.0,
+                 stream_timeout: float | None = None, max_calls_per_peer: int = 4,
+                 max_abs_value: float = DEFAULT_MAX_ABS_VALUE, max_norm_ratio: float = DEFAULT_MAX_NORM_RATIO,
+                 norm_floor: float = DEFAULT_NORM_FLOOR) -> None:
         self.node_id = identity.node_id
         self.roster = roster
         self.names = list(names)
         self.shapes = tuple(tuple(int(s) for s in np.shape(p)) for p in template)
+        self._template = [np.asarray(p) for p in template]
         self.spec: ExpectedSpec = SpecChoice((expected_spec_of(self.names, list(template)),
                                               compressed_spec_of(list(template))))
         self.policy = policy
         self.timeout = timeout
         self.on_release = on_release
+        self.on_peer_head = on_peer_head
+        self.head_for = head_for
+        self.max_abs_value = max_abs_value
+        self.max_norm_ratio = max_norm_ratio
+        self.norm_floor = norm_floor
+        self.crl_path = Path(crl_path) if crl_path is not None else None
+        self.roster_path = Path(roster_path) if roster_path is not None else None
+        self.trust_poll = trust_poll
         self.counters = TrafficCounters()
+        self.trust = TrustState(identity.ca_pem, roster, crl, identity.node_id)
         self._neighbors = [n for n in neighbors if n != self.node_id]
         self.client = GossipClient(identity, roster, crl, expected_spec=self.spec, default_timeout=timeout,
                                    counters=self.counters,
-                                   backoff=backoff or PeerBackoff(base=0.25, factor=2.0, max_delay=4.0))
+                                   backoff=backoff or PeerBackoff(base=0.25, factor=2.0, max_delay=4.0),
+                                   trust=self.trust, ledger_head=ledger_head, reply_kinds=REPLY_KINDS,
+                                   on_verified=self._verified)
         self.server = GossipServer(identity, roster, crl, self._handle, address=listen,
-                                   expected_spec=self.spec, counters=self.counters)
+                                   expected_spec=self.spec, counters=self.counters, trust=self.trust,
+                                   ledger_head=ledger_head, kinds=REQUEST_KINDS,
+                                   stream_timeout=stream_timeout if stream_timeout is not None else max(10.0, 2 * timeout),
+                                   max_calls_per_peer=max_calls_per_peer, on_verified=self._verified)
         self.strategy: NodeStrategy | None = None
         self.serving_models = True  # False once the node must not release anything more
         self._cond = threading.Condition()
         self._inbox: dict[tuple[int, str], ModelMessage] = {}
         self.control: dict[str, set[str]] = {k: set() for k in CONTROL_KINDS}
         self.refused_policy: set[str] = set()
+        self.refused_values: dict[str, str] = {}  # peer -> why its last refused model was refused
         self._t0 = time.monotonic()
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._stamps = self._file_stamps()
 
     # ---- lifecycle ------------------------------------------------------------------
     def attach(self, strategy: NodeStrategy) -> None:
@@ -237,13 +296,59 @@ class GrpcPeerNetwork:
         self.strategy = strategy
 
     def start(self) -> int:
-        """Start the gossip server; returns its port."""
-        return self.server.start()
+        """Start the gossip server (and the trust-file watcher); returns its port.
+
+        TransportError naming the address if it cannot be bound (e.g. the same node runs twice).
+        """
+        port = self.server.start()
+        if self.trust_poll and (self.crl_path is not None or self.roster_path is not None):
+            self._watch_stop.clear()
+            self._watcher = threading.Thread(target=self._watch, name=f"trust-watch-{self.node_id}", daemon=True)
+            self._watcher.start()
+        return port
 
     def close(self) -> None:
-        """Stop the server and close every channel."""
+        """Stop the watcher and the server and close every channel."""
+        self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5.0)
+            self._watcher = None
         self.server.stop(grace=1.0)
         self.client.close()
+
+    # ---- live trust -------------------------------------------------------------------
+    def _file_stamps(self) -> tuple[tuple[int, int, int] | None, ...]:
+        out = []
+        for p in (self.crl_path, self.roster_path):
+            try:
+                st = p.stat() if p is not None else None
+                out.append((st.st_mtime_ns, st.st_size, st.st_ino) if st is not None else None)
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    def _watch(self) -> None:
+        assert self.trust_poll
+        while not self._watch_stop.wait(self.trust_poll):
+            stamps = self._file_stamps()
+            if stamps != self._stamps:
+                self._stamps = stamps
+                try:
+                    self.reload_trust()
+                except Exception:  # never let the watcher die
+                    log.exception("node %s: trust reload failed", self.node_id)
+
+    def reload_trust(self) -> bool:
+        """Re-read the CRL and roster files now (e.g. on SIGHUP); True if the trust in force changed.
+
+        A newly revoked peer is refused from then on in both directions: the server refuses
+        its next call, the client sends it no new call and refuses its replies.
+        """
+        changed = self.trust.reload_from_files(self.crl_path, self.roster_path)
+        if changed:
+            self.roster = self.trust.roster
+            self.client.trust_changed()
+        return changed
 
     # ---- PeerNetwork ----------------------------------------------------------------
     def neighbors(self) -> list[str]:
@@ -264,6 +369,52 @@ class GrpcPeerNetwork:
             self.on_release(peer, seq, int(message.round), digest.hex(), nbytes)
             msg = dataclasses.replace(msg, digest=digest)
         return msg
+
+    # ---- verified messages: ledger heads, value bounds ---------------------------------
+    def _verified(self, peer: str, msg: DecodedMessage) -> None:
+        """Every signature-verified message (request or reply): report the sender's ledger head."""
+        if msg.ledger_head is not None and self.on_peer_head is not None:
+            index, entry_hash = msg.ledger_head
+            self.on_peer_head(peer, int(index), bytes(entry_hash))
+
+    def _own_params(self) -> Sequence[np.ndarray]:
+        params = getattr(self.strategy, "params", None)
+        return params if params is not None else self._template
+
+    def values_problem(self, arrays: Sequence[np.ndarray]) -> str | None:
+        """Why received ``arrays`` are out of bounds (None if they are within them)."""
+        sq = 0.0
+        for a in arrays:
+            a = np.asarray(a)
+            if a.size == 0 or a.dtype.kind not in "fiu":
+                continue
+            biggest = float(np.max(np.abs(a)))
+            if biggest > self.max_abs_value:
+                return f"a value of magnitude {biggest:.3g} exceeds max_abs_value {self.max_abs_value:g}"
+            flat = a.reshape(-1).astype(np.float64, copy=False)
+            sq += float(np.dot(flat, flat))
+        norm = sq ** 0.5
+        own = sum(float(np.dot(np.asarray(p, np.float64).reshape(-1), np.asarray(p, np.float64).reshape(-1)))
+                  for p in self._own_params() if np.asarray(p).dtype.kind in "fiu") ** 0.5
+        bound = self.max_norm_ratio * own + self.norm_floor
+        if norm > bound:
+            return (f"L2 norm {norm:.4g} exceeds {self.max_norm_ratio:g} x own norm {own:.4g} + "
+                    f"{self.norm_floor:g} = {bound:.4g}")
+        return None
+
+    def _accept_values(self, peer: str, kind: str, incoming: ModelMessage) -> bool:
+        if incoming.params is not None:
+            arrays: Sequence[np.ndarray] = incoming.params
+        elif isinstance(incoming.payload, Compressed):
+            arrays = decompress(incoming.payload)
+        else:
+            return True
+        problem = self.values_problem(arrays)
+        if problem is None:
+            return True
+        log.warning("node %s: refused %s from %s: %s", self.node_id, kind, peer, problem)
+        self.refused_values[peer] = problem
+        return False
 
     def _accept_policy(self, peer: str, scalars: Mapping[str, float]) -> bool:
         problem = policy_problem(scalars, self.roster.policy)
@@ -288,15 +439,16 @@ class GrpcPeerNetwork:
         except TransportError as exc:
             log.info("node %s: exchange with %s failed: %s", self.node_id, peer, exc)
             return None
-        if reply.kind == REFUSED_KIND or not reply.tensors:
+        if reply.kind != "exchange_reply" or not reply.tensors:
             return None  # busy, stopped or refused: nothing to check, nothing to apply
         if not self._accept_policy(peer, reply.scalars):
             return None
         try:
-            return from_transport(reply, self.names, self.shapes)
+            incoming = from_transport(reply, self.names, self.shapes)
         except TransportError as exc:
             log.warning("node %s: invalid reply from %s: %s", self.node_id, peer, exc)
             return None
+        return incoming if self._accept_values(peer, reply.kind, incoming) else None
 
     def send(self, peer: str, message: ModelMessage) -> bool:
         """Deliver ``message`` one-way (waits for the peer's ack); False if it could not be delivered."""
@@ -340,6 +492,46 @@ class GrpcPeerNetwork:
                 log.debug("node %s: %s to %s failed: %s", self.node_id, kind, peer, exc)
         return ok
 
+    def query_head(self, peer_id: str, timeout: float | None = None) -> tuple[int, bytes] | None:
+        """Ask ``peer_id`` for the last ledger head of ours that it holds: (index, entry hash) or None.
+
+        The reply is signed and verified like every reply. PeerUnavailable (with the reason)
+        if the peer cannot be reached, refuses, or its answer does not verify or is malformed.
+        """
+        try:
+            reply = self.client.exchange(peer_id, Message(kind=HEAD_QUERY_KIND), timeout=timeout or self.timeout,
+                                         expected=HEAD_SPEC)
+        except PeerUnavailable:
+            raise
+        except TransportError as exc:
+            raise PeerUnavailable(f"head query to {peer_id} failed: {exc}") from None
+        if reply.kind != HEAD_REPLY_KIND:
+            raise PeerUnavailable(f"head query to {peer_id}: answered with {reply.kind!r}")
+        if not reply.tensors and HEAD_INDEX not in reply.scalars:
+            return None
+        h = reply.tensors.get(HEAD_HASH)
+        index = reply.scalars.get(HEAD_INDEX)
+        if h is None or isinstance(h, SparseTensor) or index is None or index < 0 or index != int(index):
+            raise PeerUnavailable(f"head query to {peer_id}: malformed head reply")
+        return int(index), np.asarray(h, dtype=np.uint8).tobytes()
+
+    def _head_reply(self, sender: str) -> Message:
+        head = None
+        if self.head_for is not None:
+            try:
+                head = self.head_for(sender)
+            except Exception:  # the ledger side must not take the server down
+                log.exception("node %s: head_for(%s) failed", self.node_id, sender)
+        if head is None:
+            return Message(kind=HEAD_REPLY_KIND)
+        index, entry_hash = head
+        if len(entry_hash) != 32:
+            log.error("node %s: head_for(%s) gave a %d-byte hash; answering with no head", self.node_id, sender,
+                      len(entry_hash))
+            return Message(kind=HEAD_REPLY_KIND)
+        return Message(kind=HEAD_REPLY_KIND, tensors={HEAD_HASH: np.frombuffer(bytes(entry_hash), np.uint8)},
+                       scalars={HEAD_INDEX: float(int(index))})
+
     def heard(self, kind: str) -> set[str]:
         """Peers that have sent us control message ``kind``."""
         with self._cond:
@@ -351,7 +543,9 @@ class GrpcPeerNetwork:
         return Message(kind=REFUSED_KIND, scalars=self.policy.scalars() if self.policy else {})
 
     def _handle(self, sender: str, msg: DecodedMessage) -> Message | None:
-        """Route one authenticated, validated incoming message."""
+        """Route one authenticated, signature-verified, validated incoming message."""
+        if msg.kind == HEAD_QUERY_KIND:
+            return self._head_reply(sender)
         if not self._accept_policy(sender, msg.scalars):
             return self._refused()
         if msg.kind in CONTROL_KINDS:
@@ -364,6 +558,8 @@ class GrpcPeerNetwork:
             incoming = from_transport(msg, self.names, self.shapes)
         except TransportError as exc:
             log.warning("node %s: refused %s from %s: %s", self.node_id, msg.kind, sender, exc)
+            return self._refused()
+        if not self._accept_values(sender, msg.kind, incoming):
             return self._refused()
         if msg.kind in INBOX_KINDS:
             with self._cond:
@@ -379,7 +575,9 @@ class GrpcPeerNetwork:
                 return self._refused()
             # recorded under the request's sequence number: the reply's own is set by the server
             out = to_transport(reply, self.names, self.policy)
-            if out.tensors and self.on_release is not None:
+            if not out.tensors:
+                return self._refused()
+            if self.on_release is not None:
                 nbytes = int(sum(np.asarray(t).nbytes for t in out.tensors.values()))
                 digest = model_digest(out.tensors)
                 self.on_release(sender, int(msg.sequence), int(reply.round), digest.hex(), nbytes)
@@ -389,6 +587,6 @@ class GrpcPeerNetwork:
         return None
 
 
-__all__ = ["AdvertisedPolicy", "COMPRESSED_FRAME", "CONTROL_KINDS", "GrpcPeerNetwork", "INBOX_KINDS",
-           "REFUSED_KIND", "compressed_from_frame", "compressed_spec_of", "expected_spec_of", "from_transport",
+__all__ = ["AdvertisedPolicy", "COMPRESSED_FRAME", "CONTROL_KINDS", "GrpcPeerNetwork", "HEAD_QUERY_KIND",
+           "HEAD_REPLY_KIND", "INBOX_KINDS", "REFUSED_KIND", "REPLY_KINDS", "REQUEST_KINDS", "compressed_from_frame", "compressed_spec_of", "expected_spec_of", "from_transport",
            "policy_problem", "to_transport"]
