@@ -331,8 +331,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
         raise ConfigError(f"{p}: not UTF-8 text (TOML must be UTF-8): byte 0x{data[e.start]:02x} at offset "
-                          f"{e.start} ({e.reason})") from None
+                          f"{e.start} (line {line}, column {col}: {e.reason})") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -31,9 +31,10 @@ import os
 import random
 import secrets
 import signal
+import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ import torch
 
 import privfl
 from accounting import DpEventKey
-from accounting.ledger import Ledger, LedgerError, LedgerPolicy, TornTailError
+from accounting.ledger import WRITE_FAILED, Ledger, LedgerError, LedgerPolicy, TornTailError
 from clients import DPClient
 from clients.randomness import random_source
 from privfl.data import Dataset, SiteData
@@ -54,6 +55,7 @@ from privfl.pki import (
     NodeIdentity,
     PKIError,
     Roster,
+    fingerprint,
     load_certificate,
     load_crl,
     load_private_key,
@@ -76,6 +78,11 @@ from strategies.compression.params import build_compressor
 from strategies.gossip import AsyncGossip, SyncGossip
 from strategies.topology import Topology, build_topology
 
+try:  # the output-folder lock; POSIX only
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX
+    fcntl = None  # type: ignore[assignment]
+
 log = logging.getLogger("privfl.node")
 
 LEDGER_FILE = "ledger.jsonl"
@@ -88,6 +95,12 @@ PREPROCESSING_FILE = "preprocessing.json"
 METRIC_FIELDS = ("time", "node", "phase", "steps", "loss", "accuracy", "test_loss", "epsilon", "delta",
                  "bytes_sent", "bytes_received", "exchanges", "served")
 STRATEGIES = ("async_gossip", "sync_gossip")
+OUTPUT_LOCK = ".lock"
+# what the node writes in its output folder (and the temporary names it renames from)
+OUTPUT_FILES = (LEDGER_FILE, LEDGER_FILE + ".tmp", CHECKPOINT_FILE, CHECKPOINT_FILE + ".tmp", METRICS_JSONL,
+                METRICS_CSV, FINAL_MODEL, "initial_model.npz", SUMMARY_FILE, SUMMARY_FILE + ".tmp",
+                PREPROCESSING_FILE)
+_HELD_LOCKS: dict[str, int] = {}  # lock file → descriptor, held until this process exits
 
 
 class NodeError(PrivflError):
@@ -95,6 +108,90 @@ class NodeError(PrivflError):
 
 
 # --------------------------------------------------------------------------- start-up checks
+
+
+def _os_reason(exc: OSError) -> str:
+    """An OS error in words on one line ("[Errno 28] No space left on device")."""
+    return f"[Errno {exc.errno}] {exc.strerror}" if exc.errno is not None and exc.strerror else str(exc)
+
+
+def _hold_lock(path: Path, busy: str, cannot: str) -> bool:
+    """Take an exclusive ``flock`` on ``path`` (created, our pid written in it) until the process exits.
+
+    Another process holding it: NodeError ``busy`` (``{pid}`` filled in from the file).
+    The file cannot be created or written: NodeError ``cannot`` (``{reason}`` filled in),
+    or False when ``cannot`` is empty (a best-effort lock). The same process taking it
+    again (a Node rebuilt in-process) is a no-op.
+    """
+    key = os.path.abspath(path)
+    if fcntl is None or key in _HELD_LOCKS:
+        return True
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as exc:
+        if not cannot:
+            return False
+        raise NodeError(cannot.format(reason=_os_reason(exc))) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        except OSError:
+            pid = "?"
+        os.close(fd)
+        raise NodeError(busy.format(pid=pid)) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.fsync(fd)
+    except OSError as exc:
+        os.close(fd)
+        if not cannot:
+            return False
+        raise NodeError(cannot.format(reason=_os_reason(exc))) from None
+    _HELD_LOCKS[key] = fd
+    return True
+
+
+def prepare_output(cfg: NodeConfig) -> Path:
+    """Check and lock ``[node].output`` before the node writes anything; returns the folder.
+
+    One-line errors: the path is a file, the folder cannot be created or written (read-only,
+    full), one of the node's output files is a directory, or another privfl node process
+    already runs with this output folder (an exclusive ``flock`` on ``<output>/.lock``,
+    held for the life of the process and released by the OS when it exits).
+    """
+    out, where = cfg.output_dir, f"{cfg.path}: [node].output"
+    if out.exists() and not out.is_dir():
+        raise NodeError(f"{where}: {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NodeError(f"{where}: cannot create the folder {out}: {_os_reason(exc)}") from None
+    for name in OUTPUT_FILES:
+        f = out / name
+        if (f.exists() or f.is_symlink()) and not f.is_file():
+            what = "a directory" if f.is_dir() else "not a regular file"
+            raise NodeError(f"{where}: {f} is {what}; the node writes its {name} there")
+    _hold_lock(out / OUTPUT_LOCK, f"{where}: another privfl node (pid {{pid}}) is running with output folder {out}",
+               f"{where}: cannot write in the folder {out}: {{reason}}")
+    return out
+
+
+def hold_identity(identity: NodeIdentity) -> None:
+    """One node identity (its certificate) runs once on this machine: a second node process with the
+    same certificate is refused, whatever its output folder or port (a lock in the temp folder,
+    keyed by the certificate's SHA-256; best effort: skipped when that folder is not writable)."""
+    try:
+        fp = fingerprint(identity.cert_pem).split(":")[-1]
+    except PKIError:  # pragma: no cover - load_identity checked it
+        return
+    path = Path(tempfile.gettempdir()) / f"privfl-node-{fp[:32]}.lock"
+    if not _hold_lock(path, f"another privfl node (pid {{pid}}) is running as node {identity.node_id!r} with the "
+                            f"same certificate on this machine (lock {path})", ""):
+        log.warning("node %s: cannot take the identity lock %s; not checking for a second process with this "
+                    "certificate", identity.node_id, path)
 
 
 def load_identity(cfg: NodeConfig) -> tuple[NodeIdentity, Roster, bytes]:
@@ -211,7 +308,12 @@ def open_ledger(path: Path, identity: NodeIdentity, policy: LedgerPolicy, random
             return Ledger.open_or_create(path, key, identity.cert_pem, policy, privfl.__version__,
                                          node_id=identity.node_id, **extra)
     except LedgerError as exc:
+        if exc.kind == WRITE_FAILED:
+            raise NodeError(f"node {identity.node_id}: {exc.reason}; refusing to start") from None
         raise NodeError(f"ledger {path} failed verification, refusing to start: {exc}") from None
+    except OSError as exc:  # creating the ledger on a full or read-only disk
+        raise NodeError(f"node {identity.node_id}: cannot write the ledger {path}: {_os_reason(exc)}; "
+                        "refusing to start") from None
     except ValueError as exc:
         raise NodeError(f"ledger {path}: {exc}") from None
 
@@ -247,6 +349,7 @@ class Node:
         self.stop_reason = ""
         self.ledger: Ledger | None = None
         self.network: GrpcPeerNetwork | None = None
+        self._ledger_failure: str | None = None  # set once a ledger write fails: nothing more runs or leaves
         self._setup()
 
     # ---- set-up ---------------------------------------------------------------------------
@@ -255,7 +358,9 @@ class Node:
         if c.strategy.name not in STRATEGIES:
             raise NodeError(f"{cfg.path}: [strategy].name: a node runs {' or '.join(STRATEGIES)}, "
                             f"got {c.strategy.name!r}")
+        prepare_output(cfg)  # before anything is written
         self.identity, self.roster, crl = load_identity(cfg)
+        hold_identity(self.identity)
         if self.node_id not in self.roster.nodes:
             raise NodeError(f"{cfg.path}: [node].id: {self.node_id!r} is not in the roster {cfg.roster_path}")
         # data: every node uses the same data seed, so the partitions agree; preprocessing is
@@ -387,18 +492,45 @@ class Node:
                  self.node_id, ev.query, ev.noise_multiplier, ev.sensitivity)
 
     def _on_dp_event(self, event: dict[str, Any]) -> None:
-        """Write-ahead: the DPClient calls this before the steps (or a DP release) run."""
-        assert self.ledger is not None
-        self.ledger.append_dp_event(event["noise_multiplier"], event["sample_rate"], int(event["steps"]),
-                                    event["clipping"], event["max_grad_norm"], epsilon=event["epsilon"],
-                                    purpose=event["purpose"], sensitivity=event["sensitivity"],
-                                    local_mechanism=event["local_mechanism"],
-                                    mechanism_params=event.get("mechanism_params") or {})
+        """Write-ahead: the DPClient calls this before the steps (or a DP release) run; a ledger
+        that cannot be written raises NodeError here, so the steps never run."""
+        ledger = self.ledger
+        assert ledger is not None
+        self._ledger_write(lambda: ledger.append_dp_event(
+            event["noise_multiplier"], event["sample_rate"], int(event["steps"]), event["clipping"],
+            event["max_grad_norm"], epsilon=event["epsilon"], purpose=event["purpose"],
+            sensitivity=event["sensitivity"], local_mechanism=event["local_mechanism"],
+            mechanism_params=event.get("mechanism_params") or {}), f"the {event['purpose']} step(s) did not run")
 
     def _on_release(self, peer: str, seq: int, round: int, digest: str, nbytes: int) -> None:
-        """Every model released to a peer gets a ledger entry first (never its values)."""
-        assert self.ledger is not None
-        self.ledger.append_message(peer, seq, round, digest=digest, size=nbytes)
+        """Every model released to a peer gets a ledger entry first (never its values); a ledger that
+        cannot be written raises NodeError here, so the model does not leave."""
+        ledger = self.ledger
+        assert ledger is not None
+        self._ledger_write(lambda: ledger.append_message(peer, seq, round, digest=digest, size=nbytes),
+                           f"the model for {peer} did not leave")
+
+    def _ledger_write(self, write: Callable[[], Any], refused: str) -> None:
+        """Run one ledger append; fail closed when the ledger cannot be written.
+
+        The first failure stops the node: no model is served any more, the run loop stops,
+        and this and every later write raise NodeError (one line: the ledger file and the
+        OS reason), which ``python -m privfl.node`` prints and exits 2 on.
+        """
+        if self._ledger_failure is not None:
+            raise NodeError(self._ledger_failure)
+        try:
+            write()
+        except LedgerError as exc:
+            if exc.kind != WRITE_FAILED:
+                raise
+            self._ledger_failure = (f"node {self.node_id}: {exc.reason}: {refused}; the node stopped (fail closed); "
+                                    "restart it once the ledger can be written (it keeps every recorded step)")
+            if self.network is not None:
+                self.network.serving_models = False
+            self._stop_requested.set()
+            log.error("%s", self._ledger_failure)
+            raise NodeError(self._ledger_failure) from None
 
     # ---- checkpoints ---------------------------------------------------------------------
     def _load_checkpoint(self) -> list[np.ndarray] | None:
@@ -421,13 +553,19 @@ class Node:
         return params
 
     def checkpoint(self) -> None:
-        """Save the latest model and DPClient state atomically (tmp file, then os.replace)."""
+        """Save the latest model and DPClient state atomically (tmp file, then os.replace);
+        NodeError naming the file when it cannot be written (a full disk)."""
         path = self.out / CHECKPOINT_FILE
         tmp = path.with_name(path.name + ".tmp")
         state = {"names": self.names, "params": [torch.from_numpy(np.array(p)) for p in self._snapshot()],
                  "client": self.client.state_dict(), "steps": self.total_steps}
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as exc:  # torch reports a failed write as RuntimeError
+            tmp.unlink(missing_ok=True)
+            why = _os_reason(exc) if isinstance(exc, OSError) else (str(exc).strip().splitlines() or ["?"])[-1]
+            raise NodeError(f"node {self.node_id}: cannot write the checkpoint {path}: {why}") from None
         self._last_ckpt = time.monotonic()
         log.debug("node %s: checkpoint at step %d", self.node_id, self.total_steps)
 
@@ -561,11 +699,34 @@ class Node:
             self.evaluate("start")
             self._train_loop()
             self._finish()
-        finally:
-            self.checkpoint()
-            net.close()
-            self.ledger.close()
+            if self._ledger_failure is not None:  # a release refused in a server thread
+                raise NodeError(self._ledger_failure)
+        except BaseException:
+            self._shut_down(clean=False)
+            raise
+        self._shut_down(clean=True)
         return self.summary()
+
+    def _shut_down(self, clean: bool) -> None:
+        """Checkpoint (not after a refused ledger write: the client's state would count a step the
+        ledger lacks), stop serving, close the ledger. After a failure (``clean`` False) the first
+        error is what the node exits with; later ones are logged on one line."""
+        assert self.network is not None and self.ledger is not None
+        try:
+            if self._ledger_failure is None:
+                self.checkpoint()
+        except PrivflError as exc:
+            if clean:
+                raise
+            log.error("%s", exc)
+        finally:
+            self.network.close()
+            try:
+                self.ledger.close()
+            except LedgerError as exc:
+                if clean and self._ledger_failure is None:
+                    raise NodeError(f"node {self.node_id}: {exc.reason}") from None
+                log.error("node %s: %s", self.node_id, exc.reason)
 
     def _train_loop(self) -> None:
         assert self.ledger is not None and self.network is not None
@@ -596,7 +757,9 @@ class Node:
                 self.checkpoint()
         log.info("node %s: training stopped: %s after %d steps, ε=%.4f", self.node_id, self.stop_reason,
                  self.total_steps, self.client.epsilon)
-        self.ledger.append_stop(self.stop_reason, steps=self.total_steps)
+        ledger = self.ledger
+        self._ledger_write(lambda: ledger.append_stop(self.stop_reason, steps=self.total_steps),
+                           "the stop was not recorded")
         self.checkpoint()
 
     def _finish(self) -> None:
@@ -668,6 +831,15 @@ def run_node(config: str | Path, install_signals: bool = True) -> dict[str, Any]
     cfg = load_node_config(config)
     logging.getLogger("privfl").setLevel(cfg.log_level)
     torch.set_num_threads(1)
+    try:
+        return _run(cfg, install_signals)
+    except OSError as exc:  # any other output the disk refuses (metrics, models, summary): one line
+        raise NodeError(f"node {cfg.node.id}: cannot write {exc.filename or cfg.output_dir}: "
+                        f"{_os_reason(exc)}") from None
+
+
+def _run(cfg: NodeConfig, install_signals: bool) -> dict[str, Any]:
+    """Build the node and run it (see :func:`run_node`)."""
     node = Node(cfg)
     if install_signals and threading.current_thread() is threading.main_thread():
         def _handler(signum: int, _frame: Any) -> None:
