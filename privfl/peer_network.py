@@ -372,7 +372,15 @@ class GrpcPeerNetwork:
 
     # ---- verified messages: ledger heads, value bounds ---------------------------------
     def _verified(self, peer: str, msg: DecodedMessage) -> None:
-        """Every signature-verified message (request or reply): report the sender's ledger head."""
+        """Every signature-verified message (request or reply): report the sender's ledger head.
+
+        A head query's own head is reported after it is answered (``_handle``), so the
+        answer is the head held *before* the query.
+        """
+        if msg.kind != HEAD_QUERY_KIND:
+            self._report_head(peer, msg)
+
+    def _report_head(self, peer: str, msg: DecodedMessage) -> None:
         if msg.ledger_head is not None and self.on_peer_head is not None:
             index, entry_hash = msg.ledger_head
             self.on_peer_head(peer, int(index), bytes(entry_hash))
@@ -545,7 +553,9 @@ class GrpcPeerNetwork:
     def _handle(self, sender: str, msg: DecodedMessage) -> Message | None:
         """Route one authenticated, signature-verified, validated incoming message."""
         if msg.kind == HEAD_QUERY_KIND:
-            return self._head_reply(sender)
+            answer = self._head_reply(sender)
+            self._report_head(sender, msg)
+            return answer
         if not self._accept_policy(sender, msg.scalars):
             return self._refused()
         if msg.kind in CONTROL_KINDS:
