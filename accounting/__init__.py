@@ -9,10 +9,17 @@ from accounting.accountant import (
     sampled_gaussian_event,
 )
 from accounting.budget import BudgetExhausted, BudgetGuard
-from accounting.audit import AuditIssue, AuditReport, audit_ledger
+from accounting.audit import SINGLE_LEDGER_NOTE, AuditIssue, AuditReport, audit_ledger
+from accounting.audit_consortium import (
+    ConsortiumProblem,
+    ConsortiumReport,
+    NodeSummary,
+    audit_consortium,
+)
 from accounting.audit_empirical import OneRunAudit, audit_one_run, epsilon_lower_bound
 from accounting.calibration import calibrate_noise
 from accounting.ledger import (
+    ANCHORS_FINAL_FILE,
     DP_PURPOSES,
     LEDGER_FORMAT,
     RANDOMNESS_KINDS,
@@ -20,9 +27,12 @@ from accounting.ledger import (
     LedgerError,
     LedgerPolicy,
     TornTailError,
+    check_against_peers,
+    check_checkpoint_steps,
 )
 
 __all__ = [
+    "ANCHORS_FINAL_FILE",
     "DP_PURPOSES",
     "LEDGER_FORMAT",
     "RANDOMNESS_KINDS",
@@ -32,8 +42,15 @@ __all__ = [
     "LedgerError",
     "LedgerPolicy",
     "OneRunAudit",
+    "SINGLE_LEDGER_NOTE",
+    "ConsortiumProblem",
+    "ConsortiumReport",
+    "NodeSummary",
     "TornTailError",
+    "audit_consortium",
     "audit_ledger",
+    "check_against_peers",
+    "check_checkpoint_steps",
     "audit_one_run",
     "epsilon_lower_bound",
     "NEIGHBORING_RELATION",

@@ -13,6 +13,13 @@ with the summed step count) — not with privfl's own accountant, so a bug there
 hide here. ε over time (RDP, after every dp_event) is computed incrementally: the
 per-step RDP curve of each distinct (σ, q) is taken once from ``RdpAccountant`` and
 the running sum is converted with dp-accounting's improved RDP→(ε, δ) bound.
+
+The node id is the one the certificate names (its ``privfl://`` URI SAN, else its CN);
+the header must name the same, and with ``roster`` the certificate must be the roster's
+pin for that id. What one ledger cannot show: that it is complete and the node's only
+history. Whoever holds the node key can cut it short or re-sign a rewritten one, and it
+still verifies; only the heads its peers hold catch that
+(:func:`accounting.audit_consortium.audit_consortium`, ``privfl audit --consortium``).
 """
 
 from __future__ import annotations
@@ -45,7 +52,9 @@ from accounting.ledger import (
     TORN_TAIL,
     LedgerPolicy,
     PublicKey,
+    anchor_of,
     cert_node_ids,
+    certificate_node_id,
     public_key_of_cert,
     purpose_of,
     read_ledger,
@@ -64,6 +73,12 @@ PASS, FAIL, SKIPPED = "pass", "fail", "skipped"
 SEEDED_NOISE = "seeded_noise"
 UNRECORDED_RANDOMNESS = "unrecorded_randomness"
 RANDOMNESS_MISMATCH = "randomness_mismatch"
+
+# What a single-ledger audit cannot see (in every report and the CLI output).
+SINGLE_LEDGER_NOTE = (
+    "a single ledger cannot prove it is complete: truncation, a rollback or an insider's "
+    "re-signed rewrite is only caught by `privfl audit --consortium` (the heads its peers hold)"
+)
 
 
 @dataclass
@@ -98,11 +113,14 @@ class AuditReport:
     privfl-ledger/1 header); ``randomness_allowed`` is True when a non-secure kind
     passed only because the caller gave ``allow_seeded``. ``epsilon_pld`` is None when
     PLD was not computed. ``by_purpose``: purpose → {"events", "steps"}.
+    ``certificate_node_id`` is the node the certificate names (``node_id`` is the
+    header's; they must agree); ``notes`` say what this audit cannot see.
     """
 
     path: str
     ok: bool = False
     node_id: str | None = None
+    certificate_node_id: str | None = None
     software_version: str | None = None
     format: str | None = None
     randomness: str | None = None
@@ -125,6 +143,7 @@ class AuditReport:
     over_budget: list[int] = field(default_factory=list)
     totals: dict[str, Any] = field(default_factory=dict)
     by_purpose: dict[str, dict[str, int]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=lambda: [SINGLE_LEDGER_NOTE])
 
     @property
     def randomness_label(self) -> str:
@@ -300,6 +319,7 @@ def audit_ledger(
     compute_pld: bool = True,
     workers: int = 1,
     allow_seeded: bool = False,
+    roster: Mapping[str, str] | None = None,
 ) -> AuditReport:
     """Verify the ledger at ``path`` and recompute its ε; see the module docstring.
 
@@ -310,7 +330,9 @@ def audit_ledger(
     so that an entry signed by one of them is named as such. ``expected_node_id``:
     fail unless the header names this node. ``workers``: processes for checking the
     signatures of a ledger of ≥ 5000 entries (1 = serial, the default: worth it only
-    on an idle machine with several cores). Raises FileNotFoundError for a missing
+    on an idle machine with several cores). ``roster``: node id → pinned certificate
+    fingerprint (``sha256:<hex of the DER>``, as in roster.toml): fail unless the
+    certificate's node is a member and the certificate is its pin. Raises FileNotFoundError for a missing
     file and ValueError for an unreadable CA/other certificate (bad input, not a
     finding).
     """
@@ -357,18 +379,7 @@ def audit_ledger(
 
     _check_certificate(report, cert, ca, entries)
     _check_randomness(report, header, entries, allow_seeded)
-    if expected_node_id is not None:
-        if report.node_id == expected_node_id:
-            report.checks["node_id"] = PASS
-        else:
-            report.checks["node_id"] = FAIL
-            report.issues.append(
-                AuditIssue(
-                    0,
-                    "node_id",
-                    f"the ledger is node {report.node_id!r}'s, not {expected_node_id!r}'s",
-                )
-            )
+    _check_node_id(report, cert, expected_node_id, roster)
     _check_events(report, policy, entries, compute_pld)
 
     report.ok = all(v in (PASS, SKIPPED) for v in report.checks.values()) and not report.issues
@@ -385,6 +396,40 @@ def audit_ledger(
         len(report.issues),
     )
     return report
+
+
+def _check_node_id(
+    report: AuditReport,
+    cert: x509.Certificate,
+    expected_node_id: str | None,
+    roster: Mapping[str, str] | None,
+) -> None:
+    """The certificate's node must be the header's, the expected one, and the roster's pin."""
+    try:
+        report.certificate_node_id = certificate_node_id(cert)
+    except ValueError:
+        report.certificate_node_id = None
+    who = report.certificate_node_id
+    problems: list[tuple[str, str]] = []
+    if who != report.node_id:
+        problems.append(("node_id", f"the header names node {report.node_id!r} but the "
+                                    f"certificate is node {who!r}'s"))
+    if expected_node_id is not None and who != expected_node_id:
+        problems.append(("node_id", f"the ledger is node {who!r}'s, not {expected_node_id!r}'s"))
+    for kind, message in problems:
+        report.issues.append(AuditIssue(0, kind, message))
+    report.checks["node_id"] = PASS if not problems else FAIL
+    if roster is None:
+        return
+    pin = roster.get(who) if who is not None else None
+    fp = "sha256:" + report.certificate.get("sha256_fingerprint", "")
+    if pin is None:
+        report.issues.append(AuditIssue(0, "roster", f"node {who!r} is not in the roster"))
+    elif pin.lower() != fp:
+        report.issues.append(AuditIssue(
+            0, "roster", f"the certificate of node {who!r} ({fp[:23]}…) is not the roster's "
+            f"pin ({pin[:23]}…): another certificate than the one the consortium admitted"))
+    report.checks["roster"] = PASS if pin is not None and pin.lower() == fp else FAIL
 
 
 def _check_randomness(
@@ -475,6 +520,8 @@ def _check_events(
         "bytes_sent": 0,
         "stops": 0,
         "notes": 0,
+        "anchors": 0,
+        "closes": 0,
         "peers": {},
     }
     for e in entries:
@@ -495,6 +542,15 @@ def _check_events(
                 stop_seen = idx
         elif kind == "note":
             totals["notes"] += 1
+        elif kind == "anchor":
+            try:
+                anchor_of(body)
+            except ValueError as exc:
+                policy_issues.append(AuditIssue(idx, "bad_entry", f"anchor body: {exc}"))
+                continue
+            totals["anchors"] += 1
+        elif kind == "close":
+            totals["closes"] += 1
         elif kind == "dp_event":
             accountable, problems = _event_problems(body, policy, v1)
             policy_issues.extend(AuditIssue(idx, k, m) for k, m in problems)

@@ -13,13 +13,39 @@ Each line is one entry, written as canonical JSON
 * kinds: ``header`` (first entry: node certificate, node id, privacy policy, software
   version, the kind of randomness the noise was drawn from and a public description of
   the site's preprocessing), ``dp_event``, ``message`` (a digest of what was sent, never
-  the values), ``stop`` and ``note``.
+  the values), ``stop``, ``note``, ``anchor`` (a head received from a peer) and ``close``
+  (the node's last act of a run).
 * a ``dp_event`` records the whole mechanism, so an auditor can recompute ε without
   trusting the node: its purpose (training, preprocessing or evaluation), the L2
   sensitivity of the noised sum, the local mechanism and its public parameters, and the
   randomness kind (copied from the header). Every event, whatever its purpose, is a
   Poisson-sampled Gaussian with noise multiplier σ (noise std / sensitivity) and rate q
   (1.0 for a one-shot release) composed into the one accountant.
+
+Anchoring (why a single signed file is not enough): whoever holds the node key can
+re-sign and re-chain a whole ledger, so a ledger cannot prove its own history. Every
+message a node sends therefore carries its head, :attr:`Ledger.head` = (index of the
+newest entry, :func:`entry_hash` of its line: the hash the next ``prev_hash`` holds), and
+the receiver records it with :meth:`Ledger.append_anchor` as an ``anchor`` entry
+(``{"peer", "index", "entry_hash"}``) in its own ledger, only when it advances what that
+receiver already holds for the peer. Because each entry commits to every entry before
+it, an anchor at index i is evidence of the sender's whole prefix 0..i;
+:func:`accounting.audit_consortium.audit_consortium` checks every anchor against the
+sender's ledger (a shorter ledger: truncated or rolled back; another hash: rewritten).
+
+The rule for the tail: whatever a node appends after its last message is held by no
+peer. So a node ends a run with :meth:`Ledger.append_close` (a ``close`` entry) and sends
+that head to its neighbours with its goodbye; in a normal run the LAST entry of every
+ledger is then anchored at a peer. Heads the node receives after its own close entry must
+not extend its chain (that would leave an unanchored tail again): while the newest entry
+is a close entry, :meth:`Ledger.append_anchor` writes them to ``anchors-final.jsonl``
+next to the ledger (:meth:`Ledger.append_late_anchor`): the same signed, hash-chained
+entry format (kind ``late_anchor``, its own chain from the genesis hash), each body also
+naming the close entry it follows (``"after": {"index", "entry_hash"}``). A node that
+restarts on a ledger ending in a close entry simply appends again (new heads go back into
+the chain). At start a node asks its peers what they hold for it
+(:func:`check_against_peers`) and compares its checkpoint with its ledger
+(:func:`check_checkpoint_steps`), refusing to train on a ledger that is behind.
 
 Format ``privfl-ledger/2`` adds the randomness and preprocessing to the header and the
 mechanism fields to dp_events; ``privfl-ledger/1`` ledgers still verify (their randomness
@@ -75,7 +101,9 @@ LEDGER_FORMAT = "privfl-ledger/2"
 LEDGER_FORMAT_V1 = "privfl-ledger/1"
 LEDGER_FORMATS = (LEDGER_FORMAT_V1, LEDGER_FORMAT)
 GENESIS_HASH = "0" * 64
-KINDS = ("header", "dp_event", "message", "stop", "note")
+KINDS = ("header", "dp_event", "message", "stop", "note", "anchor", "close")
+LATE_ANCHOR_KIND = "late_anchor"  # the only kind of an anchors-final file
+ANCHORS_FINAL_FILE = "anchors-final.jsonl"
 ENTRY_FIELDS = frozenset({"body", "index", "kind", "prev_hash", "signature", "timestamp"})
 MECHANISM_POISSON_GAUSSIAN = "poisson_gaussian"
 
@@ -107,6 +135,7 @@ DUPLICATED = "duplicated"
 CHAIN_BREAK = "chain_break"
 BAD_HEADER = "bad_header"
 EMPTY = "empty"
+NOT_CLOSED = "not_closed"  # a late anchor before the close entry
 WRITE_FAILED = "write_failed"  # an append / fsync / repair could not be written (the file is as before)
 
 
@@ -343,7 +372,9 @@ def _split_lines(data: bytes) -> tuple[list[bytes], bytes]:
     return parts[:-1], parts[-1]
 
 
-def _parse_line(pos: int, line: bytes) -> dict[str, Any]:
+def _parse_line(
+    pos: int, line: bytes, kinds: tuple[str, ...] = KINDS
+) -> dict[str, Any]:
     try:
         entry = json.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -353,7 +384,7 @@ def _parse_line(pos: int, line: bytes) -> dict[str, Any]:
     if (
         not isinstance(entry["index"], int)
         or isinstance(entry["index"], bool)
-        or entry["kind"] not in KINDS
+        or entry["kind"] not in kinds
         or not isinstance(entry["body"], dict)
         or not isinstance(entry["prev_hash"], str)
         or not isinstance(entry["signature"], str)
@@ -1126,6 +1157,150 @@ class Ledger:
         """Record a free-form note (e.g. a repaired torn tail)."""
         return self._append("note", {"note": str(note), **details})
 
+    # ----- anchoring: heads held by peers (see the module docstring)
+
+    _anchors_book: _AnchorBook | None = None  # built on first use (see _anchor_book)
+
+    @property
+    def head(self) -> tuple[int, bytes]:
+        """(index, 32-byte SHA-256) of the newest entry: the head a message carries.
+
+        The hash is :func:`entry_hash` of the entry's line, the value the next entry's
+        ``prev_hash`` holds, so whoever holds it holds evidence of the whole prefix.
+        """
+        with self._lock:
+            return self._next_index - 1, bytes.fromhex(self._last_hash)
+
+    @property
+    def late_anchors_path(self) -> Path:
+        """The signed side file of heads received after the close entry."""
+        return late_anchors_path(self.path)
+
+    @property
+    def ends_with_close(self) -> bool:
+        """Whether the newest entry is a close entry (new heads then go to anchors-final)."""
+        return self._ends_with_close(self._anchor_book())
+
+    def _ends_with_close(self, book: _AnchorBook) -> bool:
+        with self._lock:
+            return book.close_head == (self._next_index - 1, self._last_hash)
+
+    def _anchor_book(self) -> _AnchorBook:
+        """The anchors held so far (built once from the files, on first use)."""
+        book = self._anchors_book
+        if book is None:
+            with _BOOK_LOCK:
+                book = self._anchors_book
+                if book is None:
+                    book = _AnchorBook.load(self.path, public_key_of_cert(self.certificate))
+                    self._anchors_book = book
+        return book
+
+    def append_anchor(
+        self, peer_id: str, index: int, entry_hash: bytes | str
+    ) -> dict[str, Any] | None:
+        """Record a head (``index``, ``entry_hash``) received from ``peer_id``; the entry or None.
+
+        Recorded only when it advances what this ledger already holds for the peer
+        (a lower or equal index is dropped; an equal index with another hash is logged as a
+        conflict). While the newest entry is this node's close entry the head goes to
+        ``anchors-final.jsonl`` instead (:meth:`append_late_anchor`), never into the chain.
+        """
+        peer, idx, digest = _check_head(peer_id, index, entry_hash, self.node_id)
+        book = self._anchor_book()
+        with book.lock:
+            if not book.advances(peer, idx, digest):
+                return None
+            if self._ends_with_close(book):
+                return self._write_late_anchor(book, peer, idx, digest)
+            entry = self._append("anchor", {"peer": peer, "index": idx, "entry_hash": digest})
+            book.chain[peer] = (idx, digest)
+        log.debug("ledger anchor node=%s peer=%s index=%d", self.node_id, peer, idx)
+        return entry
+
+    def append_close(self, reason: str = "finished", **details: Any) -> dict[str, Any]:
+        """Record the end of a run: the node's last entry, whose head goes out with its goodbye.
+
+        Call it after the last message entry, then send :attr:`head` to every neighbour;
+        heads received afterwards are late anchors (see the module docstring).
+        """
+        book = self._anchor_book()
+        body = {"reason": str(reason), "steps": self.steps, "epsilon": self._last_epsilon,
+                **details}
+        with book.lock:
+            entry = self._append("close", body)
+            book.close_head = (int(entry["index"]), entry_hash(canonical_bytes(entry)))
+        log.info("ledger close node=%s index=%d reason=%s", self.node_id, entry["index"], reason)
+        return entry
+
+    def append_late_anchor(
+        self, peer_id: str, index: int, entry_hash: bytes | str
+    ) -> dict[str, Any] | None:
+        """Record a head received after this node's close entry in ``anchors-final.jsonl``.
+
+        Raises :class:`LedgerError` ``not_closed`` unless the newest entry is a close entry;
+        returns None when the head does not advance what is held for the peer.
+        """
+        peer, idx, digest = _check_head(peer_id, index, entry_hash, self.node_id)
+        book = self._anchor_book()
+        with book.lock:
+            if not self._ends_with_close(book):
+                raise LedgerError(
+                    None,
+                    "late anchors follow the node's close entry; the newest entry is not one "
+                    "(use append_anchor)",
+                    NOT_CLOSED,
+                )
+            if not book.advances(peer, idx, digest):
+                return None
+            return self._write_late_anchor(book, peer, idx, digest)
+
+    def _write_late_anchor(
+        self, book: _AnchorBook, peer: str, idx: int, digest: str
+    ) -> dict[str, Any]:
+        """Sign and append one late anchor (caller holds ``book.lock``, after a close entry)."""
+        assert book.close_head is not None
+        if book.late_error is not None and not isinstance(book.late_error, TornTailError):
+            raise LedgerError(
+                book.late_error.index,
+                f"{self.late_anchors_path} does not verify ({book.late_error.reason}); "
+                "refusing to extend it",
+                book.late_error.kind,
+            )
+        ci, ch = book.close_head
+        body = {"peer": peer, "index": idx, "entry_hash": digest,
+                "after": {"index": ci, "entry_hash": ch}}
+        entry, line = _make_entry(self._key, book.late_next, LATE_ANCHOR_KIND, body,
+                                  book.late_last_hash)
+        _append_side_line(self.late_anchors_path, line + b"\n", book.late_good_bytes)
+        book.late_error = None
+        book.late_next += 1
+        book.late_last_hash = entry_hash(line)
+        book.late_good_bytes += len(line) + 1
+        book.late[peer] = (idx, digest)
+        log.info("ledger late anchor node=%s peer=%s index=%d", self.node_id, peer, idx)
+        return entry
+
+    def last_anchor(self, peer_id: str) -> tuple[int, bytes] | None:
+        """The newest head this node holds for ``peer_id`` (ledger or anchors-final), or None.
+
+        What the node answers to the peer's ``head_query``.
+        """
+        best = self._anchor_book().best(str(peer_id))
+        return None if best is None else (best[0], bytes.fromhex(best[1]))
+
+    def last_anchors(self) -> dict[str, tuple[int, bytes]]:
+        """peer id → the newest head held for it (ledger or anchors-final)."""
+        book = self._anchor_book()
+        with book.lock:
+            peers = set(book.chain) | set(book.late)
+        out = {}
+        for p in sorted(peers):
+            h = self.last_anchor(p)
+            if h is not None:
+                out[p] = h
+        return out
+
     # ----- durability
 
     def sync(self) -> None:
@@ -1293,3 +1468,283 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------- anchors
+
+
+def _hex_digest(entry_hash: bytes | str, what: str) -> str:
+    """A head's hash as 64 lowercase hex characters (from 32 raw bytes or hex), or ValueError."""
+    if isinstance(entry_hash, (bytes, bytearray, memoryview)):
+        raw = bytes(entry_hash)
+        if len(raw) != 32:
+            raise ValueError(f"{what} must be 32 bytes (SHA-256), got {len(raw)}")
+        return raw.hex()
+    if isinstance(entry_hash, str) and len(entry_hash) == 64 and all(
+        c in "0123456789abcdef" for c in entry_hash
+    ):
+        return entry_hash
+    raise ValueError(f"{what} must be 32 bytes or 64 lowercase hex characters, got {entry_hash!r}")
+
+
+def _check_head(
+    peer_id: Any, index: Any, entry_hash: bytes | str, own_id: str
+) -> tuple[str, int, str]:
+    """(peer, index, hex hash) of a received head, or ValueError."""
+    if not (isinstance(peer_id, str) and peer_id):
+        raise ValueError(f"peer_id must be a non-empty string, got {peer_id!r}")
+    if peer_id == own_id:
+        raise ValueError(f"a node does not anchor its own head ({peer_id!r})")
+    if not (isinstance(index, numbers.Integral) and not isinstance(index, bool) and index >= 0):
+        raise ValueError(f"head index must be an integer >= 0, got {index!r}")
+    return peer_id, int(index), _hex_digest(entry_hash, "head entry_hash")
+
+
+def anchor_of(body: Mapping[str, Any]) -> tuple[str, int, str]:
+    """(peer, index, hex hash) of an ``anchor`` / ``late_anchor`` body, or ValueError."""
+    try:
+        peer, index, digest = body["peer"], body["index"], body["entry_hash"]
+    except (KeyError, TypeError):
+        raise ValueError("anchor body lacks peer, index or entry_hash") from None
+    if not (isinstance(peer, str) and peer):
+        raise ValueError(f"anchor peer must be a non-empty string, got {peer!r}")
+    if not (isinstance(index, int) and not isinstance(index, bool) and index >= 0):
+        raise ValueError(f"anchor index must be an integer >= 0, got {index!r}")
+    if not isinstance(digest, str):
+        raise ValueError("anchor entry_hash must be 64 lowercase hex characters")
+    return peer, index, _hex_digest(digest, "anchor entry_hash")
+
+
+def late_anchors_path(ledger_path: str | os.PathLike[str]) -> Path:
+    """``anchors-final.jsonl`` next to ``ledger.jsonl`` (``<stem>.anchors-final.jsonl`` for
+    a ledger of another name, so two ledgers in one folder never share one)."""
+    p = Path(ledger_path)
+    if p.name == "ledger.jsonl":
+        return p.with_name(ANCHORS_FINAL_FILE)
+    return p.with_name(f"{p.stem}.{ANCHORS_FINAL_FILE}")
+
+
+def verify_late_anchor_bytes(data: bytes, public_key: PublicKey) -> VerifiedLedger:
+    """Verify an anchors-final file: each line a ``late_anchor`` entry signed by the node key,
+    indices 0, 1, …, and a hash chain from the genesis hash. Stops at the first bad line.
+
+    Whether each ``after`` names a close entry of the node's ledger is the consortium
+    audit's check (it needs the ledger).
+    """
+    result = VerifiedLedger()
+    lines, torn = _split_lines(data)
+    prev = GENESIS_HASH
+    for pos, line in enumerate(lines):
+        try:
+            entry = _parse_line(pos, line, (LATE_ANCHOR_KIND,))
+            if not verify_signature(public_key, entry["signature"], _unsigned_bytes(line, entry)):
+                raise LedgerError(
+                    pos, "signature does not verify with the node certificate: the line was "
+                    "modified or signed by another key", MODIFIED)
+            if entry["index"] != pos:
+                raise LedgerError(pos, f"line {pos} holds entry {entry['index']}", REORDERED)
+            if entry["prev_hash"] != prev:
+                raise LedgerError(pos, "prev_hash does not match the previous line", CHAIN_BREAK)
+            try:
+                anchor_of(entry["body"])
+                after = entry["body"]["after"]
+                if not isinstance(after, dict) or set(after) != {"index", "entry_hash"}:
+                    raise ValueError("after must be {index, entry_hash}")
+                anchor_of({"peer": "-", **after})
+            except (KeyError, ValueError) as exc:
+                raise LedgerError(pos, f"late anchor body: {exc}", MALFORMED) from None
+        except LedgerError as exc:
+            result.error = exc
+            return result
+        prev = entry_hash(line)
+        result.entries.append(entry)
+        result.last_hash = prev
+        result.good_bytes += len(line) + 1
+    if torn:
+        result.error = TornTailError(len(lines), len(torn))
+    return result
+
+
+def read_late_anchors(
+    path: str | os.PathLike[str], certificate: x509.Certificate
+) -> VerifiedLedger:
+    """Read and verify an anchors-final file (a missing file is an empty, valid one)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return VerifiedLedger()
+    return verify_late_anchor_bytes(data, public_key_of_cert(certificate))
+
+
+def ledger_lines(path: str | os.PathLike[str]) -> list[bytes]:
+    """The complete lines of a ledger file (without newlines), unverified: what anchors
+    are compared with (line i's :func:`entry_hash` is entry i's hash)."""
+    lines, _ = _split_lines(Path(path).read_bytes())
+    return lines
+
+
+@dataclass
+class _AnchorBook:
+    """A ledger's anchors: newest head per peer in the chain and in anchors-final."""
+
+    lock: threading.Lock
+    late_path: Path
+    chain: dict[str, tuple[int, str]] = field(default_factory=dict)
+    late: dict[str, tuple[int, str]] = field(default_factory=dict)
+    close_head: tuple[int, str] | None = None  # the newest close entry (index, hex hash)
+    late_next: int = 0
+    late_last_hash: str = GENESIS_HASH
+    late_good_bytes: int = 0
+    late_error: LedgerError | None = None
+
+    @classmethod
+    def load(cls, ledger_path: Path, public_key: PublicKey) -> _AnchorBook:
+        """Scan the (already verified) ledger file and the anchors-final file beside it."""
+        book = cls(threading.Lock(), late_anchors_path(ledger_path))
+        for line in ledger_lines(ledger_path):
+            if b'"kind":"anchor"' not in line and b'"kind":"close"' not in line:
+                continue
+            entry = json.loads(line)
+            if entry["kind"] == "anchor":
+                try:
+                    peer, idx, digest = anchor_of(entry["body"])
+                except ValueError:
+                    continue
+                if peer not in book.chain or idx > book.chain[peer][0]:
+                    book.chain[peer] = (idx, digest)
+            elif entry["kind"] == "close":
+                book.close_head = (int(entry["index"]), entry_hash(line))
+        try:
+            data = book.late_path.read_bytes()
+        except FileNotFoundError:
+            return book
+        verified = verify_late_anchor_bytes(data, public_key)
+        for e in verified.entries:
+            peer, idx, digest = anchor_of(e["body"])
+            if peer not in book.late or idx > book.late[peer][0]:
+                book.late[peer] = (idx, digest)
+        book.late_next = len(verified.entries)
+        book.late_last_hash = verified.last_hash
+        book.late_good_bytes = verified.good_bytes
+        book.late_error = verified.error
+        if verified.error is not None:
+            log.warning("ledger anchors-final %s: %s", book.late_path, verified.error)
+        return book
+
+    def best(self, peer: str) -> tuple[int, str] | None:
+        """The newest head held for ``peer`` (chain or late)."""
+        heads = [h for h in (self.chain.get(peer), self.late.get(peer)) if h is not None]
+        return max(heads, key=lambda h: h[0]) if heads else None
+
+    def advances(self, peer: str, idx: int, digest: str) -> bool:
+        """Whether (idx, digest) is newer than what is held for ``peer`` (logs a conflict)."""
+        prev = self.best(peer)
+        if prev is None or idx > prev[0]:
+            return True
+        if idx == prev[0] and digest != prev[1]:
+            log.warning(
+                "ledger anchor conflict peer=%s index=%d held=%s received=%s: the peer's ledger "
+                "forked", peer, idx, prev[1][:16], digest[:16])
+        return False
+
+
+_BOOK_LOCK = threading.Lock()
+
+
+def _append_side_line(path: Path, data: bytes, good_bytes: int) -> None:
+    """Append ``data`` to ``path`` (created if missing) and fsync; on failure cut the file
+    back and raise :class:`LedgerError` ``write_failed``. A torn tail past ``good_bytes``
+    (a crash mid-append) is cut first."""
+    created = not path.exists()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise LedgerError(None, f"cannot open {path}: {exc}", "write_failed") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size > good_bytes:
+            os.ftruncate(fd, good_bytes)
+            log.warning("ledger anchors-final %s: cut a torn tail of %d bytes", path,
+                        size - good_bytes)
+        start = good_bytes
+        try:
+            done = 0
+            while done < len(data):
+                n = os.write(fd, data[done:])
+                if n <= 0:
+                    raise OSError(errno.EIO, "short write")
+                done += n
+            os.fsync(fd)
+        except OSError as exc:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            raise LedgerError(None, f"cannot write {path}: {exc}", "write_failed") from None
+    finally:
+        os.close(fd)
+    if created:
+        _fsync_dir(path.parent)
+
+
+def certificate_node_id(cert: x509.Certificate) -> str:
+    """The node id a certificate identifies: its single ``privfl://<consortium>/<node>`` URI
+    SAN, else its subject common name (ValueError if it names none)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+                if u.startswith("privfl://")]
+    except x509.ExtensionNotFound:
+        uris = []
+    if len(uris) == 1:
+        _, sep, node = uris[0][len("privfl://"):].partition("/")
+        if sep and node and "/" not in node:
+            return node
+    return default_node_id(cert)
+
+
+def check_against_peers(
+    ledger: Ledger, heads: Mapping[str, tuple[int, bytes | str] | None]
+) -> str | None:
+    """None when the ledger holds every head its peers hold for it, else one line naming the
+    peer and the entry: the ledger is behind (shorter: truncated or rolled back) or differs
+    (rewritten, or rolled back and restarted). ``heads``: peer id → what that peer answered
+    to ``head_query`` (None: it holds nothing). A node must refuse to train on a reason.
+    """
+    lines = ledger_lines(ledger.path)
+    n = len(lines)
+    for peer in sorted(heads):
+        head = heads[peer]
+        if head is None:
+            continue
+        try:
+            idx, digest = int(head[0]), _hex_digest(head[1], "head entry_hash")
+            if idx < 0:
+                raise ValueError(f"head index must be >= 0, got {idx}")
+        except (TypeError, ValueError, IndexError) as exc:
+            return f"peer {peer} answered a malformed head for this node ({exc}); refusing to train"
+        if idx >= n:
+            return (
+                f"ledger {ledger.path} is behind peer {peer}: it holds this node's entry {idx} "
+                f"but the ledger ends at entry {n - 1} (truncated or rolled back); refusing to train"
+            )
+        have = entry_hash(lines[idx])
+        if have != digest:
+            return (
+                f"ledger {ledger.path} differs from the head peer {peer} holds at entry {idx} "
+                f"(peer {digest[:16]}…, ledger {have[:16]}…): rewritten or rolled back and "
+                "restarted; refusing to train"
+            )
+    return None
+
+
+def check_checkpoint_steps(ledger: Ledger, checkpoint_steps: int) -> str | None:
+    """None unless a checkpoint says it saw more training steps than the ledger records
+    (a ledger cut short or rolled back under a newer checkpoint); then one line naming both."""
+    if int(checkpoint_steps) > ledger.steps:
+        return (
+            f"the checkpoint was saved after {int(checkpoint_steps)} training steps but ledger "
+            f"{ledger.path} records only {ledger.steps}: the ledger was cut short or rolled "
+            "back; refusing to train"
+        )
+    return None

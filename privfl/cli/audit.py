@@ -1,9 +1,16 @@
 """``privfl audit``: verify a node's privacy ledger, or bound ε empirically from canaries.
 
-    privfl audit LEDGER --ca CA.pem [--json] [--plot eps.png] [--allow-seeded]   (= `audit ledger ...`)
+    privfl audit LEDGER --ca CA.pem [--node-id ID] [--roster roster.toml] [--json] [--plot eps.png]
+                 [--allow-seeded]                                               (= `audit ledger ...`)
+    privfl audit --consortium RUN_DIR --ca CA.pem [--roster roster.toml] [--json]   (= `audit consortium ...`)
     privfl audit empirical --scores canaries.csv --k-pos 50 --k-neg 50 --delta 1e-5
     privfl audit empirical --m 1000 --r 100 --v 75 --delta 1e-5
     privfl audit empirical --config examples/audit/audit.toml [--json] [--seed 3]
+
+A single ledger cannot prove it is complete (whoever holds the node key can cut or re-sign
+it); ``--consortium`` audits every ledger of a ``privfl launch`` run folder
+(``<run>/<node>/ledger.jsonl``) and checks them against the heads the nodes hold for each
+other, naming the node and entry of every truncation, rollback or rewrite.
 
 Register with ``app.add_typer(audit.app, name="audit")``. Exit codes: 0 when every check
 passes, 1 when verification fails, 2 for bad input (one clean line, no traceback).
@@ -26,6 +33,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from accounting.audit import AuditReport, audit_ledger
+from accounting.audit_consortium import ConsortiumReport, audit_consortium
 from accounting.audit_empirical import (
     DEFAULT_BETA,
     OneRunAudit,
@@ -38,11 +46,13 @@ MAX_EVENT_ROWS = 40
 
 
 class _LedgerByDefault(TyperGroup):
-    """A group whose default sub-command is ``ledger``: ``audit FILE`` = ``audit ledger FILE``."""
+    """A group whose default sub-command is ``ledger``: ``audit FILE`` = ``audit ledger FILE``,
+    and ``audit --consortium RUN ...`` = ``audit consortium --consortium RUN ...``."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
-            args = ["ledger", *args]
+            consortium = any(a == "--consortium" or a.startswith("--consortium=") for a in args)
+            args = ["consortium" if consortium else "ledger", *args]
         return super().parse_args(ctx, args)
 
 
@@ -71,6 +81,8 @@ def ledger_cmd(
         [], "--other-cert", help="another node's certificate, to name entries it signed (repeatable)"
     ),
     node_id: str | None = typer.Option(None, "--node-id", help="fail unless the ledger is this node's"),
+    roster: Path | None = typer.Option(
+        None, "--roster", help="roster.toml: fail unless the certificate is its node's pinned one"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     plot: Path | None = typer.Option(None, "--plot", help="write ε over time to this PNG"),
     all_events: bool = typer.Option(False, "--all-events", help="list every DP event"),
@@ -85,6 +97,7 @@ def ledger_cmd(
     for p, what in [(ledger, "ledger"), (ca, "CA certificate"), *[(c, "certificate") for c in other_cert]]:
         if not p.is_file():
             raise _fail_input(f"{what} file {p} does not exist")
+    pins = _roster_pins(roster) if roster is not None else None
     try:
         report = audit_ledger(
             ledger,
@@ -94,6 +107,7 @@ def ledger_cmd(
             compute_pld=not no_pld,
             workers=workers,
             allow_seeded=allow_seeded,
+            roster=pins,
         )
     except (ValueError, OSError) as exc:
         raise _fail_input(str(exc)) from None
@@ -107,6 +121,91 @@ def ledger_cmd(
     else:
         print_report(report, Console(), all_events=all_events)
     raise typer.Exit(EXIT_OK if report.ok else EXIT_FAILED)
+
+
+def _roster_pins(roster: Path) -> dict[str, str]:
+    """node id → pinned fingerprint of a roster.toml (bad input exits 2)."""
+    from privfl.errors import PrivflError
+    from privfl.pki import load_roster
+
+    try:
+        return {nid: n.fingerprint for nid, n in load_roster(roster).nodes.items()}
+    except PrivflError as exc:
+        raise _fail_input(str(exc)) from None
+
+
+# --------------------------------------------------------------------------- consortium
+
+
+@app.command("consortium")
+def consortium_cmd(
+    run_dir: Path | None = typer.Argument(None, help="a `privfl launch` run folder (<run>/<node>/ledger.jsonl)"),
+    consortium: Path | None = typer.Option(None, "--consortium", help="the run folder (same as RUN_DIR)"),
+    ledgers: list[Path] = typer.Option(
+        [], "--ledger", help="audit these ledgers (repeatable) instead of a run folder"),
+    ca: Path = typer.Option(..., "--ca", help="consortium CA certificate (PEM)"),
+    roster: Path | None = typer.Option(
+        None, "--roster", help="roster.toml whose pins every certificate must be "
+        "(default: <run>/pki/roster.toml when there is one)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    no_pld: bool = typer.Option(False, "--no-pld", help="skip the PLD cross-check (faster)"),
+    allow_seeded: bool = typer.Option(
+        False, "--allow-seeded", help="pass seeded ledgers: for simulations and tests only"),
+) -> None:
+    """Audit every ledger of a run and cross-check them against the heads their peers hold."""
+    folders = [p for p in (run_dir, consortium) if p is not None]
+    if len(folders) == 2 and folders[0] != folders[1]:
+        raise _fail_input(f"two run folders given ({folders[0]} and {folders[1]}): give one")
+    if bool(folders) == bool(ledgers):
+        raise _fail_input("give a run folder (--consortium RUN_DIR) or --ledger files, not both or neither")
+    if not ca.is_file():
+        raise _fail_input(f"CA certificate file {ca} does not exist")
+    if roster is None and folders and (folders[0] / "pki" / "roster.toml").is_file():
+        roster = folders[0] / "pki" / "roster.toml"
+    if roster is not None and not roster.is_file():
+        raise _fail_input(f"roster file {roster} does not exist")
+    pins = _roster_pins(roster) if roster is not None else None
+    try:
+        report = audit_consortium(
+            folders[0] if folders else list(ledgers), ca.read_bytes(),
+            allow_seeded=allow_seeded, roster=pins, compute_pld=not no_pld,
+        )
+    except (ValueError, OSError) as exc:
+        raise _fail_input(str(exc)) from None
+    if as_json:
+        typer.echo(report.to_json())
+    else:
+        print_consortium(report, Console(), roster)
+    raise typer.Exit(EXIT_OK if report.ok else EXIT_FAILED)
+
+
+def print_consortium(report: ConsortiumReport, console: Console, roster: Path | None = None) -> None:
+    """A table per node (audit, entries, anchored prefix, ε) and one line per problem."""
+    verdict = "[bold green]PASS[/]" if report.ok else "[bold red]FAIL[/]"
+    console.print(f"consortium {report.source}: {verdict}  ({len(report.nodes)} ledgers, "
+                  f"{len(report.problems)} problems)", highlight=False, soft_wrap=True)
+    if roster is not None:
+        console.print(f"roster: {roster}", markup=False, highlight=False, soft_wrap=True)
+    table = Table(title="ledgers, cross-checked against the heads their peers hold")
+    for col in ("node", "ok", "entries", "anchored up to", "unanchored tail", "ε", "target ε"):
+        table.add_column(col, justify="left" if col == "node" else "right", no_wrap=True)
+    for name, s in report.nodes.items():
+        ok = "[green]yes[/]" if s.ok else "[red]no[/]"
+        upto = "—" if s.anchored_upto is None else str(s.anchored_upto)
+        tail = str(s.unanchored_tail) if s.unanchored_tail == 0 else f"[yellow]{s.unanchored_tail}[/]"
+        target = "—" if s.target_epsilon is None else f"{s.target_epsilon:g}"
+        table.add_row(name, ok, str(s.entries), upto, tail, _fmt_eps(s.epsilon), target)
+    console.print(table)
+    for p in report.problems:
+        held = f" (held by {p.holder})" if p.holder else ""
+        where = "—" if p.index is None else str(p.index)
+        typer.echo(f"problem: node {p.node} entry {where} {p.kind}{held}: {p.message}")
+    for name, s in report.nodes.items():
+        if s.unanchored_tail and s.entries:
+            typer.echo(f"note: node {name}: its last {s.unanchored_tail} entries "
+                       f"({s.entries - s.unanchored_tail}..{s.entries - 1}) are held by no peer")
+    for note in report.notes:
+        typer.echo(f"note: {note}")
 
 
 def _fmt_eps(x: float | None) -> str:
@@ -123,6 +222,9 @@ def print_report(report: AuditReport, console: Console, all_events: bool = False
     """A readable report: summary, checks, issues, DP events with ε over time, totals."""
     verdict = "[bold green]PASS[/]" if report.ok else "[bold red]FAIL[/]"
     console.print(f"ledger {report.path}: {verdict}")
+    if report.certificate_node_id or report.node_id:
+        console.print(f"node id (from its certificate): [bold]{report.certificate_node_id or '?'}[/]",
+                      highlight=False)
     if report.node_id:
         console.print(
             f"node [bold]{report.node_id}[/]  software {report.software_version}  "
@@ -201,6 +303,8 @@ def print_report(report: AuditReport, console: Console, all_events: bool = False
         tot.add_row("target ε", f"{report.target_epsilon:g}")
         tot.add_row("events over budget", str(len(report.over_budget)))
         console.print(tot)
+    for note in report.notes:
+        console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
 
 
 def plot_epsilon(report: AuditReport, out: Path) -> None:
