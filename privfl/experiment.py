@@ -84,7 +84,8 @@ class Experiment:
 _VARIANT_KEYS = {"local_steps", "params", "dp"}
 
 
-def _variant(p: Path, where: str, label: str, strategy: str, table: dict[str, Any]) -> RunVariant:
+def _variant(p: Path, where: str, label: str, strategy: str, table: dict[str, Any],
+             base_dp: dict[str, Any]) -> RunVariant:
     bad = sorted(set(table) - _VARIANT_KEYS - {"label", "strategy"})
     if bad:
         raise ConfigError(f"{p}: {where}: unknown key(s) {', '.join(bad)}; a run may change "
@@ -96,8 +97,8 @@ def _variant(p: Path, where: str, label: str, strategy: str, table: dict[str, An
         if not isinstance(table.get(key, {}), dict):
             raise ConfigError(f"{p}: {where}.{key}: must be a table")
     dp = dict(table.get("dp", {}))
-    if dp:  # validate the overridden DP section as a whole
-        from_table(DPSection, {**dataclasses.asdict(DPSection()), **dp}, f"{p}: {where}.dp")
+    if dp:  # validate the overridden DP section as a whole: the file's [dp] with the run's changes
+        from_table(DPSection, {**dataclasses.asdict(DPSection()), **base_dp, **dp}, f"{p}: {where}.dp")
     return RunVariant(label, strategy, ls, dict(table.get("params", {})), dp)
 
 
@@ -114,7 +115,8 @@ def load_experiment(path: str | Path) -> Experiment:
         raise ConfigError(f"{p}: name must be a non-empty string")
     runs = [RunVariant(common.strategy.name, common.strategy.name)]
     if "compare" in table:
-        runs = _compare_runs(p, table["compare"])
+        base_dp = table.get("dp", {})
+        runs = _compare_runs(p, table["compare"], dict(base_dp) if isinstance(base_dp, dict) else {})
     labels = [r.label for r in runs]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
@@ -122,7 +124,7 @@ def load_experiment(path: str | Path) -> Experiment:
     return Experiment(name, common, sim, runs, p, table)
 
 
-def _compare_runs(p: Path, cmp: Any) -> list[RunVariant]:
+def _compare_runs(p: Path, cmp: Any, base_dp: dict[str, Any]) -> list[RunVariant]:
     """``strategies = [...]`` (with optional ``[compare.overrides.<name>]``) and/or
     ``[[compare.runs]]`` entries with a ``label``, a ``strategy`` and what they change."""
     if not isinstance(cmp, dict):
@@ -139,7 +141,7 @@ def _compare_runs(p: Path, cmp: Any) -> list[RunVariant]:
     for sname in overrides:
         if sname not in names:
             raise ConfigError(f"{p}: [compare.overrides.{sname}]: {sname!r} is not in compare.strategies")
-    runs = [_variant(p, f"[compare.overrides.{n}]", n, n, overrides.get(n, {})) for n in names]
+    runs = [_variant(p, f"[compare.overrides.{n}]", n, n, overrides.get(n, {}), base_dp) for n in names]
     extra = cmp.get("runs", [])
     if not isinstance(extra, list):
         raise ConfigError(f"{p}: [[compare.runs]] must be an array of tables")
@@ -147,7 +149,7 @@ def _compare_runs(p: Path, cmp: Any) -> list[RunVariant]:
         where = f"[[compare.runs]] #{i + 1}"
         if not isinstance(r, dict) or not isinstance(r.get("label"), str) or not isinstance(r.get("strategy"), str):
             raise ConfigError(f"{p}: {where}: needs a string label and a string strategy")
-        runs.append(_variant(p, where, r["label"], r["strategy"], r))
+        runs.append(_variant(p, where, r["label"], r["strategy"], r, base_dp))
     if not runs:
         raise ConfigError(f"{p}: [compare] lists no runs: give strategies = [...] or [[compare.runs]]")
     return runs

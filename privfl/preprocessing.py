@@ -8,8 +8,12 @@ by at most C" no longer holds (measured: 8.5·C). So a site preprocesses with:
 
 * ``public`` (the default): declared per-feature ranges ``low``/``high`` the consortium
   agrees on — a statistics file, or the published ranges of a shipped dataset. Each
-  value is clipped to its declared range and mapped to ``(x − low) / (high − low)``, so
-  every record is bounded and the map does not depend on any record.
+  value is clipped to its declared range and mapped to ``[−1, 1]``:
+  ``(x − (low + high)/2) / ((high − low)/2)``, so every record is bounded and the map
+  does not depend on any record. The centre is the declared range's midpoint, the same
+  at every site, so it cannot be pulled towards a site's majority class; zero-centred
+  inputs train faster than [0, 1] ones (async gossip on breast_cancer at lr 0.5: 0.78
+  with [0, 1], 0.90 with [−1, 1]).
 * ``dp``: a Gaussian-mechanism estimate of each feature's location and scale. Values
   are clipped to ``[−dp_bound, dp_bound]`` (after the transform); each record adds the
   vector ``[1, u, u²]`` with ``u = clip(x) / dp_bound`` to one sum (count, sums, sums of
@@ -397,6 +401,12 @@ def _transform(flat: np.ndarray, transform: str, where: str = "[data]") -> np.nd
     return flat
 
 
+def _public_map(low: np.ndarray, high: np.ndarray, transform: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offset, scale) mapping the declared range, after the transform, onto [−1, 1]."""
+    tlow, thigh = _transform(low[None], transform)[0], _transform(high[None], transform)[0]
+    return (tlow + thigh) / 2, (thigh - tlow) / 2
+
+
 def fit_preprocessing(spec: PreprocessingSpec, train_x: np.ndarray, *, source: RandomSource | None = None,
                       base_dir: Path | None = None, dataset_name: str | None = None,
                       where: str = "[data]") -> Preprocessing:
@@ -442,9 +452,9 @@ def _fit(spec: PreprocessingSpec, train_x: np.ndarray, source: RandomSource | No
             j = int(np.flatnonzero(low < 0)[0])
             raise ConfigError(f"{where}.transform: 'log1p' needs non-negative features; the public statistics "
                               f"declare low = {low[j]:g} for feature {j}")
-        tlow, thigh = _transform(low[None], spec.transform)[0], _transform(high[None], spec.transform)[0]
+        offset, scale = _public_map(low, high, spec.transform)
         return Preprocessing("public", spec.transform, shape, clip_low=low, clip_high=high,
-                             offset=tlow, scale=thigh - tlow, statistics=stats)
+                             offset=offset, scale=scale, statistics=stats)
     t = _transform(a.reshape(len(a), -1), spec.transform, where)
     if spec.scaling == "dp":
         src = source if source is not None else SecureRandom()
@@ -526,9 +536,9 @@ def load_preprocessing(path: str | Path) -> Preprocessing:
             raise ValueError(f"{p}: low must be < high")
         stats = PublicStatistics(tuple(map(float, low)), tuple(map(float, high)), str(st.get("source", "")),
                                  str(st.get("path", "")), str(st.get("sha256", "")))
-        tlow, thigh = _transform(low[None], transform)[0], _transform(high[None], transform)[0]
-        return Preprocessing("public", transform, shape, clip_low=low, clip_high=high, offset=tlow,
-                             scale=thigh - tlow, statistics=stats, spec=spec)
+        offset, scale = _public_map(low, high, transform)
+        return Preprocessing("public", transform, shape, clip_low=low, clip_high=high, offset=offset,
+                             scale=scale, statistics=stats, spec=spec)
     if kind == "dp":
         est, ev = d.get("estimate") or {}, d.get("event") or {}
         mean, scale = _floats(est, "mean", n), _floats(est, "scale", n)

@@ -15,7 +15,7 @@ def dp_clients(sites, target_eps=(50.0, 50.0, 50.0)) -> dict[str, DPClient]:
     """One logreg DPClient per site (σ = 1, batch 32), named h0, h1, …"""
     out = {}
     for i, (s, eps) in enumerate(zip(sites, target_eps)):
-        cfg = DPConfig(noise_multiplier=1.0, batch_size=32, lr=0.5, target_epsilon=eps)
+        cfg = DPConfig(noise_multiplier=1.0, batch_size=32, sample_rate=32 / len(s.train), lr=0.5, target_epsilon=eps)
         model = build_model("logreg", s.train.x.shape[1:], 2, seed=0)
         out[f"h{i}"] = DPClient(model, (s.train.x, s.train.y), (s.test.x, s.test.y), cfg, seed=i)
     return out

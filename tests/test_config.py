@@ -34,6 +34,6 @@ def test_common_sections_and_file_errors(tmp_path):
         read_toml(p)
     with pytest.raises(ConfigError, match="not found"):
         read_toml(tmp_path / "nope.toml")
-    p.write_text('[dp]\nclipping = "flat"\nnoise_multiplier = 1.2\n[strategy]\nlocal_steps = 3\n')
+    p.write_text('[dp]\nclipping = "flat"\nnoise_multiplier = 1.2\nsample_rate = 0.1\n[strategy]\nlocal_steps = 3\n')
     cfg = common_from(read_toml(p), str(p))
     assert cfg.dp.to_dp_config().noise_multiplier == 1.2 and cfg.strategy.local_steps == 3

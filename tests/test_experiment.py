@@ -70,6 +70,7 @@ clipping = "flat"
 noise_multiplier = 1.0
 target_epsilon = 50.0
 batch_size = 16
+sample_rate = 0.1
 lr = 0.2
 
 [topology]
@@ -293,7 +294,7 @@ def test_preprocessing_fields_reach_the_sim_spec(tmp_path: Path) -> None:
     from privfl.experiment import spec_for
 
     (tmp_path / "ranges.toml").write_text("low = [0.0]\nhigh = [1.0]\n")
-    base = BASE.format(seed=0).replace("batch_size = 16", "batch_size = 16\nsample_rate = 0.2")
+    base = BASE.format(seed=0)  # BASE declares sample_rate already
     cfg = tmp_path / "pre.toml"
     cfg.write_text(base.replace('scaling = "public"',
                                 'scaling = "public"\ntransform = "log1p"\nstatistics = "ranges.toml"'))

@@ -303,7 +303,8 @@ def _dp_clients(n: int, target_eps: list[float], seed: int = 0) -> tuple[list[DP
     clients = []
     for i, s in enumerate(sites):
         model = build_model("logreg", s.train.x.shape[1:], 2, seed=seed)
-        cfg = DPConfig(noise_multiplier=1.0, batch_size=16, lr=1.0, target_epsilon=target_eps[i])  # [0, 1] features
+        cfg = DPConfig(noise_multiplier=1.0, batch_size=16, sample_rate=16 / len(s.train), lr=1.0,
+                       target_epsilon=target_eps[i])  # [0, 1] features
         clients.append(DPClient(model, (s.train.x, s.train.y), (s.test.x, s.test.y), cfg, seed=i, device="cpu"))
     tx = np.concatenate([s.test.x for s in sites])
     ty = np.concatenate([s.test.y for s in sites])

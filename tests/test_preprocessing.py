@@ -41,11 +41,11 @@ def _stats_file(tmp_path, low, high, extra: str = "") -> str:
 
 
 # ---- public ranges ------------------------------------------------------------------------
-def test_public_ranges_from_a_file_map_to_unit_interval_and_clip(tmp_path) -> None:
+def test_public_ranges_from_a_file_map_to_minus_one_one_and_clip(tmp_path) -> None:
     path = _stats_file(tmp_path, [0.0, 10.0], [2.0, 20.0])
     pre = fit_preprocessing(PreprocessingSpec(statistics="stats.toml"), np.zeros((3, 2)), base_dir=tmp_path)
     x = np.array([[1.0, 15.0], [-5.0, 30.0], [2.0, 10.0]])
-    np.testing.assert_allclose(pre.apply(x), [[0.5, 0.5], [0.0, 1.0], [1.0, 0.0]])
+    np.testing.assert_allclose(pre.apply(x), [[0.0, 0.0], [-1.0, 1.0], [1.0, -1.0]])
     assert pre.apply(x).dtype == np.float32
     d = pre.describe()
     assert d["kind"] == "public" and d["low"] == [0.0, 10.0] and d["high"] == [2.0, 20.0]
@@ -62,7 +62,7 @@ def test_public_map_does_not_depend_on_the_records() -> None:
     np.testing.assert_array_equal(a.apply(data.x), b.apply(data.x))
     assert a.describe() == b.describe()
     y = a.apply(data.x)
-    assert y.min() >= 0 and y.max() <= 1 and y.max() > 0.99
+    assert y.min() >= -1 and y.max() <= 1 and y.max() > 0.99 and y.min() < -0.99
 
 
 def test_builtin_breast_cancer_table_is_the_published_one() -> None:
@@ -86,7 +86,7 @@ def test_builtin_breast_cancer_table_is_the_published_one() -> None:
 def test_builtin_digits_and_synthetic() -> None:
     digits = load_builtin("digits")
     pre = fit_preprocessing(PreprocessingSpec(), digits.x, dataset_name="digits")
-    np.testing.assert_array_equal(pre.apply(digits.x), digits.x)  # [0, 1] by definition already
+    np.testing.assert_allclose(pre.apply(digits.x), 2 * digits.x - 1, atol=1e-6)  # [0, 1] by definition → [−1, 1]
     assert pre.describe()["low"] == [0.0] * 64 and pre.describe()["feature_shape"] == [1, 8, 8]
     syn = load_builtin("synthetic")
     pre = fit_preprocessing(PreprocessingSpec(), syn.x, dataset_name="synthetic")
@@ -101,10 +101,10 @@ def test_log1p_transforms_records_and_public_ranges(tmp_path) -> None:
     pre = fit_preprocessing(PreprocessingSpec(transform="log1p", statistics="stats.toml"), np.zeros((1, 2)),
                             base_dir=tmp_path)
     x = np.array([[math.e - 1, 1.0], [0.0, 100.0]])
-    np.testing.assert_allclose(pre.apply(x), [[1.0, 0.0], [0.0, 1.0]], atol=1e-6)
+    np.testing.assert_allclose(pre.apply(x), [[1.0, -1.0], [-1.0, 1.0]], atol=1e-6)
     data = load_builtin("breast_cancer")
     y = fit_preprocessing(PreprocessingSpec(transform="log1p"), data.x, dataset_name="breast_cancer").apply(data.x)
-    assert 0 <= y.min() and y.max() <= 1
+    assert -1 <= y.min() and y.max() <= 1
     # log1p on negative features is refused, with the field named
     neg = _stats_file(tmp_path, [-1.0, 0.0], [1.0, 1.0])
     with pytest.raises(ConfigError, match=r"\[data\].transform: 'log1p' needs non-negative") as e:

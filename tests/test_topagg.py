@@ -224,9 +224,11 @@ def test_client_accountant_gets_z_which_is_the_noise_std_used_over_sqrt_k(site):
 
 
 def test_topagg_client_learns_breast_cancer(site):
-    c = make_client(site, lr=0.1)  # features in [0, 1] (public ranges): lr 0.01 stays at the majority class
+    # features in [−1, 1] (published ranges) give smaller gradients than the z-scores this test was
+    # first tuned on: lr 0.04 and 8 epochs (ε 5.9), where 5 epochs at lr 0.01 stayed at the majority class
+    c = make_client(site, lr=0.04)
     p = c.get_parameters({})
-    p, _, m = c.fit(p, {"local_epochs": 5})
+    p, _, m = c.fit(p, {"local_epochs": 8})
     _, acc = c.evaluate_local(p)
     majority = max(np.mean(site.test.y), 1 - np.mean(site.test.y))
     assert acc > 0.85 and acc > majority + 0.15

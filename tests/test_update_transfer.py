@@ -187,7 +187,7 @@ def test_fedavg_update_transfer_matches_whole_models_with_far_fewer_bytes() -> N
 
 def test_fedavg_topagg_uploads_only_the_coordinates_its_votes_kept(sites) -> None:
     s = sites[0]
-    cfg = DPConfig(noise_multiplier=1.0, batch_size=32, lr=0.05, target_epsilon=50.0, mechanism="topagg",
+    cfg = DPConfig(noise_multiplier=1.0, batch_size=32, sample_rate=0.2, lr=0.05, target_epsilon=50.0, mechanism="topagg",
                    mechanism_params={"k": 3, "threshold": 0.1})
     clients = {f"h{i}": DPClient(build_model("logreg", s.train.x.shape[1:], 2, seed=0),
                                  (site.train.x, site.train.y), (site.test.x, site.test.y), cfg, seed=i)
