@@ -317,3 +317,79 @@ def test_failed_fsync_truncates_back(tmp_path: Path, pki: dict[str, Any],
     again = Ledger.open(path, key)
     assert again.append_dp_event(1.1, 0.01, 5, "psac", 1.0)["index"] == 1
     again.close()
+
+
+# --------------------------------------------------------------------------- the node fails closed
+
+
+def test_node_fails_closed_when_its_ledger_cannot_be_written(tmp_path: Path) -> None:
+    """The write-ahead hooks: a refused dp_event write stops the step, a refused message write
+    keeps the model in; the node then serves no model and takes no further write."""
+    from privfl.node import Node, NodeError
+    from privfl.node_config import load_node_config
+    from privfl.pki import init_consortium
+    from tests.test_node_bad_inputs import _tables, _write
+
+    pki = tmp_path / "pki"
+    init_consortium("failclosed", ["h-a", "h-b"], pki, base_port=47370)
+    node = Node(load_node_config(_write(tmp_path / "node.toml", _tables(pki, tmp_path / "out"))))
+    led = node.ledger
+    assert led is not None and node.network is not None
+    try:
+        fd = led._file.fileno()
+        saved, ro = os.dup(fd), os.open(led.path, os.O_RDONLY)
+        os.dup2(ro, fd)  # EBADF on every write from now on
+        before, steps = led.path.read_bytes(), node.client.training_steps
+        try:
+            with pytest.raises(NodeError, match=r"ledger\.jsonl: \[Errno 9\] Bad file descriptor: the training "
+                                                r"step\(s\) did not run; the node stopped \(fail closed\)"):
+                node.client.fit([p.copy() for p in node.initial_params], {"local_steps": 1})
+            assert node.client.training_steps == steps  # the step never ran
+            assert node.network.serving_models is False  # nothing more leaves
+            assert node._stop_reason() == "signal"  # the run loop ends
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            os.close(ro)
+        with pytest.raises(NodeError, match="fail closed"):  # writable again, but the node stays stopped
+            node._on_release("h-b", 0, 1, "0" * 64, 10)
+        assert led.path.read_bytes() == before and led.num_entries == 1
+    finally:
+        led.close()
+        node.network.client.close()
+
+
+def test_a_model_does_not_leave_when_its_release_cannot_be_recorded(tmp_path: Path) -> None:
+    """The release hook runs before the transport sends: a refused message entry stops the send."""
+    from privfl.node import Node, NodeError
+    from privfl.node_config import load_node_config
+    from privfl.pki import init_consortium
+    from strategies.base import ModelMessage
+    from tests.test_node_bad_inputs import _tables, _write
+
+    pki = tmp_path / "pki"
+    init_consortium("norelease", ["h-a", "h-b"], pki, base_port=47380)
+    node = Node(load_node_config(_write(tmp_path / "node.toml", _tables(pki, tmp_path / "out"))))
+    led, net = node.ledger, node.network
+    assert led is not None and net is not None
+    sent: list[Any] = []
+    net.client.exchange = lambda *a, **k: sent.append(a)  # type: ignore[method-assign]  # the wire
+    net.client.available = lambda peer: True  # type: ignore[method-assign]
+    msg = ModelMessage("h-a", 1, "exchange_request", [p.copy() for p in node.initial_params])
+    try:
+        fd = led._file.fileno()
+        saved, ro = os.dup(fd), os.open(led.path, os.O_RDONLY)
+        os.dup2(ro, fd)
+        try:
+            with pytest.raises(NodeError, match=r"the model for h-b did not leave"):
+                net.exchange("h-b", msg)
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            os.close(ro)
+        assert sent == [] and net.serving_models is False
+        assert net.exchange("h-b", msg) is None and sent == []  # and none leaves afterwards
+        assert led.num_entries == 1
+    finally:
+        led.close()
+        net.client.close()
