@@ -454,3 +454,55 @@ def test_handler_failure_does_not_kill_server(pki: Pki, server, caplog) -> None:
             c.exchange("h2", Message("boom", 0, model()))
     assert any("handler failed" in r.getMessage() for r in caplog.records)
     assert_serves(pki, roster)
+
+
+# --------------------------------------------------------------------------- TLS version
+
+
+def _h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def _hpack_literal(name: str, value: str) -> bytes:
+    n, v = name.encode(), value.encode()
+    return b"\x00" + bytes([len(n)]) + n + bytes([len(v)]) + v
+
+
+def test_tls12_session_is_refused_with_the_peer_address(pki: Pki, server, tmp_path: Path,  # noqa: ANN001
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A real TLS 1.2 client (Python's ssl, a hand-written HTTP/2 request) with h1's valid certificate:
+    gRPC completes the handshake (it cannot be told a minimum version), privfl refuses the call."""
+    import socket
+    import ssl
+    srv, roster, handler = server
+    caplog.set_level(logging.WARNING, logger=LOG)
+    idn = ident(pki, "h1")
+    (tmp_path / "c.pem").write_bytes(idn.cert_pem)
+    (tmp_path / "c.key").write_bytes(idn.key_pem)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cadata=pki.ca_pem.decode())
+    ctx.load_cert_chain(str(tmp_path / "c.pem"), str(tmp_path / "c.key"))
+    ctx.set_alpn_protocols(["h2"])
+    body = list(iter_chunks(signed(pki, Message("hello"), "h1", "h2", time.time_ns() // 1000)))[0]
+    headers = b"".join(_hpack_literal(k, v) for k, v in [
+        (":method", "POST"), (":scheme", "https"), (":path", METHOD), (":authority", "h2.demo.privfl"),
+        ("content-type", "application/grpc"), ("te", "trailers")])
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="h2.demo.privfl") as tls:
+            assert tls.version() == "TLSv1.2"
+            tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(4, 0, 0, b"")
+                        + _h2_frame(1, 0x4, 1, headers)
+                        + _h2_frame(0, 0x1, 1, b"\0" + len(body).to_bytes(4, "big") + body))
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not any("TLS version" in r.getMessage() for r in caplog.records):
+                try:
+                    tls.settimeout(0.2)
+                    if not tls.recv(65536):
+                        break
+                except (TimeoutError, ssl.SSLError, OSError):
+                    pass
+    assert any("node h2: refused ipv4:127.0.0.1" in r.getMessage() and "TLS version TLSv1.2, only TLSv1.3" in
+               r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert not handler.seen
+    assert_serves(pki, roster)

@@ -17,8 +17,10 @@ A peer whose verified certificate is revoked (learned from its reply, or by re-c
 the last certificate it showed when the CRL/roster changes) gets no new call until a
 trust change accepts it again; this is logged once per peer.
 
-TLS: gRPC Python (grpcio 1.85) cannot set a minimum TLS version (see server.py);
-BoringSSL negotiates TLS 1.3 between privfl nodes, but TLS 1.2 is not refused.
+TLS: gRPC Python (grpcio 1.85) cannot set a minimum TLS version and has no client-side
+auth context, so the client cannot refuse a TLS 1.2 server itself; a privfl server
+refuses every call on a session that is not TLS 1.3 (see server.py), and BoringSSL
+negotiates TLS 1.3 between privfl nodes.
 Handshake failures reach the client only as an UNAVAILABLE status whose details name
 the TLS error; they are logged through privfl's logger with the peer and its address.
 """

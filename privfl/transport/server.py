@@ -24,9 +24,12 @@ the same port.
 TLS version: the design asks for TLS 1.3 only. gRPC Python (grpcio 1.85) exposes no
 minimum TLS version: ``grpc.ssl_server_credentials`` / ``ssl_channel_credentials`` take
 no such argument, the core's ``grpc_ssl_server_credentials_options_set_min_tls_version``
-is not wrapped, and no channel argument or environment variable sets it. gRPC's
-BoringSSL negotiates TLS 1.3 whenever both ends speak it (two privfl nodes always do),
-but a TLS 1.2 client is not refused at the handshake. Handshake failures (no client
+is not wrapped, and no channel argument or environment variable sets it. So a TLS 1.2
+handshake still completes, but the server's auth context carries the negotiated
+``ssl_tls_version``, and every call on a session that is not TLSv1.3 is refused here
+(PERMISSION_DENIED, logged with the peer address) before anything is read. A client
+cannot see the version it negotiated (gRPC Python has no client auth context); it
+does not need to, since a server must sign as the roster member anyway. Handshake failures (no client
 certificate, unknown CA, expired) never reach Python on the server side: gRPC core logs
 them to its own stderr (GRPC_VERBOSITY) and no call is created, so privfl cannot log
 them with the peer address here; the client side logs them (see client.py).
@@ -66,6 +69,7 @@ ACK_KIND = "ack"
 ACCEPT_KIND = "accept"  # the server's signed "go ahead" after a request header passed
 DEFAULT_STREAM_TIMEOUT = 60.0
 DEFAULT_CALLS_PER_PEER = 4
+REQUIRED_TLS_VERSION = "TLSv1.3"  # as gRPC's auth context names it (ssl_tls_version)
 
 
 class _Refused(Exception):
@@ -246,7 +250,13 @@ class GossipServer:
     # ------------------------------------------------------------------ per call
 
     def _authenticate(self, context: grpc.ServicerContext) -> str:
-        pems = context.auth_context().get("x509_pem_cert")
+        auth = context.auth_context()
+        version = b"".join(auth.get("ssl_tls_version", [])).decode("ascii", "replace")
+        if version != REQUIRED_TLS_VERSION:
+            log.warning("node %s: refused %s: TLS version %s, only %s is accepted", self.node_id,
+                        context.peer(), version or "unknown", REQUIRED_TLS_VERSION)
+            raise _Refused(grpc.StatusCode.PERMISSION_DENIED, f"{REQUIRED_TLS_VERSION} required")
+        pems = auth.get("x509_pem_cert")
         if not pems:
             log.warning("node %s: refused %s: no client certificate in the TLS session",
                         self.node_id, context.peer())
