@@ -43,7 +43,15 @@ import torch
 
 import privfl
 from accounting import DpEventKey
-from accounting.ledger import WRITE_FAILED, Ledger, LedgerError, LedgerPolicy, TornTailError
+from accounting.ledger import (
+    WRITE_FAILED,
+    Ledger,
+    LedgerError,
+    LedgerPolicy,
+    TornTailError,
+    check_against_peers,
+    check_checkpoint_steps,
+)
 from clients import DPClient
 from clients.randomness import random_source
 from privfl.data import Dataset, SiteData
@@ -51,6 +59,7 @@ from privfl.errors import ConfigError, PrivflError
 from privfl.models import build_model
 from privfl.node_config import NodeConfig, NodeStrategyParams, load_node_config
 from privfl.peer_network import AdvertisedPolicy, GrpcPeerNetwork
+from privfl.transport import PeerUnavailable
 from privfl.pki import (
     NodeIdentity,
     PKIError,
@@ -413,10 +422,13 @@ class Node:
         log.info("node %s: topology %s", self.node_id, summary)
         print(f"[{self.node_id}] topology: {summary}", flush=True)
         neighbors = self.topology.neighbors(self.node_id)
+        ledger = self.ledger
         self.network = GrpcPeerNetwork(
             self.identity, self.roster, crl, neighbors, self.names, params,
             policy=AdvertisedPolicy(self.sigma, c.dp.target_epsilon, c.dp.delta),
-            listen=cfg.node.listen or None, timeout=cfg.node.peer_timeout, on_release=self._on_release)
+            listen=cfg.node.listen or None, timeout=cfg.node.peer_timeout, on_release=self._on_release,
+            ledger_head=lambda: ledger.head, on_peer_head=self._on_peer_head, head_for=ledger.last_anchor,
+            crl_path=cfg.crl_path, roster_path=cfg.roster_path)
         scfg: dict[str, Any] = {"local_steps": c.strategy.local_steps, "seed": self._strategy_seed(0)}
         self.strategy: NodeStrategy
         if c.strategy.name == "async_gossip":
@@ -510,6 +522,38 @@ class Node:
         self._ledger_write(lambda: ledger.append_message(peer, seq, round, digest=digest, size=nbytes),
                            f"the model for {peer} did not leave")
 
+    def _on_peer_head(self, peer: str, index: int, entry_hash: bytes) -> None:
+        """Anchor: record the signed ledger head a peer sent (evidence of its history; after our
+        close entry it goes to the signed late-anchor file, so our own chain stays anchored)."""
+        ledger = self.ledger
+        assert ledger is not None
+        try:
+            self._ledger_write(lambda: ledger.append_anchor(peer, index, entry_hash),
+                               f"the ledger head of {peer} was not recorded")
+        except ValueError as exc:
+            log.warning("node %s: ignoring a malformed ledger head from %s: %s", self.node_id, peer, exc)
+
+    def _check_peer_heads(self) -> None:
+        """Refuse to train when a neighbour holds a ledger head this node's ledger lacks or
+        contradicts (the ledger was cut short or rolled back)."""
+        assert self.network is not None and self.ledger is not None
+        heads: dict[str, tuple[int, bytes] | None] = {}
+        for peer in self.network.neighbors():
+            try:
+                heads[peer] = self.network.query_head(peer, timeout=min(5.0, self.cfg.node.peer_timeout))
+            except PeerUnavailable:
+                heads[peer] = None
+        problem = check_against_peers(self.ledger, heads)
+        if problem is not None:
+            raise NodeError(f"node {self.node_id}: refusing to train: {problem}")
+        held = {p: h[0] for p, h in heads.items() if h is not None}
+        log.info("node %s: ledger consistent with the heads neighbours hold (%s)", self.node_id,
+                 ", ".join(f"{p}@{i}" for p, i in sorted(held.items())) or "none held yet")
+
+    def reload_trust(self) -> bool:
+        """Re-read the roster and CRL files (SIGHUP); a revoked peer is refused from now on."""
+        return self.network.reload_trust() if self.network is not None else False
+
     def _ledger_write(self, write: Callable[[], Any], refused: str) -> None:
         """Run one ledger append; fail closed when the ledger cannot be written.
 
@@ -547,6 +591,10 @@ class Node:
         if names != self.names or any(p.shape != q.shape for p, q in zip(params, self.initial_params)):
             log.warning("node %s: ignoring checkpoint %s: it is of another model", self.node_id, path)
             return None
+        assert self.ledger is not None
+        ahead = check_checkpoint_steps(self.ledger, int(state.get("steps", 0)))
+        if ahead is not None:
+            raise NodeError(f"node {self.node_id}: {path}: {ahead}")
         self.client.load_state_dict(state["client"])  # never moves the accountant backwards
         log.info("node %s: resumed model from checkpoint %s (saved at step %d)", self.node_id, path,
                  int(state.get("steps", 0)))
@@ -693,6 +741,8 @@ class Node:
                 up = self._wait_for("hello", net.neighbors(), cfg.node.wait_for_peers, give_up_after=None)
                 log.info("node %s: %d of %d neighbours reachable at start", self.node_id, len(up),
                          len(net.neighbors()))
+            if net.neighbors():
+                self._check_peer_heads()
             self._t0 = time.monotonic()
             if not (self.out / "initial_model.npz").exists():
                 np.savez(self.out / "initial_model.npz", **dict(zip(self.names, self._snapshot())))
@@ -769,16 +819,33 @@ class Node:
         nbrs = net.neighbors()
         if self.stop_reason == "signal":
             net.notify("done", timeout=1.0)
+            self._close_ledger_chain()
             net.notify("bye", timeout=1.0)
             return
         net.notify("done", timeout=min(2.0, ncfg.peer_timeout))
         if self.stop_reason != "budget_exhausted" and nbrs:
             self._wait_for("done", nbrs, ncfg.consensus_wait)
             self._consensus_phase()
-        net.notify("bye", timeout=min(2.0, ncfg.peer_timeout))
+        # the close entry comes once no neighbour asks for more consensus exchanges, so that
+        # no model leaves after it
+        net.notify("settled", timeout=min(2.0, ncfg.peer_timeout))
         if nbrs:
-            self._wait_for("bye", nbrs, ncfg.linger)
+            self._wait_for("settled", nbrs, ncfg.consensus_wait)
+        self._close_ledger_chain()
+        net.notify("bye", timeout=min(2.0, ncfg.peer_timeout))  # carries the close entry's head
+        if nbrs:
+            self._wait_for("bye", nbrs, ncfg.linger)  # their heads: late anchors, outside our chain
         self.evaluate("final")
+
+    def _close_ledger_chain(self) -> None:
+        """Write the ledger's close entry: nothing more leaves this node (no model is served),
+        and the goodbye that follows carries this entry's head, so the last line of the ledger
+        is held by the neighbours too (a cut of even one line is caught by the consortium audit)."""
+        assert self.network is not None and self.ledger is not None
+        ledger = self.ledger
+        self.network.serving_models = False
+        self._ledger_write(lambda: ledger.append_close(self.stop_reason, steps=self.total_steps),
+                           "the close entry was not recorded")
 
     def summary(self) -> dict[str, Any]:
         """Write the final model (npz) and summary.json; returns the summary."""
@@ -847,6 +914,8 @@ def _run(cfg: NodeConfig, install_signals: bool) -> dict[str, Any]:
             node.request_stop()
         signal.signal(signal.SIGTERM, _handler)
         signal.signal(signal.SIGINT, _handler)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, lambda _s, _f: node.reload_trust())  # a new CRL or roster
     return node.run()
 
 

@@ -62,7 +62,7 @@ from strategies.compression.message import max_frame_bytes
 
 log = logging.getLogger("privfl.node")
 
-CONTROL_KINDS = ("hello", "done", "bye")
+CONTROL_KINDS = ("hello", "done", "settled", "bye")  # settled: this node ends its consensus exchanges
 REFUSED_KIND = "refused"
 POLICY_KEYS = ("policy_sigma", "policy_epsilon", "policy_delta")
 INBOX_KINDS = ("model", "innovation")  # one-way model messages of synchronous gossip
