@@ -260,7 +260,7 @@ def _node_toml(pki: Path, tmp_path: Path, strategy: dict[str, Any]) -> Path:
                      "ca": str(pki / "ca.pem"), "roster": str(pki / "roster.toml"), "crl": str(pki / "crl.pem")},
         "data": {"source": "breast_cancer", "num_sites": 2, "site_index": 0},
         "model": {"name": "logreg"},
-        "dp": {"noise_multiplier": 2.0, "target_epsilon": 3.0, "batch_size": 32},
+        "dp": {"noise_multiplier": 2.0, "target_epsilon": 3.0, "batch_size": 32, "sample_rate": 0.14},
         "strategy": strategy,
         "stop": {"max_steps": 10},
     }
