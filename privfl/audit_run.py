@@ -54,7 +54,7 @@ from torch import nn
 
 from accounting import BudgetExhausted, PrivacyAccountant
 from accounting.audit_empirical import OneRunAudit, audit_one_run, draw_inclusion_signs
-from clients import DPClient, DPConfig
+from clients import DPClient
 from clients.dp_client import evaluate_model
 from clients.randomness import random_source
 from privfl.config import DataSection, DPSection, ModelSection, check_sections, from_table, read_toml

@@ -24,6 +24,7 @@ and ``metrics.csv``, ``final_model.npz``, ``summary.json``, ``node.log`` (by the
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -607,13 +608,17 @@ class Node:
         tmp = path.with_name(path.name + ".tmp")
         state = {"names": self.names, "params": [torch.from_numpy(np.array(p)) for p in self._snapshot()],
                  "client": self.client.state_dict(), "steps": self.total_steps}
+        buf = io.BytesIO()
+        torch.save(state, buf)  # serialise in memory: a failed write is then an OSError with its errno
         try:
-            torch.save(state, tmp)
+            with open(tmp, "wb") as f:
+                f.write(buf.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
-        except (OSError, RuntimeError) as exc:  # torch reports a failed write as RuntimeError
+        except OSError as exc:
             tmp.unlink(missing_ok=True)
-            why = _os_reason(exc) if isinstance(exc, OSError) else (str(exc).strip().splitlines() or ["?"])[-1]
-            raise NodeError(f"node {self.node_id}: cannot write the checkpoint {path}: {why}") from None
+            raise NodeError(f"node {self.node_id}: cannot write the checkpoint {path}: {_os_reason(exc)}") from None
         self._last_ckpt = time.monotonic()
         log.debug("node %s: checkpoint at step %d", self.node_id, self.total_steps)
 

@@ -26,3 +26,29 @@ def sites():
     """breast_cancer split IID across three sites, each mapped by the published feature ranges."""
     return [preprocess_site(PreprocessingSpec(), s, dataset_name="breast_cancer")[0]
             for s in split_sites(load_builtin("breast_cancer"), 3, "iid", seed=0)]
+
+
+@pytest.fixture()
+def make_tmpfs(tmp_path):
+    """``make_tmpfs(size)``: a fresh tmpfs of ``size`` (e.g. "256k") under tmp_path, for real
+    full-disk and read-only faults (root only; skipped where mounting is not allowed); every
+    one mounted is unmounted after the test."""
+    import shutil
+    import subprocess
+
+    mounted = []
+
+    def make(size: str):
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("mounting a tmpfs needs root")
+        d = tmp_path / f"tmpfs{len(mounted)}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        mounted.append(d)
+        return d
+
+    yield make
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import clients.ghost as ghost
-from clients.randomness import SecureRandom, SeededRandom
+from clients.randomness import SeededRandom
 from clients import DPClient, DPConfig, PerSampleWeightDPOptimizer, clipping_rule
 from clients.ghost import GhostDPOptimizer, GhostGradModule, make_ghost_private
 from privfl.errors import ConfigError

@@ -29,7 +29,6 @@ from accounting.ledger import (
     WRITE_FAILED,
     Ledger,
     LedgerError,
-    TornTailError,
     read_ledger,
 )
 from tests.test_ledger import POLICY, make_pki
@@ -239,19 +238,9 @@ def test_opening_an_immutable_ledger_is_a_ledger_error(tmp_path: Path, pki: dict
 
 
 @pytest.fixture()
-def tiny_tmpfs(tmp_path: Path) -> Any:
-    """A 256 KiB tmpfs (root only; skipped where mounting is not allowed); unmounted after."""
-    d = tmp_path / "tmpfs"
-    d.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(d)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+def tiny_tmpfs(make_tmpfs: Any) -> Path:
+    """A 256 KiB tmpfs (see conftest.make_tmpfs)."""
+    return make_tmpfs("256k")
 
 
 def _fill(filler: Path) -> None:

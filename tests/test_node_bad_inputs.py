@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,19 +138,9 @@ def test_output_parent_is_a_file(pki: Path, tmp_path: Path) -> None:
 
 
 @pytest.fixture()
-def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs (root only; skipped where mounting is not allowed); unmounted after."""
-    d = tmp_path / "tmpfs"
-    d.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(d)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+def tmpfs(make_tmpfs: Any) -> Path:
+    """A 256 KiB tmpfs (see conftest.make_tmpfs)."""
+    return make_tmpfs("256k")
 
 
 def _remount_ro(d: Path) -> None:

@@ -13,7 +13,7 @@ from opacus import GradSampleModule
 from torch import nn
 
 from accounting import DpEventKey
-from clients.randomness import SecureRandom, SeededRandom
+from clients.randomness import SeededRandom
 from clients import (
     DPClient,
     DPConfig,

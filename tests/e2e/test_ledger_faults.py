@@ -25,7 +25,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,19 +137,9 @@ def test_immutable_ledger_mid_run_stops_the_node_and_it_restarts(tmp_path: Path)
 
 
 @pytest.fixture()
-def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs (root only; skipped where mounting is not allowed); unmounted after."""
-    d = tmp_path / "tmpfs"
-    d.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+def tmpfs(make_tmpfs: Any) -> Path:
+    """A 1 MiB tmpfs (see conftest.make_tmpfs)."""
+    return make_tmpfs("1m")
 
 
 def _fill(path: Path, leave: int) -> None:
