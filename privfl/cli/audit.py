@@ -96,7 +96,8 @@ def ledger_cmd(
     """Verify LEDGER (certificate, signatures, hash chain, randomness, policy, budget) and recompute ε."""
     for p, what in [(ledger, "ledger"), (ca, "CA certificate"), *[(c, "certificate") for c in other_cert]]:
         if not p.is_file():
-            raise _fail_input(f"{what} file {p} does not exist")
+            raise _fail_input(f"{what} file {p} is a directory, not a file" if p.is_dir()
+                              else f"{what} file {p} does not exist")
     pins = _roster_pins(roster) if roster is not None else None
     try:
         report = audit_ledger(
@@ -159,7 +160,8 @@ def consortium_cmd(
     if bool(folders) == bool(ledgers):
         raise _fail_input("give a run folder (--consortium RUN_DIR) or --ledger files, not both or neither")
     if not ca.is_file():
-        raise _fail_input(f"CA certificate file {ca} does not exist")
+        raise _fail_input(f"CA certificate file {ca} is a directory, not a file" if ca.is_dir()
+                          else f"CA certificate file {ca} does not exist")
     if roster is None and folders and (folders[0] / "pki" / "roster.toml").is_file():
         roster = folders[0] / "pki" / "roster.toml"
     if roster is not None and not roster.is_file():

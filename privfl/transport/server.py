@@ -46,6 +46,7 @@ from concurrent import futures
 
 import grpc
 
+from privfl.errors import PrivflError
 from privfl.pki import NodeIdentity, Roster
 from privfl.transport.codec import (
     DecodedMessage,
@@ -390,6 +391,10 @@ class GossipServer:
                     log.exception("node %s: on_verified failed for %s from %s", self.node_id, msg.kind, peer)
             try:
                 reply = self.handler(peer, msg)
+            except PrivflError as exc:  # a refusal the node explains (e.g. its ledger cannot be written)
+                log.error("node %s: %s seq=%d from %s not served: %s", self.node_id, msg.kind, msg.sequence,
+                          peer, exc)
+                raise _Refused(grpc.StatusCode.UNAVAILABLE, "not served") from None
             except Exception:  # the handler is user code; never let it kill the server
                 log.exception("node %s: handler failed on %s seq=%d from %s", self.node_id,
                               msg.kind, msg.sequence, peer)
