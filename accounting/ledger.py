@@ -52,8 +52,11 @@ mechanism fields to dp_events; ``privfl-ledger/1`` ledgers still verify (their r
 is "unrecorded" and every event counts as training) but take no new dp_events.
 
 The node rebuilds its accountant from the ledger at start (:meth:`Ledger.rebuild_accountant`),
-so a restart never resets the budget. Appends are durable (write, flush, ``os.fsync``;
-batched every ``fsync_every`` entries). A crash mid-append leaves a torn last line (no
+so a restart never resets the budget. Appends are durable and whole: each entry is one
+unbuffered ``os.write`` on an ``O_APPEND`` descriptor, then ``os.fsync`` (batched every
+``fsync_every`` entries); a write that fails is truncated back to the last good offset
+and raises :class:`LedgerError` ``write_failed`` with the in-memory state unchanged, so
+nothing is left in a buffer to be flushed later. A crash mid-append leaves a torn last line (no
 trailing newline); :meth:`Ledger.open` refuses it with :class:`TornTailError`, distinct
 from tampering, and :meth:`Ledger.repair_torn_tail` truncates it explicitly and records
 a note entry.
