@@ -533,10 +533,9 @@ class GhostDPOptimizer(Optimizer):
     def _noise(self, scale: float) -> dict[nn.Parameter, torch.Tensor]:
         """N(0, (σC·scale)²) per parameter, in Opacus's order (the same draws for a seeded source)."""
         std = self.noise_multiplier * self.max_grad_norm
-        out: dict[nn.Parameter, torch.Tensor] = {}
-        for p in self.params:
-            out[p] = torch.zeros_like(p) if std == 0 else self.random_source.normal_like(std * scale, p)
-        return out
+        if std == 0:
+            return {p: torch.zeros_like(p) for p in self.params}
+        return dict(zip(self.params, self.random_source.normal_like_each(std * scale, list(self.params))))
 
     def pre_step(self) -> None:
         """Set every ``p.grad`` to (Σ_i w_i g_i + N(0, σ²C²)) / E[B]."""

@@ -56,6 +56,8 @@ class PerSampleWeightDPOptimizer(DPOptimizer):
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            noise = self.random_source.normal_like(std, p.summed_grad) if std > 0 else torch.zeros_like(p.summed_grad)
+        sums = [p.summed_grad for p in self.params]
+        noises = self.random_source.normal_like_each(std, sums) if std > 0 else [torch.zeros_like(g) for g in sums]
+        for p, noise in zip(self.params, noises):
             p.grad = (p.summed_grad + noise).view_as(p)
             _mark_as_processed(p.summed_grad)

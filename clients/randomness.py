@@ -69,6 +69,10 @@ class RandomSource(ABC):
         """N(0, std²) noise with ``ref``'s shape, device and dtype."""
         return self.normal(std, tuple(ref.shape), ref.device, ref.dtype)
 
+    def normal_like_each(self, std: float, refs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`normal_like` for each of ``refs``, in order (one noise tensor per parameter)."""
+        return [self.normal_like(std, r) for r in refs]
+
     def bernoulli_mask(self, n: int, p: float) -> torch.Tensor:
         """A boolean mask of ``n`` independent coins with P(True) = ``p`` (Poisson sampling)."""
         return self.uniform((n,), dtype=torch.float64 if self.kind == "secure" else torch.float32) < p
@@ -123,6 +127,13 @@ class SecureRandom(RandomSource):
         n = int(np.prod(shape)) if shape else 1
         z = self._standard_normal(n).mul_(float(std)).view(shape).to(dtype)
         return z.to(device) if device is not None else z
+
+    def normal_like_each(self, std: float, refs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One keystream draw for all of ``refs`` (many small parameters cost one call, not many)."""
+        sizes = [r.numel() for r in refs]
+        flat = self._standard_normal(sum(sizes)).mul_(float(std)) if sizes else torch.zeros(0, dtype=torch.float64)
+        return [part.view(r.shape).to(device=r.device, dtype=r.dtype)
+                for part, r in zip(torch.split(flat, sizes), refs)]
 
 
 class SeededRandom(RandomSource):
