@@ -506,3 +506,22 @@ def test_tls12_session_is_refused_with_the_peer_address(pki: Pki, server, tmp_pa
                r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
     assert not handler.seen
     assert_serves(pki, roster)
+
+
+def test_no_copy_of_the_private_key_is_written_anywhere(pki: Pki, server, tmp_path: Path,  # noqa: ANN001
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 9: the old TLS probe wrote the node key to a temporary folder. The whole
+    exchange (channel, handshake, signed accept, signed reply) must write nothing there."""
+    import tempfile
+
+    srv, roster, _ = server
+    scratch = tmp_path / "scratch-tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    key = ident(pki, "h1").key_pem
+    with client(pki, "h1", roster) as c:
+        c.exchange("h2", Message("exchange_request", 1, model(3)))
+    written = [p for p in scratch.rglob("*") if p.is_file()]
+    assert not written, written
+    assert not any(key.strip() in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
