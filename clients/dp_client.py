@@ -38,7 +38,7 @@ from clients.clipping import clipping_rule
 from clients.ghost import make_ghost_private
 from clients.optimizer import PerSampleWeightDPOptimizer
 from clients.randomness import PoissonBatchSampler, RandomSource, random_source
-from privfl.errors import ConfigError
+from accounting.errors import ConfigError
 
 warnings.filterwarnings("ignore", message="(?i).*full backward hook.*")
 

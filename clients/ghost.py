@@ -22,7 +22,7 @@ expected batch size exactly as Opacus's ``DPOptimizer`` does (same noise order, 
 draws from the :class:`~clients.randomness.RandomSource`), so with the same seeded source
 both give the same update up to rounding.
 A trainable parameter in a layer type this engine does not know raises
-:class:`~privfl.errors.ConfigError` at construction; nothing is skipped silently.
+:class:`~accounting.errors.ConfigError` at construction; nothing is skipped silently.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from torch.optim import Optimizer
 
 from clients.clipping import ClippingRule, FlatClipping
 from clients.randomness import RandomSource, SecureRandom
-from privfl.errors import ConfigError
+from accounting.errors import ConfigError
 
 log = logging.getLogger("privfl.clients")
 

@@ -46,7 +46,7 @@ from opacus.optimizers.optimizer import (
 )
 
 from clients.randomness import RandomSource, SecureRandom
-from privfl.errors import ConfigError
+from accounting.errors import ConfigError
 
 __all__ = [
     "SparseTernary",

@@ -1,4 +1,5 @@
-"""Errors privfl raises for bad input or refused actions.
+"""Errors privfl raises for bad input or refused actions (defined in :mod:`accounting.errors`,
+the lowest layer, so that ``clients`` and ``strategies`` raise the very same classes).
 
 Every error a user can cause derives from :class:`PrivflError`; the CLI prints its
 message on one line and exits with code 2 instead of showing a traceback.
@@ -6,14 +7,6 @@ message on one line and exits with code 2 instead of showing a traceback.
 
 from __future__ import annotations
 
+from accounting.errors import ConfigError, DataError, PrivflError
 
-class PrivflError(Exception):
-    """Base class of every user-facing privfl error."""
-
-
-class ConfigError(PrivflError):
-    """A configuration value or input file is invalid; the message names it."""
-
-
-class DataError(ConfigError):
-    """A dataset could not be loaded or split as asked."""
+__all__ = ["ConfigError", "DataError", "PrivflError"]

@@ -69,7 +69,7 @@ from flwr.server.strategy import FedAvg
 
 from accounting import BudgetExhausted
 from accounting.releases import DP_EVALUATE_METRICS, PUBLIC_FIT_METRICS
-from privfl.errors import ConfigError
+from accounting.errors import ConfigError
 from strategies.base import CollectiveRound, CollectiveStrategy, Params
 from strategies.compression import CLTk, Compressor, compressor_from_config
 from strategies.update_transfer import (

@@ -28,7 +28,7 @@ import numpy as np
 from flwr.client import NumPyClient
 
 from accounting import BudgetExhausted
-from privfl.errors import ConfigError
+from accounting.errors import ConfigError
 from strategies.base import ModelMessage, NodeStrategy, Params, PeerNetwork, StepReport
 
 __all__ = ["AsyncGossip", "ErrorFeedbackGossip", "SyncGossip", "average_pair", "params_compatible"]

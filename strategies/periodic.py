@@ -37,7 +37,7 @@ import numpy as np
 from flwr.client import NumPyClient
 
 from accounting import BudgetExhausted
-from privfl.errors import ConfigError
+from accounting.errors import ConfigError
 from strategies.base import CollectiveRound, CollectiveStrategy, Params
 
 __all__ = [

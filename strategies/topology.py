@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from privfl.errors import ConfigError
+from accounting.errors import ConfigError
 
 __all__ = [
     "TOPOLOGY_KINDS",

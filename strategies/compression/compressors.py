@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from privfl.errors import ConfigError
+from accounting.errors import ConfigError
 from strategies.compression.message import Compressed, MalformedMessage, _offsets, decode_flat, pack_codes
 from strategies.compression.release import Released
 

@@ -13,7 +13,7 @@ import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from privfl.errors import ConfigError
+from accounting.errors import ConfigError
 from strategies.compression.compressors import COMPRESSORS, Compressor, canonical_name, compressor_from_config
 
 __all__ = ["SYNC_GOSSIP_KEYS", "build_compressor", "check_strategy_keys", "sync_compression_params"]
