@@ -9,6 +9,7 @@ from clients.clipping import (
     clipping_rule,
 )
 from clients.dp_client import DPClient, DPConfig, evaluate_model
+from clients.engine import PrivacyEngine
 from clients.ghost import GhostDPOptimizer, GhostGradModule, make_ghost_private
 from clients.optimizer import PerSampleWeightDPOptimizer
 from clients.topagg import (
@@ -31,6 +32,7 @@ __all__ = [
     "GhostGradModule",
     "PSACClipping",
     "PerSampleWeightDPOptimizer",
+    "PrivacyEngine",
     "SparseTernary",
     "TopAggDPOptimizer",
     "TopAggParams",

@@ -1,0 +1,542 @@
+"""PrivacyEngine: make a user's own PyTorch training loop differentially private.
+
+An Opacus-style front door to privfl's DP machinery, so an Opacus user changes one
+import and a Flower user keeps their own ``train()``::
+
+    engine = privfl.PrivacyEngine(seed=None)               # secure noise and batches
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader,
+        noise_multiplier=1.1, max_grad_norm=1.0,
+        sample_rate=0.01,                                   # public: declared, never len(dataset)
+        target_epsilon=3.0, delta=1e-5)                     # fail-closed budget
+    for x, y in loader:                                     # the user's loop, unchanged
+        optimizer.zero_grad()
+        criterion(model(x), y).backward()
+        optimizer.step()                                    # accounted *before* the noise is drawn
+    engine.get_epsilon(1e-5)
+
+What differs from Opacus, on purpose:
+
+* the Poisson sampling rate q is public: ``sample_rate`` or ``expected_batch_size`` with
+  ``declared_size`` (the site's declared record count); it is never derived from
+  ``len(dataset)``, and ``make_private`` refuses to guess it. The noisy sum is divided by
+  a public expected batch size too (``expected_batch_size``, else ``q · declared_size``,
+  else the loader's configured ``batch_size``).
+* clipping rules are privfl's (``"psac"`` by default, ``"flat"``, ``"autos"``); the
+  per-sample gradients come from Opacus's ``GradSampleModule`` or privfl's fast ghost
+  engine (:mod:`clients.ghost`), chosen per model (``engine="auto"``).
+* noise and Poisson batches come from :class:`~clients.randomness.SecureRandom` unless a
+  ``seed`` is given explicitly (then :class:`~clients.randomness.SeededRandom`;
+  :attr:`PrivacyEngine.random_kind` says which).
+* every optimizer step is accounted (and reported to ``on_dp_event``, e.g. a signed
+  ledger) *before* its noise is drawn — write-ahead — and with a target ε the step that
+  would exceed it raises :class:`~accounting.BudgetExhausted` instead of running.
+  :meth:`PrivacyEngine.reserve` accounts several steps at once (one ledger entry); the
+  following optimizer steps then use that reservation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any, Callable, Literal
+
+import torch
+from opacus import GradSampleModule
+from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from accounting import BudgetGuard, PrivacyAccountant, calibrate_noise
+from clients.clipping import CLIPPING_RULES, ClippingRule, clipping_rule
+from clients.ghost import GhostDPOptimizer, GhostGradModule
+from clients.optimizer import PerSampleWeightDPOptimizer
+from clients.randomness import PoissonBatchSampler, RandomnessKind, RandomSource, random_source
+from privfl.errors import ConfigError
+
+log = logging.getLogger("privfl.clients")
+
+DpEventHook = Callable[[dict[str, Any]], None]
+EngineKind = Literal["auto", "opacus", "fast"]
+#: the offset between a seeded engine's sampling seed and its noise seed (as DPClient always had)
+NOISE_SEED_OFFSET = 7919
+
+__all__ = ["NOISE_SEED_OFFSET", "PrivacyEngine", "mechanism_description", "validate_module"]
+
+# One-line fixes for the layers Opacus's ModuleValidator refuses.
+_FIXES: dict[str, str] = {
+    "BatchNorm1d": "replace with GroupNorm",
+    "BatchNorm2d": "replace with GroupNorm",
+    "BatchNorm3d": "replace with GroupNorm",
+    "SyncBatchNorm": "replace with GroupNorm",
+    "InstanceNorm1d": "set track_running_stats=False",
+    "InstanceNorm2d": "set track_running_stats=False",
+    "InstanceNorm3d": "set track_running_stats=False",
+    "LSTM": "replace with opacus.layers.DPLSTM",
+    "GRU": "replace with opacus.layers.DPGRU",
+    "MultiheadAttention": "replace with opacus.layers.DPMultiheadAttention",
+}
+
+
+def validate_module(module: nn.Module) -> None:
+    """Refuse a module DP-SGD cannot train, with one line naming the layer and the fix.
+
+    Runs Opacus's ``ModuleValidator`` rules layer by layer (so the layer's name is known).
+    BatchNorm is refused even without trainable parameters: it mixes the records of a
+    batch in the forward pass, so one record's gradient would depend on the others.
+    """
+    if not module.training:
+        raise ConfigError("make_private: module: the model is in eval mode; call module.train() first")
+    for name, sub in module.named_modules():
+        validator = ModuleValidator.VALIDATORS.get(type(sub))
+        if validator is None:
+            continue
+        trainable = any(p.requires_grad for p in sub.parameters(recurse=False))
+        mixes = isinstance(sub, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm))
+        if not (trainable or mixes):
+            continue
+        errors = validator(sub)
+        if errors:
+            kind = type(sub).__name__
+            fix = _FIXES.get(kind, str(errors[0]).split(". ")[0])
+            how = " (opacus.validators.ModuleValidator.fix)" if type(sub) in ModuleValidator.FIXERS else ""
+            raise ConfigError(f"make_private: module: {kind} at {name or '<root>'} is not DP-compatible: "
+                              f"{fix}{how}")
+
+
+def mechanism_description(mechanism: str, clipping: str, max_grad_norm: float,
+                          mechanism_params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What an auditor needs to know of a training mechanism (public; the ledger's fields)."""
+    params = dict(mechanism_params or {})
+    if mechanism == "topagg":
+        k = int(params.get("k", 0))
+        return {"local_mechanism": "topagg", "clipping": "topagg", "max_grad_norm": math.sqrt(k),
+                "sensitivity": math.sqrt(k),
+                "mechanism_params": {key: v for key, v in params.items() if v is not None}}
+    return {"local_mechanism": "gaussian", "clipping": clipping, "max_grad_norm": float(max_grad_norm),
+            "sensitivity": float(max_grad_norm), "mechanism_params": {}}
+
+
+def _positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"make_private: {name}: must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _empty_batch_layout(dataset: Dataset) -> tuple[list[tuple[int, ...]] | None, list[Any] | None]:
+    """Shapes/dtypes of an empty first batch (the layout of one record, never its values)."""
+    try:
+        first = dataset[0]
+    except Exception:  # noqa: BLE001 - a dataset without integer indexing: let collate decide
+        return None, None
+    if isinstance(first, (tuple, list)):
+        return [(0, *shape_safe(x)) for x in first], [dtype_safe(x) for x in first]
+    return None, None
+
+
+class PrivacyEngine:
+    """DP-SGD for a user's own training loop: privfl's clipping, accountant, budget guard and ledger hook.
+
+    ``accountant``: ``"rdp"`` (default), ``"pld"``, or a :class:`~accounting.PrivacyAccountant`
+    to share (e.g. one rebuilt from a ledger, so a restart never resets the budget).
+    ``seed``: None draws noise and batches from fresh secure sources; an integer asks
+    explicitly for reproducible seeded streams (Poisson batches from ``seed``, noise from
+    ``seed + 7919``, as :class:`~clients.DPClient` draws them). ``on_dp_event``: called
+    with each DP event (the fields :class:`~clients.DPClient` reports) before it runs;
+    if it raises, the step does not run.
+    """
+
+    def __init__(self, accountant: str | PrivacyAccountant = "rdp", *, seed: int | None = None,
+                 on_dp_event: DpEventHook | None = None) -> None:
+        if isinstance(accountant, PrivacyAccountant):
+            self.accountant = accountant
+        elif accountant in ("rdp", "pld"):
+            self.accountant = PrivacyAccountant(accountant)  # type: ignore[arg-type]
+        else:
+            raise ConfigError(f"PrivacyEngine: accountant: must be 'rdp', 'pld' or a PrivacyAccountant, "
+                              f"got {accountant!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ConfigError(f"PrivacyEngine: seed: must be an integer or None, got {seed!r}")
+        self.seed = seed
+        self.on_dp_event = on_dp_event
+        self.sampling_source: RandomSource = random_source(seed)
+        self.noise_source: RandomSource | None = None  # made in make_private, on the model's device
+        self.guard: BudgetGuard | None = None
+        self.noise_multiplier: float | None = None
+        self.sample_rate: float | None = None
+        self.expected_batch_size: float | None = None
+        self.max_grad_norm: float | None = None
+        self.delta: float | None = None
+        self.target_epsilon: float | None = None
+        self.engine_kind: str | None = None  # "opacus" or "fast" once made private
+        self.planned_steps: int | None = None  # set by make_private_with_epsilon
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._description: dict[str, Any] = {}
+        self._steps = 0  # training steps this engine accounted (reserved or taken)
+        self._prepaid = 0  # accounted steps not yet taken (see reserve)
+
+    # ---- public state --------------------------------------------------------------------
+    @property
+    def random_kind(self) -> RandomnessKind:
+        """"secure" or "seeded": where this engine's noise and batches come from."""
+        return self.sampling_source.kind
+
+    @property
+    def steps(self) -> int:
+        """DP training steps this engine has accounted (reserved ahead or taken)."""
+        return self._steps
+
+    def get_epsilon(self, delta: float) -> float:
+        """ε spent so far at ``delta`` (every event of the accountant, add/remove-one)."""
+        if not 0 < delta < 1:
+            raise ConfigError(f"get_epsilon: delta: must be in (0, 1), got {delta!r}")
+        return self.accountant.get_epsilon(delta)
+
+    def mechanism_description(self) -> dict[str, Any]:
+        """The public description of the training mechanism in each training event."""
+        return dict(self._description)
+
+    # ---- making private ------------------------------------------------------------------
+    def make_private(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: DataLoader,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        sample_rate: float | None = None,
+        expected_batch_size: float | None = None,
+        declared_size: int | None = None,
+        clipping: str = "psac",
+        psac_r: float = 0.1,
+        autos_gamma: float = 0.01,
+        engine: EngineKind = "auto",
+        target_epsilon: float | None = None,
+        delta: float | None = None,
+        poisson_sampling: bool = True,
+        loss_reduction: str = "mean",
+        mechanism: str = "gaussian",
+        mechanism_params: Mapping[str, Any] | None = None,
+    ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
+        """Wrap ``module``, ``optimizer`` and ``data_loader`` for DP-SGD; train through what it returns.
+
+        The sampling rate is declared: ``sample_rate`` (q), or ``expected_batch_size`` /
+        ``declared_size``. The noisy sum is divided by ``expected_batch_size``, else
+        ``q · declared_size``, else ``data_loader.batch_size`` (all public). ``engine``:
+        ``"auto"`` uses the fast ghost engine when it supports every layer (else Opacus,
+        with one log line naming the layer), ``"opacus"``/``"fast"`` force one.
+        ``target_epsilon`` (with ``delta``) turns on the fail-closed budget guard.
+        ``mechanism="topagg"`` (with ``mechanism_params``) is privfl's TopAgg sanitiser
+        (Opacus per-sample gradients only). Returns (module, optimizer, data_loader).
+        """
+        if self.optimizer is not None:
+            raise ConfigError("make_private: this PrivacyEngine already made a model private; use one engine per model")
+        if not poisson_sampling:
+            raise ConfigError("make_private: poisson_sampling: must be True; privfl accounts Poisson-sampled "
+                              "steps only (a shuffled fixed-size loader would not match its accounting)")
+        if not isinstance(data_loader, DataLoader):
+            raise ConfigError(f"make_private: data_loader: must be a torch DataLoader, got {type(data_loader).__name__}")
+        dataset = data_loader.dataset
+        if isinstance(dataset, IterableDataset):
+            raise ConfigError("make_private: data_loader: Poisson sampling needs a map-style Dataset, "
+                              "not an IterableDataset")
+        sigma = _positive("noise_multiplier", noise_multiplier)
+        if isinstance(max_grad_norm, (list, tuple)):
+            raise ConfigError("make_private: max_grad_norm: one number (per-layer clipping is not supported)")
+        c = _positive("max_grad_norm", max_grad_norm)
+        if clipping not in CLIPPING_RULES and mechanism == "gaussian":
+            raise ConfigError(f"make_private: clipping: unknown rule {clipping!r}; choose one of "
+                              f"{', '.join(CLIPPING_RULES)}")
+        if engine not in ("auto", "opacus", "fast"):
+            raise ConfigError(f"make_private: engine: unknown engine {engine!r}; choose 'auto', 'opacus' or 'fast'")
+        if mechanism not in ("gaussian", "topagg"):
+            raise ConfigError(f"make_private: mechanism: must be 'gaussian' or 'topagg', got {mechanism!r}")
+        if mechanism == "topagg" and engine == "fast":
+            raise ConfigError("make_private: engine: the 'fast' engine implements the gaussian mechanism only, "
+                              "not 'topagg'; use engine='opacus'")
+        if loss_reduction not in ("mean", "sum"):
+            raise ConfigError(f"make_private: loss_reduction: must be 'mean' or 'sum', got {loss_reduction!r}")
+        q, divisor = self._public_rates(sample_rate, expected_batch_size, declared_size, data_loader)
+        if target_epsilon is not None:
+            _positive("target_epsilon", target_epsilon)
+            if delta is None:
+                raise ConfigError("make_private: delta: required with target_epsilon (the δ of the budget)")
+        if delta is not None:
+            if not 0 < delta < 1:
+                raise ConfigError(f"make_private: delta: must be in (0, 1), got {delta!r}")
+            if declared_size is not None and delta >= 1 / declared_size:
+                raise ConfigError(f"make_private: delta: δ={delta:g} must be below 1/declared_size "
+                                  f"= {1 / declared_size:g}")
+        validate_module(module)
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("make_private: module: the model has no trainable parameters")
+        device = params[0].device
+        noise_source = random_source(None if self.seed is None else self.seed + NOISE_SEED_OFFSET, device)
+        rule = clipping_rule(clipping, psac_r=psac_r, autos_gamma=autos_gamma) if mechanism == "gaussian" else None
+
+        dp_module, dp_optimizer = self._wrap(module, optimizer, engine, mechanism, mechanism_params, rule,
+                                             sigma, c, divisor, noise_source, loss_reduction)
+        loader = self._poisson_loader(data_loader, q)
+
+        self.noise_source = noise_source
+        self.noise_multiplier, self.sample_rate, self.expected_batch_size, self.max_grad_norm = sigma, q, divisor, c
+        self.delta = None if delta is None else float(delta)
+        self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
+        self.guard = None if target_epsilon is None else BudgetGuard(self.accountant, float(target_epsilon),
+                                                                     float(delta))  # type: ignore[arg-type]
+        self._description = mechanism_description(mechanism, clipping, c, mechanism_params)
+        self.optimizer = dp_optimizer
+        self._attach_accounting(dp_optimizer)
+        log.debug("privacy engine: %s engine, %s clipping, σ=%.4g, C=%.4g, q=%.4g, E[B]=%.4g, %s randomness",
+                  self.engine_kind, self._description["clipping"], sigma, c, q, divisor, self.random_kind)
+        return dp_module, dp_optimizer, loader
+
+    def make_private_with_epsilon(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: DataLoader,
+        target_epsilon: float,
+        target_delta: float,
+        max_grad_norm: float,
+        epochs: float | None = None,
+        steps: int | None = None,
+        sample_rate: float | None = None,
+        expected_batch_size: float | None = None,
+        declared_size: int | None = None,
+        **kwargs: Any,
+    ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
+        """:meth:`make_private` with σ calibrated so ``epochs`` (or ``steps``) steps spend at most ``target_epsilon``.
+
+        σ comes from public values only (q, the planned steps, ε, δ, and the events the
+        accountant already holds); an epoch is ``1/q`` steps. The budget guard is on at
+        (``target_epsilon``, ``target_delta``). The planned steps are in :attr:`planned_steps`.
+        """
+        if (epochs is None) == (steps is None):
+            raise ConfigError("make_private_with_epsilon: give exactly one of epochs or steps")
+        q, _ = self._public_rates(sample_rate, expected_batch_size, declared_size, data_loader)
+        if steps is not None:
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise ConfigError(f"make_private_with_epsilon: steps: must be an integer >= 1, got {steps!r}")
+            planned = steps
+        else:
+            planned = max(1, math.ceil(_positive("epochs", epochs) / q - 1e-9))
+        _positive("target_epsilon", target_epsilon)
+        if not 0 < target_delta < 1:
+            raise ConfigError(f"make_private_with_epsilon: target_delta: must be in (0, 1), got {target_delta!r}")
+        try:
+            sigma = calibrate_noise(target_epsilon, target_delta, q, planned, self.accountant.method,
+                                    prior=self.accountant.events)
+        except ValueError as exc:
+            raise ConfigError(f"make_private_with_epsilon: target_epsilon: {exc}") from None
+        out = self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
+                                noise_multiplier=sigma, max_grad_norm=max_grad_norm, sample_rate=sample_rate,
+                                expected_batch_size=expected_batch_size, declared_size=declared_size,
+                                target_epsilon=target_epsilon, delta=target_delta, **kwargs)
+        self.planned_steps = planned
+        return out
+
+    # ---- accounting ----------------------------------------------------------------------
+    def account_event(self, purpose: str, noise_multiplier: float, sample_rate: float, steps: int = 1,
+                      **details: Any) -> dict[str, Any]:
+        """Account ``steps`` Poisson-sampled Gaussian events, then report them (write-ahead).
+
+        For privfl's own releases besides training steps (e.g. a DP evaluation count);
+        with a budget it fails closed first (:class:`~accounting.BudgetExhausted`).
+        ``details`` carry the mechanism description the ledger records.
+        """
+        if self.guard is not None:
+            self.guard.check(noise_multiplier, sample_rate, steps)
+        self.accountant.step(noise_multiplier, sample_rate, steps)
+        event = {
+            "purpose": purpose,
+            "mechanism": "poisson_gaussian",
+            "noise_multiplier": noise_multiplier,
+            "sample_rate": sample_rate,
+            "steps": steps,
+            "neighboring_relation": "add_or_remove_one",
+            "accountant": self.accountant.method,
+            "epsilon": None if self.delta is None else self.accountant.get_epsilon(self.delta),
+            "delta": self.delta,
+            "randomness": self.random_kind,
+            **details,
+        }
+        if self.on_dp_event is not None:
+            self.on_dp_event(event)
+        return event
+
+    def reserve(self, steps: int) -> dict[str, Any]:
+        """Account ``steps`` training steps now (one event); the next ``steps`` optimizer steps use them.
+
+        Fails closed with a budget: :class:`~accounting.BudgetExhausted` if they do not all fit.
+        """
+        sigma, q = self._require_private()
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"reserve: steps: must be an integer >= 1, got {steps!r}")
+        event = self.account_event("training", sigma, q, steps, **self._description)
+        self._steps += steps
+        self._prepaid += steps
+        return event
+
+    def steps_allowed(self, requested: int) -> int:
+        """How many of ``requested`` further training steps fit in the budget (all without one)."""
+        sigma, q = self._require_private()
+        if self.guard is None or not self.guard.would_exceed(sigma, q, requested):
+            return requested
+        return min(requested, self.guard.max_steps(sigma, q, limit=requested))
+
+    def _before_noise(self) -> None:
+        """Runs in every DP optimizer step before its noise is drawn: use a reservation or account one step."""
+        if self._prepaid > 0:
+            self._prepaid -= 1
+            return
+        sigma, q = self._require_private()
+        self.account_event("training", sigma, q, 1, **self._description)  # fails closed first
+        self._steps += 1
+
+    def _attach_accounting(self, optimizer: torch.optim.Optimizer) -> None:
+        """Hook :meth:`_before_noise` into the optimizer's step, ahead of the noise."""
+        if isinstance(optimizer, GhostDPOptimizer):
+            pre_step = optimizer.pre_step  # computes norms, draws the noise, writes p.grad
+
+            def accounted_pre_step() -> None:
+                self._before_noise()
+                pre_step()
+
+            optimizer.pre_step = accounted_pre_step  # type: ignore[method-assign]
+        else:
+            add_noise = optimizer.add_noise  # type: ignore[attr-defined]  # Opacus: skipped steps draw none
+
+            def accounted_add_noise() -> None:
+                self._before_noise()
+                add_noise()
+
+            optimizer.add_noise = accounted_add_noise  # type: ignore[attr-defined]
+
+    def _require_private(self) -> tuple[float, float]:
+        if self.noise_multiplier is None or self.sample_rate is None:
+            raise ConfigError("PrivacyEngine: call make_private first")
+        return self.noise_multiplier, self.sample_rate
+
+    # ---- construction helpers ------------------------------------------------------------
+    @staticmethod
+    def _public_rates(sample_rate: float | None, expected_batch_size: float | None, declared_size: int | None,
+                      data_loader: DataLoader) -> tuple[float, float]:
+        """(q, divisor of the noisy sum), from declared values only — never from len(dataset)."""
+        if declared_size is not None and (isinstance(declared_size, bool) or not isinstance(declared_size, int)
+                                          or declared_size < 1):
+            raise ConfigError(f"make_private: declared_size: must be an integer >= 1, got {declared_size!r}")
+        if expected_batch_size is not None:
+            _positive("expected_batch_size", expected_batch_size)
+        if sample_rate is not None:
+            if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) \
+                    or not 0 < sample_rate <= 1:
+                raise ConfigError(f"make_private: sample_rate: must be in (0, 1], got {sample_rate!r}")
+            q = float(sample_rate)
+        elif expected_batch_size is not None and declared_size is not None:
+            q = min(1.0, float(expected_batch_size) / declared_size)
+        else:
+            raise ConfigError("make_private: sample_rate: required: a public Poisson sampling rate in (0, 1] "
+                              "(or expected_batch_size with declared_size, the site's public record count); "
+                              "privfl never derives it from the private number of records (len(dataset))")
+        if expected_batch_size is not None:
+            divisor = float(expected_batch_size)
+        elif declared_size is not None:
+            divisor = max(1e-12, q * declared_size)
+        elif data_loader.batch_size is not None:
+            divisor = float(data_loader.batch_size)
+        else:
+            raise ConfigError("make_private: expected_batch_size: required when the data loader has no "
+                              "batch_size and no declared_size is given (the public divisor of the noisy sum)")
+        return q, divisor
+
+    def _wrap(self, module: nn.Module, optimizer: torch.optim.Optimizer, engine: str, mechanism: str,
+              mechanism_params: Mapping[str, Any] | None, rule: ClippingRule | None, sigma: float, c: float,
+              divisor: float, noise_source: RandomSource,
+              loss_reduction: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The per-sample-gradient module and DP optimizer of the chosen engine."""
+        if engine in ("auto", "fast") and mechanism == "gaussian":
+            try:
+                ghost = GhostGradModule(module, loss_reduction=loss_reduction)
+            except ConfigError as exc:
+                if engine == "fast":
+                    raise ConfigError(f"make_private: engine='fast': {exc}") from None
+                log.info("privacy engine: %s; falling back to Opacus per-sample gradients", exc)
+            else:
+                self.engine_kind = "fast"
+                return ghost, GhostDPOptimizer(optimizer, ghost, noise_multiplier=sigma, max_grad_norm=c,
+                                               expected_batch_size=divisor, clipping=rule,  # type: ignore[arg-type]
+                                               random_source=noise_source, loss_reduction=loss_reduction)
+        gsm = GradSampleModule(module, loss_reduction=loss_reduction)
+        self.engine_kind = "opacus"
+        if mechanism == "topagg":
+            from clients.topagg import TopAggDPOptimizer  # only TopAgg users pay for it
+
+            return gsm, TopAggDPOptimizer.from_params(optimizer, dict(mechanism_params or {}),
+                                                      noise_multiplier=sigma,
+                                                      expected_batch_size=divisor,  # type: ignore[arg-type]
+                                                      random_source=noise_source)
+        return gsm, PerSampleWeightDPOptimizer(optimizer, noise_multiplier=sigma, max_grad_norm=c,
+                                               expected_batch_size=divisor, random_source=noise_source,
+                                               clipping=rule, loss_reduction=loss_reduction)
+
+    def _poisson_loader(self, data_loader: DataLoader, q: float) -> DataLoader:
+        """A Poisson loader over ``data_loader``'s dataset: batches from this engine's sampling source.
+
+        ``len(dataset)`` only sizes the index universe the coins are drawn over (as it must);
+        q is the declared one. The collate function is wrapped so an empty batch keeps the
+        batch's structure (a noise-only step, never a skipped one).
+        """
+        dataset = data_loader.dataset
+        shapes, dtypes = _empty_batch_layout(dataset)
+        collate = wrap_collate_with_empty(collate_fn=data_loader.collate_fn, sample_empty_shapes=shapes,
+                                          dtypes=dtypes)
+        sampler = PoissonBatchSampler(len(dataset), q, self.sampling_source)  # type: ignore[arg-type]
+        extra: dict[str, Any] = {}
+        if data_loader.num_workers > 0:
+            extra = {"prefetch_factor": data_loader.prefetch_factor,
+                     "persistent_workers": data_loader.persistent_workers}
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=data_loader.num_workers,
+                          pin_memory=data_loader.pin_memory, timeout=data_loader.timeout,
+                          worker_init_fn=data_loader.worker_init_fn,
+                          multiprocessing_context=data_loader.multiprocessing_context, **extra)
+
+    # ---- persistence ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Accountant, optimizer and (seeded only) RNG state: what a restart needs besides the model.
+
+        A seeded engine saves its streams so a restored one continues them (replayed noise
+        would correlate releases); a secure one saves nothing of its streams.
+        """
+        return {
+            "accountant": self.accountant.state_dict(),
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "steps": self._steps,
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            "sampling_rng": self.sampling_source.state_dict(),
+            "noise_rng": {} if self.noise_source is None else self.noise_source.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s state; an accountant that knows more is kept (ε never goes back).
+
+        Reservations are not restored: a restored engine accounts its steps again.
+        """
+        restored = PrivacyAccountant()
+        restored.load_state_dict(state["accountant"])
+        if restored.steps < self.accountant.steps:
+            return  # ours already knows more (e.g. rebuilt from the ledger): the state is stale
+        self.accountant.load_state_dict(state["accountant"])
+        self._steps = max(self._steps, int(state.get("steps", 0)))
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if isinstance(state.get("sampling_rng"), dict):
+            self.sampling_source.load_state_dict(state["sampling_rng"])
+        if self.noise_source is not None and isinstance(state.get("noise_rng"), dict):
+            self.noise_source.load_state_dict(state["noise_rng"])
