@@ -54,7 +54,7 @@ from clients.clipping import CLIPPING_RULES, ClippingRule, clipping_rule
 from clients.ghost import GhostDPOptimizer, GhostGradModule
 from clients.optimizer import PerSampleWeightDPOptimizer
 from clients.randomness import PoissonBatchSampler, RandomnessKind, RandomSource, random_source
-from privfl.errors import ConfigError
+from accounting.errors import ConfigError
 
 log = logging.getLogger("privfl.clients")
 
