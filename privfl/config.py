@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin
 
+import torch
+
 from clients import CLIPPING_RULES, DPConfig
 from privfl.data import SiteData, load_dataset, split_sites
 from privfl.errors import ConfigError
@@ -24,6 +27,32 @@ from privfl.models import MODELS
 from privfl.preprocessing import BUILTIN_STATISTICS, PreprocessingSpec
 
 T = TypeVar("T")
+
+DEVICE_CHOICES = '"auto", "cpu", "cuda" or "cuda:N"'
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def resolve_device(value: str, where: str) -> torch.device:
+    """The torch device a ``device`` field asks for: "auto" (CUDA when present, else CPU),
+    "cpu", "cuda" or "cuda:N". ConfigError naming ``where`` (e.g. ``node.toml: [node].device``)
+    for another value, CUDA asked for on a machine without it, or N out of range, so a run
+    never silently trains somewhere else than it said."""
+    v = value.strip().lower() if isinstance(value, str) else value
+    if not isinstance(v, str) or not _DEVICE_RE.match(v):
+        raise ConfigError(f"{where}: must be {DEVICE_CHOICES}, got {value!r}")
+    if v == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if v == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{where}: {value!r} asked for, but CUDA is not available on this machine "
+                          f"(torch {torch.__version__}); use \"auto\" or \"cpu\"")
+    count = torch.cuda.device_count()
+    index = int(v.split(":")[1]) if ":" in v else 0
+    if index >= count:
+        raise ConfigError(f"{where}: {value!r} asked for, but this machine has {count} CUDA device(s) "
+                          f"(cuda:0..cuda:{count - 1})")
+    return torch.device(v)
 
 
 @dataclass

@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from privfl.config import CommonConfig, DPSection, check_sections, common_from, from_table, read_toml, resolve_path
+from privfl.config import (
+    CommonConfig,
+    DPSection,
+    check_sections,
+    common_from,
+    from_table,
+    read_toml,
+    resolve_device,
+    resolve_path,
+)
 from privfl.errors import ConfigError
 from privfl.sim import LinkSpec, SimSpec, SimulationResult, StopCriteria, run_simulation, write_results
 
@@ -40,6 +49,11 @@ class SimulationSection:
     max_rounds: int = 0
     seed: int = 0
     output: str = "runs"
+    device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N"
+
+    def validate(self, where: str) -> None:
+        """Refuse a device this machine does not have (CUDA asked for and absent, cuda:N out of range)."""
+        resolve_device(self.device, f"{where}.device")
 
     def compute_params(self, n: int) -> dict[str, Any]:
         """The profile parameters ``compute_speeds`` takes for this profile."""
@@ -204,6 +218,7 @@ def spec_for(exp: Experiment, run: RunVariant | str, progress: bool = False) -> 
         eval_every=s.eval_every or None,
         eval_every_rounds=s.eval_every_rounds or None,
         seed=s.seed or c.data.seed,
+        device=str(resolve_device(s.device, f"{exp.source}: [simulation].device")),
         progress=progress,
     )
 

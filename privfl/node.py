@@ -18,7 +18,9 @@ leaves, so nobody loses a partner mid-exchange. Unreachable peers are skipped wi
 backoff; every wait is bounded.
 
 Outputs (``node.output``): ``ledger.jsonl``, ``checkpoint.pt`` (atomic), ``metrics.jsonl``
-and ``metrics.csv``, ``final_model.npz``, ``summary.json``, ``node.log`` (by the launcher).
+and ``metrics.csv``, ``final_model.npz``, ``final_model.pt`` (the model's own ``state_dict``;
+``final_model.safetensors`` when safetensors is installed), ``preprocessing.json`` (the public
+preprocessing the model expects), ``summary.json``, ``node.log`` (by the launcher).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ from privfl.pki import (
     verify_crl,
     verify_node_certificate,
 )
+from privfl.sim.engine import save_state_dict, state_dict_files
 from privfl.preprocessing import (
     Preprocessing,
     PreprocessingSpec,
@@ -100,6 +103,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 FINAL_MODEL = "final_model.npz"
+FINAL_STATE_DICT = "final_model"  # + ".safetensors" when safetensors is installed, else ".pt" (torch.save)
 SUMMARY_FILE = "summary.json"
 PREPROCESSING_FILE = "preprocessing.json"
 METRIC_FIELDS = ("time", "node", "phase", "steps", "loss", "accuracy", "test_loss", "epsilon", "delta",
@@ -109,7 +113,7 @@ OUTPUT_LOCK = ".lock"
 # what the node writes in its output folder (and the temporary names it renames from)
 OUTPUT_FILES = (LEDGER_FILE, LEDGER_FILE + ".tmp", CHECKPOINT_FILE, CHECKPOINT_FILE + ".tmp", METRICS_JSONL,
                 METRICS_CSV, FINAL_MODEL, "initial_model.npz", SUMMARY_FILE, SUMMARY_FILE + ".tmp",
-                PREPROCESSING_FILE)
+                PREPROCESSING_FILE, PREPROCESSING_FILE + ".tmp", *state_dict_files(FINAL_STATE_DICT))
 _HELD_LOCKS: dict[str, int] = {}  # lock file → descriptor, held until this process exits
 
 
@@ -388,6 +392,8 @@ class Node:
                                   cfg.randomness, pre.describe())
         if fresh and pre.dp_event is not None:
             self._record_preprocessing(pre)
+        elif fresh:  # public ranges (or none): saved too, so the final model comes with what it needs
+            save_preprocessing(pre, self.out / PREPROCESSING_FILE)
         accountant = self.ledger.rebuild_accountant()
         self.steps_before = self.ledger.steps
         in_shape = tuple(self.site.train.x.shape[1:])
@@ -399,10 +405,11 @@ class Node:
             log.warning("node %s: [node].seed = %d: SEEDED noise and sampling — anyone who knows the seed can "
                         "recompute them; for tests only (the ledger says 'seeded' and the audit fails it)",
                         self.node_id, cfg.seed)
+        self.device = cfg.device  # [node].device, checked at load ("auto": CUDA when present)
         try:
             self.client = DPClient(model, (self.site.train.x, self.site.train.y), (self.site.test.x, self.site.test.y),
                                    dpc, seed=None if cfg.seed is None else cfg.seed + 1000 * self.steps_before,
-                                   accountant=accountant, on_dp_event=self._on_dp_event)
+                                   device=self.device, accountant=accountant, on_dp_event=self._on_dp_event)
         except ValueError as exc:
             raise ConfigError(f"{cfg.path}: [dp]: {exc}") from None
         self.client.training_steps = self.steps_before
@@ -413,9 +420,9 @@ class Node:
         if resumed is not None:
             params = resumed
         eps = self.client.epsilon
-        log.info("node %s: site %d, %d train / %d test records (local), σ=%.4g, q=%.4g, %s randomness, ledger "
-                 "steps=%d ε=%.4f of %g (δ=%g)%s", self.node_id, cfg.site_index, len(self.site.train),
-                 len(self.site.test), self.sigma, self.client.sample_rate, self.client.random_kind,
+        log.info("node %s: site %d, %d train / %d test records (local), device %s, σ=%.4g, q=%.4g, %s randomness, "
+                 "ledger steps=%d ε=%.4f of %g (δ=%g)%s", self.node_id, cfg.site_index, len(self.site.train),
+                 len(self.site.test), self.device, self.sigma, self.client.sample_rate, self.client.random_kind,
                  self.steps_before, eps, c.dp.target_epsilon, c.dp.delta,
                  ", resumed from checkpoint" if resumed is not None else "")
         self.topology = topology_of(cfg, list(self.roster.nodes))
@@ -482,10 +489,13 @@ class Node:
             except (OSError, ValueError, ConfigError) as exc:
                 raise NodeError(f"{path}: unreadable saved preprocessing ({exc}); remove it only together with a "
                                 "new ledger") from None
-            if saved.describe().get("spec") == spec_description(spec):
+            # only a DP estimate is reused; public ranges cost nothing and are fitted (and saved) afresh
+            if saved.kind == "dp" and saved.describe().get("spec") == spec_description(spec):
                 log.info("node %s: preprocessing %s reloaded from %s", self.node_id, saved.kind, path)
                 return saved, False
-            log.info("node %s: [data] preprocessing changed since %s was saved; fitting it again", self.node_id, path)
+            if saved.kind == "dp":
+                log.info("node %s: [data] preprocessing changed since %s was saved; fitting it again", self.node_id,
+                         path)
         source = random_source(None if self.cfg.seed is None else self.cfg.seed + 4243)
         pre = fit_preprocessing(spec, train_x, source=source, base_dir=self.cfg.path.parent, dataset_name=dataset)
         return pre, True
@@ -853,9 +863,13 @@ class Node:
                            "the close entry was not recorded")
 
     def summary(self) -> dict[str, Any]:
-        """Write the final model (npz) and summary.json; returns the summary."""
+        """Write the final model (npz, and the user's ``state_dict`` as ``final_model.pt`` /
+        ``.safetensors``) and summary.json; returns the summary."""
         params = self._snapshot()
         np.savez(self.out / FINAL_MODEL, **{n: p for n, p in zip(self.names, params)})
+        model_file = save_state_dict(self.names, params, self.out / FINAL_STATE_DICT)
+        log.info("node %s: final model written to %s (load_state_dict keys of the model; preprocessing in %s)",
+                 self.node_id, model_file, self.out / PREPROCESSING_FILE)
         last = self.metrics_rows[-1] if self.metrics_rows else {}
         traffic = self.network.counters.total() if self.network else None
         summary = {
@@ -874,6 +888,8 @@ class Node:
             "served": int(getattr(self.strategy, "served", 0)),
             "refused_peers_policy": sorted(self.network.refused_policy) if self.network else [],
             "ledger": str(self.out / LEDGER_FILE), "ledger_entries": self.ledger.num_entries if self.ledger else 0,
+            "model": str(model_file), "preprocessing": str(self.out / PREPROCESSING_FILE),
+            "device": str(self.device),
             "wall_seconds": round(time.monotonic() - self._t0, 3), "software_version": privfl.__version__,
         }
         tmp = self.out / (SUMMARY_FILE + ".tmp")

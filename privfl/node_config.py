@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from privfl.config import (
     CommonConfig,
     StrategySection,
@@ -25,6 +27,7 @@ from privfl.config import (
     common_from,
     from_table,
     read_toml,
+    resolve_device,
     resolve_path,
 )
 from privfl.errors import ConfigError
@@ -51,6 +54,7 @@ class NodeSection:
     consensus_wait: float = 30.0  # wait at most this long for neighbours to finish training
     linger: float = 30.0  # wait at most this long for neighbours to say goodbye
     sync_timeout: float = 10.0  # sync_gossip: wait at most this long for a round's models
+    device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N"
 
     def validate(self, where: str) -> None:
         if not self.id:
@@ -72,6 +76,7 @@ class NodeSection:
             raise ConfigError(f"{where}.eval_every: must be >= 1, got {self.eval_every}")
         if self.consensus_exchanges < 0:
             raise ConfigError(f"{where}.consensus_exchanges: must be >= 0, got {self.consensus_exchanges}")
+        resolve_device(self.device, f"{where}.device")  # CUDA asked for and absent: refused at load
 
 
 @dataclass
@@ -111,6 +116,11 @@ class NodeConfig:
     def log_level(self) -> int:
         """The node's log level as a :mod:`logging` constant."""
         return int(getattr(logging, self.node.log_level.upper()))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the node trains: ``[node].device`` resolved ("auto": CUDA when present, else CPU)."""
+        return resolve_device(self.node.device, f"{self.path}: [node].device")
 
     @property
     def seed(self) -> int | None:

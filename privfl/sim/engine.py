@@ -16,29 +16,37 @@ Three drivers, one per strategy family:
   node's link.
 
 Models are evaluated every ``eval_every`` virtual seconds (round drivers: after the round
-that crosses the mark, or every ``eval_every_rounds`` rounds). No model history is kept.
+that crosses the mark, or every ``eval_every_rounds`` rounds). No model history is kept:
+only the models of the last evaluation (:attr:`Engine.final_models`), which
+:func:`write_results` saves under the model's own ``state_dict`` names, one file a node.
 """
 
 from __future__ import annotations
 
 import csv
 import heapq
+import importlib.util
+import io
 import json
 import logging
 import math
+import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.client import NumPyClient
 
 from strategies.base import CollectiveStrategy, NodeStrategy, Params
 
 from privfl.sim.network import SimWorld
 
-__all__ = ["Engine", "SimulationResult", "StopCriteria", "consensus_distance", "write_results"]
+__all__ = ["Engine", "SimulationResult", "StopCriteria", "consensus_distance", "save_state_dict",
+           "state_dict_files", "write_results"]
 
 log = logging.getLogger("privfl.sim")
 
@@ -65,14 +73,59 @@ class SimulationResult:
     rows: list[dict[str, Any]]
     summary: dict[str, Any]
     node_ids: list[str] = field(default_factory=list)
+    #: each node's model at the last evaluation (the one its final accuracy is of), in ``param_names`` order
+    models: dict[str, Params] = field(default_factory=dict)
+    #: the model's ``state_dict()`` keys: what ``load_state_dict`` expects
+    param_names: list[str] = field(default_factory=list)
+    #: each node's fitted :class:`privfl.preprocessing.Preprocessing` (applied to its own records)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
     def final(self) -> list[dict[str, Any]]:
         """The last evaluation's rows, one per node."""
         return self.rows[-len(self.node_ids):] if self.rows and self.node_ids else []
 
 
+def state_dict_files(stem: str) -> tuple[str, ...]:
+    """The file names :func:`save_state_dict` may write for ``stem`` (and its temporary names)."""
+    return tuple(f"{stem}{ext}{tmp}" for ext in (".pt", ".safetensors") for tmp in ("", ".tmp"))
+
+
+def save_state_dict(names: Sequence[str], params: Sequence[np.ndarray], stem: str | Path) -> Path:
+    """Write ``params`` under ``names`` (a model's ``state_dict()`` keys) so the user loads it with
+    ``model.load_state_dict(...)``: ``<stem>.safetensors`` when safetensors is installed, else
+    ``<stem>.pt`` (a plain ``torch.save`` of a dict of tensors, ``torch.load(..., weights_only=True)``).
+    Written atomically (a temporary file, then ``os.replace``); returns the path."""
+    if len(names) != len(params):
+        raise ValueError(f"{len(names)} names for {len(params)} arrays")
+    tensors = {str(n): torch.from_numpy(np.array(p, copy=True)) for n, p in zip(names, params)}
+    stem = Path(stem)
+    if importlib.util.find_spec("safetensors") is not None:
+        from safetensors.torch import save as st_save
+
+        path, data = stem.with_name(stem.name + ".safetensors"), st_save(tensors)
+    else:
+        buf = io.BytesIO()
+        torch.save(tensors, buf)
+        path, data = stem.with_name(stem.name + ".pt"), bytes(buf.getbuffer())
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    return path
+
+
+def _file_id(node_id: str) -> str:
+    """A node id as a file-name part (anything but letters, digits, ``.``, ``_``, ``-`` becomes ``_``)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", node_id) or "_"
+
+
 def write_results(result: SimulationResult, run_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``metrics.csv`` and ``summary.json`` into ``run_dir`` (created if needed)."""
+    """Write ``metrics.csv`` and ``summary.json`` into ``run_dir`` (created if needed), and each
+    node's final model (``final_model_<node>.pt``/``.safetensors``, its ``state_dict``) with the
+    public preprocessing its site applied (``preprocessing_<node>.json``; a per-site z-score is
+    private and is not written)."""
+    from privfl.preprocessing import save_preprocessing
+
     d = Path(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     mpath, spath = d / "metrics.csv", d / "summary.json"
@@ -81,7 +134,22 @@ def write_results(result: SimulationResult, run_dir: str | Path) -> tuple[Path, 
         w.writeheader()
         for row in result.rows:
             w.writerow(row)
-    spath.write_text(json.dumps(_jsonable(result.summary), indent=2, sort_keys=True) + "\n")
+    files: dict[str, dict[str, str]] = {}
+    for nid, params in result.models.items():
+        if result.param_names:
+            model = save_state_dict(result.param_names, params, d / f"final_model_{_file_id(nid)}")
+            files.setdefault(nid, {})["model"] = model.name
+    for nid, pre in result.preprocessing.items():
+        if getattr(pre, "kind", None) == "site":
+            log.warning("simulate %s: per-site z-score preprocessing is private; not written (research only)", nid)
+            continue
+        ppath = d / f"preprocessing_{_file_id(nid)}.json"
+        save_preprocessing(pre, ppath)
+        files.setdefault(nid, {})["preprocessing"] = ppath.name
+    summary = dict(result.summary)
+    if files:
+        summary["model_files"] = files
+    spath.write_text(json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n")
     return mpath, spath
 
 
@@ -143,6 +211,7 @@ class Engine:
         self.last_accuracy: list[float] = []
         self.evals = 0
         self.round = 0
+        self.final_models: dict[str, Params] = {}  # the models of the last evaluation
 
     # ---- helpers --------------------------------------------------------------------
     def compute_time(self, i: int, steps: int) -> float:
@@ -162,6 +231,7 @@ class Engine:
     def _record(self, t: float, models: Sequence[Params]) -> bool:
         """Evaluate every node's model at virtual time ``t``; True when the target accuracy is met."""
         cmax, crms = consensus_distance(models)
+        self.final_models = dict(zip(self.node_ids, models))
         accs = []
         for i, nid in enumerate(self.node_ids):
             loss, acc = self.evaluate(models[i])
