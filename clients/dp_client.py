@@ -1,10 +1,14 @@
-"""DPClient: a Flower NumPyClient that trains locally with DP-SGD on Opacus.
+"""DPClient: a Flower NumPyClient that trains locally with DP-SGD, built on :class:`~clients.engine.PrivacyEngine`.
 
-The Opacus pieces (GradSampleModule, the optimizer), the Poisson batch sampler and the
-accountant are built once and live as long as the client, so ε accumulates across
+The client is thin: its training loop is an ordinary PyTorch loop over the module,
+optimizer and Poisson loader that ``PrivacyEngine.make_private`` returns (per-sample
+gradients from Opacus or the fast ghost engine, the clipping rule, the secure or seeded
+random source, the accountant, the budget guard and the ``on_dp_event`` hook all live in
+the engine). They are built once and live as long as the client, so ε accumulates across
 ``fit`` calls and never restarts. The steps of a ``fit`` are reserved in the accountant
-(and reported to ``on_dp_event``, e.g. the ledger) *before* they run: a crash mid-fit
-can only over-count the budget, never under-count it.
+(and reported to ``on_dp_event``, e.g. the ledger) *before* they run
+(:meth:`PrivacyEngine.reserve`): a crash mid-fit can only over-count the budget, never
+under-count it.
 
 What it releases (see the README's threat model): ``fit`` returns the noised model, a
 public weight (the declared site size, or 1) and public values only (ε, δ, steps,
@@ -15,6 +19,9 @@ denominator, its cost composed into the same accountant first. The sampling rate
 the divisor of the noisy sum and σ all come from public declarations, never from the
 number of records the site holds. Noise and batches come from a secure random source
 unless a ``seed`` is given explicitly (simulations, tests).
+
+Training and test data are ``(x, y)`` numpy arrays or torch ``Dataset``s yielding
+``(input, label)`` pairs (e.g. images read from disk by a user's data factory).
 """
 
 from __future__ import annotations
@@ -27,18 +34,14 @@ from typing import Any, Callable
 import flwr
 import numpy as np
 import torch
-from opacus import GradSampleModule
-from opacus.data_loader import wrap_collate_with_empty
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from accounting import BudgetExhausted, BudgetGuard, PrivacyAccountant, calibrate_noise
-from accounting.releases import PUBLIC_FIT_METRICS
-from clients.clipping import clipping_rule
-from clients.ghost import make_ghost_private
-from clients.optimizer import PerSampleWeightDPOptimizer
-from clients.randomness import PoissonBatchSampler, RandomSource, random_source
 from accounting.errors import ConfigError
+from accounting.releases import PUBLIC_FIT_METRICS
+from clients.engine import PrivacyEngine, mechanism_description
+from clients.randomness import RandomSource, random_source
 
 warnings.filterwarnings("ignore", message="(?i).*full backward hook.*")
 
@@ -149,16 +152,18 @@ class DPConfig:
 class DPClient(flwr.client.NumPyClient):
     """Trains ``model`` on one site's data with per-sample clipping, noise and accounting.
 
+    ``train`` / ``test``: ``(x, y)`` arrays or torch ``Dataset``s of ``(input, label)``.
     ``seed``: None (the default) draws noise and batches from a fresh secure source;
     an integer asks explicitly for a reproducible seeded stream (``random_kind``
-    says which, and the node writes it into its ledger).
+    says which, and the node writes it into its ledger). With DP on, the module,
+    optimizer and loader come from :attr:`privacy_engine` (a :class:`PrivacyEngine`).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        train: tuple[np.ndarray, np.ndarray],
-        test: tuple[np.ndarray, np.ndarray] | None,
+        train: tuple[np.ndarray, np.ndarray] | Dataset,
+        test: tuple[np.ndarray, np.ndarray] | Dataset | None,
         config: DPConfig,
         seed: int | None = None,
         device: torch.device | str | None = None,
@@ -170,44 +175,61 @@ class DPClient(flwr.client.NumPyClient):
         self.device = torch.device(device) if device is not None else _default_device()
         self.seed = seed
         self.on_dp_event = on_dp_event
-        x, y = (torch.as_tensor(a) for a in train)
-        self.n_train = len(y)  # private: used on the site only, never released
+        dataset = _as_dataset(train, "train")
+        self.n_train = len(dataset)  # type: ignore[arg-type]  # private: used on the site only, never released
         if self.n_train == 0:
             raise ValueError("a site needs at least one training sample")
         if config.enabled and config.delta >= 1 / self.n_train:
             raise ConfigError(f"dp.delta: δ={config.delta:g} is not below 1/n for this site's training records; "
                               "choose a smaller δ")
-        self.test = None if test is None else tuple(torch.as_tensor(a) for a in test)
+        #: the test split as tensors when given as arrays (None for a Dataset: see test_dataset)
+        self.test: tuple[torch.Tensor, ...] | None = None
+        self.test_dataset: Dataset | None = None
+        if isinstance(test, Dataset):
+            self.test_dataset = test
+        elif test is not None:
+            self.test = tuple(torch.as_tensor(a) for a in test)
         self.module = model.to(self.device)
         self.criterion = nn.CrossEntropyLoss()
         self.accountant = accountant or PrivacyAccountant(config.accountant)  # type: ignore[arg-type]
-        self.sampling_source: RandomSource = random_source(seed)
-        self.noise_source: RandomSource = random_source(None if seed is None else seed + 7919, self.device)
         self.last_loss = math.nan  # the last fit's mean training loss: local, never released
         self.training_steps = 0  # DP training steps this client reserved (not preprocessing/evaluation)
-        dataset = TensorDataset(x.float(), y.long())
         base_opt = torch.optim.SGD(self.module.parameters(), lr=config.lr, momentum=config.momentum)
         self.train_module: nn.Module
         self.optimizer: torch.optim.Optimizer
+        self.privacy_engine: PrivacyEngine | None = None
         if config.enabled:
+            if config.engine not in ("opacus", "fast", "auto"):
+                raise ConfigError(f"dp.engine: unknown engine {config.engine!r}; choose 'opacus' or 'fast'")
+            if config.mechanism not in ("gaussian", "topagg"):
+                raise ConfigError(f"dp.mechanism: must be gaussian or topagg, got {config.mechanism!r}")
+            if config.engine == "fast" and config.mechanism != "gaussian":
+                raise ConfigError(f"dp.engine: the 'fast' engine implements the gaussian mechanism only, "
+                                  f"not {config.mechanism!r}; use engine = 'opacus'")
             self.sample_rate = config.public_sample_rate()
             self.noise_multiplier = config.resolved_noise()
-            self.guard: BudgetGuard | None = BudgetGuard(self.accountant, config.target_epsilon, config.delta)
-            if config.engine not in ("opacus", "fast"):
-                raise ConfigError(f"dp.engine: unknown engine {config.engine!r}; choose 'opacus' or 'fast'")
-            sampler = PoissonBatchSampler(self.n_train, self.sample_rate, self.sampling_source)
-            collate = wrap_collate_with_empty(collate_fn=default_collate, sample_empty_shapes=[(0, *x.shape[1:]), (0,)],
-                                              dtypes=[torch.float32, torch.int64])
-            self.loader: DataLoader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
-            if config.engine == "fast":
-                if config.mechanism != "gaussian":
-                    raise ConfigError(f"dp.engine: the 'fast' engine implements the gaussian mechanism only, "
-                                      f"not {config.mechanism!r}; use engine = 'opacus'")
-                self.train_module, self.optimizer = self._make_fast_dp(base_opt)
-            else:
-                self.train_module = GradSampleModule(self.module)
-                self.optimizer = self._make_dp_optimizer(base_opt)
+            engine = PrivacyEngine(self.accountant, seed=seed, on_dp_event=self._emit)
+            self.module.train()
+            try:
+                self.train_module, self.optimizer, self.loader = engine.make_private(
+                    module=self.module, optimizer=base_opt, data_loader=DataLoader(dataset, batch_size=config.batch_size),
+                    noise_multiplier=self.noise_multiplier, max_grad_norm=config.max_grad_norm,
+                    sample_rate=self.sample_rate, expected_batch_size=self._expected_batch(),
+                    clipping=config.clipping, psac_r=config.psac_r, autos_gamma=config.autos_gamma,
+                    engine=config.engine,  # type: ignore[arg-type]
+                    target_epsilon=config.target_epsilon, delta=config.delta,
+                    mechanism=config.mechanism, mechanism_params=config.mechanism_params)
+            except ConfigError as exc:  # name the config section the value came from
+                msg = str(exc)
+                raise ConfigError(msg if msg.startswith("dp.") else f"dp: {msg}") from None
+            self.privacy_engine = engine
+            self.guard: BudgetGuard | None = engine.guard
+            self.sampling_source: RandomSource = engine.sampling_source
+            assert engine.noise_source is not None
+            self.noise_source: RandomSource = engine.noise_source
         else:
+            self.sampling_source = random_source(seed)
+            self.noise_source = random_source(None if seed is None else seed + 7919, self.device)
             self.sample_rate = min(1.0, config.batch_size / self.n_train)
             self.noise_multiplier = 0.0
             self.guard = None
@@ -224,37 +246,14 @@ class DPClient(flwr.client.NumPyClient):
         """"secure" or "seeded": where this client's noise and batches come from."""
         return self.noise_source.kind
 
+    def _emit(self, event: dict[str, Any]) -> None:
+        """Forward a DP event to :attr:`on_dp_event` (read at each event: it may be set later)."""
+        if self.on_dp_event is not None:
+            self.on_dp_event(event)
+
     def _expected_batch(self) -> float:
         """The divisor of the noisy sum: public (see :meth:`DPConfig.expected_batch_size`)."""
         return self.config.expected_batch_size()
-
-    def _make_dp_optimizer(self, base: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        c = self.config
-        if c.mechanism == "topagg":
-            from clients.topagg import TopAggDPOptimizer  # local imports keep this branch self-contained
-
-            # σ = z·√k inside the optimizer; the accountant gets z (self.noise_multiplier)
-            return TopAggDPOptimizer.from_params(
-                base, c.mechanism_params, noise_multiplier=self.noise_multiplier,
-                expected_batch_size=self._expected_batch(), random_source=self.noise_source)  # type: ignore[arg-type]
-        if c.mechanism != "gaussian":
-            raise ConfigError(f"dp.mechanism: must be gaussian or topagg, got {c.mechanism!r}")
-        rule = clipping_rule(c.clipping, psac_r=c.psac_r, autos_gamma=c.autos_gamma)
-        return PerSampleWeightDPOptimizer(
-            base,
-            noise_multiplier=self.noise_multiplier,
-            max_grad_norm=c.max_grad_norm,
-            expected_batch_size=self._expected_batch(),
-            random_source=self.noise_source,
-            clipping=rule,
-        )
-
-    def _make_fast_dp(self, base: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
-        c = self.config
-        return make_ghost_private(
-            self.module, base, noise_multiplier=self.noise_multiplier, max_grad_norm=c.max_grad_norm,
-            expected_batch_size=self._expected_batch(), random_source=self.noise_source,  # type: ignore[arg-type]
-            clipping=clipping_rule(c.clipping, psac_r=c.psac_r, autos_gamma=c.autos_gamma))
 
     # ---- parameters -------------------------------------------------------------------
     def parameter_names(self) -> list[str]:
@@ -282,47 +281,19 @@ class DPClient(flwr.client.NumPyClient):
 
     def steps_allowed(self, requested: int) -> int:
         """How many of ``requested`` steps fit in the remaining budget."""
-        if self.guard is None:
+        if self.privacy_engine is None:
             return requested
-        if not self.guard.would_exceed(self.noise_multiplier, self.sample_rate, requested):
-            return requested
-        return min(requested, self.guard.max_steps(self.noise_multiplier, self.sample_rate, limit=requested))
+        return self.privacy_engine.steps_allowed(requested)
 
     def mechanism_description(self) -> dict[str, Any]:
         """What an auditor needs to know of the training mechanism (public)."""
         c = self.config
-        if c.mechanism == "topagg":
-            k = int(c.mechanism_params.get("k", 0))
-            return {"local_mechanism": "topagg", "clipping": "topagg", "max_grad_norm": math.sqrt(k),
-                    "sensitivity": math.sqrt(k),
-                    "mechanism_params": {key: v for key, v in c.mechanism_params.items() if v is not None}}
-        return {"local_mechanism": "gaussian", "clipping": c.clipping, "max_grad_norm": c.max_grad_norm,
-                "sensitivity": c.max_grad_norm, "mechanism_params": {}}
-
-    def _event(self, purpose: str, noise_multiplier: float, sample_rate: float, steps: int,
-               **details: Any) -> dict[str, Any]:
-        """Account ``steps`` events, then report them (write-ahead) to ``on_dp_event``."""
-        self.accountant.step(noise_multiplier, sample_rate, steps)
-        event = {
-            "purpose": purpose,
-            "mechanism": "poisson_gaussian",
-            "noise_multiplier": noise_multiplier,
-            "sample_rate": sample_rate,
-            "steps": steps,
-            "neighboring_relation": "add_or_remove_one",
-            "accountant": self.accountant.method,
-            "epsilon": self.epsilon,
-            "delta": self.config.delta,
-            "randomness": self.random_kind,
-            **details,
-        }
-        if self.on_dp_event is not None:
-            self.on_dp_event(event)
-        return event
+        return mechanism_description(c.mechanism, c.clipping, c.max_grad_norm, c.mechanism_params)
 
     def _reserve(self, steps: int) -> None:
         """Account for ``steps`` training steps before they run (write-ahead: crash-safe)."""
-        self._event("training", self.noise_multiplier, self.sample_rate, steps, **self.mechanism_description())
+        assert self.privacy_engine is not None
+        self.privacy_engine.reserve(steps)
         self.training_steps += steps
 
     # ---- training ---------------------------------------------------------------------
@@ -394,14 +365,23 @@ class DPClient(flwr.client.NumPyClient):
         stats = self.train_steps(self.local_steps_from(config))
         return self.get_parameters({}), self.config.public_weight(), self.public_fit_metrics(int(stats["steps"]))
 
+    def _test_size(self) -> int:
+        """Records in the site's test split (private: never released)."""
+        if self.test is not None:
+            return len(self.test[1])
+        return 0 if self.test_dataset is None else len(self.test_dataset)  # type: ignore[arg-type]
+
     @torch.no_grad()
     def evaluate_local(self, parameters: NDArrays | None = None) -> tuple[float, float]:
         """(test loss, accuracy) on the site's own test split: for the site alone, never released."""
         if parameters is not None:
             self.set_parameters(parameters)
-        if self.test is None or len(self.test[1]) == 0:
+        if self._test_size() == 0:
             return math.nan, math.nan
-        return evaluate_model(self.module, self.test[0], self.test[1], self.device)
+        if self.test is not None:
+            return evaluate_model(self.module, self.test[0], self.test[1], self.device)
+        assert self.test_dataset is not None
+        return evaluate_dataset(self.module, self.test_dataset, self.device)
 
     @torch.no_grad()
     def evaluate(self, parameters: NDArrays, config: dict[str, Any]) -> tuple[float, int, dict[str, Any]]:
@@ -420,11 +400,14 @@ class DPClient(flwr.client.NumPyClient):
         if self.guard is not None and self.guard.would_exceed(c.eval_noise_multiplier, 1.0, 1):
             return 0.0, 0, {}
         correct = 0
-        if self.test is not None and len(self.test[1]):
-            _, acc = evaluate_model(self.module, self.test[0], self.test[1], self.device)
-            correct = int(round(acc * len(self.test[1])))
-        self._event("evaluation", float(c.eval_noise_multiplier), 1.0, 1, local_mechanism="gaussian_count",
-                    clipping="count", max_grad_norm=1.0, sensitivity=1.0, mechanism_params={})
+        n_test = self._test_size()
+        if n_test:
+            _, acc = self.evaluate_local()
+            correct = int(round(acc * n_test))
+        assert self.privacy_engine is not None
+        self.privacy_engine.account_event("evaluation", float(c.eval_noise_multiplier), 1.0, 1,
+                                          local_mechanism="gaussian_count", clipping="count", max_grad_norm=1.0,
+                                          sensitivity=1.0, mechanism_params={})
         noisy = correct + float(self.noise_source.normal(float(c.eval_noise_multiplier), (1,), dtype=torch.float64))
         acc_dp = min(1.0, max(0.0, noisy / float(c.eval_denominator)))  # type: ignore[arg-type]
         return 1.0 - acc_dp, int(c.eval_denominator), {"accuracy": acc_dp, "dp": 1}  # type: ignore[arg-type]
@@ -463,6 +446,19 @@ class DPClient(flwr.client.NumPyClient):
             self.noise_source.load_state_dict(state["noise_rng"])
 
 
+def _as_dataset(data: tuple[np.ndarray, np.ndarray] | Dataset, name: str) -> Dataset:
+    """A torch Dataset of (input, label): arrays become float inputs and int64 labels."""
+    if isinstance(data, Dataset):
+        try:
+            len(data)  # type: ignore[arg-type]
+        except TypeError:
+            raise ConfigError(f"{name}: a Dataset with a length is needed (Poisson sampling draws over its "
+                              "indices)") from None
+        return data
+    x, y = (torch.as_tensor(a) for a in data)
+    return TensorDataset(x.float(), y.long())
+
+
 @torch.no_grad()
 def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
                    batch: int = 1024) -> tuple[float, float]:
@@ -476,6 +472,22 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: t
         correct += int((out.argmax(1) == yb).sum())
     model.train()
     return total_loss / len(y), correct / len(y)
+
+
+@torch.no_grad()
+def evaluate_dataset(model: nn.Module, dataset: Dataset, device: torch.device,
+                     batch: int = 1024) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on a Dataset of (input, label)."""
+    model.eval()
+    total_loss, correct, n = 0.0, 0, 0
+    for xb, yb in DataLoader(dataset, batch_size=batch):
+        xb, yb = xb.float().to(device), torch.as_tensor(yb).long().to(device)
+        out = model(xb)
+        total_loss += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
+        correct += int((out.argmax(1) == yb).sum())
+        n += len(yb)
+    model.train()
+    return total_loss / n, correct / n
 
 
 def _default_device() -> torch.device:

@@ -403,3 +403,42 @@ def test_privfl_exports_the_engine_lazily() -> None:
     assert privfl.PrivacyEngine is PrivacyEngine is Direct
     assert "PrivacyEngine" in dir(privfl)
     assert math.isfinite(privfl.PrivacyEngine().get_epsilon(1e-5))
+
+
+# ---- DPClient on the engine, with torch Datasets ------------------------------------------------
+class _FromDisk(torch.utils.data.Dataset):
+    """A user's Dataset (as a data factory reading files would give): (input, label) per record."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(self.x[i]), int(self.y[i])
+
+
+@pytest.mark.parametrize("engine", ["opacus", "fast"])
+def test_dpclient_takes_torch_datasets_and_trains_as_with_arrays(engine: str) -> None:
+    x, y = _data()
+    torch.manual_seed(0)
+    start = UserNet()
+    cfg = DPConfig(noise_multiplier=SIGMA, batch_size=BATCH, sample_rate=Q, lr=LR, target_epsilon=50.0,
+                   engine=engine)
+    arrays = DPClient(copy.deepcopy(start), (x, y), (x[:50], y[:50]), cfg, seed=4, device="cpu")
+    ds = DPClient(copy.deepcopy(start), _FromDisk(x, y), _FromDisk(x[:50], y[:50]), cfg, seed=4, device="cpu")
+    assert isinstance(ds.privacy_engine, privfl.PrivacyEngine) and ds.privacy_engine.accountant is ds.accountant
+    p0 = arrays.get_parameters({})
+    pa, _, ma = arrays.fit(p0, {"local_steps": 7})
+    pd, _, md = ds.fit(p0, {"local_steps": 7})
+    for a, b in zip(pa, pd):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert ma == md
+    la, aa = arrays.evaluate_local()
+    ld, ad = ds.evaluate_local()
+    assert la == pytest.approx(ld, rel=1e-6) and aa == ad
+    # non-private training takes a Dataset too
+    off = DPClient(copy.deepcopy(start), _FromDisk(x, y), None, DPConfig(enabled=False, batch_size=BATCH), seed=0,
+                   device="cpu")
+    assert off.fit(p0, {"local_steps": 2})[2]["dp"] == 0
