@@ -219,9 +219,8 @@ class DPClient(flwr.client.NumPyClient):
                     engine=config.engine,  # type: ignore[arg-type]
                     target_epsilon=config.target_epsilon, delta=config.delta,
                     mechanism=config.mechanism, mechanism_params=config.mechanism_params)
-            except ConfigError as exc:  # name the config section the value came from
-                msg = str(exc)
-                raise ConfigError(msg if msg.startswith("dp.") else f"dp: {msg}") from None
+            except ConfigError as exc:
+                raise ConfigError(_as_dp_field(str(exc))) from None
             self.privacy_engine = engine
             self.guard: BudgetGuard | None = engine.guard
             self.sampling_source: RandomSource = engine.sampling_source
@@ -444,6 +443,21 @@ class DPClient(flwr.client.NumPyClient):
             self.sampling_source.load_state_dict(state["sampling_rng"])
         if isinstance(state.get("noise_rng"), dict):
             self.noise_source.load_state_dict(state["noise_rng"])
+
+
+def _as_dp_field(msg: str) -> str:
+    """An engine refusal named by the config field it came from ("make_private: clipping: …" → "dp.clipping: …")."""
+    if not msg.startswith("make_private: "):
+        return msg
+    rest = msg[len("make_private: "):]
+    field_name, sep, detail = rest.partition(": ")
+    if field_name.startswith("engine="):
+        return detail if detail.startswith("dp.engine") else f"dp.engine: {detail}"
+    if field_name == "module":
+        return f"model: {detail}"
+    if sep and field_name in DPConfig.__dataclass_fields__:
+        return f"dp.{rest}"
+    return f"dp: {rest}"
 
 
 def _as_dataset(data: tuple[np.ndarray, np.ndarray] | Dataset, name: str) -> Dataset:

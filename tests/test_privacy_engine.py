@@ -442,3 +442,14 @@ def test_dpclient_takes_torch_datasets_and_trains_as_with_arrays(engine: str) ->
     off = DPClient(copy.deepcopy(start), _FromDisk(x, y), None, DPConfig(enabled=False, batch_size=BATCH), seed=0,
                    device="cpu")
     assert off.fit(p0, {"local_steps": 2})[2]["dp"] == 0
+
+
+def test_dpclient_refuses_batchnorm_naming_the_layer_and_the_config_field() -> None:
+    x, y = _data()
+    model = nn.Sequential(nn.Linear(D, 8), nn.BatchNorm1d(8), nn.Linear(8, K))
+    cfg = DPConfig(noise_multiplier=SIGMA, batch_size=BATCH, sample_rate=Q)
+    with pytest.raises(ConfigError, match=r"^model: BatchNorm1d at 1 is not DP-compatible: replace with GroupNorm"):
+        DPClient(model, (x, y), None, cfg, device="cpu")
+    with pytest.raises(ConfigError, match=r"^dp.clipping: unknown rule 'abadi'"):
+        DPClient(UserNet(), (x, y), None, DPConfig(noise_multiplier=SIGMA, sample_rate=Q, clipping="abadi"),
+                 device="cpu")
