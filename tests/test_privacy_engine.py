@@ -453,3 +453,29 @@ def test_dpclient_refuses_batchnorm_naming_the_layer_and_the_config_field() -> N
     with pytest.raises(ConfigError, match=r"^dp.clipping: unknown rule 'abadi'"):
         DPClient(UserNet(), (x, y), None, DPConfig(noise_multiplier=SIGMA, sample_rate=Q, clipping="abadi"),
                  device="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_user_loop_on_cuda_gives_the_same_update_as_dpclient_on_cuda() -> None:
+    x, y = _data()
+    torch.manual_seed(0)
+    start = UserNet()
+    cfg = DPConfig(noise_multiplier=SIGMA, batch_size=BATCH, sample_rate=Q, lr=LR, momentum=MOMENTUM,
+                   target_epsilon=50.0, engine="fast")
+    client = DPClient(copy.deepcopy(start), (x, y), None, cfg, seed=3, device="cuda")
+    client.train_steps(6)
+    model, opt, loader = _user_setup(copy.deepcopy(start).cuda())
+    pe = privfl.PrivacyEngine(seed=3)
+    m, o, dl = pe.make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=SIGMA,
+                               max_grad_norm=C, sample_rate=Q, engine="fast")
+    assert pe.noise_source is not None and pe.noise_source.device.type == "cuda"  # type: ignore[attr-defined]
+    done = 0
+    for xb, yb in dl:
+        o.zero_grad()
+        _user_loss(m(xb.cuda()), yb.cuda()).backward()
+        o.step()
+        done += 1
+        if done == 6:
+            break
+    for a, b in zip(model.state_dict().values(), client.get_parameters({})):
+        np.testing.assert_allclose(a.cpu().numpy(), b, rtol=1e-4, atol=1e-5)
