@@ -60,7 +60,8 @@ def _run(config: Path, out: str | None, progress: bool, compare: bool, verbose: 
         logging.getLogger().removeHandler(fh)
         fh.close()
     console.print(_table(exp.name, results))
-    console.print(f"run folder: {run_dir} (metrics.csv, summary.json, comparison.json, run.log, plots *.png)")
+    console.print(f"run folder: {run_dir} (metrics.csv, summary.json, comparison.json, run.log, plots *.png, "
+                  "final_model_<node>.pt + preprocessing_<node>.json)")
 
 
 def simulate(
