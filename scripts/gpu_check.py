@@ -85,6 +85,10 @@ def run_checks(device: str) -> list[dict[str, Any]]:
         on_device = all(p.device.type == torch.device(device).type for p in c.module.parameters())
         checks.append({"name": f"{engine}: parameters on {device}", "value": on_device, "tolerance": None,
                        "held": bool(on_device)})
+        used = getattr(getattr(c, "privacy_engine", None), "engine_kind", engine)  # never a silent fallback
+        seeded = c.noise_source.kind == "seeded" and c.sampling_source.kind == "seeded"
+        checks.append({"name": f"{engine}: that engine ran, from seeded streams", "value": used,
+                       "randomness": c.noise_source.kind, "tolerance": None, "held": bool(used == engine and seeded)})
         updates[engine] = _flat(params) - start
     diff = float(np.abs(updates["opacus"] - updates["fast"]).max())
     scale = float(np.abs(updates["opacus"]).max())
