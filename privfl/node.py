@@ -76,7 +76,6 @@ from privfl.pki import (
     verify_crl,
     verify_node_certificate,
 )
-from privfl.sim.engine import save_state_dict, state_dict_files
 from privfl.preprocessing import (
     Preprocessing,
     PreprocessingSpec,
@@ -86,6 +85,7 @@ from privfl.preprocessing import (
     save_preprocessing,
     spec_description,
 )
+from privfl.sim.engine import save_state_dict, state_dict_files
 from strategies.base import NodeStrategy
 from strategies.compression.params import build_compressor
 from strategies.gossip import AsyncGossip, SyncGossip
