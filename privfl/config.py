@@ -13,7 +13,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin
@@ -24,6 +24,7 @@ from clients import CLIPPING_RULES, DPConfig
 from privfl.data import SiteData, load_dataset, split_sites
 from privfl.errors import ConfigError
 from privfl.models import MODELS
+from strategies.topology import Topology, TopologyError, build_topology, canonical_kind
 from privfl.preprocessing import BUILTIN_STATISTICS, PreprocessingSpec
 
 T = TypeVar("T")
@@ -228,15 +229,37 @@ class TopologySection:
     edges: list[list[str]] = field(default_factory=list)
     seed: int = 0
 
+    def validate(self, where: str) -> None:
+        try:
+            canonical_kind(self.kind)
+        except TopologyError as exc:
+            raise ConfigError(f"{where}.kind: {exc}") from None
+        if self.rows < 0:
+            raise ConfigError(f"{where}.rows: must be >= 0 (0: the most square torus), got {self.rows}")
+
+    @property
+    def canonical_kind(self) -> str:
+        """The registered name of :attr:`kind` (aliases such as ``grid`` resolved)."""
+        return canonical_kind(self.kind)
+
     def params(self) -> dict[str, Any]:
-        """The keyword arguments ``build_topology`` takes for this kind (and only those)."""
-        if self.kind in ("random_regular", "d-regular", "regular"):
+        """The keyword arguments ``build_topology`` takes for this kind (and only those); one
+        reading for ``privfl node``, ``launch``, ``simulate`` and ``compare``."""
+        kind = self.canonical_kind
+        if kind == "random_regular":
             return {"degree": self.degree, "seed": self.seed}
-        if self.kind == "torus":
+        if kind == "torus":
             return {"rows": self.rows} if self.rows > 0 else {}
-        if self.kind == "explicit":
+        if kind == "explicit":
             return {"edges": [tuple(e) for e in self.edges]}
         return {}
+
+    def build(self, node_ids: Sequence[str]) -> Topology:
+        """The graph over ``node_ids`` (the same on every node and in the simulator)."""
+        try:
+            return build_topology(self.canonical_kind, list(node_ids), **self.params())
+        except TopologyError as exc:
+            raise ConfigError(f"[topology]: {exc}") from None
 
 
 @dataclass

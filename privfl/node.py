@@ -89,7 +89,7 @@ from privfl.sim.engine import save_state_dict, state_dict_files
 from strategies.base import NodeStrategy
 from strategies.compression.params import build_compressor
 from strategies.gossip import AsyncGossip, SyncGossip
-from strategies.topology import Topology, build_topology
+from strategies.topology import Topology
 
 try:  # the output-folder lock; POSIX only
     import fcntl
@@ -333,17 +333,8 @@ def open_ledger(path: Path, identity: NodeIdentity, policy: LedgerPolicy, random
 
 
 def topology_of(cfg: NodeConfig, node_ids: Sequence[str]) -> Topology:
-    """The consortium graph over the roster's node ids (same on every node)."""
-    t = cfg.common.topology
-    kind = t.kind.strip().lower().replace("-", "_")
-    params: dict[str, Any] = {}
-    if kind in ("random_regular", "d_regular", "regular"):
-        params = {"degree": t.degree, "seed": t.seed}
-    elif kind in ("torus", "torus2d", "grid"):
-        params = {"rows": t.rows or None}
-    elif kind in ("explicit", "edges", "edge_list"):
-        params = {"edges": [tuple(e) for e in t.edges]}
-    return build_topology(t.kind, list(node_ids), **params)
+    """The consortium graph over the roster's node ids (same on every node, and in the simulator)."""
+    return cfg.common.topology.build(node_ids)
 
 
 # --------------------------------------------------------------------------- the node

@@ -26,6 +26,7 @@ __all__ = [
     "Topology",
     "TopologyError",
     "build_topology",
+    "canonical_kind",
 ]
 
 
@@ -404,15 +405,21 @@ _ALIASES: dict[str, str] = {
 TOPOLOGY_KINDS: tuple[str, ...] = tuple(_BUILDERS)
 
 
-def build_topology(kind: str, node_ids: Sequence[str], **params: Any) -> Topology:
-    """Build a topology by name (``ring``, ``torus``, ``exponential``, ``random_regular``,
-    ``complete``, ``explicit``); unknown kinds, unknown or missing parameters are refused."""
+def canonical_kind(kind: str) -> str:
+    """The registered name of a topology kind or alias (``grid`` → ``torus``); TopologyError if unknown."""
     if not isinstance(kind, str):
         raise TopologyError(f"topology kind must be a string, got {kind!r}")
     key = kind.strip().lower().replace("-", "_")
     key = _ALIASES.get(key, key)
     if key not in _BUILDERS:
         raise TopologyError(f"unknown topology kind {kind!r}; choose one of: {', '.join(TOPOLOGY_KINDS)}")
+    return key
+
+
+def build_topology(kind: str, node_ids: Sequence[str], **params: Any) -> Topology:
+    """Build a topology by name (``ring``, ``torus``, ``exponential``, ``random_regular``,
+    ``complete``, ``explicit``); unknown kinds, unknown or missing parameters are refused."""
+    key = canonical_kind(kind)
     method, required, optional = _BUILDERS[key]
     unknown = sorted(set(params) - required - optional)
     if unknown:
