@@ -43,3 +43,48 @@ def audit_cli() -> typer.Typer:
         typer.echo("0")
 
     return main
+
+
+#: ``python -c STALLER NODE_DIR CA ADDRESS TARGET CONSORTIUM SENDER N``: a roster member opens N
+#: gRPC streams to TARGET that each send one valid signed header and then stall; prints one
+#: status code per stream as it ends, then DONE. For the stalled-stream tests.
+STALLER = r'''
+import sys, threading, time
+import grpc, numpy as np
+from privfl.pki import NodeIdentity, node_dns_name
+from privfl.transport import Message, Signer, encode_message, iter_chunks
+from privfl.transport.common import METHOD, grpc_options
+
+node_dir, ca, address, target, consortium, sender, n = sys.argv[1:8]
+idn = NodeIdentity.load(node_dir, ca)
+signer = Signer(idn.key_pem, idn.cert_pem)
+creds = grpc.ssl_channel_credentials(idn.ca_pem, idn.key_pem, idn.cert_pem)
+ch = grpc.secure_channel(address, creds, options=grpc_options([
+    ("grpc.ssl_target_name_override", node_dns_name(consortium, target)), ("grpc.use_local_subchannel_pool", 1)]))
+grpc.channel_ready_future(ch).result(timeout=20)
+
+def stall(i):
+    enc = encode_message(Message("model", 0, {"w": np.zeros(16, np.float32)}), sender, target,
+                         time.time_ns() // 1000, certificate=signer.certificate_der,
+                         seal=lambda h, d: signer.seal(h, d, None))
+    first = next(iter_chunks(enc))
+    def requests():
+        yield first
+        time.sleep(3600)  # a valid header, then nothing
+    t0 = time.monotonic()
+    try:
+        for _ in ch.stream_stream(METHOD)(requests()):
+            pass
+        code = "OK"
+    except grpc.RpcError as exc:
+        code = exc.code().name
+    print(code, round(time.monotonic() - t0, 2), flush=True)
+
+threads = [threading.Thread(target=stall, args=(i,), daemon=True) for i in range(int(n))]
+for t in threads:
+    t.start()
+    time.sleep(0.05)
+for t in threads:
+    t.join()
+print("DONE", flush=True)
+'''

@@ -24,7 +24,7 @@ import pytest
 from privfl.launch import NodeProcesses, last_metrics, load_model, prepare_run
 from privfl.pki import NodeIdentity, load_roster, revoke_node
 from privfl.transport import GossipClient, Message
-from tests.helpers import patched_copy
+from tests.helpers import STALLER, patched_copy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -32,46 +32,6 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "hospitals-gossip" / "consortium.toml"
 STEPS = 20000  # more than fit in max_seconds: the nodes train until 45 s have passed
 
-STALLER = r'''
-import sys, threading, time
-import grpc, numpy as np
-from privfl.pki import NodeIdentity, node_dns_name
-from privfl.transport import Message, Signer, encode_message, iter_chunks
-from privfl.transport.common import METHOD, grpc_options
-
-node_dir, ca, address, target, consortium, sender, n = sys.argv[1:8]
-idn = NodeIdentity.load(node_dir, ca)
-signer = Signer(idn.key_pem, idn.cert_pem)
-creds = grpc.ssl_channel_credentials(idn.ca_pem, idn.key_pem, idn.cert_pem)
-ch = grpc.secure_channel(address, creds, options=grpc_options([
-    ("grpc.ssl_target_name_override", node_dns_name(consortium, target)), ("grpc.use_local_subchannel_pool", 1)]))
-grpc.channel_ready_future(ch).result(timeout=20)
-
-def stall(i):
-    enc = encode_message(Message("model", 0, {"w": np.zeros(16, np.float32)}), sender, target,
-                         time.time_ns() // 1000, certificate=signer.certificate_der,
-                         seal=lambda h, d: signer.seal(h, d, None))
-    first = next(iter_chunks(enc))
-    def requests():
-        yield first
-        time.sleep(3600)  # a valid header, then nothing
-    t0 = time.monotonic()
-    try:
-        for _ in ch.stream_stream(METHOD)(requests()):
-            pass
-        code = "OK"
-    except grpc.RpcError as exc:
-        code = exc.code().name
-    print(code, round(time.monotonic() - t0, 2), flush=True)
-
-threads = [threading.Thread(target=stall, args=(i,), daemon=True) for i in range(int(n))]
-for t in threads:
-    t.start()
-    time.sleep(0.05)
-for t in threads:
-    t.join()
-print("DONE", flush=True)
-'''
 
 
 def _wait(pred, timeout: float, what: str) -> float:  # noqa: ANN001

@@ -20,6 +20,7 @@ from privfl.transport import GossipServer, Message, PeerRefused, TransportError
 from privfl.transport.proto import gossip_pb2 as pb
 from privfl.transport.signing import Signer
 from strategies.base import ModelMessage
+from tests.helpers import STALLER
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -262,52 +263,6 @@ def test_the_same_identity_started_twice_cannot_bind(cluster: Cluster) -> None:
 # --------------------------------------------------------------------------- stalled streams
 
 
-STALLER = r'''
-"""Ten gRPC streams from member c that send a valid signed header and then stall (no deadline)."""
-import sys, threading, time
-import grpc, numpy as np
-from privfl.pki import NodeIdentity
-from privfl.transport import Message, Signer, encode_message, iter_chunks
-from privfl.transport.common import METHOD, grpc_options
-
-idn = NodeIdentity.load(sys.argv[1])
-address, n = sys.argv[2], int(sys.argv[3])
-signer = Signer(idn.key_pem, idn.cert_pem)
-creds = grpc.ssl_channel_credentials(idn.ca_pem, idn.key_pem, idn.cert_pem)
-results = []
-lock = threading.Lock()
-
-ch = grpc.secure_channel(address, creds, options=grpc_options([
-    ("grpc.ssl_target_name_override", "a.live.privfl"), ("grpc.use_local_subchannel_pool", 1)]))
-grpc.channel_ready_future(ch).result(timeout=20)  # one TLS connection, ten streams on it, in order
-
-def stall(i):
-    enc = encode_message(Message("model", 0, {"w": np.zeros(16, np.float32)}), "c", "a",
-                         time.time_ns() // 1000, certificate=signer.certificate_der,
-                         seal=lambda h, d: signer.seal(h, d, None))
-    first = next(iter_chunks(enc))
-    def requests():
-        yield first
-        time.sleep(3600)  # stall forever after a valid header
-    t0 = time.monotonic()
-    try:
-        for _ in ch.stream_stream(METHOD)(requests()):
-            pass
-        code = "OK"
-    except grpc.RpcError as exc:
-        code = exc.code().name
-    with lock:
-        results.append((code, time.monotonic() - t0))
-        print(code, round(time.monotonic() - t0, 2), flush=True)
-
-threads = [threading.Thread(target=stall, args=(i,), daemon=True) for i in range(n)]
-for t in threads:
-    t.start()
-    time.sleep(0.1)
-for t in threads:
-    t.join()
-print("DONE", flush=True)
-'''
 
 
 @pytest.mark.parametrize("cap", [4, 16])
@@ -315,8 +270,9 @@ def test_ten_stalled_streams_do_not_starve_a_legitimate_peer(tmp_path: Path, cap
                                                               caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="privfl.transport")
     cluster = Cluster(tmp_path / "pki", stream_timeout=2.0, max_calls_per_peer=cap)
-    proc = subprocess.Popen([sys.executable, "-c", STALLER, str(cluster.dir / "c"),
-                             cluster.nets["a"].server.address, "10"], cwd=REPO, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", STALLER, str(cluster.dir / "c"), str(cluster.dir / "ca.pem"),
+                             cluster.nets["a"].server.address, "a", "live", "c", "10"], cwd=REPO,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         time.sleep(1.0)  # the stalled streams are open (python start-up + handshakes)
