@@ -57,7 +57,15 @@ from accounting.audit_empirical import OneRunAudit, audit_one_run, draw_inclusio
 from clients import DPClient
 from clients.dp_client import evaluate_model
 from clients.randomness import random_source
-from privfl.config import DataSection, DPSection, ModelSection, check_sections, from_table, read_toml
+from privfl.config import (
+    DataSection,
+    DPSection,
+    ModelSection,
+    apply_python_path,
+    check_sections,
+    from_table,
+    read_toml,
+)
 from privfl.data import Dataset
 from privfl.errors import ConfigError
 from privfl.models import build_model
@@ -151,6 +159,8 @@ class AuditConfig:
 
 def audit_config_from(table: dict[str, Any], source: str, base_dir: Path | None = None) -> AuditConfig:
     """An :class:`AuditConfig` from a parsed TOML table; unknown sections and keys are refused."""
+    if base_dir is not None:
+        apply_python_path(table, base_dir, source)
     check_sections(table, ALLOWED_SECTIONS, source)
     if "audit" not in table:
         raise ConfigError(f"{source}: [audit] section missing")
@@ -387,7 +397,7 @@ def _run_audit(cfg: AuditConfig, seed: int | None, device: torch.device | str | 
         if dp_cfg.enabled:
             dp_cfg.noise_multiplier = dp_cfg.resolved_noise(prior=accountant.events)
 
-    model = build_model(cfg.model.name, tuple(can.x.shape[1:]), site.train.num_classes,
+    model = build_model(cfg.model.spec, tuple(can.x.shape[1:]), site.train.num_classes, args=cfg.model.args,
                         seed=cfg.model.seed, hidden=tuple(cfg.model.hidden))
     try:
         client = DPClient(model, (train_x, train_y), (can.test_x, can.test_y), dp_cfg,

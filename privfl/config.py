@@ -8,8 +8,10 @@ same thing everywhere, so a comparison really changes only what it says it chang
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import re
+import sys
 import tomllib
 import types
 import typing
@@ -23,7 +25,7 @@ import torch
 from clients import CLIPPING_RULES, DPConfig
 from privfl.data import SiteData, load_dataset, split_sites
 from privfl.errors import ConfigError
-from privfl.models import MODELS
+from privfl.models import MODELS, is_import_path, resolve_import
 from strategies.topology import Topology, TopologyError, build_topology, canonical_kind
 from privfl.preprocessing import BUILTIN_STATISTICS, PreprocessingSpec
 
@@ -131,15 +133,34 @@ class DataSection:
 
 @dataclass
 class ModelSection:
-    """Which model every site trains."""
+    """Which model every site trains: a built-in ``name``, or the hospital's own
+    ``factory = "pkg.module:name"`` (a callable returning an ``nn.Module``) called with ``args``."""
 
     name: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [64, 32])
     seed: int = 0
+    factory: str = ""
+    args: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
-        if self.name not in MODELS:
-            raise ConfigError(f"{where}.name: unknown model {self.name!r}; choose one of {', '.join(MODELS)}")
+        if self.factory:
+            if not is_import_path(self.factory):
+                raise ConfigError(f"{where}.factory: expected 'package.module:name', got {self.factory!r}")
+            try:
+                resolve_import(self.factory, f"{where}.factory")
+            except ConfigError as exc:
+                raise ConfigError(str(exc).replace("[model].factory", f"{where}.factory")) from None
+        elif self.name not in MODELS:
+            raise ConfigError(f"{where}.name: unknown model {self.name!r}; choose one of {', '.join(MODELS)} "
+                              f"or give {where}.factory = 'package.module:name'")
+        elif self.args:
+            raise ConfigError(f"{where}.args: only a [model].factory takes args (built-in {self.name!r} "
+                              "takes hidden)")
+
+    @property
+    def spec(self) -> str:
+        """What :func:`privfl.models.build_model` builds: the factory's import path, else the name."""
+        return self.factory or self.name
 
 
 @dataclass
@@ -399,6 +420,29 @@ def check_sections(table: dict[str, Any], allowed: Iterable[str], src: str) -> N
     unknown = sorted(set(table) - set(names))
     if unknown:
         raise ConfigError(f"{src}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
+
+
+PYTHON_PATH_KEY = "python_path"
+
+
+def apply_python_path(table: dict[str, Any], base: Path, src: str) -> list[str]:
+    """Pop the top-level ``python_path = [...]`` of a config file and put its folders (relative
+    to the file) at the front of ``sys.path``, so ``[model].factory`` and the like can import a
+    hospital's own package; returns them as absolute paths."""
+    raw = table.pop(PYTHON_PATH_KEY, [])
+    if isinstance(raw, str) or not isinstance(raw, list) or not all(isinstance(x, str) and x for x in raw):
+        raise ConfigError(f"{src}: python_path: expected a list of folder paths, got {raw!r}")
+    out = []
+    for value in raw:
+        p = resolve_path(base, value).resolve()
+        if not p.is_dir():
+            raise ConfigError(f"{src}: python_path: folder not found: {p}")
+        out.append(str(p))
+    for p in reversed(out):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    importlib.invalidate_caches()
+    return out
 
 
 def resolve_path(base: Path, value: str) -> Path:

@@ -21,6 +21,7 @@ from typing import Any
 from privfl.config import (
     CommonConfig,
     DPSection,
+    apply_python_path,
     check_sections,
     common_from,
     from_table,
@@ -120,6 +121,7 @@ def load_experiment(path: str | Path) -> Experiment:
     """Read and validate an experiment (or compare) TOML file."""
     p = Path(path)
     table = read_toml(p)
+    apply_python_path(table, p.parent, str(p))
     check_sections(table, ("name", "data", "model", "dp", "topology", "strategy", "stop", "simulation", "compare"),
                    str(p))
     common = common_from(table, str(p))
@@ -197,7 +199,8 @@ def spec_for(exp: Experiment, run: RunVariant | str, progress: bool = False) -> 
         shards_per_site=c.data.shards_per_site,
         test_fraction=c.data.test_fraction,
         preprocessing=c.data.preprocessing_spec(exp.source.parent),
-        model=c.model.name,
+        model=c.model.spec,
+        model_args=dict(c.model.args),
         hidden=tuple(c.model.hidden),
         dp=dp_section.to_dp_config(),
         strategy=run.strategy,

@@ -1,8 +1,12 @@
-"""Models built by name from config; all are DP-compatible (GroupNorm, never BatchNorm)."""
+"""Models built from config: a built-in by name (all DP-compatible: GroupNorm, never
+BatchNorm) or the hospital's own ``nn.Module`` factory by import path (``[model].factory``)."""
 
 from __future__ import annotations
 
+import importlib
 import math
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,16 +70,69 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
+ModelFactory = Callable[..., nn.Module]
+
+
+def _logreg(in_shape: tuple[int, ...], num_classes: int, **_: Any) -> nn.Module:
+    return LogisticRegression(math.prod(in_shape), num_classes)
+
+
+def _mlp(in_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (64, 32), **_: Any) -> nn.Module:
+    return MLP(math.prod(in_shape), num_classes, tuple(hidden))
+
+
+def _cnn(in_shape: tuple[int, ...], num_classes: int, **_: Any) -> nn.Module:
+    return SmallCNN(tuple(in_shape), num_classes)
+
+
+#: built-in models by name; a user's model is a ``"pkg.module:name"`` import path instead
+BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {"logreg": _logreg, "mlp": _mlp, "cnn": _cnn}
+
+
+def is_import_path(name: str) -> bool:
+    """Whether ``name`` names a user factory (``pkg.module:attr``) rather than a built-in model."""
+    return ":" in name
+
+
+def resolve_import(path: str, where: str) -> Any:
+    """The object at ``"pkg.module:attr"`` (``attr`` may be dotted); ConfigError naming ``where``."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"{where}: expected 'package.module:name', got {path!r}")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure of user code is a config error
+        raise ConfigError(f"{where}: cannot import {module_name!r} ({type(exc).__name__}: {exc}); "
+                          "is its folder in the config's python_path?") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{where}: module {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{where}: {path!r} is not callable")
+    return obj
+
+
 def build_model(name: str, in_shape: tuple[int, ...], num_classes: int, seed: int | None = None,
-                hidden: tuple[int, ...] = (64, 32)) -> nn.Module:
-    """The model ``name`` for inputs of shape ``in_shape`` (without the batch axis)."""
+                hidden: tuple[int, ...] = (64, 32), args: Mapping[str, Any] | None = None) -> nn.Module:
+    """The model ``name`` for inputs of shape ``in_shape`` (without the batch axis).
+
+    ``name`` is a built-in (:data:`BUILTIN_MODELS`) or a user factory ``"pkg.module:name"``
+    called with ``args`` as keyword arguments (it knows its own input shape). ``seed``
+    fixes the initial weights (the same public model at every site).
+    """
     if seed is not None:
         torch.manual_seed(seed)
-    flat = math.prod(in_shape)
-    if name == "logreg":
-        return LogisticRegression(flat, num_classes)
-    if name == "mlp":
-        return MLP(flat, num_classes, hidden)
-    if name == "cnn":
-        return SmallCNN(tuple(in_shape), num_classes)
-    raise ConfigError(f"model.name: unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    if is_import_path(name):
+        factory = resolve_import(name, "[model].factory")
+        try:
+            model = factory(**dict(args or {}))
+        except TypeError as exc:
+            raise ConfigError(f"[model].args: {name} does not take these arguments ({exc})") from None
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"[model].factory: {name} returned {type(model).__name__}, not a torch nn.Module")
+        return model
+    if name not in BUILTIN_MODELS:
+        raise ConfigError(f"model.name: unknown model {name!r}; choose one of {', '.join(MODELS)} "
+                          "or give [model].factory = 'package.module:name'")
+    return BUILTIN_MODELS[name](tuple(in_shape), num_classes, hidden=tuple(hidden), **dict(args or {}))

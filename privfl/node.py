@@ -388,7 +388,7 @@ class Node:
         accountant = self.ledger.rebuild_accountant()
         self.steps_before = self.ledger.steps
         in_shape = tuple(self.site.train.x.shape[1:])
-        model = build_model(c.model.name, in_shape, self.site.train.num_classes, seed=cfg.init_seed,
+        model = build_model(c.model.spec, in_shape, self.site.train.num_classes, seed=cfg.init_seed, args=c.model.args,
                             hidden=tuple(c.model.hidden))
         dpc = c.dp.to_dp_config()
         dpc.noise_multiplier = self.sigma

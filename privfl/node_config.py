@@ -22,6 +22,7 @@ import torch
 
 from privfl.config import (
     CommonConfig,
+    apply_python_path,
     StrategySection,
     check_sections,
     common_from,
@@ -195,6 +196,7 @@ def node_config_from(table: dict[str, Any], path: str | Path) -> NodeConfig:
     """Validate a parsed node config; ``path`` is where it came from (paths are relative to it)."""
     p = Path(path)
     src = str(p)
+    apply_python_path(table, p.parent, src)
     check_sections(table, _TOP_LEVEL, src)
     if "node" not in table:
         raise ConfigError(f"{src}: missing section [node] (at least node.id)")

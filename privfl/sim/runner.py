@@ -69,7 +69,8 @@ class SimSpec:
     shards_per_site: int = 2
     test_fraction: float = 0.2
     preprocessing: PreprocessingSpec = field(default_factory=PreprocessingSpec)
-    model: str = "logreg"
+    model: str = "logreg"  # a built-in name, or a user factory "pkg.module:name"
+    model_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a user factory
     hidden: tuple[int, ...] = (64, 32)
     dp: DPConfig = field(default_factory=lambda: DPConfig(noise_multiplier=1.0, batch_size=16, lr=0.5))
     strategy: str = "async_gossip"
@@ -230,7 +231,8 @@ register_strategy("adaptive_period", "collective", _periodic("AdaptivePeriod", "
 # ---- building the world --------------------------------------------------------------
 def _make_evaluator(spec: SimSpec, in_shape: tuple[int, ...], num_classes: int,
                     test_x: np.ndarray, test_y: np.ndarray) -> Callable[[Params], tuple[float, float]]:
-    model = build_model(spec.model, in_shape, num_classes, seed=spec.seed, hidden=tuple(spec.hidden))
+    model = build_model(spec.model, in_shape, num_classes, seed=spec.seed, hidden=tuple(spec.hidden),
+                        args=spec.model_args)
     device = torch.device(spec.device)
     model.to(device)
     keys = list(model.state_dict().keys())
@@ -247,7 +249,8 @@ def _make_evaluator(spec: SimSpec, in_shape: tuple[int, ...], num_classes: int,
 def _measure_step_cost(spec: SimSpec, train: tuple[np.ndarray, np.ndarray], in_shape: tuple[int, ...],
                        num_classes: int) -> float:
     """Wall seconds of one local step on a scratch client (its own accountant: no real budget spent)."""
-    model = build_model(spec.model, in_shape, num_classes, seed=spec.seed, hidden=tuple(spec.hidden))
+    model = build_model(spec.model, in_shape, num_classes, seed=spec.seed, hidden=tuple(spec.hidden),
+                        args=spec.model_args)
     cfg = DPConfig(**{**asdict(spec.dp), "target_epsilon": 1e6})
     scratch = DPClient(model, train, None, cfg, seed=spec.seed, device=spec.device)
     p = scratch.get_parameters({})
@@ -327,13 +330,15 @@ def _run(spec: SimSpec) -> SimulationResult:
     if spec.topology == "random_regular":
         topo_params.setdefault("seed", spec.seed)
     topology = build_topology(spec.topology, node_ids, **topo_params)
-    init_model = build_model(spec.model, in_shape, num_classes, seed=spec.seed, hidden=tuple(spec.hidden))
+    init_model = build_model(spec.model, in_shape, num_classes, seed=spec.seed, hidden=tuple(spec.hidden),
+                        args=spec.model_args)
     init_params: Params = [v.detach().cpu().numpy().copy() for v in init_model.state_dict().values()]
 
     clients: dict[str, NumPyClient] = {}
     calibrated: dict[Any, DPConfig] = {}
     for i, (nid, site, pre) in enumerate(zip(node_ids, sites, preps)):
-        model = build_model(spec.model, in_shape, num_classes, seed=spec.seed, hidden=tuple(spec.hidden))
+        model = build_model(spec.model, in_shape, num_classes, seed=spec.seed, hidden=tuple(spec.hidden),
+                        args=spec.model_args)
         accountant, dpc = _site_accounting(spec.dp, pre, calibrated)
         try:
             clients[nid] = DPClient(model, (site.train.x, site.train.y), (site.test.x, site.test.y),
