@@ -88,3 +88,18 @@ for t in threads:
     t.join()
 print("DONE", flush=True)
 '''
+
+
+def fill_disk(filler: Path) -> None:
+    """Write ``filler`` until its filesystem is full (unbuffered: nothing is left to flush later)."""
+    import errno
+    import os
+
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)

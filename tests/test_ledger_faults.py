@@ -31,6 +31,7 @@ from accounting.ledger import (
     LedgerError,
     read_ledger,
 )
+from tests.helpers import fill_disk
 from tests.test_ledger import POLICY, make_pki
 
 pytestmark = pytest.mark.timeout(60)
@@ -243,23 +244,11 @@ def tiny_tmpfs(make_tmpfs: Any) -> Path:
     return make_tmpfs("256k")
 
 
-def _fill(filler: Path) -> None:
-    """Write ``filler`` until the filesystem is full (unbuffered: nothing is left to flush)."""
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-
-
 def test_full_disk_append_is_refused_whole(tiny_tmpfs: Path, pki: dict[str, Any]) -> None:
     path = tiny_tmpfs / "ledger.jsonl"
     led = _new(path, pki)
     filler = tiny_tmpfs / "filler"
-    _fill(filler)
+    fill_disk(filler)
     failed = None
     for _ in range(200):  # appends fit in the last page's slack, then one needs a page
         before, state = path.read_bytes(), _state(led)

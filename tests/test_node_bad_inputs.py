@@ -14,7 +14,6 @@ chmod would not stop the writes).
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import signal
@@ -29,6 +28,7 @@ import pytest
 
 from privfl.launch import dump_toml
 from privfl.pki import fingerprint, init_consortium
+from tests.helpers import fill_disk
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -160,21 +160,10 @@ def test_read_only_output_folder(pki: Path, tmp_path: Path, tmpfs: Path) -> None
     _one_line_error(_cli(cfg), "[node].output", "cannot create the folder", "Read-only file system")
 
 
-def _fill(d: Path) -> None:
-    fd = os.open(d / "filler", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-
-
 def test_full_disk_at_start(pki: Path, tmp_path: Path, tmpfs: Path) -> None:
     out = tmpfs / "out"
     out.mkdir()
-    _fill(tmpfs)
+    fill_disk(tmpfs / "filler")
     cfg = _write(tmp_path / "node.toml", _tables(pki, out))
     _one_line_error(_cli(cfg), "[node].output", str(out), "No space left on device")
 
