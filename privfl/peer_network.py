@@ -552,6 +552,7 @@ class GrpcPeerNetwork:
 
     def _handle(self, sender: str, msg: DecodedMessage) -> Message | None:
         """Route one authenticated, signature-verified, validated incoming message."""
+        self.client.backoff.success(sender)  # it just reached us: it is up, stop skipping it
         if msg.kind == HEAD_QUERY_KIND:
             answer = self._head_reply(sender)
             self._report_head(sender, msg)

@@ -26,6 +26,11 @@ def grpc_options(extra: list[tuple[str, object]] | None = None) -> list[tuple[st
     opts: list[tuple[str, object]] = [
         ("grpc.max_send_message_length", limit),
         ("grpc.max_receive_message_length", limit),
+        # reconnect soon after a refused connection (a peer still starting): gRPC's default
+        # backoff (1 s, growing to 120 s) kept failing a channel after the peer was up
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
     ]
     return opts + (extra or [])
 
