@@ -1,6 +1,6 @@
 """Privacy accounting: RDP/PLD accountant, budget guard, calibration, ledger and audit."""
 
-from accounting.accountant import (
+from privfl.accounting.accountant import (
     NEIGHBORING_RELATION,
     DpEventKey,
     Method,
@@ -8,17 +8,17 @@ from accounting.accountant import (
     epsilon_of,
     sampled_gaussian_event,
 )
-from accounting.budget import BudgetExhausted, BudgetGuard
-from accounting.audit import SINGLE_LEDGER_NOTE, AuditIssue, AuditReport, audit_ledger
-from accounting.audit_consortium import (
+from privfl.accounting.budget import BudgetExhausted, BudgetGuard
+from privfl.accounting.audit import SINGLE_LEDGER_NOTE, AuditIssue, AuditReport, audit_ledger
+from privfl.accounting.audit_consortium import (
     ConsortiumProblem,
     ConsortiumReport,
     NodeSummary,
     audit_consortium,
 )
-from accounting.audit_empirical import OneRunAudit, audit_one_run, epsilon_lower_bound
-from accounting.calibration import calibrate_noise
-from accounting.ledger import (
+from privfl.accounting.audit_empirical import OneRunAudit, audit_one_run, epsilon_lower_bound
+from privfl.accounting.calibration import calibrate_noise
+from privfl.accounting.ledger import (
     ANCHORS_FINAL_FILE,
     DP_PURPOSES,
     LEDGER_FORMAT,

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import hashes
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
-from accounting.ledger import (
+from privfl.accounting.ledger import (
     DP_PURPOSES,
     LEDGER_FORMAT_V1,
     MECHANISM_POISSON_GAUSSIAN,

@@ -43,8 +43,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from accounting.audit import AuditReport, _finite, audit_ledger
-from accounting.ledger import (
+from privfl.accounting.audit import AuditReport, _finite, audit_ledger
+from privfl.accounting.ledger import (
     TornTailError,
     anchor_of,
     entry_hash,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from accounting.accountant import PrivacyAccountant
+from privfl.accounting.accountant import PrivacyAccountant
 
 
 class BudgetExhausted(RuntimeError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from accounting.accountant import DpEventKey, Method, epsilon_of
+from privfl.accounting.accountant import DpEventKey, Method, epsilon_of
 
 
 def calibrate_noise(

@@ -86,7 +86,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
-from accounting.accountant import (
+from privfl.accounting.accountant import (
     NEIGHBORING_RELATION,
     DpEventKey,
     PrivacyAccountant,

@@ -29,10 +29,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clients.clipping import CLIPPING_RULES, clipping_rule  # noqa: E402
-from clients.ghost import make_ghost_private  # noqa: E402
-from clients.optimizer import PerSampleWeightDPOptimizer  # noqa: E402
-from clients.randomness import SecureRandom, SeededRandom  # noqa: E402
+from privfl.clients.clipping import CLIPPING_RULES, clipping_rule  # noqa: E402
+from privfl.clients.ghost import make_ghost_private  # noqa: E402
+from privfl.clients.optimizer import PerSampleWeightDPOptimizer  # noqa: E402
+from privfl.clients.randomness import SecureRandom, SeededRandom  # noqa: E402
 from privfl.models import build_model  # noqa: E402
 
 warnings.filterwarnings("ignore")

@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clients import DPConfig  # noqa: E402
+from privfl.clients import DPConfig  # noqa: E402
 from privfl.preprocessing import PreprocessingSpec  # noqa: E402
 from privfl.sim import SimSpec, SimulationResult, StopCriteria, run_simulation  # noqa: E402
 

@@ -26,8 +26,8 @@ from cryptography.x509.oid import NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from accounting.audit import audit_ledger  # noqa: E402
-from accounting.ledger import Ledger, LedgerPolicy, read_ledger  # noqa: E402
+from privfl.accounting.audit import audit_ledger  # noqa: E402
+from privfl.accounting.ledger import Ledger, LedgerPolicy, read_ledger  # noqa: E402
 
 
 def make_pki() -> tuple[ec.EllipticCurvePrivateKey, str, str]:

@@ -37,7 +37,7 @@ def child(n: int, dataset: str, model: str, strategy: str, batch: int, trace: bo
     import tracemalloc
 
     logging.basicConfig(level=logging.WARNING)
-    from clients import DPConfig
+    from privfl.clients import DPConfig
     from privfl.data import load_dataset, split_sites
     from privfl.preprocessing import PreprocessingSpec
     from privfl.sim import SimSpec, StopCriteria, run_simulation

@@ -1,6 +1,6 @@
 """Site-side training: DP optimizers with per-sample clipping rules and the DPClient."""
 
-from clients.clipping import (
+from privfl.clients.clipping import (
     CLIPPING_RULES,
     AutoSClipping,
     ClippingRule,
@@ -8,11 +8,11 @@ from clients.clipping import (
     PSACClipping,
     clipping_rule,
 )
-from clients.dp_client import DPClient, DPConfig, evaluate_model
-from clients.engine import PrivacyEngine
-from clients.ghost import GhostDPOptimizer, GhostGradModule, make_ghost_private
-from clients.optimizer import PerSampleWeightDPOptimizer
-from clients.topagg import (
+from privfl.clients.dp_client import DPClient, DPConfig, evaluate_model
+from privfl.clients.engine import PrivacyEngine
+from privfl.clients.ghost import GhostDPOptimizer, GhostGradModule, make_ghost_private
+from privfl.clients.optimizer import PerSampleWeightDPOptimizer
+from privfl.clients.topagg import (
     SparseTernary,
     TopAggDPOptimizer,
     TopAggParams,

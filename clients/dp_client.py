@@ -37,11 +37,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from accounting import BudgetExhausted, BudgetGuard, PrivacyAccountant, calibrate_noise
-from accounting.errors import ConfigError
-from accounting.releases import PUBLIC_FIT_METRICS
-from clients.engine import PrivacyEngine, mechanism_description
-from clients.randomness import RandomSource, random_source
+from privfl.accounting import BudgetExhausted, BudgetGuard, PrivacyAccountant, calibrate_noise
+from privfl.accounting.errors import ConfigError
+from privfl.accounting.releases import PUBLIC_FIT_METRICS
+from privfl.clients.engine import PrivacyEngine, mechanism_description
+from privfl.clients.losses import Loss
+from privfl.clients.optimizers import build_optimizer, check_optimizer
+from privfl.clients.randomness import RandomSource, random_source
 
 warnings.filterwarnings("ignore", message="(?i).*full backward hook.*")
 
@@ -84,6 +86,10 @@ class DPConfig:
     eval_noise_multiplier: float | None = None
     #: the public denominator of a released accuracy (a declared test-set size)
     eval_denominator: int | None = None
+    #: "sgd" (with ``momentum``), "adam", "adamw" or a user factory "pkg.module:name"
+    #: called as ``factory(params, lr=lr, **optimizer_args)``
+    optimizer: str = "sgd"
+    optimizer_args: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, where: str = "dp") -> None:
         """Raise ConfigError naming ``<where>.<field>`` for the first bad value."""
@@ -93,6 +99,7 @@ class DPConfig:
                 raise ConfigError(f"{where}.{name}: must be a finite number > 0, got {v!r}")
         if not (0 <= self.momentum < 1):
             raise ConfigError(f"{where}.momentum: must be in [0, 1), got {self.momentum!r}")
+        check_optimizer(self.optimizer, self.momentum, where)
         if not 0 < self.delta < 1:
             raise ConfigError(f"{where}.delta: must be in (0, 1), got {self.delta!r}")
         if self.batch_size < 1:
@@ -153,6 +160,7 @@ class DPClient(flwr.client.NumPyClient):
     """Trains ``model`` on one site's data with per-sample clipping, noise and accounting.
 
     ``train`` / ``test``: ``(x, y)`` arrays or torch ``Dataset``s of ``(input, label)``.
+    ``criterion``: the training loss (mean over the batch; default cross-entropy).
     ``seed``: None (the default) draws noise and batches from a fresh secure source;
     an integer asks explicitly for a reproducible seeded stream (``random_kind``
     says which, and the node writes it into its ledger). With DP on, the module,
@@ -169,6 +177,7 @@ class DPClient(flwr.client.NumPyClient):
         device: torch.device | str | None = None,
         accountant: PrivacyAccountant | None = None,
         on_dp_event: DpEventHook | None = None,
+        criterion: Loss | None = None,
     ) -> None:
         self.config = config
         config.validate()
@@ -190,11 +199,12 @@ class DPClient(flwr.client.NumPyClient):
         elif test is not None:
             self.test = tuple(torch.as_tensor(a) for a in test)
         self.module = model.to(self.device)
-        self.criterion = nn.CrossEntropyLoss()
+        self.criterion: Loss = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.accountant = accountant or PrivacyAccountant(config.accountant)  # type: ignore[arg-type]
         self.last_loss = math.nan  # the last fit's mean training loss: local, never released
         self.training_steps = 0  # DP training steps this client reserved (not preprocessing/evaluation)
-        base_opt = torch.optim.SGD(self.module.parameters(), lr=config.lr, momentum=config.momentum)
+        base_opt = build_optimizer(config.optimizer, self.module.parameters(), config.lr, config.momentum,
+                                   config.optimizer_args)
         self.train_module: nn.Module
         self.optimizer: torch.optim.Optimizer
         self.privacy_engine: PrivacyEngine | None = None

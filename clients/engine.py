@@ -49,12 +49,12 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from accounting import BudgetGuard, PrivacyAccountant, calibrate_noise
-from clients.clipping import CLIPPING_RULES, ClippingRule, clipping_rule
-from clients.ghost import GhostDPOptimizer, GhostGradModule
-from clients.optimizer import PerSampleWeightDPOptimizer
-from clients.randomness import PoissonBatchSampler, RandomnessKind, RandomSource, random_source
-from accounting.errors import ConfigError
+from privfl.accounting import BudgetGuard, PrivacyAccountant, calibrate_noise
+from privfl.clients.clipping import CLIPPING_RULES, ClippingRule, clipping_rule
+from privfl.clients.ghost import GhostDPOptimizer, GhostGradModule
+from privfl.clients.optimizer import PerSampleWeightDPOptimizer
+from privfl.clients.randomness import PoissonBatchSampler, RandomnessKind, RandomSource, random_source
+from privfl.accounting.errors import ConfigError
 
 log = logging.getLogger("privfl.clients")
 
@@ -475,7 +475,7 @@ class PrivacyEngine:
         gsm = GradSampleModule(module, loss_reduction=loss_reduction)
         self.engine_kind = "opacus"
         if mechanism == "topagg":
-            from clients.topagg import TopAggDPOptimizer  # only TopAgg users pay for it
+            from privfl.clients.topagg import TopAggDPOptimizer  # only TopAgg users pay for it
 
             return gsm, TopAggDPOptimizer.from_params(optimizer, dict(mechanism_params or {}),
                                                       noise_multiplier=sigma,

@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim import Optimizer
 
-from clients.clipping import ClippingRule, FlatClipping
-from clients.randomness import RandomSource, SecureRandom
-from accounting.errors import ConfigError
+from privfl.clients.clipping import ClippingRule, FlatClipping
+from privfl.clients.randomness import RandomSource, SecureRandom
+from privfl.accounting.errors import ConfigError
 
 log = logging.getLogger("privfl.clients")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
 
-from clients.clipping import ClippingRule, FlatClipping
-from clients.randomness import RandomSource, SecureRandom
+from privfl.clients.clipping import ClippingRule, FlatClipping
+from privfl.clients.randomness import RandomSource, SecureRandom
 
 
 class PerSampleWeightDPOptimizer(DPOptimizer):

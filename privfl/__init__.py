@@ -24,7 +24,7 @@ __all__ = ["ConfigError", "DataError", "PrivacyEngine", "PrivflError", "__versio
 def __getattr__(name: str) -> Any:
     """``privfl.PrivacyEngine`` on first use (it imports torch and Opacus; ``import privfl`` does not)."""
     if name == "PrivacyEngine":
-        from clients.engine import PrivacyEngine
+        from privfl.clients.engine import PrivacyEngine
 
         return PrivacyEngine
     raise AttributeError(f"module 'privfl' has no attribute {name!r}")

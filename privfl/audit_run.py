@@ -52,11 +52,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from accounting import BudgetExhausted, PrivacyAccountant
-from accounting.audit_empirical import OneRunAudit, audit_one_run, draw_inclusion_signs
-from clients import DPClient
-from clients.dp_client import evaluate_model
-from clients.randomness import random_source
+from privfl.accounting import BudgetExhausted, PrivacyAccountant
+from privfl.accounting.audit_empirical import OneRunAudit, audit_one_run, draw_inclusion_signs
+from privfl.clients import DPClient
+from privfl.clients.dp_client import evaluate_model
+from privfl.clients.randomness import random_source
 from privfl.config import (
     DataSection,
     DPSection,

@@ -22,11 +22,13 @@ from typing import Any, TypeVar, get_args, get_origin
 
 import torch
 
-from clients import CLIPPING_RULES, DPConfig
-from privfl.data import SiteData, load_dataset, split_sites
+from privfl.clients import CLIPPING_RULES, DPConfig
+from privfl.clients.losses import LOSSES
+from privfl.clients.plugins import is_import_path, resolve_import
+from privfl.data import FactorySite, SiteData, load_dataset, load_factory_site, split_sites
 from privfl.errors import ConfigError
-from privfl.models import MODELS, is_import_path, resolve_import
-from strategies.topology import Topology, TopologyError, build_topology, canonical_kind
+from privfl.models import MODELS
+from privfl.strategies.topology import Topology, TopologyError, build_topology, canonical_kind
 from privfl.preprocessing import BUILTIN_STATISTICS, PreprocessingSpec
 
 T = TypeVar("T")
@@ -67,17 +69,29 @@ class DataSection:
     ``statistics`` file, or a shipped dataset's published ranges), ``dp`` (a Gaussian
     estimate with ``dp_noise_multiplier`` and ``dp_bound``, its cost in the ledger),
     ``none``, or ``site`` (per-site z-scores, simulate/compare only). ``transform`` =
-    ``log1p`` is applied to each value first.
+    ``log1p`` is applied to each value first. Unset, scaling is ``public``, or ``none``
+    with a ``factory``.
+
+    ``factory = "pkg.module:name"`` brings the hospital's own data: it is called as
+    ``factory(site_index=i, num_sites=n, root=<root>, **args)`` (``root`` only when set,
+    as an absolute path relative to the file naming it) and returns the site's
+    ``(train, test)`` torch Datasets of ``(input, label)``. privfl preprocesses nothing
+    then (the Dataset's own transform is the hospital's public code); ``num_classes``
+    declares the class count a built-in model needs.
     """
 
     source: str = "breast_cancer"
+    factory: str = ""
+    args: dict[str, Any] = field(default_factory=dict)
+    root: str = ""
+    num_classes: int = 0
     label_column: str = ""
     num_sites: int = 4
     partitioning: str = "iid"
     alpha: float = 0.5
     shards_per_site: int = 2
     test_fraction: float = 0.2
-    scaling: str = "public"
+    scaling: str = ""
     transform: str = "none"
     statistics: str = ""
     dp_noise_multiplier: float = 0.0
@@ -85,9 +99,30 @@ class DataSection:
     dp_centre: bool = False
     seed: int = 0
 
+    @property
+    def resolved_scaling(self) -> str:
+        """The scaling in force: as given, else ``none`` with a data factory, else ``public``."""
+        return self.scaling or ("none" if self.factory else "public")
+
     def validate(self, where: str) -> None:
+        if self.factory:
+            if not is_import_path(self.factory):
+                raise ConfigError(f"{where}.factory: expected 'package.module:name', got {self.factory!r}")
+            resolve_import(self.factory, f"{where}.factory")
+            if self.resolved_scaling != "none" or self.transform != "none" or self.statistics:
+                raise ConfigError(f"{where}.scaling: a data factory's Datasets are used as they are (their own "
+                                  "transform is the hospital's public preprocessing); remove scaling, transform "
+                                  "and statistics")
+        elif self.args:
+            raise ConfigError(f"{where}.args: only a [data].factory takes args")
+        elif self.root:
+            raise ConfigError(f"{where}.root: only a [data].factory takes a root folder")
+        if self.num_classes < 0:
+            raise ConfigError(f"{where}.num_classes: must be >= 1 (0: unset), got {self.num_classes}")
         self.preprocessing_spec().validate(where)
-        if self.scaling == "public" and not self.statistics and self.source not in BUILTIN_STATISTICS:
+        if self.factory:
+            pass
+        elif self.resolved_scaling == "public" and not self.statistics and self.source not in BUILTIN_STATISTICS:
             raise ConfigError(f"{where}.statistics: scaling 'public' needs the consortium's public statistics "
                               f"file for {self.source!r} (built-in ranges exist for "
                               f"{', '.join(BUILTIN_STATISTICS)} only); or use scaling = 'dp' or 'none'")
@@ -107,13 +142,24 @@ class DataSection:
         stats = self.statistics
         if stats and base_dir is not None:
             stats = str(resolve_path(base_dir, stats))
-        return PreprocessingSpec(scaling=self.scaling, transform=self.transform, statistics=stats,
+        return PreprocessingSpec(scaling=self.resolved_scaling, transform=self.transform, statistics=stats,
                                  dp_noise_multiplier=self.dp_noise_multiplier, dp_bound=self.dp_bound,
                                  dp_centre=self.dp_centre)
 
     def builtin_name(self) -> str | None:
         """The shipped dataset whose published statistics ``public`` may use (None for a file)."""
-        return self.source if self.source in BUILTIN_STATISTICS else None
+        return None if self.factory else (self.source if self.source in BUILTIN_STATISTICS else None)
+
+    def root_path(self, base_dir: Path | None) -> str | None:
+        """``root`` as an absolute path (relative to ``base_dir``, the config file's folder); None if unset."""
+        if not self.root:
+            return None
+        return str((resolve_path(base_dir, self.root) if base_dir is not None else Path(self.root)).resolve())
+
+    def factory_site(self, site_index: int, base_dir: Path | None, where: str = "[data]") -> FactorySite:
+        """Site ``site_index``'s Datasets from the user's ``factory`` (see :func:`privfl.data.load_factory_site`)."""
+        return load_factory_site(self.factory, site_index, self.num_sites, self.root_path(base_dir), self.args,
+                                 where)
 
     def sites(self, base_dir: Path | None = None) -> list[SiteData]:
         """Load the data and split it into ``num_sites`` raw (unscaled) sites (deterministic for ``seed``).
@@ -141,8 +187,14 @@ class ModelSection:
     seed: int = 0
     factory: str = ""
     args: dict[str, Any] = field(default_factory=dict)
+    loss: str = "cross_entropy"  # or the user's "pkg.module:name" (a loss with mean reduction)
 
     def validate(self, where: str) -> None:
+        if self.loss not in LOSSES:
+            if not is_import_path(self.loss):
+                raise ConfigError(f"{where}.loss: unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)} "
+                                  "or give 'package.module:name'")
+            resolve_import(self.loss, f"{where}.loss")
         if self.factory:
             if not is_import_path(self.factory):
                 raise ConfigError(f"{where}.factory: expected 'package.module:name', got {self.factory!r}")
@@ -188,6 +240,8 @@ class DPSection:
     declared_size: int = 0
     lr: float = 0.5
     momentum: float = 0.0
+    optimizer: str = "sgd"  # "sgd", "adam", "adamw" or "pkg.module:name"
+    optimizer_args: dict[str, Any] = field(default_factory=dict)
     accountant: str = "rdp"
     topagg_k: int = 0
     topagg_threshold: float = 0.0
@@ -230,7 +284,8 @@ class DPSection:
             noise_multiplier=self.noise_multiplier or None, target_epsilon=self.target_epsilon,
             delta=self.delta, planned_steps=self.planned_steps or None, batch_size=self.batch_size,
             sample_rate=self.sample_rate or None, declared_size=self.declared_size or None,
-            lr=self.lr, momentum=self.momentum, accountant=self.accountant, mechanism=self.mechanism,
+            lr=self.lr, momentum=self.momentum, optimizer=self.optimizer, optimizer_args=dict(self.optimizer_args),
+            accountant=self.accountant, mechanism=self.mechanism,
             mechanism_params=({"k": self.topagg_k, "threshold": self.topagg_threshold,
                                "bound": self.topagg_bound or None, "scale": self.topagg_scale}
                               if self.mechanism == "topagg" else {}),
@@ -310,10 +365,34 @@ class StopSection:
     target_accuracy: float = 0.0
 
 
+@dataclass
+class ClientSection:
+    """Who trains at each site: privfl's own DPClient (no ``app``), or the hospital's own Flower
+    client ``app = "pkg.module:client_fn"`` (a ``client_fn(context)`` or a ``ClientApp``),
+    given ``run_config`` as ``context.run_config``. Its contract is in :mod:`privfl.clients.app_client`."""
+
+    app: str = ""
+    run_config: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        if self.app:
+            if not is_import_path(self.app):
+                raise ConfigError(f"{where}.app: expected 'package.module:client_fn', got {self.app!r}")
+            resolve_import(self.app, f"{where}.app")
+        elif self.run_config:
+            raise ConfigError(f"{where}.run_config: only read by a [client].app")
+        for k, v in self.run_config.items():
+            if isinstance(v, (dict, list)):
+                raise ConfigError(f"{where}.run_config.{k}: Flower run config values are numbers, strings or "
+                                  "booleans")
+
+
 _SECTIONS: dict[str, type] = {
     "data": DataSection, "model": ModelSection, "dp": DPSection, "topology": TopologySection,
-    "strategy": StrategySection, "stop": StopSection,
+    "strategy": StrategySection, "stop": StopSection, "client": ClientSection,
 }
+#: the sections every config file (node, launch, simulate, compare) shares, in order
+SHARED_SECTIONS: tuple[str, ...] = tuple(_SECTIONS)
 
 
 def _type_name(tp: Any) -> str:
@@ -461,6 +540,7 @@ class CommonConfig:
     topology: TopologySection = field(default_factory=TopologySection)
     strategy: StrategySection = field(default_factory=StrategySection)
     stop: StopSection = field(default_factory=StopSection)
+    client: ClientSection = field(default_factory=ClientSection)
 
 
 def common_from(table: dict[str, Any], source: str) -> CommonConfig:

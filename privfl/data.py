@@ -9,16 +9,17 @@ estimate whose cost is in the ledger, never from raw per-site statistics.
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
-from privfl.errors import DataError
+from privfl.clients.plugins import resolve_import
+from privfl.errors import ConfigError, DataError
 
 Partitioning = Literal["iid", "dirichlet", "shards", "quantity"]
-DATASETS = ("breast_cancer", "digits", "synthetic")
 
 
 @dataclass(frozen=True)
@@ -47,25 +48,42 @@ class SiteData:
     test: Dataset
 
 
+def _breast_cancer(seed: int, **_: Any) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn import datasets as skd
+
+    b = skd.load_breast_cancer()
+    return b.data, b.target
+
+
+def _digits(seed: int, **_: Any) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn import datasets as skd
+
+    b = skd.load_digits()
+    return b.data.reshape(-1, 1, 8, 8) / 16.0, b.target
+
+
+def _synthetic(seed: int, n_samples: int = 2000, n_features: int = 20, n_classes: int = 2,
+               **_: Any) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn import datasets as skd
+
+    return skd.make_classification(n_samples=n_samples, n_features=n_features,
+                                   n_informative=max(2, n_features // 2), n_classes=n_classes, random_state=seed)
+
+
+#: the shipped datasets by name (``[data].source``); a hospital's own data is a
+#: ``[data].factory`` import path, a CSV or an NPZ file instead
+DATASETS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
+    "breast_cancer": _breast_cancer, "digits": _digits, "synthetic": _synthetic,
+}
+
+
 def load_builtin(name: str, seed: int = 0, n_samples: int = 2000, n_features: int = 20,
                  n_classes: int = 2) -> Dataset:
     """A dataset that ships with scikit-learn, or a synthetic classification task."""
-    from sklearn import datasets as skd
-
-    if name == "breast_cancer":
-        b = skd.load_breast_cancer()
-        x, y = b.data, b.target
-    elif name == "digits":
-        b = skd.load_digits()
-        x, y = b.data.reshape(-1, 1, 8, 8) / 16.0, b.target
-    elif name == "synthetic":
-        x, y = skd.make_classification(
-            n_samples=n_samples, n_features=n_features, n_informative=max(2, n_features // 2),
-            n_classes=n_classes, random_state=seed,
-        )
-    else:
+    if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)} or give a file")
-    return Dataset(x.astype(np.float32), y.astype(np.int64), int(y.max()) + 1, name)
+    x, y = DATASETS[name](seed, n_samples=n_samples, n_features=n_features, n_classes=n_classes)
+    return Dataset(np.asarray(x).astype(np.float32), np.asarray(y).astype(np.int64), int(np.max(y)) + 1, name)
 
 
 def load_csv(path: str | Path, label_column: str) -> Dataset:
@@ -234,3 +252,96 @@ def split_sites(
         tr, te = data.subset(np.sort(idx[n_test:])), data.subset(np.sort(idx[:n_test]))
         sites.append(SiteData(i, tr, te))
     return sites
+
+
+# ---- the hospital's own data: a dataset factory by import path ---------------------------
+
+
+@dataclass(frozen=True)
+class FactorySite:
+    """One site's train and test torch Datasets from a user's ``[data].factory`` (records stay
+    on the site: only their layout — the shape of one input — is read here)."""
+
+    site: int
+    train: Any  # torch.utils.data.Dataset yielding (input, label)
+    test: Any
+    in_shape: tuple[int, ...]
+
+
+def load_factory_site(factory: str, site_index: int, num_sites: int, root: str | None,
+                      args: Mapping[str, Any] | None, where: str = "[data]") -> FactorySite:
+    """Call ``factory(site_index=, num_sites=, root=, **args)`` and check what it returns.
+
+    It must return ``(train, test)``: map-style torch Datasets (with a length) of
+    ``(input tensor, integer label)``. One-line ConfigError/DataError naming ``where``
+    otherwise; an exception inside the user's code is reported on one line too.
+    """
+    from torch.utils.data import Dataset as TorchDataset
+
+    fn = resolve_import(factory, f"{where}.factory")
+    kwargs: dict[str, Any] = {"site_index": site_index, "num_sites": num_sites, **dict(args or {})}
+    if root is not None:
+        if not Path(root).exists():
+            raise ConfigError(f"{where}.root: folder not found: {root}")
+        kwargs["root"] = root
+    try:
+        out = fn(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}.factory: {factory} does not take these arguments ({exc}); it is called "
+                          f"with {', '.join(sorted(kwargs))}") from None
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError) as exc:
+        raise DataError(f"{where}.factory: {factory} failed for site {site_index}: {type(exc).__name__}: {exc}") \
+            from None
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise ConfigError(f"{where}.factory: {factory} must return (train, test) Datasets, got "
+                          f"{type(out).__name__}")
+    train, test = out
+    for name, ds in (("train", train), ("test", test)):
+        if not isinstance(ds, TorchDataset):
+            raise ConfigError(f"{where}.factory: {factory} returned a {type(ds).__name__} as its {name} split, "
+                              "not a torch.utils.data.Dataset")
+        try:
+            len(ds)
+        except TypeError:
+            raise ConfigError(f"{where}.factory: the {name} Dataset has no length (Poisson sampling draws over "
+                              "its indices)") from None
+    if len(train) == 0:
+        raise DataError(f"{where}.factory: site {site_index}'s train Dataset is empty")
+    first = train[0]
+    if not (isinstance(first, (tuple, list)) and len(first) == 2):
+        raise ConfigError(f"{where}.factory: a Dataset item must be (input, label), got {type(first).__name__}")
+    shape = tuple(int(d) for d in getattr(first[0], "shape", np.shape(first[0])))
+    return FactorySite(site_index, train, test, shape)
+
+
+@dataclass(frozen=True)
+class SiteInputs:
+    """What a site's client trains and evaluates on, whatever the source: ``(x, y)`` arrays of a
+    (preprocessed) :class:`SiteData`, or the torch Datasets of a user's factory."""
+
+    site: int
+    train: Any  # (x, y) numpy arrays or a torch Dataset of (input, label)
+    test: Any
+    in_shape: tuple[int, ...]
+    num_classes: int  # 0: not declared (a user model factory knows its own)
+
+    @classmethod
+    def of_arrays(cls, site: SiteData) -> "SiteInputs":
+        """The inputs of a shipped set / CSV / NPZ partition."""
+        return cls(site.site, (site.train.x, site.train.y), (site.test.x, site.test.y),
+                   tuple(int(d) for d in site.train.x.shape[1:]), site.train.num_classes)
+
+    @classmethod
+    def of_factory(cls, fs: FactorySite, num_classes: int) -> "SiteInputs":
+        """The inputs of a user's ``[data].factory`` (``num_classes`` as ``[data]`` declares it)."""
+        return cls(fs.site, fs.train, fs.test, fs.in_shape, int(num_classes))
+
+    @property
+    def train_size(self) -> int:
+        """Training records (private: for the site's own logs only)."""
+        return len(self.train[1]) if isinstance(self.train, tuple) else len(self.train)
+
+    @property
+    def test_size(self) -> int:
+        """Test records (private: for the site's own logs only)."""
+        return len(self.test[1]) if isinstance(self.test, tuple) else len(self.test)

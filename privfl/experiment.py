@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from privfl.config import (
+    SHARED_SECTIONS,
     CommonConfig,
     DPSection,
     apply_python_path,
@@ -122,8 +123,7 @@ def load_experiment(path: str | Path) -> Experiment:
     p = Path(path)
     table = read_toml(p)
     apply_python_path(table, p.parent, str(p))
-    check_sections(table, ("name", "data", "model", "dp", "topology", "strategy", "stop", "simulation", "compare"),
-                   str(p))
+    check_sections(table, ("name", *SHARED_SECTIONS, "simulation", "compare"), str(p))
     common = common_from(table, str(p))
     sim = from_table(SimulationSection, table.get("simulation", {}), f"{p}: [simulation]")
     name = table.get("name", p.parent.name or p.stem)
@@ -201,6 +201,11 @@ def spec_for(exp: Experiment, run: RunVariant | str, progress: bool = False) -> 
         preprocessing=c.data.preprocessing_spec(exp.source.parent),
         model=c.model.spec,
         model_args=dict(c.model.args),
+        loss=c.model.loss,
+        data_factory=c.data.factory,
+        data_args=dict(c.data.args),
+        data_root=c.data.root_path(exp.source.parent),
+        num_classes=c.data.num_classes,
         hidden=tuple(c.model.hidden),
         dp=dp_section.to_dp_config(),
         strategy=run.strategy,

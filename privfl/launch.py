@@ -40,6 +40,7 @@ import numpy as np
 
 from privfl.config import (
     PYTHON_PATH_KEY,
+    SHARED_SECTIONS,
     apply_python_path,
     check_sections,
     common_from,
@@ -169,7 +170,7 @@ def load_consortium(path: str | Path) -> tuple[dict[str, Any], ConsortiumSection
     table = read_toml(p)
     src = str(p)
     python_path = apply_python_path(table, p.parent, src)
-    check_sections(table, ("consortium", "policy", "node", "data", "model", "dp", "topology", "strategy", "stop"), src)
+    check_sections(table, ("consortium", "policy", "node", "nodes", *SHARED_SECTIONS), src)
     if "consortium" not in table:
         raise ConfigError(f"{src}: missing section [consortium] (name, nodes)")
     cons = from_table(ConsortiumSection, table["consortium"], f"{src}: [consortium]")
@@ -187,10 +188,51 @@ def load_consortium(path: str | Path) -> tuple[dict[str, Any], ConsortiumSection
                           f"{len(cons.nodes)} nodes")
     data["num_sites"] = len(cons.nodes)
     table["data"] = data
-    common = common_from({k: v for k, v in table.items() if k not in ("consortium", "policy", "node")}, src)
+    shared = {k: v for k, v in table.items() if k in SHARED_SECTIONS}
+    common = common_from(shared, src)
     check_deployable(common.data.preprocessing_spec(p.parent), f"{src}: [data]")  # nodes refuse it too, later
+    per_node = _per_node_data(table.get("nodes", {}), cons.nodes, src)
+    for nid, own in per_node.items():  # each hospital's own [data], checked as its node will read it
+        where = f"{src}: [nodes.{nid}.data]"
+        merged = common_from({**shared, "data": {**data, **own}}, where)
+        check_deployable(merged.data.preprocessing_spec(p.parent), where)
     table[PYTHON_PATH_KEY] = python_path  # absolute: every generated node.toml gets it
     return table, cons, pol
+
+
+#: [data] keys naming files or folders: relative to the launch file that names them
+_DATA_PATH_KEYS = ("source", "statistics", "root")
+
+
+def _per_node_data(nodes: Any, node_ids: Sequence[str], src: str) -> dict[str, dict[str, Any]]:
+    """``[nodes.<id>.data]``: each hospital's own [data] keys (merged over the shared [data])."""
+    if not isinstance(nodes, dict):
+        raise ConfigError(f"{src}: [nodes]: expected tables [nodes.<node id>.data]")
+    out = {}
+    for nid, body in nodes.items():
+        if nid not in node_ids:
+            raise ConfigError(f"{src}: [nodes.{nid}]: {nid!r} is not in [consortium].nodes")
+        if not isinstance(body, dict) or set(body) - {"data"}:
+            raise ConfigError(f"{src}: [nodes.{nid}]: only a [nodes.{nid}.data] table may be given per node")
+        own = body.get("data", {})
+        if not isinstance(own, dict):
+            raise ConfigError(f"{src}: [nodes.{nid}.data]: expected a table")
+        for key in ("num_sites", "site_index", "seed", "partitioning"):
+            if key in own:
+                raise ConfigError(f"{src}: [nodes.{nid}.data].{key}: shared by every node (it fixes the split); "
+                                  "set it in [data]")
+        out[nid] = dict(own)
+    return out
+
+
+def _absolute_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``data`` with its file and folder keys made absolute against ``base`` (the launch file's folder)."""
+    out = dict(data)
+    for key in _DATA_PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and value and (key != "source" or value.endswith((".csv", ".npz"))):
+            out[key] = str(resolve_path(base, value).resolve())
+    return out
 
 
 def prepare_run(config: str | Path, runs_dir: str | Path | None = None, run_name: str | None = None) -> LaunchPlan:
@@ -222,12 +264,11 @@ def prepare_run(config: str | Path, runs_dir: str | Path | None = None, run_name
         init_consortium(cons.name, cons.nodes, pki_dir,
                         addresses={nid: f"127.0.0.1:{port}" for nid, port in zip(cons.nodes, ports)},
                         policy=pol.to_policy())
-    shared = {k: dict(table[k]) for k in ("data", "model", "dp", "topology", "strategy", "stop") if k in table}
-    data = shared.get("data", {})
-    for key in ("source", "statistics"):  # files named in the launch config are relative to it, not to a node
-        value = data.get(key)
-        if isinstance(value, str) and value and (key == "statistics" or value.endswith((".csv", ".npz"))):
-            data[key] = str(resolve_path(base, value).resolve())
+    shared = {k: dict(table[k]) for k in SHARED_SECTIONS if k in table}
+    # files named in the launch config are relative to it, not to a node's folder
+    shared["data"] = _absolute_paths(shared.get("data", {}), base)
+    per_node = {nid: _absolute_paths(own, base) for nid, own in _per_node_data(table.get("nodes", {}),
+                                                                                 cons.nodes, str(cfg_path)).items()}
     node_dirs, node_configs = {}, {}
     for i, nid in enumerate(cons.nodes):
         d = run_dir / nid
@@ -244,6 +285,7 @@ def prepare_run(config: str | Path, runs_dir: str | Path | None = None, run_name
         }
         for k, v in shared.items():
             tables[k] = dict(v)
+        tables["data"].update(per_node.get(nid, {}))
         tables["data"]["site_index"] = i
         path = d / "node.toml"
         top = (f"{PYTHON_PATH_KEY} = {_toml_value(table[PYTHON_PATH_KEY], PYTHON_PATH_KEY)}\n\n"
@@ -400,7 +442,7 @@ def load_model(path: Path) -> list[np.ndarray]:
 
 def collect(plan: LaunchPlan, returncodes: Mapping[str, int | None], wall_seconds: float) -> dict[str, Any]:
     """Combine the nodes' summaries, audit their ledgers, measure consensus; write run_dir/summary.json."""
-    from accounting.audit import audit_ledger
+    from privfl.accounting.audit import audit_ledger
 
     ca_pem = (plan.pki_dir / CA_FILE).read_bytes()
     nodes: dict[str, Any] = {}

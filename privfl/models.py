@@ -3,7 +3,6 @@ BatchNorm) or the hospital's own ``nn.Module`` factory by import path (``[model]
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from privfl.clients.plugins import is_import_path, resolve_import
 from privfl.errors import ConfigError
 
 MODELS = ("logreg", "mlp", "cnn")
@@ -89,30 +89,6 @@ def _cnn(in_shape: tuple[int, ...], num_classes: int, **_: Any) -> nn.Module:
 BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {"logreg": _logreg, "mlp": _mlp, "cnn": _cnn}
 
 
-def is_import_path(name: str) -> bool:
-    """Whether ``name`` names a user factory (``pkg.module:attr``) rather than a built-in model."""
-    return ":" in name
-
-
-def resolve_import(path: str, where: str) -> Any:
-    """The object at ``"pkg.module:attr"`` (``attr`` may be dotted); ConfigError naming ``where``."""
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(f"{where}: expected 'package.module:name', got {path!r}")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure of user code is a config error
-        raise ConfigError(f"{where}: cannot import {module_name!r} ({type(exc).__name__}: {exc}); "
-                          "is its folder in the config's python_path?") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"{where}: module {module_name!r} has no {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ConfigError(f"{where}: {path!r} is not callable")
-    return obj
-
-
 def build_model(name: str, in_shape: tuple[int, ...], num_classes: int, seed: int | None = None,
                 hidden: tuple[int, ...] = (64, 32), args: Mapping[str, Any] | None = None) -> nn.Module:
     """The model ``name`` for inputs of shape ``in_shape`` (without the batch axis).
@@ -132,6 +108,9 @@ def build_model(name: str, in_shape: tuple[int, ...], num_classes: int, seed: in
         if not isinstance(model, nn.Module):
             raise ConfigError(f"[model].factory: {name} returned {type(model).__name__}, not a torch nn.Module")
         return model
+    if name in BUILTIN_MODELS and num_classes < 1:
+        raise ConfigError(f"[data].num_classes: the built-in model {name!r} needs the class count; declare it "
+                          "in [data] (a data factory's labels are the site's own), or give [model].factory")
     if name not in BUILTIN_MODELS:
         raise ConfigError(f"model.name: unknown model {name!r}; choose one of {', '.join(MODELS)} "
                           "or give [model].factory = 'package.module:name'")

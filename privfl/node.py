@@ -26,6 +26,7 @@ preprocessing the model expects), ``summary.json``, ``node.log`` (by the launche
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -45,8 +46,8 @@ import numpy as np
 import torch
 
 import privfl
-from accounting import DpEventKey
-from accounting.ledger import (
+from privfl.accounting import DpEventKey
+from privfl.accounting.ledger import (
     WRITE_FAILED,
     Ledger,
     LedgerError,
@@ -55,9 +56,10 @@ from accounting.ledger import (
     check_against_peers,
     check_checkpoint_steps,
 )
-from clients import DPClient
-from clients.randomness import random_source
-from privfl.data import Dataset, SiteData
+from privfl.clients import DPClient
+from privfl.clients.losses import build_loss
+from privfl.clients.randomness import random_source
+from privfl.data import Dataset, SiteData, SiteInputs
 from privfl.errors import ConfigError, PrivflError
 from privfl.models import build_model
 from privfl.node_config import NodeConfig, NodeStrategyParams, load_node_config
@@ -86,10 +88,10 @@ from privfl.preprocessing import (
     spec_description,
 )
 from privfl.sim.engine import save_state_dict, state_dict_files
-from strategies.base import NodeStrategy
-from strategies.compression.params import build_compressor
-from strategies.gossip import AsyncGossip, SyncGossip
-from strategies.topology import Topology
+from privfl.strategies.base import NodeStrategy
+from privfl.strategies.compression.params import build_compressor
+from privfl.strategies.gossip import AsyncGossip, SyncGossip
+from privfl.strategies.topology import Topology
 
 try:  # the output-folder lock; POSIX only
     import fcntl
@@ -372,10 +374,8 @@ class Node:
         # public (declared statistics) or a DP estimate whose cost is in the ledger
         spec = c.data.preprocessing_spec(cfg.path.parent)
         check_deployable(spec, f"{cfg.path}: [data]")
-        raw = c.data.sites(cfg.path.parent)[cfg.site_index]
         self.out.mkdir(parents=True, exist_ok=True)
-        pre, fresh = self._preprocessing(spec, raw.train.x, c.data.source)
-        self.site = SiteData(raw.site, _mapped(raw.train, pre), _mapped(raw.test, pre))
+        self.site, pre, fresh = self._site_data(spec)
         prior = {DpEventKey(pre.dp_event.noise_multiplier, 1.0): 1} if pre.dp_event is not None else None
         self.sigma = resolved_noise(cfg, prior)
         check_policy(cfg, self.roster, self.sigma)
@@ -387,9 +387,8 @@ class Node:
             save_preprocessing(pre, self.out / PREPROCESSING_FILE)
         accountant = self.ledger.rebuild_accountant()
         self.steps_before = self.ledger.steps
-        in_shape = tuple(self.site.train.x.shape[1:])
-        model = build_model(c.model.spec, in_shape, self.site.train.num_classes, seed=cfg.init_seed, args=c.model.args,
-                            hidden=tuple(c.model.hidden))
+        model = build_model(c.model.spec, self.site.in_shape, self.site.num_classes, seed=cfg.init_seed,
+                            args=c.model.args, hidden=tuple(c.model.hidden))
         dpc = c.dp.to_dp_config()
         dpc.noise_multiplier = self.sigma
         if cfg.seed is not None:
@@ -398,9 +397,10 @@ class Node:
                         self.node_id, cfg.seed)
         self.device = cfg.device  # [node].device, checked at load ("auto": CUDA when present)
         try:
-            self.client = DPClient(model, (self.site.train.x, self.site.train.y), (self.site.test.x, self.site.test.y),
+            self.client = DPClient(model, self.site.train, self.site.test,
                                    dpc, seed=None if cfg.seed is None else cfg.seed + 1000 * self.steps_before,
-                                   device=self.device, accountant=accountant, on_dp_event=self._on_dp_event)
+                                   device=self.device, accountant=accountant, on_dp_event=self._on_dp_event,
+                                   criterion=build_loss(c.model.loss))
         except ValueError as exc:
             raise ConfigError(f"{cfg.path}: [dp]: {exc}") from None
         self.client.training_steps = self.steps_before
@@ -412,8 +412,8 @@ class Node:
             params = resumed
         eps = self.client.epsilon
         log.info("node %s: site %d, %d train / %d test records (local), device %s, σ=%.4g, q=%.4g, %s randomness, "
-                 "ledger steps=%d ε=%.4f of %g (δ=%g)%s", self.node_id, cfg.site_index, len(self.site.train),
-                 len(self.site.test), self.device, self.sigma, self.client.sample_rate, self.client.random_kind,
+                 "ledger steps=%d ε=%.4f of %g (δ=%g)%s", self.node_id, cfg.site_index, self.site.train_size,
+                 self.site.test_size, self.device, self.sigma, self.client.sample_rate, self.client.random_kind,
                  self.steps_before, eps, c.dp.target_epsilon, c.dp.delta,
                  ", resumed from checkpoint" if resumed is not None else "")
         self.topology = topology_of(cfg, list(self.roster.nodes))
@@ -467,6 +467,20 @@ class Node:
         """A seed for post-processing randomness (peer choice, compressor masks): from the
         explicit ``[node].seed`` in a seeded test node, else from OS entropy."""
         return self.cfg.seed + offset if self.cfg.seed is not None else secrets.randbits(62)
+
+    def _site_data(self, spec: PreprocessingSpec) -> tuple[SiteInputs, Preprocessing, bool]:
+        """This site's records, preprocessed: the user's ``[data].factory`` Datasets as they are,
+        or its partition of a shipped set / file with public or DP preprocessing.
+
+        Returns (site inputs, preprocessing, preprocessing fitted now)."""
+        cfg, data = self.cfg, self.cfg.common.data
+        if data.factory:
+            fs = data.factory_site(cfg.site_index, cfg.path.parent, f"{cfg.path}: [data]")
+            pre = dataclasses.replace(Preprocessing("none", "none", fs.in_shape), spec=spec)
+            return SiteInputs.of_factory(fs, data.num_classes), pre, True
+        raw = data.sites(cfg.path.parent)[cfg.site_index]
+        pre, fresh = self._preprocessing(spec, raw.train.x, data.source)
+        return SiteInputs.of_arrays(SiteData(raw.site, _mapped(raw.train, pre), _mapped(raw.test, pre))), pre, fresh
 
     def _preprocessing(self, spec: PreprocessingSpec, train_x: np.ndarray, dataset: str) -> tuple[Preprocessing, bool]:
         """The site's preprocessing: reloaded from its saved public description when this node
@@ -871,8 +885,8 @@ class Node:
             "epsilon": _num(self.client.epsilon), "target_epsilon": self.cfg.common.dp.target_epsilon,
             "delta": self.cfg.common.dp.delta, "noise_multiplier": self.sigma,
             "sample_rate": self.client.sample_rate, "accuracy": last.get("accuracy"),
-            "test_loss": last.get("test_loss"), "train_records": len(self.site.train),
-            "test_records": len(self.site.test),
+            "test_loss": last.get("test_loss"), "train_records": self.site.train_size,
+            "test_records": self.site.test_size,
             "bytes_sent": traffic.bytes_sent if traffic else 0,
             "bytes_received": traffic.bytes_received if traffic else 0,
             "exchanges": int(getattr(self.strategy, "exchanges", 0)),

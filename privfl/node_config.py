@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from privfl.config import (
+    SHARED_SECTIONS,
     CommonConfig,
     apply_python_path,
     StrategySection,
@@ -32,7 +33,7 @@ from privfl.config import (
     resolve_path,
 )
 from privfl.errors import ConfigError
-from strategies.compression.params import check_strategy_keys, sync_compression_params
+from privfl.strategies.compression.params import check_strategy_keys, sync_compression_params
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -189,7 +190,7 @@ def node_strategy_params(strategy: StrategySection, where: str) -> NodeStrategyP
     return NodeStrategyParams(sync_compression_params(params, where), float(gamma), shared)
 
 
-_TOP_LEVEL = {"node", "identity", "data", "model", "dp", "topology", "strategy", "stop"}
+_TOP_LEVEL = {"node", "identity", *SHARED_SECTIONS}
 
 
 def node_config_from(table: dict[str, Any], path: str | Path) -> NodeConfig:

@@ -56,9 +56,9 @@ from privfl.transport import (
     TransportError,
     model_digest,
 )
-from strategies.base import ModelMessage, NodeStrategy
-from strategies.compression import Compressed, MalformedMessage, decompress
-from strategies.compression.message import max_frame_bytes
+from privfl.strategies.base import ModelMessage, NodeStrategy
+from privfl.strategies.compression import Compressed, MalformedMessage, decompress
+from privfl.strategies.compression.message import max_frame_bytes
 
 log = logging.getLogger("privfl.node")
 

@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clients.randomness import RandomSource, SecureRandom
+from privfl.clients.randomness import RandomSource, SecureRandom
 from privfl.data import Dataset, SiteData
 from privfl.errors import ConfigError, DataError
 

@@ -61,7 +61,7 @@ def _data(n: int = 256) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _client(engine: str, device: str, sample_rate: float, lr: float, batch_size: int) -> Any:
-    from clients import DPClient, DPConfig
+    from privfl.clients import DPClient, DPConfig
 
     cfg = DPConfig(noise_multiplier=SIGMA, max_grad_norm=CLIP, clipping="flat", sample_rate=sample_rate,
                    batch_size=batch_size, lr=lr, target_epsilon=1e6, delta=1e-5, engine=engine)

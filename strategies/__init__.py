@@ -1,6 +1,6 @@
 """How models meet: gossip topologies, compression, decentralized and Flower strategies."""
 
-from strategies.base import (
+from privfl.strategies.base import (
     CollectiveRound,
     CollectiveStrategy,
     ModelMessage,
@@ -9,7 +9,7 @@ from strategies.base import (
     PeerNetwork,
     StepReport,
 )
-from strategies.compression import (
+from privfl.strategies.compression import (
     COMPRESSORS,
     AdaComp,
     CLTk,
@@ -27,9 +27,9 @@ from strategies.compression import (
     decompress,
     released,
 )
-from strategies.federated import FedAvgConfig, FederatedAveraging, InProcessClientProxy
-from strategies.periodic import AdaptivePeriod, AllReduce, PeriodicAveraging
-from strategies.topology import TOPOLOGY_KINDS, Bipartition, Topology, TopologyError, build_topology
+from privfl.strategies.federated import FedAvgConfig, FederatedAveraging, InProcessClientProxy
+from privfl.strategies.periodic import AdaptivePeriod, AllReduce, PeriodicAveraging
+from privfl.strategies.topology import TOPOLOGY_KINDS, Bipartition, Topology, TopologyError, build_topology
 
 __all__ = [
     "AdaptivePeriod", "AllReduce", "FedAvgConfig", "FederatedAveraging", "InProcessClientProxy",

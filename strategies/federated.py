@@ -67,12 +67,12 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
 from flwr.server.strategy import FedAvg
 
-from accounting import BudgetExhausted
-from accounting.releases import DP_EVALUATE_METRICS, PUBLIC_FIT_METRICS
-from accounting.errors import ConfigError
-from strategies.base import CollectiveRound, CollectiveStrategy, Params
-from strategies.compression import CLTk, Compressor, compressor_from_config
-from strategies.update_transfer import (
+from privfl.accounting import BudgetExhausted
+from privfl.accounting.releases import DP_EVALUATE_METRICS, PUBLIC_FIT_METRICS
+from privfl.accounting.errors import ConfigError
+from privfl.strategies.base import CollectiveRound, CollectiveStrategy, Params
+from privfl.strategies.compression import CLTk, Compressor, compressor_from_config
+from privfl.strategies.update_transfer import (
     GlobalModelTracker,
     UpdateReceiver,
     apply_change,

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 from flwr.client import NumPyClient
 
-from accounting import BudgetExhausted
-from accounting.errors import ConfigError
-from strategies.base import ModelMessage, NodeStrategy, Params, PeerNetwork, StepReport
+from privfl.accounting import BudgetExhausted
+from privfl.accounting.errors import ConfigError
+from privfl.strategies.base import ModelMessage, NodeStrategy, Params, PeerNetwork, StepReport
 
 __all__ = ["AsyncGossip", "ErrorFeedbackGossip", "SyncGossip", "average_pair", "params_compatible"]
 
@@ -340,7 +340,7 @@ class ErrorFeedbackGossip:
 
     def __init__(self, node_id: str, neighbor_weights: Mapping[str, float], compressor: Any, gamma: Any,
                  initial: Any = None) -> None:
-        from strategies.compression import CompressionError, Compressor
+        from privfl.strategies.compression import CompressionError, Compressor
 
         if not isinstance(compressor, Compressor) or not compressor.error_feedback:
             raise CompressionError("error-feedback gossip: compressor must be a Compressor with error feedback")
@@ -365,7 +365,7 @@ class ErrorFeedbackGossip:
             self._estimates[j] = start.astype(np.float64, copy=True)
 
     def _check(self, shapes: tuple[tuple[int, ...], ...]) -> None:
-        from strategies.compression import MalformedMessage
+        from privfl.strategies.compression import MalformedMessage
 
         if self._shapes is None:
             self._init(tuple(shapes), np.zeros(int(sum(int(np.prod(s, dtype=np.int64)) for s in shapes))))
@@ -375,8 +375,8 @@ class ErrorFeedbackGossip:
 
     def make_message(self, x: Any) -> Any:
         """q_i = C(x_i − x_i⁻) of the released model ``x``; x̂_i ← x̂_i + q_i."""
-        from strategies.compression import Released, released
-        from strategies.compression.message import decode_flat, split_flat
+        from privfl.strategies.compression import Released, released
+        from privfl.strategies.compression.message import decode_flat, split_flat
 
         if type(x) is not Released:
             raise TypeError(f"error-feedback gossip accepts only Released models, got {type(x).__name__}")
@@ -392,8 +392,8 @@ class ErrorFeedbackGossip:
 
     def receive(self, sender: str, msg: Any) -> None:
         """x̂_j ← x̂_j + q_j for neighbour ``sender``."""
-        from strategies.compression import Compressed, MalformedMessage
-        from strategies.compression.message import decode_flat
+        from privfl.strategies.compression import Compressed, MalformedMessage
+        from privfl.strategies.compression.message import decode_flat
 
         if sender not in self._weights:
             raise MalformedMessage(f"node {self._node_id}: message from non-neighbour {sender!r}")
@@ -404,8 +404,8 @@ class ErrorFeedbackGossip:
 
     def consensus_step(self, x: Any) -> Any:
         """x + γ Σ_j w_ij (x̂_j − x̂_i) (post-processing of released values)."""
-        from strategies.compression import Released, released
-        from strategies.compression.message import split_flat
+        from privfl.strategies.compression import Released, released
+        from privfl.strategies.compression.message import split_flat
 
         if type(x) is not Released:
             raise TypeError(f"error-feedback gossip accepts only Released models, got {type(x).__name__}")
@@ -463,7 +463,7 @@ class SyncGossip(_GossipBase):
         self.innovation: Any = None
         comp = self.config.get("compressor")
         if comp is not None and comp != "none":
-            from strategies.compression import CLTk, Compressor, InnovationGossip, released
+            from privfl.strategies.compression import CLTk, Compressor, InnovationGossip, released
 
             if not isinstance(comp, Compressor):
                 raise ConfigError(f"sync_gossip: compressor must be a strategies.compression.Compressor, got {comp!r}")
@@ -489,7 +489,7 @@ class SyncGossip(_GossipBase):
         sent, peers = 0, []
         payload = None
         if self.innovation is not None:
-            from strategies.compression import released
+            from privfl.strategies.compression import released
 
             # the model was updated only by noised gradients (or is a mix of released models)
             payload = self.innovation.make_message(released(self.params, "dp-sgd model"))
@@ -537,7 +537,7 @@ class SyncGossip(_GossipBase):
         return self._report(0, sorted(got), 0, nbytes)
 
     def _finish_compressed(self, received: dict[str, ModelMessage]) -> StepReport:
-        from strategies.compression import MalformedMessage, released
+        from privfl.strategies.compression import MalformedMessage, released
 
         nbytes, peers = 0, []
         for peer in self.mixing:

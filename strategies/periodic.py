@@ -36,9 +36,9 @@ from typing import Any, Literal, Mapping
 import numpy as np
 from flwr.client import NumPyClient
 
-from accounting import BudgetExhausted
-from accounting.errors import ConfigError
-from strategies.base import CollectiveRound, CollectiveStrategy, Params
+from privfl.accounting import BudgetExhausted
+from privfl.accounting.errors import ConfigError
+from privfl.strategies.base import CollectiveRound, CollectiveStrategy, Params
 
 __all__ = [
     "AdaptivePeriod",

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from accounting.errors import ConfigError
+from privfl.accounting.errors import ConfigError
 
 __all__ = [
     "TOPOLOGY_KINDS",

@@ -29,8 +29,8 @@ from collections.abc import Sequence
 import numpy as np
 from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 
-from strategies.base import Params
-from strategies.compression import Compressed, Compressor, Exact, decompress, released
+from privfl.strategies.base import Params
+from privfl.strategies.compression import Compressed, Compressor, Exact, decompress, released
 
 __all__ = [
     "COMPRESSED_TENSOR_TYPE",

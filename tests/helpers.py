@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from clients import DPClient, DPConfig
+from privfl.clients import DPClient, DPConfig
 from privfl.models import build_model
 
 

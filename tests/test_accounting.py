@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants.analysis.rdp import compute_rdp
 
-from accounting import BudgetExhausted, BudgetGuard, PrivacyAccountant, calibrate_noise
+from privfl.accounting import BudgetExhausted, BudgetGuard, PrivacyAccountant, calibrate_noise
 
 TF_PRIVACY_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 

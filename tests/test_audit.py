@@ -15,8 +15,8 @@ from dp_accounting.rdp import RdpAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 from typer.testing import CliRunner
 
-from accounting.audit import RdpTimeline, audit_ledger, epsilon_from_rdp
-from accounting.ledger import (
+from privfl.accounting.audit import RdpTimeline, audit_ledger, epsilon_from_rdp
+from privfl.accounting.ledger import (
     Ledger,
     LedgerPolicy,
     canonical_bytes,
@@ -456,8 +456,7 @@ def test_full_check_names_a_bad_middle_signature(tmp_path: Path, pki: dict[str, 
 def test_parallel_signature_check(
     tmp_path: Path, pki: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import accounting.ledger as ledger_mod
-
+    import privfl.accounting.ledger as ledger_mod
     monkeypatch.setattr(ledger_mod, "PARALLEL_MIN_ENTRIES", 0)
     path = build(tmp_path / "l.jsonl", pki)
     jobs: list[tuple[bytes, bytes]] = []

@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
 
-from accounting.ledger import Ledger
+from privfl.accounting.ledger import Ledger
 from privfl.pki import load_certificate, load_private_key, make_node_cert
 from tests.helpers import audit_cli
 from tests.test_audit_consortium import (

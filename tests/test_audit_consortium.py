@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from accounting.accountant import DpEventKey, epsilon_of
-from accounting.audit import SINGLE_LEDGER_NOTE, audit_ledger
-from accounting.audit_consortium import ConsortiumReport, audit_consortium
-from accounting.ledger import (
+from privfl.accounting.accountant import DpEventKey, epsilon_of
+from privfl.accounting.audit import SINGLE_LEDGER_NOTE, audit_ledger
+from privfl.accounting.audit_consortium import ConsortiumReport, audit_consortium
+from privfl.accounting.ledger import (
     GENESIS_HASH,
     Ledger,
     LedgerPolicy,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from accounting.audit_empirical import (
+from privfl.accounting.audit_empirical import (
     audit_one_run,
     count_correct,
     draw_inclusion_signs,

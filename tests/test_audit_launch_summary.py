@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from accounting.audit import audit_ledger
-from accounting.ledger import Ledger, LedgerPolicy
+from privfl.accounting.audit import audit_ledger
+from privfl.accounting.ledger import Ledger, LedgerPolicy
 from tests.test_ledger import make_pki
 
 pytestmark = pytest.mark.timeout(120)

@@ -16,8 +16,8 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 from typer.testing import CliRunner
 
-from accounting.audit import audit_ledger
-from accounting.ledger import (
+from privfl.accounting.audit import audit_ledger
+from privfl.accounting.ledger import (
     Ledger,
     LedgerPolicy,
     canonical_bytes,

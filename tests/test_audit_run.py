@@ -213,7 +213,7 @@ def test_cli_config_table_json_and_rescore(tmp_path: Path) -> None:
 
 def test_cli_bound_above_formal_epsilon_exits_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An accountant that under-reports ε (a fault we cannot cause with the real one) is caught."""
-    from clients import DPClient
+    from privfl.clients import DPClient
 
     cfg = tmp_path / "weak.toml"
     cfg.write_text(EXAMPLE.read_text().replace("noise_multiplier = 1.0", "noise_multiplier = 0.05")

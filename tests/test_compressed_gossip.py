@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from flwr.client import NumPyClient
 
-from clients import DPConfig
+from privfl.clients import DPConfig
 from privfl.errors import ConfigError
 from privfl.sim import LinkSpec, SimSpec, SimWorld, StopCriteria, run_simulation
 from privfl.sim.runner import sync_compression_params
-from strategies.compression import Compressed, Quantize8, Released, TopK, compressor_from_config, released
-from strategies.gossip import ErrorFeedbackGossip, SyncGossip
-from strategies.topology import build_topology
+from privfl.strategies.compression import Compressed, Quantize8, Released, TopK, compressor_from_config, released
+from privfl.strategies.gossip import ErrorFeedbackGossip, SyncGossip
+from privfl.strategies.topology import build_topology
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -145,7 +145,7 @@ class SpyTopK(TopK):
 
 @pytest.mark.parametrize("ef", [False, True])
 def test_gossip_hands_compressors_only_released_post_fit_models(ef: bool) -> None:
-    from clients import DPClient
+    from privfl.clients import DPClient
     from privfl.data import load_builtin, split_sites
     from privfl.models import build_model
     from privfl.preprocessing import PreprocessingSpec, preprocess_site
@@ -239,7 +239,7 @@ def test_the_digits_compare_example_resolves_every_run() -> None:
     exp = load_experiment(EXAMPLE)
     labels = exp.strategies
     assert len(labels) >= 6 and "dense" in labels
-    from strategies.federated import FedAvgConfig
+    from privfl.strategies.federated import FedAvgConfig
 
     mechs, comps, uploads = set(), set(), set()
     for run in exp.runs:

@@ -32,9 +32,9 @@ from privfl.peer_network import (
 )
 from privfl.pki import NodeIdentity, Policy, init_consortium, load_pki
 from privfl.transport import Message, PeerRefused, TransportError
-from strategies.base import ModelMessage
-from strategies.compression import AdaComp, Compressed, Quantize8, TopK, decompress, released
-from strategies.compression.message import FRAME_HEADER_BYTES, max_frame_bytes
+from privfl.strategies.base import ModelMessage
+from privfl.strategies.compression import AdaComp, Compressed, Quantize8, TopK, decompress, released
+from privfl.strategies.compression.message import FRAME_HEADER_BYTES, max_frame_bytes
 
 NAMES = ["fc.weight", "fc.bias"]
 SHAPES = [(40, 50), (40,)]
@@ -308,8 +308,8 @@ def test_node_config_strategy_params_errors_name_the_field(node_pki: Path, tmp_p
 @pytest.mark.timeout(120)
 def test_node_builds_compressed_sync_gossip(node_pki: Path, tmp_path: Path) -> None:
     from privfl.node import Node
-    from strategies.compression import InnovationGossip, Quantize8 as Q8
-    from strategies.gossip import SyncGossip
+    from privfl.strategies.compression import InnovationGossip, Quantize8 as Q8
+    from privfl.strategies.gossip import SyncGossip
 
     strategy = {"name": "sync_gossip", "local_steps": 1, "params": {"compressor": "quantize8", "gamma": 0.25}}
     node = Node(load_node_config(_node_toml(node_pki, tmp_path, strategy)))

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from privfl.errors import ConfigError
-from strategies.compression import (
+from privfl.strategies.compression import (
     AdaComp,
     CLTk,
     Compressed,
@@ -29,8 +29,8 @@ from strategies.compression import (
     decompress,
     released,
 )
-from strategies.compression.message import pack_codes, unpack_codes
-from strategies.topology import Topology
+from privfl.strategies.compression.message import pack_codes, unpack_codes
+from privfl.strategies.topology import Topology
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -126,7 +126,7 @@ def test_simulation_auto_is_cpu_here(tmp_path: Path, device: str | None) -> None
 
 @no_cuda
 def test_sim_spec_refuses_cuda_and_runs_auto_on_cpu() -> None:
-    from clients import DPConfig
+    from privfl.clients import DPConfig
     from privfl.sim import SimSpec, StopCriteria, run_simulation
 
     dp = DPConfig(noise_multiplier=1.0, batch_size=16, lr=0.5, sample_rate=0.1)

@@ -12,12 +12,12 @@ import pytest
 from flwr.common import parameters_to_ndarrays
 from flwr.server.strategy import FedAvg
 
-from accounting import BudgetExhausted
-from clients import DPClient, DPConfig
-from clients.dp_client import PUBLIC_FIT_METRICS as CLIENT_PUBLIC_FIT_METRICS
+from privfl.accounting import BudgetExhausted
+from privfl.clients import DPClient, DPConfig
+from privfl.clients.dp_client import PUBLIC_FIT_METRICS as CLIENT_PUBLIC_FIT_METRICS
 from privfl.errors import ConfigError
 from privfl.models import build_model
-from strategies.federated import (
+from privfl.strategies.federated import (
     PUBLIC_FIT_METRICS,
     FedAvgConfig,
     FederatedAveraging,

@@ -26,7 +26,7 @@ from flwr.app import Context, Message, MessageType, Metadata, RecordDict  # noqa
 from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
 from flwr.compat.common import recorddict_compat as compat  # noqa: E402
 
-from clients.dp_client import PUBLIC_FIT_METRICS  # noqa: E402
+from privfl.clients.dp_client import PUBLIC_FIT_METRICS  # noqa: E402
 from privfl.errors import ConfigError  # noqa: E402
 from privfl_app import task  # noqa: E402
 from privfl_app.client_app import app as client_app  # noqa: E402

@@ -12,10 +12,10 @@ from opacus import GradSampleModule
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-import clients.ghost as ghost
-from clients.randomness import SeededRandom
-from clients import DPClient, DPConfig, PerSampleWeightDPOptimizer, clipping_rule
-from clients.ghost import GhostDPOptimizer, GhostGradModule, make_ghost_private
+import privfl.clients.ghost as ghost
+from privfl.clients.randomness import SeededRandom
+from privfl.clients import DPClient, DPConfig, PerSampleWeightDPOptimizer, clipping_rule
+from privfl.clients.ghost import GhostDPOptimizer, GhostGradModule, make_ghost_private
 from privfl.errors import ConfigError
 from privfl.models import build_model
 

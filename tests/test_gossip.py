@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from flwr.client import NumPyClient
 
-from accounting import BudgetExhausted
-from clients import DPClient, DPConfig, evaluate_model
+from privfl.accounting import BudgetExhausted
+from privfl.clients import DPClient, DPConfig, evaluate_model
 from privfl.data import load_builtin, split_sites
 from privfl.errors import ConfigError
 from privfl.models import build_model
 from privfl.preprocessing import PreprocessingSpec, preprocess_site
-from strategies.base import ModelMessage, PeerNetwork
-from strategies.gossip import AsyncGossip, SyncGossip, average_pair
-from strategies.topology import Topology, build_topology
+from privfl.strategies.base import ModelMessage, PeerNetwork
+from privfl.strategies.gossip import AsyncGossip, SyncGossip, average_pair
+from privfl.strategies.topology import Topology, build_topology
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -466,7 +466,7 @@ def test_sync_gossip_needs_mixing_and_valid_local_steps() -> None:
 
 
 def test_sync_gossip_compressed_innovation_conserves_sum_and_converges() -> None:
-    from strategies.compression import compressor_from_config
+    from privfl.strategies.compression import compressor_from_config
 
     topo = build_topology("ring", ids(5))
     models = random_models(5, seed=4)

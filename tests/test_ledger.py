@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
-from accounting import PrivacyAccountant
-from accounting.ledger import (
+from privfl.accounting import PrivacyAccountant
+from privfl.accounting.ledger import (
     GENESIS_HASH,
     Ledger,
     LedgerError,
@@ -342,7 +342,7 @@ def test_works_with_privfl_pki_certificates(tmp_path: Path) -> None:
 
 def test_reopen_fast_path_still_catches_tampering(tmp_path: Path, pki: dict[str, Any]) -> None:
     """Reopening checks the chain and only the last signature; tampering is still named."""
-    from accounting.ledger import sign_bytes
+    from privfl.accounting.ledger import sign_bytes
 
     key, _ = pki["nodes"]["h1"]
     other_key, _ = pki["nodes"]["h2"]
@@ -393,7 +393,7 @@ def test_non_canonical_base64_signature_is_refused() -> None:
 
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from accounting.ledger import sign_bytes, verify_signature
+    from privfl.accounting.ledger import sign_bytes, verify_signature
 
     key = ec.generate_private_key(ec.SECP256R1())
     for i in range(40):

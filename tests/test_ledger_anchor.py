@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 import pytest
 
-from accounting.audit import audit_ledger
-from accounting.ledger import (
+from privfl.accounting.audit import audit_ledger
+from privfl.accounting.ledger import (
     GENESIS_HASH,
     Ledger,
     LedgerError,

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from accounting.ledger import (
+from privfl.accounting.ledger import (
     WRITE_FAILED,
     Ledger,
     LedgerError,
@@ -109,7 +109,7 @@ _CHILD = textwrap.dedent("""
     import json, os, resource, sys
     from pathlib import Path
     from cryptography.hazmat.primitives import serialization
-    from accounting.ledger import Ledger, LedgerError, TornTailError, read_ledger
+    from privfl.accounting.ledger import Ledger, LedgerError, TornTailError, read_ledger
     from tests.test_ledger import POLICY
 
     d = Path(sys.argv[1]); mode = sys.argv[2]
@@ -342,7 +342,7 @@ def test_a_model_does_not_leave_when_its_release_cannot_be_recorded(tmp_path: Pa
     from privfl.node import Node, NodeError
     from privfl.node_config import load_node_config
     from privfl.pki import init_consortium
-    from strategies.base import ModelMessage
+    from privfl.strategies.base import ModelMessage
     from tests.test_node_bad_inputs import _tables, _write
 
     pki = tmp_path / "pki"

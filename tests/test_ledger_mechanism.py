@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from accounting import PrivacyAccountant
-from accounting.ledger import (
+from privfl.accounting import PrivacyAccountant
+from privfl.accounting.ledger import (
     GENESIS_HASH,
     LEDGER_FORMAT,
     DpEventKey,

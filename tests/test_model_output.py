@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from clients import evaluate_model
+from privfl.clients import evaluate_model
 from privfl.data import load_dataset, split_sites
 from privfl.launch import dump_toml
 from privfl.models import build_model

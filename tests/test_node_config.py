@@ -165,7 +165,7 @@ def _close(node: object) -> None:
 
 
 def test_node_uses_secure_randomness_and_says_so_in_its_ledger(pki: Path, tmp_path: Path) -> None:
-    from accounting.audit import audit_ledger
+    from privfl.accounting.audit import audit_ledger
     from privfl.node import Node
 
     node = Node(load_node_config(_write(tmp_path, _tables(pki, tmp_path / "out"))))
@@ -177,7 +177,7 @@ def test_node_uses_secure_randomness_and_says_so_in_its_ledger(pki: Path, tmp_pa
 
 
 def test_seeded_test_node_is_recorded_and_fails_the_audit(pki: Path, tmp_path: Path) -> None:
-    from accounting.audit import audit_ledger
+    from privfl.accounting.audit import audit_ledger
     from privfl.node import Node
 
     node = Node(load_node_config(_write(tmp_path, _tables(pki, tmp_path / "out", node={"seed": 5}))))

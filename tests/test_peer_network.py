@@ -18,8 +18,8 @@ from privfl.peer_network import (
 )
 from privfl.pki import NodeIdentity, Policy, init_consortium, load_pki
 from privfl.transport import DecodedMessage
-from strategies.base import ModelMessage
-from strategies.gossip import AsyncGossip
+from privfl.strategies.base import ModelMessage
+from privfl.strategies.gossip import AsyncGossip
 
 NAMES = ["fc.weight", "fc.bias"]
 GOOD = AdvertisedPolicy(noise_multiplier=1.0, target_epsilon=3.0, delta=1e-5)

@@ -6,9 +6,9 @@ import flwr
 import numpy as np
 import pytest
 
-from accounting import BudgetExhausted
+from privfl.accounting import BudgetExhausted
 from privfl.errors import ConfigError
-from strategies.periodic import AdaptivePeriod, AllReduce, PeriodicAveraging, average_models, model_variance
+from privfl.strategies.periodic import AdaptivePeriod, AllReduce, PeriodicAveraging, average_models, model_variance
 from tests.helpers import dp_clients
 
 pytestmark = pytest.mark.timeout(60)

@@ -9,8 +9,8 @@ import re
 import numpy as np
 import pytest
 
-from accounting import PrivacyAccountant
-from clients.randomness import SecureRandom, SeededRandom
+from privfl.accounting import PrivacyAccountant
+from privfl.clients.randomness import SecureRandom, SeededRandom
 from privfl.config import DataSection, from_table
 from privfl.data import load_builtin, split_sites
 from privfl.errors import ConfigError, DataError

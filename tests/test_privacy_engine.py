@@ -18,8 +18,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import privfl
-from accounting import BudgetExhausted, PrivacyAccountant
-from clients import DPClient, DPConfig
+from privfl.accounting import BudgetExhausted, PrivacyAccountant
+from privfl.clients import DPClient, DPConfig
 from privfl.errors import ConfigError
 
 N, D, K = 300, 12, 3
@@ -397,8 +397,8 @@ def test_empty_poisson_batches_are_noise_only_steps_in_a_user_loop() -> None:
 
 
 def test_privfl_exports_the_engine_lazily() -> None:
-    from clients import PrivacyEngine
-    from clients.engine import PrivacyEngine as Direct
+    from privfl.clients import PrivacyEngine
+    from privfl.clients.engine import PrivacyEngine as Direct
 
     assert privfl.PrivacyEngine is PrivacyEngine is Direct
     assert "PrivacyEngine" in dir(privfl)

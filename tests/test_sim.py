@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from clients import DPConfig
+from privfl.clients import DPConfig
 from privfl.errors import ConfigError
 from privfl.sim import (
     LinkSpec,
@@ -21,7 +21,7 @@ from privfl.sim import (
     run_simulation,
     write_results,
 )
-from strategies.base import ModelMessage
+from privfl.strategies.base import ModelMessage
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -241,7 +241,7 @@ def test_default_preprocessing_is_public_and_described_in_the_summary() -> None:
 
 
 def test_dp_preprocessing_event_is_in_each_sites_accountant_and_sigma_is_calibrated_for_both() -> None:
-    from accounting import PrivacyAccountant
+    from privfl.accounting import PrivacyAccountant
     from privfl.preprocessing import PreprocessingSpec
 
     pre = PreprocessingSpec(scaling="dp", transform="log1p", dp_noise_multiplier=2.0, dp_bound=9.0)

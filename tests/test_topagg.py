@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from opacus import GradSampleModule
 from torch import nn
 
-from accounting import DpEventKey
-from clients.randomness import SeededRandom
-from clients import (
+from privfl.accounting import DpEventKey
+from privfl.clients.randomness import SeededRandom
+from privfl.clients import (
     DPClient,
     DPConfig,
     TopAggDPOptimizer,
@@ -27,7 +27,7 @@ from privfl.data import load_builtin, split_sites
 from privfl.errors import ConfigError
 from privfl.models import build_model
 from privfl.preprocessing import PreprocessingSpec, preprocess_site
-from strategies.compression import Compressed, decompress
+from privfl.strategies.compression import Compressed, decompress
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.filterwarnings("ignore:Full backward hook")]
 

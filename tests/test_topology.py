@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from privfl.errors import ConfigError
-from strategies.topology import Topology, TopologyError, build_topology
+from privfl.strategies.topology import Topology, TopologyError, build_topology
 
 pytestmark = pytest.mark.timeout(60)
 

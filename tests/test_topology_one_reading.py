@@ -15,7 +15,7 @@ import pytest
 from privfl.config import TopologySection, from_table
 from privfl.errors import ConfigError
 from privfl.sim import SimSpec
-from strategies.topology import build_topology
+from privfl.strategies.topology import build_topology
 
 IDS = [f"h{i:02d}" for i in range(12)]
 EDGES = [[IDS[i], IDS[(i + 1) % 12]] for i in range(12)] + [[IDS[0], IDS[6]]]

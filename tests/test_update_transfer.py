@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clients import DPClient, DPConfig
+from privfl.clients import DPClient, DPConfig
 from privfl.errors import ConfigError
 from privfl.models import build_model
-from strategies.compression import (
+from privfl.strategies.compression import (
     AdaComp,
     Compressed,
     Exact,
@@ -23,8 +23,8 @@ from strategies.compression import (
     decompress,
     released,
 )
-from strategies.federated import FedAvgConfig, FederatedAveraging
-from strategies.update_transfer import (
+from privfl.strategies.federated import FedAvgConfig, FederatedAveraging
+from privfl.strategies.update_transfer import (
     COMPRESSED_TENSOR_TYPE,
     GlobalModelTracker,
     UpdateReceiver,

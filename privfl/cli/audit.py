@@ -32,9 +32,9 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from accounting.audit import AuditReport, audit_ledger
-from accounting.audit_consortium import ConsortiumReport, audit_consortium
-from accounting.audit_empirical import (
+from privfl.accounting.audit import AuditReport, audit_ledger
+from privfl.accounting.audit_consortium import ConsortiumReport, audit_consortium
+from privfl.accounting.audit_empirical import (
     DEFAULT_BETA,
     OneRunAudit,
     audit_one_run,

@@ -6,8 +6,8 @@ import typer
 from rich.console import Console
 from rich.progress import Progress
 
-from accounting import BudgetExhausted
-from clients import DPClient, DPConfig
+from privfl.accounting import BudgetExhausted
+from privfl.clients import DPClient, DPConfig
 from privfl.data import load_builtin, split_sites
 from privfl.models import build_model
 from privfl.preprocessing import PreprocessingSpec, preprocess_site

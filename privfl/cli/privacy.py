@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from accounting import PrivacyAccountant, calibrate_noise
+from privfl.accounting import PrivacyAccountant, calibrate_noise
 
 app = typer.Typer(no_args_is_help=True)
 

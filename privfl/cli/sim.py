@@ -50,9 +50,11 @@ def _run(config: Path, out: str | None, progress: bool, compare: bool, verbose: 
         exp.runs = exp.runs[:1]
     run_dir = run_dir_for(exp, out)
     fh = _log_to(run_dir, verbose)
-    console.print(f"[bold]{exp.name}[/]: {exp.common.data.num_sites} nodes, {exp.common.data.source} "
-                  f"({exp.common.data.partitioning}), model {exp.common.model.name}, "
-                  f"DP {exp.common.dp.clipping if exp.common.dp.enabled else 'off'}, "
+    c = exp.common
+    data = f"data {c.data.factory}" if c.data.factory else f"{c.data.source} ({c.data.partitioning})"
+    client = f", client {c.client.app}" if c.client.app else ""
+    console.print(f"[bold]{exp.name}[/]: {c.data.num_sites} nodes, {data}, model {c.model.spec}{client}, "
+                  f"{'DP ' + c.dp.clipping if c.dp.enabled else 'no DP'}, "
                   f"strategies {', '.join(exp.strategies)} → {run_dir}")
     try:
         results = run_experiment(exp, run_dir, progress=progress)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from flwr.client import NumPyClient
 
-from strategies.base import CollectiveStrategy, NodeStrategy, Params
+from privfl.strategies.base import CollectiveStrategy, NodeStrategy, Params
 
 from privfl.sim.network import SimWorld
 

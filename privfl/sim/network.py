@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from strategies.base import ModelMessage, NodeStrategy
+from privfl.strategies.base import ModelMessage, NodeStrategy
 
 from privfl.sim.profiles import LinkSpec
 

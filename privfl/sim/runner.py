@@ -29,22 +29,25 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from flwr.client import NumPyClient
+from torch.utils.data import ConcatDataset
 
-from accounting import PrivacyAccountant
-from clients import DPClient, DPConfig, evaluate_model
-from clients.randomness import SeededRandom
-from strategies.base import CollectiveStrategy, NodeStrategy, Params, PeerNetwork
-from strategies.compression.params import (  # shared with privfl.node
+from privfl.accounting import PrivacyAccountant
+from privfl.clients import DPClient, DPConfig, evaluate_model
+from privfl.clients.dp_client import evaluate_dataset
+from privfl.clients.losses import build_loss
+from privfl.clients.randomness import SeededRandom
+from privfl.strategies.base import CollectiveStrategy, NodeStrategy, Params, PeerNetwork
+from privfl.strategies.compression.params import (  # shared with privfl.node
     SYNC_GOSSIP_KEYS,
     build_compressor,
     check_strategy_keys,
     sync_compression_params,
 )
-from strategies.gossip import AsyncGossip, SyncGossip
-from strategies.topology import Topology, build_topology
+from privfl.strategies.gossip import AsyncGossip, SyncGossip
+from privfl.strategies.topology import Topology, build_topology
 
 from privfl.config import resolve_device
-from privfl.data import DATASETS, SiteData, load_dataset, split_sites
+from privfl.data import DATASETS, SiteData, SiteInputs, load_dataset, load_factory_site, split_sites
 from privfl.errors import ConfigError
 from privfl.models import build_model
 from privfl.preprocessing import Preprocessing, PreprocessingSpec, preprocess_site
@@ -71,6 +74,11 @@ class SimSpec:
     preprocessing: PreprocessingSpec = field(default_factory=PreprocessingSpec)
     model: str = "logreg"  # a built-in name, or a user factory "pkg.module:name"
     model_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a user factory
+    loss: str = "cross_entropy"  # [model].loss: a built-in name or "pkg.module:name"
+    data_factory: str = ""  # [data].factory "pkg.module:name": the sites' own torch Datasets
+    data_args: dict[str, Any] = field(default_factory=dict)
+    data_root: str | None = None  # [data].root, absolute
+    num_classes: int = 0  # [data].num_classes (declared; a factory's built-in model needs it)
     hidden: tuple[int, ...] = (64, 32)
     dp: DPConfig = field(default_factory=lambda: DPConfig(noise_multiplier=1.0, batch_size=16, lr=0.5))
     strategy: str = "async_gossip"
@@ -193,7 +201,7 @@ def _sync_gossip(ctx: SimContext, node_id: str, client: NumPyClient, net: PeerNe
 
 
 def _fedavg(ctx: SimContext) -> CollectiveStrategy:
-    from strategies.federated import FedAvgConfig, FederatedAveraging
+    from privfl.strategies.federated import FedAvgConfig, FederatedAveraging
 
     p = dict(ctx.spec.strategy_params)
     allowed = {f for f in FedAvgConfig.__dataclass_fields__} - {"local_steps", "seed", "evaluate"}
@@ -209,7 +217,7 @@ def _periodic(cls_name: str, label: str) -> CollectiveFactory:
     """Factory for ``strategies.periodic.<cls_name>``, built from ``strategy_params``."""
 
     def factory(ctx: SimContext) -> CollectiveStrategy:
-        from strategies import periodic
+        from privfl.strategies import periodic
 
         cls = getattr(periodic, cls_name)
         try:
@@ -230,29 +238,35 @@ register_strategy("adaptive_period", "collective", _periodic("AdaptivePeriod", "
 
 # ---- building the world --------------------------------------------------------------
 def _make_evaluator(spec: SimSpec, in_shape: tuple[int, ...], num_classes: int,
-                    test_x: np.ndarray, test_y: np.ndarray) -> Callable[[Params], tuple[float, float]]:
+                    sites: list[SiteInputs]) -> Callable[[Params], tuple[float, float]]:
+    """Accuracy on the union of every site's test split (the researcher's view of a simulation)."""
     model = build_model(spec.model, in_shape, num_classes, seed=spec.seed, hidden=tuple(spec.hidden),
                         args=spec.model_args)
     device = torch.device(spec.device)
     model.to(device)
     keys = list(model.state_dict().keys())
-    x, y = torch.as_tensor(test_x), torch.as_tensor(test_y)
+    if all(isinstance(s.test, tuple) for s in sites):
+        x = torch.as_tensor(np.concatenate([s.test[0] for s in sites]))
+        y = torch.as_tensor(np.concatenate([s.test[1] for s in sites]))
+        run: Callable[[], tuple[float, float]] = lambda: evaluate_model(model, x, y, device)  # noqa: E731
+    else:
+        union = ConcatDataset([s.test for s in sites])
+        run = lambda: evaluate_dataset(model, union, device)  # noqa: E731
 
     def evaluate(params: Params) -> tuple[float, float]:
         state = {k: torch.as_tensor(np.asarray(v)).to(device) for k, v in zip(keys, params)}
         model.load_state_dict(state, strict=True)
-        return evaluate_model(model, x, y, device)
+        return run()
 
     return evaluate
 
 
-def _measure_step_cost(spec: SimSpec, train: tuple[np.ndarray, np.ndarray], in_shape: tuple[int, ...],
-                       num_classes: int) -> float:
+def _measure_step_cost(spec: SimSpec, train: Any, in_shape: tuple[int, ...], num_classes: int) -> float:
     """Wall seconds of one local step on a scratch client (its own accountant: no real budget spent)."""
     model = build_model(spec.model, in_shape, num_classes, seed=spec.seed, hidden=tuple(spec.hidden),
                         args=spec.model_args)
     cfg = DPConfig(**{**asdict(spec.dp), "target_epsilon": 1e6})
-    scratch = DPClient(model, train, None, cfg, seed=spec.seed, device=spec.device)
+    scratch = DPClient(model, train, None, cfg, seed=spec.seed, device=spec.device, criterion=build_loss(spec.loss))
     p = scratch.get_parameters({})
     scratch.fit(p, {"local_steps": 2})
     t0 = time.perf_counter()
@@ -263,6 +277,24 @@ def _measure_step_cost(spec: SimSpec, train: tuple[np.ndarray, np.ndarray], in_s
 def preprocessing_seed(run_seed: int, site: int) -> int:
     """The seed of site ``site``'s DP preprocessing noise in a simulation (its own stream)."""
     return int(np.random.SeedSequence([int(run_seed), int(site), 0x9E3779B9]).generate_state(1)[0])
+
+
+def _site_inputs(spec: SimSpec, node_ids: list[str]) -> tuple[list[SiteInputs], list[Preprocessing]]:
+    """Every site's inputs: the user's ``data_factory`` Datasets as they are (no preprocessing),
+    or the shared-seed split of a shipped set / file, each site preprocessed on its own rows."""
+    n = len(node_ids)
+    if spec.data_factory:
+        out, preps = [], []
+        for i in range(n):
+            fs = load_factory_site(spec.data_factory, i, n, spec.data_root, spec.data_args)
+            out.append(SiteInputs.of_factory(fs, spec.num_classes))
+            preps.append(dataclasses.replace(Preprocessing("none", "none", fs.in_shape), spec=spec.preprocessing))
+        return out, preps
+    data = load_dataset(spec.dataset, label_column=spec.label_column, seed=spec.seed)
+    raw = split_sites(data, n, spec.partitioning, seed=spec.seed, alpha=spec.alpha,  # type: ignore[arg-type]
+                      test_fraction=spec.test_fraction, shards_per_site=spec.shards_per_site)
+    sites, preps = _preprocess_sites(spec, node_ids, raw)
+    return [SiteInputs.of_arrays(s) for s in sites], preps
 
 
 def _preprocess_sites(spec: SimSpec, node_ids: list[str], raw: list[SiteData]
@@ -320,12 +352,9 @@ def _run(spec: SimSpec) -> SimulationResult:
     wall0 = time.perf_counter()
     n = spec.num_nodes
     node_ids = list(spec.node_ids) if spec.node_ids else [f"node{i}" for i in range(n)]
-    data = load_dataset(spec.dataset, label_column=spec.label_column, seed=spec.seed)
-    raw = split_sites(data, n, spec.partitioning, seed=spec.seed, alpha=spec.alpha,  # type: ignore[arg-type]
-                      test_fraction=spec.test_fraction, shards_per_site=spec.shards_per_site)
-    sites, preps = _preprocess_sites(spec, node_ids, raw)
-    in_shape = tuple(data.x.shape[1:])
-    num_classes = data.num_classes
+    sites, preps = _site_inputs(spec, node_ids)
+    in_shape = sites[0].in_shape
+    num_classes = sites[0].num_classes
     topo_params = dict(spec.topology_params)
     if spec.topology == "random_regular":
         topo_params.setdefault("seed", spec.seed)
@@ -341,22 +370,20 @@ def _run(spec: SimSpec) -> SimulationResult:
                         args=spec.model_args)
         accountant, dpc = _site_accounting(spec.dp, pre, calibrated)
         try:
-            clients[nid] = DPClient(model, (site.train.x, site.train.y), (site.test.x, site.test.y),
-                                    dpc, seed=spec.seed * 1000 + i, device=spec.device, accountant=accountant)
+            clients[nid] = DPClient(model, site.train, site.test, dpc, seed=spec.seed * 1000 + i,
+                                    device=spec.device, accountant=accountant, criterion=build_loss(spec.loss))
         except ValueError as e:
             raise ConfigError(f"dp: {e}") from None
 
     if spec.step_cost == "measure":
-        step_cost = _measure_step_cost(spec, (sites[0].train.x, sites[0].train.y), in_shape, num_classes)
+        step_cost = _measure_step_cost(spec, sites[0].train, in_shape, num_classes)
     elif spec.step_cost is None:
         step_cost = default_step_cost(spec.model)
     else:
         step_cost = float(spec.step_cost)
     speeds = compute_speeds(spec.compute_profile, n, spec.seed, spec.compute_params)
     world = SimWorld(node_ids, {nid: topology.neighbors(nid) for nid in node_ids}, spec.links)
-    test_x = np.concatenate([s.test.x for s in sites])
-    test_y = np.concatenate([s.test.y for s in sites])
-    evaluate = _make_evaluator(spec, in_shape, num_classes, test_x, test_y)
+    evaluate = _make_evaluator(spec, in_shape, num_classes, sites)
     engine = Engine(node_ids, clients, world, speeds, step_cost, spec.local_steps, spec.stop, evaluate,
                     spec.eval_every, spec.eval_every_rounds, spec.progress)
     ctx = SimContext(spec, node_ids, topology, clients, init_params)

@@ -30,7 +30,7 @@ exact ``nbytes``; :func:`decompress` turns one back into float32 arrays after va
 it, so it is safe on bytes that came from the network.
 """
 
-from strategies.compression.compressors import (
+from privfl.strategies.compression.compressors import (
     COMPRESSORS,
     AdaComp,
     CLTk,
@@ -43,9 +43,9 @@ from strategies.compression.compressors import (
     TopK,
     compressor_from_config,
 )
-from strategies.compression.innovation import InnovationGossip
-from strategies.compression.message import Compressed, MalformedMessage, decompress
-from strategies.compression.release import Released, released
+from privfl.strategies.compression.innovation import InnovationGossip
+from privfl.strategies.compression.message import Compressed, MalformedMessage, decompress
+from privfl.strategies.compression.release import Released, released
 
 __all__ = [
     "COMPRESSORS",

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from accounting.errors import ConfigError
-from strategies.compression.message import Compressed, MalformedMessage, _offsets, decode_flat, pack_codes
-from strategies.compression.release import Released
+from privfl.accounting.errors import ConfigError
+from privfl.strategies.compression.message import Compressed, MalformedMessage, _offsets, decode_flat, pack_codes
+from privfl.strategies.compression.release import Released
 
 __all__ = [
     "COMPRESSORS",

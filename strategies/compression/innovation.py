@@ -20,10 +20,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from strategies.compression.compressors import CompressionError, Compressor, _require_released
-from strategies.compression.message import Compressed, MalformedMessage, decode_flat, split_flat
-from strategies.compression.release import Released, _derive
-from strategies.topology import Topology
+from privfl.strategies.compression.compressors import CompressionError, Compressor, _require_released
+from privfl.strategies.compression.message import Compressed, MalformedMessage, decode_flat, split_flat
+from privfl.strategies.compression.release import Released, _derive
+from privfl.strategies.topology import Topology
 
 __all__ = ["InnovationGossip"]
 

@@ -33,7 +33,7 @@ from typing import Literal
 
 import numpy as np
 
-from accounting.errors import PrivflError
+from privfl.accounting.errors import PrivflError
 
 __all__ = ["FRAME_HEADER_BYTES", "Compressed", "MalformedMessage", "decompress", "max_frame_bytes"]
 

@@ -13,8 +13,8 @@ import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from accounting.errors import ConfigError
-from strategies.compression.compressors import COMPRESSORS, Compressor, canonical_name, compressor_from_config
+from privfl.accounting.errors import ConfigError
+from privfl.strategies.compression.compressors import COMPRESSORS, Compressor, canonical_name, compressor_from_config
 
 __all__ = ["SYNC_GOSSIP_KEYS", "build_compressor", "check_strategy_keys", "sync_compression_params"]
 

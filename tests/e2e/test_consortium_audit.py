@@ -19,7 +19,7 @@ from typing import Any, Callable
 import pytest
 from typer.testing import CliRunner
 
-from accounting.audit import audit_ledger
+from privfl.accounting.audit import audit_ledger
 from privfl.launch import NodeProcesses, last_metrics, launch_consortium, prepare_run
 from tests.helpers import audit_cli, patched_copy
 from tests.test_audit_consortium import (

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from accounting.audit import audit_ledger
+from privfl.accounting.audit import audit_ledger
 from privfl.launch import NodeProcesses, collect, last_metrics, prepare_run
 from tests.helpers import patched_copy
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from accounting.audit import audit_ledger
+from privfl.accounting.audit import audit_ledger
 from privfl.launch import NodeProcesses, dump_toml, last_metrics, prepare_run
 from privfl.pki import init_consortium
 from tests.helpers import patched_copy

@@ -38,7 +38,7 @@ from privfl.pki import (
     load_private_key,
     make_node_cert,
 )
-from strategies.base import ModelMessage
+from privfl.strategies.base import ModelMessage
 
 pytestmark = pytest.mark.timeout(120)
 

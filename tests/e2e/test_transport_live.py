@@ -19,7 +19,7 @@ from privfl.pki import NodeIdentity, init_consortium, load_pki, revoke_node
 from privfl.transport import GossipServer, Message, PeerRefused, TransportError
 from privfl.transport.proto import gossip_pb2 as pb
 from privfl.transport.signing import Signer
-from strategies.base import ModelMessage
+from privfl.strategies.base import ModelMessage
 from tests.helpers import STALLER
 
 pytestmark = pytest.mark.timeout(90)

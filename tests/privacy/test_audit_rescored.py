@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from accounting.audit_empirical import epsilon_lower_bound
-from clients.randomness import SeededRandom
+from privfl.accounting.audit_empirical import epsilon_lower_bound
+from privfl.clients.randomness import SeededRandom
 from privfl.audit_run import AuditRunResult, audit_config_from, run_audit
 
 pytestmark = pytest.mark.timeout(180)

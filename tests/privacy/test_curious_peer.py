@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from clients import DPClient, DPConfig
-from clients.randomness import SeededRandom
+from privfl.clients import DPClient, DPConfig
+from privfl.clients.randomness import SeededRandom
 from privfl.models import build_model
 
 D_FEATURES = 6

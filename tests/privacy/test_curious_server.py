@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from flwr.server.strategy import FedAvg
 
-from clients import DPClient, DPConfig
-from clients.dp_client import PUBLIC_FIT_METRICS
+from privfl.clients import DPClient, DPConfig
+from privfl.clients.dp_client import PUBLIC_FIT_METRICS
 from privfl.models import build_model
-from strategies.federated import FedAvgConfig, FederatedAveraging
+from privfl.strategies.federated import FedAvgConfig, FederatedAveraging
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
-from clients.clipping import clipping_rule
+from privfl.clients.clipping import clipping_rule
 from privfl.data import load_builtin, split_sites
 from privfl.models import build_model
 from privfl.preprocessing import PreprocessingSpec, fit_preprocessing

@@ -22,8 +22,8 @@ from flwr.app import Context
 from flwr.client import Client, NumPyClient
 from flwr.clientapp import ClientApp
 
-from clients import DPClient
-from clients.dp_client import PUBLIC_FIT_METRICS
+from privfl.clients import DPClient
+from privfl.clients.dp_client import PUBLIC_FIT_METRICS
 from privfl_app.task import (
     dp_config,
     load_state,

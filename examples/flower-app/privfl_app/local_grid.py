@@ -118,7 +118,7 @@ def researcher_evaluate_fn(cfg: Mapping[str, Any], num_nodes: int) -> Callable[.
     import numpy as np
     import torch
 
-    from clients.dp_client import evaluate_model
+    from privfl.clients.dp_client import evaluate_model
     from privfl_app.task import make_model, settings, site_of
 
     full = settings(cfg)

@@ -20,7 +20,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
 from privfl_app.task import dp_evaluation, make_model, settings, site_of
-from strategies.federated import released_evaluate_res, weighted_average
+from privfl.strategies.federated import released_evaluate_res, weighted_average
 
 
 def fit_metrics(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:

@@ -24,7 +24,7 @@ import torch
 from flwr.app import ConfigRecord, Context
 from torch import nn
 
-from clients import DPClient, DPConfig
+from privfl.clients import DPClient, DPConfig
 from privfl.data import SiteData, load_dataset, split_sites
 from privfl.errors import ConfigError
 from privfl.models import build_model
