@@ -259,22 +259,25 @@ def run_experiment(exp: Experiment, run_dir: Path, progress: bool = False) -> di
         resolved[run.label] = _spec_json(spec)
         results[run.label] = res
     (run_dir / "resolved_config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
-    plot_runs({k: v.rows for k, v in results.items()}, run_dir, title=exp.name)
+    plot_runs({k: v.rows for k, v in results.items()}, run_dir, title=exp.name,
+              no_dp={k for k, v in results.items() if not v.summary.get("dp", True)})
     comparison = {k: summarize(v) for k, v in results.items()}
     (run_dir / "comparison.json").write_text(json.dumps(comparison, indent=2, default=str) + "\n")
     return results
 
 
 def summarize(res: SimulationResult) -> dict[str, Any]:
-    """Final accuracy (mean/min over nodes), max ε, bytes, virtual time of a run."""
+    """Final accuracy (mean/min over nodes), max ε (None for a run without DP), bytes, virtual time."""
     final = res.final()
     accs = [float(r["accuracy"]) for r in final]
     eps = [float(r["epsilon"]) for r in final if r.get("epsilon") is not None]
+    dp = bool(res.summary.get("dp", True))
     return {
+        "privacy": "DP" if dp else "no DP",
         "virtual_time": float(final[0]["time"]) if final else 0.0,
         "accuracy_mean": sum(accs) / len(accs) if accs else float("nan"),
         "accuracy_min": min(accs) if accs else float("nan"),
-        "epsilon_max": max(eps) if eps else float("nan"),
+        "epsilon_max": (max(eps) if eps else float("nan")) if dp else None,
         "bytes_sent": int(sum(float(r.get("bytes_sent", 0) or 0) for r in final)),
         "steps_mean": sum(float(r.get("steps", 0) or 0) for r in final) / max(1, len(final)),
         "consensus_max": float(final[0].get("consensus_max", float("nan"))) if final else float("nan"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import matplotlib
 
@@ -36,8 +36,13 @@ def curve(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
     return out
 
 
-def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str | Path, title: str = "") -> list[Path]:
-    """Write the four comparison plots for ``runs`` (label → metric rows) into ``out_dir``."""
+def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str | Path, title: str = "",
+              no_dp: Iterable[str] = ()) -> list[Path]:
+    """Write the four comparison plots for ``runs`` (label → metric rows) into ``out_dir``.
+
+    Runs in ``no_dp`` trained without differential privacy: their legend says "no DP" and
+    they have no ε to plot (never drawn as if ε were spent)."""
+    without = set(no_dp)
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     curves = {label: curve(rows) for label, rows in runs.items()}
@@ -53,8 +58,11 @@ def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str | Pa
         for label, c in curves.items():
             xs, ys = c[xk], c[yk]
             pts = [(x, y) for x, y in zip(xs, ys) if math.isfinite(x) and math.isfinite(y) and (not logx or x > 0)]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=label)
+            if label in without and "epsilon" in (xk, yk):
+                ax.plot([], [], marker=".", label=f"{label} (no DP: no ε)")
+            elif pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".",
+                        label=f"{label} (no DP)" if label in without else label)
         if logx:
             ax.set_xscale("log")
         ax.set_xlabel(xl)

@@ -20,7 +20,8 @@ def _table(title: str, results: dict) -> Table:
     for name, res in results.items():
         s = summarize(res)
         t.add_row(name, f"{s['virtual_time']:.1f}", f"{s['accuracy_mean']:.3f}", f"{s['accuracy_min']:.3f}",
-                  f"{s['epsilon_max']:.3f}", f"{s['bytes_sent']:,}", f"{s['consensus_max']:.2e}")
+                  "no DP" if s["epsilon_max"] is None else f"{s['epsilon_max']:.3f}", f"{s['bytes_sent']:,}",
+                  f"{s['consensus_max']:.2e}")
     return t
 
 
