@@ -98,7 +98,7 @@ def evaluate(ctx: Context, params: list[np.ndarray], n: int):
 
 def test_clientapp_fit_releases_only_public_values() -> None:
     w0 = initial_params()
-    sizes = {pid: len(task.load_site("breast_cancer", "iid", 0, pid, 2).train.y) for pid in (0, 1)}
+    sizes = {pid: task.load_site("breast_cancer", "iid", 0, pid, 2).train_size for pid in (0, 1)}
     res = {pid: fit(node_context(pid=pid, n=2), w0, 1) for pid in (0, 1)}
     for pid, r in res.items():
         assert r.num_examples == 1 != sizes[pid]  # equal public weights, never the record count
@@ -217,3 +217,44 @@ def test_bad_run_config_names_the_key() -> None:
         task.settings({"rounds": 3})
     with pytest.raises(ConfigError, match="partition-id"):
         task.partition_of(Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}))
+
+
+HOSPITAL = '''
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from sklearn.datasets import load_digits
+
+CALLS = []
+
+def load_site(site_index, num_sites, root=None):
+    CALLS.append((site_index, num_sites, root))
+    d = load_digits()
+    x = torch.tensor(d.data.reshape(-1, 1, 8, 8) / 16.0, dtype=torch.float32)
+    y = torch.tensor(d.target)
+    idx = torch.arange(len(y))[site_index::num_sites]
+    cut = int(len(idx) * 0.8)
+    return TensorDataset(x[idx[:cut]], y[idx[:cut]]), TensorDataset(x[idx[cut:]], y[idx[cut:]])
+
+def Net():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+'''
+
+
+def test_flower_app_runs_the_hospitals_own_model_and_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Flower App builds through the same registries: a model factory and a data factory by
+    import path, with Adam; the server never reads site data for a factory model."""
+    (tmp_path / "hosp_flower.py").write_text(HOSPITAL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    hist, grid = run_in_process(2, {"num-server-rounds": 2, "local-steps": 10, "model": "hosp_flower:Net",
+                                    "data-factory": "hosp_flower:load_site", "data-root": str(tmp_path),
+                                    "optimizer": "adam", "lr": 0.02, "sample-rate": 0.1},
+                                researcher_eval=True)
+    import hosp_flower  # type: ignore[import-not-found]
+
+    assert hist is not None
+    assert {(c[0], c[1]) for c in hosp_flower.CALLS} == {(0, 2), (1, 2)}  # the sites' own calls only
+    assert all(c[2] == str(tmp_path) for c in hosp_flower.CALLS)
+    acc = dict(hist.metrics_centralized["true_accuracy"])
+    assert acc[2] > 0.2  # ten classes: better than chance after two DP rounds
+    assert 0 < dict(hist.metrics_distributed_fit["epsilon_max"])[2] <= 8.0

@@ -23,6 +23,7 @@ from flwr.client import Client, NumPyClient
 from flwr.clientapp import ClientApp
 
 from privfl.clients import DPClient
+from privfl.clients.losses import build_loss
 from privfl.clients.dp_client import PUBLIC_FIT_METRICS
 from privfl_app.task import (
     dp_config,
@@ -81,9 +82,10 @@ def client_fn(context: Context) -> Client:
     state, fits = load_state(context)
     client = DPClient(
         make_model(cfg, site),
-        (site.train.x, site.train.y),
-        (site.test.x, site.test.y),
+        site.train,
+        site.test,
         dp_config(cfg),
+        criterion=build_loss(str(cfg["loss"])),
     )
     if state is not None:
         client.load_state_dict(state)

@@ -118,18 +118,29 @@ def researcher_evaluate_fn(cfg: Mapping[str, Any], num_nodes: int) -> Callable[.
     import numpy as np
     import torch
 
-    from privfl.clients.dp_client import evaluate_model
+    from torch.utils.data import ConcatDataset
+
+    from privfl.clients.dp_client import evaluate_dataset, evaluate_model
     from privfl_app.task import make_model, settings, site_of
 
     full = settings(cfg)
     sites = [site_of(full, i, num_nodes) for i in range(num_nodes)]
-    x = torch.as_tensor(np.concatenate([s.test.x for s in sites])).float()
-    y = torch.as_tensor(np.concatenate([s.test.y for s in sites])).long()
     model = make_model(full, sites[0])
+    if all(isinstance(s.test, tuple) for s in sites):
+        x = torch.as_tensor(np.concatenate([s.test[0] for s in sites])).float()
+        y = torch.as_tensor(np.concatenate([s.test[1] for s in sites])).long()
+
+        def score() -> tuple[float, float]:
+            return evaluate_model(model, x, y, torch.device("cpu"))
+    else:
+        union = ConcatDataset([s.test for s in sites])
+
+        def score() -> tuple[float, float]:
+            return evaluate_dataset(model, union, torch.device("cpu"))
 
     def evaluate(server_round: int, parameters: list[Any], config: dict[str, Scalar]) -> tuple[float, dict[str, Scalar]]:
         model.load_state_dict({k: torch.as_tensor(v) for k, v in zip(model.state_dict(), parameters)})
-        loss, acc = evaluate_model(model, x, y, torch.device("cpu"))
+        loss, acc = score()
         return loss, {"true_accuracy": acc}
 
     return evaluate

@@ -19,7 +19,7 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from privfl_app.task import dp_evaluation, make_model, settings, site_of
+from privfl_app.task import dp_evaluation, make_model, needs_site_for_model, settings, site_of
 from privfl.strategies.federated import released_evaluate_res, weighted_average
 
 
@@ -52,8 +52,8 @@ class DPReleaseFedAvg(FedAvg):
 
 def build_strategy(cfg: dict[str, Any]) -> FedAvg:
     """Flower's FedAvg configured from the run config, starting from the shared initial model."""
-    site = site_of(cfg, 0, 1)
-    model = make_model(cfg, site)
+    # a built-in model's shape comes from the shipped dataset's layout; a user factory knows its own
+    model = make_model(cfg, site_of(cfg, 0, 1) if needs_site_for_model(cfg) else None)
     init = [v.detach().cpu().numpy() for v in model.state_dict().values()]
     local_steps = int(cfg["local-steps"])
     evaluate = dp_evaluation(cfg)

@@ -25,7 +25,8 @@ from flwr.app import ConfigRecord, Context
 from torch import nn
 
 from privfl.clients import DPClient, DPConfig
-from privfl.data import SiteData, load_dataset, split_sites
+from privfl.clients.plugins import is_import_path
+from privfl.data import SiteInputs, load_dataset, load_factory_site, split_sites
 from privfl.errors import ConfigError
 from privfl.models import build_model
 from privfl.preprocessing import PreprocessingSpec, preprocess_site
@@ -47,7 +48,17 @@ DEFAULTS: dict[str, Any] = {
     # ones of a shipped dataset, or the `statistics` file) or "none"
     "scaling": "public",
     "statistics": "",
+    # a built-in model name, or the hospital's own factory "pkg.module:name" (no arguments)
     "model": "logreg",
+    # the hospital's own data: "pkg.module:name" called as factory(site_index=, num_sites=, root=)
+    # returning (train, test) torch Datasets; "" = the shipped `dataset` above
+    "data-factory": "",
+    "data-root": "",
+    # the class count a built-in model needs with a data factory (0: unset)
+    "num-classes": 0,
+    # "cross_entropy" or "pkg.module:name"; "sgd", "adam", "adamw" or "pkg.module:name"
+    "loss": "cross_entropy",
+    "optimizer": "sgd",
     "seed": 0,
     "clipping": "psac",
     "max-grad-norm": 1.0,
@@ -105,7 +116,8 @@ def dp_evaluation(cfg: Mapping[str, Any]) -> bool:
 
 @lru_cache(maxsize=8)
 def load_site(dataset: str, partitioning: str, seed: int, partition_id: int, num_partitions: int,
-              scaling: str = "public", statistics: str = "") -> SiteData:
+              scaling: str = "public", statistics: str = "", data_factory: str = "", data_root: str = "",
+              num_classes: int = 0) -> SiteInputs:
     """This node's train/test split, scaled from public statistics (cached: every message reuses it).
 
     ``scaling = "public"`` maps each feature by declared ranges (a shipped dataset's
@@ -113,21 +125,37 @@ def load_site(dataset: str, partitioning: str, seed: int, partition_id: int, num
     """
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"node config: partition-id={partition_id} not in [0, num-partitions={num_partitions})")
+    if data_factory:  # the hospital's own Datasets, used as they are (their transform is public code)
+        fs = load_factory_site(data_factory, partition_id, num_partitions, data_root or None, {},
+                               where="run config: data-factory")
+        return SiteInputs.of_factory(fs, num_classes)
     raw = split_sites(load_dataset(dataset, seed=seed), num_partitions, partitioning, seed=seed)[partition_id]  # type: ignore[arg-type]
     spec = PreprocessingSpec(scaling=scaling, statistics=statistics)
     site, _ = preprocess_site(spec, raw, dataset_name=dataset if not statistics else None, where="run config")
-    return site
+    return SiteInputs.of_arrays(site)
 
 
-def site_of(cfg: Mapping[str, Any], partition_id: int, num_partitions: int) -> SiteData:
+def site_of(cfg: Mapping[str, Any], partition_id: int, num_partitions: int) -> SiteInputs:
     """:func:`load_site` with the run config's data keys."""
     return load_site(str(cfg["dataset"]), str(cfg["partitioning"]), int(cfg["seed"]), partition_id, num_partitions,
-                     str(cfg["scaling"]), str(cfg["statistics"]))
+                     str(cfg["scaling"]), str(cfg["statistics"]), str(cfg["data-factory"]), str(cfg["data-root"]),
+                     int(cfg["num-classes"]))
 
 
-def make_model(cfg: Mapping[str, Any], site: SiteData) -> nn.Module:
-    """The model every node and the server start from (same seed, so the same initial weights)."""
-    return build_model(str(cfg["model"]), tuple(site.train.x.shape[1:]), site.train.num_classes, seed=int(cfg["seed"]))
+def make_model(cfg: Mapping[str, Any], site: SiteInputs | None = None) -> nn.Module:
+    """The model every node and the server start from (same seed, so the same initial weights).
+
+    A user factory (``model = "pkg.module:name"``) knows its own shape: no site data is read."""
+    if is_import_path(str(cfg["model"])):
+        return build_model(str(cfg["model"]), (), 0, seed=int(cfg["seed"]))
+    if site is None:
+        raise ConfigError("run config: model: a built-in model needs a site's input shape")
+    return build_model(str(cfg["model"]), site.in_shape, site.num_classes, seed=int(cfg["seed"]))
+
+
+def needs_site_for_model(cfg: Mapping[str, Any]) -> bool:
+    """Whether building the model needs a site's data layout (built-in models only)."""
+    return not is_import_path(str(cfg["model"]))
 
 
 def dp_config(cfg: Mapping[str, Any]) -> DPConfig:
@@ -141,6 +169,7 @@ def dp_config(cfg: Mapping[str, Any]) -> DPConfig:
         batch_size=int(cfg["batch-size"]),
         sample_rate=float(cfg["sample-rate"]),
         lr=float(cfg["lr"]),
+        optimizer=str(cfg["optimizer"]),
         eval_noise_multiplier=float(cfg["eval-noise-multiplier"]) if dp_evaluation(cfg) else None,
         eval_denominator=int(cfg["eval-denominator"]) if dp_evaluation(cfg) else None,
     )
