@@ -8,10 +8,12 @@ from privfl.clients.clipping import (
     PSACClipping,
     clipping_rule,
 )
+from privfl.clients.app_client import AppClient, ClientAppError, UserApp, load_client_app
 from privfl.clients.dp_client import DPClient, DPConfig, evaluate_model
 from privfl.clients.engine import PrivacyEngine
 from privfl.clients.ghost import GhostDPOptimizer, GhostGradModule, make_ghost_private
 from privfl.clients.optimizer import PerSampleWeightDPOptimizer
+from privfl.clients.session import SiteSession, current_session, site_session
 from privfl.clients.topagg import (
     SparseTernary,
     TopAggDPOptimizer,
@@ -22,7 +24,9 @@ from privfl.clients.topagg import (
 )
 
 __all__ = [
+    "AppClient",
     "CLIPPING_RULES",
+    "ClientAppError",
     "AutoSClipping",
     "ClippingRule",
     "DPClient",
@@ -33,12 +37,17 @@ __all__ = [
     "PSACClipping",
     "PerSampleWeightDPOptimizer",
     "PrivacyEngine",
+    "SiteSession",
     "SparseTernary",
     "TopAggDPOptimizer",
     "TopAggParams",
+    "UserApp",
     "clipping_rule",
+    "current_session",
     "evaluate_model",
+    "load_client_app",
     "per_sample_votes",
+    "site_session",
     "sum_votes",
     "votes_to_dense",
     "make_ghost_private",

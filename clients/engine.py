@@ -33,6 +33,13 @@ What differs from Opacus, on purpose:
   would exceed it raises :class:`~accounting.BudgetExhausted` instead of running.
   :meth:`PrivacyEngine.reserve` accounts several steps at once (one ledger entry); the
   following optimizer steps then use that reservation.
+
+Under privfl's runtime (a site session, :mod:`clients.session`, is active) the same code
+binds to the site: ``PrivacyEngine()`` uses the site's accountant, budget, ledger hook and
+randomness, and ``make_private(module=, optimizer=, data_loader=)`` takes σ, C, q and the
+rest from the site's ``[dp]`` (a value that differs is refused). A new engine per fit on
+the same model is fine: the previous engine's hooks are removed first. Outside a session
+nothing changes.
 """
 
 from __future__ import annotations
@@ -49,11 +56,12 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from privfl.accounting import BudgetGuard, PrivacyAccountant, calibrate_noise
+from privfl.accounting import BudgetExhausted, BudgetGuard, PrivacyAccountant, calibrate_noise
 from privfl.clients.clipping import CLIPPING_RULES, ClippingRule, clipping_rule
 from privfl.clients.ghost import GhostDPOptimizer, GhostGradModule
 from privfl.clients.optimizer import PerSampleWeightDPOptimizer
 from privfl.clients.randomness import PoissonBatchSampler, RandomnessKind, RandomSource, random_source
+from privfl.clients.session import SiteSession, current_session
 from privfl.accounting.errors import ConfigError
 
 log = logging.getLogger("privfl.clients")
@@ -146,11 +154,23 @@ class PrivacyEngine:
     ``seed + 7919``, as :class:`~clients.DPClient` draws them). ``on_dp_event``: called
     with each DP event (the fields :class:`~clients.DPClient` reports) before it runs;
     if it raises, the step does not run.
+
+    Made while a site session is active (:func:`~clients.session.current_session`), the
+    engine binds to it: the site's accountant (``accountant`` may only name the same
+    one), budget guard, ``on_dp_event`` (called first; a user hook after it) and
+    randomness (a ``seed`` is refused: the site decides).
     """
 
-    def __init__(self, accountant: str | PrivacyAccountant = "rdp", *, seed: int | None = None,
+    def __init__(self, accountant: str | PrivacyAccountant | None = None, *, seed: int | None = None,
                  on_dp_event: DpEventHook | None = None) -> None:
-        if isinstance(accountant, PrivacyAccountant):
+        self._session: SiteSession | None = current_session()
+        self._retired = False  # set by the session when a newer engine made this model private
+        session = self._session
+        if session is not None:
+            seed = self._bind(session, accountant, seed)
+        elif accountant is None:
+            self.accountant = PrivacyAccountant("rdp")
+        elif isinstance(accountant, PrivacyAccountant):
             self.accountant = accountant
         elif accountant in ("rdp", "pld"):
             self.accountant = PrivacyAccountant(accountant)  # type: ignore[arg-type]
@@ -161,6 +181,8 @@ class PrivacyEngine:
             raise ConfigError(f"PrivacyEngine: seed: must be an integer or None, got {seed!r}")
         self.seed = seed
         self.on_dp_event = on_dp_event
+        if session is not None:
+            self.on_dp_event = _session_hook(session, on_dp_event)
         self.sampling_source: RandomSource = random_source(seed)
         self.noise_source: RandomSource | None = None  # made in make_private, on the model's device
         self.guard: BudgetGuard | None = None
@@ -177,6 +199,20 @@ class PrivacyEngine:
         self._steps = 0  # training steps this engine accounted (reserved or taken)
         self._prepaid = 0  # accounted steps not yet taken (see reserve)
 
+    def _bind(self, session: SiteSession, accountant: str | PrivacyAccountant | None, seed: int | None) -> int | None:
+        """Take the session's accountant and randomness; return this engine's seed (None: secure)."""
+        if accountant is not None and accountant is not session.accountant \
+                and accountant != session.accountant.method:
+            raise ConfigError(f"PrivacyEngine: accountant={accountant!r}: under privfl the site's accountant "
+                              f"([dp].accountant = {session.accountant.method!r}, rebuilt from the ledger) is used; "
+                              "omit accountant")
+        if seed is not None:
+            where = ("this site's noise and batches are secure (operating-system entropy)" if session.seed is None
+                     else "the site's seeded session gives each engine its own streams")
+            raise ConfigError(f"PrivacyEngine: seed={seed!r}: under privfl {where}; remove seed")
+        self.accountant = session.accountant
+        return session.next_seed()
+
     # ---- public state --------------------------------------------------------------------
     @property
     def random_kind(self) -> RandomnessKind:
@@ -192,6 +228,8 @@ class PrivacyEngine:
         """ε spent so far at ``delta`` (every event of the accountant, add/remove-one)."""
         if not 0 < delta < 1:
             raise ConfigError(f"get_epsilon: delta: must be in (0, 1), got {delta!r}")
+        if self._session is not None and not self._session.enabled:
+            return math.inf  # [dp].enabled = false: no guarantee at all
         return self.accountant.get_epsilon(delta)
 
     def mechanism_description(self) -> dict[str, Any]:
@@ -205,20 +243,20 @@ class PrivacyEngine:
         module: nn.Module,
         optimizer: torch.optim.Optimizer,
         data_loader: DataLoader,
-        noise_multiplier: float,
-        max_grad_norm: float,
+        noise_multiplier: float | None = None,
+        max_grad_norm: float | None = None,
         sample_rate: float | None = None,
         expected_batch_size: float | None = None,
         declared_size: int | None = None,
-        clipping: str = "psac",
-        psac_r: float = 0.1,
-        autos_gamma: float = 0.01,
-        engine: EngineKind = "auto",
+        clipping: str | None = None,
+        psac_r: float | None = None,
+        autos_gamma: float | None = None,
+        engine: EngineKind | None = None,
         target_epsilon: float | None = None,
         delta: float | None = None,
         poisson_sampling: bool = True,
         loss_reduction: str = "mean",
-        mechanism: str = "gaussian",
+        mechanism: str | None = None,
         mechanism_params: Mapping[str, Any] | None = None,
     ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
         """Wrap ``module``, ``optimizer`` and ``data_loader`` for DP-SGD; train through what it returns.
@@ -231,9 +269,43 @@ class PrivacyEngine:
         ``target_epsilon`` (with ``delta``) turns on the fail-closed budget guard.
         ``mechanism="topagg"`` (with ``mechanism_params``) is privfl's TopAgg sanitiser
         (Opacus per-sample gradients only). Returns (module, optimizer, data_loader).
+
+        Outside a site session ``noise_multiplier`` and ``max_grad_norm`` are required and
+        the defaults are psac clipping (r = 0.1, γ = 0.01), ``engine="auto"``, gaussian.
+        Under a session every DP argument defaults to the site's ``[dp]``; one that differs
+        is refused; with ``[dp].enabled = false`` the three objects come back unchanged.
         """
         if self.optimizer is not None:
             raise ConfigError("make_private: this PrivacyEngine already made a model private; use one engine per model")
+        session = self._session
+        if session is not None:
+            if not session.enabled:
+                log.info("privacy engine: [dp].enabled = false: make_private returns the model, optimizer and "
+                         "loader unchanged (no DP)")
+                return module, optimizer, data_loader
+            site = session.private_arguments({
+                "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm, "sample_rate": sample_rate,
+                "expected_batch_size": expected_batch_size, "declared_size": declared_size, "clipping": clipping,
+                "psac_r": psac_r, "autos_gamma": autos_gamma, "engine": engine, "mechanism": mechanism,
+                "mechanism_params": mechanism_params, "target_epsilon": target_epsilon, "delta": delta})
+            noise_multiplier, max_grad_norm = site["noise_multiplier"], site["max_grad_norm"]
+            sample_rate, expected_batch_size = site["sample_rate"], site["expected_batch_size"]
+            declared_size, clipping, psac_r = site["declared_size"], site["clipping"], site["psac_r"]
+            autos_gamma, engine, mechanism = site["autos_gamma"], site["engine"], site["mechanism"]
+            mechanism_params, target_epsilon, delta = site["mechanism_params"], site["target_epsilon"], site["delta"]
+            if isinstance(getattr(data_loader, "dataset", None), Dataset) and hasattr(data_loader.dataset, "__len__"):
+                session.check_records(len(data_loader.dataset))  # type: ignore[arg-type]
+            module = session.take_module(module)
+        else:
+            for name, value in (("noise_multiplier", noise_multiplier), ("max_grad_norm", max_grad_norm)):
+                if value is None:
+                    raise ConfigError(f"make_private: {name}: required (outside privfl's runtime no site [dp] "
+                                      "gives it)")
+            clipping = "psac" if clipping is None else clipping
+            psac_r = 0.1 if psac_r is None else psac_r
+            autos_gamma = 0.01 if autos_gamma is None else autos_gamma
+            engine = "auto" if engine is None else engine
+            mechanism = "gaussian" if mechanism is None else mechanism
         if not poisson_sampling:
             raise ConfigError("make_private: poisson_sampling: must be True; privfl accounts Poisson-sampled "
                               "steps only (a shuffled fixed-size loader would not match its accounting)")
@@ -288,9 +360,13 @@ class PrivacyEngine:
         self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
         self.guard = None if target_epsilon is None else BudgetGuard(self.accountant, float(target_epsilon),
                                                                      float(delta))  # type: ignore[arg-type]
+        if session is not None:
+            self.guard = session.guard  # one budget for every engine of the site
         self._description = mechanism_description(mechanism, clipping, c, mechanism_params)
         self.optimizer = dp_optimizer
         self._attach_accounting(dp_optimizer)
+        if session is not None:
+            session.register(module, dp_module, self)
         log.debug("privacy engine: %s engine, %s clipping, σ=%.4g, C=%.4g, q=%.4g, E[B]=%.4g, %s randomness",
                   self.engine_kind, self._description["clipping"], sigma, c, q, divisor, self.random_kind)
         return dp_module, dp_optimizer, loader
@@ -317,6 +393,9 @@ class PrivacyEngine:
         accountant already holds); an epoch is ``1/q`` steps. The budget guard is on at
         (``target_epsilon``, ``target_delta``). The planned steps are in :attr:`planned_steps`.
         """
+        if self._session is not None:
+            raise ConfigError("make_private_with_epsilon: under privfl the site's [dp] sets σ (noise_multiplier, or "
+                              "planned_steps to calibrate it); call make_private(module=, optimizer=, data_loader=)")
         if (epochs is None) == (steps is None):
             raise ConfigError("make_private_with_epsilon: give exactly one of epochs or steps")
         q, _ = self._public_rates(sample_rate, expected_batch_size, declared_size, data_loader)
@@ -350,8 +429,16 @@ class PrivacyEngine:
         with a budget it fails closed first (:class:`~accounting.BudgetExhausted`).
         ``details`` carry the mechanism description the ledger records.
         """
+        if self._retired:
+            raise ConfigError("PrivacyEngine: a newer PrivacyEngine made this model private; step through the "
+                              "optimizer that engine returned")
         if self.guard is not None:
-            self.guard.check(noise_multiplier, sample_rate, steps)
+            try:
+                self.guard.check(noise_multiplier, sample_rate, steps)
+            except BudgetExhausted:
+                if self._session is not None:
+                    self._session.exhausted = True
+                raise
         self.accountant.step(noise_multiplier, sample_rate, steps)
         event = {
             "purpose": purpose,
@@ -379,7 +466,7 @@ class PrivacyEngine:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"reserve: steps: must be an integer >= 1, got {steps!r}")
         event = self.account_event("training", sigma, q, steps, **self._description)
-        self._steps += steps
+        self._count(steps)
         self._prepaid += steps
         return event
 
@@ -392,12 +479,21 @@ class PrivacyEngine:
 
     def _before_noise(self) -> None:
         """Runs in every DP optimizer step before its noise is drawn: use a reservation or account one step."""
+        if self._retired:
+            raise ConfigError("PrivacyEngine: a newer PrivacyEngine made this model private; step through the "
+                              "optimizer that engine returned")
         if self._prepaid > 0:
             self._prepaid -= 1
             return
         sigma, q = self._require_private()
         self.account_event("training", sigma, q, 1, **self._description)  # fails closed first
-        self._steps += 1
+        self._count(1)
+
+    def _count(self, steps: int) -> None:
+        """Count accounted training steps here and in the site session (if any)."""
+        self._steps += steps
+        if self._session is not None:
+            self._session.count_steps(steps)
 
     def _attach_accounting(self, optimizer: torch.optim.Optimizer) -> None:
         """Hook :meth:`_before_noise` into the optimizer's step, ahead of the noise."""
@@ -540,3 +636,13 @@ class PrivacyEngine:
             self.sampling_source.load_state_dict(state["sampling_rng"])
         if self.noise_source is not None and isinstance(state.get("noise_rng"), dict):
             self.noise_source.load_state_dict(state["noise_rng"])
+
+
+def _session_hook(session: SiteSession, user: DpEventHook | None) -> DpEventHook:
+    """The site's hook first (the write-ahead ledger, read at each event), then the user's own."""
+    def hook(event: dict[str, Any]) -> None:
+        session.emit(event)
+        if user is not None:
+            user(event)
+
+    return hook
