@@ -48,10 +48,10 @@ import inspect
 import math
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -129,7 +129,10 @@ class UserApp:
 
 
 def load_client_app(obj: Any, where: str) -> UserApp:
-    """Normalise ``obj`` (or the ``"pkg.module:name"`` it spells) into a :class:`UserApp`; ``where`` names it in errors."""
+    """Normalise ``obj`` (or the ``"pkg.module:name"`` it spells) into a :class:`UserApp`.
+
+    ``where`` names it in errors (e.g. the ``[client].app`` value).
+    """
     if isinstance(obj, str):
         obj = _import(obj, where)
     if isinstance(obj, ClientApp):
@@ -214,7 +217,7 @@ class _Messenger:
         md = Metadata(run_id=self.context.run_id, message_id=f"privfl-{self._seq}", src_node_id=0,
                       dst_node_id=self.context.node_id, reply_to_message_id="", group_id=str(self._seq),
                       created_at=time.time(), ttl=DEFAULT_TTL, message_type=kind)
-        reply = self.app(Message(content=content, metadata=md), self.context)
+        reply = self.app(Message(content=content, metadata=md), self.context)  # type: ignore[call-overload]
         if reply.has_error():
             raise ClientAppError(f"[client].app: {self.where}: its {kind} reply is an error: {reply.error.reason}")
         return reply.content
@@ -428,6 +431,14 @@ class AppClient(NumPyClient):
         k = _steps_value(cfg.get("local_steps", self.local_steps), "local_steps")
         cfg["local_steps"] = k
         sent = [np.array(p, copy=True) for p in parameters]
+        with self._lock:
+            new, steps, metrics = self._fit_locked(sent, cfg, k)
+        self.last_loss = next((float(metrics[key]) for key in _LOSS_KEYS if _is_number(metrics.get(key))), math.nan)
+        self._params = [np.array(p, copy=True) for p in new]
+        return [p.copy() for p in new], self.config.public_weight(), self.public_fit_metrics(steps)
+
+    def _fit_locked(self, sent: NDArrays, cfg: dict[str, Any], k: int) -> tuple[NDArrays, int, dict[str, Any]]:
+        """The user's fit and privfl's checks: (arrays to release, steps, the client's metrics — local only)."""
         session = self.session
         if self.config.enabled and session.steps_allowed(1) <= 0:
             self.exhausted = True
@@ -445,33 +456,28 @@ class AppClient(NumPyClient):
             metrics = dict(metrics or {})
             if self.config.enabled:
                 self._check_private(sent, new, taken, metrics.get("steps"), session.fit_models)
-                steps = taken
-            else:
-                steps = _reported_steps(metrics.get("steps"), k)
         except BudgetExhausted:
             self.exhausted = True
             raise
         finally:
-            self.training_steps += session.training_steps - before
+            self.training_steps += session.training_steps - before  # accounted steps count, released or not
             session.fit_models = None
+        steps = taken if self.config.enabled else _reported_steps(metrics.get("steps"), k)
         if not self.config.enabled:
             self.training_steps += steps
-        self.last_loss = next((float(metrics[key]) for key in _LOSS_KEYS if _is_number(metrics.get(key))), math.nan)
         self.exhausted = session.exhausted or (self.config.enabled and session.steps_allowed(1) <= 0)
-        self._params = [np.array(p, copy=True) for p in new]
-        return [p.copy() for p in new], self.config.public_weight(), self.public_fit_metrics(steps)
+        return new, steps, metrics
 
     def _check_private(self, sent: NDArrays, new: NDArrays, taken: int, reported: Any,
                        fit_models: list[nn.Module]) -> None:
         """Fail closed: a changed model needs accounted DP steps and must be a privately trained model."""
-        if not _changed(sent, new):
-            pass
-        elif taken == 0:
+        changed = _changed(sent, new)
+        if changed and taken == 0:
             raise ClientAppError(f"[client].app: {self.where} trained without privfl.PrivacyEngine (its fit changed "
                                  "the model but no DP step was accounted); make its optimizer private with "
                                  "privfl.PrivacyEngine().make_private(...) or set [dp].enabled = false for a run "
                                  "without DP")
-        elif not any(_is_state_of(m, new) for m in [*fit_models, *self.session.modules]):
+        if changed and not any(_is_state_of(m, new) for m in [*fit_models, *self.session.modules]):
             raise ClientAppError(f"[client].app: {self.where}: its fit returned a model that is not the state of the "
                                  "model privfl.PrivacyEngine trained; return that model's parameters")
         if reported is not None and _reported_steps(reported, -1) != taken:

@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
-from typing import Any, Callable, Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import torch
 from opacus import GradSampleModule
@@ -57,12 +57,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from privfl.accounting import BudgetExhausted, BudgetGuard, PrivacyAccountant, calibrate_noise
+from privfl.accounting.errors import ConfigError
 from privfl.clients.clipping import CLIPPING_RULES, ClippingRule, clipping_rule
 from privfl.clients.ghost import GhostDPOptimizer, GhostGradModule
 from privfl.clients.optimizer import PerSampleWeightDPOptimizer
 from privfl.clients.randomness import PoissonBatchSampler, RandomnessKind, RandomSource, random_source
 from privfl.clients.session import SiteSession, current_session
-from privfl.accounting.errors import ConfigError
 
 log = logging.getLogger("privfl.clients")
 
@@ -429,9 +429,7 @@ class PrivacyEngine:
         with a budget it fails closed first (:class:`~accounting.BudgetExhausted`).
         ``details`` carry the mechanism description the ledger records.
         """
-        if self._retired:
-            raise ConfigError("PrivacyEngine: a newer PrivacyEngine made this model private; step through the "
-                              "optimizer that engine returned")
+        self._check_live()
         if self.guard is not None:
             try:
                 self.guard.check(noise_multiplier, sample_rate, steps)
@@ -479,15 +477,19 @@ class PrivacyEngine:
 
     def _before_noise(self) -> None:
         """Runs in every DP optimizer step before its noise is drawn: use a reservation or account one step."""
-        if self._retired:
-            raise ConfigError("PrivacyEngine: a newer PrivacyEngine made this model private; step through the "
-                              "optimizer that engine returned")
+        self._check_live()
         if self._prepaid > 0:
             self._prepaid -= 1
             return
         sigma, q = self._require_private()
         self.account_event("training", sigma, q, 1, **self._description)  # fails closed first
         self._count(1)
+
+    def _check_live(self) -> None:
+        """Refuse a step of an engine whose model a newer engine of its session made private."""
+        if self._retired:
+            raise ConfigError("PrivacyEngine: a newer PrivacyEngine made this model private; step through the "
+                              "optimizer that engine returned")
 
     def _count(self, steps: int) -> None:
         """Count accounted training steps here and in the site session (if any)."""

@@ -25,11 +25,11 @@ from __future__ import annotations
 import logging
 import math
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -165,6 +165,7 @@ class SiteSession:
         ``given`` maps make_private's argument names to the user's values (None: omitted).
         """
         c = self.config
+        params = dict(c.mechanism_params or {})
         site: dict[str, tuple[Any, str, str]] = {  # argument -> (site value, [dp] field, how it is shown)
             "noise_multiplier": (self.noise_multiplier, "noise_multiplier", f"σ={self.noise_multiplier:g}"),
             "max_grad_norm": (float(c.max_grad_norm), "max_grad_norm", f"C={float(c.max_grad_norm):g}"),
@@ -178,7 +179,7 @@ class SiteSession:
             "autos_gamma": (float(c.autos_gamma), "autos_gamma", f"{float(c.autos_gamma):g}"),
             "engine": (c.engine, "engine", repr(c.engine)),
             "mechanism": (c.mechanism, "mechanism", repr(c.mechanism)),
-            "mechanism_params": (dict(c.mechanism_params or {}), "mechanism_params", repr(dict(c.mechanism_params or {}))),
+            "mechanism_params": (params, "mechanism_params", repr(params)),
             "target_epsilon": (float(c.target_epsilon), "target_epsilon", f"ε={float(c.target_epsilon):g}"),
             "delta": (float(c.delta), "delta", f"δ={float(c.delta):g}"),
         }

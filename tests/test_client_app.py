@@ -5,7 +5,6 @@ releases only DP output and public metrics, and refuses a client that trains wit
 from __future__ import annotations
 
 import copy
-import time
 from collections import OrderedDict
 from typing import Any
 
@@ -24,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import privfl
 from privfl.accounting import BudgetExhausted, PrivacyAccountant
 from privfl.accounting.releases import PUBLIC_FIT_METRICS
-from privfl.clients import AppClient, ClientAppError, DPConfig, SiteSession, load_client_app, site_session
+from privfl.clients import AppClient, ClientAppError, DPConfig, load_client_app, site_session
 from privfl.clients.session import SEED_STRIDE, current_session
 from privfl.errors import ConfigError
 
@@ -217,6 +216,24 @@ def test_a_new_engine_per_fit_on_the_same_model_removes_the_old_hooks(engine: st
     assert sum(f for f, _ in hooks.values()) > 0  # one engine's hooks: the first one's are gone
 
 
+def test_the_older_engine_of_a_model_made_private_again_refuses_to_step() -> None:
+    net = new_net()
+    loader = DataLoader(site_data(), batch_size=20)
+    with site_session(dp_config(), PrivacyAccountant()) as session:
+        first = privfl.PrivacyEngine()
+        model1, opt1, _ = first.make_private(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                                             data_loader=loader)
+        second = privfl.PrivacyEngine()
+        model2, _, _ = second.make_private(module=model1, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                                           data_loader=loader)  # the wrapper is accepted as the model
+        assert session.modules == [net] and session.first_names == list(net.state_dict())
+        x, y = site_data().tensors
+        F.cross_entropy(model2(x[:8]), y[:8]).backward()
+        with pytest.raises(ConfigError, match="a newer PrivacyEngine made this model private"):
+            opt1.step()
+    assert session.training_steps == 0
+
+
 def test_a_seeded_session_is_reproducible_and_a_secure_one_refuses_a_user_seed() -> None:
     def run() -> list[np.ndarray]:
         client = app_client(seed=11)
@@ -361,6 +378,10 @@ def test_a_legacy_client_app_is_driven_through_flower_messages() -> None:
     assert m2["epsilon"] == pytest.approx(rdp_epsilon(2 * STEPS), rel=1e-9)
     assert set(m2) == PUBLIC_FIT_METRICS and w2 == 1
     assert np.isfinite(client.evaluate_local(p2)[0])
+    tight = app_client(app, config=dp_config(target_epsilon=rdp_epsilon(STEPS + 1)))
+    tight.fit(params, {"local_steps": STEPS})
+    with pytest.raises(BudgetExhausted):  # through Flower's message handler, to the strategy
+        tight.fit(params, {"local_steps": STEPS})
     unprivate = app_client(ClientApp(client_fn=lambda context: QuickstartClient(private=False).to_client()))
     with pytest.raises(ClientAppError, match="trained without privfl.PrivacyEngine"):
         unprivate.fit(unprivate.get_parameters({}), {"local_steps": 1})
