@@ -1,5 +1,6 @@
 """Site-side training: DP optimizers with per-sample clipping rules and the DPClient."""
 
+from privfl.clients.app_client import AppClient, ClientAppError, UserApp, load_client_app
 from privfl.clients.clipping import (
     CLIPPING_RULES,
     AutoSClipping,
@@ -8,7 +9,6 @@ from privfl.clients.clipping import (
     PSACClipping,
     clipping_rule,
 )
-from privfl.clients.app_client import AppClient, ClientAppError, UserApp, load_client_app
 from privfl.clients.dp_client import DPClient, DPConfig, evaluate_model
 from privfl.clients.engine import PrivacyEngine
 from privfl.clients.ghost import GhostDPOptimizer, GhostGradModule, make_ghost_private
