@@ -172,3 +172,20 @@ def test_the_example_configs_parse_and_give_each_hospital_its_own_folder(example
     assert exp.common.data.num_sites == 3
     assert {"async_gossip", "fedavg"} <= set(exp.strategies)
     assert exp.common.model.factory == "hospital.model:make_net"
+
+
+def test_the_readme_loads_a_final_model_into_the_hospitals_own_module(example, tmp_path, capsys) -> None:
+    import re
+
+    from hospital.model import make_net
+
+    final = tmp_path / "final_model.pt"
+    torch.save(make_net(image_size=8, num_classes=10).state_dict(), final)  # what a run writes
+    readme = (EXAMPLE / "README.md").read_text()
+    snippet = re.findall(r"```python\n(.*?)```", readme, re.S)[0]
+    path = re.search(r'torch\.load\("([^"]+)"', snippet).group(1)
+    image = re.search(r'Image\.open\("([^"]+)"\)', snippet).group(1)
+    assert (example["root"] / image).is_file(), image  # the README names an image make_images.py writes
+    code = snippet.replace(path, str(final)).replace(image, str(example["root"] / image))
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the README's own snippet
+    assert capsys.readouterr().out.strip() in {str(d) for d in range(10)}

@@ -351,6 +351,7 @@ def test_a_flower_quickstart_project_trains_privately_under_privfl_launch(projec
         assert e["exit_code"] == 0 and e["stop_reason"] == "max_steps", (nid, e, log)
         assert e["steps"] == STEPS, (nid, e)
         # the summary says DP: a calibrated σ at or above the consortium minimum, secure noise, ε spent
+        assert e.get("privacy", "DP") == "DP", (nid, e)
         assert e["noise_multiplier"] >= 0.8 and e["sample_rate"] == pytest.approx(0.1), (nid, e)
         assert 0 < e["epsilon"] <= TARGET_EPSILON, (nid, e)
         assert e["audit_ok"] and e["audit_randomness"] == "secure", (nid, e)
@@ -383,6 +384,7 @@ def test_the_same_project_compares_async_gossip_with_fedavg(project: Path, task)
     assert {"async_gossip", "fedavg"} <= set(comparison), comparison
     for label in ("async_gossip", "fedavg"):
         s = comparison[label]
+        assert s["privacy"] == "DP", (label, s)
         assert 0 < s["epsilon_max"] <= TARGET_EPSILON + 1e-9, (label, s)
         assert s["steps_mean"] > 0 and s["bytes_sent"] > 0, (label, s)
         assert np.isfinite(s["accuracy_mean"]) and s["accuracy_mean"] >= 0.5, (label, s)
