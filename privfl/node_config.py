@@ -33,7 +33,7 @@ from privfl.config import (
     resolve_path,
 )
 from privfl.errors import ConfigError
-from privfl.strategies.compression.params import check_strategy_keys, sync_compression_params
+from privfl.strategies.registry import SyncGossipSettings, check_strategy, sync_gossip_settings
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -144,50 +144,23 @@ class NodeConfig:
         return self.node.init_seed if self.node.init_seed >= 0 else self.common.model.seed
 
 
-@dataclass(frozen=True)
-class NodeStrategyParams:
-    """A node strategy's validated ``[strategy].params``: the compressor (name, settings) and its knobs.
-
-    ``shared_init`` None: the node decides (every node starts from the same model unless
-    ``[node].init_seed`` is set).
-    """
-
-    compressor: tuple[str, dict[str, Any]] | None = None
-    gamma: float = 0.5
-    shared_init: bool | None = None
-
-
-# sync_gossip settings a node takes from elsewhere in its config, not from [strategy].params
-_NODE_OWNED = {"local_steps": "[strategy].local_steps", "seed": "[node].seed",
-               "mixing": "[topology] (the node's Metropolis–Hastings row)", "timeout": "[node].sync_timeout"}
+#: a node strategy's validated ``[strategy].params`` (sync_gossip's compressor, gamma, shared_init;
+#: ``shared_init`` None: every node starts from the same model unless ``[node].init_seed`` is set)
+NodeStrategyParams = SyncGossipSettings
 
 
 def node_strategy_params(strategy: StrategySection, where: str) -> NodeStrategyParams:
-    """Validate ``[strategy].params`` for a node's async_gossip / sync_gossip; ConfigError names the key.
+    """Validate ``[strategy]`` for a node through the strategy registry; the one-line ConfigError
+    names ``[strategy].name`` or ``[strategy].params.<key>``, prefixed with ``where`` (the config file).
 
-    ``where`` prefixes every error (e.g. ``node.toml: [strategy].params``). async_gossip
-    takes no params and cannot compress; sync_gossip takes ``compressor`` (a name, with its
-    settings beside it or in ``compression_params``), ``gamma`` and ``shared_init``.
+    async_gossip takes no params on a node and cannot compress; sync_gossip takes ``compressor``
+    (a name, with its settings beside it or in ``compression_params``), ``gamma`` and ``shared_init``.
     """
-    params = dict(strategy.params)
-    comp = params.get("compressor")
-    if strategy.name == "async_gossip":
-        if comp not in (None, "none"):
-            raise ConfigError(f"{where}.compressor: async_gossip cannot compress ({comp!r}): its pairwise averaging "
-                              "exchanges whole models; use [strategy].name = \"sync_gossip\" with a compressor")
-        check_strategy_keys("async_gossip", params, {"compressor"}, where=where)
-        return NodeStrategyParams()
-    if strategy.name != "sync_gossip":
-        return NodeStrategyParams()
-    for key in sorted(set(params) & set(_NODE_OWNED)):
-        raise ConfigError(f"{where}.{key}: a node sets this from {_NODE_OWNED[key]}, not from [strategy].params")
-    gamma = params.get("gamma", 0.5)
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
-        raise ConfigError(f"{where}.gamma: must be a number in (0, 1], got {gamma!r}")
-    shared = params.get("shared_init")
-    if shared is not None and not isinstance(shared, bool):
-        raise ConfigError(f"{where}.shared_init: must be true or false, got {shared!r}")
-    return NodeStrategyParams(sync_compression_params(params, where), float(gamma), shared)
+    try:
+        check_strategy(strategy.name, strategy.params, "node")
+        return sync_gossip_settings(strategy.params) if strategy.name == "sync_gossip" else NodeStrategyParams()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 _TOP_LEVEL = {"node", "identity", *SHARED_SECTIONS}
@@ -219,7 +192,7 @@ def node_config_from(table: dict[str, Any], path: str | Path) -> NodeConfig:
     else:
         raise ConfigError(f"{src}: missing section [data] (at least data.site_index)")
     common = common_from(rest, src)
-    strategy_params = node_strategy_params(common.strategy, f"{src}: [strategy].params")
+    strategy_params = node_strategy_params(common.strategy, src)
     if not 0 <= site_index < common.data.num_sites:
         raise ConfigError(f"{src}: [data].site_index: must be in 0..{common.data.num_sites - 1} "
                           f"(data.num_sites = {common.data.num_sites}), got {site_index}")

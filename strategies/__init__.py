@@ -29,6 +29,14 @@ from privfl.strategies.compression import (
 )
 from privfl.strategies.federated import FedAvgConfig, FederatedAveraging, InProcessClientProxy
 from privfl.strategies.periodic import AdaptivePeriod, AllReduce, PeriodicAveraging
+from privfl.strategies.registry import (
+    STRATEGIES,
+    StrategyBuild,
+    StrategyEntry,
+    build_strategy,
+    check_strategy,
+    register_strategy,
+)
 from privfl.strategies.topology import TOPOLOGY_KINDS, Bipartition, Topology, TopologyError, build_topology
 
 __all__ = [
@@ -39,4 +47,5 @@ __all__ = [
     "InnovationGossip", "MalformedMessage", "ModelMessage", "NodeStrategy", "Params", "PeerNetwork",
     "Quantize8", "RandomK", "Released", "StepReport", "TopK", "Topology", "TopologyError",
     "build_topology", "compressor_from_config", "decompress", "released",
+    "STRATEGIES", "StrategyBuild", "StrategyEntry", "build_strategy", "check_strategy", "register_strategy",
 ]

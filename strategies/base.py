@@ -21,6 +21,7 @@ Two families:
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, runtime_checkable
@@ -96,9 +97,25 @@ class StepReport:
 
 
 class NodeStrategy(ABC):
-    """One node's decentralized training policy over a :class:`PeerNetwork`."""
+    """One node's decentralized training policy over a :class:`PeerNetwork`.
+
+    What a driver (a real node, the simulator) reads is declared here with its default,
+    so drivers read attributes, never probe for them: ``synchronous`` (round-synchronous:
+    drive :meth:`begin_round` / :meth:`finish_round`), ``mixing`` (the neighbours a round
+    waits for, with their weights; None: every neighbour), ``timeout`` (seconds a round
+    waits), ``consensus_exchanges`` (pure averaging rounds after training, see
+    :meth:`consensus_round`), ``last_loss`` (the site's own last training loss),
+    ``exchanges`` / ``served`` (pairwise exchanges initiated / answered) and
+    :meth:`snapshot` (a consistent copy of the model).
+    """
 
     synchronous: bool = False
+    mixing: Mapping[str, float] | None = None
+    timeout: float = math.inf
+    consensus_exchanges: int = 0
+    last_loss: float = math.nan
+    exchanges: int = 0
+    served: int = 0
 
     def __init__(self, client: NumPyClient, network: PeerNetwork, params: Params,
                  config: Mapping[str, Any] | None = None) -> None:
@@ -121,6 +138,14 @@ class NodeStrategy(ABC):
     def finish_round(self, received: dict[str, ModelMessage]) -> StepReport:
         """Second half of a synchronous round (mix what arrived)."""
         raise NotImplementedError(f"{type(self).__name__} is not round-synchronous")
+
+    def consensus_round(self) -> StepReport:
+        """One pure averaging exchange after training (``consensus_exchanges`` of them); default: none."""
+        return StepReport()
+
+    def snapshot(self) -> Params:
+        """A consistent copy of the current model (for evaluation and checkpoints)."""
+        return [np.array(p, copy=True) for p in self.params]
 
     def handle_exchange(self, sender: str, message: ModelMessage) -> ModelMessage | None:
         """Serve a peer's exchange request (passive side); None refuses it."""

@@ -263,7 +263,7 @@ class Engine:
         """Drive asynchronous strategies on the event heap; return the final virtual time."""
         n = len(self.node_ids)
         self.epsilons = [self._initial_epsilon(i) for i in range(n)]
-        models = lambda: [_snap(s) for s in strategies]  # noqa: E731
+        models = lambda: [s.snapshot() for s in strategies]  # noqa: E731
         every = self.eval_every
         next_eval = 0.0
         heap = [(self.compute_time(i, self.local_steps), i) for i in range(n)]
@@ -312,14 +312,14 @@ class Engine:
     def _consensus_phase(self, strategies: Sequence[NodeStrategy]) -> float:
         """After training, the strategies' pure averaging exchanges (as a real node runs them),
         in rounds of one exchange per active node, in node order; returns the clock at the end."""
-        rounds = max((int(getattr(s, "consensus_exchanges", 0)) for s in strategies), default=0)
+        rounds = max((int(s.consensus_exchanges) for s in strategies), default=0)
         if rounds:
             start = max(self.world.clocks)  # the phase starts once every node has finished training
             self.world.clocks[:] = [start] * len(self.world.clocks)
         for r in range(rounds):
             for i, s in enumerate(strategies):
-                if getattr(s, "consensus_exchanges", 0) > r:
-                    s.consensus_round()  # type: ignore[attr-defined]
+                if s.consensus_exchanges > r:
+                    s.consensus_round()
         return max(self.world.clocks) if rounds else 0.0
 
     # ---- round-synchronous node strategies -------------------------------------------
@@ -335,15 +335,15 @@ class Engine:
                 self.epsilons[i] = self._epsilon(i, rep.epsilon)
             for i, s in enumerate(strategies):
                 net = self.world.network(self.node_ids[i])
-                peers = list(getattr(s, "mixing", net.neighbors()))
-                received = net.receive(self.round, peers, float(getattr(s, "timeout", math.inf)))
+                peers = list(s.mixing) if s.mixing is not None else net.neighbors()
+                received = net.receive(self.round, peers, float(s.timeout))
                 s.finish_round(received)
                 if s.stopped and not self.stopped[i]:
                     self.stopped[i] = True
                     self.stop_reasons[self.node_ids[i]] = s.stop_reason
             return max(self.world.clocks)
 
-        return self._lockstep(lambda: [_snap(s) for s in strategies], one_round)
+        return self._lockstep(lambda: [s.snapshot() for s in strategies], one_round)
 
     # ---- collective strategies -------------------------------------------------------
     def run_collective(self, strategy: CollectiveStrategy, init: Params) -> float:
@@ -419,11 +419,6 @@ class Engine:
         if self.eval_every_rounds:
             return self.round % self.eval_every_rounds == 0
         return t >= next_eval
-
-
-def _snap(s: NodeStrategy) -> Params:
-    snap = getattr(s, "snapshot", None)
-    return snap() if callable(snap) else [np.array(p, copy=True) for p in s.params]
 
 
 def _config(msg: str) -> Exception:
