@@ -465,7 +465,7 @@ class AppClient(NumPyClient):
         steps = taken if self.config.enabled else _reported_steps(metrics.get("steps"), k)
         if not self.config.enabled:
             self.training_steps += steps
-        self.exhausted = session.exhausted or (self.config.enabled and session.steps_allowed(1) <= 0)
+        self.exhausted = session.exhausted  # only a refused step (as DPClient)
         return new, steps, metrics
 
     def _check_private(self, sent: NDArrays, new: NDArrays, taken: int, reported: Any,

@@ -57,12 +57,11 @@ from privfl.accounting.ledger import (
     check_checkpoint_steps,
 )
 from privfl.clients import DPClient
-from privfl.clients.losses import build_loss
 from privfl.clients.randomness import random_source
 from privfl.data import Dataset, SiteData, SiteInputs
 from privfl.errors import ConfigError, PrivflError
 from privfl.models import build_model
-from privfl.node_config import NodeConfig, NodeStrategyParams, load_node_config
+from privfl.node_config import NodeConfig, load_node_config
 from privfl.peer_network import AdvertisedPolicy, GrpcPeerNetwork
 from privfl.transport import PeerUnavailable
 from privfl.pki import (
@@ -78,6 +77,7 @@ from privfl.pki import (
     verify_crl,
     verify_node_certificate,
 )
+from privfl.site import ClientBuild, build_client, reads_site_data
 from privfl.preprocessing import (
     Preprocessing,
     PreprocessingSpec,
@@ -88,9 +88,9 @@ from privfl.preprocessing import (
     spec_description,
 )
 from privfl.sim.engine import save_state_dict, state_dict_files
-from privfl.strategies.base import NodeStrategy
-from privfl.strategies.compression.params import build_compressor
-from privfl.strategies.gossip import AsyncGossip, SyncGossip
+from privfl.strategies.base import NodeStrategy, Params, PeerNetwork
+from privfl.strategies.gossip import AsyncGossip
+from privfl.strategies.registry import StrategyBuild, build_node_strategy, check_strategy
 from privfl.strategies.topology import Topology
 
 try:  # the output-folder lock; POSIX only
@@ -110,7 +110,6 @@ SUMMARY_FILE = "summary.json"
 PREPROCESSING_FILE = "preprocessing.json"
 METRIC_FIELDS = ("time", "node", "phase", "steps", "loss", "accuracy", "test_loss", "epsilon", "delta",
                  "bytes_sent", "bytes_received", "exchanges", "served")
-STRATEGIES = ("async_gossip", "sync_gossip")
 OUTPUT_LOCK = ".lock"
 # what the node writes in its output folder (and the temporary names it renames from)
 OUTPUT_FILES = (LEDGER_FILE, LEDGER_FILE + ".tmp", CHECKPOINT_FILE, CHECKPOINT_FILE + ".tmp", METRICS_JSONL,
@@ -339,6 +338,18 @@ def topology_of(cfg: NodeConfig, node_ids: Sequence[str]) -> Topology:
     return cfg.common.topology.build(node_ids)
 
 
+def strategy_build(cfg: NodeConfig, topology: Topology, client: DPClient, network: PeerNetwork, params: Params,
+                   seed: int, compressor_seed: int) -> StrategyBuild:
+    """What a node asks the strategy registry for: ``[strategy]`` as written, its topology,
+    ``[node].sync_timeout`` for a round's wait, and compressed gossip starting from the shared
+    initial model unless ``[node].init_seed`` gives the node its own."""
+    c = cfg.common
+    return StrategyBuild(c.strategy.name, "node", c.strategy.params, c.strategy.local_steps, seed=seed,
+                         compressor_seed=compressor_seed, timeout=cfg.node.sync_timeout,
+                         shared_init=cfg.node.init_seed < 0, node_id=cfg.node.id, topology=topology,
+                         client=client, network=network, initial=params)
+
+
 # --------------------------------------------------------------------------- the node
 
 
@@ -362,9 +373,10 @@ class Node:
     # ---- set-up ---------------------------------------------------------------------------
     def _setup(self) -> None:
         cfg, c = self.cfg, self.cfg.common
-        if c.strategy.name not in STRATEGIES:
-            raise NodeError(f"{cfg.path}: [strategy].name: a node runs {' or '.join(STRATEGIES)}, "
-                            f"got {c.strategy.name!r}")
+        try:  # the strategy registry's refusal, before anything is written
+            check_strategy(c.strategy.name, c.strategy.params, "node")
+        except ConfigError as exc:
+            raise ConfigError(f"{cfg.path}: {exc}") from None
         prepare_output(cfg)  # before anything is written
         self.identity, self.roster, crl = load_identity(cfg)
         hold_identity(self.identity)
@@ -387,8 +399,11 @@ class Node:
             save_preprocessing(pre, self.out / PREPROCESSING_FILE)
         accountant = self.ledger.rebuild_accountant()
         self.steps_before = self.ledger.steps
-        model = build_model(c.model.spec, self.site.in_shape, self.site.num_classes, seed=cfg.init_seed,
-                            args=c.model.args, hidden=tuple(c.model.hidden))
+        model = None  # a user's client without [model].factory holds its own model
+        if self.site is not None or c.model.factory:
+            model = build_model(c.model.spec, self.site.in_shape if self.site else (),
+                                self.site.num_classes if self.site else 0, seed=cfg.init_seed,
+                                args=c.model.args, hidden=tuple(c.model.hidden))
         dpc = c.dp.to_dp_config()
         dpc.noise_multiplier = self.sigma
         if cfg.seed is not None:
@@ -396,13 +411,16 @@ class Node:
                         "recompute them; for tests only (the ledger says 'seeded' and the audit fails it)",
                         self.node_id, cfg.seed)
         self.device = cfg.device  # [node].device, checked at load ("auto": CUDA when present)
-        try:
-            self.client = DPClient(model, self.site.train, self.site.test,
-                                   dpc, seed=None if cfg.seed is None else cfg.seed + 1000 * self.steps_before,
-                                   device=self.device, accountant=accountant, on_dp_event=self._on_dp_event,
-                                   criterion=build_loss(c.model.loss))
-        except ValueError as exc:
-            raise ConfigError(f"{cfg.path}: [dp]: {exc}") from None
+        if c.client.app:
+            log.info("node %s: training with the hospital's own client %s under privfl.PrivacyEngine", self.node_id,
+                     c.client.app)
+        if c.client.app and model is None:
+            torch.manual_seed(cfg.init_seed)  # public: a user's client building its own model starts like its peers
+        self.client = build_client(ClientBuild(
+            dpc, cfg.site_index, c.data.num_sites, c.strategy.local_steps, model=model, site=self.site,
+            loss=c.model.loss, app=c.client.app, run_config=c.client.run_config,
+            seed=None if cfg.seed is None else cfg.seed + 1000 * self.steps_before, device=self.device,
+            accountant=accountant, on_dp_event=self._on_dp_event, where=f"{cfg.path}: [client]"))
         self.client.training_steps = self.steps_before
         self.names = self.client.parameter_names()
         params = self.client.get_parameters({})
@@ -412,8 +430,8 @@ class Node:
             params = resumed
         eps = self.client.epsilon
         log.info("node %s: site %d, %d train / %d test records (local), device %s, σ=%.4g, q=%.4g, %s randomness, "
-                 "ledger steps=%d ε=%.4f of %g (δ=%g)%s", self.node_id, cfg.site_index, self.site.train_size,
-                 self.site.test_size, self.device, self.sigma, self.client.sample_rate, self.client.random_kind,
+                 "ledger steps=%d ε=%.4f of %g (δ=%g)%s", self.node_id, cfg.site_index, self.site.train_size if self.site else -1,
+                 self.site.test_size if self.site else -1, self.device, self.sigma, self.client.sample_rate, self.client.random_kind,
                  self.steps_before, eps, c.dp.target_epsilon, c.dp.delta,
                  ", resumed from checkpoint" if resumed is not None else "")
         self.topology = topology_of(cfg, list(self.roster.nodes))
@@ -428,31 +446,23 @@ class Node:
             listen=cfg.node.listen or None, timeout=cfg.node.peer_timeout, on_release=self._on_release,
             ledger_head=lambda: ledger.head, on_peer_head=self._on_peer_head, head_for=ledger.last_anchor,
             crl_path=cfg.crl_path, roster_path=cfg.roster_path)
-        scfg: dict[str, Any] = {"local_steps": c.strategy.local_steps, "seed": self._strategy_seed(0)}
-        self.strategy: NodeStrategy
-        if c.strategy.name == "async_gossip":
-            scfg.update(AsyncGossip.roles(self.topology, self.node_id))
-            self.strategy = AsyncGossip(self.client, self.network, params, scfg)
-        else:
-            scfg.update(mixing=self.topology.mixing_row(self.node_id), timeout=cfg.node.sync_timeout)
-            scfg.update(self._compression_config(cfg.strategy_params, resumed=resumed is not None))
-            self.strategy = SyncGossip(self.client, self.network, params, scfg)
+        self.strategy: NodeStrategy = build_node_strategy(strategy_build(
+            cfg, self.topology, self.client, self.network, params, self._strategy_seed(0), self._strategy_seed(7919)))
+        self._log_compression(resumed=resumed is not None)
         self.network.attach(self.strategy)
 
-    def _compression_config(self, sp: NodeStrategyParams, resumed: bool) -> dict[str, Any]:
-        """sync_gossip's compressor, gamma and shared_init from ``[strategy].params`` ({} if uncompressed).
+    def _log_compression(self, resumed: bool) -> None:
+        """Log compressed sync_gossip's settings; warn where the public estimates may start out of step.
 
         ``shared_init`` defaults to true when every node builds its initial model from
         ``model.seed`` (no ``[node].init_seed``): then all nodes start from the same
         public model and the estimates of each other can start there too.
         """
-        if sp.compressor is None:
-            return {}
-        name, kwargs = sp.compressor
-        compressor = build_compressor(name, kwargs, self._strategy_seed(7919))
-        own_init = self.cfg.node.init_seed >= 0
-        shared = sp.shared_init if sp.shared_init is not None else not own_init
-        if shared and own_init:
+        if self.cfg.strategy_params.compressor is None:
+            return
+        scfg = self.strategy.config
+        shared = bool(scfg["shared_init"])
+        if shared and self.cfg.node.init_seed >= 0:
             log.warning("node %s: [strategy].params.shared_init with [node].init_seed set: every node must use "
                         "the same init_seed, or the public estimates start out of step", self.node_id)
         if resumed:
@@ -460,20 +470,22 @@ class Node:
                         "from %s and may be out of step with theirs", self.node_id,
                         "this checkpoint" if shared else "zero")
         log.info("node %s: sync_gossip compressed with %s, gamma=%g, shared_init=%s", self.node_id,
-                 compressor.describe(), sp.gamma, shared)
-        return {"compressor": compressor, "gamma": sp.gamma, "shared_init": shared}
+                 scfg["compressor"].describe(), scfg["gamma"], shared)
 
     def _strategy_seed(self, offset: int) -> int:
         """A seed for post-processing randomness (peer choice, compressor masks): from the
         explicit ``[node].seed`` in a seeded test node, else from OS entropy."""
         return self.cfg.seed + offset if self.cfg.seed is not None else secrets.randbits(62)
 
-    def _site_data(self, spec: PreprocessingSpec) -> tuple[SiteInputs, Preprocessing, bool]:
+    def _site_data(self, spec: PreprocessingSpec) -> tuple[SiteInputs | None, Preprocessing, bool]:
         """This site's records, preprocessed: the user's ``[data].factory`` Datasets as they are,
-        or its partition of a shipped set / file with public or DP preprocessing.
+        or its partition of a shipped set / file with public or DP preprocessing; None when the
+        hospital's own ``[client].app`` loads its records itself.
 
         Returns (site inputs, preprocessing, preprocessing fitted now)."""
         cfg, data = self.cfg, self.cfg.common.data
+        if not reads_site_data(self.cfg.common.client.app, data.factory):
+            return None, dataclasses.replace(Preprocessing("none", "none", ()), spec=spec), True
         if data.factory:
             fs = data.factory_site(cfg.site_index, cfg.path.parent, f"{cfg.path}: [data]")
             pre = dataclasses.replace(Preprocessing("none", "none", fs.in_shape), spec=spec)
@@ -638,8 +650,7 @@ class Node:
         log.debug("node %s: checkpoint at step %d", self.node_id, self.total_steps)
 
     def _snapshot(self) -> list[np.ndarray]:
-        snap = getattr(self.strategy, "snapshot", None)
-        return snap() if snap is not None else [np.array(p) for p in self.strategy.params]
+        return self.strategy.snapshot()
 
     # ---- metrics ---------------------------------------------------------------------------
     @property
@@ -655,12 +666,11 @@ class Node:
         loss, acc = self.client.evaluate_local(params)  # the site's own view: stays on the node
         traffic = self.network.counters.total()
         row = {"time": round(time.monotonic() - self._t0, 4), "node": self.node_id, "phase": phase,
-               "steps": self.total_steps, "loss": _num(getattr(self.strategy, "last_loss", math.nan)),
+               "steps": self.total_steps, "loss": _num(self.strategy.last_loss),
                "accuracy": _num(acc), "test_loss": _num(loss),
                "epsilon": _num(self.client.epsilon), "delta": self.cfg.common.dp.delta,
                "bytes_sent": traffic.bytes_sent, "bytes_received": traffic.bytes_received,
-               "exchanges": int(getattr(self.strategy, "exchanges", 0)),
-               "served": int(getattr(self.strategy, "served", 0))}
+               "exchanges": int(self.strategy.exchanges), "served": int(self.strategy.served)}
         self.metrics_rows.append(row)
         with open(self.out / METRICS_JSONL, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -871,8 +881,10 @@ class Node:
         """Write the final model (npz, and the user's ``state_dict`` as ``final_model.pt`` /
         ``.safetensors``) and summary.json; returns the summary."""
         params = self._snapshot()
-        np.savez(self.out / FINAL_MODEL, **{n: p for n, p in zip(self.names, params)})
-        model_file = save_state_dict(self.names, params, self.out / FINAL_STATE_DICT)
+        names = self.client.parameter_names()  # a user client's own names are known once it trained
+        names = names if len(names) == len(params) else self.names
+        np.savez(self.out / FINAL_MODEL, **{n: p for n, p in zip(names, params)})
+        model_file = save_state_dict(names, params, self.out / FINAL_STATE_DICT)
         log.info("node %s: final model written to %s (load_state_dict keys of the model; preprocessing in %s)",
                  self.node_id, model_file, self.out / PREPROCESSING_FILE)
         last = self.metrics_rows[-1] if self.metrics_rows else {}
@@ -885,12 +897,12 @@ class Node:
             "epsilon": _num(self.client.epsilon), "target_epsilon": self.cfg.common.dp.target_epsilon,
             "delta": self.cfg.common.dp.delta, "noise_multiplier": self.sigma,
             "sample_rate": self.client.sample_rate, "accuracy": last.get("accuracy"),
-            "test_loss": last.get("test_loss"), "train_records": self.site.train_size,
-            "test_records": self.site.test_size,
+            "test_loss": last.get("test_loss"), "train_records": self.site.train_size if self.site else None,
+            "test_records": self.site.test_size if self.site else None,
             "bytes_sent": traffic.bytes_sent if traffic else 0,
             "bytes_received": traffic.bytes_received if traffic else 0,
-            "exchanges": int(getattr(self.strategy, "exchanges", 0)),
-            "served": int(getattr(self.strategy, "served", 0)),
+            "exchanges": int(self.strategy.exchanges),
+            "served": int(self.strategy.served),
             "refused_peers_policy": sorted(self.network.refused_policy) if self.network else [],
             "ledger": str(self.out / LEDGER_FILE), "ledger_entries": self.ledger.num_entries if self.ledger else 0,
             "model": str(model_file), "preprocessing": str(self.out / PREPROCESSING_FILE),

@@ -1,9 +1,10 @@
 """``run_simulation(SimSpec)``: build sites, DPClients, topology and strategies, then run the engine.
 
 The TOML layer and CLI build a :class:`SimSpec`; nothing here parses files. Strategies
-are looked up by name in :data:`STRATEGIES`, which other modules extend with
-:func:`register_strategy` (``node`` entries build one ``NodeStrategy`` per node,
-``collective`` entries one ``CollectiveStrategy`` for all).
+come from the one registry of ``privfl.strategies.registry`` (:data:`STRATEGIES`,
+:func:`register_strategy`), the very table a real node builds through: the simulator
+fills one ``StrategyBuild`` per node (``node`` strategies) or one for all
+(``collective``) with :meth:`SimContext.strategy_build`.
 
 Preprocessing: each site fits ``spec.preprocessing`` on its own training rows (public
 statistics, or a DP estimate drawn from a seed derived from the run seed and the site
@@ -35,18 +36,23 @@ from privfl.accounting import PrivacyAccountant
 from privfl.clients import DPClient, DPConfig, evaluate_model
 from privfl.clients.dp_client import evaluate_dataset
 from privfl.clients.losses import build_loss
+from privfl.clients.plugins import is_import_path
 from privfl.clients.randomness import SeededRandom
-from privfl.strategies.base import CollectiveStrategy, NodeStrategy, Params, PeerNetwork
-from privfl.strategies.compression.params import (  # shared with privfl.node
-    SYNC_GOSSIP_KEYS,
-    build_compressor,
-    check_strategy_keys,
-    sync_compression_params,
+from privfl.strategies.base import Params, PeerNetwork
+from privfl.strategies.compression.params import sync_compression_params  # noqa: F401  (re-exported)
+from privfl.strategies.registry import (  # shared with privfl.node
+    STRATEGIES,
+    StrategyBuild,
+    StrategyEntry,
+    build_collective_strategy,
+    build_node_strategy,
+    check_strategy,
+    register_strategy,
 )
-from privfl.strategies.gossip import AsyncGossip, SyncGossip
 from privfl.strategies.topology import Topology, build_topology
 
 from privfl.config import resolve_device
+from privfl.site import ClientBuild, build_client, reads_site_data
 from privfl.data import DATASETS, SiteData, SiteInputs, load_dataset, load_factory_site, split_sites
 from privfl.errors import ConfigError
 from privfl.models import build_model
@@ -79,6 +85,8 @@ class SimSpec:
     data_args: dict[str, Any] = field(default_factory=dict)
     data_root: str | None = None  # [data].root, absolute
     num_classes: int = 0  # [data].num_classes (declared; a factory's built-in model needs it)
+    client_app: str = ""  # [client].app: the hospital's own Flower client ("pkg.module:client_fn")
+    client_run_config: dict[str, Any] = field(default_factory=dict)  # [client].run_config
     hidden: tuple[int, ...] = (64, 32)
     dp: DPConfig = field(default_factory=lambda: DPConfig(noise_multiplier=1.0, batch_size=16, lr=0.5))
     strategy: str = "async_gossip"
@@ -117,8 +125,7 @@ class SimSpec:
             raise ConfigError(f"sim.node_ids lists {len(self.node_ids)} ids for {self.num_nodes} nodes")
         self.preprocessing.validate("[data]")
         resolve_device(self.device, "[simulation].device")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy.name: unknown strategy {self.strategy!r}; choose one of {', '.join(sorted(STRATEGIES))}")
+        check_strategy(self.strategy, self.strategy_params, "simulate")
         s = self.stop
         if not any(v is not None for v in (s.max_time, s.max_steps, s.max_rounds)):
             raise ConfigError("stop: give at least one of max_time, max_steps or max_rounds")
@@ -126,7 +133,7 @@ class SimSpec:
 
 @dataclass
 class SimContext:
-    """What a strategy factory may use to build its strategy."""
+    """The simulated world strategies are built in: one registry request per node, or one for all."""
 
     spec: SimSpec
     node_ids: list[str]
@@ -134,106 +141,24 @@ class SimContext:
     clients: dict[str, NumPyClient]
     init_params: Params
 
+    def strategy_build(self, node_id: str | None = None, network: PeerNetwork | None = None) -> StrategyBuild:
+        """The registry request for ``node_id``'s strategy over ``network`` (None: the collective one).
 
-NodeFactory = Callable[[SimContext, str, NumPyClient, PeerNetwork, Params], NodeStrategy]
-CollectiveFactory = Callable[[SimContext], CollectiveStrategy]
-
-
-@dataclass
-class StrategyEntry:
-    """A registered strategy: ``kind`` is ``node`` (one per node) or ``collective`` (one for all)."""
-
-    kind: Literal["node", "collective"]
-    factory: Callable[..., Any]
-
-
-STRATEGIES: dict[str, StrategyEntry] = {}
-
-
-def register_strategy(name: str, kind: Literal["node", "collective"], factory: Callable[..., Any]) -> None:
-    """Make ``name`` usable as ``SimSpec.strategy`` (replaces an existing entry)."""
-    if kind not in ("node", "collective"):
-        raise ValueError(f"strategy kind must be 'node' or 'collective', got {kind!r}")
-    STRATEGIES[name] = StrategyEntry(kind, factory)
-
-
-def _node_config(ctx: SimContext, node_id: str) -> dict[str, Any]:
-    cfg = dict(ctx.spec.strategy_params)
-    cfg.setdefault("local_steps", ctx.spec.local_steps)
-    cfg.setdefault("seed", ctx.spec.seed * 1000 + ctx.node_ids.index(node_id))
-    return cfg
-
-
-_ASYNC_KEYS = {"local_steps", "seed", "consensus_exchanges", "compressor"}
-_SYNC_KEYS = SYNC_GOSSIP_KEYS
-_check_keys = check_strategy_keys
-
-
-def _async_gossip(ctx: SimContext, node_id: str, client: NumPyClient, net: PeerNetwork, params: Params) -> NodeStrategy:
-    comp = ctx.spec.strategy_params.get("compressor")
-    if comp not in (None, "none"):
-        raise ConfigError(f"strategy.params.compressor: async_gossip cannot compress ({comp!r}): its pairwise "
-                          "averaging exchanges whole models with a random peer each time, and CHOCO-style "
-                          "estimates would need every message to every neighbour delivered in order; "
-                          "use strategy sync_gossip with a compressor")
-    _check_keys("async_gossip", ctx.spec.strategy_params, _ASYNC_KEYS)
-    cfg = _node_config(ctx, node_id)
-    cfg.update(AsyncGossip.roles(ctx.topology, node_id))
-    return AsyncGossip(client, net, params, cfg)
-
-
-def _sync_gossip(ctx: SimContext, node_id: str, client: NumPyClient, net: PeerNetwork, params: Params) -> NodeStrategy:
-    cfg = _node_config(ctx, node_id)
-    cfg.setdefault("mixing", ctx.topology.mixing_row(node_id))
-    cfg.setdefault("timeout", math.inf)  # the simulator waits for every live neighbour
-    comp_cfg = sync_compression_params(ctx.spec.strategy_params)
-    for key in set(cfg) - _SYNC_KEYS:  # compressor settings, validated above
-        cfg.pop(key)
-    cfg.pop("compression_params", None)
-    if comp_cfg is None:
-        cfg.pop("compressor", None)
-    else:
-        # one compressor per node (per-node state and random streams, reproducible from the run's seed)
-        name, kwargs = comp_cfg
-        cfg["compressor"] = build_compressor(name, kwargs, int(cfg["seed"]) + 7919 * ctx.node_ids.index(node_id))
-        cfg.setdefault("shared_init", True)  # every simulated node starts from the same public model
-    return SyncGossip(client, net, params, cfg)
-
-
-def _fedavg(ctx: SimContext) -> CollectiveStrategy:
-    from privfl.strategies.federated import FedAvgConfig, FederatedAveraging
-
-    p = dict(ctx.spec.strategy_params)
-    allowed = {f for f in FedAvgConfig.__dataclass_fields__} - {"local_steps", "seed", "evaluate"}
-    unknown = sorted(set(p) - allowed)
-    if unknown:
-        raise ConfigError(f"strategy: fedavg does not take {', '.join(unknown)}")
-    cfg = FedAvgConfig(local_steps=ctx.spec.local_steps, seed=ctx.spec.seed, evaluate=False,
-                       min_available_clients=1, **p)
-    return FederatedAveraging(cfg, initial_parameters=ctx.init_params)
-
-
-def _periodic(cls_name: str, label: str) -> CollectiveFactory:
-    """Factory for ``strategies.periodic.<cls_name>``, built from ``strategy_params``."""
-
-    def factory(ctx: SimContext) -> CollectiveStrategy:
-        from privfl.strategies import periodic
-
-        cls = getattr(periodic, cls_name)
-        try:
-            return cls(**ctx.spec.strategy_params)
-        except TypeError as e:
-            raise ConfigError(f"strategy: bad parameter for {label}: {e}") from None
-
-    return factory
-
-
-register_strategy("async_gossip", "node", _async_gossip)
-register_strategy("sync_gossip", "node", _sync_gossip)
-register_strategy("fedavg", "collective", _fedavg)
-register_strategy("allreduce", "collective", _periodic("AllReduce", "allreduce"))
-register_strategy("periodic", "collective", _periodic("PeriodicAveraging", "periodic"))
-register_strategy("adaptive_period", "collective", _periodic("AdaptivePeriod", "adaptive_period"))
+        Node ``i`` seeds its peer choice with ``seed * 1000 + i`` (``[strategy].params.seed``
+        may replace it) and its compressor with that seed ``+ 7919 * i``; a round waits for
+        every live neighbour (``timeout = inf``) and compressed gossip starts from the
+        shared initial model (every simulated node builds it from ``seed``).
+        """
+        spec = self.spec
+        if node_id is None:
+            return StrategyBuild(spec.strategy, "simulate", spec.strategy_params, spec.local_steps, seed=spec.seed,
+                                 initial=self.init_params)
+        i = self.node_ids.index(node_id)
+        seed = spec.seed * 1000 + i
+        return StrategyBuild(spec.strategy, "simulate", spec.strategy_params, spec.local_steps, seed=seed,
+                             compressor_seed=int(spec.strategy_params.get("seed", seed)) + 7919 * i,
+                             timeout=math.inf, shared_init=True, node_id=node_id, topology=self.topology,
+                             client=self.clients[node_id], network=network, initial=self.init_params)
 
 
 # ---- building the world --------------------------------------------------------------
@@ -261,6 +186,17 @@ def _make_evaluator(spec: SimSpec, in_shape: tuple[int, ...], num_classes: int,
     return evaluate
 
 
+def _clients_evaluator(clients: list[NumPyClient]) -> Callable[[Params], tuple[float, float]]:
+    """A model's mean (loss, accuracy) over every site's own evaluation, for a simulation whose
+    user clients hold their own data (the researcher's view; a node never releases it)."""
+
+    def evaluate(params: Params) -> tuple[float, float]:
+        scores = [c.evaluate_local(params) for c in clients]  # type: ignore[attr-defined]
+        return float(np.mean([s[0] for s in scores])), float(np.mean([s[1] for s in scores]))
+
+    return evaluate
+
+
 def _measure_step_cost(spec: SimSpec, train: Any, in_shape: tuple[int, ...], num_classes: int) -> float:
     """Wall seconds of one local step on a scratch client (its own accountant: no real budget spent)."""
     model = build_model(spec.model, in_shape, num_classes, seed=spec.seed, hidden=tuple(spec.hidden),
@@ -279,10 +215,12 @@ def preprocessing_seed(run_seed: int, site: int) -> int:
     return int(np.random.SeedSequence([int(run_seed), int(site), 0x9E3779B9]).generate_state(1)[0])
 
 
-def _site_inputs(spec: SimSpec, node_ids: list[str]) -> tuple[list[SiteInputs], list[Preprocessing]]:
+def _site_inputs(spec: SimSpec, node_ids: list[str]) -> tuple[list[SiteInputs | None], list[Preprocessing]]:
     """Every site's inputs: the user's ``data_factory`` Datasets as they are (no preprocessing),
     or the shared-seed split of a shipped set / file, each site preprocessed on its own rows."""
     n = len(node_ids)
+    if not reads_site_data(spec.client_app, spec.data_factory):  # the user's client loads its own records
+        return [None] * n, [dataclasses.replace(Preprocessing("none", "none", ()), spec=spec.preprocessing)] * n
     if spec.data_factory:
         out, preps = [], []
         for i in range(n):
@@ -353,28 +291,41 @@ def _run(spec: SimSpec) -> SimulationResult:
     n = spec.num_nodes
     node_ids = list(spec.node_ids) if spec.node_ids else [f"node{i}" for i in range(n)]
     sites, preps = _site_inputs(spec, node_ids)
-    in_shape = sites[0].in_shape
-    num_classes = sites[0].num_classes
+    first = sites[0]
+    in_shape = first.in_shape if first is not None else ()
+    num_classes = first.num_classes if first is not None else 0
+    has_model = first is not None or is_import_path(spec.model)  # else the user's clients hold their own
+
+    def make_model() -> torch.nn.Module | None:
+        if not has_model:
+            torch.manual_seed(spec.seed)  # public: every user client builds the same initial model
+            return None
+        return build_model(spec.model, in_shape, num_classes, seed=spec.seed, hidden=tuple(spec.hidden),
+                           args=spec.model_args)
     topo_params = dict(spec.topology_params)
     if spec.topology == "random_regular":
         topo_params.setdefault("seed", spec.seed)
     topology = build_topology(spec.topology, node_ids, **topo_params)
-    init_model = build_model(spec.model, in_shape, num_classes, seed=spec.seed, hidden=tuple(spec.hidden),
-                        args=spec.model_args)
-    init_params: Params = [v.detach().cpu().numpy().copy() for v in init_model.state_dict().values()]
+    init_model = make_model()
 
     clients: dict[str, NumPyClient] = {}
     calibrated: dict[Any, DPConfig] = {}
     for i, (nid, site, pre) in enumerate(zip(node_ids, sites, preps)):
-        model = build_model(spec.model, in_shape, num_classes, seed=spec.seed, hidden=tuple(spec.hidden),
-                        args=spec.model_args)
         accountant, dpc = _site_accounting(spec.dp, pre, calibrated)
-        try:
-            clients[nid] = DPClient(model, site.train, site.test, dpc, seed=spec.seed * 1000 + i,
-                                    device=spec.device, accountant=accountant, criterion=build_loss(spec.loss))
-        except ValueError as e:
-            raise ConfigError(f"dp: {e}") from None
+        clients[nid] = build_client(ClientBuild(
+            dpc, i, n, spec.local_steps, model=make_model(), site=site, loss=spec.loss, app=spec.client_app,
+            run_config=spec.client_run_config, seed=spec.seed * 1000 + i, device=spec.device,
+            accountant=accountant, where="[client]"))
+    if init_model is not None:
+        init_params: Params = [v.detach().cpu().numpy().copy() for v in init_model.state_dict().values()]
+        names = list(init_model.state_dict().keys())
+    else:  # as Flower's server does: the initial model is one client's (all built from the same seed)
+        init_params = clients[node_ids[0]].get_parameters({})
+        names = []  # the user's own names, known once its model was made private (after training)
 
+    if spec.step_cost == "measure" and first is None:
+        raise ConfigError("[simulation].step_cost: 'measure' times privfl's DPClient on privfl-loaded data; "
+                          "give a number of virtual seconds with a [client].app")
     if spec.step_cost == "measure":
         step_cost = _measure_step_cost(spec, sites[0].train, in_shape, num_classes)
     elif spec.step_cost is None:
@@ -383,24 +334,24 @@ def _run(spec: SimSpec) -> SimulationResult:
         step_cost = float(spec.step_cost)
     speeds = compute_speeds(spec.compute_profile, n, spec.seed, spec.compute_params)
     world = SimWorld(node_ids, {nid: topology.neighbors(nid) for nid in node_ids}, spec.links)
-    evaluate = _make_evaluator(spec, in_shape, num_classes, sites)
+    if first is not None and has_model:
+        evaluate = _make_evaluator(spec, in_shape, num_classes, sites)  # type: ignore[arg-type]
+    else:
+        evaluate = _clients_evaluator([clients[nid] for nid in node_ids])
     engine = Engine(node_ids, clients, world, speeds, step_cost, spec.local_steps, spec.stop, evaluate,
                     spec.eval_every, spec.eval_every_rounds, spec.progress)
     ctx = SimContext(spec, node_ids, topology, clients, init_params)
     entry = STRATEGIES[spec.strategy]
     log.info("simulate %s: %d nodes, %s, profile %s, step cost %.4g s, device %s", spec.strategy, n,
              topology.summary(), spec.compute_profile, step_cost, spec.device)
-    strategy_obj: Any
     if entry.kind == "node":
-        strategies = [entry.factory(ctx, nid, clients[nid], world.network(nid), init_params) for nid in node_ids]
+        strategies = [build_node_strategy(ctx.strategy_build(nid, world.network(nid))) for nid in node_ids]
         for nid, s in zip(node_ids, strategies):
             world.strategies[nid] = s
-        synchronous = all(getattr(s, "synchronous", False) for s in strategies)
+        synchronous = all(s.synchronous for s in strategies)
         t_end = engine.run_sync(strategies) if synchronous else engine.run_async(strategies)
-        strategy_obj = strategies
     else:
-        strategy_obj = entry.factory(ctx)
-        t_end = engine.run_collective(strategy_obj, init_params)
+        t_end = engine.run_collective(build_collective_strategy(ctx.strategy_build()), init_params)
 
     final = engine.rows[-n:]
     summary: dict[str, Any] = {
@@ -419,6 +370,7 @@ def _run(spec: SimSpec) -> SimulationResult:
         "epsilon": dict(zip(node_ids, engine.epsilons)),
         "delta": spec.dp.delta,
         "dp": bool(spec.dp.enabled),
+        "privacy": "DP" if spec.dp.enabled else "no DP",
         "stop_reasons": engine.stop_reasons,
         "final_accuracy": {r["node"]: r["accuracy"] for r in final},
         "mean_accuracy": float(np.mean([r["accuracy"] for r in final])) if final else math.nan,
@@ -433,6 +385,6 @@ def _run(spec: SimSpec) -> SimulationResult:
     }
     log.info("simulate %s done: t=%.3f s virtual, mean acc %.4f, %s", spec.strategy, t_end,
              summary["mean_accuracy"], engine.end_reason)
-    names = list(init_model.state_dict().keys())
+    names = names or clients[node_ids[0]].parameter_names()  # type: ignore[attr-defined]
     return SimulationResult(engine.rows, summary, node_ids, models=engine.final_models, param_names=names,
                             preprocessing=dict(zip(node_ids, preps)))

@@ -1,0 +1,101 @@
+"""The client registry: who trains at a site, built the same way by ``node``, ``launch``,
+``simulate`` and ``compare``.
+
+``[client].app`` empty means privfl's own :class:`~privfl.clients.DPClient` (entry
+``"dp"`` of :data:`CLIENTS`) over the site's inputs; an import path
+``"pkg.module:client_fn"`` means the hospital's own Flower client, wrapped by
+:class:`~privfl.clients.app_client.AppClient` under the site's DP session (its contract is
+in that module). A user's client loads its own records: privfl then reads no site data
+unless ``[data].factory`` is given too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.client import NumPyClient
+from torch import nn
+
+from privfl.accounting import PrivacyAccountant
+from privfl.clients import DPClient, DPConfig
+from privfl.clients.app_client import AppClient
+from privfl.clients.losses import build_loss
+from privfl.clients.plugins import is_import_path
+from privfl.data import SiteInputs
+from privfl.errors import ConfigError
+
+__all__ = ["CLIENTS", "ClientBuild", "build_client", "client_kind", "reads_site_data"]
+
+DpEventHook = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class ClientBuild:
+    """Everything a site's client is built from (one request, whoever builds it)."""
+
+    dp: DPConfig
+    site_index: int
+    num_sites: int
+    local_steps: int
+    model: nn.Module | None = None  # the site's model ([model]); None: the user's client holds its own
+    site: SiteInputs | None = None  # privfl-loaded records; None: the user's client loads its own
+    loss: str = "cross_entropy"
+    app: str = ""
+    run_config: Mapping[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    device: torch.device | str | None = None
+    accountant: PrivacyAccountant | None = None
+    on_dp_event: DpEventHook | None = None
+    where: str = "[client]"
+
+
+def _dp_client(b: ClientBuild) -> NumPyClient:
+    if b.model is None or b.site is None:
+        raise ConfigError(f"{b.where}: privfl's DPClient needs the site's model and data")
+    try:
+        return DPClient(b.model, b.site.train, b.site.test, b.dp, seed=b.seed, device=b.device,
+                        accountant=b.accountant, on_dp_event=b.on_dp_event, criterion=build_loss(b.loss))
+    except ValueError as exc:
+        raise ConfigError(f"{b.where.replace('[client]', '[dp]')}: {exc}") from None
+
+
+def _app_client(b: ClientBuild) -> NumPyClient:
+    names: Sequence[str] | None = None
+    init: list[np.ndarray] | None = None
+    if b.model is not None:
+        state = b.model.state_dict()
+        names = list(state)
+        init = [v.detach().cpu().numpy().copy() for v in state.values()]
+    return AppClient(b.app, b.dp, where=f"{b.where}.app: {b.app}", accountant=b.accountant, seed=b.seed,
+                     device=b.device, on_dp_event=b.on_dp_event, site_index=b.site_index, num_sites=b.num_sites,
+                     run_config=b.run_config, local_steps=b.local_steps, parameter_names=names,
+                     initial_parameters=init)
+
+
+#: built-in clients by name; ``[client].app`` = ``"pkg.module:client_fn"`` is the user's own
+CLIENTS: dict[str, Callable[[ClientBuild], NumPyClient]] = {"dp": _dp_client}
+
+
+def client_kind(app: str) -> str:
+    """The registry entry ``[client].app`` selects: ``"dp"`` (empty), ``"app"`` (an import path)."""
+    if not app:
+        return "dp"
+    if is_import_path(app):
+        return "app"
+    raise ConfigError(f"[client].app: expected 'package.module:client_fn', got {app!r}")
+
+
+def reads_site_data(app: str, data_factory: str) -> bool:
+    """Whether privfl loads the site's records itself (its own client, or a declared data factory)."""
+    return client_kind(app) == "dp" or bool(data_factory)
+
+
+def build_client(b: ClientBuild) -> NumPyClient:
+    """The site's client for ``b``: privfl's DPClient, or the user's Flower client under DP."""
+    if client_kind(b.app) == "app":
+        return _app_client(b)
+    return CLIENTS["dp"](b)
