@@ -78,7 +78,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -124,8 +124,8 @@ PURPOSE_EVALUATION = "evaluation"
 DP_PURPOSES = (PURPOSE_TRAINING, PURPOSE_PREPROCESSING, PURPOSE_EVALUATION)
 NO_PREPROCESSING: dict[str, Any] = {"kind": "none"}
 
-PrivateKey = Union[ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey]
-PublicKey = Union[ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey]
+PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 
 # Problem kinds named by verification (LedgerError.kind / audit issues).
 TORN_TAIL = "torn_tail"
@@ -381,7 +381,7 @@ def _parse_line(
     try:
         entry = json.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise LedgerError(pos, f"line is not valid JSON ({exc.__class__.__name__})", MALFORMED)
+        raise LedgerError(pos, f"line is not valid JSON ({exc.__class__.__name__})", MALFORMED) from None
     if not isinstance(entry, dict) or set(entry) != ENTRY_FIELDS:
         raise LedgerError(pos, "line is not a ledger entry (wrong fields)", MALFORMED)
     if (
@@ -1498,7 +1498,7 @@ def _check_head(
         raise ValueError(f"peer_id must be a non-empty string, got {peer_id!r}")
     if peer_id == own_id:
         raise ValueError(f"a node does not anchor its own head ({peer_id!r})")
-    if not (isinstance(index, numbers.Integral) and not isinstance(index, bool) and index >= 0):
+    if not (isinstance(index, numbers.Integral) and not isinstance(index, bool) and int(index) >= 0):
         raise ValueError(f"head index must be an integer >= 0, got {index!r}")
     return peer_id, int(index), _hex_digest(entry_hash, "head entry_hash")
 

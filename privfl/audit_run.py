@@ -291,7 +291,7 @@ class _GradientCanaries:
         self.hits = np.zeros(m, dtype=np.int64)
         opt = client.optimizer
         if client.config.enabled:
-            orig = opt.clip_and_accumulate
+            orig = opt.clip_and_accumulate  # type: ignore[attr-defined]  # a DPOptimizer (Opacus's API)
 
             def clip_and_accumulate() -> None:
                 orig()
@@ -299,7 +299,7 @@ class _GradientCanaries:
                 if g is not None:
                     self.weight.summed_grad = self.weight.summed_grad + g  # type: ignore[attr-defined]
 
-            opt.clip_and_accumulate = clip_and_accumulate  # type: ignore[method-assign]
+            opt.clip_and_accumulate = clip_and_accumulate  # type: ignore[attr-defined]
         else:
             orig_step = opt.step
             batch = client.config.batch_size

@@ -50,8 +50,8 @@ from privfl.config import (
 )
 from privfl.errors import ConfigError
 from privfl.node_config import NodeSection
-from privfl.preprocessing import check_deployable
 from privfl.pki import CA_FILE, CRL_FILE, ROSTER_FILE, Policy, init_consortium, load_roster, validate_label
+from privfl.preprocessing import check_deployable
 
 log = logging.getLogger("privfl.launch")
 
@@ -577,8 +577,8 @@ def launch_consortium(config: str | Path, runs_dir: str | Path | None = None, pr
         console.print("interrupted: stopping every node …")
     finally:
         procs.cleanup()
-        for sig, h in old.items():
-            signal.signal(sig, h)
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
     summary = collect(plan, procs.returncodes, time.monotonic() - t0)
     summary["interrupted"] = interrupted
     if progress:

@@ -63,7 +63,6 @@ from privfl.errors import ConfigError, PrivflError
 from privfl.models import build_model
 from privfl.node_config import NodeConfig, load_node_config
 from privfl.peer_network import AdvertisedPolicy, GrpcPeerNetwork
-from privfl.transport import PeerUnavailable
 from privfl.pki import (
     NodeIdentity,
     PKIError,
@@ -77,7 +76,6 @@ from privfl.pki import (
     verify_crl,
     verify_node_certificate,
 )
-from privfl.site import ClientBuild, build_client, reads_site_data
 from privfl.preprocessing import (
     Preprocessing,
     PreprocessingSpec,
@@ -88,10 +86,12 @@ from privfl.preprocessing import (
     spec_description,
 )
 from privfl.sim.engine import save_state_dict, state_dict_files
+from privfl.site import ClientBuild, build_client, reads_site_data
 from privfl.strategies.base import NodeStrategy, Params, PeerNetwork
 from privfl.strategies.gossip import AsyncGossip
 from privfl.strategies.registry import StrategyBuild, build_node_strategy, check_strategy
 from privfl.strategies.topology import Topology
+from privfl.transport import PeerUnavailable
 
 try:  # the output-folder lock; POSIX only
     import fcntl
@@ -280,7 +280,8 @@ def check_policy(cfg: NodeConfig, roster: Roster, sigma: float) -> None:
     """Refuse DP settings weaker than the consortium minimum (the roster's ``[policy]``)."""
     dp, pol, src = cfg.common.dp, roster.policy, cfg.path
     if not dp.enabled:
-        raise NodeError(f"{src}: [dp].enabled: a node releases models to its peers and must train with DP")
+        raise NodeError(f"{src}: [dp].enabled: a node releases models to its peers and must train with DP "
+                        "(no-DP baselines are for privfl simulate/compare)")
     if pol.min_noise_multiplier is not None and sigma < pol.min_noise_multiplier:
         raise NodeError(f"{src}: [dp].noise_multiplier: {sigma:g} is below the consortium minimum "
                         f"{pol.min_noise_multiplier:g} (roster {cfg.roster_path} [policy].min_noise_multiplier)")
@@ -429,10 +430,11 @@ class Node:
         if resumed is not None:
             params = resumed
         eps = self.client.epsilon
-        log.info("node %s: site %d, %d train / %d test records (local), device %s, σ=%.4g, q=%.4g, %s randomness, "
-                 "ledger steps=%d ε=%.4f of %g (δ=%g)%s", self.node_id, cfg.site_index, self.site.train_size if self.site else -1,
-                 self.site.test_size if self.site else -1, self.device, self.sigma, self.client.sample_rate, self.client.random_kind,
-                 self.steps_before, eps, c.dp.target_epsilon, c.dp.delta,
+        records = (f"{self.site.train_size} train / {self.site.test_size} test records (local)" if self.site
+                   else f"records loaded by {c.client.app}")
+        log.info("node %s: site %d, %s, device %s, σ=%.4g, q=%.4g, %s randomness, ledger steps=%d ε=%.4f of %g "
+                 "(δ=%g)%s", self.node_id, cfg.site_index, records, self.device, self.sigma, self.client.sample_rate,
+                 self.client.random_kind, self.steps_before, eps, c.dp.target_epsilon, c.dp.delta,
                  ", resumed from checkpoint" if resumed is not None else "")
         self.topology = topology_of(cfg, list(self.roster.nodes))
         summary = self.topology.summary()
@@ -695,7 +697,8 @@ class Node:
             return "max_steps"
         if time.monotonic() - self._t0 >= stop.max_seconds:
             return "max_seconds"
-        if stop.target_accuracy > 0 and self.metrics_rows and (self.metrics_rows[-1]["accuracy"] or 0.0) >= stop.target_accuracy:
+        last_accuracy = (self.metrics_rows[-1]["accuracy"] or 0.0) if self.metrics_rows else 0.0
+        if stop.target_accuracy > 0 and self.metrics_rows and last_accuracy >= stop.target_accuracy:
             return "target_accuracy"
         return None
 
@@ -775,7 +778,7 @@ class Node:
                 self._check_peer_heads()
             self._t0 = time.monotonic()
             if not (self.out / "initial_model.npz").exists():
-                np.savez(self.out / "initial_model.npz", **dict(zip(self.names, self._snapshot())))
+                np.savez(self.out / "initial_model.npz", **dict(zip(self.names, self._snapshot())))  # type: ignore[arg-type]  # numpy's stub: **arrays
             self.evaluate("start")
             self._train_loop()
             self._finish()
@@ -883,7 +886,7 @@ class Node:
         params = self._snapshot()
         names = self.client.parameter_names()  # a user client's own names are known once it trained
         names = names if len(names) == len(params) else self.names
-        np.savez(self.out / FINAL_MODEL, **{n: p for n, p in zip(names, params)})
+        np.savez(self.out / FINAL_MODEL, **dict(zip(names, params)))  # type: ignore[arg-type]  # numpy's stub: **arrays
         model_file = save_state_dict(names, params, self.out / FINAL_STATE_DICT)
         log.info("node %s: final model written to %s (load_state_dict keys of the model; preprocessing in %s)",
                  self.node_id, model_file, self.out / PREPROCESSING_FILE)

@@ -378,7 +378,8 @@ def load_canary_scores(path: Path) -> tuple[np.ndarray, np.ndarray]:
 @app.command("empirical")
 def empirical_cmd(
     config: Path | None = typer.Option(
-        None, "--config", help="audit TOML (\\[data], \\[model], \\[dp], \\[audit]): insert canaries, train once, bound ε"),
+        None, "--config",
+        help="audit TOML (\\[data], \\[model], \\[dp], \\[audit]): insert canaries, train once, bound ε"),
     seed: int | None = typer.Option(None, "--seed", help="with --config: override \\[audit].seed"),
     save_scores: Path | None = typer.Option(
         None, "--save-scores", help="with --config: write the canary scores and inclusion (.json), "
