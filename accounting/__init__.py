@@ -8,7 +8,6 @@ from privfl.accounting.accountant import (
     epsilon_of,
     sampled_gaussian_event,
 )
-from privfl.accounting.budget import BudgetExhausted, BudgetGuard
 from privfl.accounting.audit import SINGLE_LEDGER_NOTE, AuditIssue, AuditReport, audit_ledger
 from privfl.accounting.audit_consortium import (
     ConsortiumProblem,
@@ -17,6 +16,7 @@ from privfl.accounting.audit_consortium import (
     audit_consortium,
 )
 from privfl.accounting.audit_empirical import OneRunAudit, audit_one_run, epsilon_lower_bound
+from privfl.accounting.budget import BudgetExhausted, BudgetGuard
 from privfl.accounting.calibration import calibrate_noise
 from privfl.accounting.ledger import (
     ANCHORS_FINAL_FILE,

@@ -7,17 +7,16 @@ so it is called once per distinct event when ε is asked for, never once per ste
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
-import logging
-
 import dp_accounting
 import numpy as np
-from dp_accounting.rdp import rdp_privacy_accountant as _rdp_mod
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
+from dp_accounting.rdp import rdp_privacy_accountant as _rdp_mod
 
 Method = Literal["rdp", "pld"]
 

@@ -390,8 +390,9 @@ def _cross_check(led: _Ledger, heads: list[_Held], report: ConsortiumReport) -> 
                 f"({first.where}: {first.digest[:16]}…, ledger: {led.hashes[first.index][:16]}…); "
                 f"{len(wrong)} of {holder}'s {len(mine)} heads differ, {since}: the ledger was "
                 "rewritten (re-signed) or rolled back and restarted", holder))
-    summary.anchored_upto = max(matched) if matched else None
-    summary.unanchored_tail = n - (summary.anchored_upto + 1 if matched else 0)
+    upto = max(matched) if matched else None
+    summary.anchored_upto = upto
+    summary.unanchored_tail = n - (upto + 1 if upto is not None else 0)
     summary.ok = rep.ok and not report.problems_of(led.node)
     return summary
 

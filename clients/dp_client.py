@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import flwr
 import numpy as np
@@ -104,7 +105,8 @@ class DPConfig:
             raise ConfigError(f"{where}.delta: must be in (0, 1), got {self.delta!r}")
         if self.batch_size < 1:
             raise ConfigError(f"{where}.batch_size: must be >= 1, got {self.batch_size!r}")
-        if self.noise_multiplier is not None and not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
+        if self.noise_multiplier is not None and not (
+                self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
             raise ConfigError(f"{where}.noise_multiplier: must be a finite number > 0, got {self.noise_multiplier!r}")
         if self.sample_rate is not None and not 0 < self.sample_rate <= 1:
             raise ConfigError(f"{where}.sample_rate: must be in (0, 1], got {self.sample_rate!r}")
@@ -222,7 +224,8 @@ class DPClient(flwr.client.NumPyClient):
             self.module.train()
             try:
                 self.train_module, self.optimizer, self.loader = engine.make_private(
-                    module=self.module, optimizer=base_opt, data_loader=DataLoader(dataset, batch_size=config.batch_size),
+                    module=self.module, optimizer=base_opt,
+                    data_loader=DataLoader(dataset, batch_size=config.batch_size),
                     noise_multiplier=self.noise_multiplier, max_grad_norm=config.max_grad_norm,
                     sample_rate=self.sample_rate, expected_batch_size=self._expected_batch(),
                     clipping=config.clipping, psac_r=config.psac_r, autos_gamma=config.autos_gamma,
@@ -243,7 +246,8 @@ class DPClient(flwr.client.NumPyClient):
             self.noise_multiplier = 0.0
             self.guard = None
             self.train_module = self.module
-            gen = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(np.random.bytes(4), "little"))
+            gen = torch.Generator().manual_seed(
+                seed if seed is not None else int.from_bytes(np.random.bytes(4), "little"))
             self.loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=gen)
             self.optimizer = base_opt
         self._batches = iter(self.loader)

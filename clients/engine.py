@@ -310,7 +310,8 @@ class PrivacyEngine:
             raise ConfigError("make_private: poisson_sampling: must be True; privfl accounts Poisson-sampled "
                               "steps only (a shuffled fixed-size loader would not match its accounting)")
         if not isinstance(data_loader, DataLoader):
-            raise ConfigError(f"make_private: data_loader: must be a torch DataLoader, got {type(data_loader).__name__}")
+            raise ConfigError("make_private: data_loader: must be a torch DataLoader, "
+                              f"got {type(data_loader).__name__}")
         dataset = data_loader.dataset
         if isinstance(dataset, IterableDataset):
             raise ConfigError("make_private: data_loader: Poisson sampling needs a map-style Dataset, "

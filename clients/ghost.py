@@ -28,17 +28,18 @@ A trainable parameter in a layer type this engine does not know raises
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim import Optimizer
 
+from privfl.accounting.errors import ConfigError
 from privfl.clients.clipping import ClippingRule, FlatClipping
 from privfl.clients.randomness import RandomSource, SecureRandom
-from privfl.accounting.errors import ConfigError
 
 log = logging.getLogger("privfl.clients")
 
@@ -98,6 +99,12 @@ class _Layer:
         raise NotImplementedError
 
 
+def _trained(p: torch.Tensor | None) -> nn.Parameter | None:
+    """A layer's weight or bias if it is trained, else None (torch annotates them as Tensor;
+    a module's registered weight and bias are nn.Parameter)."""
+    return cast(nn.Parameter, p) if p is not None and p.requires_grad else None
+
+
 def _vdot(x: torch.Tensor) -> torch.Tensor:
     """Row-wise squared norm of a (B, k) tensor; big ones without a (B, k) temporary."""
     if x.numel() < 65536:
@@ -110,8 +117,8 @@ class _Linear(_Layer):
 
     def __init__(self, name: str, module: nn.Linear) -> None:
         super().__init__(name, module)
-        self.w = module.weight if module.weight.requires_grad else None
-        self.b = module.bias if module.bias is not None and module.bias.requires_grad else None
+        self.w = _trained(module.weight)
+        self.b = _trained(module.bias)
 
     def norm_sq(self, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         if a.dim() == 2:
@@ -149,8 +156,8 @@ class _Conv2d(_Layer):
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             raise ConfigError(f"dp.engine 'fast': layer {name!r} uses padding {module.padding!r} / mode "
                               f"{module.padding_mode!r}; only numeric zero padding is supported")
-        self.w = module.weight if module.weight.requires_grad else None
-        self.b = module.bias if module.bias is not None and module.bias.requires_grad else None
+        self.w = _trained(module.weight)
+        self.b = _trained(module.bias)
 
     def norm_sq(self, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         m: nn.Conv2d = self.module  # type: ignore[assignment]
@@ -187,7 +194,7 @@ def _unfold(x: torch.Tensor, m: nn.Conv2d) -> torch.Tensor:
     kh, kw = m.kernel_size
     sh, sw = m.stride
     dh, dw = m.dilation
-    ph, pw = m.padding  # type: ignore[misc]
+    ph, pw = cast(tuple[int, int], m.padding)  # numeric: _Conv2d refuses string padding
     xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
     b, c, h, w = xp.shape
     ho = (h - dh * (kh - 1) - 1) // sh + 1
@@ -256,8 +263,8 @@ class _Norm(_Layer):
 
     def __init__(self, name: str, module: nn.GroupNorm | nn.LayerNorm) -> None:
         super().__init__(name, module)
-        self.w = module.weight if module.weight is not None and module.weight.requires_grad else None
-        self.b = module.bias if module.bias is not None and module.bias.requires_grad else None
+        self.w = _trained(module.weight)
+        self.b = _trained(module.bias)
 
     def _normalised(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
@@ -273,7 +280,8 @@ class _Norm(_Layer):
             def reduce(t: torch.Tensor) -> torch.Tensor:
                 return t.reshape(b, t.shape[1], -1).sum(2)
         else:  # params over the trailing normalized_shape; sum over the middle dims
-            n_param = m.weight.numel() if m.weight is not None else m.bias.numel()  # type: ignore[union-attr]
+            assert isinstance(m, nn.LayerNorm)
+            n_param = m.weight.numel() if m.weight is not None else m.bias.numel()
 
             def reduce(t: torch.Tensor) -> torch.Tensor:
                 return t.reshape(b, -1, n_param).sum(1)

@@ -81,7 +81,7 @@ class RandomSource(ABC):
         """What a checkpoint may keep to continue this stream ({} when it must not be kept)."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - a deliberate no-op default, not abstract
         """Continue a stream saved by :meth:`state_dict` (a no-op for a secure source)."""
 
 

@@ -45,8 +45,8 @@ from opacus.optimizers.optimizer import (
     _mark_as_processed,
 )
 
-from privfl.clients.randomness import RandomSource, SecureRandom
 from privfl.accounting.errors import ConfigError
+from privfl.clients.randomness import RandomSource, SecureRandom
 
 __all__ = [
     "SparseTernary",

@@ -28,8 +28,8 @@ from privfl.clients.plugins import is_import_path, resolve_import
 from privfl.data import FactorySite, SiteData, load_dataset, load_factory_site, split_sites
 from privfl.errors import ConfigError
 from privfl.models import MODELS
-from privfl.strategies.topology import Topology, TopologyError, build_topology, canonical_kind
 from privfl.preprocessing import BUILTIN_STATISTICS, PreprocessingSpec
+from privfl.strategies.topology import Topology, TopologyError, build_topology, canonical_kind
 
 T = TypeVar("T")
 
@@ -440,7 +440,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_table(tp, value, where)
     raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
 
@@ -517,9 +517,9 @@ def apply_python_path(table: dict[str, Any], base: Path, src: str) -> list[str]:
         if not p.is_dir():
             raise ConfigError(f"{src}: python_path: folder not found: {p}")
         out.append(str(p))
-    for p in reversed(out):
-        if p not in sys.path:
-            sys.path.insert(0, p)
+    for folder in reversed(out):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
     importlib.invalidate_caches()
     return out
 
@@ -545,7 +545,7 @@ class CommonConfig:
 
 def common_from(table: dict[str, Any], source: str) -> CommonConfig:
     """The shared sections of a parsed config (missing sections take their defaults)."""
-    kw = {}
+    kw: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         if name in table:
             kw[name] = from_table(cls, table[name], f"{source}: [{name}]")

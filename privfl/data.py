@@ -9,10 +9,10 @@ estimate whose cost is in the ledger, never from raw per-site statistics.
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -34,7 +34,7 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.y)
 
-    def subset(self, idx: np.ndarray) -> "Dataset":
+    def subset(self, idx: np.ndarray) -> Dataset:
         """The rows ``idx`` of this dataset."""
         return Dataset(self.x[idx], self.y[idx], self.num_classes, self.name)
 
@@ -301,7 +301,7 @@ def load_factory_site(factory: str, site_index: int, num_sites: int, root: str |
             raise ConfigError(f"{where}.factory: {factory} returned a {type(ds).__name__} as its {name} split, "
                               "not a torch.utils.data.Dataset")
         try:
-            len(ds)
+            len(cast(Sized, ds))  # probed: a torch Dataset need not define __len__
         except TypeError:
             raise ConfigError(f"{where}.factory: the {name} Dataset has no length (Poisson sampling draws over "
                               "its indices)") from None
@@ -326,13 +326,13 @@ class SiteInputs:
     num_classes: int  # 0: not declared (a user model factory knows its own)
 
     @classmethod
-    def of_arrays(cls, site: SiteData) -> "SiteInputs":
+    def of_arrays(cls, site: SiteData) -> SiteInputs:
         """The inputs of a shipped set / CSV / NPZ partition."""
         return cls(site.site, (site.train.x, site.train.y), (site.test.x, site.test.y),
                    tuple(int(d) for d in site.train.x.shape[1:]), site.train.num_classes)
 
     @classmethod
-    def of_factory(cls, fs: FactorySite, num_classes: int) -> "SiteInputs":
+    def of_factory(cls, fs: FactorySite, num_classes: int) -> SiteInputs:
         """The inputs of a user's ``[data].factory`` (``num_classes`` as ``[data]`` declares it)."""
         return cls(fs.site, fs.train, fs.test, fs.in_shape, int(num_classes))
 

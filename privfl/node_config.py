@@ -23,8 +23,8 @@ import torch
 from privfl.config import (
     SHARED_SECTIONS,
     CommonConfig,
-    apply_python_path,
     StrategySection,
+    apply_python_path,
     check_sections,
     common_from,
     from_table,

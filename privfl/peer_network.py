@@ -40,6 +40,9 @@ from pathlib import Path
 import numpy as np
 
 from privfl.pki import NodeIdentity, Policy, Roster
+from privfl.strategies.base import ModelMessage, NodeStrategy
+from privfl.strategies.compression import Compressed, MalformedMessage, decompress
+from privfl.strategies.compression.message import max_frame_bytes
 from privfl.transport import (
     DecodedMessage,
     ExpectedSpec,
@@ -49,16 +52,13 @@ from privfl.transport import (
     PeerBackoff,
     PeerUnavailable,
     SparseTensor,
-    TrustState,
     SpecChoice,
     TensorExpectation,
     TrafficCounters,
     TransportError,
+    TrustState,
     model_digest,
 )
-from privfl.strategies.base import ModelMessage, NodeStrategy
-from privfl.strategies.compression import Compressed, MalformedMessage, decompress
-from privfl.strategies.compression.message import max_frame_bytes
 
 log = logging.getLogger("privfl.node")
 
@@ -130,8 +130,8 @@ def expected_spec_of(names: Sequence[str], params: Sequence[np.ndarray]) -> dict
 
 def compressed_spec_of(params: Sequence[np.ndarray]) -> dict[str, TensorExpectation]:
     """The spec of a compressed update for a model of ``params``: one 1-D uint8 frame of bounded length."""
-    return {COMPRESSED_FRAME: TensorExpectation((max_frame_bytes([np.shape(p) for p in params]),), "|u1", allow_sparse=False,
-                                                bounded=True)}
+    frame_bytes = max_frame_bytes([np.shape(p) for p in params])
+    return {COMPRESSED_FRAME: TensorExpectation((frame_bytes,), "|u1", allow_sparse=False, bounded=True)}
 
 
 def compressed_from_frame(msg: DecodedMessage, shapes: Sequence[tuple[int, ...]]) -> Compressed:
@@ -276,7 +276,8 @@ class GrpcPeerNetwork:
         self.server = GossipServer(identity, roster, crl, self._handle, address=listen,
                                    expected_spec=self.spec, counters=self.counters, trust=self.trust,
                                    ledger_head=ledger_head, kinds=REQUEST_KINDS,
-                                   stream_timeout=stream_timeout if stream_timeout is not None else max(10.0, 2 * timeout),
+                                   stream_timeout=(stream_timeout if stream_timeout is not None
+                                                   else max(10.0, 2 * timeout)),
                                    max_calls_per_peer=max_calls_per_peer, on_verified=self._verified)
         self.strategy: NodeStrategy | None = None
         self.serving_models = True  # False once the node must not release anything more
@@ -599,5 +600,6 @@ class GrpcPeerNetwork:
 
 
 __all__ = ["AdvertisedPolicy", "COMPRESSED_FRAME", "CONTROL_KINDS", "GrpcPeerNetwork", "HEAD_QUERY_KIND",
-           "HEAD_REPLY_KIND", "INBOX_KINDS", "REFUSED_KIND", "REPLY_KINDS", "REQUEST_KINDS", "compressed_from_frame", "compressed_spec_of", "expected_spec_of", "from_transport",
+           "HEAD_REPLY_KIND", "INBOX_KINDS", "REFUSED_KIND", "REPLY_KINDS", "REQUEST_KINDS", "compressed_from_frame",
+           "compressed_spec_of", "expected_spec_of", "from_transport",
            "policy_problem", "to_transport"]

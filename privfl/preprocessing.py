@@ -195,7 +195,7 @@ class PublicStatistics:
         return d
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 

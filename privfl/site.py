@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.client import NumPyClient
 from torch import nn
 
 from privfl.accounting import PrivacyAccountant
@@ -28,9 +27,11 @@ from privfl.clients.plugins import is_import_path
 from privfl.data import SiteInputs
 from privfl.errors import ConfigError
 
-__all__ = ["CLIENTS", "ClientBuild", "build_client", "client_kind", "reads_site_data"]
+__all__ = ["CLIENTS", "ClientBuild", "SiteClient", "build_client", "client_kind", "reads_site_data"]
 
 DpEventHook = Callable[[dict[str, Any]], None]
+#: what a site trains with: both drive training the same way (fit, epsilon, state_dict, evaluate_local, ...)
+SiteClient = DPClient | AppClient
 
 
 @dataclass
@@ -53,7 +54,7 @@ class ClientBuild:
     where: str = "[client]"
 
 
-def _dp_client(b: ClientBuild) -> NumPyClient:
+def _dp_client(b: ClientBuild) -> SiteClient:
     if b.model is None or b.site is None:
         raise ConfigError(f"{b.where}: privfl's DPClient needs the site's model and data")
     try:
@@ -63,7 +64,7 @@ def _dp_client(b: ClientBuild) -> NumPyClient:
         raise ConfigError(f"{b.where.replace('[client]', '[dp]')}: {exc}") from None
 
 
-def _app_client(b: ClientBuild) -> NumPyClient:
+def _app_client(b: ClientBuild) -> SiteClient:
     names: Sequence[str] | None = None
     init: list[np.ndarray] | None = None
     if b.model is not None:
@@ -77,7 +78,7 @@ def _app_client(b: ClientBuild) -> NumPyClient:
 
 
 #: built-in clients by name; ``[client].app`` = ``"pkg.module:client_fn"`` is the user's own
-CLIENTS: dict[str, Callable[[ClientBuild], NumPyClient]] = {"dp": _dp_client}
+CLIENTS: dict[str, Callable[[ClientBuild], SiteClient]] = {"dp": _dp_client}
 
 
 def client_kind(app: str) -> str:
@@ -94,7 +95,7 @@ def reads_site_data(app: str, data_factory: str) -> bool:
     return client_kind(app) == "dp" or bool(data_factory)
 
 
-def build_client(b: ClientBuild) -> NumPyClient:
+def build_client(b: ClientBuild) -> SiteClient:
     """The site's client for ``b``: privfl's DPClient, or the user's Flower client under DP."""
     if client_kind(b.app) == "app":
         return _app_client(b)

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from flwr.client import NumPyClient
@@ -151,8 +152,8 @@ class NodeStrategy(ABC):
         """Serve a peer's exchange request (passive side); None refuses it."""
         return None
 
-    def handle_message(self, sender: str, message: ModelMessage) -> None:
-        """Accept a one-way message from a peer."""
+    def handle_message(self, sender: str, message: ModelMessage) -> None:  # noqa: B027 - optional hook, not abstract
+        """Accept a one-way message from a peer (default: ignore it)."""
 
 
 class CollectiveStrategy(ABC):
@@ -160,7 +161,7 @@ class CollectiveStrategy(ABC):
 
     @abstractmethod
     def run_round(self, clients: Mapping[str, NumPyClient], params: Mapping[str, Params],
-                  round: int) -> "CollectiveRound":
+                  round: int) -> CollectiveRound:
         """Run one round over ``clients`` starting from each node's ``params``."""
 
 

@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 from flwr.client import NumPyClient
@@ -68,8 +69,8 @@ from flwr.server.criterion import Criterion
 from flwr.server.strategy import FedAvg
 
 from privfl.accounting import BudgetExhausted
-from privfl.accounting.releases import DP_EVALUATE_METRICS, PUBLIC_FIT_METRICS
 from privfl.accounting.errors import ConfigError
+from privfl.accounting.releases import DP_EVALUATE_METRICS, PUBLIC_FIT_METRICS
 from privfl.strategies.base import CollectiveRound, CollectiveStrategy, Params
 from privfl.strategies.compression import CLTk, Compressor, compressor_from_config
 from privfl.strategies.update_transfer import (

@@ -142,7 +142,8 @@ class _GossipBase(NodeStrategy):
             self.last_loss = float(loss)
         new = [np.asarray(p) for p in new]
         if not params_compatible(self.params, new):
-            raise RuntimeError(f"node {self.node_id}: client.fit returned arrays of the wrong shape or non-finite values")
+            raise RuntimeError(f"node {self.node_id}: client.fit returned arrays of the wrong shape "
+                               "or non-finite values")
         exhausted = bool(int(metrics.get("budget_exhausted", 0)))
         return new, steps, exhausted
 
@@ -514,7 +515,8 @@ class SyncGossip(_GossipBase):
         nbytes = 0
         for peer in self.mixing:
             msg = received.get(peer)
-            if msg is None or msg.kind != "model" or msg.round != self.round or not params_compatible(self.params, msg.params):
+            if (msg is None or msg.kind != "model" or msg.round != self.round
+                    or not params_compatible(self.params, msg.params)):
                 self.missing += 1
                 continue
             assert msg.params is not None

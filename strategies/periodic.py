@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import numpy as np
 from flwr.client import NumPyClient

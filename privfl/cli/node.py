@@ -21,8 +21,10 @@ def node(config: Path = typer.Option(..., "--config", "-c", help="The node's TOM
 
 
 def launch(
-    config: Path = typer.Option(..., "--config", "-c", help="The consortium TOML (e.g. examples/hospitals-gossip/consortium.toml)."),
-    runs_dir: Path = typer.Option(None, "--runs-dir", help="Where the run folder goes (default: [consortium].runs_dir)."),
+    config: Path = typer.Option(
+        ..., "--config", "-c", help="The consortium TOML (e.g. examples/hospitals-gossip/consortium.toml)."),
+    runs_dir: Path = typer.Option(
+        None, "--runs-dir", help="Where the run folder goes (default: [consortium].runs_dir)."),
     quiet: bool = typer.Option(False, "--quiet", help="No live progress table."),
 ) -> None:
     """Start one real `privfl node` process per hospital on 127.0.0.1 and collect the results."""

@@ -41,9 +41,8 @@ import numpy as np
 import torch
 from flwr.client import NumPyClient
 
-from privfl.strategies.base import CollectiveStrategy, NodeStrategy, Params
-
 from privfl.sim.network import SimWorld
+from privfl.strategies.base import CollectiveStrategy, NodeStrategy, Params
 
 __all__ = ["Engine", "SimulationResult", "StopCriteria", "consensus_distance", "save_state_dict",
            "state_dict_files", "write_results"]
@@ -317,7 +316,7 @@ class Engine:
             start = max(self.world.clocks)  # the phase starts once every node has finished training
             self.world.clocks[:] = [start] * len(self.world.clocks)
         for r in range(rounds):
-            for i, s in enumerate(strategies):
+            for s in strategies:
                 if s.consensus_exchanges > r:
                     s.consensus_round()
         return max(self.world.clocks) if rounds else 0.0

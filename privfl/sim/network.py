@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from privfl.strategies.base import ModelMessage, NodeStrategy
-
 from privfl.sim.profiles import LinkSpec
+from privfl.strategies.base import ModelMessage, NodeStrategy
 
 __all__ = ["SimNetwork", "SimWorld"]
 
@@ -33,7 +32,7 @@ class SimWorld:
         self.bytes_received = [0] * len(self.node_ids)
         self.messages_sent = [0] * len(self.node_ids)
 
-    def network(self, node_id: str) -> "SimNetwork":
+    def network(self, node_id: str) -> SimNetwork:
         """The PeerNetwork handed to ``node_id``'s strategy."""
         return SimNetwork(self, node_id)
 

@@ -89,7 +89,7 @@ class LinkSpec:
     _lat: list[float] = field(default_factory=list, init=False, repr=False)
     _bw: list[float] = field(default_factory=list, init=False, repr=False)
 
-    def bind(self, n: int) -> "LinkSpec":
+    def bind(self, n: int) -> LinkSpec:
         """Validate against ``n`` nodes and resolve the per-node values."""
         lat = float(self.latency)
         if not (lat >= 0 and math.isfinite(lat)):
@@ -107,7 +107,8 @@ class LinkSpec:
                 raise ConfigError(f"links.latencies must all be >= 0, got {self.latencies}")
         if self.bandwidths is not None:
             if len(self.bandwidths) != n:
-                raise ConfigError(f"links.bandwidths must list one bandwidth per node ({n}), got {len(self.bandwidths)}")
+                raise ConfigError(f"links.bandwidths must list one bandwidth per node ({n}), "
+                                  f"got {len(self.bandwidths)}")
             self._bw = [_pos(f"links.bandwidths[{i}]", v) for i, v in enumerate(self.bandwidths)]
         return self
 

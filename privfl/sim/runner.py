@@ -38,6 +38,15 @@ from privfl.clients.dp_client import evaluate_dataset
 from privfl.clients.losses import build_loss
 from privfl.clients.plugins import is_import_path
 from privfl.clients.randomness import SeededRandom
+from privfl.config import resolve_device
+from privfl.data import DATASETS, SiteData, SiteInputs, load_dataset, load_factory_site, split_sites
+from privfl.errors import ConfigError
+from privfl.models import build_model
+from privfl.preprocessing import Preprocessing, PreprocessingSpec, preprocess_site
+from privfl.sim.engine import Engine, SimulationResult, StopCriteria
+from privfl.sim.network import SimWorld
+from privfl.sim.profiles import LinkSpec, compute_speeds, default_step_cost
+from privfl.site import ClientBuild, build_client, reads_site_data
 from privfl.strategies.base import Params, PeerNetwork
 from privfl.strategies.compression.params import sync_compression_params  # noqa: F401  (re-exported)
 from privfl.strategies.registry import (  # shared with privfl.node
@@ -50,16 +59,6 @@ from privfl.strategies.registry import (  # shared with privfl.node
     register_strategy,
 )
 from privfl.strategies.topology import Topology, build_topology
-
-from privfl.config import resolve_device
-from privfl.site import ClientBuild, build_client, reads_site_data
-from privfl.data import DATASETS, SiteData, SiteInputs, load_dataset, load_factory_site, split_sites
-from privfl.errors import ConfigError
-from privfl.models import build_model
-from privfl.preprocessing import Preprocessing, PreprocessingSpec, preprocess_site
-from privfl.sim.engine import Engine, SimulationResult, StopCriteria
-from privfl.sim.network import SimWorld
-from privfl.sim.profiles import LinkSpec, compute_speeds, default_step_cost
 
 __all__ = ["STRATEGIES", "SimContext", "SimSpec", "StrategyEntry", "register_strategy", "run_simulation"]
 
@@ -175,7 +174,7 @@ def _make_evaluator(spec: SimSpec, in_shape: tuple[int, ...], num_classes: int,
         y = torch.as_tensor(np.concatenate([s.test[1] for s in sites]))
         run: Callable[[], tuple[float, float]] = lambda: evaluate_model(model, x, y, device)  # noqa: E731
     else:
-        union = ConcatDataset([s.test for s in sites])
+        union: ConcatDataset[Any] = ConcatDataset([s.test for s in sites])
         run = lambda: evaluate_dataset(model, union, device)  # noqa: E731
 
     def evaluate(params: Params) -> tuple[float, float]:
@@ -222,7 +221,8 @@ def _site_inputs(spec: SimSpec, node_ids: list[str]) -> tuple[list[SiteInputs | 
     if not reads_site_data(spec.client_app, spec.data_factory):  # the user's client loads its own records
         return [None] * n, [dataclasses.replace(Preprocessing("none", "none", ()), spec=spec.preprocessing)] * n
     if spec.data_factory:
-        out, preps = [], []
+        out: list[SiteInputs | None] = []
+        preps: list[Preprocessing] = []
         for i in range(n):
             fs = load_factory_site(spec.data_factory, i, n, spec.data_root, spec.data_args)
             out.append(SiteInputs.of_factory(fs, spec.num_classes))
@@ -323,11 +323,11 @@ def _run(spec: SimSpec) -> SimulationResult:
         init_params = clients[node_ids[0]].get_parameters({})
         names = []  # the user's own names, known once its model was made private (after training)
 
-    if spec.step_cost == "measure" and first is None:
-        raise ConfigError("[simulation].step_cost: 'measure' times privfl's DPClient on privfl-loaded data; "
-                          "give a number of virtual seconds with a [client].app")
     if spec.step_cost == "measure":
-        step_cost = _measure_step_cost(spec, sites[0].train, in_shape, num_classes)
+        if first is None:
+            raise ConfigError("[simulation].step_cost: 'measure' times privfl's DPClient on privfl-loaded data; "
+                              "give a number of virtual seconds with a [client].app")
+        step_cost = _measure_step_cost(spec, first.train, in_shape, num_classes)
     elif spec.step_cost is None:
         step_cost = default_step_cost(spec.model)
     else:

@@ -30,7 +30,8 @@ from privfl.transport.server import ACCEPT_KIND, ACK_KIND, GossipServer, Handler
 from privfl.transport.signing import AuthenticationFailed, PeerVerifier, Signer
 
 __all__ = [
-    "ACCEPT_KIND", "ACK_KIND", "AuthenticationFailed", "CHUNK_BYTES", "PeerVerifier", "Signer", "TrustState", "DecodedMessage", "Delivery", "ExpectedSpec", "GossipClient",
+    "ACCEPT_KIND", "ACK_KIND", "AuthenticationFailed", "CHUNK_BYTES", "PeerVerifier", "Signer", "TrustState",
+    "DecodedMessage", "Delivery", "ExpectedSpec", "GossipClient",
     "GossipServer", "Handler", "Message", "NodeIdentity", "PeerBackoff", "PeerRefused",
     "PeerTraffic", "PeerUnavailable", "SparseTensor", "SpecChoice", "TensorExpectation", "TrafficCounters",
     "TransportError", "decode_stream", "decode_tensors", "encode_message", "encode_tensors",

@@ -40,7 +40,7 @@ _RULES = ("model", "empty", "any")
 PARALLEL_HASH_BYTES = 4 << 20
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.:/\-\[\]]{1,200}$")
-_SCALAR_KEY = re.compile(r"^[A-Za-z0-9_.:\-]{1,%d}$" % MAX_SCALAR_KEY)
+_SCALAR_KEY = re.compile(rf"^[A-Za-z0-9_.:\-]{{1,{MAX_SCALAR_KEY}}}$")
 # dtypes a tensor may have on the wire (numpy little-endian strings)
 ALLOWED_DTYPES = frozenset({"<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8",
                             "|u1", "<u2", "<u4", "<u8", "|b1"})
@@ -292,12 +292,14 @@ def encode_tensors(tensors: Mapping[str, Tensor]) -> tuple[list[pb.TensorSpec], 
                 raise TransportError(f"tensor {name}: {idx.size} indices but {values.size} values")
             spec = pb.TensorSpec(name=name, dtype=values.dtype.str, shape=list(t.shape),
                                  sparse=True, nnz=idx.size)
-            buffers += [memoryview(idx).cast("B"), memoryview(values.view(np.uint8))]
+            # numpy's stubs give ndarray __buffer__ only for Python >= 3.12; arrays export buffers on every Python
+            buffers += [memoryview(idx).cast("B"),  # type: ignore[arg-type]
+                        memoryview(values.view(np.uint8))]  # type: ignore[arg-type]
         else:
             arr = np.asarray(t)
             arr = np.ascontiguousarray(arr, dtype=_le(arr.dtype, name))
             spec = pb.TensorSpec(name=name, dtype=arr.dtype.str, shape=list(arr.shape))
-            buffers.append(memoryview(arr.reshape(-1).view(np.uint8)))
+            buffers.append(memoryview(arr.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]  # (as above)
         specs.append(spec)
     return specs, buffers
 
@@ -607,7 +609,8 @@ class MessageAssembler:
                 # huge pages on large buffers (far fewer page faults); every byte is written
                 # by a chunk before it can be read (``_finish`` checks the fill).
                 self._body = np.empty(self.header.body_bytes, dtype=np.uint8)
-                self._view = memoryview(self._body)
+                # numpy's stubs give ndarray __buffer__ only for Python >= 3.12; it has the buffer protocol
+                self._view = memoryview(self._body)  # type: ignore[arg-type]
                 self._hash = (_hasher(self.header.tensors, self.header.body_bytes)
                               if self.verify_digest else None)
                 return False

@@ -185,7 +185,7 @@ class TrustState:
             changed = False
             if roster is not None and roster != self._roster:
                 self._roster, changed = roster, True
-            if verified is not None and crl != self._crl_pem:
+            if verified is not None and crl is not None and crl != self._crl_pem:
                 self._crl, self._crl_pem, changed = verified, crl, True
             if changed:
                 self.generation += 1

@@ -42,7 +42,8 @@ class InnovationGossip:
         initial: Released | None = None,
     ) -> None:
         if not isinstance(compressor, Compressor):
-            raise CompressionError(f"innovation gossip: compressor must be a Compressor, got {type(compressor).__name__}")
+            raise CompressionError("innovation gossip: compressor must be a Compressor, "
+                                   f"got {type(compressor).__name__}")
         if compressor.error_feedback:
             raise CompressionError(
                 f"innovation gossip: compressor {compressor.describe()} keeps its own error memory; "
