@@ -59,7 +59,8 @@ def spec(strategy: str, args: argparse.Namespace) -> SimSpec:
     elif strategy == "fedavg":
         local_steps = args.fedavg_local_steps
     return SimSpec(
-        dataset="digits", num_nodes=args.nodes, partitioning="iid", preprocessing=PreprocessingSpec(scaling="none"), model="cnn",
+        dataset="digits", num_nodes=args.nodes, partitioning="iid", preprocessing=PreprocessingSpec(scaling="none"),
+        model="cnn",
         dp=DPConfig(noise_multiplier=None, planned_steps=args.steps, target_epsilon=args.epsilon, delta=1e-5,
                     batch_size=16, sample_rate=0.18, lr=args.lr, clipping="psac", engine="fast"),
         strategy=strategy, strategy_params=params, local_steps=local_steps, topology=topology,

@@ -46,7 +46,8 @@ def child(n: int, dataset: str, model: str, strategy: str, batch: int, trace: bo
     sites = split_sites(load_dataset(dataset, seed=0), n, "iid", seed=0, test_fraction=0.2)
     rows = max(len(s.train) for s in sites)
     steps = math.ceil(rows / batch)
-    spec = SimSpec(dataset=dataset, num_nodes=n, partitioning="iid", preprocessing=PreprocessingSpec(scaling="none"), model=model,
+    spec = SimSpec(dataset=dataset, num_nodes=n, partitioning="iid", preprocessing=PreprocessingSpec(scaling="none"),
+                   model=model,
                    dp=DPConfig(noise_multiplier=1.0, target_epsilon=1e6, batch_size=batch, lr=0.1,
                                sample_rate=min(1.0, batch / rows),
                                engine="fast" if model != "logreg" else "opacus"),
@@ -94,7 +95,8 @@ def main() -> None:
     results = []
     for n in args.sizes:
         cmd = [sys.executable, __file__, "--child", str(n), "--dataset", args.dataset, "--model", args.model,
-               "--strategy", args.strategy, "--batch", str(args.batch)] + (["--tracemalloc"] if args.tracemalloc else [])
+               "--strategy", args.strategy, "--batch", str(args.batch)] \
+            + (["--tracemalloc"] if args.tracemalloc else [])
         env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
         if p.returncode != 0:

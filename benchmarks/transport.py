@@ -141,8 +141,9 @@ def run(sizes_mb: list[int], repeats: int, mode: str = "default") -> dict[str, o
             d_mine = model_digest(mine) if given else None
             d_theirs = model_digest(theirs) if given else None
             srv = GossipServer(idb, roster, crl,
-                               lambda s, m: Message("exchange_reply", m.round, theirs,
-                                                    digest=d_theirs),
+                               # bound now: each size has its own server and its own reply
+                               lambda s, m, theirs=theirs, d_theirs=d_theirs: Message(
+                                   "exchange_reply", m.round, theirs, digest=d_theirs),
                                address="127.0.0.1:0", expected_spec=spec,
                                max_message_bytes=2 * max(mb, 1) * 1_000_000, verify_digest=verify_digest)
             port = srv.start()

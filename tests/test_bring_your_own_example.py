@@ -140,7 +140,8 @@ def test_the_model_builds_without_batchnorm_and_trains_one_private_step(example)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     engine = PrivacyEngine(seed=0)
     model, opt, loader = engine.make_private(
-        module=net, optimizer=torch.optim.AdamW(net.parameters(), lr=0.01), data_loader=DataLoader(train, batch_size=48),
+        module=net, optimizer=torch.optim.AdamW(net.parameters(), lr=0.01),
+        data_loader=DataLoader(train, batch_size=48),
         noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, target_epsilon=3.0, delta=1e-5)
     x, y = next(iter(loader))
     opt.zero_grad()

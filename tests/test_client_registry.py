@@ -74,7 +74,8 @@ class Quick(NumPyClient):
         self.set(parameters)
         x, y = self.test_loader.dataset.tensors
         out = self.net(x)
-        return float(nn.functional.cross_entropy(out, y)), len(y), {"accuracy": float((out.argmax(1) == y).float().mean())}
+        accuracy = float((out.argmax(1) == y).float().mean())
+        return float(nn.functional.cross_entropy(out, y)), len(y), {"accuracy": accuracy}
 
 
 def client_fn(context):

@@ -12,9 +12,9 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from privfl.clients import AutoSClipping, FlatClipping, PerSampleWeightDPOptimizer, PSACClipping, clipping_rule
 from privfl.clients.clipping import CLIP_MARGIN
 from privfl.clients.randomness import SeededRandom
-from privfl.clients import AutoSClipping, FlatClipping, PerSampleWeightDPOptimizer, PSACClipping, clipping_rule
 
 
 @pytest.mark.parametrize("n,r,w", [(0.001, 0.01, 1.099), (0.1, 0.01, 5.238), (1.0, 0.01, 0.990),

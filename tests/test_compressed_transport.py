@@ -31,10 +31,10 @@ from privfl.peer_network import (
     to_transport,
 )
 from privfl.pki import NodeIdentity, Policy, init_consortium, load_pki
-from privfl.transport import Message, PeerRefused, TransportError
 from privfl.strategies.base import ModelMessage
 from privfl.strategies.compression import AdaComp, Compressed, Quantize8, TopK, decompress, released
 from privfl.strategies.compression.message import FRAME_HEADER_BYTES, max_frame_bytes
+from privfl.transport import Message, PeerRefused, TransportError
 
 NAMES = ["fc.weight", "fc.bias"]
 SHAPES = [(40, 50), (40,)]
@@ -293,7 +293,8 @@ def test_node_config_with_a_compressor_validates(node_pki: Path, tmp_path: Path)
      r"\[strategy\]\.params\.gamma"),
     ({"name": "sync_gossip", "params": {"compressor": "topk", "ratio": 0.1, "shared_init": "yes"}},
      r"\[strategy\]\.params\.shared_init"),
-    ({"name": "sync_gossip", "params": {"compressor": "cltk", "ratio": 0.1}}, r"\[strategy\]\.params\.compressor: 'cltk'"),
+    ({"name": "sync_gossip", "params": {"compressor": "cltk", "ratio": 0.1}},
+     r"\[strategy\]\.params\.compressor: 'cltk'"),
     ({"name": "sync_gossip", "params": {"timeout": 3}}, r"\[strategy\]\.params\.timeout: .*\[node\]\.sync_timeout"),
     ({"name": "async_gossip", "params": {"compressor": "topk", "ratio": 0.1}},
      r"\[strategy\]\.params\.compressor: async_gossip cannot compress"),
@@ -308,7 +309,8 @@ def test_node_config_strategy_params_errors_name_the_field(node_pki: Path, tmp_p
 @pytest.mark.timeout(120)
 def test_node_builds_compressed_sync_gossip(node_pki: Path, tmp_path: Path) -> None:
     from privfl.node import Node
-    from privfl.strategies.compression import InnovationGossip, Quantize8 as Q8
+    from privfl.strategies.compression import InnovationGossip
+    from privfl.strategies.compression import Quantize8 as Q8
     from privfl.strategies.gossip import SyncGossip
 
     strategy = {"name": "sync_gossip", "local_steps": 1, "params": {"compressor": "quantize8", "gamma": 0.25}}

@@ -311,7 +311,8 @@ def test_adacomp_bins_hand_example() -> None:
 
 
 @SETTINGS
-@given(arrays(np.float64, st.integers(1, 30), elements=st.floats(-10, 10)), arrays(np.float64, 30, elements=st.floats(-10, 10)))
+@given(arrays(np.float64, st.integers(1, 30), elements=st.floats(-10, 10)),
+       arrays(np.float64, 30, elements=st.floats(-10, 10)))
 def test_adacomp_bin_size_one_rule_and_no_mass_lost(first: np.ndarray, second_full: np.ndarray) -> None:
     second = second_full[: first.size]
     comp = AdaComp(bin_size=1)
@@ -376,7 +377,8 @@ def test_cltk_low_pass_memory() -> None:
 # -- compressed-innovation gossip -----------------------------------------------------------
 
 
-def run_choco(compressor_factory, gamma: float, rounds: int, n: int = 8, d: int = 40) -> tuple[list, np.ndarray, float, list]:
+def run_choco(compressor_factory, gamma: float, rounds: int, n: int = 8,
+              d: int = 40) -> tuple[list, np.ndarray, float, list]:
     topo = Topology.ring([f"n{i}" for i in range(n)])
     nodes = [InnovationGossip.from_topology(topo, f"n{i}", compressor_factory(), gamma) for i in range(n)]
     rng = np.random.default_rng(42)

@@ -147,8 +147,8 @@ def test_dp_client_trains_a_factory_dataset_with_the_chosen_loss_and_optimizer(p
 
     def run(loss: str, optimizer: str) -> tuple[list, DPClient]:
         torch.manual_seed(0)
-        cfg = DPConfig(noise_multiplier=2.0, sample_rate=0.5, batch_size=8, lr=0.05, optimizer=optimizer, target_epsilon=50.0,
-                       clipping="flat", max_grad_norm=100.0, delta=1e-3)
+        cfg = DPConfig(noise_multiplier=2.0, sample_rate=0.5, batch_size=8, lr=0.05, optimizer=optimizer,
+                       target_epsilon=50.0, clipping="flat", max_grad_norm=100.0, delta=1e-3)
         client = DPClient(hosp_byo.Net(), train, test, cfg, seed=3, device="cpu", criterion=build_loss(loss))
         params, weight, metrics = client.fit(client.get_parameters({}), {"local_steps": 3})
         return params, client

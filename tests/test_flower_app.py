@@ -25,14 +25,14 @@ sys.path.insert(0, str(APP_DIR))
 from flwr.app import Context, Message, MessageType, Metadata, RecordDict  # noqa: E402
 from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
 from flwr.compat.common import recorddict_compat as compat  # noqa: E402
-
-from privfl.clients.dp_client import PUBLIC_FIT_METRICS  # noqa: E402
-from privfl.errors import ConfigError  # noqa: E402
 from privfl_app import task  # noqa: E402
 from privfl_app.client_app import app as client_app  # noqa: E402
 from privfl_app.local_grid import app_run_config, run_in_process  # noqa: E402
 from privfl_app.server_app import app as server_app  # noqa: E402
 from privfl_app.server_app import build_strategy  # noqa: E402
+
+from privfl.clients.dp_client import PUBLIC_FIT_METRICS  # noqa: E402
+from privfl.errors import ConfigError  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -144,7 +144,8 @@ def test_dp_evaluation_run_config_needs_both_keys() -> None:
     with pytest.raises(ConfigError, match="sample-rate"):
         task.settings({"sample-rate": 1.5})
     assert build_strategy(task.settings({})).fraction_evaluate == 0.0
-    assert build_strategy(task.settings({"eval-noise-multiplier": 2.0, "eval-denominator": 40})).fraction_evaluate == 1.0
+    evaluating = task.settings({"eval-noise-multiplier": 2.0, "eval-denominator": 40})
+    assert build_strategy(evaluating).fraction_evaluate == 1.0
 
 
 def test_no_per_message_seed_noise_is_secure() -> None:

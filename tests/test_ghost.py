@@ -13,9 +13,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import privfl.clients.ghost as ghost
-from privfl.clients.randomness import SeededRandom
 from privfl.clients import DPClient, DPConfig, PerSampleWeightDPOptimizer, clipping_rule
 from privfl.clients.ghost import GhostDPOptimizer, GhostGradModule, make_ghost_private
+from privfl.clients.randomness import SeededRandom
 from privfl.errors import ConfigError
 from privfl.models import build_model
 
@@ -334,7 +334,8 @@ def test_dpconfig_rejects_unknown_engine():
     x = np.zeros((10, 30), "float32")
     y = np.zeros(10, "int64")
     with pytest.raises(ConfigError, match="engine"):
-        DPClient(build_model("mlp", (30,), 2), (x, y), None, DPConfig(noise_multiplier=1.0, sample_rate=0.1, engine="turbo"))
+        DPClient(build_model("mlp", (30,), 2), (x, y), None,
+                 DPConfig(noise_multiplier=1.0, sample_rate=0.1, engine="turbo"))
 
 
 # ---- refusals -------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(60)
 class LocalNet:
     """Thread-safe in-process PeerNetwork: exchanges call the peer's handler directly."""
 
-    def __init__(self, hub: "Hub", node_id: str) -> None:
+    def __init__(self, hub: Hub, node_id: str) -> None:
         self.hub = hub
         self.node_id = node_id
 
@@ -158,7 +158,7 @@ def test_pure_pairwise_averaging_conserves_sum_and_reaches_consensus() -> None:
     nodes = build_async(topo, models, hub)
     start_sum = total([n.params for n in nodes])
     d0 = max_dist([n.params for n in nodes])
-    for it in range(150):
+    for _ in range(150):
         for n in nodes:
             n.step()
         now_sum = total([n.params for n in nodes])
@@ -212,7 +212,8 @@ def test_handle_exchange_refuses_bad_requests() -> None:
     assert passive.handle_exchange("n0", ModelMessage("n0", 0, "exchange_request", params=wrong_shape)) is None
     assert passive.handle_exchange("n3", ModelMessage("n3", 0, "model", params=good)) is None
     non_neighbour = "n3" if "n3" not in topo.neighbors("n1") else "n99"
-    assert passive.handle_exchange(non_neighbour, ModelMessage(non_neighbour, 0, "exchange_request", params=good)) is None
+    request = ModelMessage(non_neighbour, 0, "exchange_request", params=good)
+    assert passive.handle_exchange(non_neighbour, request) is None
     for a, b in zip(before, passive.params):
         np.testing.assert_array_equal(a, b)
     reply = passive.handle_exchange("n0", ModelMessage("n0", 0, "exchange_request", params=good))

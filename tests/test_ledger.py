@@ -348,7 +348,7 @@ def test_reopen_fast_path_still_catches_tampering(tmp_path: Path, pki: dict[str,
     other_key, _ = pki["nodes"]["h2"]
     path = tmp_path / "l.jsonl"
     with new_ledger(path, pki) as led:
-        for i in range(6):
+        for _ in range(6):
             led.append_dp_event(1.0, 0.01, 10, "psac", 1.0)
     good = path.read_bytes().split(b"\n")[:-1]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 import pytest
 
 from privfl.accounting.audit import audit_ledger

@@ -218,7 +218,8 @@ def test_second_node_on_the_same_output_folder_or_identity_is_refused(pki: Path,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        ident = Path(tempfile.gettempdir()) / f"privfl-node-{fingerprint((pki / 'h-a' / 'node.pem').read_bytes()).split(':')[-1][:32]}.lock"
+        cert_fp = fingerprint((pki / "h-a" / "node.pem").read_bytes()).split(":")[-1][:32]
+        ident = Path(tempfile.gettempdir()) / f"privfl-node-{cert_fp}.lock"
         _wait_for_pid(out / ".lock", first.pid, first)
         _wait_for_pid(ident, first.pid, first)
         line = _one_line_error(_cli(cfg), f"another privfl node (pid {first.pid}) is running with output folder {out}")

@@ -17,9 +17,9 @@ from privfl.peer_network import (
     to_transport,
 )
 from privfl.pki import NodeIdentity, Policy, init_consortium, load_pki
-from privfl.transport import DecodedMessage
 from privfl.strategies.base import ModelMessage
 from privfl.strategies.gossip import AsyncGossip
+from privfl.transport import DecodedMessage
 
 NAMES = ["fc.weight", "fc.bias"]
 GOOD = AdvertisedPolicy(noise_multiplier=1.0, target_epsilon=3.0, delta=1e-5)

@@ -135,7 +135,8 @@ def test_adaptive_period_respects_sync_budget() -> None:
             syncs_seen += 1
         if out.stopped:
             assert out.stopped == set(clients)
-            assert "sync budget" in out.metrics["n0"]["stop_reason"] or "total_steps" in out.metrics["n0"]["stop_reason"]
+            reason = out.metrics["n0"]["stop_reason"]
+            assert "sync budget" in reason or "total_steps" in reason
             break
     else:
         pytest.fail("the schedule never finished")

@@ -111,7 +111,8 @@ def test_log1p_transforms_records_and_public_ranges(tmp_path) -> None:
         fit_preprocessing(PreprocessingSpec(transform="log1p", statistics=neg), np.zeros((1, 2)))
     _one_line(e)
     with pytest.raises(DataError, match=r"\[data\].transform: 'log1p' needs non-negative"):
-        fit_preprocessing(PreprocessingSpec(scaling="none", transform="log1p"), np.zeros((1, 1))).apply(np.array([[-2.0]]))
+        fitted = fit_preprocessing(PreprocessingSpec(scaling="none", transform="log1p"), np.zeros((1, 1)))
+        fitted.apply(np.array([[-2.0]]))
 
 
 # ---- the DP estimate --------------------------------------------------------------------
@@ -201,7 +202,8 @@ def test_site_scaling_is_refused_by_check_deployable(caplog) -> None:
 
 
 # ---- config errors -------------------------------------------------------------------------------
-@pytest.mark.parametrize("old,hint", [("scale", "scaling = 'public'"), ("log", "transform = 'log1p' with scaling = 'public'")])
+@pytest.mark.parametrize("old,hint", [("scale", "scaling = 'public'"),
+                                      ("log", "transform = 'log1p' with scaling = 'public'")])
 def test_old_scaling_names_are_refused_with_guidance(old: str, hint: str) -> None:
     with pytest.raises(ConfigError, match=r"cfg: \[data\]\.scaling: ") as e:
         from_table(DataSection, {"scaling": old}, "cfg: [data]")

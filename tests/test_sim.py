@@ -44,7 +44,8 @@ def test_identical_seeds_give_identical_metrics() -> None:
     a, b = run_simulation(s), run_simulation(s)
     assert len(a.rows) > 8
     assert a.rows == b.rows
-    c = run_simulation(spec(strategy="async_gossip", compute_profile="lognormal", compute_params={"sigma": 0.5}, seed=1))
+    c = run_simulation(spec(strategy="async_gossip", compute_profile="lognormal", compute_params={"sigma": 0.5},
+                            seed=1))
     assert c.rows != a.rows
 
 

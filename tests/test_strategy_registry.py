@@ -203,7 +203,8 @@ def test_drivers_read_what_nodestrategy_declares() -> None:
     snap = s.snapshot()
     assert all(np.array_equal(x, y) and x is not y for x, y in zip(snap, s.params))
     assert s.consensus_round().local_steps == 0
-    drivers = [ROOT / "privfl" / "sim" / "engine.py", ROOT / "privfl" / "node.py", ROOT / "privfl" / "sim" / "runner.py"]
+    drivers = [ROOT / "privfl" / "sim" / "engine.py", ROOT / "privfl" / "node.py",
+               ROOT / "privfl" / "sim" / "runner.py"]
     probes = r"(getattr|hasattr)\([^,]*strateg[^,]*, \"(synchronous|consensus_exchanges|mixing|timeout|snapshot|" \
              r"last_loss|exchanges|served)\""
     for path in drivers:

@@ -13,7 +13,6 @@ from opacus import GradSampleModule
 from torch import nn
 
 from privfl.accounting import DpEventKey
-from privfl.clients.randomness import SeededRandom
 from privfl.clients import (
     DPClient,
     DPConfig,
@@ -23,6 +22,7 @@ from privfl.clients import (
     sum_votes,
     votes_to_dense,
 )
+from privfl.clients.randomness import SeededRandom
 from privfl.data import load_builtin, split_sites
 from privfl.errors import ConfigError
 from privfl.models import build_model

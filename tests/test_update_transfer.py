@@ -117,7 +117,7 @@ def test_tracker_and_receiver_hold_bit_identical_models() -> None:
     assert first.tensor_type != COMPRESSED_TENSOR_TYPE  # nothing held yet: the whole model
     a.receive(first)
     late.receive(tracker.downlink("late"))
-    for step in range(3):
+    for _ in range(3):
         agg = [m + rng.standard_normal(m.shape).astype(np.float32) * (rng.random(m.shape) < 0.2)
                for m in tracker.model]
         tracker.advance(agg)
@@ -187,8 +187,8 @@ def test_fedavg_update_transfer_matches_whole_models_with_far_fewer_bytes() -> N
 
 def test_fedavg_topagg_uploads_only_the_coordinates_its_votes_kept(sites) -> None:
     s = sites[0]
-    cfg = DPConfig(noise_multiplier=1.0, batch_size=32, sample_rate=0.2, lr=0.05, target_epsilon=50.0, mechanism="topagg",
-                   mechanism_params={"k": 3, "threshold": 0.1})
+    cfg = DPConfig(noise_multiplier=1.0, batch_size=32, sample_rate=0.2, lr=0.05, target_epsilon=50.0,
+                   mechanism="topagg", mechanism_params={"k": 3, "threshold": 0.1})
     clients = {f"h{i}": DPClient(build_model("logreg", s.train.x.shape[1:], 2, seed=0),
                                  (site.train.x, site.train.y), (site.test.x, site.test.y), cfg, seed=i)
                for i, site in enumerate(sites)}

@@ -100,8 +100,8 @@ def test_a_consortium_survives_stalls_twins_absurd_models_and_a_live_revocation(
         others = [n for n in plan.node_ids if n != revoked]
 
         def refused_everywhere() -> bool:
-            return all(re.search(rf"{revoked}.*revoked|revoked.*{revoked}", (plan.node_dirs[n] / "node.log").read_text())
-                       for n in others)
+            pattern = rf"{revoked}.*revoked|revoked.*{revoked}"
+            return all(re.search(pattern, (plan.node_dirs[n] / "node.log").read_text()) for n in others)
         took = _wait(refused_everywhere, 20, f"every other node to refuse the revoked {revoked}")
         assert took < 20
 

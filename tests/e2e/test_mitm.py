@@ -252,7 +252,8 @@ def _start_rogue(d: Path, tmp: Path, victim: str, kind: str) -> tuple[subprocess
 
 REASONS = {"revoked_old": ("is revoked",), "unpinned": ("does not match the roster pin",),
            "claims_pin": ("does not verify",),
-           # the client's deadline, or -- when the rogue answers after A gave up waiting -- its reply in place of an accept
+           # the client's deadline, or -- when the rogue answers after A gave up waiting -- its reply in place
+           # of an accept
            "no_accept": ("DEADLINE_EXCEEDED", "unknown message kind 'exchange_reply'")}
 
 

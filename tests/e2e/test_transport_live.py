@@ -16,10 +16,10 @@ import pytest
 from privfl.launch import free_ports
 from privfl.peer_network import GrpcPeerNetwork
 from privfl.pki import NodeIdentity, init_consortium, load_pki, revoke_node
+from privfl.strategies.base import ModelMessage
 from privfl.transport import GossipServer, Message, PeerRefused, TransportError
 from privfl.transport.proto import gossip_pb2 as pb
 from privfl.transport.signing import Signer
-from privfl.strategies.base import ModelMessage
 from tests.helpers import STALLER
 
 pytestmark = pytest.mark.timeout(90)

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from privfl.accounting.audit_empirical import epsilon_lower_bound
-from privfl.clients.randomness import SeededRandom
 from privfl.audit_run import AuditRunResult, audit_config_from, run_audit
+from privfl.clients.randomness import SeededRandom
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -76,7 +76,8 @@ def test_peer_cannot_recompute_noise_of_a_default_client() -> None:
     d = sum(a.size for a in start)
     noise_norm = SIGMA * C * np.sqrt(d)
     # the attacker tries every seed the old code could have used for a small consortium
-    errors = [_recovered_error(start, released, true_sum, _attacker_noise(s * 1000 + i + 7919, [a.shape for a in start]))
+    shapes = [a.shape for a in start]
+    errors = [_recovered_error(start, released, true_sum, _attacker_noise(s * 1000 + i + 7919, shapes))
               for s in range(3) for i in range(4)]
     # off by about the noise norm (√2 × it: the attacker's guess adds noise of its own), not by rounding
     assert min(errors) > 0.5 * noise_norm, (errors, noise_norm)

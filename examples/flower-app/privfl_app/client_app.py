@@ -23,8 +23,8 @@ from flwr.client import Client, NumPyClient
 from flwr.clientapp import ClientApp
 
 from privfl.clients import DPClient
-from privfl.clients.losses import build_loss
 from privfl.clients.dp_client import PUBLIC_FIT_METRICS
+from privfl.clients.losses import build_loss
 from privfl_app.task import (
     dp_config,
     load_state,

@@ -25,14 +25,14 @@ import logging
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.common import Scalar
 from flwr.clientapp import ClientApp
+from flwr.common import Scalar
 from flwr.common.constant import ErrorCode
 from flwr.server.compat.app import start_grid
 from flwr.server.history import History
@@ -117,7 +117,6 @@ def researcher_evaluate_fn(cfg: Mapping[str, Any], num_nodes: int) -> Callable[.
     """
     import numpy as np
     import torch
-
     from torch.utils.data import ConcatDataset
 
     from privfl.clients.dp_client import evaluate_dataset, evaluate_model
@@ -138,7 +137,8 @@ def researcher_evaluate_fn(cfg: Mapping[str, Any], num_nodes: int) -> Callable[.
         def score() -> tuple[float, float]:
             return evaluate_dataset(model, union, torch.device("cpu"))
 
-    def evaluate(server_round: int, parameters: list[Any], config: dict[str, Scalar]) -> tuple[float, dict[str, Scalar]]:
+    def evaluate(server_round: int, parameters: list[Any],
+                 config: dict[str, Scalar]) -> tuple[float, dict[str, Scalar]]:
         model.load_state_dict({k: torch.as_tensor(v) for k, v in zip(model.state_dict(), parameters)})
         loss, acc = score()
         return loss, {"true_accuracy": acc}

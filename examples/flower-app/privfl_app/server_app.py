@@ -19,8 +19,8 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from privfl_app.task import dp_evaluation, make_model, needs_site_for_model, settings, site_of
 from privfl.strategies.federated import released_evaluate_res, weighted_average
+from privfl_app.task import dp_evaluation, make_model, needs_site_for_model, settings, site_of
 
 
 def fit_metrics(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context
