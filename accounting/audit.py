@@ -304,7 +304,7 @@ def _load_pem_cert(pem: str | bytes, what: str) -> x509.Certificate:
 
 
 def _ts(t: float) -> _dt.datetime:
-    return _dt.datetime.fromtimestamp(t, tz=_dt.timezone.utc)
+    return _dt.datetime.fromtimestamp(t, tz=_dt.UTC)
 
 
 # --------------------------------------------------------------------------- the audit

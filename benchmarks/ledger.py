@@ -32,7 +32,7 @@ from privfl.accounting.ledger import Ledger, LedgerPolicy, read_ledger  # noqa: 
 
 def make_pki() -> tuple[ec.EllipticCurvePrivateKey, str, str]:
     """A throwaway CA and one P-256 node certificate (CN=bench-node)."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
 
     def name(cn: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])

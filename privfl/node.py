@@ -56,7 +56,6 @@ from privfl.accounting.ledger import (
     check_against_peers,
     check_checkpoint_steps,
 )
-from privfl.clients import DPClient
 from privfl.clients.randomness import random_source
 from privfl.data import Dataset, SiteData, SiteInputs
 from privfl.errors import ConfigError, PrivflError
@@ -86,7 +85,7 @@ from privfl.preprocessing import (
     spec_description,
 )
 from privfl.sim.engine import save_state_dict, state_dict_files
-from privfl.site import ClientBuild, build_client, reads_site_data
+from privfl.site import ClientBuild, SiteClient, build_client, reads_site_data
 from privfl.strategies.base import NodeStrategy, Params, PeerNetwork
 from privfl.strategies.gossip import AsyncGossip
 from privfl.strategies.registry import StrategyBuild, build_node_strategy, check_strategy
@@ -339,7 +338,7 @@ def topology_of(cfg: NodeConfig, node_ids: Sequence[str]) -> Topology:
     return cfg.common.topology.build(node_ids)
 
 
-def strategy_build(cfg: NodeConfig, topology: Topology, client: DPClient, network: PeerNetwork, params: Params,
+def strategy_build(cfg: NodeConfig, topology: Topology, client: SiteClient, network: PeerNetwork, params: Params,
                    seed: int, compressor_seed: int) -> StrategyBuild:
     """What a node asks the strategy registry for: ``[strategy]`` as written, its topology,
     ``[node].sync_timeout`` for a round's wait, and compressed gossip starting from the shared

@@ -481,7 +481,7 @@ def test_entry_outside_certificate_validity_fails(tmp_path: Path, pki: dict[str,
 
     ca = x509.load_pem_x509_certificate(pki["ca_pem"].encode())
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old")]))

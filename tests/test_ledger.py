@@ -41,7 +41,7 @@ def _name(cn: str) -> x509.Name:
 
 def make_pki(node_ids: tuple[str, ...] = ("h1", "h2"), node_key: str = "p256") -> dict[str, Any]:
     """A CA and one CA-signed node certificate per id (ECDSA P-256 unless node_key='ed25519')."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
         x509.CertificateBuilder()

@@ -137,7 +137,7 @@ def test_verify_reasons(pki: Path) -> None:
     with pytest.raises(PKIError, match="unknown CA"):
         verify_node_certificate(_pem(rogue), ca_pem, roster, crl)
     # expired, though pinned in the roster
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     old, _ = make_node_cert(ca_cert, ca_key, "demo", "h1", not_before=now - dt.timedelta(days=10),
                             not_after=now - dt.timedelta(days=1))
     pinned = Roster("demo", {**roster.nodes, "h1": RosterNode("h1", "127.0.0.1:1", fingerprint(old))})

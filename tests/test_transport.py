@@ -80,7 +80,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     other_ca, other_key = make_ca("demo")
     c, k = make_node_cert(other_ca, other_key, "demo", "h1")
     rogue["other_ca"] = NodeIdentity("h1", _pem(c), _pem(k), ca_pem)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     c, k = make_node_cert(ca_cert, ca_key, "demo", "h6", not_before=now - dt.timedelta(days=10),
                           not_after=now - dt.timedelta(days=1))
     rogue["expired"] = NodeIdentity("h6", _pem(c), _pem(k), ca_pem)

@@ -217,7 +217,7 @@ def _fmt_eps(x: float | None) -> str:
 
 
 def _fmt_time(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return dt.datetime.fromtimestamp(t, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def print_report(report: AuditReport, console: Console, all_events: bool = False) -> None:

@@ -173,7 +173,7 @@ class TrustState:
         """Whether the CRL in force is still before its next update (fail closed after)."""
         with self._lock:
             nxt = self._crl.next_update_utc
-        return nxt is None or (now or dt.datetime.now(dt.timezone.utc)) <= nxt
+        return nxt is None or (now or dt.datetime.now(dt.UTC)) <= nxt
 
     def update(self, roster: Roster | None = None, crl: bytes | None = None) -> bool:
         """Swap the roster and/or the CRL (verified against the CA before it is used).

@@ -179,7 +179,7 @@ class PeerVerifier:
             raise AuthenticationFailed(f"sender certificate of {len(data)} bytes is too large")
         key = hashlib.sha256(data).digest()
         generation = self.trust.generation
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         with self._lock:
             if generation != self._generation:
                 self._cache.clear()
