@@ -161,7 +161,8 @@ class DPConfig:
 class DPClient(flwr.client.NumPyClient):
     """Trains ``model`` on one site's data with per-sample clipping, noise and accounting.
 
-    ``train`` / ``test``: ``(x, y)`` arrays or torch ``Dataset``s of ``(input, label)``.
+    ``train`` / ``test``: ``(x, y)`` arrays, torch ``Dataset``s of ``(input, label)``, or
+    DataLoaders over them (their Dataset is used: DP-SGD draws its own Poisson batches).
     ``criterion``: the training loss (mean over the batch; default cross-entropy).
     ``seed``: None (the default) draws noise and batches from a fresh secure source;
     an integer asks explicitly for a reproducible seeded stream (``random_kind``
@@ -172,8 +173,8 @@ class DPClient(flwr.client.NumPyClient):
     def __init__(
         self,
         model: nn.Module,
-        train: tuple[np.ndarray, np.ndarray] | Dataset,
-        test: tuple[np.ndarray, np.ndarray] | Dataset | None,
+        train: tuple[np.ndarray, np.ndarray] | Dataset | DataLoader,
+        test: tuple[np.ndarray, np.ndarray] | Dataset | DataLoader | None,
         config: DPConfig,
         seed: int | None = None,
         device: torch.device | str | None = None,
@@ -196,6 +197,8 @@ class DPClient(flwr.client.NumPyClient):
         #: the test split as tensors when given as arrays (None for a Dataset: see test_dataset)
         self.test: tuple[torch.Tensor, ...] | None = None
         self.test_dataset: Dataset | None = None
+        if isinstance(test, DataLoader):
+            test = test.dataset
         if isinstance(test, Dataset):
             self.test_dataset = test
         elif test is not None:
@@ -474,8 +477,11 @@ def _as_dp_field(msg: str) -> str:
     return f"dp: {rest}"
 
 
-def _as_dataset(data: tuple[np.ndarray, np.ndarray] | Dataset, name: str) -> Dataset:
-    """A torch Dataset of (input, label): arrays become float inputs and int64 labels."""
+def _as_dataset(data: tuple[np.ndarray, np.ndarray] | Dataset | DataLoader, name: str) -> Dataset:
+    """A torch Dataset of (input, label): arrays become float inputs and int64 labels; a
+    DataLoader gives its Dataset (DP-SGD draws its own Poisson batches over it)."""
+    if isinstance(data, DataLoader):
+        data = data.dataset
     if isinstance(data, Dataset):
         try:
             len(data)  # type: ignore[arg-type]

@@ -259,3 +259,20 @@ def test_launch_refuses_bad_per_node_data(project: Path, body: str, needle: str)
     with pytest.raises(ConfigError) as exc:
         prepare_run(cfg, runs_dir=project / "runs")
     assert needle in str(exc.value)
+
+
+def test_dp_client_takes_the_users_data_loaders(project: Path) -> None:
+    """A Flower-quickstart load_data returns DataLoaders: DPClient takes them (their Datasets) and
+    trains exactly as on the Datasets, with its own Poisson batches."""
+    import hosp_byo  # type: ignore[import-not-found]
+    from torch.utils.data import DataLoader
+
+    train, test = hosp_byo.load_site(1, 3)
+    cfg = DPConfig(noise_multiplier=2.0, sample_rate=0.5, batch_size=8, target_epsilon=50.0, delta=1e-3)
+    out = []
+    for tr, te in ((train, test), (DataLoader(train, batch_size=4, shuffle=True), DataLoader(test))):
+        torch.manual_seed(0)
+        client = DPClient(hosp_byo.Net(), tr, te, cfg, seed=5, device="cpu")
+        out.append(client.fit(client.get_parameters({}), {"local_steps": 2})[0])
+        assert client.evaluate_local()[1] >= 0
+    assert all((a == b).all() for a, b in zip(*out))
