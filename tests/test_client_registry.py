@@ -70,6 +70,7 @@ class Quick(NumPyClient):
                     break
         return self.get_parameters({}), 100, {"loss": 0.123, "steps": steps}
 
+    @torch.no_grad()
     def evaluate(self, parameters, config):
         self.set(parameters)
         x, y = self.test_loader.dataset.tensors
