@@ -25,6 +25,10 @@ Byte convention (``bytes_convention``):
   two compare directly.
 * ``"ring"``: what a ring all-reduce actually moves: each node sends and receives
   ``2·(N−1)/N`` × model bytes (reduce-scatter then all-gather), ~2× the model for large N.
+
+``bytes_up`` is what the node sends (the simulator's ``bytes_sent``), ``bytes_down`` what
+it receives (``bytes_received``). A node whose training was refused this sync (its budget
+spent before a step) still takes the average: it sends nothing and receives model bytes.
 """
 
 from __future__ import annotations
@@ -162,13 +166,15 @@ class PeriodicAveraging(CollectiveStrategy):
             variance = model_variance(models)
             avg = average_models(models)
             extra = self.after_sync(variance, period)
-            nbytes = self._bytes(int(sum(a.nbytes for a in avg)), len(models))
+            model_bytes = int(sum(a.nbytes for a in avg))
+            nbytes = self._bytes(model_bytes, len(models))
             for n in nodes:
                 out[n] = [a.copy() for a in avg]
                 metrics[n].update(extra)
-            for n in trained:
-                bytes_up[n] = nbytes
-                bytes_down[n] = nbytes
+                # a node that trained sends its share and receives the average; one stopped
+                # before training this sync sends nothing and receives the finished average
+                bytes_up[n] = nbytes if n in trained else 0
+                bytes_down[n] = nbytes if n in trained else model_bytes
             log.info("%s sync %d (round %d): %d nodes, period %d, V=%.3g",
                      type(self).__name__, self.syncs, round, len(models), period, variance)
         return CollectiveRound(params=out, local_steps=local_steps, bytes_up=bytes_up,

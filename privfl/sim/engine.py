@@ -16,9 +16,34 @@ Three drivers, one per strategy family:
   node's link.
 
 Models are evaluated every ``eval_every`` virtual seconds (round drivers: after the round
-that crosses the mark, or every ``eval_every_rounds`` rounds). No model history is kept:
+that crosses the mark, or every ``eval_every_rounds`` rounds), and once at the end: every
+driver writes one row per (evaluation, node), the final evaluation included — when the
+last periodic evaluation already is of the final models (the last round crossed a mark)
+it is the final one and is not written again, and when nodes changed their models after
+an evaluation at the very end time (asynchronous events at that instant) the final
+evaluation replaces it. So a sum over a CSV's rows, or over one evaluation's rows, counts
+each node once. No model history is kept:
 only the models of the last evaluation (:attr:`Engine.final_models`), which
 :func:`write_results` saves under the model's own ``state_dict`` names, one file a node.
+
+Byte columns of a metric row (``bytes_sent``, ``bytes_received``; summary.json's
+``bytes_sent``/``bytes_received``/``messages_sent`` are their final values): cumulative
+wire bytes of that node since the start, each message counted as its payload
+(``ModelMessage.nbytes``, or a collective strategy's ``bytes_up``/``bytes_down``) plus the
+link's ``header_bytes``. They mean the same for every strategy:
+
+* ``bytes_sent`` — what the node put on the wire: gossip, every exchange request, reply
+  and one-way message it sent to a peer; collective, its uploads (its model or update to
+  the FedAvg server, its share of the all-reduce).
+* ``bytes_received`` — what reached the node: gossip, every message a peer sent it (so,
+  summed over nodes, ``bytes_sent`` equals ``bytes_received``); collective, its downloads
+  (the global model, the average, FedAvg's evaluation model when evaluation is on).
+* ``messages_sent`` — messages the node sent (collective: its uploads).
+
+For a collective round the server's side is not a node and has no row: a FedAvg server's
+sends are the nodes' ``bytes_received``, its receipts their ``bytes_sent``; the traffic of
+a collective run is Σ ``bytes_sent`` + Σ ``bytes_received``, of a gossip run Σ
+``bytes_sent`` (= Σ ``bytes_received``).
 """
 
 from __future__ import annotations
@@ -33,6 +58,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,6 +237,8 @@ class Engine:
         self.evals = 0
         self.round = 0
         self.final_models: dict[str, Params] = {}  # the models of the last evaluation
+        self._changes = 0  # driver events that may change models (async steps, consensus rounds, rounds)
+        self._last_eval: tuple[float, int, int] | None = None  # (time, round, changes) of the last evaluation
 
     # ---- helpers --------------------------------------------------------------------
     def compute_time(self, i: int, steps: int) -> float:
@@ -242,14 +270,30 @@ class Engine:
                 "consensus_max": cmax, "consensus_rms": crms, "stopped": int(self.stopped[i]),
             })
         self.evals += 1
+        self._last_eval = (round(float(t), 9), self.round, self._changes)
         self.last_accuracy = accs
         log.debug("eval t=%.3f mean acc %.4f consensus %.3g", t, float(np.mean(accs)), cmax)
         target = self.stop.target_accuracy
         return target is not None and float(np.mean(accs)) >= target
 
+    def _record_final(self, t: float, models: Sequence[Params]) -> None:
+        """The end-of-run evaluation, written once: skipped when the last evaluation is of these
+        very models at this time and round; replacing the last evaluation when that one has the
+        same time and round but models changed since (events at the end instant)."""
+        last = self._last_eval
+        if last is not None and last[:2] == (round(float(t), 9), self.round):
+            if last[2] == self._changes:
+                return
+            del self.rows[-len(self.node_ids):]
+            self.evals -= 1
+        self._record(t, models)
+
     def _progress(self, total: float, label: str) -> Any:
         if not self.progress:
             return None
+        factory = progress_factory.get()
+        if factory is not None:  # the caller's display (privfl compare: run, seed, ε, accuracy)
+            return factory(self, total, label)
         from rich.progress import Progress
 
         bar = Progress(transient=False)
@@ -287,6 +331,7 @@ class Engine:
                 heapq.heappop(heap)
                 self.world.clocks[i] = t
                 rep = strategies[i].step()
+                self._changes += 1
                 self.steps[i] += rep.local_steps
                 self.epsilons[i] = self._epsilon(i, rep.epsilon)
                 t_end = max(t_end, self.world.clocks[i])
@@ -305,7 +350,7 @@ class Engine:
         finally:
             if bar is not None:
                 bar.stop()
-        self._record(t_end, models())
+        self._record_final(t_end, models())
         return t_end
 
     def _consensus_phase(self, strategies: Sequence[NodeStrategy]) -> float:
@@ -319,6 +364,7 @@ class Engine:
             for s in strategies:
                 if s.consensus_exchanges > r:
                     s.consensus_round()
+                    self._changes += 1
         return max(self.world.clocks) if rounds else 0.0
 
     # ---- round-synchronous node strategies -------------------------------------------
@@ -359,9 +405,11 @@ class Engine:
                 k = int(cr.local_steps.get(nid, 0))
                 self.steps[i] += k
                 d = self.compute_time(i, k)
-                for nbytes in (cr.bytes_up.get(nid, 0), cr.bytes_down.get(nid, 0)):
-                    if nbytes:
-                        d += self.world.charge(i, None, int(nbytes))
+                up, down = int(cr.bytes_up.get(nid, 0)), int(cr.bytes_down.get(nid, 0))
+                if up:  # the node's upload: its bytes_sent
+                    d += self.world.charge(i, None, up)
+                if down:  # what the server / all-reduce gives back: its bytes_received
+                    d += self.world.download(i, down)
                 durations.append(d)
                 m = cr.metrics.get(nid, {})
                 fallback = float(m["epsilon"]) if "epsilon" in m and float(m["epsilon"]) >= 0 else math.inf
@@ -386,6 +434,7 @@ class Engine:
                 t = one_round(t)
                 self.world.clocks = [t] * len(self.node_ids)
                 self.round += 1
+                self._changes += 1
                 if bar is not None:
                     bar.update(bar.task_ids[0], completed=self.round if self.stop.max_rounds else t)
                 if self._eval_due(t, next_eval):
@@ -397,7 +446,7 @@ class Engine:
         finally:
             if bar is not None:
                 bar.stop()
-        self._record(t, models())
+        self._record_final(t, models())
         return t
 
     def _limit_reached(self, t: float) -> bool:
@@ -418,6 +467,13 @@ class Engine:
         if self.eval_every_rounds:
             return self.round % self.eval_every_rounds == 0
         return t >= next_eval
+
+
+#: a caller's progress display, when set: ``factory(engine, total, label)`` returns a started
+#: ``rich.progress.Progress`` with one task, which the drivers update and stop as the plain bar
+#: (``privfl compare`` names the run and seed and shows the engine's ε and accuracy)
+progress_factory: ContextVar[Callable[[Engine, float, str], Any] | None] = ContextVar(
+    "privfl_sim_progress_factory", default=None)
 
 
 def _config(msg: str) -> Exception:

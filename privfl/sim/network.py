@@ -28,7 +28,9 @@ class SimWorld:
         self.strategies: dict[str, NodeStrategy] = {}
         # (receiver, round) -> {sender: (arrival time, message)}
         self.mailboxes: dict[tuple[str, int], dict[str, tuple[float, ModelMessage]]] = {}
-        self.bytes_sent = [0] * len(self.node_ids)  # wire bytes incl. headers
+        # per node, wire bytes incl. headers: what the node sent (to peers or to a server) and
+        # what it received (from peers or from a server); a server is not a node and has no counter
+        self.bytes_sent = [0] * len(self.node_ids)
         self.bytes_received = [0] * len(self.node_ids)
         self.messages_sent = [0] * len(self.node_ids)
 
@@ -37,13 +39,21 @@ class SimWorld:
         return SimNetwork(self, node_id)
 
     def charge(self, i: int, j: int | None, nbytes: int) -> float:
-        """Count one message of ``nbytes`` payload from i to j (j=None: to a server); return its time."""
+        """Count one message of ``nbytes`` payload from node i to node j (j=None: to a server,
+        an upload), in i's ``bytes_sent`` / ``messages_sent`` and j's ``bytes_received``;
+        return its transfer time."""
         wire = nbytes + self.links.header_bytes
         self.bytes_sent[i] += wire
         self.messages_sent[i] += 1
         if j is not None:
             self.bytes_received[j] += wire
         return self.links.transfer_time(i, j, nbytes)
+
+    def download(self, j: int, nbytes: int) -> float:
+        """Count one message of ``nbytes`` payload from a server (or the all-reduce) to node j,
+        a download, in j's ``bytes_received``; return its transfer time over j's own link."""
+        self.bytes_received[j] += nbytes + self.links.header_bytes
+        return self.links.transfer_time(j, None, nbytes)
 
 
 class SimNetwork:
