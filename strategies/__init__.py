@@ -27,7 +27,7 @@ from privfl.strategies.compression import (
     decompress,
     released,
 )
-from privfl.strategies.federated import FedAvgConfig, FederatedAveraging, InProcessClientProxy
+from privfl.strategies.federated import FedAvgConfig, FederatedAveraging, InProcessGrid, NodeEndpoint
 from privfl.strategies.periodic import AdaptivePeriod, AllReduce, PeriodicAveraging
 from privfl.strategies.registry import (
     STRATEGIES,
@@ -40,7 +40,7 @@ from privfl.strategies.registry import (
 from privfl.strategies.topology import TOPOLOGY_KINDS, Bipartition, Topology, TopologyError, build_topology
 
 __all__ = [
-    "AdaptivePeriod", "AllReduce", "FedAvgConfig", "FederatedAveraging", "InProcessClientProxy",
+    "AdaptivePeriod", "AllReduce", "FedAvgConfig", "FederatedAveraging", "InProcessGrid", "NodeEndpoint",
     "PeriodicAveraging",
     "COMPRESSORS", "TOPOLOGY_KINDS", "AdaComp", "Bipartition", "CLTk", "CollectiveRound",
     "CollectiveStrategy", "Compressed", "CompressionError", "Compressor", "Identity",

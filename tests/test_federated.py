@@ -1,4 +1,4 @@
-"""FedAvg baseline through Flower's own FedAvg strategy object: public weighting, release filter, bytes, ε, budget stop.
+"""FedAvg baseline through Flower's Message-API FedAvg: public weighting, release filter, bytes, ε, budget stop.
 
 The FixedClients' ``n`` plays a site's *declared* (public) size; the curious-server
 attack against real DPClients is in tests/privacy/test_curious_server.py.
@@ -6,11 +6,14 @@ attack against real DPClients is in tests/privacy/test_curious_server.py.
 
 from __future__ import annotations
 
+import random
+
 import flwr
 import numpy as np
 import pytest
-from flwr.common import parameters_to_ndarrays
-from flwr.server.strategy import FedAvg
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
 
 from privfl.accounting import BudgetExhausted
 from privfl.clients import DPClient, DPConfig
@@ -21,7 +24,9 @@ from privfl.strategies.federated import (
     PUBLIC_FIT_METRICS,
     FedAvgConfig,
     FederatedAveraging,
-    InProcessClientProxy,
+    InProcessGrid,
+    NodeEndpoint,
+    node_client_app,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -62,21 +67,52 @@ class FixedClient(flwr.client.NumPyClient):
 
 
 class Recording(FedAvg):
-    """Flower's FedAvg that keeps what reaches ``aggregate_fit`` / ``aggregate_evaluate``."""
+    """Flower's Message-API FedAvg that keeps every reply reaching ``aggregate_train`` / ``aggregate_evaluate``.
+
+    ``fit_in`` / ``eval_in`` hold, per round, each reply's node id and everything its records carry
+    (arrays, metrics, configs): what a server would see.
+    """
 
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
         self.fit_in: list[list] = []
         self.eval_in: list[list] = []
 
-    def aggregate_fit(self, server_round, results, failures):
-        self.fit_in.append([(p.cid, r.num_examples, dict(r.metrics), parameters_to_ndarrays(r.parameters))
-                            for p, r in results])
-        return super().aggregate_fit(server_round, results, failures)
+    @staticmethod
+    def _seen(replies):
+        out = []
+        for msg in replies:
+            if msg.has_error():
+                continue
+            c = msg.content
+            out.append((msg.metadata.src_node_id,
+                        {k: dict(r) for k, r in c.metric_records.items()},
+                        {k: r.to_numpy_ndarrays() for k, r in c.array_records.items()},
+                        {k: dict(r) for k, r in c.config_records.items()}))
+        return out
 
-    def aggregate_evaluate(self, server_round, results, failures):
-        self.eval_in.append([(p.cid, r.num_examples, r.loss, dict(r.metrics)) for p, r in results])
-        return super().aggregate_evaluate(server_round, results, failures)
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        self.fit_in.append(self._seen(replies))
+        return super().aggregate_train(server_round, replies)
+
+    def aggregate_evaluate(self, server_round, replies):
+        replies = list(replies)
+        self.eval_in.append(self._seen(replies))
+        return super().aggregate_evaluate(server_round, replies)
+
+
+def fit_seen(strat: FederatedAveraging, rec: Recording, rnd: int = 0) -> dict[str, tuple[int, dict, list]]:
+    """Per node name: (weight, metrics without the weight, arrays) as Flower's strategy received them."""
+    names = {i: n for n, i in strat.node_ids.items()}
+    out = {}
+    for nid, mrecs, arecs, crecs in rec.fit_in[rnd]:
+        assert len(mrecs) == 1 and len(arecs) == 1 and not crecs
+        (m,) = mrecs.values()
+        (arrays,) = arecs.values()
+        m = dict(m)
+        out[names[nid]] = (m.pop("num-examples"), m, arrays)
+    return out
 
 
 def fixed_clients() -> dict[str, FixedClient]:
@@ -90,9 +126,18 @@ def fixed_clients() -> dict[str, FixedClient]:
 def test_flower_fedavg_matches_hand_computed_declared_size_weighted_average() -> None:
     clients = fixed_clients()
     init = [np.zeros(2, np.float32), np.zeros((1, 1), np.float32)]
-    strat = FederatedAveraging(FedAvgConfig(local_steps=3, min_fit_clients=3, min_available_clients=3))
-    assert isinstance(strat.strategy, FedAvg)  # Flower's own object does the aggregation
+    rec = Recording(min_train_nodes=3, min_evaluate_nodes=3, min_available_nodes=3)
+    strat = FederatedAveraging(FedAvgConfig(local_steps=3, min_fit_clients=3, min_available_clients=3),
+                               strategy=rec)
+    assert isinstance(strat.strategy, FedAvg)  # Flower's own (Message-API) object does the aggregation
     out = strat.run_round(clients, {k: init for k in clients}, round=1)
+    # what Flower's strategy averaged: each node's returned model with its declared weight, nothing else
+    seen = fit_seen(strat, rec)
+    assert {k: w for k, (w, _, _) in seen.items()} == {"a": 1, "b": 2, "c": 7}
+    for k, (_, m, arrays) in seen.items():
+        assert m == {"steps": 3}
+        for got, sent in zip(arrays, clients[k].arrays):
+            np.testing.assert_array_equal(got, sent)
     # declared weights 1, 2, 7 (num_examples) -> (1·a + 2·b + 7·c) / 10
     want0 = (1 * np.array([1, 2]) + 2 * np.array([3, 0]) + 7 * np.array([-1, 4])) / 10
     want1 = (1 * 0 + 2 * 6 + 7 * 2) / 10
@@ -114,16 +159,36 @@ def test_flower_fedavg_matches_hand_computed_declared_size_weighted_average() ->
     np.testing.assert_allclose(clients["a"].received[1][0], want0, rtol=1e-6, atol=1e-6)
 
 
-def test_proxy_is_a_real_flower_client_proxy() -> None:
-    from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.server.client_proxy import ClientProxy
-
+def test_the_grid_is_a_flower_grid_and_the_node_a_flower_clientapp() -> None:
     c = fixed_clients()["b"]
-    proxy = InProcessClientProxy("b", c)
-    assert isinstance(proxy, ClientProxy)
-    res = proxy.fit(FitIns(ndarrays_to_parameters(c.arrays), {"local_steps": 1}), None, 1)
-    assert res.num_examples == 2
-    np.testing.assert_array_equal(parameters_to_ndarrays(res.parameters)[0], c.arrays[0])
+    grid = InProcessGrid(node_client_app({7: NodeEndpoint(c)}),
+                         {7: Context(run_id=0, node_id=7, node_config={}, state=RecordDict(), run_config={})})
+    assert isinstance(grid, Grid) and list(grid.get_node_ids()) == [7]
+    content = RecordDict({"arrays": ArrayRecord(c.arrays), "config": ConfigRecord({"local_steps": 1})})
+    (reply,) = grid.send_and_receive([Message(content, dst_node_id=7, message_type=MessageType.TRAIN)])
+    assert not reply.has_error() and reply.metadata.src_node_id == 7
+    assert dict(reply.content["metrics"]) == {"num-examples": 2, "steps": 1}
+    np.testing.assert_array_equal(reply.content["arrays"].to_numpy_ndarrays()[0], c.arrays[0])
+    # a node that is not there gets Flower's error reply, not an exception
+    (missing,) = grid.send_and_receive([Message(content, dst_node_id=8, message_type=MessageType.TRAIN)])
+    assert missing.has_error()
+
+
+def test_a_legacy_strategy_is_refused_with_the_reason() -> None:
+    from flwr.server.strategy import FedAvg as LegacyFedAvg
+
+    with pytest.raises(ConfigError, match="Message API"):
+        FederatedAveraging(strategy=LegacyFedAvg())  # type: ignore[arg-type]
+
+
+def test_sampling_is_seeded_without_touching_the_global_random_stream() -> None:
+    random.seed(123)
+    want = random.random()
+    random.seed(123)
+    clients = fixed_clients()
+    strat = FederatedAveraging(FedAvgConfig(fraction_fit=0.34, evaluate=False, seed=1))
+    strat.run_round(clients, {k: c.arrays for k, c in clients.items()}, 1)
+    assert random.random() == want
 
 
 def test_the_public_metric_set_is_the_clients_one() -> None:
@@ -134,12 +199,11 @@ def test_the_public_metric_set_is_the_clients_one() -> None:
 def test_equal_weighting_ignores_the_reported_weights() -> None:
     clients = fixed_clients()
     init = [np.zeros(2, np.float32), np.zeros((1, 1), np.float32)]
-    rec = Recording(min_fit_clients=3, min_available_clients=3, fraction_evaluate=0.0,
-                    on_fit_config_fn=lambda r: {"local_steps": 1})
+    rec = Recording(min_train_nodes=3, min_available_nodes=3, fraction_evaluate=0.0)
     strat = FederatedAveraging(FedAvgConfig(weighting="equal", min_fit_clients=3, min_available_clients=3,
-                                            evaluate=False), strategy=rec)
+                                            evaluate=False, local_steps=1), strategy=rec)
     out = strat.run_round(clients, {k: init for k in clients}, 1)
-    assert sorted(n for _, n, _, _ in rec.fit_in[0]) == [1, 1, 1]
+    assert sorted(w for w, _, _ in fit_seen(strat, rec).values()) == [1, 1, 1]
     np.testing.assert_allclose(out.params["a"][0], (np.array([1, 2]) + np.array([3, 0]) + np.array([-1, 4])) / 3,
                                rtol=1e-6)
     np.testing.assert_allclose(out.params["a"][1], [[(0 + 6 + 2) / 3]], rtol=1e-6)
@@ -153,14 +217,16 @@ def test_private_metrics_of_a_leaky_client_never_reach_the_strategy() -> None:
 
     for upload in ("model", "update"):
         clients = {k: Leaky(c.arrays, c.n) for k, c in fixed_clients().items()}
-        rec = Recording(min_fit_clients=3, min_available_clients=3, fraction_evaluate=0.0,
-                        on_fit_config_fn=lambda r: {"local_steps": 2})
+        rec = Recording(min_train_nodes=3, min_available_nodes=3, fraction_evaluate=0.0)
         strat = FederatedAveraging(FedAvgConfig(min_fit_clients=3, min_available_clients=3, evaluate=False,
-                                                upload=upload), strategy=rec)
+                                                upload=upload, local_steps=2), strategy=rec)
         init = [np.zeros(2, np.float32), np.zeros((1, 1), np.float32)]
         out = strat.run_round(clients, {k: init for k in clients}, 1)
-        for _, _, metrics, _ in rec.fit_in[0]:
-            assert metrics == {"steps": 2, "epsilon": 1.5}
+        seen = fit_seen(strat, rec)
+        assert sorted(seen) == ["a", "b", "c"]
+        for k, (weight, metrics, _) in seen.items():
+            assert metrics == {"steps": 2, "epsilon": 1.5}  # everything else stayed on the node
+            assert weight == clients[k].n
         for node in clients:
             assert not {"loss", "n_train", "accuracy"} & set(out.metrics[node])
         assert not {"loss", "n_train", "accuracy"} & set(strat.history[-1]["fit"])
@@ -177,11 +243,12 @@ def test_evaluation_that_releases_nothing_gives_no_result() -> None:
 
     for cls in (Silent, Raw):
         clients = {k: cls(c.arrays, c.n) for k, c in fixed_clients().items()}
-        rec = Recording(min_fit_clients=3, min_available_clients=3, on_fit_config_fn=lambda r: {"local_steps": 1})
-        strat = FederatedAveraging(FedAvgConfig(min_fit_clients=3, min_available_clients=3), strategy=rec)
+        rec = Recording(min_train_nodes=3, min_evaluate_nodes=3, min_available_nodes=3)
+        strat = FederatedAveraging(FedAvgConfig(min_fit_clients=3, min_available_clients=3, local_steps=1),
+                                   strategy=rec)
         init = [np.zeros(2, np.float32), np.zeros((1, 1), np.float32)]
         out = strat.run_round(clients, {k: init for k in clients}, 1)  # Flower's weighted mean would divide by 0
-        assert rec.eval_in == [[]]
+        assert rec.eval_in == [[]]  # asked, nothing released
         assert strat.history[-1]["loss"] is None
         for node in clients:
             assert not {"global_accuracy", "global_loss", "released_accuracy"} & set(out.metrics[node])
@@ -263,12 +330,14 @@ def test_epsilon_per_node_grows_across_rounds_with_dpclients(sites) -> None:
 def test_dpclient_global_model_is_the_public_weight_average(sites, declared) -> None:
     clients = dp_clients(sites, declared=declared)
     init = clients["h0"].get_parameters({})
-    rec = Recording(min_fit_clients=3, min_available_clients=3, fraction_evaluate=0.0,
-                    on_fit_config_fn=lambda r: {"local_steps": 2})
-    strat = FederatedAveraging(FedAvgConfig(min_fit_clients=3, min_available_clients=3, evaluate=False),
-                               strategy=rec)
+    rec = Recording(min_train_nodes=3, min_available_nodes=3, fraction_evaluate=0.0)
+    strat = FederatedAveraging(FedAvgConfig(min_fit_clients=3, min_available_clients=3, evaluate=False,
+                                            local_steps=2), strategy=rec)
     out = strat.run_round(clients, {k: init for k in clients}, 1)
-    got = {cid: (n, arrays) for cid, n, _, arrays in rec.fit_in[0]}
+    seen = fit_seen(strat, rec)
+    for _, metrics, _ in seen.values():
+        assert set(metrics) <= PUBLIC_FIT_METRICS  # a real DPClient's release: public values only
+    got = {cid: (n, arrays) for cid, (n, _, arrays) in seen.items()}
     weights = {k: (1 if d is None else d) for k, d in zip(sorted(clients), declared)}
     assert {k: n for k, (n, _) in got.items()} == weights
     total = sum(weights.values())

@@ -1,7 +1,7 @@
 """Attacks by a curious Flower server: it records everything that reaches its FedAvg.
 
-The server is honest-but-curious: it runs Flower's own ``FedAvg`` (subclassed only to
-keep a copy of every ``FitRes`` and ``EvaluateRes`` that reaches ``aggregate_fit`` and
+The server is honest-but-curious: it runs Flower's own (Message-API) ``FedAvg``
+(subclassed only to keep a copy of every reply that reaches ``aggregate_train`` and
 ``aggregate_evaluate``) over real ``DPClient``s through :class:`FederatedAveraging`,
 on sites that hold *different* numbers of records. The old code gave it each site's
 realised record count (the FedAvg weight), its training loss and its un-noised test
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.server.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg
 
 from privfl.clients import DPClient, DPConfig
 from privfl.clients.dp_client import PUBLIC_FIT_METRICS
@@ -35,20 +35,37 @@ STEPS = 2
 
 
 class CuriousFedAvg(FedAvg):
-    """Flower's FedAvg that keeps everything its aggregation receives (what a curious server sees)."""
+    """Flower's FedAvg that keeps everything its aggregation receives (what a curious server sees).
+
+    Per reply: the sender (its Flower node id; :func:`_serve` names it), its weight
+    (``num-examples``), and every other metric it carries (an evaluation's ``loss`` kept apart).
+    """
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
-        self.fit_seen: list[list[tuple[str, int, dict[str, Any]]]] = []
-        self.eval_seen: list[list[tuple[str, int, float, dict[str, Any]]]] = []
+        self.fit_seen: list[list[tuple[Any, int, dict[str, Any]]]] = []
+        self.eval_seen: list[list[tuple[Any, int, float, dict[str, Any]]]] = []
 
-    def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
-        self.fit_seen.append([(p.cid, r.num_examples, dict(r.metrics)) for p, r in results])
-        return super().aggregate_fit(server_round, results, failures)
+    @staticmethod
+    def _metrics(replies: list[Any]) -> list[tuple[int, dict[str, Any]]]:
+        out = []
+        for msg in replies:
+            if not msg.has_error():
+                assert not msg.content.config_records  # nothing but the model and metrics comes back
+                for rec in msg.content.metric_records.values():
+                    out.append((msg.metadata.src_node_id, dict(rec)))
+        return out
 
-    def aggregate_evaluate(self, server_round, results, failures):  # type: ignore[no-untyped-def]
-        self.eval_seen.append([(p.cid, r.num_examples, float(r.loss), dict(r.metrics)) for p, r in results])
-        return super().aggregate_evaluate(server_round, results, failures)
+    def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
+        replies = list(replies)
+        self.fit_seen.append([(cid, m.pop("num-examples"), m) for cid, m in self._metrics(replies)])
+        return super().aggregate_train(server_round, replies)
+
+    def aggregate_evaluate(self, server_round, replies):  # type: ignore[no-untyped-def]
+        replies = list(replies)
+        self.eval_seen.append([(cid, m.pop("num-examples"), float(m.pop("loss")), m)
+                               for cid, m in self._metrics(replies)])
+        return super().aggregate_evaluate(server_round, replies)
 
 
 def _records(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,14 +105,17 @@ def _clients(outlier: bool = False, declared: tuple[int | None, ...] = (None, No
 
 def _serve(clients: dict[str, DPClient], rounds: int = ROUNDS) -> tuple[CuriousFedAvg, FederatedAveraging]:
     """Run the FedAvg baseline for ``rounds`` with the curious server's strategy (evaluation asked for)."""
-    curious = CuriousFedAvg(fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=3, min_evaluate_clients=3,
-                            min_available_clients=3, on_fit_config_fn=lambda r: {"local_steps": STEPS})
+    curious = CuriousFedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=3, min_evaluate_nodes=3,
+                            min_available_nodes=3)
     fedavg = FederatedAveraging(FedAvgConfig(local_steps=STEPS, min_fit_clients=3, min_available_clients=3,
                                              evaluate=True), strategy=curious)
     init = next(iter(clients.values())).get_parameters({})
     params = {k: init for k in clients}
     for r in range(1, rounds + 1):
         params = fedavg.run_round(clients, params, r).params
+    names = {i: n for n, i in fedavg.node_ids.items()}
+    curious.fit_seen = [[(names[c], *rest) for c, *rest in seen] for seen in curious.fit_seen]
+    curious.eval_seen = [[(names[c], *rest) for c, *rest in seen] for seen in curious.eval_seen]
     return curious, fedavg
 
 
