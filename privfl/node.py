@@ -971,8 +971,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", "-c", required=True, help="the node's TOML config")
     args = parser.parse_args(argv)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    logging.basicConfig(level=os.environ.get("PRIVFL_LOG", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    from privfl.logs import configure_logging
+
+    configure_logging(os.environ.get("PRIVFL_LOG", "INFO"), force=True)  # one line per record (privfl.logs)
     try:
         summary = run_node(args.config)
     except PrivflError as exc:

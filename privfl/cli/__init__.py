@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -33,10 +32,13 @@ def _register() -> None:
 
 
 def main() -> None:
-    """Console entry point: bad input gives one clean line and exit code 2, not a traceback."""
+    """Console entry point: bad input gives one clean line and exit code 2, not a traceback.
+    Every log record is printed once: privfl's root handler, no Opacus root handler, Flower's
+    records through the root (:func:`privfl.logs.configure_logging`)."""
+    from privfl.logs import configure_logging
+
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    logging.basicConfig(level=os.environ.get("PRIVFL_LOG", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(os.environ.get("PRIVFL_LOG", "INFO"))
     _register()
     try:
         app(standalone_mode=True)
