@@ -135,6 +135,8 @@ class DataSection:
             raise ConfigError(f"{where}.alpha: must be > 0, got {self.alpha}")
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"{where}.test_fraction: must be in (0, 1), got {self.test_fraction}")
+        if self.seed < 0:
+            raise ConfigError(f"{where}.seed: must be an integer >= 0, got {self.seed}")
 
     def preprocessing_spec(self, base_dir: Path | None = None) -> PreprocessingSpec:
         """The preprocessing these settings describe; a relative ``statistics`` path is taken
@@ -363,6 +365,15 @@ class StopSection:
     max_steps: int = 500
     max_seconds: float = 600.0
     target_accuracy: float = 0.0
+
+    def validate(self, where: str) -> None:
+        """Refuse negative limits and a target accuracy outside [0, 1] (0: no target)."""
+        if self.max_steps < 0:
+            raise ConfigError(f"{where}.max_steps: must be >= 0, got {self.max_steps}")
+        if not self.max_seconds >= 0:
+            raise ConfigError(f"{where}.max_seconds: must be >= 0 seconds, got {self.max_seconds}")
+        if not 0 <= self.target_accuracy <= 1:
+            raise ConfigError(f"{where}.target_accuracy: must be in [0, 1] (0: no target), got {self.target_accuracy}")
 
 
 @dataclass

@@ -215,7 +215,8 @@ class Engine:
                  evaluate: Evaluate, eval_every: float | None = None, eval_every_rounds: int | None = None,
                  progress: bool = False) -> None:
         if not any(v is not None for v in (stop.max_time, stop.max_steps, stop.max_rounds)):
-            raise _config("stop: give at least one of max_time, max_steps or max_rounds")
+            raise _config("[stop]: give at least one of [stop].max_steps, [stop].max_seconds or "
+                          "[simulation].max_rounds")
         self.node_ids = list(node_ids)
         self.clients = dict(clients)
         self.world = world

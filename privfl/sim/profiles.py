@@ -26,13 +26,19 @@ def default_step_cost(model: str) -> float:
 
 
 def _pos(name: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    v = _number(name, value)
     if not (v > 0 and math.isfinite(v)):
-        raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+        raise ConfigError(f"{name}: must be a positive finite number, got {value!r}")
     return v
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: must be a number, got {value!r}") from None
 
 
 def compute_speeds(profile: str, n: int, seed: int = 0, params: Mapping[str, Any] | None = None) -> list[float]:
@@ -41,35 +47,41 @@ def compute_speeds(profile: str, n: int, seed: int = 0, params: Mapping[str, Any
     ``homogeneous``: all 1. ``straggler``: node ``index`` (default the last) is ``factor``
     (default 4) times slower. ``lognormal``: speeds exp(N(0, ``sigma``²)), seeded.
     ``explicit``: ``speeds``, one per node.
+
+    A refusal names the experiment config's field (``[simulation].compute_profile``,
+    ``straggler_factor``, ``straggler_index``, ``lognormal_sigma``, ``speeds``).
     """
     p = dict(params or {})
     allowed = {"homogeneous": set(), "straggler": {"factor", "index"}, "lognormal": {"sigma"},
                "explicit": {"speeds"}}
     if profile not in allowed:
-        raise ConfigError(f"compute.profile: unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+        raise ConfigError(f"[simulation].compute_profile: unknown profile {profile!r}; choose one of "
+                          f"{', '.join(PROFILES)}")
     unknown = sorted(set(p) - allowed[profile])
-    if unknown:
-        raise ConfigError(f"compute.profile {profile!r} does not take {', '.join(unknown)}")
+    if unknown:  # only through the Python API: the config builds these parameters itself
+        raise ConfigError(f"SimSpec.compute_params: profile {profile!r} does not take {', '.join(unknown)}")
     if profile == "homogeneous":
         return [1.0] * n
     if profile == "straggler":
-        factor = _pos("compute.factor", p.get("factor", 4.0))
+        factor = _pos("[simulation].straggler_factor", p.get("factor", 4.0))
         idx = p.get("index", n - 1)
         if isinstance(idx, bool) or not isinstance(idx, (int, np.integer)) or not 0 <= idx < n:
-            raise ConfigError(f"compute.index must be a node index in 0..{n - 1}, got {idx!r}")
+            raise ConfigError(f"[simulation].straggler_index: must be a node index in 0..{n - 1} (-1: the last), "
+                              f"got {idx!r}")
         speeds = [1.0] * n
         speeds[int(idx)] = 1.0 / factor
         return speeds
     if profile == "lognormal":
-        sigma = float(p.get("sigma", 0.5))
+        sigma = _number("[simulation].lognormal_sigma", p.get("sigma", 0.5))
         if not (sigma >= 0 and math.isfinite(sigma)):
-            raise ConfigError(f"compute.sigma must be >= 0, got {sigma!r}")
+            raise ConfigError(f"[simulation].lognormal_sigma: must be a finite number >= 0, got {sigma!r}")
         rng = np.random.default_rng(seed + 104729)
         return [float(s) for s in np.exp(rng.normal(0.0, sigma, size=n))]
     speeds_in = p.get("speeds")
     if not isinstance(speeds_in, Sequence) or isinstance(speeds_in, str) or len(speeds_in) != n:
-        raise ConfigError(f"compute.speeds must list one speed per node ({n}), got {speeds_in!r}")
-    return [_pos(f"compute.speeds[{i}]", s) for i, s in enumerate(speeds_in)]
+        raise ConfigError(f"[simulation].speeds: must list one speed per node ({n}, [data].num_sites), "
+                          f"got {speeds_in!r}")
+    return [_pos(f"[simulation].speeds[{i}]", s) for i, s in enumerate(speeds_in)]
 
 
 @dataclass
@@ -79,6 +91,8 @@ class LinkSpec:
     A transfer between nodes i and j of b bytes takes ``max(lat_i, lat_j) + (b + header)
     / min(bw_i, bw_j)``. ``latencies``/``bandwidths`` override the defaults per node.
     Defaults: 5 ms and 12.5 MB/s (100 Mbit/s between hospitals), 64-byte header.
+    ``latency``/``bandwidth`` are the experiment config's ``[simulation].latency`` /
+    ``bandwidth`` (refusals name them); the others exist in the Python API only.
     """
 
     latency: float = 0.005
@@ -91,25 +105,26 @@ class LinkSpec:
 
     def bind(self, n: int) -> LinkSpec:
         """Validate against ``n`` nodes and resolve the per-node values."""
-        lat = float(self.latency)
+        lat = _number("[simulation].latency", self.latency)
         if not (lat >= 0 and math.isfinite(lat)):
-            raise ConfigError(f"links.latency must be >= 0 seconds, got {self.latency!r}")
-        bw = _pos("links.bandwidth", self.bandwidth)
+            raise ConfigError(f"[simulation].latency: must be a finite number >= 0 seconds, got {self.latency!r}")
+        bw = _pos("[simulation].bandwidth", self.bandwidth)
         if isinstance(self.header_bytes, bool) or not isinstance(self.header_bytes, int) or self.header_bytes < 0:
-            raise ConfigError(f"links.header_bytes must be an integer >= 0, got {self.header_bytes!r}")
+            raise ConfigError(f"LinkSpec.header_bytes: must be an integer >= 0, got {self.header_bytes!r}")
         self._lat = [lat] * n
         self._bw = [bw] * n
         if self.latencies is not None:
             if len(self.latencies) != n:
-                raise ConfigError(f"links.latencies must list one latency per node ({n}), got {len(self.latencies)}")
-            self._lat = [float(v) for v in self.latencies]
+                raise ConfigError(f"LinkSpec.latencies: must list one latency per node ({n}), "
+                                  f"got {len(self.latencies)}")
+            self._lat = [_number(f"LinkSpec.latencies[{i}]", v) for i, v in enumerate(self.latencies)]
             if any(not (v >= 0 and math.isfinite(v)) for v in self._lat):
-                raise ConfigError(f"links.latencies must all be >= 0, got {self.latencies}")
+                raise ConfigError(f"LinkSpec.latencies: must all be finite numbers >= 0, got {self.latencies}")
         if self.bandwidths is not None:
             if len(self.bandwidths) != n:
-                raise ConfigError(f"links.bandwidths must list one bandwidth per node ({n}), "
+                raise ConfigError(f"LinkSpec.bandwidths: must list one bandwidth per node ({n}), "
                                   f"got {len(self.bandwidths)}")
-            self._bw = [_pos(f"links.bandwidths[{i}]", v) for i, v in enumerate(self.bandwidths)]
+            self._bw = [_pos(f"LinkSpec.bandwidths[{i}]", v) for i, v in enumerate(self.bandwidths)]
         return self
 
     def transfer_time(self, i: int, j: int | None, nbytes: int) -> float:

@@ -107,27 +107,43 @@ class SimSpec:
     torch_threads: int | None = 1
 
     def validate(self) -> None:
-        """Raise ConfigError naming the first bad field."""
+        """Raise ConfigError naming the first bad field, as the experiment config names it
+        (``[data].num_sites``, ``[strategy].local_steps``, ``[simulation].eval_every``, ``[stop].max_steps``,
+        ...); a field only the Python API sets is named ``SimSpec.<field>``."""
         if isinstance(self.num_nodes, bool) or not isinstance(self.num_nodes, int) or self.num_nodes < 1:
-            raise ConfigError(f"sim.num_nodes must be a positive integer, got {self.num_nodes!r}")
+            raise ConfigError(f"[data].num_sites: must be a positive integer, got {self.num_nodes!r}")
         if isinstance(self.local_steps, bool) or not isinstance(self.local_steps, int) or self.local_steps < 1:
-            raise ConfigError(f"strategy.local_steps must be a positive integer, got {self.local_steps!r}")
+            raise ConfigError(f"[strategy].local_steps: must be a positive integer, got {self.local_steps!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"[simulation].seed: must be an integer >= 0, got {self.seed!r}")
         if self.eval_every is not None and not self.eval_every > 0:
-            raise ConfigError(f"sim.eval_every must be > 0 virtual seconds, got {self.eval_every!r}")
+            raise ConfigError(f"[simulation].eval_every: must be > 0 virtual seconds, got {self.eval_every!r}")
         if self.eval_every_rounds is not None and not self.eval_every_rounds >= 1:
-            raise ConfigError(f"sim.eval_every_rounds must be >= 1, got {self.eval_every_rounds!r}")
+            raise ConfigError(f"[simulation].eval_every_rounds: must be >= 1, got {self.eval_every_rounds!r}")
         if isinstance(self.step_cost, str) and self.step_cost != "measure":
-            raise ConfigError(f"sim.step_cost must be a number of virtual seconds or 'measure', got {self.step_cost!r}")
+            raise ConfigError(f"[simulation].step_cost: must be a number of virtual seconds or 'measure', "
+                              f"got {self.step_cost!r}")
         if isinstance(self.step_cost, (int, float)) and not self.step_cost > 0:
-            raise ConfigError(f"sim.step_cost must be > 0, got {self.step_cost!r}")
+            raise ConfigError(f"[simulation].step_cost: must be > 0 virtual seconds, got {self.step_cost!r}")
         if self.node_ids is not None and len(self.node_ids) != self.num_nodes:
-            raise ConfigError(f"sim.node_ids lists {len(self.node_ids)} ids for {self.num_nodes} nodes")
+            raise ConfigError(f"SimSpec.node_ids: lists {len(self.node_ids)} ids for {self.num_nodes} nodes")
+        self.links.bind(self.num_nodes)
+        compute_speeds(self.compute_profile, self.num_nodes, self.seed, self.compute_params)
         self.preprocessing.validate("[data]")
         resolve_device(self.device, "[simulation].device")
         check_strategy(self.strategy, self.strategy_params, "simulate")
         s = self.stop
         if not any(v is not None for v in (s.max_time, s.max_steps, s.max_rounds)):
-            raise ConfigError("stop: give at least one of max_time, max_steps or max_rounds")
+            raise ConfigError("[stop]: give at least one of [stop].max_steps, [stop].max_seconds or "
+                              "[simulation].max_rounds")
+        if s.max_time is not None and not s.max_time >= 0:
+            raise ConfigError(f"[stop].max_seconds: must be >= 0 virtual seconds, got {s.max_time!r}")
+        if s.max_steps is not None and not s.max_steps >= 0:
+            raise ConfigError(f"[stop].max_steps: must be >= 0, got {s.max_steps!r}")
+        if s.max_rounds is not None and not s.max_rounds >= 0:
+            raise ConfigError(f"[simulation].max_rounds: must be >= 0 (0: no limit), got {s.max_rounds!r}")
+        if s.target_accuracy is not None and not 0 <= s.target_accuracy <= 1:
+            raise ConfigError(f"[stop].target_accuracy: must be in [0, 1] (0: no target), got {s.target_accuracy!r}")
 
 
 @dataclass
