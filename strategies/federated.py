@@ -93,6 +93,7 @@ from privfl.strategies.update_transfer import (
 
 __all__ = [
     "DP_EVALUATE_METRICS",
+    "FIRST_NODE_ID",
     "PUBLIC_FIT_METRICS",
     "WEIGHT_KEY",
     "FedAvgConfig",
@@ -125,9 +126,13 @@ def ensure_task_identity(run_id: int = 0) -> None:
     """Give this process the task identity Flower's ``Message`` constructor reads, where it has none.
 
     The one Flower internal privfl touches (see the module docstring): Flower 1.42 has no
-    public call for it. Values already set (inside a Flower runtime) are left alone.
+    public call for it. Values already set (inside a Flower runtime) are left alone; a
+    Flower without a task identity (before 1.42) needs nothing.
     """
-    from flwr.supercore.task_identity import TaskIdentity
+    try:
+        from flwr.supercore.task_identity import TaskIdentity
+    except ImportError:
+        return
 
     for name, value in (("task_id", 1), ("run_id", int(run_id)), ("node_id", 1)):  # node 1: the SuperLink
         try:
