@@ -4,16 +4,17 @@ What a node releases is public or DP only: equal public weights, public fit metr
 no evaluation unless a DP accuracy release is configured (then over its public
 denominator, its cost in the node's accountant).
 
-No Ray and no SuperLink: the ClientApp is called with hand-built Messages (platform.md
-§1b), and the ServerApp runs against in-process ClientApp nodes through the app's
-LocalGrid (a ``flwr.serverapp.Grid`` that hands each message to the ClientApp).
+Flower's Message API throughout (ClientApp ``@app.train()`` / ``@app.evaluate()``,
+ServerApp ``@app.main()`` with ``flwr.serverapp.strategy.FedAvg``). No Ray and no SuperLink:
+the ClientApp is called with hand-built Messages, and the ServerApp runs against
+in-process ClientApp nodes through privfl's InProcessGrid (a ``flwr.serverapp.Grid`` that
+hands each message to the ClientApp), as the app's local_grid runs it.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +23,19 @@ import pytest
 APP_DIR = Path(__file__).resolve().parent.parent / "examples" / "flower-app"
 sys.path.insert(0, str(APP_DIR))
 
-from flwr.app import Context, Message, MessageType, Metadata, RecordDict  # noqa: E402
-from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
-from flwr.compat.common import recorddict_compat as compat  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import ServerApp  # noqa: E402
+from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from privfl_app import task  # noqa: E402
 from privfl_app.client_app import app as client_app  # noqa: E402
-from privfl_app.local_grid import app_run_config, run_in_process  # noqa: E402
+from privfl_app.local_grid import app_run_config, per_round, run_in_process  # noqa: E402
 from privfl_app.server_app import app as server_app  # noqa: E402
-from privfl_app.server_app import build_strategy  # noqa: E402
+from privfl_app.server_app import build_strategy, initial_arrays  # noqa: E402
 
 from privfl.clients.dp_client import PUBLIC_FIT_METRICS  # noqa: E402
 from privfl.errors import ConfigError  # noqa: E402
+from privfl.strategies.federated import ensure_task_identity  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -51,23 +54,36 @@ def node_context(pid: int = 0, n: int = 3, run_config: dict | None = None) -> Co
                    state=RecordDict(), run_config=dict(run_config or RUN_CONFIG))
 
 
+class Reply:
+    """What a reply carries: its model (arrays), its weight (num-examples) and its other metrics."""
+
+    def __init__(self, msg: Message) -> None:
+        assert not msg.has_error(), msg.error
+        c = msg.content
+        assert not c.config_records  # a node replies with its model and metrics, nothing else
+        self.parameters = c.array_records["arrays"].to_numpy_ndarrays() if "arrays" in c.array_records else []
+        records = list(c.metric_records.values())
+        assert len(records) <= 1
+        m = dict(records[0]) if records else {}
+        self.num_examples = int(m.pop("num-examples", 0))
+        self.loss = float(m.pop("loss", 0.0))
+        self.metrics = m
+
+
 def initial_params(cfg: dict | None = None) -> list[np.ndarray]:
-    strat = build_strategy(task.settings(cfg or RUN_CONFIG))
-    return parameters_to_ndarrays(strat.initial_parameters)
+    return initial_arrays(task.settings(cfg or RUN_CONFIG)).to_numpy_ndarrays()
 
 
-def message(content: RecordDict, kind: str, n: int) -> Message:
-    md = Metadata(run_id=1, message_id=f"m{n}", src_node_id=0, dst_node_id=100, reply_to_message_id="",
-                  group_id=str(n), created_at=time.time(), ttl=3600.0, message_type=kind)
-    return Message(content=content, metadata=md)
+def message(params: list[np.ndarray], kind: str, config: dict) -> Message:
+    """A server's instruction as Flower's FedAvg builds it: the model and a config."""
+    ensure_task_identity()  # Flower's Message() reads the task identity a Flower runtime would have set
+    content = RecordDict({"arrays": ArrayRecord(params), "config": ConfigRecord(config)})
+    return Message(content, dst_node_id=100, message_type=kind)
 
 
-def fit(ctx: Context, params: list[np.ndarray], n: int, steps: int = 4):
-    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(params), {"local_steps": steps}),
-                                          keep_input=True)
-    out = client_app(message(content, MessageType.TRAIN, n), ctx)
-    assert not out.has_error(), out.error
-    return compat.recorddict_to_fitres(out.content, keep_input=True)
+def fit(ctx: Context, params: list[np.ndarray], n: int, steps: int = 4) -> Reply:
+    out = client_app(message(params, MessageType.TRAIN, {"local_steps": steps, "server-round": n}), ctx)
+    return Reply(out)
 
 
 def test_clientapp_epsilon_accumulates_across_rounds_in_context_state() -> None:
@@ -82,18 +98,25 @@ def test_clientapp_epsilon_accumulates_across_rounds_in_context_state() -> None:
     assert r1.metrics["total_steps"] == 4 and r2.metrics["total_steps"] == 8
     assert task.load_state(ctx)[1] == 2 and task.epsilon_of(ctx) == pytest.approx(eps2)
     # fresh noise and batches every round: same input model, different output
-    p1, p2 = parameters_to_ndarrays(r1.parameters), parameters_to_ndarrays(r2.parameters)
+    p1, p2 = r1.parameters, r2.parameters
     assert any(np.abs(a - b).max() > 1e-6 for a, b in zip(p1, p2))
     # the state is the context's, not the process's: another node's context starts from zero
     other = fit(node_context(pid=0), w0, 3)
     assert float(other.metrics["epsilon"]) == pytest.approx(eps1)
 
 
-def evaluate(ctx: Context, params: list[np.ndarray], n: int):
-    content = compat.evaluateins_to_recorddict(EvaluateIns(ndarrays_to_parameters(params), {}), keep_input=True)
-    out = client_app(message(content, MessageType.EVALUATE, n), ctx)
-    assert not out.has_error(), out.error
-    return compat.recorddict_to_evaluateres(out.content)
+def evaluate(ctx: Context, params: list[np.ndarray], n: int) -> Reply:
+    return Reply(client_app(message(params, MessageType.EVALUATE, {"server-round": n}), ctx))
+
+
+def test_the_apps_are_message_api_apps() -> None:
+    assert isinstance(client_app, ClientApp) and isinstance(server_app, ServerApp)
+    assert isinstance(build_strategy(task.settings({})), FedAvg)  # flwr.serverapp.strategy.FedAvg
+    msg = message(initial_params(), MessageType.TRAIN, {"local_steps": 1})
+    out = client_app(msg, node_context())
+    assert set(out.content.array_records) == {"arrays"} and set(out.content.metric_records) == {"metrics"}
+    # the reply's model keeps the keys the server sent (the model's state_dict names)
+    assert list(out.content["arrays"].keys()) == list(msg.content["arrays"].keys())
 
 
 def test_clientapp_fit_releases_only_public_values() -> None:
@@ -153,7 +176,7 @@ def test_no_per_message_seed_noise_is_secure() -> None:
     ctx = node_context()
     w0 = initial_params()
     a, b = fit(ctx, w0, 1), fit(node_context(), w0, 1)  # same node, same state, same input model
-    pa, pb = parameters_to_ndarrays(a.parameters), parameters_to_ndarrays(b.parameters)
+    pa, pb = a.parameters, b.parameters
     assert any(np.abs(x - y).max() > 1e-6 for x, y in zip(pa, pb))  # a seeded rebuild would repeat itself
 
 
@@ -164,9 +187,8 @@ def test_clientapp_fails_closed_when_the_budget_is_spent() -> None:
     r1 = fit(ctx, w0, 1, steps=1000)
     assert r1.metrics["budget_exhausted"] == 1 and float(r1.metrics["epsilon"]) <= 3.0
     steps = task.load_state(ctx)[0]["accountant"]["events"][0]["count"]
-    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(w0), {"local_steps": 1}), keep_input=True)
     try:
-        out = client_app(message(content, MessageType.TRAIN, 2), ctx)
+        out = client_app(message(w0, MessageType.TRAIN, {"local_steps": 1}), ctx)
     except Exception as exc:  # Flower may raise to its runtime, which replies with an error
         assert "budget exhausted" in str(exc)
     else:
@@ -177,15 +199,19 @@ def test_clientapp_fails_closed_when_the_budget_is_spent() -> None:
 
 def test_serverapp_and_clientapp_in_process_fedavg() -> None:
     threads_before = set(threading.enumerate())
-    hist, grid = run_in_process(3, {"num-server-rounds": 2, "local-steps": 3}, researcher_eval=True)
-    assert set(threading.enumerate()) <= threads_before  # Flower's node-update thread was joined
-    assert hist is not None
-    assert hist.metrics_distributed == {} and hist.losses_distributed == []  # the nodes released no evaluation
+    result, grid = run_in_process(3, {"num-server-rounds": 2, "local-steps": 3}, researcher_eval=True)
+    assert set(threading.enumerate()) <= threads_before  # nothing left running
+    assert result is not None
+    assert result.evaluate_metrics_clientapp == {}  # the nodes released no evaluation
     # the simulator's own measurement of the global model, apart from anything the nodes release
-    acc = dict(hist.metrics_centralized["true_accuracy"])
+    acc = per_round(result.evaluate_metrics_serverapp, "true_accuracy")
     assert set(acc) == {0, 1, 2} and all(0.5 < acc[r] <= 1.0 for r in (1, 2))
-    eps_max = dict(hist.metrics_distributed_fit["epsilon_max"])
-    assert 0 < eps_max[1] < eps_max[2]
+    # ε grows across rounds, read from what the nodes released (their public fit metrics)
+    eps = per_round(result.train_metrics_clientapp, "epsilon")
+    eps_max = per_round(result.train_metrics_clientapp, "epsilon_max")
+    assert 0 < eps[1] < eps[2] and 0 < eps_max[1] < eps_max[2]
+    assert per_round(result.train_metrics_clientapp, "total_steps") == {1: 3.0, 2: 6.0}
+    assert not {"loss", "accuracy", "n_train"} & {k for m in result.train_metrics_clientapp.values() for k in m}
     for ctx in grid.contexts.values():
         state, fits = task.load_state(ctx)
         assert fits == 2 and state is not None
@@ -194,19 +220,20 @@ def test_serverapp_and_clientapp_in_process_fedavg() -> None:
 
 
 def test_serverapp_with_dp_evaluation_release() -> None:
-    hist, grid = run_in_process(3, {"num-server-rounds": 2, "local-steps": 3, "eval-noise-multiplier": 2.0,
-                                    "eval-denominator": 38})
-    assert hist is not None
-    acc = dict(hist.metrics_distributed["accuracy"])  # noisy counts / 38, averaged by Flower's FedAvg
+    result, grid = run_in_process(3, {"num-server-rounds": 2, "local-steps": 3, "eval-noise-multiplier": 2.0,
+                                      "eval-denominator": 38})
+    assert result is not None
+    acc = per_round(result.evaluate_metrics_clientapp, "accuracy")  # noisy counts / 38, averaged by Flower's FedAvg
     assert set(acc) == {1, 2} and all(0.0 <= a <= 1.0 for a in acc.values())
-    eps_max = dict(hist.metrics_distributed_fit["epsilon_max"])
+    assert {k for m in result.evaluate_metrics_clientapp.values() for k in m} == {"accuracy", "dp", "loss"}
+    eps_max = per_round(result.train_metrics_clientapp, "epsilon_max")
     # round 2's fit ε includes round 1's evaluation release; the last release comes after it
     assert all(task.epsilon_of(c) > eps_max[2] for c in grid.contexts.values())
 
 
 def test_the_serverapp_object_itself_drives_the_nodes() -> None:
-    hist, grid = run_in_process(2, {"num-server-rounds": 2, "local-steps": 2}, server_app=server_app)
-    assert hist is None
+    result, grid = run_in_process(2, {"num-server-rounds": 2, "local-steps": 2}, server_app=server_app)
+    assert result is None
     assert [task.load_state(c)[1] for c in grid.contexts.values()] == [2, 2]
     assert all(task.epsilon_of(c) > 0 for c in grid.contexts.values())
 
@@ -247,15 +274,15 @@ def test_flower_app_runs_the_hospitals_own_model_and_data(tmp_path: Path, monkey
     import path, with Adam; the server never reads site data for a factory model."""
     (tmp_path / "hosp_flower.py").write_text(HOSPITAL)
     monkeypatch.syspath_prepend(str(tmp_path))
-    hist, grid = run_in_process(2, {"num-server-rounds": 2, "local-steps": 10, "model": "hosp_flower:Net",
-                                    "data-factory": "hosp_flower:load_site", "data-root": str(tmp_path),
-                                    "optimizer": "adam", "lr": 0.02, "sample-rate": 0.1},
-                                researcher_eval=True)
+    result, grid = run_in_process(2, {"num-server-rounds": 2, "local-steps": 10, "model": "hosp_flower:Net",
+                                      "data-factory": "hosp_flower:load_site", "data-root": str(tmp_path),
+                                      "optimizer": "adam", "lr": 0.02, "sample-rate": 0.1},
+                                  researcher_eval=True)
     import hosp_flower  # type: ignore[import-not-found]
 
-    assert hist is not None
+    assert result is not None
     assert {(c[0], c[1]) for c in hosp_flower.CALLS} == {(0, 2), (1, 2)}  # the sites' own calls only
     assert all(c[2] == str(tmp_path) for c in hosp_flower.CALLS)
-    acc = dict(hist.metrics_centralized["true_accuracy"])
+    acc = per_round(result.evaluate_metrics_serverapp, "true_accuracy")
     assert acc[2] > 0.2  # ten classes: better than chance after two DP rounds
-    assert 0 < dict(hist.metrics_distributed_fit["epsilon_max"])[2] <= 8.0
+    assert 0 < per_round(result.train_metrics_clientapp, "epsilon_max")[2] <= 8.0

@@ -1,80 +1,98 @@
-"""Flower ServerApp: Flower's own FedAvg over privfl DPClients.
+"""Flower ServerApp (Message API): Flower's own FedAvg over privfl DPClients.
 
 Each site does record-level DP-SGD inside its ClientApp and accounts for it there. What
-reaches this server is public or DP: noised models, a public FedAvg weight (1 per site:
-equal weights, never a site's record count) and public fit metrics (ε, δ, steps,
-flags). The server asks for no evaluation (``fraction_evaluate = 0``) unless the run
-config sets a DP evaluation release (``eval-noise-multiplier``, ``eval-denominator``);
-then each site releases a noisy accuracy over the public denominator, its cost in its
-own accountant.
+reaches this server is public or DP: noised models, a public FedAvg weight
+(``num-examples`` = 1 per site: equal weights, never a site's record count) and public fit
+metrics (ε, δ, steps, flags). The server asks for no evaluation (``fraction_evaluate =
+0``) unless the run config sets a DP evaluation release (``eval-noise-multiplier``,
+``eval-denominator``); then each site releases a noisy accuracy over the public
+denominator, its cost in its own accountant.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from flwr.app import Context
-from flwr.common import EvaluateRes, Scalar, ndarrays_to_parameters
-from flwr.server import ServerApp, ServerAppComponents, ServerConfig
-from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAvg
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg, Result
 
-from privfl.strategies.federated import released_evaluate_res, weighted_average
+from privfl.strategies.federated import WEIGHT_KEY
 from privfl_app.task import dp_evaluation, make_model, needs_site_for_model, settings, site_of
 
+app = ServerApp()
 
-def fit_metrics(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
-    """Public-weight means of the clients' (public) fit metrics, plus the largest ε any site has spent."""
-    out = weighted_average(metrics)
-    eps = [float(m["epsilon"]) for _, m in metrics if "epsilon" in m]  # type: ignore[arg-type]
-    if eps:
-        out["epsilon_max"] = max(eps)
-    return out
+
+def _is_release(msg: Message) -> bool:
+    """Whether an evaluation reply carries a DP release (``dp`` = 1 over a public denominator > 0)."""
+    return any(int(rec.get("dp", 0)) == 1 and int(rec.get(WEIGHT_KEY, 0)) > 0  # type: ignore[call-overload]
+               for rec in msg.content.metric_records.values())
 
 
 class DPReleaseFedAvg(FedAvg):
-    """Flower's FedAvg whose ``aggregate_evaluate`` takes DP releases only.
+    """Flower's FedAvg that aggregates DP evaluation releases only, and reports the largest ε.
 
-    A site that releases nothing (0 examples: e.g. its budget could not pay for the
-    release) is left out, so Flower's weighted loss never divides by zero; a round with
-    no release gives no evaluation result. Aggregation itself is Flower's.
+    A site that releases nothing (an empty reply: no release configured, or its budget
+    could not pay for one) is left out, so Flower's weighted mean never divides by zero;
+    a round with no release gives no evaluation result. ``epsilon_max`` (the largest ε a
+    site reports: public) is added to each round's training metrics. Aggregation itself
+    is Flower's.
     """
 
-    def aggregate_evaluate(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, EvaluateRes]],
-        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
-    ) -> tuple[float | None, dict[str, Scalar]]:
-        released = [(p, r) for p, r in ((p, released_evaluate_res(r)) for p, r in results) if r.num_examples > 0]
-        return super().aggregate_evaluate(server_round, released, failures)
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        eps = [float(rec["epsilon"]) for msg in replies if not msg.has_error()  # type: ignore[arg-type]
+               for rec in msg.content.metric_records.values() if "epsilon" in rec]
+        if metrics is not None and eps:
+            metrics["epsilon_max"] = max(eps)
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        released = [msg for msg in replies if msg.has_error() or _is_release(msg)]
+        return super().aggregate_evaluate(server_round, released)
 
 
 def build_strategy(cfg: dict[str, Any]) -> FedAvg:
-    """Flower's FedAvg configured from the run config, starting from the shared initial model."""
-    # a built-in model's shape comes from the shipped dataset's layout; a user factory knows its own
-    model = make_model(cfg, site_of(cfg, 0, 1) if needs_site_for_model(cfg) else None)
-    init = [v.detach().cpu().numpy() for v in model.state_dict().values()]
-    local_steps = int(cfg["local-steps"])
+    """Flower's FedAvg configured from the run config."""
     evaluate = dp_evaluation(cfg)
     return DPReleaseFedAvg(
-        fraction_fit=float(cfg["fraction-fit"]),
+        fraction_train=float(cfg["fraction-fit"]),
         fraction_evaluate=1.0 if evaluate else 0.0,  # evaluation stays on the sites unless released with DP
-        min_fit_clients=int(cfg["min-fit-clients"]),
-        min_evaluate_clients=int(cfg["min-fit-clients"]),
-        min_available_clients=int(cfg["min-available-clients"]),
-        on_fit_config_fn=lambda rnd: {"local_steps": local_steps, "server_round": rnd},
-        initial_parameters=ndarrays_to_parameters(init),
-        fit_metrics_aggregation_fn=fit_metrics,
-        evaluate_metrics_aggregation_fn=weighted_average,
+        min_train_nodes=int(cfg["min-fit-clients"]),
+        min_evaluate_nodes=int(cfg["min-fit-clients"]),
+        min_available_nodes=int(cfg["min-available-clients"]),
     )
 
 
-def server_fn(context: Context) -> ServerAppComponents:
-    """The FedAvg strategy and the number of rounds, from the run config."""
+def initial_arrays(cfg: dict[str, Any]) -> ArrayRecord:
+    """The shared initial model (every node builds the same one from the same seed)."""
+    # a built-in model's shape comes from the shipped dataset's layout; a user factory knows its own
+    model = make_model(cfg, site_of(cfg, 0, 1) if needs_site_for_model(cfg) else None)
+    return ArrayRecord(model.state_dict())
+
+
+def run(grid: Grid, context: Context,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
+    """FedAvg for ``num-server-rounds`` rounds of ``local-steps`` DP-SGD steps per site."""
     cfg = settings(context.run_config)
-    return ServerAppComponents(strategy=build_strategy(cfg),
-                               config=ServerConfig(num_rounds=int(cfg["num-server-rounds"])))
+    result = build_strategy(cfg).start(
+        grid=grid,
+        initial_arrays=initial_arrays(cfg),
+        num_rounds=int(cfg["num-server-rounds"]),
+        train_config=ConfigRecord({"local_steps": int(cfg["local-steps"])}),
+        evaluate_fn=evaluate_fn,
+    )
+    for rnd, metrics in sorted(result.train_metrics_clientapp.items()):
+        if "epsilon_max" in metrics:
+            print(f"[privfl] round {rnd}: epsilon_max={float(metrics['epsilon_max']):.4f} "  # type: ignore[arg-type]
+                  f"(delta={cfg['delta']})")
+    return result
 
 
-app = ServerApp(server_fn=server_fn)
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """The ServerApp's entry point (``flwr run``)."""
+    run(grid, context)

@@ -1,16 +1,17 @@
 """What the ClientApp and ServerApp share: run settings, site data, model, DP settings, node state.
 
-Flower calls ``client_fn`` once per message (and the Deployment Engine starts a fresh
-process for each), so a ``DPClient`` object never lives from one round to the next. Its
+Flower calls the ClientApp's ``train`` / ``evaluate`` once per message (and the Deployment
+Engine starts a fresh process for each), so a ``DPClient`` object never lives from one
+round to the next. Its
 accountant and optimizer state are therefore kept in the node's ``context.state`` (a
 ``RecordDict`` that Flower keeps per node for the whole run) and restored on every
 message: ε keeps accumulating across rounds instead of restarting at zero. Noise and
 Poisson batches come from a fresh secure source in every rebuilt client (no seed: the
 deployed path), so nothing in the run config or the state predicts them.
 
-What a node releases (see the README): its noised model, a public FedAvg weight (1)
-and public fit metrics (ε, δ, steps, flags); an evaluation only as a DP accuracy when
-the run config sets ``eval-noise-multiplier`` and ``eval-denominator``.
+What a node releases (see the README): its noised model, a public FedAvg weight
+(``num-examples`` = 1) and public fit metrics (ε, δ, steps, flags); an evaluation only as
+a DP accuracy when the run config sets ``eval-noise-multiplier`` and ``eval-denominator``.
 """
 
 from __future__ import annotations
