@@ -30,8 +30,13 @@ from privfl.clients import DPClient, DPConfig
 from privfl.clients.plugins import is_import_path
 from privfl.data import SiteInputs, load_dataset, load_factory_site, split_sites
 from privfl.errors import ConfigError
+from privfl.logs import drop_opacus_root_handler
 from privfl.models import build_model
 from privfl.preprocessing import PreprocessingSpec, preprocess_site
+
+# Opacus (imported with privfl.clients) adds a root log handler at import, and Flower's own logger also
+# propagates to the root: without this every Flower line of the app's processes would print twice
+drop_opacus_root_handler()
 
 STATE_KEY = "privfl.dpclient"
 
