@@ -394,3 +394,31 @@ def test_raising_client_is_a_failure_not_in_the_aggregate() -> None:
     out3 = strat.run_round(clients, out2.params, 3)
     assert out3.stopped == {"a"} and "too few clients" in out3.metrics["a"]["stop_reason"]
     assert out3.bytes_down["a"] == 0
+
+
+def test_a_client_bug_is_raised_not_swallowed_as_a_failure() -> None:
+    class Broken(FixedClient):
+        def fit(self, parameters, config):
+            raise ValueError("a bug in the site's code")
+
+    clients = fixed_clients()
+    clients["b"] = Broken(clients["b"].arrays, 2)
+    strat = FederatedAveraging(FedAvgConfig(min_fit_clients=3, min_available_clients=3, evaluate=False))
+    with pytest.raises(ValueError, match="a bug"):
+        strat.run_round(clients, {k: c.arrays for k, c in clients.items()}, 1)
+
+
+def test_update_transfer_bytes_are_the_frames_and_the_model_is_flowers_average() -> None:
+    clients = fixed_clients()
+    init = [np.zeros(2, np.float32), np.zeros((1, 1), np.float32)]
+    rec = Recording(min_train_nodes=3, min_available_nodes=3, fraction_evaluate=0.0)
+    strat = FederatedAveraging(FedAvgConfig(min_fit_clients=3, min_available_clients=3, evaluate=False,
+                                            upload="update", local_steps=1), strategy=rec)
+    out = strat.run_round(clients, {k: init for k in clients}, 1)
+    want0 = (1 * np.array([1, 2]) + 2 * np.array([3, 0]) + 7 * np.array([-1, 4])) / 10
+    np.testing.assert_allclose(out.params["a"][0], want0, rtol=1e-6, atol=1e-6)
+    for k, (_, _, arrays) in fit_seen(strat, rec).items():  # Flower averaged whole models rebuilt from changes
+        np.testing.assert_array_equal(arrays[0], clients[k].arrays[0])
+    for k in clients:
+        assert out.bytes_down[k] == 12  # round 1: the whole model
+        assert 0 < out.bytes_up[k] != 12  # a framed change, counted by its length
