@@ -37,8 +37,10 @@ sys.path.insert(0, str(ROOT))
 EXAMPLE = ROOT / "examples" / "digits-compressed" / "compare.toml"
 
 
-def _curve(rows: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
-    """(round, mean accuracy over sites, total bytes sent so far) per evaluation."""
+def _curve(rows: list[dict[str, Any]], collective: bool) -> list[tuple[int, float, float]]:
+    """(round, mean accuracy over sites, all traffic so far) per evaluation: the nodes' sends,
+    plus their downloads for a collective strategy (gossip: a send is another node's receipt)."""
+    keys = ("bytes_sent", "bytes_received") if collective else ("bytes_sent",)
     by_round: dict[int, list[dict[str, Any]]] = {}
     for r in rows:
         by_round.setdefault(int(r["round"]), []).append(r)
@@ -46,7 +48,7 @@ def _curve(rows: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
     for rnd in sorted(by_round):
         rs = by_round[rnd]
         acc = sum(float(r["accuracy"]) for r in rs) / len(rs)
-        out.append((rnd, acc, float(sum(float(r.get("bytes_sent", 0) or 0) for r in rs))))
+        out.append((rnd, acc, float(sum(float(r.get(k, 0) or 0) for r in rs for k in keys))))
     return out
 
 
@@ -64,6 +66,7 @@ def _one(args: tuple[str, str, int | None]) -> dict[str, Any]:
     logging.disable(logging.WARNING)
     from privfl.experiment import load_experiment, spec_for
     from privfl.sim import run_simulation
+    from privfl.strategies.registry import STRATEGIES
 
     config, label, rounds = args
     exp = load_experiment(config)
@@ -76,7 +79,8 @@ def _one(args: tuple[str, str, int | None]) -> dict[str, Any]:
     res = run_simulation(spec)
     s = res.summary
     msgs = sum(s.get("messages_sent", {}).values()) if isinstance(s.get("messages_sent"), dict) else None
-    total = float(sum(s["bytes_sent"].values()))
+    collective = STRATEGIES[spec.strategy].kind == "collective"
+    total = float(sum(s["bytes_sent"].values()) + (sum(s["bytes_received"].values()) if collective else 0))
     return {
         "label": label,
         "strategy": spec.strategy,
@@ -90,7 +94,7 @@ def _one(args: tuple[str, str, int | None]) -> dict[str, Any]:
         "messages": msgs,
         "consensus_max": s["final_consensus_max"],
         "wall_seconds": round(time.perf_counter() - t0, 1),
-        "curve": _curve(res.rows),
+        "curve": _curve(res.rows, collective),
     }
 
 

@@ -101,7 +101,8 @@ def main() -> None:
             "steps_per_node": sorted(set(res.summary["steps"].values())),
             "epsilon_max": round(max(eps), 4),
             "epsilon_min": round(min(eps), 4),
-            "bytes_sent": int(sum(res.summary["bytes_sent"].values())),
+            "bytes_sent": int(sum(res.summary["bytes_sent"].values())),  # uploads / gossip sends
+            "bytes_received": int(sum(res.summary["bytes_received"].values())),  # downloads / receipts
             "wall_seconds": round(time.perf_counter() - w0, 1),
         }
     finals = {k: v["final_accuracy"] for k, v in runs.items()}
