@@ -28,7 +28,9 @@ def _register() -> None:
     app.command("node", help="Run one hospital's node: local DP training and gossip over mTLS.")(node.node)
     app.command("launch", help="Start N real nodes on this machine (loopback, mTLS) and collect results.")(node.launch)
     app.command("simulate", help="Simulate one strategy on a virtual clock.")(sim.simulate)
-    app.command("compare", help="Compare strategies on identical data, model and DP settings.")(sim.compare)
+    app.command("compare", help="Compare strategies on identical data, model and DP settings, over --repeats seeds "
+                "(mean and 95% interval), with the answer view: time, bytes and ε to reach each accuracy."
+                )(sim.compare)
 
 
 def main() -> None:
