@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import math
 import threading
 import time
@@ -70,13 +71,14 @@ from flwr.compat.common import recorddict_compat as compat
 from torch import nn
 
 from privfl.accounting import BudgetExhausted, PrivacyAccountant
-from privfl.accounting.errors import ConfigError
+from privfl.accounting.errors import ConfigError, PrivflError
 from privfl.accounting.releases import PUBLIC_FIT_METRICS
 from privfl.clients.dp_client import DPConfig
 from privfl.clients.engine import mechanism_description
 from privfl.clients.session import SiteSession
 
 NDArrays = list[np.ndarray]
+log = logging.getLogger("privfl.clients")
 DpEventHook = Callable[[dict[str, Any]], None]
 AppKind = Literal["client_fn", "client_app", "message_app"]
 
@@ -346,6 +348,7 @@ class AppClient(NumPyClient):
         self.last_loss = math.nan  # the client's own training loss: local, never released
         self.exhausted = False
         self._lock = threading.RLock()  # one call into the user's code at a time
+        self._hook_error: BaseException | None = None  # the last exception of the site's event hook
         with self._user_code():
             self._backend = self.app.start(self.app_context)
         self.training_steps += self.session.training_steps
@@ -386,13 +389,30 @@ class AppClient(NumPyClient):
     def _emit(self, event: dict[str, Any]) -> None:
         """Forward a DP event to :attr:`on_dp_event` (read at each event: it may be set later)."""
         if self.on_dp_event is not None:
-            self.on_dp_event(event)
+            try:
+                self.on_dp_event(event)
+            except BaseException as exc:
+                self._hook_error = exc  # the site's own refusal (e.g. its ledger): passed on unchanged
+                raise
 
     @contextmanager
     def _user_code(self) -> Iterator[None]:
-        """Run the user's code under the site session, one call at a time."""
+        """Run the user's code under the site session, one call at a time.
+
+        A bug in the user's code (any exception but privfl's own refusals and the budget
+        stop) becomes one line naming ``[client].app``; its traceback goes to the log."""
         with self._lock, self.session.active():
-            yield
+            try:
+                yield
+            except (BudgetExhausted, PrivflError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the hospital's own code: report it, do not hide it
+                if exc is self._hook_error:
+                    raise
+                log.error("[client].app: %s raised %s", self.where, type(exc).__name__, exc_info=True)
+                raise ClientAppError(f"[client].app: {self.where} raised {type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0] if str(exc) else ''} (traceback in the log)") \
+                    from None
 
     # ---- parameters ------------------------------------------------------------------------
     def parameter_names(self) -> list[str]:

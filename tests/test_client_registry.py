@@ -155,3 +155,20 @@ def test_without_dp_the_users_client_runs_and_says_no_dp(project: Path) -> None:
     exp = load_experiment(_config(project, "quick_app:careless_fn", dp="enabled = false"))
     res = run_simulation(spec_for(exp, exp.runs[0]))
     assert res.summary["dp"] is False and res.summary["privacy"] == "no DP"
+
+
+def test_a_bug_in_the_users_client_is_one_line_naming_it(project: Path) -> None:
+    (project / "proj" / "buggy_app.py").write_text(textwrap.dedent(APP) + textwrap.dedent('''
+        class Buggy(Quick):
+            def fit(self, parameters, config):
+                raise ValueError("shape mismatch in my loader\\nsecond line")
+
+        def buggy_fn(context):
+            return Buggy(0, 1)
+    '''))
+    sys.modules.pop("buggy_app", None)
+    exp = load_experiment(_config(project, "buggy_app:buggy_fn"))
+    with pytest.raises(PrivflError) as exc:
+        run_simulation(spec_for(exp, exp.runs[0]))
+    msg = str(exc.value)
+    assert "[client].app" in msg and "raised ValueError: shape mismatch in my loader" in msg and "\n" not in msg
