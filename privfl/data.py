@@ -273,9 +273,11 @@ def load_factory_site(factory: str, site_index: int, num_sites: int, root: str |
     """Call ``factory(site_index=, num_sites=, root=, **args)`` and check what it returns.
 
     It must return ``(train, test)``: map-style torch Datasets (with a length) of
-    ``(input tensor, integer label)``. One-line ConfigError/DataError naming ``where``
-    otherwise; an exception inside the user's code is reported on one line too.
+    ``(input tensor, integer label)``, or DataLoaders over them (their Datasets are used).
+    One-line ConfigError/DataError naming ``where`` otherwise; an exception inside the
+    user's code is reported on one line too.
     """
+    from torch.utils.data import DataLoader
     from torch.utils.data import Dataset as TorchDataset
 
     fn = resolve_import(factory, f"{where}.factory")
@@ -295,7 +297,9 @@ def load_factory_site(factory: str, site_index: int, num_sites: int, root: str |
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise ConfigError(f"{where}.factory: {factory} must return (train, test) Datasets, got "
                           f"{type(out).__name__}")
-    train, test = out
+    # a Flower-quickstart load_data returns DataLoaders: their Datasets are the records (DP-SGD
+    # draws its own Poisson batches, so the loaders' batching and shuffling are not used)
+    train, test = (getattr(d, "dataset", d) if isinstance(d, DataLoader) else d for d in out)
     for name, ds in (("train", train), ("test", test)):
         if not isinstance(ds, TorchDataset):
             raise ConfigError(f"{where}.factory: {factory} returned a {type(ds).__name__} as its {name} split, "

@@ -49,6 +49,11 @@ def load_site(site_index, num_sites, root=None, n=24):
 def not_a_pair(site_index, num_sites):
     return [1, 2, 3]
 
+def loaders(site_index, num_sites):
+    from torch.utils.data import DataLoader
+    tr, te = load_site(site_index, num_sites)
+    return DataLoader(tr, batch_size=4, shuffle=True), DataLoader(te)
+
 def arrays(site_index, num_sites):
     return (torch.zeros(3), torch.zeros(3))
 
@@ -276,3 +281,9 @@ def test_dp_client_takes_the_users_data_loaders(project: Path) -> None:
         out.append(client.fit(client.get_parameters({}), {"local_steps": 2})[0])
         assert client.evaluate_local()[1] >= 0
     assert all((a == b).all() for a, b in zip(*out))
+
+
+def test_a_factory_may_return_data_loaders(project: Path) -> None:
+    d = from_table(DataSection, {"factory": "hosp_byo:loaders", "num_sites": 3}, "[data]")
+    site = d.factory_site(1, project)
+    assert len(site.train) == 24 and len(site.test) == 6 and site.in_shape == (1, 4, 4)
