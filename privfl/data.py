@@ -9,6 +9,7 @@ estimate whose cost is in the ledger, never from raw per-site statistics.
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Callable, Mapping, Sized
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,9 @@ from typing import Any, Literal, cast
 import numpy as np
 
 from privfl.clients.plugins import resolve_import
-from privfl.errors import ConfigError, DataError
+from privfl.errors import ConfigError, DataError, PrivflError
+
+log = logging.getLogger("privfl.data")
 
 Partitioning = Literal["iid", "dirichlet", "shards", "quantity"]
 
@@ -291,9 +294,13 @@ def load_factory_site(factory: str, site_index: int, num_sites: int, root: str |
     except TypeError as exc:
         raise ConfigError(f"{where}.factory: {factory} does not take these arguments ({exc}); it is called "
                           f"with {', '.join(sorted(kwargs))}") from None
-    except (OSError, ValueError, KeyError, IndexError, RuntimeError) as exc:
-        raise DataError(f"{where}.factory: {factory} failed for site {site_index}: {type(exc).__name__}: {exc}") \
-            from None
+    except PrivflError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the hospital's own code: one line naming it, traceback logged
+        log.error("%s.factory: %s failed for site %d", where, factory, site_index, exc_info=True)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise DataError(f"{where}.factory: {factory} failed for site {site_index}: {type(exc).__name__}: {first} "
+                        "(traceback in the log)") from None
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise ConfigError(f"{where}.factory: {factory} must return (train, test) Datasets, got "
                           f"{type(out).__name__}")
