@@ -1,13 +1,19 @@
-"""DP-SGD step cost: non-private vs Opacus hooks vs the fast (ghost-norm) engine.
+"""DP-SGD step cost: non-private vs Opacus hooks vs Opacus ghost clipping vs privfl's engines.
 
-For the digits CNN and the breast-cancer MLP at batch 64, and each clipping rule, times one
-training step (zero_grad + forward + backward + optimizer step). All variants run in one
-process, interleaved (each repetition runs every variant once, in a rotating order), so
-machine noise hits them alike; figures are medians of wall time and of the thread's CPU time.
-Prints JSON. On glibc, large per-step buffers are mmap'ed and page-faulted afresh each step;
-``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` (recorded in the output) change that.
+For the digits CNN and the breast-cancer MLP at batch 64, and a GroupNorm ResNet-style CNN
+on synthetic 3×32×32 inputs (``resnet``, batch 32 by default), times one training step
+(zero_grad + forward + backward + optimizer step) of: the non-private model; privfl's Opacus
+path and its fast (ghost-norm) engine, per clipping rule; Opacus's own ghost clipping
+(``opacus.PrivacyEngine.make_private(..., grad_sample_mode="ghost")``, flat clipping, its
+default non-secure noise); and privfl's default path (``privfl.PrivacyEngine().make_private``
+with no engine/clipping given: ``engine="auto"``, psac, secure noise, every step accounted).
+All variants run in one process, interleaved (each repetition runs every variant once, in a
+rotating order), so machine noise hits them alike; figures are medians of wall time and of
+the thread's CPU time. Prints JSON. On glibc, large per-step buffers are mmap'ed and
+page-faulted afresh each step; ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``
+(recorded in the output) change that.
 
-    .venv/bin/python benchmarks/dp_step.py [--reps 300] [--threads 1]
+    .venv/bin/python benchmarks/dp_step.py [--reps 300] [--resnet-reps 40] [--threads 1]
 """
 
 from __future__ import annotations
@@ -40,9 +46,50 @@ warnings.filterwarnings("ignore")
 Step = Callable[[], None]
 
 
+class _Block(nn.Module):
+    """A ResNet basic block with GroupNorm (conv-GN-ReLU-conv-GN, plus a 1×1 projection when needed)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.gn1 = nn.GroupNorm(8, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.gn2 = nn.GroupNorm(8, cout)
+        self.short: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.GroupNorm(8, cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.gn1(self.conv1(x)))
+        return torch.relu(self.gn2(self.conv2(h)) + self.short(x))
+
+
+class ResNetGN(nn.Module):
+    """A small GroupNorm ResNet for 3×32×32 inputs: stem 16, stages 16/32/64 (stride 1/2/2), pool, linear."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.GroupNorm(8, 16), nn.ReLU())
+        self.blocks = nn.Sequential(_Block(16, 16, 1), _Block(16, 32, 2), _Block(32, 64, 2))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+def _build(model_name: str, shape: tuple[int, ...], classes: int) -> nn.Module:
+    if model_name == "resnet":
+        torch.manual_seed(0)
+        return ResNetGN(classes)
+    return build_model(model_name, shape, classes, seed=0)
+
+
 def _data(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """digits as 1×8×8 images in [0, 1]; breast cancer standardised."""
+    """digits as 1×8×8 images in [0, 1]; breast cancer standardised; resnet: synthetic 3×32×32 normal."""
     from sklearn.datasets import load_breast_cancer, load_digits
+    if name == "resnet":
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(512, 3, 32, 32, generator=g), torch.randint(0, 10, (512,), generator=g)
     if name == "cnn":
         d = load_digits()
         x = torch.tensor(d.data / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
@@ -66,39 +113,73 @@ def _make_step(model: nn.Module, opt: torch.optim.Optimizer, batches: list[tuple
     return step
 
 
+def _opacus_ghost_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, sigma: float,
+                       clip: float, lr: float, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Step:
+    """Opacus's own ghost clipping: its criterion wrapper runs the two backward passes."""
+    import opacus
+    from torch.utils.data import DataLoader, TensorDataset
+
+    gm, opt, crit, _ = opacus.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=batch), criterion=nn.CrossEntropyLoss(),
+        noise_multiplier=sigma, max_grad_norm=clip, grad_sample_mode="ghost")
+    it = iter(range(10**9))
+
+    def step() -> None:
+        xb, yb = batches[next(it) % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        crit(gm(xb), yb).backward()
+        opt.step()
+
+    return step
+
+
 def _variants(model_name: str, shape: tuple[int, ...], classes: int, batches: list, sigma: float,
-              clip: float, lr: float) -> dict[str, Step]:
+              clip: float, lr: float, data: tuple[torch.Tensor, torch.Tensor], batch: int
+              ) -> tuple[dict[str, Step], str]:
     from opacus import GradSampleModule
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import privfl
 
     out: dict[str, Step] = {}
-    m = build_model(model_name, shape, classes, seed=0)
+    m = _build(model_name, shape, classes)
     out["nonprivate"] = _make_step(m, torch.optim.SGD(m.parameters(), lr=lr), batches)
     for rule in CLIPPING_RULES:
-        m = build_model(model_name, shape, classes, seed=0)
+        m = _build(model_name, shape, classes)
         gsm = GradSampleModule(m)
         opt = PerSampleWeightDPOptimizer(torch.optim.SGD(m.parameters(), lr=lr), noise_multiplier=sigma,
-                                         max_grad_norm=clip, expected_batch_size=64,
+                                         max_grad_norm=clip, expected_batch_size=batch,
                                          random_source=SeededRandom(1), clipping=clipping_rule(rule))
         out[f"opacus_{rule}"] = _make_step(gsm, opt, batches)
-        m = build_model(model_name, shape, classes, seed=0)
+        m = _build(model_name, shape, classes)
         gm, gopt = make_ghost_private(m, torch.optim.SGD(m.parameters(), lr=lr), noise_multiplier=sigma,
-                                      max_grad_norm=clip, expected_batch_size=64, clipping=clipping_rule(rule),
+                                      max_grad_norm=clip, expected_batch_size=batch, clipping=clipping_rule(rule),
                                       random_source=SeededRandom(1))
         out[f"fast_{rule}"] = _make_step(gm, gopt, batches)
     # what a deployed node runs: the same step with noise from the secure ChaCha20 source
     for engine in ("opacus", "fast"):
-        m = build_model(model_name, shape, classes, seed=0)
+        m = _build(model_name, shape, classes)
         if engine == "opacus":
             opt = PerSampleWeightDPOptimizer(torch.optim.SGD(m.parameters(), lr=lr), noise_multiplier=sigma,
-                                             max_grad_norm=clip, expected_batch_size=64,
+                                             max_grad_norm=clip, expected_batch_size=batch,
                                              random_source=SecureRandom(), clipping=clipping_rule("psac"))
             out["opacus_psac_secure"] = _make_step(GradSampleModule(m), opt, batches)
         else:
             gm, gopt = make_ghost_private(m, torch.optim.SGD(m.parameters(), lr=lr), noise_multiplier=sigma,
-                                          max_grad_norm=clip, expected_batch_size=64,
+                                          max_grad_norm=clip, expected_batch_size=batch,
                                           clipping=clipping_rule("psac"), random_source=SecureRandom())
             out["fast_psac_secure"] = _make_step(gm, gopt, batches)
-    return out
+    out["opacus_ghost"] = _opacus_ghost_step(_build(model_name, shape, classes), *data, batch, sigma, clip, lr,
+                                             batches)
+    # privfl's default path: nothing but σ, C and q given (engine "auto", psac, secure noise, accounted)
+    m = _build(model_name, shape, classes)
+    engine = privfl.PrivacyEngine()
+    dm, dopt, _ = engine.make_private(module=m, optimizer=torch.optim.SGD(m.parameters(), lr=lr),
+                                      data_loader=DataLoader(TensorDataset(*data), batch_size=batch),
+                                      noise_multiplier=sigma, max_grad_norm=clip, sample_rate=batch / len(data[1]))
+    out["default"] = _make_step(dm, dopt, batches)
+    return out, str(engine.engine_kind)
 
 
 def bench_model(model_name: str, shape: tuple[int, ...], classes: int, reps: int, warmup: int,
@@ -109,7 +190,8 @@ def bench_model(model_name: str, shape: tuple[int, ...], classes: int, reps: int
     for _ in range(64):
         idx = torch.randperm(len(y), generator=g)[:batch]
         batches.append((x[idx].contiguous(), y[idx].contiguous()))
-    steps = _variants(model_name, shape, classes, batches, sigma=1.0, clip=1.0, lr=0.05)
+    steps, default_engine = _variants(model_name, shape, classes, batches, sigma=1.0, clip=1.0, lr=0.05,
+                                      data=(x, y), batch=batch)
     names = list(steps)
     wall: dict[str, list[float]] = {k: [] for k in names}
     cpu: dict[str, list[float]] = {k: [] for k in names}
@@ -143,6 +225,13 @@ def bench_model(model_name: str, shape: tuple[int, ...], classes: int, reps: int
                   "secure_ratio_vs_nonprivate": round(med[f"{eng}_psac_secure"] / base, 3),
                   "secure_over_seeded": round(med[f"{eng}_psac_secure"] / med[f"{eng}_psac"], 3)}
             for eng in ("opacus", "fast")}
+        out[f"{label}_default"] = {
+            "engine": default_engine, "default_ms": round(med["default"], 4),
+            "opacus_ghost_ms": round(med["opacus_ghost"], 4),
+            "default_ratio": round(med["default"] / base, 3),
+            "opacus_ghost_ratio": round(med["opacus_ghost"] / base, 3),
+            "default_speedup_vs_opacus_ghost": round(med["opacus_ghost"] / med["default"], 3),
+            "fast_flat_speedup_vs_opacus_ghost": round(med["opacus_ghost"] / med["fast_flat"], 3)}
     out["wall_iqr_ms"] = {k: [round(float(np.percentile(v, 25)) * 1e3, 4), round(float(np.percentile(v, 75)) * 1e3, 4)]
                           for k, v in wall.items()}
     return out
@@ -153,23 +242,39 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--models", default="cnn,mlp")
+    ap.add_argument("--resnet-reps", type=int, default=40, help="repetitions for the (slower) resnet")
+    ap.add_argument("--models", default="cnn,mlp,resnet")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load0 = list(os.getloadavg())
-    specs = {"cnn": ((1, 8, 8), 10), "mlp": ((30,), 2)}
+    specs = {"cnn": ((1, 8, 8), 10), "mlp": ((30,), 2), "resnet": ((3, 32, 32), 10)}
     results = []
     for name in args.models.split(","):
         shape, classes = specs[name]
-        results.append(bench_model(name, shape, classes, args.reps, args.warmup))
-    targets = {"cnn": 1.5, "mlp": 2.0}
+        reps, warmup = (args.resnet_reps, min(args.warmup, 5)) if name == "resnet" else (args.reps, args.warmup)
+        results.append(bench_model(name, shape, classes, reps, warmup))
+    targets = {"cnn": 1.5, "mlp": 2.0, "resnet": 1.5}
+    goal: dict[str, object] = {}
     for r in results:
         t = targets[str(r["model"])]
         r["target_ratio"] = t
         for label in ("wall", "thread_cpu"):
             r[f"fast_meets_target_{label}"] = all(v["fast_ratio"] <= t  # type: ignore[index]
                                                    for v in r[label].values())  # type: ignore[union-attr]
+        d = {label: r[f"{label}_default"] for label in ("wall", "thread_cpu")}
+        goal[str(r["model"])] = {
+            "target_ratio": t, "engine": d["wall"]["engine"],  # type: ignore[index]
+            **{f"default_ratio_{k}": v["default_ratio"] for k, v in d.items()},  # type: ignore[index]
+            **{f"opacus_ghost_ratio_{k}": v["opacus_ghost_ratio"] for k, v in d.items()},  # type: ignore[index]
+            **{f"meets_target_{k}": v["default_ratio"] <= t for k, v in d.items()},  # type: ignore[index]
+            **{f"ahead_of_opacus_ghost_{k}": v["default_ms"] < v["opacus_ghost_ms"]  # type: ignore[index]
+               for k, v in d.items()},
+        }
+    per_model = [g for g in goal.values() if isinstance(g, dict)]
+    for label in ("wall", "thread_cpu"):  # ≤ the target on every model and ahead of Opacus's ghost clipping
+        goal[f"held_{label}"] = all(g[f"meets_target_{label}"] and g[f"ahead_of_opacus_ghost_{label}"]
+                                    for g in per_model)
     import opacus
     print(json.dumps({
         "benchmark": "dp_step",
@@ -178,6 +283,7 @@ def main() -> None:
         "clocks": "wall = perf_counter; thread_cpu = this thread's CPU time (less sensitive to other load)",
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "loadavg_before": load0, "loadavg_after": list(os.getloadavg()),
+        "goal": goal,
         "results": results,
     }, indent=2))
 

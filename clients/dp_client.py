@@ -80,9 +80,11 @@ class DPConfig:
     accountant: str = "rdp"
     mechanism: str = "gaussian"
     mechanism_params: dict[str, Any] = field(default_factory=dict)
-    #: "opacus": GradSampleModule hooks + PerSampleWeightDPOptimizer; "fast": clients.ghost
-    #: (ghost norms, same noise and sensitivity, Linear/Conv2d/GroupNorm/LayerNorm only)
-    engine: str = "opacus"
+    #: "auto" (default): the fast engine when it supports every layer, else Opacus (one log
+    #: line says which; TopAgg always runs on Opacus); "opacus": GradSampleModule hooks +
+    #: PerSampleWeightDPOptimizer; "fast": clients.ghost (ghost norms, same noise and
+    #: sensitivity, Linear/Conv2d/GroupNorm/LayerNorm only)
+    engine: str = "auto"
     #: None: evaluation stays local; else the noise multiplier of the released correct count
     eval_noise_multiplier: float | None = None
     #: the public denominator of a released accuracy (a declared test-set size)
@@ -215,7 +217,7 @@ class DPClient(flwr.client.NumPyClient):
         self.privacy_engine: PrivacyEngine | None = None
         if config.enabled:
             if config.engine not in ("opacus", "fast", "auto"):
-                raise ConfigError(f"dp.engine: unknown engine {config.engine!r}; choose 'opacus' or 'fast'")
+                raise ConfigError(f"dp.engine: unknown engine {config.engine!r}; choose 'auto', 'opacus' or 'fast'")
             if config.mechanism not in ("gaussian", "topagg"):
                 raise ConfigError(f"dp.mechanism: must be gaussian or topagg, got {config.mechanism!r}")
             if config.engine == "fast" and config.mechanism != "gaussian":

@@ -151,10 +151,10 @@ class AuditConfig:
         if a.canary in ("dirac", "gradient") and self.model.name not in ("logreg", "mlp"):
             raise ConfigError(f"{source}: [audit].canary: {a.canary!r} canaries need model logreg or mlp, "
                               f"not {self.model.name!r}")
-        if a.canary == "gradient" and self.dp.enabled and (self.dp.engine != "opacus"
+        if a.canary == "gradient" and self.dp.enabled and (self.dp.engine not in ("auto", "opacus")
                                                           or self.dp.mechanism != "gaussian"):
             raise ConfigError(f"{source}: [audit].canary: 'gradient' canaries need dp.engine = 'opacus' "
-                              f"and dp.mechanism = 'gaussian'")
+                              f"(or 'auto', which they resolve to Opacus) and dp.mechanism = 'gaussian'")
 
 
 def audit_config_from(table: dict[str, Any], source: str, base_dir: Path | None = None) -> AuditConfig:
@@ -388,6 +388,8 @@ def _run_audit(cfg: AuditConfig, seed: int | None, device: torch.device | str | 
     dp = cfg.dp.to_dp_config()
     q = dp.sample_rate if dp.sample_rate is not None else min(1.0, dp.batch_size / expected_n)
     dp_cfg = dataclasses.replace(dp, sample_rate=q, declared_size=None)
+    if a.canary == "gradient" and dp_cfg.engine == "auto":
+        dp_cfg.engine = "opacus"  # the canaries enter through Opacus's clip_and_accumulate
     steps = a.steps or max(1, int(round(a.epochs * expected_n / dp.batch_size)))
     if dp_cfg.enabled and dp_cfg.noise_multiplier is None and dp_cfg.planned_steps is None:
         dp_cfg.planned_steps = steps  # calibrate σ from target ε over the audit's own steps

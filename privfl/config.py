@@ -249,7 +249,7 @@ class DPSection:
     topagg_threshold: float = 0.0
     topagg_bound: float = 0.0
     topagg_scale: float = 1.0
-    engine: str = "opacus"
+    engine: str = "auto"  # fast ghost engine where it supports every layer, else Opacus (TopAgg: Opacus)
     eval_noise_multiplier: float = 0.0
     eval_denominator: int = 0
 
@@ -258,8 +258,8 @@ class DPSection:
             raise ConfigError(f"{where}.clipping: must be one of {', '.join(CLIPPING_RULES)}, got {self.clipping!r}")
         if self.mechanism not in ("gaussian", "topagg"):
             raise ConfigError(f"{where}.mechanism: must be gaussian or topagg, got {self.mechanism!r}")
-        if self.engine not in ("opacus", "fast"):
-            raise ConfigError(f"{where}.engine: must be opacus or fast, got {self.engine!r}")
+        if self.engine not in ("auto", "opacus", "fast"):
+            raise ConfigError(f"{where}.engine: must be auto, opacus or fast, got {self.engine!r}")
         if self.mechanism == "topagg" and self.topagg_k < 1:
             raise ConfigError(f"{where}.topagg_k: mechanism 'topagg' needs topagg_k >= 1")
         if self.mechanism == "topagg" and self.engine == "fast":

@@ -136,6 +136,25 @@ def test_fast_engine_refuses_topagg(site):
         make_client(site, engine="fast", mechanism="topagg", mechanism_params={"k": 5})
 
 
+def test_the_default_engine_is_auto_fast_where_supported_and_opacus_for_topagg(site, caplog):
+    from privfl.config import DPSection, from_table
+    from privfl.errors import ConfigError
+    assert DPConfig().engine == "auto" and DPSection().engine == "auto"
+    c = make_client(site)  # no engine given: every layer of the MLP is supported
+    assert c.privacy_engine is not None and c.privacy_engine.engine_kind == "fast"
+    _, _, m = c.fit(c.get_parameters({}), {"local_steps": 2})
+    assert m["steps"] == 2 and c.accountant.steps == 2
+    t = make_client(site, mechanism="topagg", mechanism_params={"k": 5, "threshold": 0.5})  # auto + topagg
+    assert t.privacy_engine is not None and t.privacy_engine.engine_kind == "opacus"
+    for engine in ("opacus", "fast"):  # an explicit engine is kept
+        e = make_client(site, engine=engine).privacy_engine
+        assert e is not None and e.engine_kind == engine
+    section = from_table(DPSection, {"sample_rate": 0.1, "mechanism": "topagg", "topagg_k": 5}, "node.toml: [dp]")
+    assert section.engine == "auto" and section.to_dp_config().engine == "auto"
+    with pytest.raises(ConfigError, match=r"\[dp\]\.engine: must be auto, opacus or fast"):
+        from_table(DPSection, {"sample_rate": 0.1, "engine": "turbo"}, "node.toml: [dp]")
+
+
 def test_fit_releases_public_weight_and_public_metrics_only(site):
     c = make_client(site, declared_size=400, sample_rate=None)
     _, n, m = c.fit(c.get_parameters({}), {"local_steps": 2})
