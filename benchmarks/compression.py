@@ -15,6 +15,11 @@ dense run of its own strategy: the run labelled ``dense`` (sync_gossip) or
 * ``accuracy_gap_pp``: reference final mean accuracy minus the run's, in percentage points;
 * ``bytes_per_message`` and ``epsilon_max`` (equal across runs by construction).
 
+``--subspace`` runs ``examples/digits-compressed/subspace.toml`` instead: subspace DP-SGD
+(``[dp].subspace``: every DP step clipped and noised on a public random k-coordinate mask,
+the wire carrying only those k values) against the same dense gossip reference, at the
+same ε.
+
 ``--quick`` shortens every run (``--rounds``, default 40) for a smoke check; ``--jobs``
 runs that many simulations in parallel processes (one torch thread each). Prints JSON.
 """
@@ -35,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 EXAMPLE = ROOT / "examples" / "digits-compressed" / "compare.toml"
+SUBSPACE = ROOT / "examples" / "digits-compressed" / "subspace.toml"
 
 
 def _curve(rows: list[dict[str, Any]], collective: bool) -> list[tuple[int, float, float]]:
@@ -104,12 +110,18 @@ def _is_reference(label: str) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(EXAMPLE))
+    ap.add_argument("--config", default=None, help=f"default: {EXAMPLE.relative_to(ROOT)}")
+    ap.add_argument("--subspace", action="store_true",
+                    help=f"the subspace DP-SGD variants ({SUBSPACE.relative_to(ROOT)})")
     ap.add_argument("--quick", action="store_true", help="short runs (--rounds) for a smoke check")
     ap.add_argument("--rounds", type=int, default=40, help="rounds per run with --quick")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--only", nargs="*", help="labels to run (the dense references are always run)")
     a = ap.parse_args()
+    if a.config is None:
+        a.config = str(SUBSPACE if a.subspace else EXAMPLE)
+    elif a.subspace:
+        raise SystemExit("give --config or --subspace, not both")
 
     from privfl.experiment import load_experiment
 

@@ -218,8 +218,9 @@ class DPClient(flwr.client.NumPyClient):
         if config.enabled:
             if config.engine not in ("opacus", "fast", "auto"):
                 raise ConfigError(f"dp.engine: unknown engine {config.engine!r}; choose 'auto', 'opacus' or 'fast'")
-            if config.mechanism not in ("gaussian", "topagg"):
-                raise ConfigError(f"dp.mechanism: must be gaussian or topagg, got {config.mechanism!r}")
+            if config.mechanism not in ("gaussian", "topagg", "subspace"):
+                raise ConfigError(f"dp.mechanism: must be gaussian or topagg (or subspace, from dp.subspace), "
+                                  f"got {config.mechanism!r}")
             if config.engine == "fast" and config.mechanism != "gaussian":
                 raise ConfigError(f"dp.engine: the 'fast' engine implements the gaussian mechanism only, "
                                   f"not {config.mechanism!r}; use engine = 'opacus'")

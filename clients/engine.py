@@ -123,6 +123,11 @@ def mechanism_description(mechanism: str, clipping: str, max_grad_norm: float,
         return {"local_mechanism": "topagg", "clipping": "topagg", "max_grad_norm": math.sqrt(k),
                 "sensitivity": math.sqrt(k),
                 "mechanism_params": {key: v for key, v in params.items() if v is not None}}
+    if mechanism == "subspace":  # Gaussian on a public random k-coordinate mask: sensitivity C inside it
+        from privfl.clients.subspace import describe as describe_subspace
+
+        return {"local_mechanism": "gaussian_subspace", "clipping": clipping, "max_grad_norm": float(max_grad_norm),
+                "sensitivity": float(max_grad_norm), "mechanism_params": describe_subspace(params)}
     return {"local_mechanism": "gaussian", "clipping": clipping, "max_grad_norm": float(max_grad_norm),
             "sensitivity": float(max_grad_norm), "mechanism_params": {}}
 
@@ -320,13 +325,20 @@ class PrivacyEngine:
         if isinstance(max_grad_norm, (list, tuple)):
             raise ConfigError("make_private: max_grad_norm: one number (per-layer clipping is not supported)")
         c = _positive("max_grad_norm", max_grad_norm)
-        if clipping not in CLIPPING_RULES and mechanism == "gaussian":
+        if clipping not in CLIPPING_RULES and mechanism in ("gaussian", "subspace"):
             raise ConfigError(f"make_private: clipping: unknown rule {clipping!r}; choose one of "
                               f"{', '.join(CLIPPING_RULES)}")
         if engine not in ("auto", "opacus", "fast"):
             raise ConfigError(f"make_private: engine: unknown engine {engine!r}; choose 'auto', 'opacus' or 'fast'")
-        if mechanism not in ("gaussian", "topagg"):
-            raise ConfigError(f"make_private: mechanism: must be 'gaussian' or 'topagg', got {mechanism!r}")
+        if mechanism not in ("gaussian", "topagg", "subspace"):
+            raise ConfigError(f"make_private: mechanism: must be 'gaussian', 'topagg' or 'subspace', got {mechanism!r}")
+        if mechanism == "subspace":
+            if engine == "fast":
+                raise ConfigError("make_private: engine: the 'fast' engine does not implement mechanism 'subspace' "
+                                  "(dp.subspace); use engine='opacus' or 'auto'")
+            from privfl.clients.subspace import check_subspace_params
+
+            check_subspace_params(mechanism_params or {}, "make_private: mechanism_params")
         if mechanism == "topagg" and engine == "fast":
             raise ConfigError("make_private: engine: the 'fast' engine implements the gaussian mechanism only, "
                               "not 'topagg'; use engine='opacus'")
@@ -349,7 +361,8 @@ class PrivacyEngine:
             raise ConfigError("make_private: module: the model has no trainable parameters")
         device = params[0].device
         noise_source = random_source(None if self.seed is None else self.seed + NOISE_SEED_OFFSET, device)
-        rule = clipping_rule(clipping, psac_r=psac_r, autos_gamma=autos_gamma) if mechanism == "gaussian" else None
+        rule = (clipping_rule(clipping, psac_r=psac_r, autos_gamma=autos_gamma)
+                if mechanism in ("gaussian", "subspace") else None)
 
         dp_module, dp_optimizer = self._wrap(module, optimizer, engine, mechanism, mechanism_params, rule,
                                              sigma, c, divisor, noise_source, loss_reduction)
@@ -580,6 +593,13 @@ class PrivacyEngine:
                                                       noise_multiplier=sigma,
                                                       expected_batch_size=divisor,  # type: ignore[arg-type]
                                                       random_source=noise_source)
+        if mechanism == "subspace":
+            from privfl.clients.subspace import SubspaceDPOptimizer
+
+            return gsm, SubspaceDPOptimizer.from_params(optimizer, dict(mechanism_params or {}),
+                                                        noise_multiplier=sigma, max_grad_norm=c,
+                                                        expected_batch_size=divisor, random_source=noise_source,
+                                                        clipping=rule, loss_reduction=loss_reduction)
         return gsm, PerSampleWeightDPOptimizer(optimizer, noise_multiplier=sigma, max_grad_norm=c,
                                                expected_batch_size=divisor, random_source=noise_source,
                                                clipping=rule, loss_reduction=loss_reduction)

@@ -249,6 +249,9 @@ class DPSection:
     topagg_threshold: float = 0.0
     topagg_bound: float = 0.0
     topagg_scale: float = 1.0
+    #: subspace DP-SGD: { fraction = 0.01, seed = <public int>, period = 1 } (empty: off); each step
+    #: clips and noises only a public random k-coordinate mask (clients.subspace)
+    subspace: dict[str, Any] = field(default_factory=dict)
     engine: str = "auto"  # fast ghost engine where it supports every layer, else Opacus (TopAgg: Opacus)
     eval_noise_multiplier: float = 0.0
     eval_denominator: int = 0
@@ -264,6 +267,16 @@ class DPSection:
             raise ConfigError(f"{where}.topagg_k: mechanism 'topagg' needs topagg_k >= 1")
         if self.mechanism == "topagg" and self.engine == "fast":
             raise ConfigError(f"{where}.engine: the 'fast' engine implements the gaussian mechanism only")
+        if self.subspace:
+            from privfl.clients.subspace import check_subspace_params
+
+            check_subspace_params(self.subspace, f"{where}.subspace")
+            if self.mechanism != "gaussian":
+                raise ConfigError(f"{where}.subspace: restricts the gaussian mechanism; not with "
+                                  f"mechanism {self.mechanism!r}")
+            if self.engine == "fast":
+                raise ConfigError(f"{where}.engine: the 'fast' engine does not implement {where}.subspace; "
+                                  "use engine = \"opacus\" or \"auto\"")
         if self.accountant not in ("rdp", "pld"):
             raise ConfigError(f"{where}.accountant: must be rdp or pld, got {self.accountant!r}")
         for name in ("noise_multiplier", "sample_rate", "eval_noise_multiplier", "topagg_threshold",
@@ -287,10 +300,10 @@ class DPSection:
             delta=self.delta, planned_steps=self.planned_steps or None, batch_size=self.batch_size,
             sample_rate=self.sample_rate or None, declared_size=self.declared_size or None,
             lr=self.lr, momentum=self.momentum, optimizer=self.optimizer, optimizer_args=dict(self.optimizer_args),
-            accountant=self.accountant, mechanism=self.mechanism,
+            accountant=self.accountant, mechanism="subspace" if self.subspace else self.mechanism,
             mechanism_params=({"k": self.topagg_k, "threshold": self.topagg_threshold,
                                "bound": self.topagg_bound or None, "scale": self.topagg_scale}
-                              if self.mechanism == "topagg" else {}),
+                              if self.mechanism == "topagg" else dict(self.subspace)),
             engine=self.engine,
             eval_noise_multiplier=self.eval_noise_multiplier or None,
             eval_denominator=self.eval_denominator or None,

@@ -474,7 +474,11 @@ class SyncGossip(_GossipBase):
                                   "does not have; use topk/adacomp (error feedback) or topk/randomk without it")
             gamma = self.config.get("gamma", 0.5)
             initial = released(self.params, "public initial model") if self.config.get("shared_init") else None
-            if comp.error_feedback:  # the compressor keeps the residual: send compressed model changes
+            from privfl.strategies.compression.subspace import SubspaceGossip, SubspaceK
+
+            if isinstance(comp, SubspaceK):  # subspace DP-SGD: mix the k values of the shared public mask
+                self.innovation = SubspaceGossip(self.node_id, self.mixing, comp, gamma)
+            elif comp.error_feedback:  # the compressor keeps the residual: send compressed model changes
                 self.innovation = ErrorFeedbackGossip(self.node_id, self.mixing, comp, gamma, initial)
             else:  # the public estimate keeps the residual (CHOCO)
                 self.innovation = InnovationGossip(self.node_id, self.mixing, comp, gamma, initial)

@@ -15,6 +15,7 @@ from typing import Any
 
 from privfl.accounting.errors import ConfigError
 from privfl.strategies.compression.compressors import COMPRESSORS, Compressor, canonical_name, compressor_from_config
+from privfl.strategies.compression.subspace import SubspaceK  # noqa: F401  (registers "subspace")
 
 __all__ = ["SYNC_GOSSIP_KEYS", "build_compressor", "check_strategy_keys", "sync_compression_params"]
 

@@ -1,0 +1,256 @@
+"""Subspace DP-SGD: compression chosen before the noise, on a public random coordinate mask.
+
+Each DP step is restricted to a mask drawn from a public seed and the step index; per-sample
+gradients are clipped to C inside it, N(0, σ²C²) is added on its k coordinates only, and the
+wire carries only those k values. Checked: zero outside the mask, the noise std on kept
+coordinates (σ·C/E[B], as dense), sensitivity C (the same accountant event as dense), the
+mask is a function of public values only, and ~4k bytes on the wire.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from privfl.accounting.subspace import subspace_indices, subspace_k
+from privfl.clients.engine import PrivacyEngine
+from privfl.clients.subspace import SubspaceDPOptimizer
+from privfl.config import DPSection
+from privfl.errors import ConfigError
+from privfl.strategies.compression import released
+from privfl.strategies.compression.params import build_compressor, sync_compression_params
+from privfl.strategies.compression.subspace import SubspaceK, round_indices
+from privfl.strategies.gossip import SyncGossip
+
+pytestmark = pytest.mark.timeout(60)
+
+SUB = {"fraction": 0.1, "seed": 3}
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _private(mechanism: str = "subspace", params: dict[str, Any] | None = None, data_seed: int = 0,
+             sigma: float = 1.0, c: float = 1.0, q: float = 0.2, n: int = 200, seed: int = 1,
+             scale: float = 1.0) -> tuple[PrivacyEngine, nn.Module, Any, DataLoader, list[dict[str, Any]]]:
+    g = torch.Generator().manual_seed(data_seed)
+    x, y = torch.randn(n, 20, generator=g) * scale, torch.randint(0, 3, (n,), generator=g)
+    m = _model()
+    eng = PrivacyEngine(seed=seed)
+    events: list[dict[str, Any]] = []
+    eng.on_dp_event = events.append
+    dm, opt, dl = eng.make_private(module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+                                   data_loader=DataLoader(TensorDataset(x, y), batch_size=20),
+                                   noise_multiplier=sigma, max_grad_norm=c, sample_rate=q, clipping="flat",
+                                   engine="auto", mechanism=mechanism,
+                                   mechanism_params=dict(SUB if params is None else params))
+    return eng, dm, opt, dl, events
+
+
+def _step(dm: nn.Module, opt: Any, dl: DataLoader, zero_loss: bool = False) -> None:
+    xb, yb = next(iter(dl))
+    opt.zero_grad(set_to_none=True)
+    out = dm(xb)
+    loss = out.sum() * 0.0 if zero_loss or not len(yb) else nn.functional.cross_entropy(out, yb)
+    loss.backward()
+    opt.step()
+
+
+def _flat(tensors: Any) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def test_update_is_zero_outside_the_mask() -> None:
+    eng, dm, opt, dl, _ = _private()
+    assert isinstance(opt, SubspaceDPOptimizer) and eng.engine_kind == "opacus"
+    eng.reserve(3)
+    params = list(dm.parameters())
+    for step in range(3):
+        before = _flat(params).clone()
+        idx = subspace_indices(3, step, opt.dimension, 0.1)
+        _step(dm, opt, dl)
+        moved = (_flat(params) - before).numpy()
+        outside = np.ones(opt.dimension, dtype=bool)
+        outside[idx] = False
+        assert np.all(moved[outside] == 0.0)
+        assert np.count_nonzero(moved[idx]) == len(idx) == subspace_k(opt.dimension, 0.1)
+
+
+def test_noise_std_on_kept_coordinates_is_sigma_c_over_expected_batch() -> None:
+    sigma, c, q, n = 1.3, 0.7, 0.2, 200
+    eng, dm, opt, dl, _ = _private(sigma=sigma, c=c, q=q, n=n, params={"fraction": 0.5, "seed": 5})
+    steps = 80
+    eng.reserve(steps)
+    kept, outside = [], []
+    for step in range(steps):
+        _step(dm, opt, dl, zero_loss=True)  # zero gradients: p.grad is the noise / E[B]
+        g = _flat(p.grad for p in dm.parameters()).numpy()
+        idx = subspace_indices(5, step, opt.dimension, 0.5)
+        mask = np.zeros(opt.dimension, dtype=bool)
+        mask[idx] = True
+        kept.append(g[mask])
+        outside.append(g[~mask])
+    values = np.concatenate(kept)
+    assert eng.expected_batch_size == 20  # the public divisor E[B]: the loader's batch size here
+    expected = sigma * c / eng.expected_batch_size
+    assert len(values) > 10_000
+    assert abs(values.std() / expected - 1) < 0.03
+    assert abs(values.mean()) < 4 * expected / np.sqrt(len(values))
+    assert np.all(np.concatenate(outside) == 0.0)
+
+
+def test_clipped_contribution_inside_the_subspace_has_norm_at_most_c_and_the_dp_event_matches_dense() -> None:
+    c = 0.5
+    eng, dm, opt, dl, events = _private(c=c, sigma=1.0, scale=50.0)  # large inputs: every gradient is clipped
+    eng.reserve(1)
+    xb, yb = next(iter(dl))
+    opt.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(dm(xb), yb).backward()
+    # what clip_and_accumulate sees: per-sample gradients restricted to the mask, norms inside it
+    full = [p.grad_sample.detach().reshape(len(yb), -1).clone() for p in opt.params]
+    opt.clip_and_accumulate()
+    restricted = torch.cat([p.grad_sample.reshape(len(yb), -1) for p in opt.params], dim=1)
+    idx = torch.from_numpy(subspace_indices(3, 0, opt.dimension, 0.1))
+    full_flat = torch.cat(full, dim=1)
+    assert torch.allclose(restricted[:, idx], full_flat[:, idx])
+    outside = torch.ones(opt.dimension, dtype=torch.bool)
+    outside[idx] = False
+    assert torch.all(restricted[:, outside] == 0)
+    norms = restricted.norm(dim=1)
+    assert torch.allclose(opt.last_per_sample_norms, norms, rtol=1e-5)
+    contributions = (opt.last_weights[:, None] * restricted).norm(dim=1)
+    assert torch.all(contributions <= c * (1 + 1e-5))
+    assert (contributions > c * (1 - 1e-4)).float().mean() > 0.5  # most are clipped: exactly C inside the mask
+    # the accountant event is the dense Gaussian one (sensitivity C, same σ and q)
+    eng_d, _, _, _, events_d = _private(mechanism="gaussian", params={}, c=c, sigma=1.0)
+    eng_d.reserve(1)
+    sub, dense = events[-1], events_d[-1]
+    for key in ("purpose", "mechanism", "noise_multiplier", "sample_rate", "steps", "neighboring_relation",
+                "accountant", "clipping", "max_grad_norm", "sensitivity"):
+        assert sub[key] == dense[key], key
+    assert sub["sensitivity"] == c and sub["mechanism"] == "poisson_gaussian"
+    assert sub["local_mechanism"] == "gaussian_subspace"
+    assert sub["mechanism_params"] == {"fraction": 0.1, "period": 1, "seed": 3}
+    assert eng.accountant.get_epsilon(1e-5) == eng_d.accountant.get_epsilon(1e-5)
+
+
+def test_mask_depends_on_the_public_seed_and_step_only() -> None:
+    # two nodes with different data (and different noise streams) draw the same masks
+    a = _private(data_seed=0, seed=1)
+    b = _private(data_seed=99, seed=2, scale=10.0)
+    for eng, *_ in (a, b):
+        eng.reserve(4)
+    for step in range(4):
+        ia, ib = a[2].flat_indices(), b[2].flat_indices()
+        assert np.array_equal(ia, ib)
+        assert np.array_equal(ia, subspace_indices(3, step, a[2].dimension, 0.1))
+        _step(*a[1:4])
+        _step(*b[1:4])
+    assert a[2].steps_taken == b[2].steps_taken == 4
+    # it changes with the step and with the seed; period repeats a mask for that many steps
+    d = a[2].dimension
+    assert not np.array_equal(subspace_indices(3, 0, d, 0.1), subspace_indices(3, 1, d, 0.1))
+    assert not np.array_equal(subspace_indices(3, 0, d, 0.1), subspace_indices(4, 0, d, 0.1))
+    assert np.array_equal(round_indices(3, 1, d, 0.1, local_steps=2, period=2), subspace_indices(3, 1, d, 0.1))
+    # the wire side derives the DP side's mask for each round (local_steps = period = 1)
+    comp = SubspaceK(fraction=0.1, public_seed=3)
+    for r in range(3):
+        assert np.array_equal(comp.indices_for(r, d), subspace_indices(3, r, d, 0.1))
+
+
+def test_wire_carries_only_the_k_values_of_the_shared_mask() -> None:
+    key, kwargs = sync_compression_params({"compressor": "subspace", "fraction": 0.01, "public_seed": 7,
+                                           "gamma": 1.0, "shared_init": True})
+    assert key == "subspace"
+    comps = [build_compressor(key, kwargs, seed=s) for s in (11, 12)]  # per-node seeds do not change the mask
+    d = 38_378
+    rng = np.random.default_rng(0)
+    k = subspace_k(d, 0.01)
+    for r in range(3):
+        msgs = [cm.compress(released([rng.normal(size=(d,))], "dp-sgd model")) for cm in comps]
+        assert msgs[0].nbytes == msgs[1].nbytes == 4 * k  # float32 values only: the indices are derived
+        assert np.array_equal(msgs[0].indices, msgs[1].indices)
+        assert np.array_equal(msgs[0].indices, subspace_indices(7, r, d, 0.01))
+        assert msgs[0].shared_indices
+    assert 4 * d / msgs[0].nbytes == pytest.approx(100, rel=0.01)
+
+
+def test_config_turns_it_on_and_refuses_the_fast_engine_naming_the_field() -> None:
+    sec = DPSection(subspace={"fraction": 0.05, "seed": 1}, engine="opacus", sample_rate=0.1)
+    sec.validate("dp")
+    cfg = sec.to_dp_config()
+    assert cfg.mechanism == "subspace" and cfg.mechanism_params == {"fraction": 0.05, "seed": 1}
+    with pytest.raises(ConfigError, match=r"^dp\.engine: .*dp\.subspace"):
+        DPSection(subspace={"fraction": 0.05, "seed": 1}, engine="fast", sample_rate=0.1).validate("dp")
+    with pytest.raises(ConfigError, match=r"dp\.subspace\.seed"):
+        DPSection(subspace={"fraction": 0.05}, sample_rate=0.1).validate("dp")
+    with pytest.raises(ConfigError, match=r"dp\.subspace\.fraction"):
+        DPSection(subspace={"fraction": 2.0, "seed": 1}, sample_rate=0.1).validate("dp")
+    with pytest.raises(ConfigError, match="engine: the 'fast' engine does not implement mechanism 'subspace'"):
+        _private_fast()
+
+
+def _private_fast() -> None:
+    m = _model()
+    PrivacyEngine(seed=0).make_private(
+        module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(torch.zeros(10, 20), torch.zeros(10, dtype=torch.long))),
+        noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, engine="fast", mechanism="subspace",
+        mechanism_params=SUB)
+
+
+class _FixedPoint:
+    """A client that returns its input unchanged: only the gossip moves models."""
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
+        return [np.array(p, copy=True) for p in parameters], 1, {"epsilon": 0.0, "steps": 1, "dp": 1}
+
+
+def test_sync_gossip_mixes_only_the_shared_mask_and_sends_4k_bytes() -> None:
+    import math
+
+    from flwr.client import NumPyClient
+
+    from privfl.sim import LinkSpec, SimWorld
+    from privfl.strategies.topology import build_topology
+
+    class Client(_FixedPoint, NumPyClient):
+        pass
+
+    ids = [f"n{i}" for i in range(4)]
+    topo = build_topology("ring", ids)
+    world = SimWorld(ids, {i: topo.neighbors(i) for i in ids}, LinkSpec())
+    rng = np.random.default_rng(0)
+    models = [[rng.normal(size=(10, 30)).astype(np.float32), rng.normal(size=30).astype(np.float32)] for _ in ids]
+    nodes = []
+    for i, nid in enumerate(ids):
+        s = SyncGossip(Client(), world.network(nid), models[i],
+                       {"local_steps": 1, "topology": topo, "compressor": SubspaceK(fraction=0.1, public_seed=7),
+                        "gamma": 1.0, "timeout": math.inf})
+        world.strategies[nid] = s
+        nodes.append(s)
+    d, k = 330, subspace_k(330, 0.1)
+    for r in range(2):
+        before = [np.concatenate([p.ravel() for p in s.params]) for s in nodes]
+        sent = [s.begin_round().bytes_sent for s in nodes]
+        assert sent == [2 * 4 * k] * 4  # two neighbours, k float32 values each
+        for nid, s in zip(ids, nodes):
+            s.finish_round(world.network(nid).receive(r, list(s.mixing), math.inf))
+        after = [np.concatenate([p.ravel() for p in s.params]) for s in nodes]
+        idx = subspace_indices(7, r, d, 0.1)
+        off = np.setdiff1d(np.arange(d), idx)
+        for i, nid in enumerate(ids):
+            assert np.array_equal(after[i][off], before[i][off])  # nothing moves off the mask
+            row = topo.mixing_row(nid)
+            want = (1 - sum(row.values())) * before[i][idx] + sum(
+                w * before[ids.index(j)][idx] for j, w in row.items())
+            np.testing.assert_allclose(after[i][idx], want, rtol=1e-5, atol=1e-6)  # D-PSGD on the mask
+        total = np.sum(before, axis=0)
+        np.testing.assert_allclose(np.sum(after, axis=0), total, rtol=1e-4, atol=1e-4)  # the sum is preserved
