@@ -306,7 +306,8 @@ def load_factory_site(factory: str, site_index: int, num_sites: int, root: str |
                           f"{type(out).__name__}")
     # a Flower-quickstart load_data returns DataLoaders: their Datasets are the records (DP-SGD
     # draws its own Poisson batches, so the loaders' batching and shuffling are not used)
-    train, test = (getattr(d, "dataset", d) if isinstance(d, DataLoader) else d for d in out)
+    train: Any = out[0].dataset if isinstance(out[0], DataLoader) else out[0]
+    test: Any = out[1].dataset if isinstance(out[1], DataLoader) else out[1]
     for name, ds in (("train", train), ("test", test)):
         if not isinstance(ds, TorchDataset):
             raise ConfigError(f"{where}.factory: {factory} returned a {type(ds).__name__} as its {name} split, "
