@@ -477,7 +477,7 @@ class SyncGossip(_GossipBase):
             from privfl.strategies.compression.subspace import SubspaceGossip, SubspaceK
 
             if isinstance(comp, SubspaceK):  # subspace DP-SGD: mix the k values of the shared public mask
-                self.innovation = SubspaceGossip(self.node_id, self.mixing, comp, gamma)
+                self.innovation = SubspaceGossip(self.node_id, self.mixing, comp, gamma, initial)
             elif comp.error_feedback:  # the compressor keeps the residual: send compressed model changes
                 self.innovation = ErrorFeedbackGossip(self.node_id, self.mixing, comp, gamma, initial)
             else:  # the public estimate keeps the residual (CHOCO)

@@ -254,3 +254,22 @@ def test_sync_gossip_mixes_only_the_shared_mask_and_sends_4k_bytes() -> None:
             np.testing.assert_allclose(after[i][idx], want, rtol=1e-5, atol=1e-6)  # D-PSGD on the mask
         total = np.sum(before, axis=0)
         np.testing.assert_allclose(np.sum(after, axis=0), total, rtol=1e-4, atol=1e-4)  # the sum is preserved
+
+
+def test_four_bit_values_reuse_the_quantiser_and_cost_half_a_byte_each() -> None:
+    from privfl.strategies.compression.subspace import decode_values, segment_shapes
+
+    shapes = ((100, 30), (30,), (30, 10), (10,))
+    d = 3340
+    comp = SubspaceK(fraction=0.1, public_seed=7, bits=4)
+    x = np.random.default_rng(1).normal(size=d)
+    arrays = [x[:3000].reshape(100, 30), x[3000:3030], x[3030:3330].reshape(30, 10), x[3330:]]
+    msg = comp.compress(released(arrays, "dp-sgd model"))
+    idx = subspace_indices(7, 0, d, 0.1)
+    k = len(idx)
+    assert msg.kind == "quant4" and msg.nbytes == (4 * k + 7) // 8 + 8 * len(shapes)  # codes + (low, step) each
+    assert msg.shapes == segment_shapes(idx, shapes) and sum(s[0] for s in msg.shapes) == k
+    got = decode_values(msg, idx, shapes)
+    step = (x[idx].max() - x[idx].min()) / 15
+    assert np.max(np.abs(got - x[idx])) <= step / 2 + 1e-6
+    assert 4 * d / msg.nbytes > 60  # 10% at 4 bits: ≈ 80× fewer bytes than float32, less 8 bytes a tensor

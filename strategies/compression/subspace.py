@@ -30,13 +30,14 @@ from privfl.strategies.compression.compressors import (
     COMPRESSORS,
     CompressionError,
     Compressor,
+    Quantize8,
     Shapes,
     _require_released,
 )
-from privfl.strategies.compression.message import Compressed, MalformedMessage
+from privfl.strategies.compression.message import Compressed, MalformedMessage, _offsets, decode_flat
 from privfl.strategies.compression.release import Released, _derive
 
-__all__ = ["SubspaceGossip", "SubspaceK", "round_indices"]
+__all__ = ["SubspaceGossip", "SubspaceK", "decode_values", "round_indices", "segment_shapes"]
 
 
 def round_indices(public_seed: int, round_index: int, d: int, fraction: float, local_steps: int = 1,
@@ -54,7 +55,7 @@ class SubspaceK(Compressor):
     name = "subspace"
 
     def __init__(self, fraction: float = 0.01, public_seed: int | None = None, period: int = 1,
-                 local_steps: int = 1) -> None:
+                 local_steps: int = 1, bits: int | None = None) -> None:
         try:
             checked = check_subspace_params({"fraction": fraction, "seed": public_seed, "period": period},
                                             "subspace")
@@ -62,7 +63,11 @@ class SubspaceK(Compressor):
             raise CompressionError(str(exc).replace("subspace.seed", "subspace.public_seed")) from None
         if isinstance(local_steps, bool) or not isinstance(local_steps, (int, np.integer)) or local_steps < 1:
             raise CompressionError(f"subspace: local_steps must be an integer >= 1, got {local_steps!r}")
+        if bits is not None and (isinstance(bits, bool) or bits not in (8, 4, 2, 1)):
+            raise CompressionError(f"subspace: bits must be 8, 4, 2 or 1 (or absent: float32 values), got {bits!r}")
         super().__init__(error_feedback=False)
+        self._bits = None if bits is None else int(bits)
+        self._quant = None if bits is None else Quantize8(bits=int(bits))
         self._fraction, self._seed, self._period = checked["fraction"], checked["seed"], checked["period"]
         self._local_steps = int(local_steps)
         self.rounds = 0  # compress calls so far: the round whose mask the next message uses
@@ -74,11 +79,39 @@ class SubspaceK(Compressor):
     def _encode(self, p: np.ndarray, fresh: np.ndarray, shapes: Shapes) -> Compressed:
         idx = self.indices_for(self.rounds, len(p)).astype(np.int32)
         self.rounds += 1
-        return Compressed("sparse", shapes, indices=idx, values=p[idx].astype(np.float32), shared_indices=True)
+        if self._quant is None:
+            return Compressed("sparse", shapes, indices=idx, values=p[idx].astype(np.float32), shared_indices=True)
+        # the k values quantised per model tensor (one (low, step) pair each): a quantB message
+        # over the virtual shapes ((k_0,), (k_1,), …), which the receiver derives too
+        self._quant.reset()
+        return self._quant.compress(_derive(p[idx].astype(np.float64), segment_shapes(idx, shapes)))
 
     def describe(self) -> str:
         return (f"subspace(fraction={self._fraction:g}, public_seed={self._seed}, period={self._period}, "
-                f"local_steps={self._local_steps})")
+                f"local_steps={self._local_steps}, values={'float32' if self._bits is None else f'{self._bits}-bit'})")
+
+
+def segment_shapes(indices: np.ndarray, shapes: Shapes) -> Shapes:
+    """((k_0,), (k_1,), …): how many of the sorted flat ``indices`` fall in each tensor of ``shapes``."""
+    counts = np.diff(np.searchsorted(indices, _offsets(shapes)))
+    return tuple((int(c),) for c in counts)
+
+
+def decode_values(msg: Compressed, indices: np.ndarray, shapes: Shapes) -> np.ndarray:
+    """The k values a subspace message carries for ``indices`` (float32 or quantised); validated."""
+    if msg.kind == "sparse":
+        if msg.shapes != tuple(shapes) or not np.array_equal(msg.indices, indices):
+            raise MalformedMessage("subspace message: not on this round's shared mask")
+        values = msg.values.astype(np.float64)
+    elif msg.kind.startswith("quant"):
+        if msg.shapes != segment_shapes(indices, shapes):
+            raise MalformedMessage("subspace message: quantised values do not match this round's shared mask")
+        values = decode_flat(msg)
+    else:
+        raise MalformedMessage(f"subspace message: unexpected kind {msg.kind!r}")
+    if not np.all(np.isfinite(values)):
+        raise MalformedMessage("subspace message: non-finite values")
+    return values
 
 
 def _register() -> None:
@@ -90,18 +123,21 @@ _register()
 
 
 class SubspaceGossip:
-    """Sync gossip on the shared mask: x_i[M] ← x_i[M] + γ Σ_j w_ij (x_j[M] − x_i[M]); nothing moves off M.
+    """Sync gossip on the shared mask M of the round (CHOCO estimates, consensus on M only).
 
     Same interface as :class:`~strategies.compression.InnovationGossip` (``make_message``,
     ``receive``, ``consensus_step``), used by ``SyncGossip`` when its compressor is
-    :class:`SubspaceK`. Every node's DP steps this round touched only the round's mask M,
-    so (from a shared initial model) averaging the k values of M is D-PSGD on the
-    coordinates that moved; the others are left as they are. A missing neighbour's weight
-    stays on the node itself. Every input is released (post-noise), every output derived.
+    :class:`SubspaceK`. Every node keeps public estimates x̂_j of itself and its neighbours
+    (all start at the shared initial model). Per round: send q = C((x_i − x̂_i)[M]) and set
+    x̂_i[M] += q; apply each neighbour's q_j to x̂_j[M]; mix only M:
+    x_i[M] += γ Σ_j w_ij (x̂_j[M] − x̂_i[M]). With float32 values q is exact, so x̂[M] = x[M]
+    and this is D-PSGD on the coordinates the round's DP steps moved; with ``bits`` the
+    estimates absorb the rounding. Nothing moves off M. A missing neighbour's weight stays on
+    the node itself. Every input is released (post-noise), every output derived.
     """
 
     def __init__(self, node_id: str, neighbor_weights: Mapping[str, float], compressor: SubspaceK,
-                 gamma: float) -> None:
+                 gamma: float, initial: Released | None = None) -> None:
         if not isinstance(compressor, SubspaceK):
             raise CompressionError(f"subspace gossip: compressor must be SubspaceK, got {type(compressor).__name__}")
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
@@ -112,37 +148,57 @@ class SubspaceGossip:
         self._gamma = float(gamma)
         self._indices: np.ndarray | None = None
         self._shapes: Shapes | None = None
-        self._got: dict[str, np.ndarray] = {}
+        self._estimates: dict[str, np.ndarray] = {}
+        self._got: set[str] = set()
+        if initial is not None:
+            initial = _require_released(initial, "subspace gossip initial estimate")
+            self._init(initial.shapes, initial.flat())
+
+    def _init(self, shapes: Shapes, start: np.ndarray) -> None:
+        self._shapes = tuple(shapes)
+        for j in [self._node_id, *self._weights]:
+            self._estimates[j] = start.astype(np.float64, copy=True)
 
     def make_message(self, x: Released) -> Compressed:
-        """The k values of this round's mask (the indices are derived by every neighbour)."""
+        """C((x − x̂_self) on this round's mask); x̂_self moves by what was sent."""
         x = _require_released(x, "subspace gossip make_message()")
-        msg = self._compressor.compress(x)
-        self._indices, self._shapes, self._got = msg.indices.copy(), msg.shapes, {}
+        if self._shapes is None:
+            self._init(x.shapes, np.zeros(x.size))
+        if tuple(x.shapes) != self._shapes:
+            raise MalformedMessage(f"node {self._node_id}: model shapes changed")
+        own = self._estimates[self._node_id]
+        msg = self._compressor.compress(_derive(x.flat() - own, x.shapes))
+        self._indices = self._compressor.indices_for(self._compressor.rounds - 1, x.size).astype(np.int32)
+        own[self._indices] += decode_values(msg, self._indices, self._shapes)
+        self._got = set()
         return msg
 
     def receive(self, sender: str, msg: Compressed) -> None:
-        """Keep neighbour ``sender``'s values, after checking they are on this round's mask."""
+        """Apply neighbour ``sender``'s values to its estimate, after checking they are on this round's mask."""
         if sender not in self._weights:
             raise MalformedMessage(f"node {self._node_id}: message from {sender!r}, which is not a neighbour")
-        if not isinstance(msg, Compressed) or msg.kind != "sparse":
-            raise MalformedMessage(f"node {self._node_id}: expected a sparse subspace message from {sender!r}")
-        if self._indices is None or msg.shapes != self._shapes or not np.array_equal(msg.indices, self._indices):
-            raise MalformedMessage(f"node {self._node_id}: {sender!r}'s message is not on this round's shared mask")
-        if not np.all(np.isfinite(msg.values)):
-            raise MalformedMessage(f"node {self._node_id}: non-finite values from {sender!r}")
-        self._got[sender] = msg.values.astype(np.float64)
+        if not isinstance(msg, Compressed):
+            raise MalformedMessage(f"node {self._node_id}: expected a Compressed message from {sender!r}")
+        if self._indices is None or self._shapes is None:
+            raise MalformedMessage(f"node {self._node_id}: {sender!r}'s message came before this node's own")
+        try:
+            values = decode_values(msg, self._indices, self._shapes)
+        except MalformedMessage as exc:
+            raise MalformedMessage(f"node {self._node_id}: from {sender!r}: {exc}") from None
+        self._estimates[sender][self._indices] += values
+        self._got.add(sender)
 
     def consensus_step(self, x: Released) -> Released:
-        """Mix the mask's coordinates with the neighbours' values; post-processing, so derived."""
+        """x[M] + γ Σ_j w_ij (x̂_j[M] − x̂_i[M]); post-processing, so derived."""
         x = _require_released(x, "subspace gossip consensus_step()")
         flat = x.flat()
         if self._indices is not None:
-            own = flat[self._indices]
+            idx = self._indices
+            own = self._estimates[self._node_id][idx]
             pull = np.zeros_like(own)
             for j, w in self._weights.items():  # fixed order: deterministic sums
                 if j in self._got:
-                    pull += w * (self._got[j] - own)
-            flat[self._indices] = own + self._gamma * pull
-        self._got = {}
+                    pull += w * (self._estimates[j][idx] - own)
+            flat[idx] = flat[idx] + self._gamma * pull
+        self._got = set()
         return _derive(flat, x.shapes, "post-processing: subspace gossip")
