@@ -273,3 +273,25 @@ def test_four_bit_values_reuse_the_quantiser_and_cost_half_a_byte_each() -> None
     step = (x[idx].max() - x[idx].min()) / 15
     assert np.max(np.abs(got - x[idx])) <= step / 2 + 1e-6
     assert 4 * d / msg.nbytes > 60  # 10% at 4 bits: ≈ 80× fewer bytes than float32, less 8 bytes a tensor
+
+
+def test_the_subspace_example_resolves_every_run_at_the_dense_runs_noise() -> None:
+    from pathlib import Path
+
+    from privfl.experiment import load_experiment, spec_for
+
+    exp = load_experiment(Path(__file__).resolve().parents[1] / "examples" / "digits-compressed" / "subspace.toml")
+    dense = spec_for(exp, "dense")
+    mechs = set()
+    for label in exp.strategies:
+        s = spec_for(exp, label)
+        s.validate()
+        mechs.add(s.dp.mechanism)
+        assert s.dp.noise_multiplier == dense.dp.noise_multiplier  # the same σ, q and steps: the same ε
+        assert (s.dp.sample_rate, s.dp.planned_steps) == (dense.dp.sample_rate, dense.dp.planned_steps)
+        if s.dp.mechanism == "subspace":
+            key, kw = sync_compression_params(s.strategy_params)
+            assert key == "subspace"
+            assert (kw["fraction"], kw["public_seed"]) == (s.dp.mechanism_params["fraction"],
+                                                           s.dp.mechanism_params["seed"])
+    assert mechs == {"gaussian", "subspace"}
