@@ -152,6 +152,10 @@ def strategy_entry(name: Any, driver: Driver) -> StrategyEntry:
     return entry
 
 
+#: compressors the simulator runs but a node's transport cannot carry yet
+SIMULATE_ONLY_COMPRESSORS = frozenset({"subspace"})
+
+
 def check_strategy(name: Any, params: Mapping[str, Any], driver: Driver) -> StrategyEntry:
     """Refuse what ``driver`` cannot run or ``params`` that strategy ``name`` does not take; returns its entry."""
     entry = strategy_entry(name, driver)
@@ -169,6 +173,9 @@ def check_strategy(name: Any, params: Mapping[str, Any], driver: Driver) -> Stra
     seed = params.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ConfigError(f"{WHERE}.seed: must be an integer, got {seed!r}")
+    if driver == "node" and params.get("compressor") in SIMULATE_ONLY_COMPRESSORS:
+        raise ConfigError(f"{WHERE}.compressor: {params['compressor']!r} runs under {_commands(['simulate'])} "
+                          "only: its frames are not on a node's wire yet")
     return entry
 
 

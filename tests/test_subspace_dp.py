@@ -295,3 +295,13 @@ def test_the_subspace_example_resolves_every_run_at_the_dense_runs_noise() -> No
             assert (kw["fraction"], kw["public_seed"]) == (s.dp.mechanism_params["fraction"],
                                                            s.dp.mechanism_params["seed"])
     assert mechs == {"gaussian", "subspace"}
+
+
+def test_a_node_refuses_the_subspace_compressor_it_cannot_send() -> None:
+    """Real nodes cannot carry subspace frames yet: refused at load, naming the field, not at the first send."""
+    from privfl.strategies.registry import check_strategy
+
+    params = {"compressor": "subspace", "fraction": 0.1, "public_seed": 1}
+    check_strategy("sync_gossip", params, "simulate")
+    with pytest.raises(ConfigError, match=r"\[strategy\]\.params\.compressor: 'subspace' runs under privfl simulate"):
+        check_strategy("sync_gossip", params, "node")
