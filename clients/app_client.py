@@ -72,7 +72,7 @@ from torch import nn
 
 from privfl.accounting import BudgetExhausted, PrivacyAccountant
 from privfl.accounting.errors import ConfigError, PrivflError
-from privfl.accounting.releases import PUBLIC_FIT_METRICS
+from privfl.accounting.releases import public_fit_metrics
 from privfl.clients.dp_client import DPConfig
 from privfl.clients.engine import mechanism_description
 from privfl.clients.session import SiteSession
@@ -506,16 +506,8 @@ class AppClient(NumPyClient):
 
     def public_fit_metrics(self, steps: int) -> dict[str, Any]:
         """The metrics a fit result carries: public values only (:data:`PUBLIC_FIT_METRICS`)."""
-        metrics = {
-            "steps": int(steps),
-            "total_steps": self.training_steps,
-            "epsilon": self.epsilon if self.config.enabled else -1.0,
-            "delta": self.config.delta,
-            "dp": int(self.config.enabled),
-            "budget_exhausted": int(self.exhausted),
-        }
-        assert set(metrics) == PUBLIC_FIT_METRICS
-        return metrics
+        return public_fit_metrics(steps, self.training_steps, self.epsilon, self.config.delta, self.config.enabled,
+                                  self.exhausted)
 
     # ---- evaluation --------------------------------------------------------------------------
     def evaluate_local(self, parameters: NDArrays | None = None) -> tuple[float, float]:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from privfl.accounting import BudgetExhausted, DpEventKey
+from privfl.accounting.releases import PUBLIC_FIT_METRICS
 from privfl.clients import DPClient, DPConfig
-from privfl.clients.dp_client import PUBLIC_FIT_METRICS
 from privfl.data import load_builtin, split_sites
 from privfl.models import build_model
 from privfl.preprocessing import PreprocessingSpec, preprocess_site

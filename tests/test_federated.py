@@ -16,8 +16,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from privfl.accounting import BudgetExhausted
+from privfl.accounting.releases import PUBLIC_FIT_METRICS as CLIENT_PUBLIC_FIT_METRICS
 from privfl.clients import DPClient, DPConfig
-from privfl.clients.dp_client import PUBLIC_FIT_METRICS as CLIENT_PUBLIC_FIT_METRICS
 from privfl.errors import ConfigError
 from privfl.models import build_model
 from privfl.strategies.federated import (

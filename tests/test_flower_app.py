@@ -33,7 +33,7 @@ from privfl_app.local_grid import app_run_config, per_round, run_in_process  # n
 from privfl_app.server_app import app as server_app  # noqa: E402
 from privfl_app.server_app import build_strategy, initial_arrays  # noqa: E402
 
-from privfl.clients.dp_client import PUBLIC_FIT_METRICS  # noqa: E402
+from privfl.accounting.releases import PUBLIC_FIT_METRICS  # noqa: E402
 from privfl.errors import ConfigError  # noqa: E402
 from privfl.strategies.federated import ensure_task_identity  # noqa: E402
 

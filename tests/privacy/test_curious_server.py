@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from flwr.serverapp.strategy import FedAvg
 
+from privfl.accounting.releases import PUBLIC_FIT_METRICS
 from privfl.clients import DPClient, DPConfig
-from privfl.clients.dp_client import PUBLIC_FIT_METRICS
 from privfl.models import build_model
 from privfl.strategies.federated import FedAvgConfig, FederatedAveraging
 
