@@ -103,3 +103,41 @@ def fill_disk(filler: Path) -> None:
         assert exc.errno == errno.ENOSPC
     finally:
         os.close(fd)
+
+
+#: a tiny experiment (3 breast-cancer sites, logreg, 12 steps): ``TINY_EXPERIMENT.format(seed=0)``
+TINY_EXPERIMENT = """
+name = "tiny"
+
+[data]
+source = "breast_cancer"
+num_sites = 3
+partitioning = "iid"
+scaling = "public"
+seed = {seed}
+
+[model]
+name = "logreg"
+
+[dp]
+clipping = "flat"
+noise_multiplier = 1.0
+target_epsilon = 50.0
+batch_size = 16
+sample_rate = 0.1
+lr = 0.2
+
+[topology]
+kind = "complete"
+
+[strategy]
+name = "async_gossip"
+local_steps = 4
+
+[stop]
+max_steps = 12
+max_seconds = 0
+
+[simulation]
+eval_every = 0.01
+"""

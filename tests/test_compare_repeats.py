@@ -18,47 +18,14 @@ from typer.testing import CliRunner
 
 from privfl.cli import _register, app
 from privfl.plots import ANSWER_PLOT, PLOTS
+from tests.helpers import TINY_EXPERIMENT
 
 pytestmark = pytest.mark.timeout(120)
 
 T_975_2 = 4.302652729911275  # Student t, 97.5 % quantile, 2 degrees of freedom (tables)
 LONG = "fedavg-with-a-label-longer-than-any-console-column-would-show"
 
-BASE = """
-name = "tiny"
-
-[data]
-source = "breast_cancer"
-num_sites = 3
-partitioning = "iid"
-scaling = "public"
-seed = 0
-
-[model]
-name = "logreg"
-
-[dp]
-clipping = "flat"
-noise_multiplier = 1.0
-target_epsilon = 50.0
-batch_size = 16
-sample_rate = 0.1
-lr = 0.2
-
-[topology]
-kind = "complete"
-
-[strategy]
-name = "async_gossip"
-local_steps = 4
-
-[stop]
-max_steps = 12
-max_seconds = 0
-
-[simulation]
-eval_every = 0.01
-"""
+BASE = TINY_EXPERIMENT.format(seed=0)
 
 COMPARE = """
 [compare]

@@ -15,44 +15,11 @@ import pytest
 from privfl.config import DataSection, StopSection, from_table
 from privfl.errors import ConfigError
 from privfl.sim import LinkSpec, SimSpec, StopCriteria, compute_speeds
+from tests.helpers import TINY_EXPERIMENT
 
 pytestmark = pytest.mark.timeout(120)
 
-BASE = """
-name = "tiny"
-
-[data]
-source = "breast_cancer"
-num_sites = 3
-partitioning = "iid"
-scaling = "public"
-seed = 0
-
-[model]
-name = "logreg"
-
-[dp]
-clipping = "flat"
-noise_multiplier = 1.0
-target_epsilon = 50.0
-batch_size = 16
-sample_rate = 0.1
-lr = 0.2
-
-[topology]
-kind = "complete"
-
-[strategy]
-name = "async_gossip"
-local_steps = 4
-
-[stop]
-max_steps = 12
-max_seconds = 0
-
-[simulation]
-eval_every = 0.01
-"""
+BASE = TINY_EXPERIMENT.format(seed=0)
 
 
 def with_value(section: str, line: str) -> str:

@@ -18,6 +18,7 @@ from privfl.cli import _register, app
 from privfl.errors import ConfigError
 from privfl.experiment import load_experiment
 from privfl.plots import PLOTS
+from tests.helpers import TINY_EXPERIMENT
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -52,41 +53,7 @@ def _restore_logging():
     root.setLevel(level)
 
 
-BASE = """
-name = "tiny"
-
-[data]
-source = "breast_cancer"
-num_sites = 3
-partitioning = "iid"
-scaling = "public"
-seed = {seed}
-
-[model]
-name = "logreg"
-
-[dp]
-clipping = "flat"
-noise_multiplier = 1.0
-target_epsilon = 50.0
-batch_size = 16
-sample_rate = 0.1
-lr = 0.2
-
-[topology]
-kind = "complete"
-
-[strategy]
-name = "async_gossip"
-local_steps = 4
-
-[stop]
-max_steps = 12
-max_seconds = 0
-
-[simulation]
-eval_every = 0.01
-"""
+BASE = TINY_EXPERIMENT
 
 COMPARE = """
 [compare]
