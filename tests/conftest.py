@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -52,3 +53,18 @@ def make_tmpfs(tmp_path):
     yield make
     for d in mounted:
         subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+@pytest.fixture()
+def restore_root_logging():
+    """The CLI points the root logger at the run folder; undo it after the test."""
+    root = logging.getLogger()
+    handlers, levels, level = list(root.handlers), [h.level for h in root.handlers], root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+            h.close()
+    for h, lv in zip(handlers, levels):
+        h.setLevel(lv)
+    root.setLevel(level)

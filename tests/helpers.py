@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import typer
+from typer.testing import CliRunner, Result
 
 from privfl.clients import DPClient, DPConfig
 from privfl.models import build_model
@@ -29,6 +31,20 @@ def patched_copy(src: Path, dest: Path, replacements: Iterable[tuple[str, str]])
         text = text.replace(old, new)
     dest.write_text(text)
     return dest
+
+
+_main_registered = False
+
+
+def invoke_main(args: list[str], **kwargs: Any) -> Result:
+    """Run ``privfl <args>`` in-process through typer's runner (sub-commands registered once)."""
+    global _main_registered
+    from privfl.cli import _register, app
+
+    if not _main_registered:
+        _register()
+        _main_registered = True
+    return CliRunner().invoke(app, args, **kwargs)
 
 
 def audit_cli() -> typer.Typer:

@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from privfl.cli import _register, app
 from privfl.plots import ANSWER_PLOT, PLOTS
-from tests.helpers import TINY_EXPERIMENT
+from tests.helpers import TINY_EXPERIMENT, invoke_main
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("restore_root_logging")]
 
 T_975_2 = 4.302652729911275  # Student t, 97.5 % quantile, 2 degrees of freedom (tables)
 LONG = "fedavg-with-a-label-longer-than-any-console-column-would-show"
@@ -38,30 +35,8 @@ label = "{long}"
 strategy = "{strategy}"
 """
 
-_registered = False
 
 
-def cli() -> CliRunner:
-    global _registered
-    if not _registered:
-        _register()
-        _registered = True
-    return CliRunner()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_logging():
-    """The CLI points the root logger at the run folder; undo it after the module."""
-    root = logging.getLogger()
-    handlers, levels, level = list(root.handlers), [h.level for h in root.handlers], root.level
-    yield
-    for h in list(root.handlers):
-        if h not in handlers:
-            root.removeHandler(h)
-            h.close()
-    for h, lv in zip(handlers, levels):
-        h.setLevel(lv)
-    root.setLevel(level)
 
 
 def write(tmp: Path, repeats: int = 3, strategy: str = "fedavg", extra: str = "") -> Path:
@@ -72,7 +47,7 @@ def write(tmp: Path, repeats: int = 3, strategy: str = "fedavg", extra: str = ""
 
 def compare(*args: str) -> tuple[Path | None, str, int]:
     out = Path(args[args.index("--out") + 1])
-    res = cli().invoke(app, ["compare", *args, "--no-progress"])
+    res = invoke_main(["compare", *args, "--no-progress"])
     made = sorted(out.glob("*")) if out.exists() else []
     assert len(made) <= 1, made
     return (made[0] if made else None), res.output, res.exit_code
@@ -223,6 +198,6 @@ def test_one_seed_has_no_interval(tmp_path: Path) -> None:
 
 
 def test_help_keeps_section_names() -> None:
-    res = cli().invoke(app, ["compare", "--help"], env={"COLUMNS": "200"})
+    res = invoke_main(["compare", "--help"], env={"COLUMNS": "200"})
     assert res.exit_code == 0
     assert "[compare].repeats" in res.output and "[compare])" in res.output, res.output

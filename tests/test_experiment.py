@@ -5,52 +5,26 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from privfl.cli import _register, app
 from privfl.errors import ConfigError
 from privfl.experiment import load_experiment
 from privfl.plots import PLOTS
-from tests.helpers import TINY_EXPERIMENT
+from tests.helpers import TINY_EXPERIMENT, invoke_main
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("restore_root_logging")]
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_COLUMNS = ["time", "round", "node", "steps", "loss", "accuracy", "epsilon", "bytes_sent",
                   "bytes_received", "consensus_max", "consensus_rms", "stopped"]
 
-_registered = False
 
 
-def cli() -> CliRunner:
-    """The main app with its sub-commands registered (once per test session)."""
-    global _registered
-    if not _registered:
-        _register()
-        _registered = True
-    return CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI points the root logger at the run folder; undo it after each test."""
-    root = logging.getLogger()
-    handlers, levels, level = list(root.handlers), [h.level for h in root.handlers], root.level
-    yield
-    for h in list(root.handlers):
-        if h not in handlers:
-            root.removeHandler(h)
-            h.close()
-    for h, lv in zip(handlers, levels):
-        h.setLevel(lv)
-    root.setLevel(level)
 
 
 BASE = TINY_EXPERIMENT
@@ -85,7 +59,7 @@ def invoke(*args: str) -> Path:
     """Run the CLI in-process; return the one run folder it made under ``--out``."""
     out = Path(args[args.index("--out") + 1])
     before = set(out.glob("*")) if out.exists() else set()
-    res = cli().invoke(app, [*args, "--no-progress"])
+    res = invoke_main([*args, "--no-progress"])
     assert res.exit_code == 0, f"{res.output}\n{res.exception!r}"
     made = sorted(set(out.glob("*")) - before)
     assert len(made) == 1, made
