@@ -15,10 +15,10 @@ PUBLIC_FIT_METRICS: frozenset[str] = frozenset(
 #: public denominator, flagged ``dp = 1``)
 DP_EVALUATE_METRICS: frozenset[str] = frozenset({"accuracy", "dp"})
 
-__all__ = ["DP_EVALUATE_METRICS", "PUBLIC_FIT_METRICS", "public_fit_metrics"]
+__all__ = ["DP_EVALUATE_METRICS", "PUBLIC_FIT_METRICS", "build_public_fit_metrics"]
 
 
-def public_fit_metrics(steps: int, total_steps: int, epsilon: float, delta: float, dp: bool,
+def build_public_fit_metrics(steps: int, total_steps: int, epsilon: float, delta: float, dp: bool,
                        exhausted: bool) -> dict[str, int | float]:
     """The metrics a fit result carries (exactly :data:`PUBLIC_FIT_METRICS`); ε is −1 without DP."""
     return {"steps": int(steps), "total_steps": int(total_steps), "epsilon": float(epsilon) if dp else -1.0,

@@ -72,7 +72,7 @@ from torch import nn
 
 from privfl.accounting import BudgetExhausted, PrivacyAccountant
 from privfl.accounting.errors import ConfigError, PrivflError
-from privfl.accounting.releases import public_fit_metrics
+from privfl.accounting.releases import build_public_fit_metrics
 from privfl.clients.dp_client import DPConfig
 from privfl.clients.engine import mechanism_description
 from privfl.clients.session import SiteSession
@@ -506,8 +506,8 @@ class AppClient(NumPyClient):
 
     def public_fit_metrics(self, steps: int) -> dict[str, Any]:
         """The metrics a fit result carries: public values only (:data:`PUBLIC_FIT_METRICS`)."""
-        return public_fit_metrics(steps, self.training_steps, self.epsilon, self.config.delta, self.config.enabled,
-                                  self.exhausted)
+        c = self.config
+        return build_public_fit_metrics(steps, self.training_steps, self.epsilon, c.delta, c.enabled, self.exhausted)
 
     # ---- evaluation --------------------------------------------------------------------------
     def evaluate_local(self, parameters: NDArrays | None = None) -> tuple[float, float]:

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from privfl.accounting import BudgetExhausted, BudgetGuard, PrivacyAccountant, calibrate_noise
 from privfl.accounting.errors import ConfigError
-from privfl.accounting.releases import public_fit_metrics
+from privfl.accounting.releases import build_public_fit_metrics
 from privfl.clients.engine import PrivacyEngine, mechanism_description
 from privfl.clients.losses import Loss
 from privfl.clients.optimizers import build_optimizer, check_optimizer
@@ -367,8 +367,8 @@ class DPClient(flwr.client.NumPyClient):
 
     def public_fit_metrics(self, steps: int) -> dict[str, Any]:
         """The metrics a fit result carries: public values only (:data:`PUBLIC_FIT_METRICS`)."""
-        return public_fit_metrics(steps, self.training_steps, self.epsilon, self.config.delta, self.config.enabled,
-                                  self.exhausted)
+        c = self.config
+        return build_public_fit_metrics(steps, self.training_steps, self.epsilon, c.delta, c.enabled, self.exhausted)
 
     def fit(self, parameters: NDArrays, config: dict[str, Any]) -> tuple[NDArrays, int, dict[str, Any]]:
         """Train, and release the noised model with a public weight and public metrics."""

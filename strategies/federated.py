@@ -155,12 +155,17 @@ def _numeric(key: str, value: Any, where: str) -> int | float | None:
 
 def public_fit_metrics(metrics: Mapping[str, Any]) -> dict[str, int | float]:
     """``metrics`` cut down to :data:`PUBLIC_FIT_METRICS` (dropped key names are logged, values never)."""
-    dropped = sorted(k for k in metrics if k not in PUBLIC_FIT_METRICS)
+    return _kept(metrics, PUBLIC_FIT_METRICS, "fit result", "non-public metric(s) {} before it left the node")
+
+
+def _kept(metrics: Mapping[str, Any], allowed: frozenset[str], where: str, dropped_note: str) -> dict[str, int | float]:
+    """The numeric values of ``metrics`` whose keys are ``allowed``; dropped key names are logged, values never."""
+    dropped = sorted(k for k in metrics if k not in allowed)
     if dropped:
-        log.warning("fit result: dropped non-public metric(s) %s before it left the node", ", ".join(dropped))
+        log.warning("%s: dropped %s", where, dropped_note.format(", ".join(dropped)))
     out: dict[str, int | float] = {}
-    for k in sorted(PUBLIC_FIT_METRICS & set(metrics)):
-        v = _numeric(k, metrics[k], "fit result")
+    for k in sorted(allowed & set(metrics)):
+        v = _numeric(k, metrics[k], where)
         if v is not None:
             out[k] = v
     return out
@@ -179,14 +184,7 @@ def released_evaluation(loss: float, num_examples: int, metrics: Mapping[str, An
     if _numeric("dp", metrics.get("dp", 0), "evaluation") != 1:
         log.warning("evaluation result: not a DP release (no metrics['dp'] = 1); nothing leaves the node")
         return None
-    dropped = sorted(k for k in metrics if k not in DP_EVALUATE_METRICS)
-    if dropped:
-        log.warning("evaluation result: dropped metric(s) %s that are not part of the DP release", ", ".join(dropped))
-    out: dict[str, int | float] = {}
-    for k in sorted(DP_EVALUATE_METRICS & set(metrics)):
-        v = _numeric(k, metrics[k], "evaluation")
-        if v is not None:
-            out[k] = v
+    out = _kept(metrics, DP_EVALUATE_METRICS, "evaluation result", "metric(s) {} that are not part of the DP release")
     return MetricRecord({**out, "loss": float(loss), WEIGHT_KEY: int(num_examples)})
 
 
