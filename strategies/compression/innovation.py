@@ -21,7 +21,13 @@ from collections.abc import Mapping
 import numpy as np
 
 from privfl.strategies.compression.compressors import CompressionError, Compressor, _require_released
-from privfl.strategies.compression.message import Compressed, MalformedMessage, decode_flat, split_flat
+from privfl.strategies.compression.message import (
+    Compressed,
+    MalformedMessage,
+    check_neighbour_message,
+    decode_flat,
+    split_flat,
+)
 from privfl.strategies.compression.release import Released, _derive
 from privfl.strategies.topology import Topology
 
@@ -105,10 +111,7 @@ class InnovationGossip:
 
     def receive(self, sender: str, msg: Compressed) -> None:
         """Apply neighbour ``sender``'s message to its estimate."""
-        if sender not in self._weights:
-            raise MalformedMessage(f"node {self._node_id}: message from {sender!r}, which is not a neighbour")
-        if not isinstance(msg, Compressed):
-            raise MalformedMessage(f"node {self._node_id}: expected a Compressed message from {sender!r}")
+        check_neighbour_message(self._node_id, self._weights, sender, msg)
         self._check(msg.shapes, None)
         self._estimates[sender] = self._estimates[sender] + decode_flat(msg)
 

@@ -27,7 +27,7 @@ is decoded, and a bad one raises :class:`MalformedMessage`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -35,7 +35,8 @@ import numpy as np
 
 from privfl.accounting.errors import PrivflError
 
-__all__ = ["FRAME_HEADER_BYTES", "Compressed", "MalformedMessage", "decompress", "max_frame_bytes"]
+__all__ = ["FRAME_HEADER_BYTES", "Compressed", "MalformedMessage", "check_neighbour_message", "decompress",
+           "max_frame_bytes"]
 
 _FRAME_VERSION = 1
 _FRAME = np.dtype([("version", "u1"), ("kind", "u1"), ("shared", "u1"), ("pad", "u1"),
@@ -189,6 +190,14 @@ class Compressed:
         return cls(KINDS[int(head["kind"])], tuple(tuple(s) for s in shapes),
                    indices=arrays["indices"].astype(np.int32), values=arrays["values"].astype(np.float32),
                    codes=arrays["codes"].astype(np.uint8), scales=arrays["scales"].astype(np.float32))
+
+
+def check_neighbour_message(node_id: str, neighbours: Container[str], sender: str, msg: object) -> None:
+    """Refuse a message from a node that is not a neighbour, or one that is not a :class:`Compressed`."""
+    if sender not in neighbours:
+        raise MalformedMessage(f"node {node_id}: message from {sender!r}, which is not a neighbour")
+    if not isinstance(msg, Compressed):
+        raise MalformedMessage(f"node {node_id}: expected a Compressed message from {sender!r}")
 
 
 def max_frame_bytes(shapes: Sequence[tuple[int, ...]]) -> int:

@@ -34,7 +34,13 @@ from privfl.strategies.compression.compressors import (
     Shapes,
     _require_released,
 )
-from privfl.strategies.compression.message import Compressed, MalformedMessage, _offsets, decode_flat
+from privfl.strategies.compression.message import (
+    Compressed,
+    MalformedMessage,
+    _offsets,
+    check_neighbour_message,
+    decode_flat,
+)
 from privfl.strategies.compression.release import Released, _derive
 
 __all__ = ["SubspaceGossip", "SubspaceK", "decode_values", "round_indices", "segment_shapes"]
@@ -175,10 +181,7 @@ class SubspaceGossip:
 
     def receive(self, sender: str, msg: Compressed) -> None:
         """Apply neighbour ``sender``'s values to its estimate, after checking they are on this round's mask."""
-        if sender not in self._weights:
-            raise MalformedMessage(f"node {self._node_id}: message from {sender!r}, which is not a neighbour")
-        if not isinstance(msg, Compressed):
-            raise MalformedMessage(f"node {self._node_id}: expected a Compressed message from {sender!r}")
+        check_neighbour_message(self._node_id, self._weights, sender, msg)
         if self._indices is None or self._shapes is None:
             raise MalformedMessage(f"node {self._node_id}: {sender!r}'s message came before this node's own")
         try:
