@@ -81,6 +81,28 @@ def _components(n: int, adjacency: Sequence[set[int]]) -> list[list[int]]:
     return comps
 
 
+def _joined(adjacency: Sequence[set[int]], left: Sequence[int], right: Sequence[int]) -> bool:
+    """Whether the (disjoint) node sets ``left`` and ``right`` lie in one component: a bidirectional
+    BFS that always grows the smaller frontier and stops when the two sides meet (about √n nodes
+    visited on an expander) or when one side's component is exhausted without meeting (False)."""
+    side = {v: 0 for v in left}
+    side.update({v: 1 for v in right})
+    frontiers: list[list[int]] = [list(left), list(right)]
+    while frontiers[0] and frontiers[1]:
+        k = 0 if len(frontiers[0]) <= len(frontiers[1]) else 1
+        grown: list[int] = []
+        for u in frontiers[k]:
+            for v in adjacency[u]:
+                s = side.get(v)
+                if s is None:
+                    side[v] = k
+                    grown.append(v)
+                elif s != k:
+                    return True
+        frontiers[k] = grown
+    return False
+
+
 @dataclass(frozen=True)
 class Topology:
     """An undirected connected graph over node ids.
@@ -235,7 +257,9 @@ class Topology:
             for u, v in ((a, c), (b, dd)):
                 adj[u].add(v)
                 adj[v].add(u)
-            if len(_components(n, adj)) > 1:  # undo
+            # the graph was connected, so every node still reaches a, b, c or dd, and a-c, b-dd are
+            # edges now: the swapped graph is connected iff {a, c} and {b, dd} are joined
+            if not _joined(adj, (a, c), (b, dd)):  # undo
                 for u, v in ((a, c), (b, dd)):
                     adj[u].discard(v)
                     adj[v].discard(u)
@@ -367,11 +391,16 @@ class Topology:
         )
 
     def _adjacency_sets(self) -> list[set[int]]:
+        """Neighbour index sets, built once per topology (read-only: callers never mutate them)."""
+        cached: list[set[int]] | None = self.__dict__.get("_adj")
+        if cached is not None:
+            return cached
         index = {nid: i for i, nid in enumerate(self.nodes)}
         adj: list[set[int]] = [set() for _ in self.nodes]
         for a, b in self.edges:
             adj[index[a]].add(index[b])
             adj[index[b]].add(index[a])
+        object.__setattr__(self, "_adj", adj)
         return adj
 
 

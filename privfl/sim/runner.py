@@ -45,7 +45,7 @@ from privfl.models import build_model
 from privfl.preprocessing import Preprocessing, PreprocessingSpec, preprocess_site
 from privfl.sim.engine import Engine, SimulationResult, StopCriteria
 from privfl.sim.network import SimWorld
-from privfl.sim.profiles import LinkSpec, compute_speeds, default_step_cost
+from privfl.sim.profiles import STEP_TIMES, LinkSpec, compute_speeds, default_step_cost
 from privfl.site import ClientBuild, build_client, reads_site_data
 from privfl.strategies.base import Params, PeerNetwork
 from privfl.strategies.compression.params import sync_compression_params  # noqa: F401  (re-exported)
@@ -96,6 +96,7 @@ class SimSpec:
     compute_profile: str = "homogeneous"
     compute_params: dict[str, Any] = field(default_factory=dict)
     step_cost: float | Literal["measure"] | None = None
+    step_time: str = "fixed"  # the compute-time model: "fixed" or "exponential" (seeded; profiles.StepTimes)
     links: LinkSpec = field(default_factory=LinkSpec)
     stop: StopCriteria = field(default_factory=lambda: StopCriteria(max_steps=50))
     eval_every: float | None = None
@@ -105,6 +106,9 @@ class SimSpec:
     progress: bool = False
     node_ids: list[str] | None = None
     torch_threads: int | None = 1
+    backend: str = "local"  # [simulation].backend: "local" (this process) or "ray" (nodes' training in Ray actors)
+    address: str | None = None  # [simulation].address: "auto", "HOST:PORT"; None: a local Ray instance
+    actors: int | None = None  # [simulation].actors: Ray actors the nodes are spread over (None: the CPUs)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field, as the experiment config names it
@@ -125,6 +129,8 @@ class SimSpec:
                               f"got {self.step_cost!r}")
         if isinstance(self.step_cost, (int, float)) and not self.step_cost > 0:
             raise ConfigError(f"[simulation].step_cost: must be > 0 virtual seconds, got {self.step_cost!r}")
+        if self.step_time not in STEP_TIMES:
+            raise ConfigError(f"SimSpec.step_time: must be one of {', '.join(STEP_TIMES)}, got {self.step_time!r}")
         if self.node_ids is not None and len(self.node_ids) != self.num_nodes:
             raise ConfigError(f"SimSpec.node_ids: lists {len(self.node_ids)} ids for {self.num_nodes} nodes")
         self.links.bind(self.num_nodes)
@@ -355,11 +361,12 @@ def _run(spec: SimSpec) -> SimulationResult:
     else:
         evaluate = _clients_evaluator([clients[nid] for nid in node_ids])
     engine = Engine(node_ids, clients, world, speeds, step_cost, spec.local_steps, spec.stop, evaluate,
-                    spec.eval_every, spec.eval_every_rounds, spec.progress)
+                    spec.eval_every, spec.eval_every_rounds, spec.progress, step_time=spec.step_time, seed=spec.seed)
     ctx = SimContext(spec, node_ids, topology, clients, init_params)
     entry = STRATEGIES[spec.strategy]
-    log.info("simulate %s: %d nodes, %s, profile %s, step cost %.4g s, device %s", spec.strategy, n,
-             topology.summary(), spec.compute_profile, step_cost, spec.device)
+    if log.isEnabledFor(logging.INFO):  # the summary's spectral gap is an O(N³) eigendecomposition
+        log.info("simulate %s: %d nodes, %s, profile %s, step cost %.4g s, device %s", spec.strategy, n,
+                 topology.summary(), spec.compute_profile, step_cost, spec.device)
     if entry.kind == "node":
         strategies = [build_node_strategy(ctx.strategy_build(nid, world.network(nid))) for nid in node_ids]
         for nid, s in zip(node_ids, strategies):
