@@ -9,6 +9,7 @@ from privfl.strategies.base import (
     PeerNetwork,
     StepReport,
 )
+from privfl.strategies.cocod import CoCoDGossip, cocod_merge
 from privfl.strategies.compression import (
     COMPRESSORS,
     AdaComp,
@@ -40,6 +41,7 @@ from privfl.strategies.registry import (
 from privfl.strategies.topology import TOPOLOGY_KINDS, Bipartition, Topology, TopologyError, build_topology
 
 __all__ = [
+    "CoCoDGossip", "cocod_merge",
     "AdaptivePeriod", "AllReduce", "FedAvgConfig", "FederatedAveraging", "InProcessGrid", "NodeEndpoint",
     "PeriodicAveraging",
     "COMPRESSORS", "TOPOLOGY_KINDS", "AdaComp", "Bipartition", "CLTk", "CollectiveRound",

@@ -107,10 +107,13 @@ class NodeStrategy(ABC):
     waits), ``consensus_exchanges`` (pure averaging rounds after training, see
     :meth:`consensus_round`), ``last_loss`` (the site's own last training loss),
     ``exchanges`` / ``served`` (pairwise exchanges initiated / answered) and
-    :meth:`snapshot` (a consistent copy of the model).
+    :meth:`snapshot` (a consistent copy of the model), ``overlaps_communication`` (a
+    synchronous strategy that sends its round-start model while it trains, CoCoD-SGD: the
+    simulator runs :meth:`begin_round` at the round start and charges max(compute, comm)).
     """
 
     synchronous: bool = False
+    overlaps_communication: bool = False
     mixing: Mapping[str, float] | None = None
     timeout: float = math.inf
     consensus_exchanges: int = 0

@@ -27,6 +27,7 @@ from flwr.client import NumPyClient
 
 from privfl.accounting.errors import ConfigError
 from privfl.strategies.base import CollectiveStrategy, NodeStrategy, Params, PeerNetwork
+from privfl.strategies.cocod import CoCoDGossip
 from privfl.strategies.compression.params import (
     SYNC_GOSSIP_KEYS,
     build_compressor,
@@ -268,6 +269,18 @@ def _build_sync_gossip(b: StrategyBuild) -> NodeStrategy:
     return SyncGossip(b.client, b.network, b.initial, cfg)  # type: ignore[arg-type]
 
 
+# ---- cocod ---------------------------------------------------------------------------------
+#: CoCoD-SGD: sync_gossip's dense keys (a node sets all of them from elsewhere: it takes no params)
+_COCOD_KEYS = frozenset({"local_steps", "seed", "mixing", "timeout"})
+
+
+def _build_cocod(b: StrategyBuild) -> NodeStrategy:
+    assert b.topology is not None and b.node_id is not None and b.network is not None and b.initial is not None
+    cfg: dict[str, Any] = {"local_steps": b.local_steps, "seed": b.seed, "mixing": b.topology.mixing_row(b.node_id),
+                           "timeout": b.timeout, **b.params}
+    return CoCoDGossip(b.client, b.network, b.initial, cfg)  # type: ignore[arg-type]
+
+
 # ---- collective strategies -----------------------------------------------------------------
 _FEDAVG_KEYS = frozenset(f.name for f in fields(FedAvgConfig)) - {"local_steps", "seed", "evaluate"}
 
@@ -294,6 +307,7 @@ def _construct(cls: type[CollectiveStrategy]) -> Builder:
 
 register_strategy("async_gossip", "node", _build_async_gossip, params=_ASYNC_KEYS, check=_check_async_gossip)
 register_strategy("sync_gossip", "node", _build_sync_gossip, params=SYNC_GOSSIP_KEYS, check=_check_sync_gossip)
+register_strategy("cocod", "node", _build_cocod, params=_COCOD_KEYS)
 register_strategy("fedavg", "collective", _build_fedavg, params=_FEDAVG_KEYS)
 register_strategy("allreduce", "collective", _construct(AllReduce), params=_keywords(AllReduce))
 register_strategy("periodic", "collective", _construct(PeriodicAveraging), params=_keywords(PeriodicAveraging))

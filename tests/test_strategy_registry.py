@@ -131,7 +131,8 @@ def test_node_and_simulate_build_the_same_strategy(tmp_path: Path, table: dict[s
 
 
 REFUSALS: list[tuple[dict[str, Any], str]] = [
-    ({"name": "nope"}, r"^\[strategy\]\.name: unknown strategy name 'nope'; choose one of async_gossip, sync_gossip "),
+    ({"name": "nope"},
+     r"^\[strategy\]\.name: unknown strategy name 'nope'; choose one of async_gossip, cocod, sync_gossip "),
     ({"name": "async_gossip", "params": {"bogus": 1}},
      r"^\[strategy\]\.params\.bogus: async_gossip does not take bogus; allowed: "),
     ({"name": "async_gossip", "params": {"compressor": "topk", "ratio": 0.1}},

@@ -370,13 +370,21 @@ class Engine:
 
     # ---- round-synchronous node strategies -------------------------------------------
     def run_sync(self, strategies: Sequence[NodeStrategy]) -> float:
-        """Lock-step rounds: all begin, deliver, all finish, barrier at the slowest node."""
+        """Lock-step rounds: all begin, deliver, all finish, barrier at the slowest node.
+
+        A strategy that ``overlaps_communication`` (CoCoD) sends at the round start while it
+        computes: its messages leave at ``t`` and its round ends at max(t + compute, arrivals);
+        otherwise they leave after the compute, and the round costs compute + communication.
+        """
 
         def one_round(t: float) -> float:
             for i, s in enumerate(strategies):
                 steps = s.config.get("local_steps", self.local_steps)
-                self.world.clocks[i] = t + (0.0 if s.stopped else self.compute_time(i, steps))
+                done = t + (0.0 if s.stopped else self.compute_time(i, steps))
+                self.world.clocks[i] = t if s.overlaps_communication else done
                 rep = s.begin_round()
+                if s.overlaps_communication:  # the compute ran while the messages travelled
+                    self.world.clocks[i] = done
                 self.steps[i] += rep.local_steps
                 self.epsilons[i] = self._epsilon(i, rep.epsilon)
             for i, s in enumerate(strategies):
