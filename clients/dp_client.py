@@ -258,6 +258,9 @@ class DPClient(flwr.client.NumPyClient):
             self.optimizer = base_opt
         self._batches = iter(self.loader)
         self.exhausted = False
+        #: called with the number of steps about to run, once they are reserved (a multi-rank
+        #: site's rank 0 hands them to its workers: :class:`~clients.distributed.SiteRanks`)
+        self.before_steps: Callable[[int], None] | None = None
 
     # ---- construction helpers -------------------------------------------------------
     @property
@@ -336,9 +339,19 @@ class DPClient(flwr.client.NumPyClient):
                                   self.config.delta, self.accountant.steps)
         if self.config.enabled:
             self._reserve(allowed)
+        if self.before_steps is not None:
+            self.before_steps(allowed)
+        losses = self.run_steps(allowed)
+        if allowed < steps:
+            self.exhausted = True
+        self.last_loss = float(np.mean(losses)) if losses else float("nan")
+        return {"loss": self.last_loss, "steps": float(allowed)}
+
+    def run_steps(self, steps: int) -> list[float]:
+        """Take ``steps`` optimizer steps on Poisson batches, already accounted; returns the (local) losses."""
         self.train_module.train()
         losses = []
-        for _ in range(allowed):
+        for _ in range(steps):
             xb, yb = self._next_batch()
             xb, yb = xb.to(self.device), yb.to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
@@ -352,10 +365,7 @@ class DPClient(flwr.client.NumPyClient):
                 loss = out.sum() * 0.0
             loss.backward()
             self.optimizer.step()
-        if allowed < steps:
-            self.exhausted = True
-        self.last_loss = float(np.mean(losses)) if losses else float("nan")
-        return {"loss": self.last_loss, "steps": float(allowed)}
+        return losses
 
     def local_steps_from(self, config: dict[str, Any]) -> int:
         """Steps asked for by a fit config: ``local_steps``, else ``local_epochs`` × (1/q) steps."""

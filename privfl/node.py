@@ -56,6 +56,7 @@ from privfl.accounting.ledger import (
     check_against_peers,
     check_checkpoint_steps,
 )
+from privfl.clients.distributed import rank_share
 from privfl.clients.randomness import random_source
 from privfl.data import Dataset, SiteData, SiteInputs
 from privfl.errors import ConfigError, PrivflError
@@ -84,6 +85,7 @@ from privfl.preprocessing import (
     save_preprocessing,
     spec_description,
 )
+from privfl.ranks import RankPlace, RankWorkers, SiteGroup, open_site_group, rank_device, rank_place, run_worker
 from privfl.sim.engine import save_state_dict, state_dict_files
 from privfl.site import ClientBuild, SiteClient, build_client, reads_site_data
 from privfl.strategies.base import NodeStrategy, Params, PeerNetwork
@@ -368,7 +370,14 @@ class Node:
         self.ledger: Ledger | None = None
         self.network: GrpcPeerNetwork | None = None
         self._ledger_failure: str | None = None  # set once a ledger write fails: nothing more runs or leaves
-        self._setup()
+        self.place = RankPlace()  # this site's ranks ([node].ranks or torchrun): rank 0 is this node
+        self._workers: RankWorkers | None = None  # the workers this node spawned ([node].ranks > 1)
+        self.group: SiteGroup | None = None  # the site's ranks once they met
+        try:
+            self._setup()
+        except BaseException:
+            self._stop_ranks()
+            raise
 
     # ---- set-up ---------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -380,6 +389,9 @@ class Node:
         prepare_output(cfg)  # before anything is written
         self.identity, self.roster, crl = load_identity(cfg)
         hold_identity(self.identity)
+        self.place = rank_place(cfg.node.ranks, f"{cfg.path}: [node].ranks")
+        if self.place.launcher == "privfl":  # started now, so they import torch while this node sets up
+            self._workers = RankWorkers(self.place.world_size, cfg.path)
         if self.node_id not in self.roster.nodes:
             raise NodeError(f"{cfg.path}: [node].id: {self.node_id!r} is not in the roster {cfg.roster_path}")
         # data: every node uses the same data seed, so the partitions agree; preprocessing is
@@ -410,14 +422,20 @@ class Node:
             log.warning("node %s: [node].seed = %d: SEEDED noise and sampling — anyone who knows the seed can "
                         "recompute them; for tests only (the ledger says 'seeded' and the audit fails it)",
                         self.node_id, cfg.seed)
-        self.device = cfg.device  # [node].device, checked at load ("auto": CUDA when present)
+        self.device = rank_device(cfg.device, self.place)  # [node].device ("auto": CUDA when present)
+        site = self.site
+        if self.place.world_size > 1 and self.site is not None:
+            if c.dp.delta >= 1 / self.site.train_size:  # the site's records, not this rank's share
+                raise ConfigError(f"{cfg.path}: [dp].delta: δ={c.dp.delta:g} is not below 1/n for this site's "
+                                  "training records; choose a smaller δ")
+            site = dataclasses.replace(self.site, train=rank_share(self.site.train, 0, self.place.world_size))
         if c.client.app:
             log.info("node %s: training with the hospital's own client %s under privfl.PrivacyEngine", self.node_id,
                      c.client.app)
         if c.client.app and model is None:
             torch.manual_seed(cfg.init_seed)  # public: a user's client building its own model starts like its peers
         self.client = build_client(ClientBuild(
-            dpc, cfg.site_index, c.data.num_sites, c.strategy.local_steps, model=model, site=self.site,
+            dpc, cfg.site_index, c.data.num_sites, c.strategy.local_steps, model=model, site=site,
             loss=c.model.loss, app=c.client.app, run_config=c.client.run_config,
             seed=None if cfg.seed is None else cfg.seed + 1000 * self.steps_before, device=self.device,
             accountant=accountant, on_dp_event=self._on_dp_event, where=f"{cfg.path}: [client]"))
@@ -428,6 +446,9 @@ class Node:
         resumed = self._load_checkpoint()
         if resumed is not None:
             params = resumed
+        if self.place.world_size > 1:
+            self.group = open_site_group(self.place, self.device, self.client, self.steps_before, self.sigma,
+                                         self._workers)
         eps = self.client.epsilon
         records = (f"{self.site.train_size} train / {self.site.test_size} test records (local)" if self.site
                    else f"records loaded by {c.client.app}")
@@ -802,6 +823,7 @@ class Node:
                 raise
             log.error("%s", exc)
         finally:
+            self._stop_ranks()
             self.network.close()
             try:
                 self.ledger.close()
@@ -839,10 +861,18 @@ class Node:
                 self.checkpoint()
         log.info("node %s: training stopped: %s after %d steps, ε=%.4f", self.node_id, self.stop_reason,
                  self.total_steps, self.client.epsilon)
+        self._stop_ranks()  # the site's other ranks are done: consensus and the goodbye are rank 0's alone
         ledger = self.ledger
         self._ledger_write(lambda: ledger.append_stop(self.stop_reason, steps=self.total_steps),
                            "the stop was not recorded")
         self.checkpoint()
+
+    def _stop_ranks(self) -> None:
+        """Release the site's other ranks and wait for (or kill) the workers this node spawned."""
+        if self.group is not None:
+            self.group.stop()
+        elif self._workers is not None:
+            self._workers.close(timeout=0.1)
 
     def _finish(self) -> None:
         """Tell neighbours we are done, average to consensus (unless fail-closed), say goodbye."""
@@ -908,7 +938,7 @@ class Node:
             "refused_peers_policy": sorted(self.network.refused_policy) if self.network else [],
             "ledger": str(self.out / LEDGER_FILE), "ledger_entries": self.ledger.num_entries if self.ledger else 0,
             "model": str(model_file), "preprocessing": str(self.out / PREPROCESSING_FILE),
-            "device": str(self.device),
+            "device": str(self.device), "ranks": self.place.world_size,
             "wall_seconds": round(time.monotonic() - self._t0, 3), "software_version": privfl.__version__,
         }
         tmp = self.out / (SUMMARY_FILE + ".tmp")
@@ -917,6 +947,18 @@ class Node:
         log.info("node %s: finished: %s, steps=%d, ε=%.4f, accuracy=%s", self.node_id, self.stop_reason,
                  self.total_steps, summary["epsilon"], summary["accuracy"])
         return summary
+
+
+def worker_site_inputs(cfg: NodeConfig) -> SiteInputs:
+    """A site rank > 0's records, read as rank 0 reads them, with the preprocessing rank 0 saved
+    (never fitted again: a DP estimate is paid for once, in rank 0's ledger)."""
+    data = cfg.common.data
+    if data.factory:
+        fs = data.factory_site(cfg.site_index, cfg.path.parent, f"{cfg.path}: [data]")
+        return SiteInputs.of_factory(fs, data.num_classes)
+    raw = data.sites(cfg.path.parent)[cfg.site_index]
+    pre = load_preprocessing(cfg.output_dir / PREPROCESSING_FILE)
+    return SiteInputs.of_arrays(SiteData(raw.site, _mapped(raw.train, pre), _mapped(raw.test, pre)))
 
 
 def _mapped(d: Dataset, pre: Preprocessing) -> Dataset:
@@ -938,6 +980,9 @@ def run_node(config: str | Path, install_signals: bool = True) -> dict[str, Any]
     cfg = load_node_config(config)
     logging.getLogger("privfl").setLevel(cfg.log_level)
     torch.set_num_threads(1)
+    place = rank_place(cfg.node.ranks, f"{cfg.path}: [node].ranks")
+    if place.is_worker:  # a site rank > 0: trains with rank 0, talks to no other site
+        return run_worker(cfg, place)
     try:
         return _run(cfg, install_signals)
     except OSError as exc:  # any other output the disk refuses (metrics, models, summary): one line

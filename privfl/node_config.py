@@ -57,6 +57,9 @@ class NodeSection:
     linger: float = 30.0  # wait at most this long for neighbours to say goodbye
     sync_timeout: float = 10.0  # sync_gossip: wait at most this long for a round's models
     device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N"
+    #: processes that train this site as one DP learner (all-reduced clipped sums, noise once, on
+    #: rank 0); 1: one process. Under ``torchrun`` its process count is used (privfl.ranks)
+    ranks: int = 1
 
     def validate(self, where: str) -> None:
         if not self.id:
@@ -76,6 +79,8 @@ class NodeSection:
                 raise ConfigError(f"{where}.{name}: must be a finite number >= 0, got {v}")
         if self.eval_every < 1:
             raise ConfigError(f"{where}.eval_every: must be >= 1, got {self.eval_every}")
+        if isinstance(self.ranks, bool) or not isinstance(self.ranks, int) or self.ranks < 1:
+            raise ConfigError(f"{where}.ranks: must be an integer >= 1, got {self.ranks!r}")
         if self.consensus_exchanges < 0:
             raise ConfigError(f"{where}.consensus_exchanges: must be >= 0, got {self.consensus_exchanges}")
         resolve_device(self.device, f"{where}.device")  # CUDA asked for and absent: refused at load
@@ -196,6 +201,8 @@ def node_config_from(table: dict[str, Any], path: str | Path) -> NodeConfig:
     if not 0 <= site_index < common.data.num_sites:
         raise ConfigError(f"{src}: [data].site_index: must be in 0..{common.data.num_sites - 1} "
                           f"(data.num_sites = {common.data.num_sites}), got {site_index}")
+    if node.ranks > 1:
+        check_ranks(node.ranks, common, f"{src}: [node].ranks")
     base = p.parent
     cfg = NodeConfig(path=p, node=node, identity=identity, common=common, site_index=site_index,
                      strategy_params=strategy_params)
@@ -208,10 +215,20 @@ def node_config_from(table: dict[str, Any], path: str | Path) -> NodeConfig:
     return cfg
 
 
+def check_ranks(ranks: int, common: CommonConfig, where: str) -> None:
+    """Refuse a multi-rank site the distributed DP step cannot train (one line naming ``where``)."""
+    if common.client.app:
+        raise ConfigError(f"{where}: {ranks} ranks need privfl's own DPClient; [client].app "
+                          f"{common.client.app!r} trains in one process (use ranks = 1)")
+    if common.dp.mechanism != "gaussian" or common.dp.subspace:
+        raise ConfigError(f"{where}: {ranks} ranks implement the gaussian mechanism only "
+                          f"([dp].mechanism = {common.dp.mechanism!r}); use ranks = 1")
+
+
 def load_node_config(path: str | Path) -> NodeConfig:
     """Read and validate a node's TOML config file."""
     return node_config_from(read_toml(path), path)
 
 
-__all__ = ["IdentitySection", "NodeConfig", "NodeSection", "NodeStrategyParams", "load_node_config",
+__all__ = ["IdentitySection", "NodeConfig", "NodeSection", "NodeStrategyParams", "check_ranks", "load_node_config",
            "node_config_from", "node_strategy_params"]
