@@ -46,6 +46,7 @@ from privfl.transport import (
 )
 from privfl.transport.common import METHOD, grpc_options
 from privfl.transport.proto import gossip_pb2 as pb
+from tests.test_transport_digest import _prefix_bytes, counted  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -179,18 +180,32 @@ def test_exchange_averages_and_counts_bytes(pki: Pki, server) -> None:  # noqa: 
         reply = c.exchange("h2", Message("exchange_request", 3, mine, scalars={"weight": 0.5}))
         got = handler.seen[-1]
         assert got.sender == "h1" and got.round == 3 and got.scalars == {"weight": 0.5}
-        assert got.digest == model_digest(mine)
+        assert got.digest == model_digest(mine, "blake3")
         assert reply.in_reply_to == got.sequence
         for k in mine:
             np.testing.assert_array_equal(reply.tensors[k], before[k])
             np.testing.assert_allclose(handler.model[k], (before[k] + mine[k]) / 2)
         d = c.send("h2", Message("model", 4, mine))
-        assert d.sequence > got.sequence and d.digest == model_digest(mine)
+        assert d.sequence > got.sequence and d.digest == model_digest(mine, "blake3")
         sent = c.counters.peer("h2")
     srv_side = srv.counters.peer("h1")
     assert sent.messages_sent == 2 and sent.bytes_sent == srv_side.bytes_received
     assert sent.bytes_received == srv_side.bytes_sent
     assert sent.bytes_sent > 2 * (64 * 8 + 8) * 4  # two model bodies at least
+
+
+def test_an_exchange_hashes_each_body_once_per_side(pki: Pki, server, counted) -> None:  # noqa: ANN001, F811
+    srv, roster, _ = server
+    mine = model(7)
+    with client(pki, "h1", roster) as c:
+        del counted[:]
+        reply = c.exchange("h2", Message("exchange_request", 3, mine))
+        assert reply.digest_algorithm == "blake3"
+        hashed = sorted(h.fed for h in counted)
+    empty, full = _prefix_bytes({}), _prefix_bytes(mine) + sum(a.nbytes for a in mine.values())
+    # the signed accept (server seals, client verifies), request and reply: two hashes each,
+    # each over its message's digest prefix and body exactly once -- no second pass anywhere
+    assert hashed == [empty] * 2 + [full] * 4
 
 
 def test_ten_megabyte_exchange_round_trips_exactly(pki: Pki) -> None:
@@ -210,7 +225,7 @@ def test_ten_megabyte_exchange_round_trips_exactly(pki: Pki) -> None:
             assert c.counters.peer("h2").bytes_sent > 10_000_000
     finally:
         echo.stop(grace=0)
-    assert reply.digest == model_digest(big)
+    assert reply.digest == model_digest(big, "blake3")
     np.testing.assert_array_equal(reply.tensors["w"], big["w"])
     s = reply.tensors["s"]
     assert isinstance(s, SparseTensor)

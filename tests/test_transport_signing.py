@@ -79,6 +79,7 @@ TAMPER = {
     "tensor name": ("header", lambda h: setattr(h.tensors[0], "name", "v")),
     "certificate": ("header", lambda h: setattr(h, "sender_certificate", b"")),
     "digest": ("trailer", lambda t: setattr(t, "model_digest", b"\0" * 32)),
+    "digest algorithm": ("header", lambda h: setattr(h, "digest_algorithm", "sha256")),
     "head index": ("trailer", lambda t: setattr(t.ledger_head, "index", 8)),
     "head hash": ("trailer", lambda t: setattr(t.ledger_head, "entry_hash", b"\x12" * 32)),
     "head removed": ("trailer", lambda t: t.ClearField("ledger_head")),

@@ -2,9 +2,16 @@
 
 Why: everything that arrives from a peer is untrusted. A message is a protobuf ``Header``
 (sender, sequence, round, kind, tensor specs), a body of raw little-endian bytes streamed
-in ~1 MiB ``Chunk.data`` pieces, and a ``Trailer`` with the SHA-256 model digest. The
+in ~1 MiB ``Chunk.data`` pieces, and a ``Trailer`` with the model digest. The
 receiver checks declared sizes before reading the body, expected names/shapes/dtypes,
 sparse index ranges, finiteness and the digest before anything reaches the caller.
+
+The model digest's hash is named in the header (``Header.digest_algorithm``, signed):
+SHA-256 when the caller passes the digest it already recorded (``model_digest`` is the
+ledger's SHA-256 message digest), BLAKE3 when the transport hashes the body itself
+(~4x SHA-256's speed on one core, so both ends keep up with the stream). Each side hashes
+every body byte exactly once, overlapped with the stream: the sender as it yields the
+chunks, the receiver as they arrive.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
+import blake3
 import numpy as np
 from google.protobuf.message import DecodeError
 
@@ -35,8 +44,10 @@ MAX_CERTIFICATE_BYTES = 16 * 1024
 # what a message kind may carry: "model" (tensors required), "empty" (no tensors), "any"
 KindRules = Mapping[str, str]
 _RULES = ("model", "empty", "any")
-# bodies at least this large are hashed on a helper thread (hashlib releases the GIL on
-# large updates), so SHA-256 runs on another core while chunks are copied and streamed
+# SHA-256 bodies at least this large are hashed on a helper thread (hashlib releases the GIL
+# on large updates), so it runs on another core while chunks are copied and streamed. BLAKE3
+# is hashed inline, chunk by chunk: at ~0.15 ms per MiB the helper's hand-offs and second
+# pass through memory cost more than they overlap (measured: benchmarks/transport.py)
 PARALLEL_HASH_BYTES = 4 << 20
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.:/\-\[\]]{1,200}$")
@@ -45,6 +56,21 @@ _SCALAR_KEY = re.compile(rf"^[A-Za-z0-9_.:\-]{{1,{MAX_SCALAR_KEY}}}$")
 ALLOWED_DTYPES = frozenset({"<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8",
                             "|u1", "<u2", "<u4", "<u8", "|b1"})
 _INDEX_DTYPE = np.dtype("<i8")
+_DIGEST_DOMAIN = b"privfl-model-v1\n"
+
+
+class Hasher(Protocol):
+    """What the model digest needs of a hash object (hashlib's and blake3's both fit)."""
+
+    def update(self, data: memoryview | bytes, /) -> object: ...  # noqa: D102
+
+    def digest(self) -> bytes: ...  # noqa: D102
+
+
+# the hashes a model digest may use (32-byte digests), by the name the header carries
+DIGEST_ALGORITHMS: dict[str, Callable[[], Hasher]] = {"sha256": hashlib.sha256, "blake3": blake3.blake3}
+LEDGER_DIGEST = "sha256"  # ``model_digest``'s default: what a node's ledger records of a sent model
+STREAM_DIGEST = "blake3"  # what the transport uses when it hashes a body itself (no digest given)
 
 
 class TransportError(PrivflError):
@@ -149,9 +175,11 @@ class Message:
     """A message to send: kind, round and named tensors (dense arrays or SparseTensor).
 
     ``sequence`` None lets the client assign the next sequence number. ``digest`` is the
-    ``model_digest(tensors)`` when the caller already computed it (e.g. for its ledger):
-    it is sent as is instead of hashing the body a second time, and a verifying receiver
-    refuses the message if it does not match the bytes.
+    ``model_digest(tensors, digest_algorithm)`` when the caller already computed it (e.g.
+    for its ledger): it is sent as is instead of hashing the body a second time, and a
+    verifying receiver refuses the message if it does not match the bytes.
+    ``digest_algorithm`` None: ``LEDGER_DIGEST`` (SHA-256) for a given digest, else
+    ``STREAM_DIGEST`` (BLAKE3, computed while the body streams).
     """
 
     kind: str
@@ -160,6 +188,7 @@ class Message:
     scalars: Mapping[str, float] = field(default_factory=dict)
     sequence: int | None = None
     digest: bytes | None = None
+    digest_algorithm: str | None = None
 
 
 @dataclass(frozen=True)
@@ -177,6 +206,7 @@ class DecodedMessage:
     in_reply_to: int
     wire_bytes: int
     ledger_head: tuple[int, bytes] | None = None  # the sender's signed (index, entry hash), verified
+    digest_algorithm: str = LEDGER_DIGEST  # the hash of ``digest`` (a DIGEST_ALGORITHMS name)
 
 
 Seal = Callable[[pb.Header, bytes], pb.Trailer]  # (header, digest) -> signed trailer
@@ -198,7 +228,7 @@ class EncodedMessage:
     def compute_digest(self) -> bytes:
         """The model digest (hashing the body now if it has not been streamed yet)."""
         if self.digest is None:
-            h = _digest_start(self.header.tensors)
+            h = _digest_start(self.header.tensors, self.header.digest_algorithm)
             for b in self.buffers:
                 h.update(b)
             self.digest = h.digest()
@@ -224,30 +254,41 @@ def spec_line(spec: pb.TensorSpec) -> bytes:
     return f"{spec.name}\0{spec.dtype}\0{shape}\0{int(spec.sparse)}\0{spec.nnz}\n".encode()
 
 
-def _digest_start(specs: Iterable[pb.TensorSpec]) -> hashlib._Hash:
-    h = hashlib.sha256(b"privfl-model-v1\n")
+def _digest_maker(algorithm: str) -> Callable[[], Hasher]:
+    """The hash named ``algorithm``; TransportError if it is not one of DIGEST_ALGORITHMS."""
+    make = DIGEST_ALGORITHMS.get(algorithm)
+    if make is None:
+        raise TransportError(f"digest algorithm {algorithm[:20]!r} is not one of "
+                             f"{', '.join(sorted(DIGEST_ALGORITHMS))}")
+    return make
+
+
+def _digest_start(specs: Iterable[pb.TensorSpec], algorithm: str) -> Hasher:
+    """A hash of ``algorithm`` fed with the digest's domain and canonical spec lines (the body follows)."""
+    h = _digest_maker(algorithm)()
+    h.update(_DIGEST_DOMAIN)
     for s in specs:
         h.update(spec_line(s))
     h.update(b"\n")
     return h
 
 
-def _hash_worker(q: queue.SimpleQueue, h: hashlib._Hash, out: list[bytes]) -> None:
+def _hash_worker(q: queue.SimpleQueue, h: Hasher, out: list[bytes]) -> None:
     while (item := q.get()) is not None:
         h.update(item)
     out.append(h.digest())
 
 
 class BackgroundHash:
-    """A SHA-256 fed in order and computed on a helper thread, overlapping the stream.
+    """A hash fed in order and computed on a helper thread, overlapping the stream.
 
-    Why: hashlib releases the GIL while it hashes a large buffer, so the helper uses a
+    Why: hashlib and blake3 release the GIL while they hash a large buffer, so the helper uses a
     second core while the caller copies and streams the next chunk; the digest is the
     same as hashing inline. Buffers passed to ``update`` must not change until ``digest``
     returns. ``close`` (or garbage collection) stops the helper without a digest.
     """
 
-    def __init__(self, h: hashlib._Hash) -> None:
+    def __init__(self, h: Hasher) -> None:
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._out: list[bytes] = []
         self._thread = threading.Thread(target=_hash_worker, args=(self._q, h, self._out),
@@ -270,9 +311,9 @@ class BackgroundHash:
         self._stop()
 
 
-def _hasher(specs: Iterable[pb.TensorSpec], body_bytes: int) -> hashlib._Hash | BackgroundHash:
-    h = _digest_start(specs)
-    return BackgroundHash(h) if body_bytes >= PARALLEL_HASH_BYTES else h
+def _hasher(specs: Iterable[pb.TensorSpec], body_bytes: int, algorithm: str) -> Hasher | BackgroundHash:
+    h = _digest_start(specs, algorithm)
+    return BackgroundHash(h) if algorithm == "sha256" and body_bytes >= PARALLEL_HASH_BYTES else h
 
 
 def encode_tensors(tensors: Mapping[str, Tensor]) -> tuple[list[pb.TensorSpec], list[memoryview]]:
@@ -304,10 +345,10 @@ def encode_tensors(tensors: Mapping[str, Tensor]) -> tuple[list[pb.TensorSpec], 
     return specs, buffers
 
 
-def model_digest(tensors: Mapping[str, Tensor]) -> bytes:
-    """SHA-256 model digest of named tensors, exactly as carried in a message trailer."""
+def model_digest(tensors: Mapping[str, Tensor], algorithm: str = LEDGER_DIGEST) -> bytes:
+    """Model digest of named tensors (SHA-256 unless ``algorithm`` says), exactly as a trailer carries it."""
     specs, buffers = encode_tensors(tensors)
-    h = _digest_start(specs)
+    h = _digest_start(specs, algorithm)
     for b in buffers:
         h.update(b)
     return h.digest()
@@ -325,6 +366,8 @@ def encode_message(msg: Message, sender: str, recipient: str, sequence: int,
         raise TransportError(f"message kind {msg.kind!r} is invalid")
     if msg.digest is not None and (not isinstance(msg.digest, bytes) or len(msg.digest) != 32):
         raise TransportError("message digest must be the 32-byte model_digest of its tensors")
+    algorithm = msg.digest_algorithm or (LEDGER_DIGEST if msg.digest is not None else STREAM_DIGEST)
+    _digest_maker(algorithm)
     if len(msg.scalars) > MAX_SCALARS:
         raise TransportError(f"too many scalars: {len(msg.scalars)} > {MAX_SCALARS}")
     for k in msg.scalars:
@@ -334,7 +377,7 @@ def encode_message(msg: Message, sender: str, recipient: str, sequence: int,
     header = pb.Header(version=WIRE_VERSION, sender=sender, recipient=recipient,
                        sequence=sequence, round=msg.round, kind=msg.kind, tensors=specs,
                        body_bytes=sum(b.nbytes for b in buffers), in_reply_to=in_reply_to,
-                       sender_certificate=certificate)
+                       sender_certificate=certificate, digest_algorithm=algorithm)
     for k, v in msg.scalars.items():
         header.scalars[k] = float(v)
     return EncodedMessage(header, buffers, msg.digest, seal)
@@ -367,7 +410,7 @@ def iter_chunks(enc: EncodedMessage, chunk_bytes: int = CHUNK_BYTES) -> Iterator
     yield pb.Chunk(header=enc.header).SerializeToString()
     h = None
     if enc.digest is None:
-        h = _hasher(enc.header.tensors, enc.body_bytes)
+        h = _hasher(enc.header.tensors, enc.body_bytes, enc.header.digest_algorithm)
         if isinstance(h, BackgroundHash):
             for buf in enc.buffers:  # whole buffers: one GIL-free update each
                 h.update(buf)
@@ -493,6 +536,7 @@ def check_header(header: pb.Header, expected: ExpectedSpec | None, max_body_byte
     if expected is not None and names and names != set(expected):
         missing = sorted(set(expected) - names)
         raise TransportError(f"missing tensors: {', '.join(missing[:5])}")
+    _digest_maker(header.digest_algorithm)
 
 
 def _all_finite(arr: np.ndarray) -> bool:
@@ -546,7 +590,7 @@ class MessageAssembler:
     """Reassemble one streamed message from raw ``Chunk`` bytes, validating as it goes.
 
     ``verify_digest=False`` trusts the sender's declared digest (TLS already protects the
-    bytes in transit); it saves one SHA-256 pass over the body on the receiver.
+    bytes in transit); it saves the receiver's one hash pass over the body.
 
     ``on_header`` runs on the parsed header before any body is accepted (authorization,
     replay checks); every problem raises TransportError with the reason. ``trailer`` holds
@@ -567,7 +611,7 @@ class MessageAssembler:
         self._body: np.ndarray | None = None  # uint8, written in place as chunks arrive
         self._view: memoryview | None = None
         self._filled = 0
-        self._hash: hashlib._Hash | BackgroundHash | None = None
+        self._hash: Hasher | BackgroundHash | None = None
         self.digest: bytes | None = None
 
     def close(self) -> None:
@@ -611,8 +655,8 @@ class MessageAssembler:
                 self._body = np.empty(self.header.body_bytes, dtype=np.uint8)
                 # numpy's stubs give ndarray __buffer__ only for Python >= 3.12; it has the buffer protocol
                 self._view = memoryview(self._body)  # type: ignore[arg-type]
-                self._hash = (_hasher(self.header.tensors, self.header.body_bytes)
-                              if self.verify_digest else None)
+                self._hash = (_hasher(self.header.tensors, self.header.body_bytes,
+                                      self.header.digest_algorithm) if self.verify_digest else None)
                 return False
             if part == "header":
                 raise TransportError("malformed stream: second header")
@@ -654,7 +698,7 @@ class MessageAssembler:
                               round=h.round, kind=h.kind, tensors=tensors,
                               scalars=dict(h.scalars), digest=self.digest,
                               in_reply_to=h.in_reply_to, wire_bytes=self.wire_bytes,
-                              ledger_head=ledger_head)
+                              ledger_head=ledger_head, digest_algorithm=h.digest_algorithm)
 
 
 def decode_stream(chunks: Iterable[bytes], expected: ExpectedSpec | None,

@@ -6,7 +6,7 @@ splice connections. So every message (requests, replies and the server's ``accep
 carries its sender's DER certificate in the header and, in the trailer, an ECDSA
 P-256 / SHA-256 signature by the sender's node key (the key of its TLS certificate)
 over what identifies it: wire version, sender, recipient, sequence, in_reply_to, round,
-kind, the tensor specs and body length, the model digest, the scalars, the sender's
+kind, the tensor specs and body length, the model digest and its hash's name, the scalars, the sender's
 ledger head and the SHA-256 of the sender certificate. A receiver accepts a message only
 when the certificate chains to the consortium CA, is within its validity, is not on the
 current CRL, names the claimed sender, equals the roster pin for that sender, and the
@@ -31,7 +31,7 @@ from privfl.transport.codec import TransportError, spec_line
 from privfl.transport.common import TrustState
 from privfl.transport.proto import gossip_pb2 as pb
 
-DOMAIN = b"privfl-gossip-signature-v1\n"
+DOMAIN = b"privfl-gossip-signature-v2\n"  # v2: the digest's algorithm is signed with it
 HASH_BYTES = 32
 MAX_CERTIFICATE_BYTES = 16 * 1024
 _ECDSA = ec.ECDSA(hashes.SHA256())
@@ -70,7 +70,7 @@ def canonical_bytes(header: pb.Header, digest: bytes, head: LedgerHead | None) -
     for spec in header.tensors:
         line = spec_line(spec)
         out += struct.pack(">I", len(line)) + line
-    out += digest
+    out += _str(header.digest_algorithm) + digest
     out += struct.pack(">I", len(header.scalars))
     for key in sorted(header.scalars):
         out += _str(key) + struct.pack(">d", header.scalars[key])

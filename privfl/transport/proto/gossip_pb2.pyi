@@ -21,7 +21,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., sparse: bool = ..., nnz: _Optional[int] = ...) -> None: ...
 
 class Header(_message.Message):
-    __slots__ = ("version", "sender", "recipient", "sequence", "round", "kind", "tensors", "body_bytes", "in_reply_to", "scalars", "sender_certificate")
+    __slots__ = ("version", "sender", "recipient", "sequence", "round", "kind", "tensors", "body_bytes", "in_reply_to", "scalars", "sender_certificate", "digest_algorithm")
     class ScalarsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class Header(_message.Message):
     IN_REPLY_TO_FIELD_NUMBER: _ClassVar[int]
     SCALARS_FIELD_NUMBER: _ClassVar[int]
     SENDER_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     version: int
     sender: str
     recipient: str
@@ -51,7 +52,8 @@ class Header(_message.Message):
     in_reply_to: int
     scalars: _containers.ScalarMap[str, float]
     sender_certificate: bytes
-    def __init__(self, version: _Optional[int] = ..., sender: _Optional[str] = ..., recipient: _Optional[str] = ..., sequence: _Optional[int] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., body_bytes: _Optional[int] = ..., in_reply_to: _Optional[int] = ..., scalars: _Optional[_Mapping[str, float]] = ..., sender_certificate: _Optional[bytes] = ...) -> None: ...
+    digest_algorithm: str
+    def __init__(self, version: _Optional[int] = ..., sender: _Optional[str] = ..., recipient: _Optional[str] = ..., sequence: _Optional[int] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., body_bytes: _Optional[int] = ..., in_reply_to: _Optional[int] = ..., scalars: _Optional[_Mapping[str, float]] = ..., sender_certificate: _Optional[bytes] = ..., digest_algorithm: _Optional[str] = ...) -> None: ...
 
 class LedgerHead(_message.Message):
     __slots__ = ("index", "entry_hash")
