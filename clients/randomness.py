@@ -12,7 +12,11 @@ Two sources, one interface (:class:`RandomSource`):
   Gaussian samples resist the floating-point attacks on textbook samplers (Mironov 2012;
   Holohan & Braghin 2021; Jin et al. 2022): each released value is the sum of four
   Box–Muller samples drawn in float64 from 53-bit uniforms, divided by two — the
-  defence of Holohan & Braghin §5.1 that Opacus's ``secure_mode`` also applies.
+  defence of Holohan & Braghin §5.1 that Opacus's ``secure_mode`` also applies. The
+  keystream for a whole step comes from one cipher call written straight into a numpy
+  array, and both outputs of every Box–Muller pair are used (in different released
+  values), all vectorised. Noise vectors of a model's size are drawn one step ahead on a
+  background thread (in memory only; see :class:`SecureRandom`).
 * :class:`SeededRandom`: ``torch.Generator`` streams from an explicit integer seed, for
   simulations, tests and benchmarks where reproducibility is the point. Its draws are
   exactly those Opacus makes with the same generator (``torch.rand`` for Poisson masks,
@@ -26,8 +30,11 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
@@ -37,7 +44,6 @@ from torch.utils.data import Sampler
 
 RandomnessKind = Literal["secure", "seeded"]
 RANDOMNESS_KINDS: tuple[str, ...] = ("secure", "seeded")
-_MASK53 = (1 << 53) - 1
 
 __all__ = [
     "RANDOMNESS_KINDS",
@@ -86,32 +92,83 @@ class RandomSource(ABC):
 
 
 class SecureRandom(RandomSource):
-    """ChaCha20 keystream keyed from ``os.urandom``: unpredictable, never reproducible."""
+    """ChaCha20 keystream keyed from ``os.urandom``: unpredictable, never reproducible.
+
+    ``prefetch`` (on by default): after each :meth:`normal_like_each` of at least
+    :attr:`PREFETCH_MIN_VALUES` values a background thread draws the next vector of the
+    same size and σ, so the next step finds its noise ready (smaller vectors cost less than
+    handing them to a thread, and are drawn when asked for).
+    The noise does not depend on data; it is drawn from this source's own keystream, lives
+    only in memory (never in a checkpoint or on disk) and is used once or dropped (a
+    different size or σ, or a step the budget refuses, draws afresh). A forked child
+    re-keys its streams and drops what its parent prefetched (see :func:`_after_fork`).
+    """
 
     kind: RandomnessKind = "secure"
     #: Box–Muller samples summed per released Gaussian value (2n with n = 2; see module doc)
     GAUSSIAN_SUMMANDS = 4
+    #: the range of noise-vector sizes (values) drawn ahead; others are drawn when asked for
+    PREFETCH_MIN_VALUES = 1 << 14
+    PREFETCH_MAX_VALUES = 1 << 24
 
-    def __init__(self) -> None:
+    def __init__(self, prefetch: bool = True) -> None:
+        self.prefetch = bool(prefetch)
+        self._rekey()
+        _LIVE_SECURE.add(self)
+
+    def _rekey(self) -> None:
+        """A fresh key and nonce from the OS, and nothing drawn ahead (at build and in a forked child)."""
         key = os.urandom(32)
         nonce = os.urandom(16)  # ChaCha20 in cryptography: 4-byte counter + 12-byte nonce
         self._stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+        self._lock = threading.Lock()  # the keystream is read by the caller and the prefetch thread
+        self._ahead_lock = threading.Lock()  # one caller at a time takes what was drawn ahead (used once)
+        self._ahead: tuple[tuple[int, float, torch.dtype], Future[torch.Tensor]] | None = None
+
+    def _words(self, n: int) -> np.ndarray:
+        """n uint64 words of keystream (ChaCha20 of zeros, written straight into the array)."""
+        out = np.empty(n, dtype=np.uint64)
+        if n:
+            with self._lock:
+                self._stream.update_into(_zeros(8 * n), memoryview(out).cast("B"))  # type: ignore[arg-type]
+        return out
 
     def _uniform53(self, n: int) -> torch.Tensor:
-        """n float64 values uniform on [0, 1), each from 53 bits of the keystream."""
-        words = torch.frombuffer(bytearray(self._stream.update(bytes(8 * n))), dtype=torch.int64)
-        return ((words >> 11) & _MASK53).to(torch.float64).mul_(1.0 / (1 << 53))
+        """n float64 values uniform on [0, 1), each k·2⁻⁵³ for 53 bits k of the keystream."""
+        k = self._words(n) >> np.uint64(11)
+        return torch.from_numpy(np.multiply(k, _TWO_M53, dtype=np.float64))
 
     def _standard_normal(self, n: int) -> torch.Tensor:
-        """n N(0, 1) float64 values, each the scaled sum of four Box–Muller samples."""
+        """n N(0, 1) float64 values, each the scaled sum of four Box–Muller samples.
+
+        Vectorised: 2·⌈n/2⌉ values from 4⌈n/2⌉ Box–Muller pairs. Pair i has radius
+        r = √(−2 ln v), v = (k+1)·2⁻⁵³ ∈ (0, 1] (53 keystream bits, the law of 1 − U, so
+        the log is finite) and angle θ = 2π·k'·2⁻⁵³ (53 more bits). With h = ⌈n/2⌉, output
+        j < h sums r·cos θ of pairs j, h+j, 2h+j, 3h+j, and output h+j sums r·sin θ of the
+        same pairs: four independent N(0, 1) summands each (a pair's cos and sin parts are
+        independent, and never land in one output), divided by √4 = 2.
+        """
         k = self.GAUSSIAN_SUMMANDS
-        m = n * k
-        pairs = (m + 1) // 2
-        u = self._uniform53(2 * pairs)
-        r = torch.log1p(-u[:pairs]).mul_(-2.0).sqrt_()  # 1 − u ∈ (0, 1]: the log is finite
-        theta = u[pairs:].mul_(2.0 * math.pi)
-        z = torch.cat([r * torch.cos(theta), r * torch.sin(theta)])[:m]
-        return z.view(n, k).sum(dim=1).div_(math.sqrt(k))
+        h = (n + 1) // 2
+        pairs = k * h
+        bits = self._words(2 * pairs) >> np.uint64(11)
+        v = np.add(bits[:pairs], np.uint64(1)).astype(np.float64)
+        v *= _TWO_M53  # exact: an integer ≤ 2⁵³ times a power of two
+        np.log(v, out=v)
+        v *= -2.0
+        np.sqrt(v, out=v)
+        r = torch.from_numpy(v)
+        theta = torch.from_numpy(np.multiply(bits[pairs:], _TWO_PI_M53, dtype=np.float64))
+        cos = torch.cos(theta).mul_(r).view(k, h)
+        sin = theta.sin_().mul_(r).view(k, h)
+        z = torch.empty(2 * h, dtype=torch.float64)
+        torch.sum(cos, dim=0, out=z[:h])
+        torch.sum(sin, dim=0, out=z[h:])
+        return z[:n].mul_(1.0 / math.sqrt(k))
+
+    def _scaled(self, n: int, std: float, dtype: torch.dtype) -> torch.Tensor:
+        """n N(0, std²) values as ``dtype`` on the CPU."""
+        return self._standard_normal(n).mul_(std).to(dtype)
 
     def uniform(self, shape: tuple[int, ...], device: torch.device | str | None = None,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -122,18 +179,79 @@ class SecureRandom(RandomSource):
             u = u.to(dtype).clamp_(max=1.0 - torch.finfo(dtype).eps / 2)
         return u.to(device) if device is not None else u
 
+    def bernoulli_mask(self, n: int, p: float) -> torch.Tensor:
+        """``n`` coins with P(True) = ``p``: k·2⁻⁵³ < p compared as integers (the same coins, no floats)."""
+        threshold = np.uint64(min(1 << 53, math.ceil(float(p) * (1 << 53))))
+        return torch.from_numpy((self._words(n) >> np.uint64(11)) < threshold)
+
     def normal(self, std: float, shape: tuple[int, ...], device: torch.device | str | None = None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n = int(np.prod(shape)) if shape else 1
-        z = self._standard_normal(n).mul_(float(std)).view(shape).to(dtype)
+        z = self._scaled(n, float(std), dtype).view(shape)
         return z.to(device) if device is not None else z
 
     def normal_like_each(self, std: float, refs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One keystream draw for all of ``refs`` (many small parameters cost one call, not many)."""
+        """One draw for all of ``refs`` (many small parameters cost one call), prefetched when on."""
         sizes = [r.numel() for r in refs]
-        flat = self._standard_normal(sum(sizes)).mul_(float(std)) if sizes else torch.zeros(0, dtype=torch.float64)
-        return [part.view(r.shape).to(device=r.device, dtype=r.dtype)
-                for part, r in zip(torch.split(flat, sizes), refs)]
+        if not refs:
+            return []
+        dtype = refs[0].dtype
+        if any(r.dtype != dtype for r in refs):
+            flat = self._standard_normal(sum(sizes)).mul_(float(std))
+            return [part.view(r.shape).to(device=r.device, dtype=r.dtype)
+                    for part, r in zip(torch.split(flat, sizes), refs)]
+        key = (sum(sizes), float(std), dtype)
+        with self._ahead_lock:
+            flat = self._take(key)
+            if self.prefetch and self.PREFETCH_MIN_VALUES <= key[0] <= self.PREFETCH_MAX_VALUES:
+                self._ahead = (key, _executor().submit(self._scaled, *key))
+        return [part.view(r.shape).to(r.device) for part, r in zip(torch.split(flat, sizes), refs)]
+
+    def _take(self, key: tuple[int, float, torch.dtype]) -> torch.Tensor:
+        """The vector drawn ahead for ``key`` if there is one, else a fresh draw (a mismatch is dropped)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead_key, future = ahead
+            drawn = future.result()  # waited for even on a mismatch: no draw outlives its source's use
+            if ahead_key == key:
+                return drawn
+        return self._scaled(*key)
+
+
+#: live secure sources, re-keyed in a forked child (its keystream must not repeat the parent's)
+_LIVE_SECURE: weakref.WeakSet[SecureRandom] = weakref.WeakSet()
+_EXECUTOR: ThreadPoolExecutor | None = None
+_ZEROS = b""
+_TWO_M53 = 1.0 / (1 << 53)
+_TWO_PI_M53 = 2.0 * math.pi / (1 << 53)
+
+
+def _zeros(nbytes: int) -> memoryview:
+    """``nbytes`` zero bytes (the plaintext whose ChaCha20 ciphertext is the keystream), reused."""
+    global _ZEROS
+    if len(_ZEROS) < nbytes:
+        _ZEROS = bytes(max(nbytes, 2 * len(_ZEROS)))
+    return memoryview(_ZEROS)[:nbytes]
+
+
+def _executor() -> ThreadPoolExecutor:
+    """The one background thread that draws secure noise ahead."""
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="privfl-noise")
+    return _EXECUTOR
+
+
+def _after_fork() -> None:
+    """In a forked child: new keys for every secure source, nothing drawn ahead, a new thread pool."""
+    global _EXECUTOR
+    _EXECUTOR = None
+    for source in list(_LIVE_SECURE):
+        source._rekey()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 class SeededRandom(RandomSource):

@@ -11,7 +11,9 @@ import torch
 from opacus import GradSampleModule
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.utils.data import DataLoader, TensorDataset
 
+import privfl
 import privfl.clients.ghost as ghost
 from privfl.clients import DPClient, DPConfig, PerSampleWeightDPOptimizer, clipping_rule
 from privfl.clients.ghost import GhostDPOptimizer, GhostGradModule, make_ghost_private
@@ -409,3 +411,67 @@ def test_model_is_untouched_outside_the_wrapper():
     opt.step()
     assert all(p.grad is not None for p in model.parameters())
     assert all(la.record.activation is None for la in gm.layers)  # step frees what it recorded
+
+
+# ---- the default engine ("auto") against Opacus on every supported model --------------------
+class _GNBlock(nn.Module):
+    """A GroupNorm ResNet basic block with a projection shortcut (as benchmarks/dp_step.py's resnet)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.gn1 = nn.GroupNorm(2, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.gn2 = nn.GroupNorm(2, cout)
+        self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.GroupNorm(2, cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.gn2(self.conv2(torch.relu(self.gn1(self.conv1(x))))) + self.short(x))
+
+
+class TinyResNetGN(nn.Module):
+    """A small GroupNorm ResNet on 3×8×8 inputs: stem, two blocks (stride 1 and 2), pool, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1, bias=False), nn.GroupNorm(2, 4), nn.ReLU())
+        self.blocks = nn.Sequential(_GNBlock(4, 4, 1), _GNBlock(4, 8, 2))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+def _supported_model(name: str) -> tuple[nn.Module, tuple[int, ...], int]:
+    if name == "resnet":
+        torch.manual_seed(0)
+        return TinyResNetGN(), (3, 8, 8), 3
+    return _model(name)
+
+
+@pytest.mark.parametrize("name", ["mlp", "logreg", "cnn", "seq", "oddconv", "resnet"])
+def test_default_engine_updates_equal_opacus_for_the_same_noise_stream(name):
+    """privfl.PrivacyEngine with nothing but σ, C, q (engine "auto") picks the fast engine, and with the
+    same seeds (Poisson batches and noise) its model equals Opacus's after three steps, on every model
+    the fast engine supports."""
+    model, shape, k = _supported_model(name)
+    x, y = _batch(shape, k, n=48, seed=2)
+    out: dict[str, list[torch.Tensor]] = {}
+    for engine in ("default", "opacus"):
+        m = copy.deepcopy(model)
+        pe = privfl.PrivacyEngine(seed=11)
+        kwargs = {} if engine == "default" else {"engine": "opacus"}
+        dm, dopt, loader = pe.make_private(module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.2),
+                                           data_loader=DataLoader(TensorDataset(x, y), batch_size=12),
+                                           noise_multiplier=1.2, max_grad_norm=0.7, sample_rate=0.25, **kwargs)
+        assert pe.engine_kind == ("fast" if engine == "default" else "opacus")
+        for step, (xb, yb) in enumerate(loader):
+            if step == 3:
+                break
+            dopt.zero_grad()
+            nn.functional.cross_entropy(dm(xb), yb).backward()
+            dopt.step()
+        out[engine] = [p.detach().clone() for p in m.parameters()]
+    for (key, _), a, b in zip(model.named_parameters(), out["default"], out["opacus"]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (name, key, (a - b).abs().max())
+    assert any(not torch.allclose(a, p0) for a, p0 in zip(out["default"], model.parameters()))  # it trained

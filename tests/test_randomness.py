@@ -1,0 +1,141 @@
+"""The secure noise source: the law of its Gaussians and coins, noise never served twice, prefetch, fork.
+
+Draws are secure (unseeded), so every statistical bound is set at a false-alarm rate near
+1e-6; a broken sampler (wrong scale, a lost summand, a reused vector) misses them by far.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import select
+import threading
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import privfl.clients.randomness as randomness
+from privfl.clients.randomness import SecureRandom
+
+pytestmark = pytest.mark.timeout(60)
+
+#: a two-sided z bound with false-alarm rate ≈ 1e-6
+Z = 4.9
+
+
+def _fixed_key_sources(monkeypatch: pytest.MonkeyPatch, n: int) -> list[SecureRandom]:
+    """``n`` secure sources on one and the same key and nonce (to compare two ways of reading one stream)."""
+    monkeypatch.setattr(randomness.os, "urandom", lambda k: bytes(range(k)))
+    return [SecureRandom(prefetch=False) for _ in range(n)]
+
+
+def _check_standard_normal(z: np.ndarray) -> None:
+    n = z.size
+    assert abs(z.mean()) < Z / math.sqrt(n)
+    assert abs(z.var() - 1.0) < Z * math.sqrt(2.0 / n)
+    d_crit = math.sqrt(-math.log(1e-6 / 2) / (2 * n))  # Kolmogorov–Smirnov at α = 1e-6
+    assert stats.kstest(z, "norm").statistic < d_crit
+    for t in (2.0, 3.0, 4.0):  # the tails, where a float-precision bug would show first
+        p = 2 * stats.norm.sf(t)
+        assert abs((np.abs(z) > t).mean() - p) < Z * math.sqrt(p * (1 - p) / n) + 1.0 / n, t
+
+
+def test_secure_gaussians_are_standard_normal_and_independent():
+    z = SecureRandom(prefetch=False)._standard_normal(400_001).numpy()  # odd: the last pair is cut
+    assert z.shape == (400_001,) and z.dtype == np.float64
+    _check_standard_normal(z)
+    # the cos and sin halves come from the same Box–Muller pairs: still uncorrelated
+    h = (z.size + 1) // 2
+    r = np.corrcoef(z[: h - 1], z[h:])[0, 1]
+    assert abs(r) < Z / math.sqrt(h)
+    assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < Z / math.sqrt(z.size)
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_normal_like_each_scales_and_never_serves_one_vector_twice(prefetch):
+    src = SecureRandom(prefetch=prefetch)
+    refs = [torch.zeros(150, 200), torch.zeros(7), torch.zeros(3, 3)]  # ≥ PREFETCH_MIN_VALUES in all
+    assert sum(r.numel() for r in refs) >= SecureRandom.PREFETCH_MIN_VALUES
+    std = 0.37
+    draws = [torch.cat([t.reshape(-1) for t in src.normal_like_each(std, refs)]) for _ in range(6)]
+    for out in src.normal_like_each(std, refs):
+        assert out.dtype == torch.float32
+    flat = torch.stack(draws).double().numpy()
+    _check_standard_normal(flat.reshape(-1) / std)
+    m = flat.shape[1]
+    for i in range(len(draws) - 1):  # consecutive (prefetched) vectors are fresh, not repeats
+        assert abs(np.corrcoef(flat[i], flat[i + 1])[0, 1]) < Z / math.sqrt(m)
+    # another σ (or size) than the one drawn ahead: a fresh draw with the asked-for σ
+    other = torch.cat([t.reshape(-1) for t in src.normal_like_each(2.0, refs)]).double()
+    assert abs(float(other.std()) / 2.0 - 1) < Z * math.sqrt(0.5 / other.numel())
+
+
+def test_concurrent_callers_never_share_a_prefetched_vector():
+    src = SecureRandom(prefetch=True)
+    refs = [torch.zeros(SecureRandom.PREFETCH_MIN_VALUES)]
+    got: list[torch.Tensor] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        for _ in range(10):
+            v = src.normal_like_each(1.0, refs)[0].clone()
+            with lock:
+                got.append(v)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(got) == 40
+    assert len({tuple(v[:4].tolist()) for v in got}) == 40  # 40 distinct vectors
+
+
+def test_bernoulli_mask_is_the_float_comparison_of_the_same_keystream(monkeypatch):
+    a, b = _fixed_key_sources(monkeypatch, 2)
+    for p in (0.3, 1 / 3, 0.01, 1.0, 2.0**-53 * 5):
+        mask = a.bernoulli_mask(5000, p)
+        assert mask.dtype == torch.bool
+        assert torch.equal(mask, b.uniform((5000,), dtype=torch.float64) < p), p
+    c = SecureRandom()
+    q = 0.2
+    frac = float(c.bernoulli_mask(200_000, q).double().mean())
+    assert abs(frac - q) < Z * math.sqrt(q * (1 - q) / 200_000)
+
+
+def test_secure_source_keeps_nothing_to_restore_and_says_what_it_is():
+    src = SecureRandom()
+    src.normal_like_each(1.0, [torch.zeros(SecureRandom.PREFETCH_MIN_VALUES)])  # a vector drawn ahead now
+    assert src.kind == "secure" and src.state_dict() == {}
+    other = SecureRandom()
+    assert not torch.equal(src.normal(1.0, (64,)), other.normal(1.0, (64,)))  # keys from the OS, not shared
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_rekeys_and_drops_what_was_drawn_ahead():
+    src = SecureRandom(prefetch=True)
+    refs = [torch.zeros(SecureRandom.PREFETCH_MIN_VALUES)]
+    src.normal_like_each(1.0, refs)  # the next vector is drawn ahead in the parent
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: its next words and noise must not be the parent's
+        try:
+            os.close(r)
+            words = src._words(8).tobytes()
+            noise = src.normal_like_each(1.0, refs)[0][:8].numpy().tobytes()
+            os.write(w, words + noise)
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], 30)
+        assert ready, "the forked child did not answer"
+        child = os.read(r, 64 + 32)
+    finally:
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+    assert status == 0 and len(child) == 96
+    assert src._words(8).tobytes() != child[:64]
+    assert src.normal_like_each(1.0, refs)[0][:8].numpy().tobytes() != child[64:]
