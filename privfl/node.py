@@ -386,12 +386,12 @@ class Node:
             check_strategy(c.strategy.name, c.strategy.params, "node")
         except ConfigError as exc:
             raise ConfigError(f"{cfg.path}: {exc}") from None
+        self.place = rank_place(cfg.node.ranks, f"{cfg.path}: [node].ranks")
+        if self.place.launcher == "privfl":  # forked before the key is loaded: no worker ever holds it
+            self._workers = RankWorkers(self.place.world_size, lambda place: run_worker(cfg, place))
         prepare_output(cfg)  # before anything is written
         self.identity, self.roster, crl = load_identity(cfg)
         hold_identity(self.identity)
-        self.place = rank_place(cfg.node.ranks, f"{cfg.path}: [node].ranks")
-        if self.place.launcher == "privfl":  # started now, so they import torch while this node sets up
-            self._workers = RankWorkers(self.place.world_size, cfg.path)
         if self.node_id not in self.roster.nodes:
             raise NodeError(f"{cfg.path}: [node].id: {self.node_id!r} is not in the roster {cfg.roster_path}")
         # data: every node uses the same data seed, so the partitions agree; preprocessing is

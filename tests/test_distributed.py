@@ -31,43 +31,46 @@ N, D, SEED = 40, 6, 5
 #: each step's sampled batch (site indices); step 2 holds even records only: rank 1's share is empty
 BATCHES = [[0, 1, 3, 4, 7, 10, 13, 22, 31], [2, 5, 6, 9, 17, 18, 25, 33, 38, 39], [0, 2, 4, 8, 12, 30]]
 
-#: ``python -c RANK_SCRIPT OUT``: rank 0 of a 2-rank site; it spawns rank 1 itself (privfl.ranks,
-#: the same script). Per engine, rank 0 runs train_steps (which hands the block to rank 1), then
-#: releases it, and writes its result; then it prints READY and waits, rank 1 waiting for its next block
+#: ``python -c RANK_SCRIPT OUT``: rank 0 of a 2-rank site; it forks rank 1 itself (privfl.ranks).
+#: Per engine, rank 0 runs train_steps (which hands the block to rank 1), then releases it and
+#: writes its result; then it prints READY and waits, rank 1 waiting for its next block
 RANK_SCRIPT = r'''
 import json, os, sys, time
 import numpy as np, torch
-from tests.test_distributed import BATCHES, ENGINES, RANK_SCRIPT, SEED, data, config, batch_iter
+from tests.test_distributed import BATCHES, ENGINES, SEED, data, config, batch_iter
 from privfl.clients import DPClient
 from privfl.clients.distributed import SiteRanks, rank_share
 from privfl.models import build_model
-from privfl.ranks import RankPlace, RankWorkers, join_site, rank_place
+from privfl.ranks import RankPlace, RankWorkers, join_site
 torch.set_num_threads(1)
-place = rank_place(2, "[node].ranks")
-workers = None if place.is_worker else RankWorkers(2, argv=[sys.executable, "-c", RANK_SCRIPT, sys.argv[1]])
-join_site(place, torch.device("cpu"), workers)
-rank, world = place.rank, place.world_size
-x, y = data()
-for engine in ENGINES:
-    share = rank_share((x, y), rank, world)
-    client = DPClient(build_model("mlp", (x.shape[1],), 2, seed=0, hidden=(8,)), share, None, config(engine),
-                      seed=SEED if rank == 0 else SEED + 1, device="cpu")
-    client._batches = batch_iter(x, y, BATCHES, rank, world)
-    ranks = SiteRanks(rank, world, torch.device("cpu"))
-    ranks.attach(client)
+out = sys.argv[1]
+
+def run(place, workers=None):
+    join_site(place, torch.device("cpu"), workers)
+    rank, world = place.rank, place.world_size
+    x, y = data()
+    for engine in ENGINES:
+        share = rank_share((x, y), rank, world)
+        client = DPClient(build_model("mlp", (x.shape[1],), 2, seed=0, hidden=(8,)), share, None, config(engine),
+                          seed=SEED if rank == 0 else SEED + 1, device="cpu")
+        client._batches = batch_iter(x, y, BATCHES, rank, world)
+        ranks = SiteRanks(rank, world, torch.device("cpu"))
+        ranks.attach(client)
+        if rank == 0:
+            client.train_steps(len(BATCHES))
+            ranks.stop()
+            np.savez(os.path.join(out, f"{engine}.npz"), *client.get_parameters({}))
+            events = [[k.noise_multiplier, k.sample_rate, n] for k, n in client.accountant.events.items()]
+            json.dump({"events": events, "epsilon": client.epsilon}, open(os.path.join(out, f"{engine}.json"), "w"))
+        else:
+            assert ranks.serve() == len(BATCHES)
     if rank == 0:
-        client.train_steps(len(BATCHES))
-        ranks.stop()
-        np.savez(os.path.join(sys.argv[1], f"{engine}.npz"), *client.get_parameters({}))
-        events = [[k.noise_multiplier, k.sample_rate, n] for k, n in client.accountant.events.items()]
-        json.dump({"events": events, "epsilon": client.epsilon}, open(os.path.join(sys.argv[1], f"{engine}.json"), "w"))
+        print("READY", workers.pids[0], workers.port, flush=True)
+        time.sleep(120)
     else:
-        assert ranks.serve() == len(BATCHES)
-if rank == 0:
-    print("READY", workers.pids[0], workers.port, flush=True)
-    time.sleep(120)
-else:
-    ranks.serve()  # rank 0's next block: it never comes (rank 0 is killed)
+        ranks.serve()  # rank 0's next block: it never comes (rank 0 is killed)
+
+run(RankPlace(0, 2, 0, "privfl"), RankWorkers(2, run))
 '''
 
 
