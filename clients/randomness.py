@@ -95,9 +95,11 @@ class SecureRandom(RandomSource):
     """ChaCha20 keystream keyed from ``os.urandom``: unpredictable, never reproducible.
 
     ``prefetch`` (on by default): after each :meth:`normal_like_each` of at least
-    :attr:`PREFETCH_MIN_VALUES` values a background thread draws the next vector of the
-    same size and σ, so the next step finds its noise ready (smaller vectors cost less than
-    handing them to a thread, and are drawn when asked for).
+    :attr:`PREFETCH_MIN_VALUES` values, and while torch leaves a CPU free (its intra-op
+    threads fewer than this process's CPUs), a background thread draws the next vector of
+    the same size and σ, so the next step finds its noise ready. Smaller vectors cost less
+    than handing them to a thread, and a thread competing with torch's own would slow the
+    step, so those are drawn when asked for.
     The noise does not depend on data; it is drawn from this source's own keystream, lives
     only in memory (never in a checkpoint or on disk) and is used once or dropped (a
     different size or σ, or a step the budget refuses, draws afresh). A forked child
@@ -203,7 +205,7 @@ class SecureRandom(RandomSource):
         key = (sum(sizes), float(std), dtype)
         with self._ahead_lock:
             flat = self._take(key)
-            if self.prefetch and self.PREFETCH_MIN_VALUES <= key[0] <= self.PREFETCH_MAX_VALUES:
+            if self.prefetch and self.PREFETCH_MIN_VALUES <= key[0] <= self.PREFETCH_MAX_VALUES and _spare_cpu():
                 self._ahead = (key, _executor().submit(self._scaled, *key))
         return [part.view(r.shape).to(r.device) for part, r in zip(torch.split(flat, sizes), refs)]
 
@@ -232,6 +234,15 @@ def _zeros(nbytes: int) -> memoryview:
     if len(_ZEROS) < nbytes:
         _ZEROS = bytes(max(nbytes, 2 * len(_ZEROS)))
     return memoryview(_ZEROS)[:nbytes]
+
+
+def _spare_cpu() -> bool:
+    """Whether this process may use more CPUs than torch's intra-op threads (room for the prefetch thread)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return cpus > torch.get_num_threads()
 
 
 def _executor() -> ThreadPoolExecutor:

@@ -53,13 +53,20 @@ def test_secure_gaussians_are_standard_normal_and_independent():
     assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < Z / math.sqrt(z.size)
 
 
+@pytest.fixture
+def spare_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a machine where torch leaves a CPU free (the prefetch thread runs)."""
+    monkeypatch.setattr(randomness, "_spare_cpu", lambda: True)
+
+
 @pytest.mark.parametrize("prefetch", [False, True])
-def test_normal_like_each_scales_and_never_serves_one_vector_twice(prefetch):
+def test_normal_like_each_scales_and_never_serves_one_vector_twice(prefetch, spare_cpu):
     src = SecureRandom(prefetch=prefetch)
     refs = [torch.zeros(150, 200), torch.zeros(7), torch.zeros(3, 3)]  # ≥ PREFETCH_MIN_VALUES in all
     assert sum(r.numel() for r in refs) >= SecureRandom.PREFETCH_MIN_VALUES
     std = 0.37
     draws = [torch.cat([t.reshape(-1) for t in src.normal_like_each(std, refs)]) for _ in range(6)]
+    assert (src._ahead is not None) == prefetch  # the next vector is being drawn ahead
     for out in src.normal_like_each(std, refs):
         assert out.dtype == torch.float32
     flat = torch.stack(draws).double().numpy()
@@ -72,7 +79,17 @@ def test_normal_like_each_scales_and_never_serves_one_vector_twice(prefetch):
     assert abs(float(other.std()) / 2.0 - 1) < Z * math.sqrt(0.5 / other.numel())
 
 
-def test_concurrent_callers_never_share_a_prefetched_vector():
+def test_no_prefetch_for_small_vectors_or_without_a_spare_cpu(monkeypatch):
+    src = SecureRandom()
+    monkeypatch.setattr(randomness, "_spare_cpu", lambda: True)
+    src.normal_like_each(1.0, [torch.zeros(SecureRandom.PREFETCH_MIN_VALUES - 1)])
+    assert src._ahead is None
+    monkeypatch.setattr(randomness, "_spare_cpu", lambda: False)  # torch's threads take every CPU
+    src.normal_like_each(1.0, [torch.zeros(SecureRandom.PREFETCH_MIN_VALUES)])
+    assert src._ahead is None
+
+
+def test_concurrent_callers_never_share_a_prefetched_vector(spare_cpu):
     src = SecureRandom(prefetch=True)
     refs = [torch.zeros(SecureRandom.PREFETCH_MIN_VALUES)]
     got: list[torch.Tensor] = []
@@ -105,7 +122,7 @@ def test_bernoulli_mask_is_the_float_comparison_of_the_same_keystream(monkeypatc
     assert abs(frac - q) < Z * math.sqrt(q * (1 - q) / 200_000)
 
 
-def test_secure_source_keeps_nothing_to_restore_and_says_what_it_is():
+def test_secure_source_keeps_nothing_to_restore_and_says_what_it_is(spare_cpu):
     src = SecureRandom()
     src.normal_like_each(1.0, [torch.zeros(SecureRandom.PREFETCH_MIN_VALUES)])  # a vector drawn ahead now
     assert src.kind == "secure" and src.state_dict() == {}
@@ -114,10 +131,11 @@ def test_secure_source_keeps_nothing_to_restore_and_says_what_it_is():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_rekeys_and_drops_what_was_drawn_ahead():
+def test_a_forked_child_rekeys_and_drops_what_was_drawn_ahead(spare_cpu):
     src = SecureRandom(prefetch=True)
     refs = [torch.zeros(SecureRandom.PREFETCH_MIN_VALUES)]
     src.normal_like_each(1.0, refs)  # the next vector is drawn ahead in the parent
+    assert src._ahead is not None
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: its next words and noise must not be the parent's
