@@ -43,6 +43,7 @@ leave, and the signatures), so it is reported but not part of the bulk-throughpu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import resource
@@ -90,6 +91,32 @@ def _bare_exchange(call: grpc.StreamStreamMultiCallable, payload: np.ndarray) ->
     for raw in call(_chunks(payload), timeout=60):
         n += len(raw)
     return n
+
+
+@contextlib.contextmanager
+def _counting_hashes() -> Iterator[list[int]]:
+    """While open, every model-digest hash the transport makes adds the bytes it is fed to the list."""
+    from privfl.transport import codec
+    fed: list[int] = []
+    saved = dict(codec.DIGEST_ALGORITHMS)
+
+    class Counted:
+        def __init__(self, inner: codec.Hasher) -> None:
+            self.inner = inner
+
+        def update(self, data: memoryview | bytes, /) -> None:
+            fed.append(memoryview(data).nbytes)
+            self.inner.update(data)
+
+        def digest(self) -> bytes:
+            return self.inner.digest()
+
+    for name, make in saved.items():
+        codec.DIGEST_ALGORITHMS[name] = lambda make=make: Counted(make())  # type: ignore[misc]
+    try:
+        yield fed
+    finally:
+        codec.DIGEST_ALGORITHMS.update(saved)
 
 
 def _cpu() -> float:
@@ -207,6 +234,9 @@ def run(sizes_mb: list[int], repeats: int, mode: str = "default") -> dict[str, o
                     t_bare.append(time.perf_counter() - t0)
                     c_bare.append(_cpu() - c0)
                     assert got == payload.nbytes
+                with _counting_hashes() as fed:  # one more, untimed exchange: bytes hashed in it
+                    client.exchange("b", Message("exchange_request", repeats, mine,
+                                                 digest=model_digest(mine) if in_exchange else d_mine), timeout=60)
             finally:
                 client.close()
                 ch.close()
@@ -223,6 +253,8 @@ def run(sizes_mb: list[int], repeats: int, mode: str = "default") -> dict[str, o
                 "extra_cpu_ms": round((cp - cb) * 1e3, 1),
                 "ratio": round(b / p, 3), "mode": mode, "digest_algorithm": algorithm,
                 "verified": verify_digest,
+                # hash passes over a body in one exchange (2 bodies; 4 = each body once per side)
+                "hash_passes": round(sum(fed) / payload.nbytes, 2),
             })
     return {"benchmark": "transport_exchange", "tls": "mTLS ECDSA P-256",
             "message_signatures": "ECDSA P-256 per message + signed accept", "chunk_bytes": CHUNK,

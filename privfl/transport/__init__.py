@@ -8,6 +8,9 @@ from privfl.pki import NodeIdentity
 from privfl.transport.client import Delivery, GossipClient
 from privfl.transport.codec import (
     CHUNK_BYTES,
+    DIGEST_ALGORITHMS,
+    LEDGER_DIGEST,
+    STREAM_DIGEST,
     DecodedMessage,
     ExpectedSpec,
     Message,
@@ -31,6 +34,7 @@ from privfl.transport.signing import AuthenticationFailed, PeerVerifier, Signer
 
 __all__ = [
     "ACCEPT_KIND", "ACK_KIND", "AuthenticationFailed", "CHUNK_BYTES", "PeerVerifier", "Signer", "TrustState",
+    "DIGEST_ALGORITHMS", "LEDGER_DIGEST", "STREAM_DIGEST",
     "DecodedMessage", "Delivery", "ExpectedSpec", "GossipClient",
     "GossipServer", "Handler", "Message", "NodeIdentity", "PeerBackoff", "PeerRefused",
     "PeerTraffic", "PeerUnavailable", "SparseTensor", "SpecChoice", "TensorExpectation", "TrafficCounters",
