@@ -200,3 +200,43 @@ def test_two_ranks_are_one_learner_on_loopback_and_die_with_rank0(tmp_path: Path
             rank0.wait()
         if worker is not None and _alive(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+def test_ranks_config_refusals_name_the_field(tmp_path: Path) -> None:
+    from privfl.errors import ConfigError
+    from privfl.launch import dump_toml
+    from privfl.node_config import load_node_config
+    from privfl.pki import init_consortium
+    from privfl.ranks import rank_place
+
+    init_consortium("unit", ["h-a"], tmp_path / "pki", base_port=47300)
+    pki = tmp_path / "pki"
+
+    def load(node: dict, **extra: dict) -> None:
+        tables = {"node": {"id": "h-a", "output": str(tmp_path / "out"), **node},
+                  "identity": {"cert": str(pki / "h-a" / "node.pem"), "key": str(pki / "h-a" / "node.key"),
+                               "ca": str(pki / "ca.pem"), "roster": str(pki / "roster.toml"),
+                               "crl": str(pki / "crl.pem")},
+                  "data": {"source": "breast_cancer", "num_sites": 1, "site_index": 0}, "model": {"name": "logreg"},
+                  "dp": {"noise_multiplier": 2.0, "sample_rate": 0.1, **extra.get("dp", {})},
+                  **{k: v for k, v in extra.items() if k != "dp"}}
+        (tmp_path / "node.toml").write_text(f'python_path = ["{tmp_path / "proj"}"]\n\n' + dump_toml(tables))
+        load_node_config(tmp_path / "node.toml")
+
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "ranks_app.py").write_text("def client_fn(context):\n    raise NotImplementedError\n")
+
+    load({"ranks": 2})  # accepted
+    with pytest.raises(ConfigError, match=r"\[node\]\.ranks: must be an integer >= 1"):
+        load({"ranks": 0})
+    with pytest.raises(ConfigError, match=r"\[node\]\.ranks: 2 ranks implement the gaussian mechanism only"):
+        load({"ranks": 2}, dp={"mechanism": "topagg", "topagg_k": 4})
+    with pytest.raises(ConfigError, match=r"\[node\]\.ranks: 2 ranks need privfl's own DPClient"):
+        load({"ranks": 2}, client={"app": "ranks_app:client_fn"})
+    torchrun = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    assert rank_place(1, "[node].ranks", torchrun) == rank_place(2, "[node].ranks", torchrun)
+    assert rank_place(2, "[node].ranks", torchrun).launcher == "torchrun"
+    assert rank_place(2, "[node].ranks", torchrun).is_worker
+    with pytest.raises(ConfigError, match=r"\[node\]\.ranks: 3 but torchrun started 2 processes"):
+        rank_place(3, "[node].ranks", torchrun)
+    assert rank_place(2, "[node].ranks", {}).launcher == "privfl"
