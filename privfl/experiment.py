@@ -91,10 +91,19 @@ class SimulationSection:
     seed: int = 0
     output: str = "runs"
     device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N"
+    #: "local" (every node in this process) or "ray" (the nodes' training in Ray actors: privfl[ray])
+    backend: str = "local"
+    #: with backend "ray": "" (start a local Ray instance on 127.0.0.1), "auto" or "HOST:PORT" (join a cluster)
+    address: str = ""
+    actors: int = 0  # with backend "ray": Ray actors the nodes are spread over (0: the cluster's CPUs)
 
     def validate(self, where: str) -> None:
-        """Refuse a device this machine does not have (CUDA asked for and absent, cuda:N out of range)."""
+        """Refuse a device this machine does not have (CUDA asked for and absent, cuda:N out of range),
+        and a bad backend / address / actor count (or backend "ray" without Ray installed)."""
+        from privfl.sim.ray_backend import check_backend
+
         resolve_device(self.device, f"{where}.device")
+        check_backend(self.backend, self.address or None, self.actors or None, where)
 
     def compute_params(self, n: int) -> dict[str, Any]:
         """The profile parameters ``compute_speeds`` takes for this profile."""
@@ -333,6 +342,9 @@ def spec_for(exp: Experiment, run: RunVariant | str, progress: bool = False, see
         seed=exp.base_seed if seed is None else int(seed),
         device=str(resolve_device(s.device, f"{exp.source}: [simulation].device")),
         progress=progress,
+        backend=s.backend,
+        address=s.address or None,
+        actors=s.actors or None,
     )
 
 
@@ -519,6 +531,24 @@ def run_comparison(exp: Experiment, run_dir: Path, progress: bool = False) -> Co
                                              "model, DP noise and sampling, peer choice"}
     results: dict[str, list[SimulationResult]] = {}
     done: list[str] = []
+    with contextlib.ExitStack() as stack:
+        _ray_for(exp, stack)
+        _run_all(exp, run_dir, progress, seeds, resolved, results, done)
+    (run_dir / "resolved_config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+    return _write_comparison(exp, run_dir, results)
+
+
+def _ray_for(exp: Experiment, stack: contextlib.ExitStack) -> None:
+    """With ``[simulation] backend = "ray"``: one Ray session (and one set of actors) for every run."""
+    if exp.simulation.backend == "ray":
+        from privfl.sim.ray_backend import ray_session
+
+        stack.enter_context(ray_session(exp.simulation.address or None))
+
+
+def _run_all(exp: Experiment, run_dir: Path, progress: bool, seeds: list[int], resolved: dict[str, Any],
+             results: dict[str, list[SimulationResult]], done: list[str]) -> None:
+    """Every run for every seed, each into its own folder (see :func:`run_comparison`)."""
     for run in exp.runs:
         resolved[run.label] = _spec_json(spec_for(exp, run))
         for seed in seeds:
@@ -532,8 +562,6 @@ def run_comparison(exp: Experiment, run_dir: Path, progress: bool = False) -> Co
                 raise
             done.append(str(run_folder(exp, run_dir, run.label, seed).relative_to(run_dir)) or ".")
             results.setdefault(run.label, []).append(res)
-    (run_dir / "resolved_config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
-    return _write_comparison(exp, run_dir, results)
 
 
 def run_experiment(exp: Experiment, run_dir: Path, progress: bool = False) -> dict[str, SimulationResult]:

@@ -49,6 +49,7 @@ a collective run is Σ ``bytes_sent`` + Σ ``bytes_received``, of a gossip run �
 from __future__ import annotations
 
 import csv
+import functools
 import heapq
 import importlib.util
 import io
@@ -68,6 +69,7 @@ import torch
 from flwr.client import NumPyClient
 
 from privfl.sim.network import SimWorld
+from privfl.sim.profiles import StepTimes
 from privfl.strategies.base import CollectiveStrategy, NodeStrategy, Params
 
 __all__ = ["Engine", "SimulationResult", "StopCriteria", "consensus_distance", "save_state_dict",
@@ -213,7 +215,7 @@ class Engine:
     def __init__(self, node_ids: Sequence[str], clients: Mapping[str, NumPyClient], world: SimWorld,
                  speeds: Sequence[float], step_cost: float, local_steps: int, stop: StopCriteria,
                  evaluate: Evaluate, eval_every: float | None = None, eval_every_rounds: int | None = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, step_time: str = "fixed", seed: int = 0) -> None:
         if not any(v is not None for v in (stop.max_time, stop.max_steps, stop.max_rounds)):
             raise _config("[stop]: give at least one of [stop].max_steps, [stop].max_seconds or "
                           "[simulation].max_rounds")
@@ -222,6 +224,8 @@ class Engine:
         self.world = world
         self.speeds = list(speeds)
         self.step_cost = float(step_cost)
+        #: the compute-time model (fixed, or exponential draws seeded per node from ``seed``)
+        self.step_times = StepTimes(step_time, self.step_cost, self.speeds, seed)
         self.local_steps = int(local_steps)
         self.stop = stop
         self.evaluate = evaluate
@@ -240,11 +244,14 @@ class Engine:
         self.final_models: dict[str, Params] = {}  # the models of the last evaluation
         self._changes = 0  # driver events that may change models (async steps, consensus rounds, rounds)
         self._last_eval: tuple[float, int, int] | None = None  # (time, round, changes) of the last evaluation
+        #: runs a synchronous round's per-node ``begin_round`` calls, in node order: one after another,
+        #: or (the Ray backend's ``run_in_turns``) taking turns while their actors train concurrently
+        self.run_each: Callable[[Sequence[Callable[[], None]]], None] = _one_after_another
 
     # ---- helpers --------------------------------------------------------------------
     def compute_time(self, i: int, steps: int) -> float:
-        """Virtual seconds for ``steps`` local steps on node i."""
-        return steps * self.step_cost / self.speeds[i]
+        """Virtual seconds for ``steps`` local steps on node i (one draw of the step-time model)."""
+        return self.step_times(i, steps)
 
     def _epsilon(self, i: int, fallback: float = math.nan) -> float:
         eps = getattr(self.clients[self.node_ids[i]], "epsilon", None)
@@ -378,7 +385,7 @@ class Engine:
         """
 
         def one_round(t: float) -> float:
-            for i, s in enumerate(strategies):
+            def begin(i: int, s: NodeStrategy) -> None:
                 steps = s.config.get("local_steps", self.local_steps)
                 done = t + (0.0 if s.stopped else self.compute_time(i, steps))
                 self.world.clocks[i] = t if s.overlaps_communication else done
@@ -387,6 +394,8 @@ class Engine:
                     self.world.clocks[i] = done
                 self.steps[i] += rep.local_steps
                 self.epsilons[i] = self._epsilon(i, rep.epsilon)
+
+            self.run_each([functools.partial(begin, i, s) for i, s in enumerate(strategies)])
             for i, s in enumerate(strategies):
                 net = self.world.network(self.node_ids[i])
                 peers = list(s.mixing) if s.mixing is not None else net.neighbors()
@@ -483,6 +492,12 @@ class Engine:
 #: (``privfl compare`` names the run and seed and shows the engine's ε and accuracy)
 progress_factory: ContextVar[Callable[[Engine, float, str], Any] | None] = ContextVar(
     "privfl_sim_progress_factory", default=None)
+
+
+def _one_after_another(tasks: Sequence[Callable[[], None]]) -> None:
+    """Run ``tasks`` in order (the local backend's :attr:`Engine.run_each`)."""
+    for task in tasks:
+        task()
 
 
 def _config(msg: str) -> Exception:

@@ -19,11 +19,12 @@ All nodes start from the same initial model (built once from ``seed``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -138,6 +139,9 @@ class SimSpec:
         self.preprocessing.validate("[data]")
         resolve_device(self.device, "[simulation].device")
         check_strategy(self.strategy, self.strategy_params, "simulate")
+        from privfl.sim.ray_backend import check_backend
+
+        check_backend(self.backend, self.address, self.actors)
         s = self.stop
         if not any(v is not None for v in (s.max_time, s.max_steps, s.max_rounds)):
             raise ConfigError("[stop]: give at least one of [stop].max_steps, [stop].max_seconds or "
@@ -280,6 +284,13 @@ def _site_accounting(dp: DPConfig, pre: Preprocessing, calibrated: dict[Any, DPC
     accountant = PrivacyAccountant(dp.accountant)  # type: ignore[arg-type]
     ev = pre.dp_event
     if ev is None:
+        if dp.enabled and dp.noise_multiplier is None and dp.planned_steps:  # calibrate once, not per node
+            if None not in calibrated:
+                try:
+                    calibrated[None] = dataclasses.replace(dp, noise_multiplier=dp.resolved_noise())
+                except ConfigError:  # the client refuses it, naming the field
+                    calibrated[None] = dp
+            return accountant, calibrated[None]
         return accountant, dp
     accountant.step(ev.noise_multiplier, ev.sample_rate, ev.steps)
     if not dp.enabled:
@@ -308,7 +319,65 @@ def run_simulation(spec: SimSpec) -> SimulationResult:
         torch.set_num_threads(threads)
 
 
+def _model_maker(spec: SimSpec, first: SiteInputs | None) -> Callable[[], torch.nn.Module | None]:
+    """A fresh initial model (the same for every call: built from ``spec.seed``), or None when the
+    user's clients build their own (then it seeds torch's global generator, as each client expects)."""
+    in_shape = first.in_shape if first is not None else ()
+    num_classes = first.num_classes if first is not None else 0
+    has_model = first is not None or is_import_path(spec.model)
+
+    def make_model() -> torch.nn.Module | None:
+        if not has_model:
+            torch.manual_seed(spec.seed)  # public: every user client builds the same initial model
+            return None
+        return build_model(spec.model, in_shape, num_classes, seed=spec.seed, hidden=tuple(spec.hidden),
+                           args=spec.model_args)
+
+    return make_model
+
+
+def _build_clients(spec: SimSpec, node_ids: list[str], sites: list[SiteInputs | None],
+                   preps: list[Preprocessing], indices: Sequence[int]) -> dict[str, NumPyClient]:
+    """The real clients of the nodes at ``indices``: node ``i``'s seed is ``seed * 1000 + i`` and its
+    σ is calibrated once per distinct (prior events, q, steps, ε, δ), so a client is the same
+    whichever process builds it (this one, or a Ray actor)."""
+    make_model = _model_maker(spec, sites[0])
+    calibrated: dict[Any, DPConfig] = {}
+    clients: dict[str, NumPyClient] = {}
+    n = len(node_ids)
+    for i in indices:
+        accountant, dpc = _site_accounting(spec.dp, preps[i], calibrated)
+        clients[node_ids[i]] = build_client(ClientBuild(
+            dpc, i, n, spec.local_steps, model=make_model(), site=sites[i], loss=spec.loss, app=spec.client_app,
+            run_config=spec.client_run_config, seed=spec.seed * 1000 + i, device=spec.device,
+            accountant=accountant, where="[client]"))
+    return clients
+
+
+def build_site_clients(spec: SimSpec, node_ids: list[str], indices: Sequence[int]) -> dict[str, NumPyClient]:
+    """The clients of the nodes at ``indices``, their sites loaded and preprocessed here from the
+    spec and seed exactly as :func:`run_simulation` does (what a Ray actor of the ray backend runs)."""
+    sites, preps = _site_inputs(spec, node_ids)
+    return _build_clients(spec, node_ids, sites, preps, indices)
+
+
+def _node_clients(spec: SimSpec, node_ids: list[str], sites: list[SiteInputs | None],
+                  preps: list[Preprocessing], stack: contextlib.ExitStack) -> dict[str, NumPyClient]:
+    """Every node's client: built here (``backend = "local"``), or proxies of clients that live in
+    Ray actors (``"ray"``; the actors and a Ray instance this starts end with ``stack``)."""
+    if spec.backend == "ray":
+        from privfl.sim.ray_backend import ray_clients
+
+        return stack.enter_context(ray_clients(spec, node_ids))
+    return _build_clients(spec, node_ids, sites, preps, range(len(node_ids)))
+
+
 def _run(spec: SimSpec) -> SimulationResult:
+    with contextlib.ExitStack() as stack:
+        return _run_in(spec, stack)
+
+
+def _run_in(spec: SimSpec, stack: contextlib.ExitStack) -> SimulationResult:
     wall0 = time.perf_counter()
     n = spec.num_nodes
     node_ids = list(spec.node_ids) if spec.node_ids else [f"node{i}" for i in range(n)]
@@ -317,27 +386,15 @@ def _run(spec: SimSpec) -> SimulationResult:
     in_shape = first.in_shape if first is not None else ()
     num_classes = first.num_classes if first is not None else 0
     has_model = first is not None or is_import_path(spec.model)  # else the user's clients hold their own
-
-    def make_model() -> torch.nn.Module | None:
-        if not has_model:
-            torch.manual_seed(spec.seed)  # public: every user client builds the same initial model
-            return None
-        return build_model(spec.model, in_shape, num_classes, seed=spec.seed, hidden=tuple(spec.hidden),
-                           args=spec.model_args)
+    make_model = _model_maker(spec, first)
     topo_params = dict(spec.topology_params)
     if spec.topology == "random_regular":
         topo_params.setdefault("seed", spec.seed)
     topology = build_topology(spec.topology, node_ids, **topo_params)
     init_model = make_model()
-
-    clients: dict[str, NumPyClient] = {}
-    calibrated: dict[Any, DPConfig] = {}
-    for i, (nid, site, pre) in enumerate(zip(node_ids, sites, preps)):
-        accountant, dpc = _site_accounting(spec.dp, pre, calibrated)
-        clients[nid] = build_client(ClientBuild(
-            dpc, i, n, spec.local_steps, model=make_model(), site=site, loss=spec.loss, app=spec.client_app,
-            run_config=spec.client_run_config, seed=spec.seed * 1000 + i, device=spec.device,
-            accountant=accountant, where="[client]"))
+    t_clients = time.perf_counter()
+    clients = _node_clients(spec, node_ids, sites, preps, stack)
+    t_clients = time.perf_counter() - t_clients
     if init_model is not None:
         init_params: Params = [v.detach().cpu().numpy().copy() for v in init_model.state_dict().values()]
         names = list(init_model.state_dict().keys())
@@ -362,6 +419,10 @@ def _run(spec: SimSpec) -> SimulationResult:
         evaluate = _clients_evaluator([clients[nid] for nid in node_ids])
     engine = Engine(node_ids, clients, world, speeds, step_cost, spec.local_steps, spec.stop, evaluate,
                     spec.eval_every, spec.eval_every_rounds, spec.progress, step_time=spec.step_time, seed=spec.seed)
+    if spec.backend == "ray":  # the nodes' begin_round calls take turns while their actors train
+        from privfl.sim.ray_backend import run_in_turns
+
+        engine.run_each = run_in_turns
     ctx = SimContext(spec, node_ids, topology, clients, init_params)
     entry = STRATEGIES[spec.strategy]
     if log.isEnabledFor(logging.INFO):  # the summary's spectral gap is an O(N³) eigendecomposition
@@ -403,6 +464,8 @@ def _run(spec: SimSpec) -> SimulationResult:
         "messages_sent": dict(zip(node_ids, world.messages_sent)),
         "evaluations": engine.evals,
         "wall_seconds": time.perf_counter() - wall0,
+        "backend": spec.backend,
+        "client_setup_seconds": t_clients,  # building the clients (ray: starting the actors that build them)
         "seed": spec.seed,
         "preprocessing": {nid: pre.describe() for nid, pre in zip(node_ids, preps)},
     }

@@ -1,0 +1,342 @@
+"""The simulator's Ray backend (``[simulation] backend = "ray"``): the nodes' training in Ray actors.
+
+Only where training runs changes. The engine, the virtual clock, the event order, the
+strategies and the evaluation stay in the driver process exactly as in the local backend;
+each node's real client (its ``DPClient``, its accountant, its seeded noise and sampling
+streams) lives in one of ``K`` Ray actors (:class:`NodeHost`, several nodes each, node
+``i`` on actor ``i mod K``), built there from the same :class:`~privfl.sim.runner.SimSpec`
+and seed as the local backend builds it, so the same seed gives the same metrics on both
+backends. The engine talks to a :class:`RayNodeClient` per node: a Flower ``NumPyClient``
+whose ``fit`` / ``evaluate`` call that node's actor.
+
+Parallelism without changing any order: :func:`run_in_turns` runs a round's per-node work
+(every node's ``begin_round`` in a synchronous round) as threads that take turns in node
+order; a node gives up its turn only while its actor trains (:meth:`RayNodeClient.fit`
+submits, then :func:`pause`), so the actors train concurrently while every driver-side
+effect (sends, byte counters, clocks) happens in the same order as the sequential loop.
+
+Cluster: ``address`` None starts a local Ray instance on 127.0.0.1 and shuts it down after;
+``"auto"`` or ``"HOST:PORT"`` joins a running cluster (``ray start --head --port=6379`` on one
+machine, ``ray start --address=HEAD:6379`` on the others) and leaves it running. Every actor
+asks for one CPU and, when the cluster has GPUs and the simulation runs on CUDA, an equal
+fraction of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from flwr.client import NumPyClient
+
+from privfl.accounting import BudgetExhausted
+from privfl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from privfl.sim.runner import SimSpec
+
+__all__ = ["NodeHost", "RayNodeClient", "pause", "ray_clients", "ray_session", "run_in_turns"]
+
+_turn = threading.local()
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError('[simulation].backend: "ray" needs Ray, which is not installed: '
+                          "pip install privfl[ray]") from None
+    return ray
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse an unreachable ``HOST:PORT`` at once (``ray.init`` would retry for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if address.startswith("ray://") or not sep or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"[simulation].address: no Ray cluster reachable at {address!r} ({exc}); start one "
+                          "with `ray start --head --port=6379`, or leave address out for a local one") from None
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[Any]:
+    """Ray, initialised: an already-initialised Ray is used as it is (and left running); else
+    ``address`` None starts a local instance on 127.0.0.1 (``num_cpus``: default all) and shuts
+    it down on exit; ``"auto"`` / ``"HOST:PORT"`` joins that cluster (disconnecting on exit)."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    if address is None:
+        ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, _node_ip_address="127.0.0.1",
+                 log_to_driver=False, configure_logging=False)
+    else:
+        _check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except (ConnectionError, OSError, ValueError) as exc:
+            raise ConfigError(f"[simulation].address: cannot join the Ray cluster at {address!r}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    try:
+        yield ray
+    finally:
+        _pool.clear()
+        ray.shutdown()
+
+
+def pause() -> None:
+    """Inside :func:`run_in_turns`: give up this thread's turn until the others have had theirs
+    (a remote call is in flight); elsewhere: nothing."""
+    hand_back = getattr(_turn, "pause", None)
+    if hand_back is not None:
+        hand_back()
+
+
+def run_in_turns(tasks: Sequence[Callable[[], None]]) -> None:
+    """Run ``tasks`` as threads, one at a time, turns going round in task order.
+
+    A task runs until it calls :func:`pause` (or ends); the next task in order then runs, and
+    a paused task resumes at its next turn. So the sequence of effects between pauses is fixed
+    by the task order alone, never by how long the work in flight during a pause takes. The
+    first exception (in task order) is raised once every task has ended.
+    """
+    if len(tasks) <= 1:
+        for task in tasks:
+            task()
+        return
+    cv = threading.Condition()
+    holder: list[int | None] = [None]  # whose turn it is; None: the scheduler's
+    done = [False] * len(tasks)
+    errors: list[BaseException | None] = [None] * len(tasks)
+
+    def wait_turn(k: int) -> None:
+        with cv:
+            cv.wait_for(lambda: holder[0] == k)
+
+    def hand_back(k: int) -> None:
+        with cv:
+            holder[0] = None
+            cv.notify_all()
+
+    def pause_k(k: int) -> None:
+        hand_back(k)
+        wait_turn(k)
+
+    def body(k: int) -> None:
+        _turn.pause = functools.partial(pause_k, k)
+        wait_turn(k)
+        try:
+            tasks[k]()
+        except BaseException as exc:  # noqa: BLE001  (re-raised by the scheduler, in task order)
+            errors[k] = exc
+        finally:
+            done[k] = True
+            hand_back(k)
+
+    threads = [threading.Thread(target=body, args=(k,), daemon=True, name=f"privfl-turn-{k}")
+               for k in range(len(tasks))]
+    for th in threads:
+        th.start()
+    order = deque(range(len(tasks)))
+    while order:
+        k = order.popleft()
+        with cv:
+            holder[0] = k
+            cv.notify_all()
+            cv.wait_for(lambda: holder[0] is None)
+        if not done[k]:
+            order.append(k)
+    for th in threads:
+        th.join()
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+
+
+class NodeHost:
+    """A Ray actor holding the real clients of some nodes, built here from the spec and seed.
+
+    An actor outlives one simulation: :func:`ray_clients` keeps its actors for the Ray session
+    and each run rebuilds the clients (:meth:`build`), so the runs of a ``privfl compare`` pay
+    for starting the actors' processes once."""
+
+    def __init__(self) -> None:
+        self.clients: dict[str, Any] = {}
+
+    def build(self, spec: SimSpec, node_ids: list[str], indices: list[int]) -> dict[str, dict[str, float]]:
+        """Build the clients of the nodes at ``indices`` (dropping any earlier run's); their states."""
+        import torch
+
+        from privfl.sim.runner import build_site_clients
+
+        self.clients = {}
+        if spec.torch_threads:
+            torch.set_num_threads(int(spec.torch_threads))
+        self.clients = build_site_clients(spec, node_ids, indices)
+        return self.states()
+
+    def clear(self) -> None:
+        """Drop the clients (the run ended)."""
+        self.clients = {}
+
+    def states(self) -> dict[str, dict[str, float]]:
+        """Every hosted node's :meth:`state`."""
+        return {nid: self.state(nid) for nid in self.clients}
+
+    def state(self, nid: str) -> dict[str, float]:
+        """What the driver reads off a client between calls: ε spent and the last training loss
+        (the loss stays in the simulation's researcher view, as in the local backend)."""
+        c = self.clients[nid]
+        out: dict[str, float] = {}
+        for name in ("epsilon", "last_loss"):
+            v = getattr(c, name, None)
+            if v is not None:
+                out[name] = float(v)
+        return out
+
+    def call(self, nid: str, method: str, *args: Any) -> tuple[str, Any, dict[str, float]]:
+        """``clients[nid].<method>(*args)``: ("ok", result, state), or ("budget", args) when the
+        budget guard refused (re-raised as :class:`BudgetExhausted` in the driver)."""
+        try:
+            result = getattr(self.clients[nid], method)(*args)
+        except BudgetExhausted as exc:
+            return "budget", (exc.spent, exc.target, exc.delta, exc.steps), self.state(nid)
+        return "ok", result, self.state(nid)
+
+
+class RayNodeClient(NumPyClient):
+    """One node's client in the driver: a proxy whose calls run on the node's :class:`NodeHost`."""
+
+    def __init__(self, ray: Any, actor: Any, node_id: str, state: dict[str, float]) -> None:
+        self._ray = ray
+        self._actor = actor
+        self.node_id = node_id
+        self._state = dict(state)
+
+    @property
+    def epsilon(self) -> float | None:
+        """ε the node's accountant has spent (as of the last call)."""
+        return self._state.get("epsilon")
+
+    @property
+    def last_loss(self) -> float | None:
+        """The node's last local training loss (as of the last call)."""
+        return self._state.get("last_loss")
+
+    def _call(self, method: str, *args: Any) -> Any:
+        ref = self._actor.call.remote(self.node_id, method, *args)
+        pause()  # other nodes' turns while this one's actor works
+        kind, result, state = self._ray.get(ref)
+        self._state = state
+        if kind == "budget":
+            raise BudgetExhausted(*result)
+        return result
+
+    def fit(self, parameters: Any, config: dict[str, Any]) -> Any:
+        return self._call("fit", parameters, config)
+
+    def evaluate(self, parameters: Any, config: dict[str, Any]) -> Any:
+        return self._call("evaluate", parameters, config)
+
+    def get_parameters(self, config: dict[str, Any]) -> Any:
+        return self._call("get_parameters", config)
+
+    def evaluate_local(self, parameters: Any = None) -> tuple[float, float]:
+        """The site's own evaluation (the researcher's view; see the runner's evaluator)."""
+        return self._call("evaluate_local", parameters)  # type: ignore[no-any-return]
+
+    def parameter_names(self) -> list[str]:
+        return self._call("parameter_names")  # type: ignore[no-any-return]
+
+
+def _actor_resources(ray: Any, actors: int, device: str) -> dict[str, float]:
+    """One CPU per actor; an equal share of the cluster's GPUs when the simulation runs on CUDA."""
+    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    if gpus > 0 and device.startswith("cuda"):
+        return {"num_cpus": 1, "num_gpus": min(1.0, gpus / actors)}
+    return {"num_cpus": 1}
+
+
+def default_actors(ray: Any) -> int:
+    """The cluster's CPUs (at least one)."""
+    return max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)))
+
+
+#: the actors kept for the Ray session: (session key, resources, actors)
+_pool: list[tuple[tuple[str, str], dict[str, float], list[Any]]] = []
+
+
+def _session_key(ray: Any) -> tuple[str, str]:
+    ctx = ray.get_runtime_context()
+    return str(ctx.get_job_id()), str(ctx.get_node_id())
+
+
+def _actors(ray: Any, k: int, resources: dict[str, float]) -> list[Any]:
+    """``k`` NodeHost actors with ``resources`` each: this session's kept ones when they fit, else new."""
+    key = _session_key(ray)
+    if _pool and (_pool[0][0] != key or _pool[0][1] != resources or len(_pool[0][2]) != k):
+        if _pool[0][0] == key:
+            for a in _pool[0][2]:
+                ray.kill(a)
+        _pool.clear()
+    if not _pool:
+        remote = ray.remote(**resources)(NodeHost)
+        _pool.append((key, dict(resources), [remote.remote() for _ in range(k)]))
+    return _pool[0][2]
+
+
+@contextlib.contextmanager
+def ray_clients(spec: SimSpec, node_ids: list[str]) -> Iterator[dict[str, NumPyClient]]:
+    """Every node's proxy client, its real client in one of ``spec.actors`` Ray actors (default:
+    the cluster's CPUs, never more than the nodes), node ``i`` on actor ``i mod K``. On exit the
+    actors drop the clients (they are kept for the next run of this Ray session), and a Ray
+    instance this started stops."""
+    with ray_session(spec.address) as ray:
+        k = min(len(node_ids), spec.actors or default_actors(ray))
+        device = spec.device
+        if device.startswith("cuda"):
+            device = "cuda"  # Ray gives each actor its GPU share as the actor's only visible device
+        host_spec = spec if device == spec.device else dataclasses.replace(spec, device=device)
+        actors = _actors(ray, k, _actor_resources(ray, k, spec.device))
+        groups = [[i for i in range(len(node_ids)) if i % k == a] for a in range(k)]
+        try:
+            states: dict[str, dict[str, float]] = {}
+            for part in ray.get([a.build.remote(host_spec, node_ids, g) for a, g in zip(actors, groups)]):
+                states.update(part)
+            clients: dict[str, NumPyClient] = {}
+            for a, group in zip(actors, groups):
+                for i in group:
+                    clients[node_ids[i]] = RayNodeClient(ray, a, node_ids[i], states[node_ids[i]])
+            yield {nid: clients[nid] for nid in node_ids}
+        finally:
+            ray.get([a.clear.remote() for a in actors])
+
+
+def check_backend(backend: str, address: str | None, actors: int | None, where: str = "[simulation]") -> None:
+    """Refuse a bad ``[simulation]`` backend, address or actor count, or Ray absent when asked for
+    (one line, naming ``<where>.<field>``)."""
+    if backend not in ("local", "ray"):
+        raise ConfigError(f'{where}.backend: must be "local" or "ray", got {backend!r}')
+    if address is not None and (not isinstance(address, str) or not address):
+        raise ConfigError(f'{where}.address: "auto" or "HOST:PORT", got {address!r}')
+    if actors is not None and (isinstance(actors, bool) or not isinstance(actors, int) or actors < 1):
+        raise ConfigError(f"{where}.actors: must be a positive integer, got {actors!r}")
+    if backend == "local" and (address is not None or actors is not None):
+        raise ConfigError(f'{where}.address / {where}.actors: only with {where}.backend = "ray"')
+    if backend == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ConfigError(f'{where}.backend: "ray" needs Ray, which is not installed: '
+                              "pip install privfl[ray]") from None
