@@ -20,6 +20,11 @@ dense run of its own strategy: the run labelled ``dense`` (sync_gossip) or
 the wire carrying only those k values) against the same dense gossip reference, at the
 same ε.
 
+The summary ``goal`` (issue 14): at least 25× fewer bytes than the reference to reach within
+1 pp of the reference's final accuracy, by a run whose final accuracy is within 1 pp of it,
+at equal ε (aim: 100×); ``best`` names that run per strategy and ``held`` says whether the
+goal held.
+
 ``--quick`` shortens every run (``--rounds``, default 40) for a smoke check; ``--jobs``
 runs that many simulations in parallel processes (one torch thread each). Prints JSON.
 """
@@ -104,6 +109,31 @@ def _one(args: tuple[str, str, int | None]) -> dict[str, Any]:
     }
 
 
+GOAL_RATIO, AIM_RATIO, GOAL_GAP_PP = 25.0, 100.0, 1.0
+
+
+def _goal(runs: list[dict[str, Any]], epsilon_equal: bool) -> dict[str, Any]:
+    """The best bytes reduction to within 1 pp of the reference among runs ending within 1 pp, per strategy."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        red = r["reduction_to_within_1pp"]
+        if _is_reference(r["label"]) or red is None or r["accuracy_gap_pp"] > GOAL_GAP_PP:
+            continue
+        if r["strategy"] not in best or red > best[r["strategy"]]["reduction_to_within_1pp"]:
+            best[r["strategy"]] = {k: r[k] for k in ("label", "reduction_to_within_1pp", "reduction_to_dense_final",
+                                                     "wire_reduction_per_message", "accuracy_gap_pp",
+                                                     "final_accuracy_mean", "epsilon_max")}
+    top = max((b["reduction_to_within_1pp"] for b in best.values()), default=None)
+    return {
+        "goal": f">= {GOAL_RATIO:g}x fewer bytes to within {GOAL_GAP_PP:g} pp of the dense run's final accuracy, "
+                f"final accuracy within {GOAL_GAP_PP:g} pp, equal epsilon (aim {AIM_RATIO:g}x)",
+        "best": best,
+        "best_ratio": top,
+        "held": bool(epsilon_equal and top is not None and top >= GOAL_RATIO),
+        "aim_held": bool(epsilon_equal and top is not None and top >= AIM_RATIO),
+    }
+
+
 def _is_reference(label: str) -> bool:
     return label == "dense" or label.endswith("-dense")
 
@@ -167,13 +197,15 @@ def main() -> None:
             "reduction_to_within_1pp": (d_1pp / b_1pp) if (b_1pp and d_1pp) else None,
             "accuracy_curve": [(rnd, round(acc, 4)) for rnd, acc, _ in r["curve"]],
         })
+    epsilon_equal = len({round(r["epsilon_max"], 9) for r in results}) == 1
     out = {
         "benchmark": "compression",
         "config": str(Path(a.config).resolve().relative_to(ROOT)) if str(a.config).startswith(str(ROOT)) else a.config,
         "quick": a.quick,
         "rounds": rounds or exp.common.stop.max_steps,
         "reference_final_accuracy": {s: r["final_accuracy_mean"] for s, r in reference.items()},
-        "epsilon_equal": len({round(r["epsilon_max"], 9) for r in results}) == 1,
+        "epsilon_equal": epsilon_equal,
+        **_goal(runs, epsilon_equal),
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "cpu_count": os.cpu_count(),
         "runs": runs,

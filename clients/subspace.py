@@ -35,7 +35,11 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from privfl.accounting.subspace import SUBSPACE_KEYS, check_subspace_params, subspace_indices, subspace_k
 from privfl.clients.optimizer import PerSampleWeightDPOptimizer
 
-__all__ = ["SUBSPACE_KEYS", "SubspaceDPOptimizer", "check_subspace_params", "subspace_indices", "subspace_k"]
+#: the key of the mask counter in the optimizer's state dict (what a node's checkpoint keeps)
+STEPS_KEY = "subspace_steps_taken"
+
+__all__ = ["STEPS_KEY", "SUBSPACE_KEYS", "SubspaceDPOptimizer", "check_subspace_params", "subspace_indices",
+           "subspace_k"]
 
 
 class SubspaceDPOptimizer(PerSampleWeightDPOptimizer):
@@ -83,6 +87,18 @@ class SubspaceDPOptimizer(PerSampleWeightDPOptimizer):
             start += n
         self._cached = (index, out)
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state plus ``steps_taken``, so a restored node derives the same next masks."""
+        return {**super().state_dict(), STEPS_KEY: int(self.steps_taken)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the mask counter never goes backwards)."""
+        state = dict(state_dict)
+        steps = state.pop(STEPS_KEY, None)
+        super().load_state_dict(state)
+        if steps is not None:
+            self.steps_taken = max(self.steps_taken, int(steps))
 
     def clip_and_accumulate(self) -> None:
         """Restrict every per-sample gradient to the mask, then clip inside the subspace (norm ≤ C)."""

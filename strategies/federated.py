@@ -82,6 +82,8 @@ from privfl.accounting.errors import ConfigError
 from privfl.accounting.releases import DP_EVALUATE_METRICS, PUBLIC_FIT_METRICS
 from privfl.strategies.base import CollectiveRound, CollectiveStrategy, Params
 from privfl.strategies.compression import CLTk, Compressor, compressor_from_config
+from privfl.strategies.compression.subspace import SubspaceK
+from privfl.strategies.subspace_transfer import SubspaceModelTracker, SubspaceReceiver
 from privfl.strategies.update_transfer import (
     COMPRESSED_TENSOR_TYPE,
     GlobalModelTracker,
@@ -407,8 +409,18 @@ class FedAvgConfig:
                 raise ConfigError(f"fedavg.{name}: compression applies to model changes; "
                                   "set fedavg.upload = 'update'")
         if self.upload == "update":
-            self.make_compressor()
-            self.make_compressor(downlink=True)
+            up, down = self.make_compressor(), self.make_compressor(downlink=True)
+            if isinstance(down, SubspaceK) and not isinstance(up, SubspaceK):
+                raise ConfigError("fedavg.downlink_compressor: 'subspace' sends the aggregate's k values on the "
+                                  "clients' round mask; set fedavg.compressor = 'subspace' too")
+            if isinstance(up, SubspaceK) and self.fraction_fit != 1:
+                raise ConfigError(f"fedavg.fraction_fit: must be 1 with the 'subspace' compressor (every client "
+                                  f"trains every round, so all hold the same round's mask), got {self.fraction_fit!r}")
+            for name, comp in (("compression_params", up), ("downlink_params", down)):
+                if isinstance(comp, SubspaceK) and comp.local_steps != self.local_steps:
+                    raise ConfigError(f"fedavg.{name}.local_steps: must equal fedavg.local_steps "
+                                      f"({self.local_steps}): a round's mask is the union of its steps' masks, "
+                                      f"got {comp.local_steps}")
         for name in ("fraction_fit", "fraction_evaluate"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 < v <= 1:
@@ -515,7 +527,7 @@ class FederatedAveraging(CollectiveStrategy):
                 continue
             nid = self.node_ids.setdefault(node, FIRST_NODE_ID + len(self.node_ids))
             self._names[nid] = node
-            receiver = UpdateReceiver(self.config.make_compressor()) if self.config.upload == "update" else None
+            receiver = self._receiver() if self.config.upload == "update" else None
             self._endpoints[nid] = NodeEndpoint(client, receiver, arrays_key=s.arrayrecord_key,
                                                 config_key=s.configrecord_key)
             self._clients[node] = client
@@ -528,6 +540,14 @@ class FederatedAveraging(CollectiveStrategy):
             del self._clients[node]
             self._endpoints.pop(nid, None)
             self.grid.contexts.pop(nid, None)
+
+    def _receiver(self) -> UpdateReceiver:
+        """A client's end of update transfer (the k values of the round's mask with 'subspace')."""
+        up = self.config.make_compressor()
+        if isinstance(up, SubspaceK):
+            down = self.config.make_compressor(downlink=True)
+            return SubspaceReceiver(up, down if isinstance(down, SubspaceK) else None)
+        return UpdateReceiver(up)
 
     def _stop(self, node: str, reason: str, metrics: dict[str, dict[str, Any]]) -> None:
         if node in self.stopped:
@@ -557,7 +577,9 @@ class FederatedAveraging(CollectiveStrategy):
                                                  clients[first].get_parameters({}))]
             self.global_arrays = ArrayRecord([np.array(a, copy=True) for a in init])
             if c.upload == "update":
-                self.tracker = GlobalModelTracker(init, c.make_compressor(downlink=True))
+                up, down = c.make_compressor(), c.make_compressor(downlink=True)
+                self.tracker = (SubspaceModelTracker(init, up, down) if isinstance(up, SubspaceK)
+                                else GlobalModelTracker(init, down))
         nodes = sorted(clients)
         bytes_up = {n: 0 for n in nodes}
         bytes_down = {n: 0 for n in nodes}
@@ -674,6 +696,8 @@ class FederatedAveraging(CollectiveStrategy):
         """A node's model as Flower's ``aggregate_train`` needs it: whole arrays (rebuilt from a change)."""
         if self.tracker is None:
             return record
+        if isinstance(self.tracker, SubspaceModelTracker):
+            return ArrayRecord(self.tracker.rebuild_upload(_from_wire(record)))
         base = self.tracker.model
         rebuilt = apply_change(base, unframe_parameters(_from_wire(record), [a.shape for a in base]))
         return ArrayRecord(rebuilt)

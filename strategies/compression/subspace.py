@@ -5,18 +5,27 @@ the coordinates of a mask drawn from the public seed and the step index
 (:func:`privfl.accounting.subspace.subspace_indices`). This compressor sends, per round, the
 values of its released input on the union of the masks of that round's steps and nothing
 else: the receiver derives the same indices from the same public seed and round, so they
-are not counted (a ``sparse`` message with ``shared_indices``: 4 bytes a kept value).
+are not sent.
+
+A message is a ``dense`` (float32 values) or ``quantB`` (``bits``) :class:`Compressed` over
+the round's *segment shapes* ``((k_0,), (k_1,), …)`` — how many kept coordinates fall in
+each model tensor, derived from public values at both ends (:meth:`SubspaceK.frame_shapes`).
+So it frames with ``Compressed.to_bytes`` like any other message (20-byte header, then 4k
+bytes of values, or ⌈kB/8⌉ + 8T), and a receiver rebuilds it with
+``Compressed.from_bytes(frame, frame_shapes(round, model_shapes))``: a frame for another
+round's mask fails there. :meth:`SubspaceK.expand` turns it into an in-memory ``sparse``
+message over the model's shapes (the derived indices), which every decoder takes.
 
 The selection depends only on (public seed, round, fraction, local_steps, period) — never
 on the values — so it is post-processing of a released input, as every compressor here.
 Rounds are counted by the compressor's own calls: one ``compress`` a round (sync gossip's
-gossip), every node from round 0, so all nodes agree on the round. ``SyncGossip`` given
+gossip), every node from round 0, so all nodes agree on the round (a driver may set
+:attr:`SubspaceK.rounds`, e.g. FedAvg to the global model's version). ``SyncGossip`` given
 this compressor mixes with :class:`SubspaceGossip` (D-PSGD on the mask's coordinates).
 Use ``shared_init = true`` and the same ``fraction``, ``seed`` (``public_seed`` here) and
-``period`` as ``[dp].subspace``, and ``local_steps`` = the strategy's local steps.
-
-Limitation: a shared-index message is not framed for the real network
-(``Compressed.to_bytes`` refuses it); it is counted and exchanged in the simulator.
+``period`` as ``[dp].subspace``, and ``local_steps`` = the strategy's local steps. A
+``period`` at least the run's planned steps keeps one mask for the whole run (a random
+fixed sub-network trained with all the steps: what holds accuracy at small fractions).
 """
 
 from __future__ import annotations
@@ -78,23 +87,45 @@ class SubspaceK(Compressor):
         self._local_steps = int(local_steps)
         self.rounds = 0  # compress calls so far: the round whose mask the next message uses
 
+    @property
+    def local_steps(self) -> int:
+        """DP steps per round (the round's mask is the union of theirs)."""
+        return self._local_steps
+
     def indices_for(self, round_index: int, d: int) -> np.ndarray:
         """The flat coordinates round ``round_index`` sends (both ends derive them)."""
         return round_indices(self._seed, round_index, d, self._fraction, self._local_steps, self._period)
 
     def _encode(self, p: np.ndarray, fresh: np.ndarray, shapes: Shapes) -> Compressed:
-        idx = self.indices_for(self.rounds, len(p)).astype(np.int32)
+        idx = self.indices_for(self.rounds, len(p))
         self.rounds += 1
+        segments = segment_shapes(idx, shapes)  # ((k_0,), (k_1,), …): the receiver derives them too
         if self._quant is None:
-            return Compressed("sparse", shapes, indices=idx, values=p[idx].astype(np.float32), shared_indices=True)
-        # the k values quantised per model tensor (one (low, step) pair each): a quantB message
-        # over the virtual shapes ((k_0,), (k_1,), …), which the receiver derives too
+            return Compressed("dense", segments, values=p[idx].astype(np.float32))
+        # the k values quantised per model tensor (one (low, step) pair each)
         self._quant.reset()
-        return self._quant.compress(_derive(p[idx].astype(np.float64), segment_shapes(idx, shapes)))
+        return self._quant.compress(_derive(p[idx].astype(np.float64), segments))
+
+    def frame_shapes(self, round_index: int, shapes: Shapes) -> Shapes:
+        """The shapes a receiver rebuilds round ``round_index``'s frame with (``Compressed.from_bytes``)."""
+        return segment_shapes(self.indices_for(round_index, _size(shapes)), shapes)
+
+    def expand(self, msg: Compressed, round_index: int, shapes: Shapes) -> Compressed:
+        """Round ``round_index``'s message as a ``sparse`` one over the model's ``shapes`` (in memory only).
+
+        The indices are the derived mask's; MalformedMessage if ``msg`` is not on that mask.
+        """
+        idx = self.indices_for(round_index, _size(shapes))
+        values = decode_values(msg, idx, shapes)
+        return Compressed("sparse", tuple(shapes), indices=idx.astype(np.int32), values=values.astype(np.float32))
 
     def describe(self) -> str:
         return (f"subspace(fraction={self._fraction:g}, public_seed={self._seed}, period={self._period}, "
                 f"local_steps={self._local_steps}, values={'float32' if self._bits is None else f'{self._bits}-bit'})")
+
+
+def _size(shapes: Shapes) -> int:
+    return int(_offsets(shapes)[-1])
 
 
 def segment_shapes(indices: np.ndarray, shapes: Shapes) -> Shapes:
@@ -105,13 +136,11 @@ def segment_shapes(indices: np.ndarray, shapes: Shapes) -> Shapes:
 
 def decode_values(msg: Compressed, indices: np.ndarray, shapes: Shapes) -> np.ndarray:
     """The k values a subspace message carries for ``indices`` (float32 or quantised); validated."""
-    if msg.kind == "sparse":
-        if msg.shapes != tuple(shapes) or not np.array_equal(msg.indices, indices):
-            raise MalformedMessage("subspace message: not on this round's shared mask")
-        values = msg.values.astype(np.float64)
-    elif msg.kind.startswith("quant"):
+    if not isinstance(msg, Compressed):
+        raise MalformedMessage(f"subspace message: expected a Compressed message, got {type(msg).__name__}")
+    if msg.kind == "dense" or msg.kind.startswith("quant"):
         if msg.shapes != segment_shapes(indices, shapes):
-            raise MalformedMessage("subspace message: quantised values do not match this round's shared mask")
+            raise MalformedMessage("subspace message: its values do not match this round's shared mask")
         values = decode_flat(msg)
     else:
         raise MalformedMessage(f"subspace message: unexpected kind {msg.kind!r}")
@@ -164,6 +193,10 @@ class SubspaceGossip:
         self._shapes = tuple(shapes)
         for j in [self._node_id, *self._weights]:
             self._estimates[j] = start.astype(np.float64, copy=True)
+
+    def frame_shapes(self, round_index: int, shapes: Shapes) -> Shapes:
+        """The shapes round ``round_index``'s frames are rebuilt with (a node's transport asks by message round)."""
+        return self._compressor.frame_shapes(round_index, shapes)
 
     def make_message(self, x: Released) -> Compressed:
         """C((x − x̂_self) on this round's mask); x̂_self moves by what was sent."""
