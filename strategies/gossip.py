@@ -167,8 +167,15 @@ class AsyncGossip(_GossipBase):
     ``consensus_exchanges`` (int, default 0): after training ends, how many pure averaging
     exchanges an active node makes (:meth:`consensus_round`; post-processing of already
     noised models, so free of privacy cost) — the real node and the simulator both run
-    them, so the two measure the same protocol. :meth:`roles` builds the role keys from a
-    topology.
+    them, so the two measure the same protocol; ``exchanges_per_step`` (int, default 1):
+    pairwise averages an active node makes after each local step, each with a random peer
+    (distinct peers while there are enough) — more mixing of already-noised models, which
+    costs wire bytes and round trips but no privacy (no extra fit, no extra DP event);
+    ``train_seconds`` (float, default none): a training deadline on the node's own clock,
+    counted from the strategy's start — the first step that begins past it trains nothing
+    and stops the node (a public schedule, like a budget that ends early: a slow node then
+    takes fewer steps and spends less ε, and the end-of-training consensus follows).
+    :meth:`roles` builds the role keys from a topology.
 
     Exchange (atomic pairwise averaging, ``x_i = x_j = (x_i + x_j)/2``): the active side
     holds its own lock, sends its model; the passive side, under its lock, replies with
@@ -191,6 +198,16 @@ class AsyncGossip(_GossipBase):
         self.consensus_exchanges = int(self.config.get("consensus_exchanges", 0))
         if self.consensus_exchanges < 0:
             raise ConfigError(f"async_gossip: consensus_exchanges must be >= 0, got {self.consensus_exchanges}")
+        k = self.config.get("exchanges_per_step", 1)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"async_gossip: exchanges_per_step must be an integer >= 1, got {k!r}")
+        self.exchanges_per_step = int(k)
+        deadline = self.config.get("train_seconds")
+        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+                                     or not 0 < deadline < math.inf):
+            raise ConfigError(f"async_gossip: train_seconds must be a positive number of seconds, got {deadline!r}")
+        self.train_seconds = None if deadline is None else float(deadline)
+        self._start = network.now()
         self._version = 0  # bumped by every change to self.params made by an exchange
         self.exchanges = 0
         self.served = 0
@@ -215,8 +232,12 @@ class AsyncGossip(_GossipBase):
 
     # ---- the node's loop body --------------------------------------------------------
     def step(self) -> StepReport:
-        """Train ``local_steps`` DP steps, then (active nodes) average with one random passive peer."""
+        """Train ``local_steps`` DP steps, then (active nodes) average with ``exchanges_per_step``
+        random passive peers, one after another."""
         sent, received = self._drain_served()
+        if not self.stopped and self.train_seconds is not None and \
+                self.network.now() - self._start >= self.train_seconds:
+            self._stop(f"training deadline: {self.train_seconds:g} s since the start")
         if self.stopped:
             return self._report(0, [], sent, received)
         with self._lock:
@@ -233,15 +254,23 @@ class AsyncGossip(_GossipBase):
                                for p, t, s in zip(self.params, trained, snapshot)]
         peers: list[str] = []
         if self.active and self.peers:
-            peer = self._rng.choice(self.peers)
-            s, r, ok = self._exchange_with(peer)
-            sent, received = sent + s, received + r
-            if ok:
-                peers.append(peer)
+            for peer in self._pick_peers(self.exchanges_per_step):
+                s, r, ok = self._exchange_with(peer)
+                sent, received = sent + s, received + r
+                if ok:
+                    peers.append(peer)
         self.round += 1
         if exhausted:
             self._stop("privacy budget exhausted: the last local step that fits has been taken")
         return self._report(steps, peers, sent, received)
+
+    def _pick_peers(self, k: int) -> list[str]:
+        """``k`` random peers: one uniform choice when k = 1, else distinct ones while there are
+        enough (then uniform choices) — public randomness from the node's own seed."""
+        if k == 1:
+            return [self._rng.choice(self.peers)]
+        picked = self._rng.sample(self.peers, min(k, len(self.peers)))
+        return picked + [self._rng.choice(self.peers) for _ in range(k - len(picked))]
 
     def _outgoing(self, kind: str, params: Params) -> ModelMessage:
         """The message carrying ``params``; the seam for a compressor (dense for now).

@@ -208,7 +208,8 @@ def build_collective_strategy(b: StrategyBuild) -> CollectiveStrategy:
 
 
 # ---- async_gossip ------------------------------------------------------------------------
-_ASYNC_KEYS = frozenset({"local_steps", "seed", "consensus_exchanges", "compressor"})
+_ASYNC_KEYS = frozenset({"local_steps", "seed", "consensus_exchanges", "compressor", "exchanges_per_step",
+                         "train_seconds"})
 
 
 def _check_async_gossip(name: str, params: Mapping[str, Any]) -> None:
@@ -219,6 +220,14 @@ def _check_async_gossip(name: str, params: Mapping[str, Any]) -> None:
                           "need every message to every neighbour delivered in order; use [strategy].name = "
                           "\"sync_gossip\" with a compressor")
     check_strategy_keys(name, params, _ASYNC_KEYS, where=WHERE)
+    k = params.get("exchanges_per_step", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"{WHERE}.exchanges_per_step: must be an integer >= 1 (pairwise averages after each "
+                          f"local step), got {k!r}")
+    d = params.get("train_seconds")
+    if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d < math.inf):
+        raise ConfigError(f"{WHERE}.train_seconds: must be a positive number of seconds (the training deadline), "
+                          f"got {d!r}")
 
 
 def _build_async_gossip(b: StrategyBuild) -> NodeStrategy:

@@ -492,3 +492,71 @@ def test_sync_gossip_compressed_innovation_conserves_sum_and_converges() -> None
     assert max_dist([n.params for n in nodes]) < d0 * 1e-3
     with pytest.raises(ConfigError, match="compression"):
         AsyncGossip(IdentityClient(), hub.net("n0"), models[0], {"compressor": comp})
+
+
+# ---- exchanges_per_step ----------------------------------------------------------------
+def test_exchanges_per_step_makes_more_exchanges_at_no_extra_dp_cost() -> None:
+    """k pairwise averages after each local step (distinct peers), the same fits, DP steps and ε as k = 1."""
+    topo = build_topology("complete", ids(4))
+    runs = {}
+    for k in (1, 3):
+        clients, _tx, _ty, init = _dp_clients(1, [8.0])  # node 0 trains with DP; its peers only serve
+        counting: list[NumPyClient] = [CountingClient(clients[0]), IdentityClient(), IdentityClient(),
+                                       IdentityClient()]
+        hub = Hub(topo)
+        nodes = []
+        for i, nid in enumerate(topo.nodes):
+            cfg = {"seed": i, "exchanges_per_step": k, **AsyncGossip.roles(topo, nid)}
+            hub.nodes[nid] = AsyncGossip(counting[i], hub.net(nid), init, cfg)
+            nodes.append(hub.nodes[nid])
+        reports = [nodes[0].step() for _ in range(5)]
+        runs[k] = (nodes[0], clients[0], counting[0], hub, reports)  # type: ignore[assignment]
+    (one, dp1, c1, hub1, rep1), (three, dp3, c3, hub3, rep3) = runs[1], runs[3]
+    assert sum(1 for a, _ in hub1.exchanges if a == "n0") == 5
+    initiated = [p for a, p in hub3.exchanges if a == "n0"]
+    assert len(initiated) == 15 and three.exchanges == 15
+    assert all(len(set(initiated[i:i + 3])) == 3 for i in range(0, 15, 3)), initiated  # distinct peers per step
+    assert all(len(r.peers) == 3 for r in rep3) and all(len(r.peers) == 1 for r in rep1)
+    assert sum(r.bytes_sent for r in rep3) == 3 * sum(r.bytes_sent for r in rep1)
+    assert c3.calls == c1.calls == 5 and dp3.accountant.steps == dp1.accountant.steps == 5
+    assert dp3.epsilon == pytest.approx(dp1.epsilon) and three.epsilon == pytest.approx(one.epsilon)
+
+
+def test_exchanges_per_step_is_checked() -> None:
+    from privfl.strategies.registry import check_strategy
+
+    check_strategy("async_gossip", {"exchanges_per_step": 4, "train_seconds": 30.0}, "simulate")
+    with pytest.raises(ConfigError, match=r"\[strategy\]\.params\.train_seconds"):
+        check_strategy("async_gossip", {"train_seconds": 0}, "simulate")
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match=r"\[strategy\]\.params\.exchanges_per_step"):
+            check_strategy("async_gossip", {"exchanges_per_step": bad}, "simulate")
+    topo = build_topology("complete", ids(2))
+    with pytest.raises(ConfigError, match="exchanges_per_step"):
+        AsyncGossip(IdentityClient(), Hub(topo).net("n0"), random_models(1)[0], {"exchanges_per_step": 0})
+
+
+def test_train_seconds_deadline_stops_training_but_not_serving() -> None:
+    """Past its training deadline a node trains nothing more (no fit, no ε) and stops; it still serves."""
+
+    class ClockNet(LocalNet):
+        clock = 0.0
+
+        def now(self) -> float:
+            return ClockNet.clock
+
+    topo = build_topology("complete", ids(2))
+    hub = Hub(topo)
+    client = IdentityClient()
+    ClockNet.clock = 10.0  # the deadline counts from the strategy's start, not from clock zero
+    node = AsyncGossip(client, ClockNet(hub, "n0"), random_models(1)[0], {"train_seconds": 0.5})
+    peer = AsyncGossip(IdentityClient(), hub.net("n1"), random_models(1, seed=1)[0], {})
+    hub.nodes.update(n0=node, n1=peer)
+    assert node.step().local_steps == 1 and client.calls == 1
+    ClockNet.clock = 10.5
+    rep = node.step()
+    assert rep.local_steps == 0 and rep.stopped and "deadline" in node.stop_reason and client.calls == 1
+    assert peer.average_with("n0")  # a stopped node still answers exchanges (post-processing)
+    for bad in (0, -1.0, math.inf, "5"):
+        with pytest.raises(ConfigError, match="train_seconds"):
+            AsyncGossip(IdentityClient(), hub.net("n0"), random_models(1)[0], {"train_seconds": bad})

@@ -2,12 +2,21 @@
 
 from privfl.sim.engine import Engine, SimulationResult, StopCriteria, consensus_distance, write_results
 from privfl.sim.network import SimNetwork, SimWorld
-from privfl.sim.profiles import DEFAULT_STEP_COST, PROFILES, LinkSpec, compute_speeds, default_step_cost
+from privfl.sim.profiles import (
+    DEFAULT_STEP_COST,
+    PROFILES,
+    STEP_TIMES,
+    LinkSpec,
+    StepTimes,
+    compute_speeds,
+    default_step_cost,
+)
 from privfl.sim.runner import STRATEGIES, SimContext, SimSpec, StrategyEntry, register_strategy, run_simulation
 
 __all__ = [
     "DEFAULT_STEP_COST",
     "PROFILES",
+    "STEP_TIMES",
     "STRATEGIES",
     "Engine",
     "LinkSpec",
@@ -16,6 +25,7 @@ __all__ = [
     "SimSpec",
     "SimWorld",
     "SimulationResult",
+    "StepTimes",
     "StopCriteria",
     "StrategyEntry",
     "compute_speeds",

@@ -11,9 +11,12 @@ import numpy as np
 
 from privfl.errors import ConfigError
 
-__all__ = ["PROFILES", "DEFAULT_STEP_COST", "LinkSpec", "compute_speeds", "default_step_cost"]
+__all__ = ["PROFILES", "DEFAULT_STEP_COST", "STEP_TIMES", "LinkSpec", "StepTimes", "compute_speeds",
+           "default_step_cost"]
 
 PROFILES = ("homogeneous", "straggler", "lognormal", "explicit")
+#: how long one local step takes: always its mean, or exponentially distributed around it
+STEP_TIMES = ("fixed", "exponential")
 
 # Nominal virtual seconds per local DP step at speed 1.0, by model (a site's modest GPU
 # or CPU); used when the spec gives no step_cost, so runs stay deterministic.
@@ -82,6 +85,36 @@ def compute_speeds(profile: str, n: int, seed: int = 0, params: Mapping[str, Any
         raise ConfigError(f"[simulation].speeds: must list one speed per node ({n}, [data].num_sites), "
                           f"got {speeds_in!r}")
     return [_pos(f"[simulation].speeds[{i}]", s) for i, s in enumerate(speeds_in)]
+
+
+class StepTimes:
+    """Virtual seconds of ``steps`` local steps on node i: a node's compute-time model.
+
+    ``fixed``: ``steps · step_cost / speed_i``. ``exponential``: each step an independent
+    exponential draw with that mean (memoryless compute, the model behind the harmonic-number
+    speed-up of asynchrony), so ``steps`` of them are one Gamma(steps, step_cost / speed_i)
+    draw. Every node draws from its own stream, seeded by (``seed``, node index), so a node's
+    times do not depend on the order in which the driver asks for other nodes' times.
+    """
+
+    def __init__(self, kind: str, step_cost: float, speeds: Sequence[float], seed: int = 0,
+                 where: str = "SimSpec.step_time") -> None:
+        if kind not in STEP_TIMES:
+            raise ConfigError(f"{where}: unknown step-time model {kind!r}; choose one of {', '.join(STEP_TIMES)}")
+        self.kind = kind
+        self.step_cost = float(step_cost)
+        self.speeds = [float(v) for v in speeds]
+        self._rngs = [np.random.default_rng(np.random.SeedSequence([int(seed), i, 0x5EED7])) for i in
+                      range(len(self.speeds))] if kind == "exponential" else []
+
+    def mean(self, i: int, steps: int) -> float:
+        """The expected time of ``steps`` steps on node i (the fixed model's time)."""
+        return steps * self.step_cost / self.speeds[i]
+
+    def __call__(self, i: int, steps: int) -> float:
+        if self.kind == "fixed" or steps <= 0:
+            return self.mean(i, steps)
+        return float(self._rngs[i].gamma(float(steps), self.step_cost / self.speeds[i]))
 
 
 @dataclass
