@@ -30,7 +30,9 @@ What differs from Opacus, on purpose:
   :attr:`PrivacyEngine.random_kind` says which).
 * every optimizer step is accounted (and reported to ``on_dp_event``, e.g. a signed
   ledger) *before* its noise is drawn — write-ahead — and with a target ε the step that
-  would exceed it raises :class:`~accounting.BudgetExhausted` instead of running.
+  would exceed it raises :class:`~accounting.BudgetExhausted` instead of running. (A
+  secure source may hold the next step's noise, drawn ahead in memory only; it reaches
+  no gradient before its step is accounted.)
   :meth:`PrivacyEngine.reserve` accounts several steps at once (one ledger entry); the
   following optimizer steps then use that reservation.
 

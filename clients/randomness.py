@@ -207,7 +207,8 @@ class SecureRandom(RandomSource):
             flat = self._take(key)
             if self.prefetch and self.PREFETCH_MIN_VALUES <= key[0] <= self.PREFETCH_MAX_VALUES and _spare_cpu():
                 self._ahead = (key, _executor().submit(self._scaled, *key))
-        return [part.view(r.shape).to(r.device) for part, r in zip(torch.split(flat, sizes), refs)]
+        parts = [part.view(r.shape) for part, r in zip(torch.split(flat, sizes), refs)]
+        return parts if all(r.device.type == "cpu" for r in refs) else [p.to(r.device) for p, r in zip(parts, refs)]
 
     def _take(self, key: tuple[int, float, torch.dtype]) -> torch.Tensor:
         """The vector drawn ahead for ``key`` if there is one, else a fresh draw (a mismatch is dropped)."""
