@@ -137,25 +137,26 @@ class SecureRandom(RandomSource):
 
     def _uniform53(self, n: int) -> torch.Tensor:
         """n float64 values uniform on [0, 1), each k·2⁻⁵³ for 53 bits k of the keystream."""
-        k = self._words(n) >> np.uint64(11)
+        k = self._words(n) >> _SHIFT11
         return torch.from_numpy(np.multiply(k, _TWO_M53, dtype=np.float64))
 
-    def _standard_normal(self, n: int) -> torch.Tensor:
-        """n N(0, 1) float64 values, each the scaled sum of four Box–Muller samples.
+    def _standard_normal(self, n: int, std: float = 1.0) -> torch.Tensor:
+        """n N(0, std²) float64 values, each the scaled sum of four Box–Muller samples.
 
         Vectorised: 2·⌈n/2⌉ values from 4⌈n/2⌉ Box–Muller pairs. Pair i has radius
         r = √(−2 ln v), v = (k+1)·2⁻⁵³ ∈ (0, 1] (53 keystream bits, the law of 1 − U, so
         the log is finite) and angle θ = 2π·k'·2⁻⁵³ (53 more bits). With h = ⌈n/2⌉, output
         j < h sums r·cos θ of pairs j, h+j, 2h+j, 3h+j, and output h+j sums r·sin θ of the
         same pairs: four independent N(0, 1) summands each (a pair's cos and sin parts are
-        independent, and never land in one output), divided by √4 = 2.
+        independent, and never land in one output), times std/√4.
         """
         k = self.GAUSSIAN_SUMMANDS
         h = (n + 1) // 2
         pairs = k * h
-        bits = self._words(2 * pairs) >> np.uint64(11)
-        v = np.add(bits[:pairs], np.uint64(1)).astype(np.float64)
-        v *= _TWO_M53  # exact: an integer ≤ 2⁵³ times a power of two
+        bits = self._words(2 * pairs)
+        bits >>= _SHIFT11
+        v = np.multiply(bits[:pairs], _TWO_M53, dtype=np.float64)
+        v += _TWO_M53  # (k + 1)·2⁻⁵³, exact: an integer ≤ 2⁵³ times a power of two
         np.log(v, out=v)
         v *= -2.0
         np.sqrt(v, out=v)
@@ -166,11 +167,11 @@ class SecureRandom(RandomSource):
         z = torch.empty(2 * h, dtype=torch.float64)
         torch.sum(cos, dim=0, out=z[:h])
         torch.sum(sin, dim=0, out=z[h:])
-        return z[:n].mul_(1.0 / math.sqrt(k))
+        return z[:n].mul_(float(std) / math.sqrt(k))
 
     def _scaled(self, n: int, std: float, dtype: torch.dtype) -> torch.Tensor:
         """n N(0, std²) values as ``dtype`` on the CPU."""
-        return self._standard_normal(n).mul_(std).to(dtype)
+        return self._standard_normal(n, std).to(dtype)
 
     def uniform(self, shape: tuple[int, ...], device: torch.device | str | None = None,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -184,7 +185,7 @@ class SecureRandom(RandomSource):
     def bernoulli_mask(self, n: int, p: float) -> torch.Tensor:
         """``n`` coins with P(True) = ``p``: k·2⁻⁵³ < p compared as integers (the same coins, no floats)."""
         threshold = np.uint64(min(1 << 53, math.ceil(float(p) * (1 << 53))))
-        return torch.from_numpy((self._words(n) >> np.uint64(11)) < threshold)
+        return torch.from_numpy((self._words(n) >> _SHIFT11) < threshold)
 
     def normal(self, std: float, shape: tuple[int, ...], device: torch.device | str | None = None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -199,7 +200,7 @@ class SecureRandom(RandomSource):
             return []
         dtype = refs[0].dtype
         if any(r.dtype != dtype for r in refs):
-            flat = self._standard_normal(sum(sizes)).mul_(float(std))
+            flat = self._standard_normal(sum(sizes), std)
             return [part.view(r.shape).to(device=r.device, dtype=r.dtype)
                     for part, r in zip(torch.split(flat, sizes), refs)]
         key = (sum(sizes), float(std), dtype)
@@ -225,6 +226,7 @@ class SecureRandom(RandomSource):
 _LIVE_SECURE: weakref.WeakSet[SecureRandom] = weakref.WeakSet()
 _EXECUTOR: ThreadPoolExecutor | None = None
 _ZEROS = b""
+_SHIFT11 = np.uint64(11)  # a 64-bit word's top 53 bits
 _TWO_M53 = 1.0 / (1 << 53)
 _TWO_PI_M53 = 2.0 * math.pi / (1 << 53)
 
