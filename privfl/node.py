@@ -387,6 +387,7 @@ class Node:
         except ConfigError as exc:
             raise ConfigError(f"{cfg.path}: {exc}") from None
         self.place = rank_place(cfg.node.ranks, f"{cfg.path}: [node].ranks")
+        self.device = rank_device(cfg.device, self.place, f"{cfg.path}: [node].ranks")  # refused before a fork
         if self.place.launcher == "privfl":  # forked before the key is loaded: no worker ever holds it
             self._workers = RankWorkers(self.place.world_size, lambda place: run_worker(cfg, place))
         prepare_output(cfg)  # before anything is written
@@ -422,7 +423,6 @@ class Node:
             log.warning("node %s: [node].seed = %d: SEEDED noise and sampling — anyone who knows the seed can "
                         "recompute them; for tests only (the ledger says 'seeded' and the audit fails it)",
                         self.node_id, cfg.seed)
-        self.device = rank_device(cfg.device, self.place)  # [node].device ("auto": CUDA when present)
         site = self.site
         if self.place.world_size > 1 and self.site is not None:
             if c.dp.delta >= 1 / self.site.train_size:  # the site's records, not this rank's share

@@ -99,11 +99,16 @@ def rank_place(ranks: int, where: str, environ: Mapping[str, str] | None = None)
     return RankPlace(0, ranks, 0, "privfl" if ranks > 1 else "single")
 
 
-def rank_device(device: torch.device, place: RankPlace) -> torch.device:
-    """A rank's device: its own GPU (``cuda:local_rank``, modulo the GPUs present) when the site trains on CUDA."""
+def rank_device(device: torch.device, place: RankPlace, where: str = "[node].ranks") -> torch.device:
+    """A rank's device: its own GPU (``cuda:local_rank``) when the site trains on CUDA (NCCL needs
+    one GPU per rank on a machine: more ranks than GPUs is refused, naming ``where``)."""
     if device.type != "cuda" or place.world_size == 1:
         return device
-    return torch.device("cuda", place.local_rank % max(1, torch.cuda.device_count()))
+    gpus = torch.cuda.device_count()
+    if place.launcher == "privfl" and place.world_size > gpus:
+        raise ConfigError(f"{where}: {place.world_size} ranks on CUDA need {place.world_size} GPUs, this machine "
+                          f"has {gpus}; use fewer ranks, or [node].device = \"cpu\"")
+    return torch.device("cuda", place.local_rank % max(1, gpus))
 
 
 def _backend(device: torch.device) -> str:

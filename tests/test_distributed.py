@@ -240,3 +240,10 @@ def test_ranks_config_refusals_name_the_field(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"\[node\]\.ranks: 3 but torchrun started 2 processes"):
         rank_place(3, "[node].ranks", torchrun)
     assert rank_place(2, "[node].ranks", {}).launcher == "privfl"
+    # NCCL needs a GPU per rank: more ranks than GPUs is refused before any worker is forked
+    from privfl.ranks import RankPlace, rank_device
+
+    if torch.cuda.device_count() < 3:
+        with pytest.raises(ConfigError, match=r"\[node\]\.ranks: 3 ranks on CUDA need 3 GPUs, this machine has"):
+            rank_device(torch.device("cuda"), RankPlace(0, 3, 0, "privfl"))
+    assert rank_device(torch.device("cpu"), RankPlace(0, 3, 0, "privfl")) == torch.device("cpu")
