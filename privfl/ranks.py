@@ -131,7 +131,14 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _worker_main(target: Callable[[RankPlace], Any], place: RankPlace) -> None:  # pragma: no cover - a child
-    """A forked worker: tie its life to rank 0's, then run ``target``."""
+    """A forked worker: tie its life to rank 0's, then run ``target``.
+
+    Ctrl-C, SIGTERM and SIGHUP sent to the node's process group are rank 0's to act on (it
+    finishes the current block, then releases the workers): a worker ignores them, so a
+    graceful stop never breaks a step half-way; it dies with rank 0 all the same.
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     _die_with_parent(place.parent_pid)
     target(place)
 

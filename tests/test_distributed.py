@@ -4,7 +4,8 @@
   the same (seeded) noise — fast and Opacus engines, momentum, an empty share included;
 * the site's accountant (rank 0's) holds the single-process events, so ε is identical;
 * the ranks' shares cover every record exactly once;
-* a worker rank 0 spawned listens on the loopback only, and dies with rank 0 (SIGKILL).
+* a worker rank 0 forked listens on the loopback only, leaves stop signals to rank 0, and
+  dies with rank 0 (SIGKILL).
 """
 
 from __future__ import annotations
@@ -188,6 +189,10 @@ def test_two_ranks_are_one_learner_on_loopback_and_die_with_rank0(tmp_path: Path
             assert all(a.startswith("127.0.0.1:") for a in addrs), (pid, addrs)
         assert f"127.0.0.1:{port}" in listening(rank0.pid)
         assert _alive(worker)  # waiting for rank 0's next block
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a stop is rank 0's to act on
+            os.kill(worker, sig)
+        time.sleep(0.3)
+        assert _alive(worker)
         rank0.send_signal(signal.SIGKILL)  # a crash: rank 0 has no chance to release it
         rank0.wait(timeout=10)
         end = time.monotonic() + 10
