@@ -9,6 +9,7 @@ from privfl.clients.clipping import (
     PSACClipping,
     clipping_rule,
 )
+from privfl.clients.distributed import SiteRanks, rank_share, share_indices
 from privfl.clients.dp_client import DPClient, DPConfig, evaluate_model
 from privfl.clients.engine import PrivacyEngine
 from privfl.clients.ghost import GhostDPOptimizer, GhostGradModule, make_ghost_private
@@ -37,6 +38,7 @@ __all__ = [
     "PSACClipping",
     "PerSampleWeightDPOptimizer",
     "PrivacyEngine",
+    "SiteRanks",
     "SiteSession",
     "SparseTernary",
     "TopAggDPOptimizer",
@@ -47,6 +49,8 @@ __all__ = [
     "evaluate_model",
     "load_client_app",
     "per_sample_votes",
+    "rank_share",
+    "share_indices",
     "site_session",
     "sum_votes",
     "votes_to_dense",
