@@ -63,8 +63,8 @@ def spec_for(n: int, data: str, model: str, strategy: str, batch: int, backend: 
     steps = math.ceil(rows / batch)
     spec = SimSpec(dataset=data, num_nodes=n, partitioning="iid", preprocessing=PreprocessingSpec(scaling="none"),
                    model=model, hidden=(32,),
-                   dp=DPConfig(noise_multiplier=1.0, target_epsilon=1e6, delta=1e-6, batch_size=batch, lr=0.1,
-                               sample_rate=min(1.0, batch / rows)),
+                   dp=DPConfig(target_epsilon=8.0, planned_steps=steps, delta=1e-6, batch_size=batch, lr=0.1,
+                               sample_rate=min(1.0, batch / rows)),  # σ calibrated (once) to ε = 8 in one epoch
                    strategy=strategy, local_steps=1, topology="random_regular", topology_params={"degree": 3},
                    stop=StopCriteria(max_steps=steps), seed=0, backend=backend, actors=actors)
     return spec, steps, rows

@@ -42,7 +42,7 @@ from privfl.errors import ConfigError
 if TYPE_CHECKING:
     from privfl.sim.runner import SimSpec
 
-__all__ = ["NodeHost", "RayNodeClient", "pause", "ray_clients", "ray_session", "run_in_turns"]
+__all__ = ["CallBatch", "NodeHost", "RayNodeClient", "pause", "ray_clients", "ray_session", "run_in_turns"]
 
 _turn = threading.local()
 
@@ -103,13 +103,15 @@ def pause() -> None:
         hand_back()
 
 
-def run_in_turns(tasks: Sequence[Callable[[], None]]) -> None:
+def run_in_turns(tasks: Sequence[Callable[[], None]], before_resume: Callable[[], None] | None = None) -> None:
     """Run ``tasks`` as threads, one at a time, turns going round in task order.
 
     A task runs until it calls :func:`pause` (or ends); the next task in order then runs, and
-    a paused task resumes at its next turn. So the sequence of effects between pauses is fixed
-    by the task order alone, never by how long the work in flight during a pause takes. The
-    first exception (in task order) is raised once every task has ended.
+    a paused task resumes at its next turn (``before_resume()`` is called first: the Ray
+    backend sends the calls the paused tasks queued, one batch per actor). So the sequence of
+    effects between pauses is fixed by the task order alone, never by how long the work in
+    flight during a pause takes. The first exception (in task order) is raised once every
+    task has ended.
     """
     if len(tasks) <= 1:
         for task in tasks:
@@ -149,8 +151,12 @@ def run_in_turns(tasks: Sequence[Callable[[], None]]) -> None:
     for th in threads:
         th.start()
     order = deque(range(len(tasks)))
+    started = [False] * len(tasks)
     while order:
         k = order.popleft()
+        if started[k] and before_resume is not None:
+            before_resume()
+        started[k] = True
         with cv:
             holder[0] = k
             cv.notify_all()
@@ -205,6 +211,10 @@ class NodeHost:
                 out[name] = float(v)
         return out
 
+    def call_many(self, calls: list[tuple[str, str, tuple[Any, ...]]]) -> list[tuple[str, Any, dict[str, float]]]:
+        """:meth:`call` for each ``(nid, method, args)``, in order (one round trip for a round's calls)."""
+        return [self.call(nid, method, *args) for nid, method, args in calls]
+
     def call(self, nid: str, method: str, *args: Any) -> tuple[str, Any, dict[str, float]]:
         """``clients[nid].<method>(*args)``: ("ok", result, state), or ("budget", args) when the
         budget guard refused (re-raised as :class:`BudgetExhausted` in the driver)."""
@@ -215,14 +225,49 @@ class NodeHost:
         return "ok", result, self.state(nid)
 
 
-class RayNodeClient(NumPyClient):
-    """One node's client in the driver: a proxy whose calls run on the node's :class:`NodeHost`."""
+class CallBatch:
+    """Calls queued by paused :func:`run_in_turns` tasks, sent as one ``call_many`` per actor."""
 
-    def __init__(self, ray: Any, actor: Any, node_id: str, state: dict[str, float]) -> None:
+    def __init__(self) -> None:
+        self._queued: list[tuple[Any, tuple[str, str, tuple[Any, ...]], list[Any]]] = []
+
+    def queue(self, actor: Any, nid: str, method: str, args: tuple[Any, ...]) -> list[Any]:
+        """Queue one call; the returned slot holds ``[ref, index]`` once :meth:`send` has run."""
+        slot: list[Any] = []
+        self._queued.append((actor, (nid, method, args), slot))
+        return slot
+
+    def send(self) -> None:
+        """Send every queued call, one batch per actor (in queue order within each batch)."""
+        queued, self._queued = self._queued, []
+        by_actor: dict[int, tuple[Any, list[tuple[tuple[str, str, tuple[Any, ...]], list[Any]]]]] = {}
+        for actor, call, slot in queued:
+            by_actor.setdefault(id(actor), (actor, []))[1].append((call, slot))
+        for actor, calls in by_actor.values():
+            ref = actor.call_many.remote([c for c, _ in calls])
+            for index, (_, slot) in enumerate(calls):
+                slot.extend((ref, index))
+
+    def run_each(self, tasks: Sequence[Callable[[], None]]) -> None:
+        """:func:`run_in_turns` with this batch sent before a paused task resumes (the engine's
+        :attr:`~privfl.sim.engine.Engine.run_each` for the Ray backend)."""
+        run_in_turns(tasks, before_resume=self.send)
+
+
+class RayNodeClient(NumPyClient):
+    """One node's client in the driver: a proxy whose calls run on the node's :class:`NodeHost`.
+
+    Inside :func:`run_in_turns` a call is queued in ``batch`` and the task pauses (the batch
+    goes out, one round trip per actor, when the first paused task resumes); elsewhere it is
+    one remote call, awaited at once."""
+
+    def __init__(self, ray: Any, actor: Any, node_id: str, state: dict[str, float],
+                 batch: CallBatch | None = None) -> None:
         self._ray = ray
         self._actor = actor
         self.node_id = node_id
         self._state = dict(state)
+        self._batch = batch
 
     @property
     def epsilon(self) -> float | None:
@@ -235,9 +280,12 @@ class RayNodeClient(NumPyClient):
         return self._state.get("last_loss")
 
     def _call(self, method: str, *args: Any) -> Any:
-        ref = self._actor.call.remote(self.node_id, method, *args)
-        pause()  # other nodes' turns while this one's actor works
-        kind, result, state = self._ray.get(ref)
+        if self._batch is not None and getattr(_turn, "pause", None) is not None:
+            slot = self._batch.queue(self._actor, self.node_id, method, args)
+            pause()  # the other nodes' turns; the batch is sent before this task resumes
+            kind, result, state = self._ray.get(slot[0])[slot[1]]
+        else:
+            kind, result, state = self._ray.get(self._actor.call.remote(self.node_id, method, *args))
         self._state = state
         if kind == "budget":
             raise BudgetExhausted(*result)
@@ -297,9 +345,10 @@ def _actors(ray: Any, k: int, resources: dict[str, float]) -> list[Any]:
 
 
 @contextlib.contextmanager
-def ray_clients(spec: SimSpec, node_ids: list[str]) -> Iterator[dict[str, NumPyClient]]:
+def ray_clients(spec: SimSpec, node_ids: list[str]) -> Iterator[tuple[dict[str, NumPyClient], CallBatch]]:
     """Every node's proxy client, its real client in one of ``spec.actors`` Ray actors (default:
-    the cluster's CPUs, never more than the nodes), node ``i`` on actor ``i mod K``. On exit the
+    the cluster's CPUs, never more than the nodes), node ``i`` on actor ``i mod K``, and their
+    :class:`CallBatch` (whose ``run_each`` the engine's synchronous rounds use). On exit the
     actors drop the clients (they are kept for the next run of this Ray session), and a Ray
     instance this started stops."""
     with ray_session(spec.address) as ray:
@@ -314,11 +363,12 @@ def ray_clients(spec: SimSpec, node_ids: list[str]) -> Iterator[dict[str, NumPyC
             states: dict[str, dict[str, float]] = {}
             for part in ray.get([a.build.remote(host_spec, node_ids, g) for a, g in zip(actors, groups)]):
                 states.update(part)
+            batch = CallBatch()
             clients: dict[str, NumPyClient] = {}
             for a, group in zip(actors, groups):
                 for i in group:
-                    clients[node_ids[i]] = RayNodeClient(ray, a, node_ids[i], states[node_ids[i]])
-            yield {nid: clients[nid] for nid in node_ids}
+                    clients[node_ids[i]] = RayNodeClient(ray, a, node_ids[i], states[node_ids[i]], batch)
+            yield {nid: clients[nid] for nid in node_ids}, batch
         finally:
             ray.get([a.clear.remote() for a in actors])
 

@@ -362,14 +362,17 @@ def build_site_clients(spec: SimSpec, node_ids: list[str], indices: Sequence[int
 
 
 def _node_clients(spec: SimSpec, node_ids: list[str], sites: list[SiteInputs | None],
-                  preps: list[Preprocessing], stack: contextlib.ExitStack) -> dict[str, NumPyClient]:
+                  preps: list[Preprocessing], stack: contextlib.ExitStack
+                  ) -> tuple[dict[str, NumPyClient], Callable[[Sequence[Callable[[], None]]], None] | None]:
     """Every node's client: built here (``backend = "local"``), or proxies of clients that live in
-    Ray actors (``"ray"``; the actors and a Ray instance this starts end with ``stack``)."""
+    Ray actors (``"ray"``; the actors and a Ray instance this starts end with ``stack``), with
+    the engine's ``run_each`` for that backend (None: the engine's own, one after another)."""
     if spec.backend == "ray":
         from privfl.sim.ray_backend import ray_clients
 
-        return stack.enter_context(ray_clients(spec, node_ids))
-    return _build_clients(spec, node_ids, sites, preps, range(len(node_ids)))
+        clients, batch = stack.enter_context(ray_clients(spec, node_ids))
+        return clients, batch.run_each
+    return _build_clients(spec, node_ids, sites, preps, range(len(node_ids))), None
 
 
 def _run(spec: SimSpec) -> SimulationResult:
@@ -393,7 +396,7 @@ def _run_in(spec: SimSpec, stack: contextlib.ExitStack) -> SimulationResult:
     topology = build_topology(spec.topology, node_ids, **topo_params)
     init_model = make_model()
     t_clients = time.perf_counter()
-    clients = _node_clients(spec, node_ids, sites, preps, stack)
+    clients, run_each = _node_clients(spec, node_ids, sites, preps, stack)
     t_clients = time.perf_counter() - t_clients
     if init_model is not None:
         init_params: Params = [v.detach().cpu().numpy().copy() for v in init_model.state_dict().values()]
@@ -419,10 +422,8 @@ def _run_in(spec: SimSpec, stack: contextlib.ExitStack) -> SimulationResult:
         evaluate = _clients_evaluator([clients[nid] for nid in node_ids])
     engine = Engine(node_ids, clients, world, speeds, step_cost, spec.local_steps, spec.stop, evaluate,
                     spec.eval_every, spec.eval_every_rounds, spec.progress, step_time=spec.step_time, seed=spec.seed)
-    if spec.backend == "ray":  # the nodes' begin_round calls take turns while their actors train
-        from privfl.sim.ray_backend import run_in_turns
-
-        engine.run_each = run_in_turns
+    if run_each is not None:  # ray: the nodes' begin_round calls take turns while their actors train
+        engine.run_each = run_each
     ctx = SimContext(spec, node_ids, topology, clients, init_params)
     entry = STRATEGIES[spec.strategy]
     if log.isEnabledFor(logging.INFO):  # the summary's spectral gap is an O(N³) eigendecomposition
