@@ -45,7 +45,7 @@ EXAMPLE = ROOT / "examples" / "hospitals-gossip" / "consortium.toml"
 #: (label, one-way latency s, bandwidth bytes/s)
 LINKS = [("lan", 0.0005, 125e6), ("wan", 0.02, 12.5e6), ("slow_wan", 0.04, 2.5e6), ("very_slow", 0.1, 1.25e6)]
 #: injected one-way delay per model send in the real-process runs (seconds)
-DELAYS = [0.0, 0.05, 0.15]
+DELAYS = [0.0, 0.05, 0.1]
 
 
 # ---- simulated ------------------------------------------------------------------------------
@@ -149,10 +149,11 @@ def _launch(tmp: Path, strategy: str, local_steps: int, steps: int, latency: flo
     from tests.helpers import patched_copy
 
     name = f"{strategy}-{int(latency * 1000)}ms"
+    tmp.mkdir(parents=True, exist_ok=True)
     cfg = patched_copy(EXAMPLE, tmp / f"{name}.toml", [
         ('nodes = ["st-mary", "general", "childrens", "university"]', 'nodes = ["st-mary", "general"]'),
         ("timeout = 300.0", "timeout = 120.0"),
-        ("consensus_exchanges = 20", "consensus_exchanges = 0"),
+        ("consensus_exchanges = 20", "consensus_exchanges = 0\nsync_timeout = 2.0"),
         ("planned_steps = 150", f"planned_steps = {steps}"),
         ("max_steps = 150 ", f"max_steps = {steps} "),
         ('name = "async_gossip"\nlocal_steps = 5', f'name = "{strategy}"\nlocal_steps = {local_steps}'),
@@ -189,23 +190,38 @@ def _launch(tmp: Path, strategy: str, local_steps: int, steps: int, latency: flo
                       if b["steps"] > a["steps"]]
     ok = all(e.get("exit_code") == 0 and e.get("audit_ok") for e in summary["nodes"].values())
     # the median: a round whose neighbour's model never came (a peer in back-off at start) waits
-    # [node].sync_timeout and would dominate a mean; it is counted apart
-    return {"strategy": strategy, "local_steps": local_steps, "latency": latency, "ok": ok,
+    # [node].sync_timeout (2 s here) and would dominate a mean; it is counted apart
+    return {"strategy": strategy, "local_steps": local_steps, "latency": latency, "ok": ok, "per_round": per_round,
             "seconds_per_step": statistics.median(per_round) if per_round else None,
             "mean_seconds_per_step": statistics.fmean(per_round) if per_round else None,
-            "rounds_timed_out": sum(1 for x in per_round if x * local_steps > 5.0),
+            "rounds_timed_out": sum(1 for x in per_round if x * local_steps > 1.5),
             "epsilon_max": max(float(e.get("epsilon", math.nan)) for e in summary["nodes"].values()),
             "mean_accuracy": summary.get("mean_accuracy")}
 
 
-def processes(steps: int, local_steps: int, delays: list[float], bandwidth: float) -> dict[str, Any]:
+def _pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The repeats of one (strategy, delay): the median over every timed round of every repeat."""
+    per_round = [x for r in runs for x in r["per_round"]]
+    return {**{k: v for k, v in runs[0].items() if k not in ("per_round", "seconds_per_step", "mean_accuracy")},
+            "ok": all(r["ok"] for r in runs), "repeats": len(runs), "timed_rounds": len(per_round),
+            "seconds_per_step": statistics.median(per_round) if per_round else None,
+            "seconds_per_step_each": [r["seconds_per_step"] for r in runs],
+            "rounds_timed_out": sum(r["rounds_timed_out"] for r in runs),
+            "mean_accuracy": [r["mean_accuracy"] for r in runs]}
+
+
+def processes(steps: int, local_steps: int, delays: list[float], bandwidth: float, repeats: int) -> dict[str, Any]:
+    """Each delay: cocod and sync_gossip launched alternately ``repeats`` times (machine noise hits both)."""
     import tempfile
 
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="privfl-cocod-") as tmp:
         for d in delays:
-            c = _launch(Path(tmp), "cocod", local_steps, steps, d, bandwidth)
-            s = _launch(Path(tmp), "sync_gossip", local_steps, steps, d, bandwidth)
+            runs: dict[str, list[dict[str, Any]]] = {"cocod": [], "sync_gossip": []}
+            for i in range(repeats):
+                for name in runs:
+                    runs[name].append(_launch(Path(tmp) / str(i), name, local_steps, steps, d, bandwidth))
+            c, s = _pooled(runs["cocod"]), _pooled(runs["sync_gossip"])
             speedup = (s["seconds_per_step"] / c["seconds_per_step"]
                        if c["seconds_per_step"] and s["seconds_per_step"] else None)
             out[f"{int(d * 1000)}ms"] = {"delay": d, "cocod": c, "sync_gossip": s, "step_speedup": speedup}
@@ -216,8 +232,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=120, help="local DP steps per site (simulated)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--proc-steps", type=int, default=60, help="local DP steps per node (real processes)")
-    ap.add_argument("--proc-local-steps", type=int, default=5)
+    ap.add_argument("--proc-steps", type=int, default=100, help="local DP steps per node (real processes)")
+    ap.add_argument("--proc-local-steps", type=int, default=10)
+    ap.add_argument("--proc-repeats", type=int, default=2, help="launches per strategy and delay")
     ap.add_argument("--proc-bandwidth", type=float, default=12.5e6, help="bytes/s of the injected link")
     ap.add_argument("--skip-processes", action="store_true")
     ap.add_argument("--skip-simulated", action="store_true")
@@ -248,7 +265,7 @@ def main() -> None:
                          and all(x >= 2.0 for x in g["wan_step_speedup_vs_every_step"])
                          and all((e["target_speedup_average_vs_sync_gossip"] or 0) > 1.0 for e in slow))
     if not a.skip_processes:
-        proc = processes(a.proc_steps, a.proc_local_steps, DELAYS, a.proc_bandwidth)
+        proc = processes(a.proc_steps, a.proc_local_steps, DELAYS, a.proc_bandwidth, a.proc_repeats)
         out["processes"] = proc
         speedups = {k: v["step_speedup"] for k, v in proc.items()}
         out["goal_processes"] = {

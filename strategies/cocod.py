@@ -17,6 +17,11 @@ accounted DP steps — post-processing. Local training always runs on a private 
 the client computes during a round (it may hold un-noised intermediate values) can leak
 into a message. A stopped node sends nothing more.
 
+What a site holds between rounds is ``x_{t+1}``: the mix plus its *own* last, unmixed
+displacement, so a site's model is further from the consortium average than D-PSGD's
+(whose own update is mixed before it is kept); the average itself evolves exactly as in
+D-PSGD (x̄_{t+1} = x̄_t + mean displacement). ``benchmarks/cocod.py`` measures both.
+
 Drivers: a real node calls :meth:`CoCoDGossip.step`, which runs the sends and the wait for
 the neighbours' round-t models in a background thread while ``client.fit`` runs (the
 ``PeerNetwork`` calls block); the simulator calls :meth:`begin_round` with its clock at the
