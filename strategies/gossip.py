@@ -207,7 +207,7 @@ class AsyncGossip(_GossipBase):
                                      or not 0 < deadline < math.inf):
             raise ConfigError(f"async_gossip: train_seconds must be a positive number of seconds, got {deadline!r}")
         self.train_seconds = None if deadline is None else float(deadline)
-        self._start = network.now()
+        self._start = network.now() if self.train_seconds is not None else 0.0
         self._version = 0  # bumped by every change to self.params made by an exchange
         self.exchanges = 0
         self.served = 0
