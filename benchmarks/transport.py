@@ -15,6 +15,8 @@ privfl's over bare's) and the ratio privfl / bare for four modes:
   body chunk by chunk as it streams it and each receiver hashes every chunk as it arrives
   and verifies the digest, and every message is signed (below). The goal: ratio >= 0.8 at
   every bulk size (>= 1 MB; ``goal`` / ``held`` in the JSON);
+* ``default_sha256``: as ``default`` with SHA-256 instead of BLAKE3 (the transport's digest
+  before BLAKE3; the sender's and receiver's SHA-256 run on helper threads for large bodies);
 * ``ledger``: as a node with a privacy ledger sends: the sender computes the ledger's
   SHA-256 ``model_digest`` inside the timed exchange (``PeerNetwork`` records it before the
   model leaves) and passes it as ``Message.digest``, so the transport does not hash again;
@@ -124,7 +126,7 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-MODES = ("default", "ledger", "no_verify", "digest_given")
+MODES = ("default", "default_sha256", "ledger", "no_verify", "digest_given")
 GOAL_RATIO = 0.8
 GOAL_MIN_MB = 1  # the goal is on bulk transfers; smaller models are latency-bound
 
@@ -179,8 +181,9 @@ def signing_cost(n: int = 2000) -> dict[str, float]:
 
 def run(sizes_mb: list[int], repeats: int, mode: str = "default") -> dict[str, object]:
     """Time privfl exchanges and bare exchanges of each size, interleaved; one result each."""
-    verify_digest = mode in ("default", "ledger")
+    verify_digest = mode in ("default", "default_sha256", "ledger")
     in_exchange = mode == "ledger"  # the sender's ledger digest is part of the exchange
+    alg = "sha256" if mode == "default_sha256" else None  # None: the transport's choice
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp) / "pki"
         init_consortium("bench", ["a", "b"], d)
@@ -199,7 +202,8 @@ def run(sizes_mb: list[int], repeats: int, mode: str = "default") -> dict[str, o
                                # bound now: each size has its own server and its own reply
                                lambda s, m, theirs=theirs, d_theirs=d_theirs: Message(
                                    "exchange_reply", m.round, theirs,
-                                   digest=model_digest(theirs) if in_exchange else d_theirs),
+                                   digest=model_digest(theirs) if in_exchange else d_theirs,
+                                   digest_algorithm=alg),
                                address="127.0.0.1:0", expected_spec=spec,
                                max_message_bytes=2 * max(mb, 1) * 1_000_000, verify_digest=verify_digest)
             port = srv.start()
@@ -215,7 +219,7 @@ def run(sizes_mb: list[int], repeats: int, mode: str = "default") -> dict[str, o
             call = ch.stream_stream(BARE_METHOD)
             payload = mine["w"]
             try:
-                client.exchange("b", Message("exchange_request", 0, mine, digest=d_mine),
+                client.exchange("b", Message("exchange_request", 0, mine, digest=d_mine, digest_algorithm=alg),
                                 timeout=60)  # warm-up
                 algorithm = ""
                 _bare_exchange(call, payload)
@@ -224,7 +228,7 @@ def run(sizes_mb: list[int], repeats: int, mode: str = "default") -> dict[str, o
                     c0, t0 = _cpu(), time.perf_counter()
                     sent_digest = model_digest(mine) if in_exchange else d_mine
                     reply = client.exchange("b", Message("exchange_request", i, mine,
-                                                         digest=sent_digest), timeout=60)
+                                                         digest=sent_digest, digest_algorithm=alg), timeout=60)
                     t_privfl.append(time.perf_counter() - t0)
                     c_privfl.append(_cpu() - c0)
                     assert reply.tensors["w"].shape == mine["w"].shape
@@ -236,7 +240,8 @@ def run(sizes_mb: list[int], repeats: int, mode: str = "default") -> dict[str, o
                     assert got == payload.nbytes
                 with _counting_hashes() as fed:  # one more, untimed exchange: bytes hashed in it
                     client.exchange("b", Message("exchange_request", repeats, mine,
-                                                 digest=model_digest(mine) if in_exchange else d_mine), timeout=60)
+                                                 digest=model_digest(mine) if in_exchange else d_mine,
+                                                 digest_algorithm=alg), timeout=60)
             finally:
                 client.close()
                 ch.close()
