@@ -9,7 +9,7 @@ sending side, as gRPC Python needs ``bytes``; the receivers keep gRPC's chunks a
 and never assemble them, so the baseline is the cheapest possible use of the stream).
 Prints JSON: MB/s (model bytes * 2 / seconds, median of ``--repeats`` interleaved runs),
 the process CPU seconds per exchange (both ends run in this process; ``extra_cpu_ms``:
-privfl's over bare's) and the ratio privfl / bare for four modes:
+privfl's over bare's; ``cpu_ratio``: bare's CPU / privfl's) and the ratio privfl / bare for five modes:
 
 * ``default``: the transport out of the box, integrity on -- each sender BLAKE3-hashes its
   body chunk by chunk as it streams it and each receiver hashes every chunk as it arrives
@@ -256,6 +256,7 @@ def run(sizes_mb: list[int], repeats: int, mode: str = "default") -> dict[str, o
                 "privfl_mb_s": round(moved / p, 1), "bare_mb_s": round(moved / b, 1),
                 "privfl_cpu_s": round(cp, 4), "bare_cpu_s": round(cb, 4),
                 "extra_cpu_ms": round((cp - cb) * 1e3, 1),
+                "cpu_ratio": round(cb / cp, 3),  # bare / privfl CPU: what the wall ratio tends to on busy cores
                 "ratio": round(b / p, 3), "mode": mode, "digest_algorithm": algorithm,
                 "verified": verify_digest,
                 # hash passes over a body in one exchange (2 bodies; 4 = each body once per side)
