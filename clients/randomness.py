@@ -206,10 +206,14 @@ class SecureRandom(RandomSource):
         key = (sum(sizes), float(std), dtype)
         with self._ahead_lock:
             flat = self._take(key)
-            if self.prefetch and self.PREFETCH_MIN_VALUES <= key[0] <= self.PREFETCH_MAX_VALUES and _spare_cpu():
+            if self.draws_ahead(key[0]):
                 self._ahead = (key, _executor().submit(self._scaled, *key))
         parts = [part.view(r.shape) for part, r in zip(torch.split(flat, sizes), refs)]
         return parts if all(r.device.type == "cpu" for r in refs) else [p.to(r.device) for p, r in zip(parts, refs)]
+
+    def draws_ahead(self, n: int) -> bool:
+        """Whether a noise vector of ``n`` values is drawn ahead now (prefetch on, model-sized, a CPU free)."""
+        return self.prefetch and self.PREFETCH_MIN_VALUES <= n <= self.PREFETCH_MAX_VALUES and _spare_cpu()
 
     def _take(self, key: tuple[int, float, torch.dtype]) -> torch.Tensor:
         """The vector drawn ahead for ``key`` if there is one, else a fresh draw (a mismatch is dropped)."""

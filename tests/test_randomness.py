@@ -83,7 +83,8 @@ def test_no_prefetch_for_small_vectors_or_without_a_spare_cpu(monkeypatch):
     src = SecureRandom()
     monkeypatch.setattr(randomness, "_spare_cpu", lambda: True)
     src.normal_like_each(1.0, [torch.zeros(SecureRandom.PREFETCH_MIN_VALUES - 1)])
-    assert src._ahead is None
+    assert src._ahead is None and not src.draws_ahead(SecureRandom.PREFETCH_MIN_VALUES - 1)
+    assert src.draws_ahead(SecureRandom.PREFETCH_MIN_VALUES) and not SecureRandom(prefetch=False).draws_ahead(1 << 20)
     monkeypatch.setattr(randomness, "_spare_cpu", lambda: False)  # torch's threads take every CPU
     src.normal_like_each(1.0, [torch.zeros(SecureRandom.PREFETCH_MIN_VALUES)])
     assert src._ahead is None
