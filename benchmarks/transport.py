@@ -26,7 +26,9 @@ privfl's over bare's; ``cpu_ratio``: bare's CPU / privfl's) and the ratio privfl
 * ``digest_given``: as ``no_verify`` and the senders pass a digest computed *before* the
   timed exchange, so no body byte is hashed inside the exchange: the transport's floor.
 
-``hash_ms_per_pass``: one pass of each digest over the largest model, in this run.
+``hash_ms_per_pass``: one pass of each digest over the largest model, in this run;
+``hash_passes``: body bytes fed to the digest hashes in one (untimed, counted) exchange over
+the body size -- 4 when each of the two bodies is hashed exactly once on each side.
 
 Every privfl message is signed by its sender's node key and verified by the receiver
 (ECDSA P-256, ``transport/signing.py``), and the client streams its body only after the
