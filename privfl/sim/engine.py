@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import heapq
 import importlib.util
 import io
@@ -197,6 +198,16 @@ def _flat(params: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.asarray(p, dtype=np.float64).ravel() for p in params]) if params else np.zeros(0)
 
 
+def _digest(params: Sequence[np.ndarray]) -> bytes:
+    """A digest of a model's exact values, dtypes and shapes (equal digests: the same model)."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in params:
+        a = np.ascontiguousarray(p)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.digest()
+
+
 def consensus_distance(models: Sequence[Sequence[np.ndarray]]) -> tuple[float, float]:
     """(max pairwise L2 distance, RMS distance to the mean model) over node models."""
     if len(models) < 2:
@@ -268,8 +279,12 @@ class Engine:
         cmax, crms = consensus_distance(models)
         self.final_models = dict(zip(self.node_ids, models))
         accs = []
+        scores: dict[bytes, tuple[float, float]] = {}  # identical models (the start, after FedAvg) score once
         for i, nid in enumerate(self.node_ids):
-            loss, acc = self.evaluate(models[i])
+            key = _digest(models[i])
+            if key not in scores:
+                scores[key] = self.evaluate(models[i])
+            loss, acc = scores[key]
             accs.append(acc)
             self.rows.append({
                 "time": round(float(t), 9), "round": self.round, "node": nid, "steps": self.steps[i],
@@ -406,7 +421,25 @@ class Engine:
                     self.stop_reasons[self.node_ids[i]] = s.stop_reason
             return max(self.world.clocks)
 
-        return self._lockstep(lambda: [s.snapshot() for s in strategies], one_round)
+        def consensus(t: float) -> float:
+            """After training: ``consensus_exchanges`` pure mixing rounds (send, no compute; then mix)."""
+            for r in range(max((int(s.consensus_exchanges) for s in strategies), default=0)):
+                for i, s in enumerate(strategies):
+                    self.world.clocks[i] = t
+                    if s.consensus_exchanges > r:
+                        s.begin_consensus_round()
+                for i, s in enumerate(strategies):
+                    if s.consensus_exchanges > r:
+                        net = self.world.network(self.node_ids[i])
+                        peers = list(s.mixing) if s.mixing is not None else net.neighbors()
+                        s.finish_consensus_round(net.receive(self.round, peers, float(s.timeout)))
+                t = max(self.world.clocks)
+                self.world.clocks = [t] * len(self.node_ids)
+                self.round += 1
+                self._changes += 1
+            return t
+
+        return self._lockstep(lambda: [s.snapshot() for s in strategies], one_round, consensus)
 
     # ---- collective strategies -------------------------------------------------------
     def run_collective(self, strategy: CollectiveStrategy, init: Params) -> float:
@@ -439,9 +472,11 @@ class Engine:
 
         return self._lockstep(lambda: [params[nid] for nid in self.node_ids], one_round)
 
-    def _lockstep(self, models: Callable[[], Sequence[Params]], one_round: Callable[[float], float]) -> float:
+    def _lockstep(self, models: Callable[[], Sequence[Params]], one_round: Callable[[float], float],
+                  finish: Callable[[float], float] | None = None) -> float:
         """Run ``one_round(t) -> t_end`` until a stop limit; after each, barrier the clocks,
-        advance the progress bar and evaluate when due. Returns the final virtual time."""
+        advance the progress bar and evaluate when due; then ``finish(t) -> t_end`` (after
+        training: pure averaging rounds) before the final evaluation. Returns the final virtual time."""
         self.epsilons = [self._initial_epsilon(i) for i in range(len(self.node_ids))]
         t = 0.0
         self._record(0.0, models())
@@ -464,6 +499,8 @@ class Engine:
         finally:
             if bar is not None:
                 bar.stop()
+        if finish is not None:
+            t = finish(t)
         self._record_final(t, models())
         return t
 

@@ -12,8 +12,11 @@ whose ``fit`` / ``evaluate`` call that node's actor.
 Parallelism without changing any order: :func:`run_in_turns` runs a round's per-node work
 (every node's ``begin_round`` in a synchronous round) as threads that take turns in node
 order; a node gives up its turn only while its actor trains (:meth:`RayNodeClient.fit`
-submits, then :func:`pause`), so the actors train concurrently while every driver-side
-effect (sends, byte counters, clocks) happens in the same order as the sequential loop.
+queues its call, then :func:`pause`; the queued calls go out as one ``call_many`` per actor
+when the first paused node resumes), so the actors train concurrently while every
+driver-side effect (sends, byte counters, clocks) happens in the same order as the
+sequential loop. Asynchronous gossip's events and a collective strategy's calls (inside
+the strategy's own loop) are sent one at a time, awaited at once.
 
 Cluster: ``address`` None starts a local Ray instance on 127.0.0.1 and shuts it down after;
 ``"auto"`` or ``"HOST:PORT"`` joins a running cluster (``ray start --head --port=6379`` on one
@@ -117,34 +120,25 @@ def run_in_turns(tasks: Sequence[Callable[[], None]], before_resume: Callable[[]
         for task in tasks:
             task()
         return
-    cv = threading.Condition()
-    holder: list[int | None] = [None]  # whose turn it is; None: the scheduler's
+    go = [threading.Semaphore(0) for _ in tasks]  # the scheduler hands task k its turn
+    back = threading.Semaphore(0)  # a task hands the turn back (paused or ended)
     done = [False] * len(tasks)
     errors: list[BaseException | None] = [None] * len(tasks)
 
-    def wait_turn(k: int) -> None:
-        with cv:
-            cv.wait_for(lambda: holder[0] == k)
-
-    def hand_back(k: int) -> None:
-        with cv:
-            holder[0] = None
-            cv.notify_all()
-
     def pause_k(k: int) -> None:
-        hand_back(k)
-        wait_turn(k)
+        back.release()
+        go[k].acquire()
 
     def body(k: int) -> None:
         _turn.pause = functools.partial(pause_k, k)
-        wait_turn(k)
+        go[k].acquire()
         try:
             tasks[k]()
         except BaseException as exc:  # noqa: BLE001  (re-raised by the scheduler, in task order)
             errors[k] = exc
         finally:
             done[k] = True
-            hand_back(k)
+            back.release()
 
     threads = [threading.Thread(target=body, args=(k,), daemon=True, name=f"privfl-turn-{k}")
                for k in range(len(tasks))]
@@ -157,10 +151,8 @@ def run_in_turns(tasks: Sequence[Callable[[], None]], before_resume: Callable[[]
         if started[k] and before_resume is not None:
             before_resume()
         started[k] = True
-        with cv:
-            holder[0] = k
-            cv.notify_all()
-            cv.wait_for(lambda: holder[0] is None)
+        go[k].release()
+        back.acquire()
         if not done[k]:
             order.append(k)
     for th in threads:

@@ -15,6 +15,11 @@ that preprocessing and training together fit the target ε.
 Evaluation set: the union of every site's test split, each preprocessed by its own
 site, so a node's accuracy is its model's accuracy across all sites.
 All nodes start from the same initial model (built once from ``seed``).
+
+Backends (``spec.backend``): ``"local"`` builds every client in this process; ``"ray"``
+builds each in a Ray actor from the same spec and seed (:mod:`privfl.sim.ray_backend`) and
+hands the engine proxies, so both give the same metrics for the same seed. σ is calibrated
+once per run (per distinct preprocessing event), not once per node.
 """
 
 from __future__ import annotations
