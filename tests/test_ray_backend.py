@@ -168,3 +168,14 @@ def test_compare_on_ray_writes_what_the_local_backend_writes(ray_cluster: Any, t
         (made,) = (tmp_path / backend).glob("*")
         out[backend] = {p.relative_to(made).as_posix(): p.read_text() for p in made.rglob("metrics.csv")}
     assert len(out["ray"]) == 2 and out["ray"] == out["local"]
+
+
+@needs_ray
+def test_a_refusal_inside_an_actor_is_the_local_backends_one_line(ray_cluster: Any) -> None:
+    spec = _spec("sync_gossip", delta=0.05)  # above 1/n of a site's records: the client refuses it
+    with pytest.raises(ConfigError) as local:
+        run_simulation(spec)
+    with pytest.raises(ConfigError) as on_ray:
+        run_simulation(dataclasses.replace(spec, backend="ray", actors=2))
+    assert type(on_ray.value) is ConfigError and str(on_ray.value) == str(local.value)
+    assert "delta" in str(local.value) and "\n" not in str(on_ray.value)

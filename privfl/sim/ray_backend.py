@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from flwr.client import NumPyClient
 
 from privfl.accounting import BudgetExhausted
-from privfl.errors import ConfigError
+from privfl.errors import ConfigError, PrivflError
 
 if TYPE_CHECKING:
     from privfl.sim.runner import SimSpec
@@ -217,6 +217,18 @@ class NodeHost:
         return "ok", result, self.state(nid)
 
 
+def _get(ray: Any, refs: Any) -> Any:
+    """``ray.get(refs)``, re-raising a user-facing privfl error an actor raised as itself (one
+    line naming the field, as the local backend says it), not wrapped in Ray's task error."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, PrivflError):
+            raise cause from None
+        raise
+
+
 class CallBatch:
     """Calls queued by paused :func:`run_in_turns` tasks, sent as one ``call_many`` per actor."""
 
@@ -275,9 +287,9 @@ class RayNodeClient(NumPyClient):
         if self._batch is not None and getattr(_turn, "pause", None) is not None:
             slot = self._batch.queue(self._actor, self.node_id, method, args)
             pause()  # the other nodes' turns; the batch is sent before this task resumes
-            kind, result, state = self._ray.get(slot[0])[slot[1]]
+            kind, result, state = _get(self._ray, slot[0])[slot[1]]
         else:
-            kind, result, state = self._ray.get(self._actor.call.remote(self.node_id, method, *args))
+            kind, result, state = _get(self._ray, self._actor.call.remote(self.node_id, method, *args))
         self._state = state
         if kind == "budget":
             raise BudgetExhausted(*result)
@@ -353,7 +365,7 @@ def ray_clients(spec: SimSpec, node_ids: list[str]) -> Iterator[tuple[dict[str, 
         groups = [[i for i in range(len(node_ids)) if i % k == a] for a in range(k)]
         try:
             states: dict[str, dict[str, float]] = {}
-            for part in ray.get([a.build.remote(host_spec, node_ids, g) for a, g in zip(actors, groups)]):
+            for part in _get(ray, [a.build.remote(host_spec, node_ids, g) for a, g in zip(actors, groups)]):
                 states.update(part)
             batch = CallBatch()
             clients: dict[str, NumPyClient] = {}
@@ -362,7 +374,10 @@ def ray_clients(spec: SimSpec, node_ids: list[str]) -> Iterator[tuple[dict[str, 
                     clients[node_ids[i]] = RayNodeClient(ray, a, node_ids[i], states[node_ids[i]], batch)
             yield {nid: clients[nid] for nid in node_ids}, batch
         finally:
-            ray.get([a.clear.remote() for a in actors])
+            try:
+                ray.get([a.clear.remote() for a in actors])
+            except Exception:  # noqa: BLE001  (an actor died: forget the set, keep the run's own error)
+                _pool.clear()
 
 
 def check_backend(backend: str, address: str | None, actors: int | None, where: str = "[simulation]") -> None:
