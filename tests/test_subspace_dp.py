@@ -325,10 +325,17 @@ def test_the_subspace_example_resolves_every_run_at_the_dense_runs_noise() -> No
         assert s.dp.noise_multiplier == dense.dp.noise_multiplier  # the same σ, q and steps: the same ε
         assert (s.dp.sample_rate, s.dp.planned_steps) == (dense.dp.sample_rate, dense.dp.planned_steps)
         if s.dp.mechanism == "subspace":
-            key, kw = sync_compression_params(s.strategy_params)
-            assert key == "subspace"
-            assert (kw["fraction"], kw["public_seed"]) == (s.dp.mechanism_params["fraction"],
-                                                           s.dp.mechanism_params["seed"])
+            if s.strategy == "fedavg":  # the same mask settings up and down
+                kws = [s.strategy_params["compression_params"], s.strategy_params["downlink_params"]]
+                assert s.strategy_params["compressor"] == s.strategy_params["downlink_compressor"] == "subspace"
+            else:
+                key, kw = sync_compression_params(s.strategy_params)
+                assert key == "subspace"
+                kws = [kw]
+            for kw in kws:
+                assert (kw["fraction"], kw["public_seed"], kw.get("period", 1)) == (
+                    s.dp.mechanism_params["fraction"], s.dp.mechanism_params["seed"],
+                    s.dp.mechanism_params.get("period", 1))
     assert mechs == {"gaussian", "subspace"}
 
 
