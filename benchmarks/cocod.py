@@ -12,7 +12,9 @@ Two measurements, same data, model, DP settings and ε for every strategy:
   reported twice: the mean of every site's own model (the engine's rows) and the
   accuracy of the consortium average of the site models (what the seed's all-reduce
   CoCoD holds; a CoCoD site model carries its own last, unmixed displacement, so the
-  per-site figure lags until one more mix).
+  per-site figure lags until one more mix). ``cocod_consensus3`` is cocod with
+  ``consensus_exchanges = 3``: three pure mixing rounds ``x ← W x`` after training
+  (post-processing, no privacy cost), whose communication the virtual clock charges.
 * ``processes`` — two real ``privfl node`` processes on 127.0.0.1 (mutual TLS, signed
   ledgers, breast-cancer logreg at ε = 3) with a delay injected in each node's model sends
   (``GrpcPeerNetwork.send`` sleeps latency + bytes/bandwidth before the real send; the
@@ -50,7 +52,7 @@ DELAYS = [0.0, 0.05, 0.1]
 
 # ---- simulated ------------------------------------------------------------------------------
 def _simulate(strategy: str, local_steps: int, latency: float, bandwidth: float, steps: int,
-              seed: int) -> dict[str, Any]:
+              seed: int, params: dict[str, Any] | None = None) -> dict[str, Any]:
     """One simulation; the consortium-average accuracy is observed at every evaluation."""
     import numpy as np
 
@@ -70,6 +72,7 @@ def _simulate(strategy: str, local_steps: int, latency: float, bandwidth: float,
     dp = DPConfig(noise_multiplier=None, target_epsilon=8.0, planned_steps=steps, batch_size=16, sample_rate=0.08,
                   lr=0.5, engine="fast")
     spec = SimSpec(dataset="digits", num_nodes=8, model="mlp", local_steps=local_steps, dp=dp, strategy=strategy,
+                   strategy_params=dict(params or {}),
                    topology="ring", links=LinkSpec(latency=latency, bandwidth=bandwidth),
                    stop=StopCriteria(max_steps=steps), eval_every_rounds=max(1, 4 // local_steps), seed=seed,
                    preprocessing=PreprocessingSpec(scaling="none"))
@@ -103,6 +106,7 @@ def simulated(steps: int, seed: int, links: list[tuple[str, float, float]]) -> d
     out: dict[str, Any] = {}
     for label, lat, bw in links:
         runs = {"cocod": _simulate("cocod", 4, lat, bw, steps, seed),
+                "cocod_consensus3": _simulate("cocod", 4, lat, bw, steps, seed, {"consensus_exchanges": 3}),
                 "sync_gossip": _simulate("sync_gossip", 4, lat, bw, steps, seed),
                 "sync_gossip_every_step": _simulate("sync_gossip", 1, lat, bw, steps, seed)}
         ref = runs["sync_gossip"]

@@ -763,6 +763,12 @@ class Node:
         """After training: pure pairwise averaging with finished neighbours (post-processing)."""
         strat = self.strategy
         n = self.cfg.node.consensus_exchanges
+        if strat.synchronous:  # pure mixing rounds (cocod); a strategy without them does nothing
+            rounds = 0
+            while rounds < n and not self._stop_requested.is_set():
+                strat.consensus_round()
+                rounds += 1
+            return rounds
         if not isinstance(strat, AsyncGossip) or n <= 0 or not strat.active or not strat.peers:
             return 0
         rng = random.Random(self._strategy_seed(17))

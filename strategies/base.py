@@ -105,7 +105,8 @@ class NodeStrategy(ABC):
     drive :meth:`begin_round` / :meth:`finish_round`), ``mixing`` (the neighbours a round
     waits for, with their weights; None: every neighbour), ``timeout`` (seconds a round
     waits), ``consensus_exchanges`` (pure averaging rounds after training, see
-    :meth:`consensus_round`), ``last_loss`` (the site's own last training loss),
+    :meth:`consensus_round`; a synchronous strategy's in two halves,
+    :meth:`begin_consensus_round` / :meth:`finish_consensus_round`), ``last_loss`` (the site's own last training loss),
     ``exchanges`` / ``served`` (pairwise exchanges initiated / answered) and
     :meth:`snapshot` (a consistent copy of the model), ``overlaps_communication`` (a
     synchronous strategy that sends its round-start model while it trains, CoCoD-SGD: the
@@ -145,6 +146,15 @@ class NodeStrategy(ABC):
 
     def consensus_round(self) -> StepReport:
         """One pure averaging exchange after training (``consensus_exchanges`` of them); default: none."""
+        return StepReport()
+
+    def begin_consensus_round(self) -> StepReport:
+        """First half of a synchronous strategy's pure mixing round after training (send, no local
+        steps); default: nothing."""
+        return StepReport()
+
+    def finish_consensus_round(self, received: dict[str, ModelMessage]) -> StepReport:  # noqa: ARG002
+        """Second half: mix what arrived (post-processing of released models); default: nothing."""
         return StepReport()
 
     def snapshot(self) -> Params:

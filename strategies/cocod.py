@@ -73,7 +73,13 @@ class CoCoDGossip(SyncGossip):
     Config keys: as :class:`SyncGossip` (``local_steps``, ``mixing`` or ``topology``,
     ``timeout``), without compression (``compressor`` must be absent or ``"none"``: the
     innovation estimates of compressed gossip are defined for D-PSGD's order of train then
-    send). A neighbour whose round-t model is missing has its weight put on ``x_i^t``.
+    send); ``consensus_exchanges`` (int, default 0): pure mixing rounds ``x ← W x`` after
+    training (post-processing of released models: no privacy cost), which share every
+    site's last displacement — both drivers run them (the simulator in two halves,
+    :meth:`begin_consensus_round` / :meth:`finish_consensus_round`; a real node calls
+    :meth:`consensus_round` ``[node].consensus_exchanges`` times). A neighbour whose
+    round-t model is missing has its weight put on ``x_i^t``; in a node's consensus rounds it
+    is then no longer waited for.
     """
 
     synchronous = True
@@ -86,6 +92,11 @@ class CoCoDGossip(SyncGossip):
             raise ConfigError("[strategy].params.compressor: cocod does not compress; use [strategy].name = "
                               "\"sync_gossip\" with a compressor")
         super().__init__(client, network, params, config)
+        k = self.config.get("consensus_exchanges", 0)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ConfigError(f"[strategy].params.consensus_exchanges: must be an integer >= 0, got {k!r}")
+        self.consensus_exchanges = k
+        self._waited = list(self.mixing)  # the neighbours a node's consensus round still waits for
         self._start: Params | None = None  # x_t, the round-start model (what was sent)
         self._trained: Params | None = None  # x_{t+½}, after this round's local DP steps
         self._exhausted = False
@@ -153,6 +164,33 @@ class CoCoDGossip(SyncGossip):
         if self._exhausted:
             self._stop("privacy budget exhausted: the last local step that fits has been taken")
         return self._report(0, sorted(peers), 0, nbytes)
+
+    # ---- pure mixing after training -----------------------------------------------------------
+    def begin_consensus_round(self) -> StepReport:
+        """Send the current model to every neighbour; no local steps (nothing once stopped: fail closed)."""
+        self._trained = None
+        self._exhausted = False
+        if self.stopped:
+            self._start = None
+            return self._report(0, [], 0, 0)
+        self._start = _copy(self.params)
+        sent, peers = self._send_start()
+        self.bytes_sent += sent
+        return self._report(0, peers, sent, 0)
+
+    def finish_consensus_round(self, received: dict[str, ModelMessage]) -> StepReport:
+        """Mix ``x ← W x`` (the merge with no displacement)."""
+        return self.finish_round(received)
+
+    def consensus_round(self) -> StepReport:
+        """One pure mixing round for a real node: send, wait for the neighbours still answering, mix."""
+        r = self.round
+        first = self.begin_consensus_round()
+        received = self.network.receive(r, self._waited, self.timeout) if self._waited else {}
+        self._waited = [p for p in self._waited if p in received]
+        second = self.finish_consensus_round(received)
+        return StepReport(peers=second.peers, bytes_sent=first.bytes_sent, bytes_received=second.bytes_received,
+                          loss=self.last_loss, epsilon=self.epsilon, stopped=self.stopped, reason=self.stop_reason)
 
     def step(self) -> StepReport:
         """One round for a real node: the exchange of ``x_t`` runs in a background thread while

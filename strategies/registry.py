@@ -280,8 +280,8 @@ def _build_sync_gossip(b: StrategyBuild) -> NodeStrategy:
 
 
 # ---- cocod ---------------------------------------------------------------------------------
-#: CoCoD-SGD: sync_gossip's dense keys (a node sets all of them from elsewhere: it takes no params)
-_COCOD_KEYS = frozenset({"local_steps", "seed", "mixing", "timeout"})
+#: CoCoD-SGD: sync_gossip's dense keys and consensus_exchanges (a node sets all of them from elsewhere: no params)
+_COCOD_KEYS = frozenset({"local_steps", "seed", "mixing", "timeout", "consensus_exchanges"})
 
 
 def _build_cocod(b: StrategyBuild) -> NodeStrategy:

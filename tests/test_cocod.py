@@ -138,6 +138,47 @@ def test_missing_neighbour_weight_goes_to_own_round_start_model() -> None:
     assert a.missing == 2
 
 
+@pytest.mark.parametrize("threaded", [False, True])
+def test_consensus_rounds_after_training_mix_exactly_without_training(threaded: bool) -> None:
+    models = _integer_models(4)
+    d = np.array([4.0, -8.0, 12.0])
+    hub = Hub(build_topology("complete", NODES))
+    clients = [ShiftClient(float(x)) for x in d]
+    nodes = _nodes(hub, clients, models)
+    _run_rounds(nodes, 2, threaded)
+    x = np.stack([_flat(n.params) for n in nodes])
+    for _ in range(2):  # x <- W x: every site's last displacement is shared; no fit, no new DP step
+        if threaded:  # the real node's path: blocking consensus_round in each node's thread
+            threads = [threading.Thread(target=n.consensus_round, daemon=True) for n in nodes]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=10)
+        else:  # the simulator's path: every first half, then every second half
+            for n in nodes:
+                n.begin_consensus_round()
+            for n in nodes:
+                n.finish_consensus_round(n.network.receive(n.round, list(n.mixing), 1.0))
+        x = W @ x
+        np.testing.assert_array_equal(np.stack([_flat(n.params) for n in nodes]), x)
+    assert [len(c.inputs) for c in clients] == [2, 2, 2]
+    assert all(n.round == 4 for n in nodes) and len(hub.sent) == 4 * 6
+
+
+def test_a_node_consensus_round_stops_waiting_for_a_silent_neighbour() -> None:
+    hub = Hub(build_topology("complete", NODES))
+    a = _nodes(hub, [ShiftClient(1.0) for _ in NODES], _integer_models(6), timeout=0.3)[0]
+    start = _flat(a.params)
+    t0 = time.monotonic()
+    a.consensus_round()  # b and c send nothing: waited for once (the timeout) ...
+    t1 = time.monotonic()
+    a.consensus_round()  # ... then no longer
+    t2 = time.monotonic()
+    assert t1 - t0 >= 0.3 and t2 - t1 < 0.2
+    np.testing.assert_array_equal(_flat(a.params), start)  # nothing arrived: the weight stays on itself
+    assert a.missing == 4 and a.round == 2
+
+
 def test_cocod_overlaps_compute_and_communication_in_the_simulator() -> None:
     dp = DPConfig(noise_multiplier=1.0, batch_size=16, sample_rate=0.14, lr=0.5, target_epsilon=8.0)
     compute = 2 * 0.01  # local_steps x step_cost
@@ -156,6 +197,14 @@ def test_cocod_overlaps_compute_and_communication_in_the_simulator() -> None:
         # same DP work and the same privacy cost per node; the same bytes on the wire
         for key in ("steps", "epsilon", "bytes_sent", "messages_sent"):
             assert out["cocod"].summary[key] == out["sync_gossip"].summary[key], key
+    # two pure mixing rounds after training: one message time each, no compute, no DP step
+    mixed = run_simulation(SimSpec(num_nodes=4, local_steps=2, dp=dp, strategy="cocod", step_cost=0.01,
+                                   strategy_params={"consensus_exchanges": 2},
+                                   links=LinkSpec(latency=latency, bandwidth=bw), stop=StopCriteria(max_rounds=5)))
+    assert mixed.summary["virtual_time"] == pytest.approx(5 * max(compute, comm) + 2 * comm, rel=1e-9)
+    assert mixed.summary["steps"] == out["cocod"].summary["steps"]
+    assert mixed.summary["epsilon"] == out["cocod"].summary["epsilon"]
+    assert mixed.summary["final_consensus_max"] < out["cocod"].summary["final_consensus_max"]
 
 
 class LeakyClient(NumPyClient):

@@ -3,10 +3,11 @@
 In one process (two node threads, each with its own identity, gRPC server, DP client and
 signed ledger, as ``privfl launch`` prepares them) so it costs seconds, not process
 starts. Every node finishes its steps and its ledger verifies with the recomputed ε; each
-round's model leaves exactly once to the neighbour; the round-0 release is the public
+round's model leaves at most once to the neighbour; the round-0 release is the public
 initial model itself (CoCoD sends the round-start model while it trains), and the release
 of round r follows at least r noised DP events in the ledger (write-ahead), so what left
-the node carries only already-noised progress.
+the node carries only already-noised progress; the pure mixing rounds after training add
+no DP event and leave both sites with the same final model.
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ from tests.helpers import patched_copy
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hospitals-gossip" / "consortium.toml"
 STEPS, LOCAL = 8, 2
 ROUNDS = STEPS // LOCAL
+MIXES = 2  # pure mixing rounds after training ([node].consensus_exchanges)
 NODES = ["st-mary", "general"]
 
 
 def _config(tmp_path: Path) -> Path:
     return patched_copy(EXAMPLE, tmp_path / "consortium.toml", [
         ('nodes = ["st-mary", "general", "childrens", "university"]', f"nodes = {json.dumps(NODES)}"),
-        ("consensus_exchanges = 20", "consensus_exchanges = 0"),
+        # a neighbour in transport back-off at start (its first connect refused) may miss a round: 2 s, not 10
+        ("consensus_exchanges = 20", f"consensus_exchanges = {MIXES}\nsync_timeout = 2.0"),
         ("planned_steps = 150", f"planned_steps = {STEPS}"),
         ("max_steps = 150 ", f"max_steps = {STEPS} "),
         ('name = "async_gossip"\nlocal_steps = 5', f'name = "cocod"\nlocal_steps = {LOCAL}'),
@@ -83,8 +86,17 @@ def test_two_nodes_run_cocod_and_release_only_noised_or_public_models(tmp_path: 
                 body = entry["body"]
                 assert body["peer"] != nid and int(body["round"]) not in messages, body  # once per round
                 messages[int(body["round"])] = (body["sha256"], dp_before)
-        assert sorted(messages) == list(range(ROUNDS)), messages
-        assert messages[0][0] == public  # round 0: the public initial model itself
-        for r in range(1, ROUNDS):
+        # every round's model leaves at most once; a send to a peer still in back-off at start is
+        # skipped (nothing leaves), the consensus rounds after training all go out
+        assert set(messages) <= set(range(ROUNDS + MIXES)) and len(messages) >= MIXES + ROUNDS // 2, messages
+        assert set(range(ROUNDS, ROUNDS + MIXES)) <= set(messages), messages
+        if 0 in messages:
+            assert messages[0][0] == public  # round 0: the public initial model itself
+        for r in sorted(set(messages) - {0}):
             assert messages[r][0] != public
-            assert messages[r][1] >= r, (nid, r, messages[r])  # r rounds of noised steps recorded before it
+            # r rounds of noised steps recorded before it (all of them before a consensus round's)
+            assert messages[r][1] >= min(r, ROUNDS), (nid, r, messages[r])
+        assert sum(1 for e in entries if e["kind"] == "dp_event") == ROUNDS  # the mixing rounds cost nothing
+    # two sites, W = 1/2: one pure mix after training leaves both with the very same model
+    a, b = (np.load(plan.node_dirs[nid] / "final_model.npz") for nid in NODES)
+    assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
