@@ -258,6 +258,9 @@ class Engine:
         #: runs a synchronous round's per-node ``begin_round`` calls, in node order: one after another,
         #: or (the Ray backend's ``run_in_turns``) taking turns while their actors train concurrently
         self.run_each: Callable[[Sequence[Callable[[], None]]], None] = _one_after_another
+        #: scores several distinct models at once with ``evaluate``'s very computation (None: ``evaluate``
+        #: on each in turn; the Ray backend spreads them over its actors)
+        self.evaluate_many: Callable[[Sequence[Params]], list[tuple[float, float]]] | None = None
 
     # ---- helpers --------------------------------------------------------------------
     def compute_time(self, i: int, steps: int) -> float:
@@ -279,12 +282,12 @@ class Engine:
         cmax, crms = consensus_distance(models)
         self.final_models = dict(zip(self.node_ids, models))
         accs = []
-        scores: dict[bytes, tuple[float, float]] = {}  # identical models (the start, after FedAvg) score once
+        keys = [_digest(m) for m in models]  # identical models (the start, after FedAvg) score once
+        distinct = {k: m for k, m in zip(keys, models)}
+        many = self.evaluate_many or (lambda ms: [self.evaluate(m) for m in ms])
+        scores = dict(zip(distinct, many(list(distinct.values()))))
         for i, nid in enumerate(self.node_ids):
-            key = _digest(models[i])
-            if key not in scores:
-                scores[key] = self.evaluate(models[i])
-            loss, acc = scores[key]
+            loss, acc = scores[keys[i]]
             accs.append(acc)
             self.rows.append({
                 "time": round(float(t), 9), "round": self.round, "node": nid, "steps": self.steps[i],

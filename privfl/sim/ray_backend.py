@@ -171,6 +171,7 @@ class NodeHost:
 
     def __init__(self) -> None:
         self.clients: dict[str, Any] = {}
+        self.evaluator: Callable[[Any], tuple[float, float]] | None = None
 
     def build(self, spec: SimSpec, node_ids: list[str], indices: list[int]) -> dict[str, dict[str, float]]:
         """Build the clients of the nodes at ``indices`` (dropping any earlier run's); their states."""
@@ -178,15 +179,20 @@ class NodeHost:
 
         from privfl.sim.runner import build_site_clients
 
-        self.clients = {}
+        self.clients, self.evaluator = {}, None
         if spec.torch_threads:
             torch.set_num_threads(int(spec.torch_threads))
-        self.clients = build_site_clients(spec, node_ids, indices)
+        self.clients, self.evaluator = build_site_clients(spec, node_ids, indices)
         return self.states()
+
+    def evaluate_models(self, models: list[Any]) -> list[tuple[float, float]]:
+        """(loss, accuracy) of each model with the run's evaluator (the driver's very computation)."""
+        assert self.evaluator is not None
+        return [self.evaluator(m) for m in models]
 
     def clear(self) -> None:
         """Drop the clients (the run ended)."""
-        self.clients = {}
+        self.clients, self.evaluator = {}, None
 
     def states(self) -> dict[str, dict[str, float]]:
         """Every hosted node's :meth:`state`."""
@@ -232,7 +238,9 @@ def _get(ray: Any, refs: Any) -> Any:
 class CallBatch:
     """Calls queued by paused :func:`run_in_turns` tasks, sent as one ``call_many`` per actor."""
 
-    def __init__(self) -> None:
+    def __init__(self, ray: Any = None, actors: Sequence[Any] = ()) -> None:
+        self._ray = ray
+        self._actors = list(actors)
         self._queued: list[tuple[Any, tuple[str, str, tuple[Any, ...]], list[Any]]] = []
 
     def queue(self, actor: Any, nid: str, method: str, args: tuple[Any, ...]) -> list[Any]:
@@ -251,6 +259,19 @@ class CallBatch:
             ref = actor.call_many.remote([c for c, _ in calls])
             for index, (_, slot) in enumerate(calls):
                 slot.extend((ref, index))
+
+    def evaluate_many(self, models: Sequence[Any]) -> list[tuple[float, float]]:
+        """Score ``models`` on the actors, model ``j`` on actor ``j mod K`` (the engine's
+        :attr:`~privfl.sim.engine.Engine.evaluate_many` for the Ray backend)."""
+        k = len(self._actors)
+        chunks = [list(models[a::k]) for a in range(k)]
+        refs = [a.evaluate_models.remote(c) for a, c in zip(self._actors, chunks) if c]
+        parts = _get(self._ray, refs)
+        out: list[tuple[float, float]] = [(0.0, 0.0)] * len(models)
+        for a, part in enumerate(parts):
+            for j, score in enumerate(part):
+                out[a + j * k] = score
+        return out
 
     def run_each(self, tasks: Sequence[Callable[[], None]]) -> None:
         """:func:`run_in_turns` with this batch sent before a paused task resumes (the engine's
@@ -367,7 +388,7 @@ def ray_clients(spec: SimSpec, node_ids: list[str]) -> Iterator[tuple[dict[str, 
             states: dict[str, dict[str, float]] = {}
             for part in _get(ray, [a.build.remote(host_spec, node_ids, g) for a, g in zip(actors, groups)]):
                 states.update(part)
-            batch = CallBatch()
+            batch = CallBatch(ray, actors)
             clients: dict[str, NumPyClient] = {}
             for a, group in zip(actors, groups):
                 for i in group:

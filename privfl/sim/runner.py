@@ -359,24 +359,33 @@ def _build_clients(spec: SimSpec, node_ids: list[str], sites: list[SiteInputs | 
     return clients
 
 
-def build_site_clients(spec: SimSpec, node_ids: list[str], indices: Sequence[int]) -> dict[str, NumPyClient]:
+def build_site_clients(spec: SimSpec, node_ids: list[str], indices: Sequence[int]
+                       ) -> tuple[dict[str, NumPyClient], Callable[[Params], tuple[float, float]] | None]:
     """The clients of the nodes at ``indices``, their sites loaded and preprocessed here from the
-    spec and seed exactly as :func:`run_simulation` does (what a Ray actor of the ray backend runs)."""
+    spec and seed exactly as :func:`run_simulation` does (what a Ray actor of the ray backend runs),
+    and the run's evaluator over every site's test split (None when the user's clients hold the data)."""
     sites, preps = _site_inputs(spec, node_ids)
-    return _build_clients(spec, node_ids, sites, preps, indices)
+    return _build_clients(spec, node_ids, sites, preps, indices), _union_evaluator(spec, sites)
+
+
+def _union_evaluator(spec: SimSpec, sites: list[SiteInputs | None]) -> Callable[[Params], tuple[float, float]] | None:
+    """Accuracy on the union of every site's test split, when privfl loads the sites and builds the model."""
+    first = sites[0]
+    if first is None:
+        return None
+    return _make_evaluator(spec, first.in_shape, first.num_classes, sites)  # type: ignore[arg-type]
 
 
 def _node_clients(spec: SimSpec, node_ids: list[str], sites: list[SiteInputs | None],
-                  preps: list[Preprocessing], stack: contextlib.ExitStack
-                  ) -> tuple[dict[str, NumPyClient], Callable[[Sequence[Callable[[], None]]], None] | None]:
+                  preps: list[Preprocessing], stack: contextlib.ExitStack) -> tuple[dict[str, NumPyClient], Any]:
     """Every node's client: built here (``backend = "local"``), or proxies of clients that live in
     Ray actors (``"ray"``; the actors and a Ray instance this starts end with ``stack``), with
-    the engine's ``run_each`` for that backend (None: the engine's own, one after another)."""
+    the Ray backend's :class:`~privfl.sim.ray_backend.CallBatch` (None for the local backend)."""
     if spec.backend == "ray":
         from privfl.sim.ray_backend import ray_clients
 
         clients, batch = stack.enter_context(ray_clients(spec, node_ids))
-        return clients, batch.run_each
+        return clients, batch
     return _build_clients(spec, node_ids, sites, preps, range(len(node_ids))), None
 
 
@@ -393,7 +402,6 @@ def _run_in(spec: SimSpec, stack: contextlib.ExitStack) -> SimulationResult:
     first = sites[0]
     in_shape = first.in_shape if first is not None else ()
     num_classes = first.num_classes if first is not None else 0
-    has_model = first is not None or is_import_path(spec.model)  # else the user's clients hold their own
     make_model = _model_maker(spec, first)
     topo_params = dict(spec.topology_params)
     if spec.topology == "random_regular":
@@ -401,7 +409,7 @@ def _run_in(spec: SimSpec, stack: contextlib.ExitStack) -> SimulationResult:
     topology = build_topology(spec.topology, node_ids, **topo_params)
     init_model = make_model()
     t_clients = time.perf_counter()
-    clients, run_each = _node_clients(spec, node_ids, sites, preps, stack)
+    clients, ray_nodes = _node_clients(spec, node_ids, sites, preps, stack)
     t_clients = time.perf_counter() - t_clients
     if init_model is not None:
         init_params: Params = [v.detach().cpu().numpy().copy() for v in init_model.state_dict().values()]
@@ -421,14 +429,14 @@ def _run_in(spec: SimSpec, stack: contextlib.ExitStack) -> SimulationResult:
         step_cost = float(spec.step_cost)
     speeds = compute_speeds(spec.compute_profile, n, spec.seed, spec.compute_params)
     world = SimWorld(node_ids, {nid: topology.neighbors(nid) for nid in node_ids}, spec.links)
-    if first is not None and has_model:
-        evaluate = _make_evaluator(spec, in_shape, num_classes, sites)  # type: ignore[arg-type]
-    else:
-        evaluate = _clients_evaluator([clients[nid] for nid in node_ids])
+    union = _union_evaluator(spec, sites)
+    evaluate = union if union is not None else _clients_evaluator([clients[nid] for nid in node_ids])
     engine = Engine(node_ids, clients, world, speeds, step_cost, spec.local_steps, spec.stop, evaluate,
                     spec.eval_every, spec.eval_every_rounds, spec.progress, step_time=spec.step_time, seed=spec.seed)
-    if run_each is not None:  # ray: the nodes' begin_round calls take turns while their actors train
-        engine.run_each = run_each
+    if ray_nodes is not None:  # the nodes' begin_round calls take turns while their actors train, and
+        engine.run_each = ray_nodes.run_each  # the actors evaluate the models (the same evaluator)
+        if union is not None:
+            engine.evaluate_many = ray_nodes.evaluate_many
     ctx = SimContext(spec, node_ids, topology, clients, init_params)
     entry = STRATEGIES[spec.strategy]
     if log.isEnabledFor(logging.INFO):  # the summary's spectral gap is an O(N³) eigendecomposition
