@@ -34,7 +34,7 @@ accuracy within 1 pp) and whether it held.
 
     .venv/bin/python benchmarks/heterogeneity.py               # the whole grid (slow: an hour and more)
     .venv/bin/python benchmarks/heterogeneity.py --cell 16 4   # the goal's cell alone (~10-20 min)
-    .venv/bin/python benchmarks/heterogeneity.py --quick       # n = 4 and 16 at s = 4, one lr
+    .venv/bin/python benchmarks/heterogeneity.py --quick       # n = 4 and 8 at s = 4, 40 steps, one lr
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def cell(n: int, s: float, args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="cells (4, 4) and (16, 4), 40 steps, one lr")
+    ap.add_argument("--quick", action="store_true", help="cells (4, 4) and (8, 4), 40 steps, one lr (a few minutes)")
     ap.add_argument("--cell", type=float, nargs=2, metavar=("N", "S"), help="one cell: N nodes, straggler S×")
     ap.add_argument("--nodes", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--stragglers", type=float, nargs="+", default=[2.0, 4.0, 10.0])
@@ -187,7 +187,7 @@ def main() -> None:
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--sample-rate", type=float, default=0.5, help="Poisson rate (0.5 of ~90 records: batches ~45)")
     ap.add_argument("--lrs", type=float, nargs="+", default=[0.3, 0.5], help="lr grid, the same for both")
-    ap.add_argument("--exchanges", type=int, default=1, help="async: pairwise averages after each local step")
+    ap.add_argument("--exchanges", type=int, default=2, help="async: pairwise averages after each local step")
     ap.add_argument("--consensus", type=int, default=5, help="async: consensus exchanges after training")
     ap.add_argument("--deadline-factor", type=float, default=1.1,
                     help="async full deadline = this × a nominal node's planned steps and exchanges")
@@ -202,8 +202,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.quick:
-        args.steps, args.lrs = 40, args.lrs[-1:]
-        cells = [(4, 4.0), (16, 4.0)]
+        args.steps, args.lrs = 40, args.lrs[:1]
+        cells = [(4, 4.0), (8, 4.0)]
     elif args.cell:
         cells = [(int(args.cell[0]), float(args.cell[1]))]
     else:
