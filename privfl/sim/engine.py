@@ -213,9 +213,10 @@ def consensus_distance(models: Sequence[Sequence[np.ndarray]]) -> tuple[float, f
     if len(models) < 2:
         return 0.0, 0.0
     v = np.stack([_flat(m) for m in models])
+    u = np.unique(v, axis=0)  # equal models add only zero distances: the max is over distinct ones
     mx = 0.0
-    for i in range(len(v) - 1):
-        mx = max(mx, float(np.linalg.norm(v[i + 1:] - v[i], axis=1).max()))
+    for i in range(len(u) - 1):
+        mx = max(mx, float(np.linalg.norm(u[i + 1:] - u[i], axis=1).max()))
     rms = float(np.sqrt(np.mean(np.sum((v - v.mean(axis=0)) ** 2, axis=1))))
     return mx, rms
 
