@@ -17,7 +17,9 @@ varies per message, so the transport accepts it only up to the largest valid fra
 the model (``max_frame_bytes``) before any body byte is read; the receiver rebuilds it
 with ``Compressed.from_bytes(frame, own_shapes)``, which checks the framing against the
 receiver's own model and then validates lengths, index order and range and
-finiteness. A frame that fails is refused and logged like any other bad message.
+finiteness (a subspace frame — k values of a public mask — is rebuilt with that round's
+per-tensor mask counts instead, which the strategy derives). A frame that fails is
+refused and logged like any other bad message.
 
 Every model a node releases is reported to ``on_release`` *before* it leaves (the
 ledger's write-ahead "message" entry: peer, sequence, round, digest, bytes — never
