@@ -126,6 +126,9 @@ def simulated(steps: int, seed: int, links: list[tuple[str, float, float]]) -> d
             for which in ("nodes", "average"):
                 tb, tc = b[f"time_to_target_{which}"], c[f"time_to_target_{which}"]
                 entry[f"target_speedup_{which}_vs_{base}"] = (tb / tc) if (tb and tc) else None
+        tb, tc = entry["runs"]["sync_gossip"]["time_to_target_nodes"], entry["runs"]["cocod_consensus3"][
+            "time_to_target_nodes"]
+        entry["target_speedup_nodes_consensus3_vs_sync_gossip"] = (tb / tc) if (tb and tc) else None
         entry["epsilon_equal"] = len({round(r["epsilon_max"], 9) for r in runs.values()}) == 1
         out[label] = entry
     return out
@@ -263,6 +266,10 @@ def main() -> None:
             "target_speedup_average_vs_sync_gossip": {k: sim[k]["target_speedup_average_vs_sync_gossip"]
                                                       for k in sim},
             "target_speedup_nodes_vs_sync_gossip": {k: sim[k]["target_speedup_nodes_vs_sync_gossip"] for k in sim},
+            "target_speedup_nodes_consensus3_vs_sync_gossip": {
+                k: sim[k]["target_speedup_nodes_consensus3_vs_sync_gossip"] for k in sim},
+            "final_accuracy_nodes": {n: sim["wan"]["runs"][n]["final_accuracy_nodes"] for n in sim["wan"]["runs"]}
+            if "wan" in sim else None,
         }
         g = out["goal_simulated"]
         g["held"] = bool(g["best_step_speedup_vs_sync_gossip"] >= 1.5
