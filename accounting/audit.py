@@ -45,6 +45,7 @@ from privfl.accounting.ledger import (
     DP_PURPOSES,
     LEDGER_FORMAT_V1,
     MECHANISM_POISSON_GAUSSIAN,
+    MESSAGE_DIGESTS,
     PURPOSE_TRAINING,
     RANDOMNESS_SECURE,
     RANDOMNESS_SEEDED,
@@ -529,7 +530,10 @@ def _check_events(
         if kind == "message":
             try:
                 peer, size = str(body["peer"]), int(body["bytes"])
-                int(body["seq"]), int(body["round"]), str(body["sha256"])
+                int(body["seq"]), int(body["round"])
+                digests = [str(body[k]) for k in MESSAGE_DIGESTS if k in body]
+                if len(digests) != 1 or len(digests[0]) != 64:
+                    raise ValueError("not exactly one 32-byte message digest")
             except (KeyError, TypeError, ValueError):
                 policy_issues.append(AuditIssue(idx, "bad_entry", "message body is malformed"))
                 continue

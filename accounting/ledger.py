@@ -108,6 +108,8 @@ KINDS = ("header", "dp_event", "message", "stop", "note", "anchor", "close")
 LATE_ANCHOR_KIND = "late_anchor"  # the only kind of an anchors-final file
 ANCHORS_FINAL_FILE = "anchors-final.jsonl"
 ENTRY_FIELDS = frozenset({"body", "index", "kind", "prev_hash", "signature", "timestamp"})
+#: the hashes a message entry's digest may use, each the body key it is stored under (32-byte digests)
+MESSAGE_DIGESTS = ("sha256", "blake3")
 MECHANISM_POISSON_GAUSSIAN = "poisson_gaussian"
 
 # Where the noise and the sampling came from: an OS-entropy-keyed CSPRNG, or a seed
@@ -1119,15 +1121,21 @@ class Ledger:
         *,
         digest: str | None = None,
         size: int | None = None,
+        digest_algorithm: str = "sha256",
     ) -> dict[str, Any]:
-        """Record a message sent to ``peer_id``: its SHA-256 and size, never its values.
+        """Record a message sent to ``peer_id``: its digest and size, never its values.
 
-        Pass the ``payload`` bytes (hashed here, not stored) or a precomputed
-        ``digest`` (64 hex) and ``size``.
+        Pass the ``payload`` bytes (SHA-256-hashed here, not stored) or a precomputed
+        ``digest`` (64 hex) and ``size``; ``digest_algorithm`` names the digest's hash (one
+        of :data:`MESSAGE_DIGESTS`) and is the key the body stores it under.
         """
+        if digest_algorithm not in MESSAGE_DIGESTS:
+            raise ValueError(f"digest_algorithm must be one of {', '.join(MESSAGE_DIGESTS)}, got {digest_algorithm!r}")
         if payload is not None:
             if digest is not None or size is not None:
                 raise ValueError("pass either payload or digest and size, not both")
+            if digest_algorithm != "sha256":
+                raise ValueError("a payload is hashed with SHA-256; pass a precomputed digest for another hash")
             digest = hashlib.sha256(payload).hexdigest()
             size = len(payload)
         if digest is None or size is None:
@@ -1140,7 +1148,7 @@ class Ledger:
             "peer": str(peer_id),
             "seq": int(seq),
             "round": int(round),
-            "sha256": digest,
+            digest_algorithm: digest,
             "bytes": int(size),
         }
         entry = self._append("message", body)

@@ -18,9 +18,9 @@ privfl's over bare's; ``cpu_ratio``: bare's CPU / privfl's) and the ratio privfl
 * ``default_sha256``: as ``default`` with SHA-256 instead of BLAKE3 (the transport's digest
   before BLAKE3; the sender's and receiver's SHA-256 run on helper threads for large bodies);
 * ``ledger``: as a node with a privacy ledger sends: the sender computes the ledger's
-  SHA-256 ``model_digest`` inside the timed exchange (``PeerNetwork`` records it before the
+  BLAKE3 ``model_digest`` inside the timed exchange (``PeerNetwork`` records it before the
   model leaves) and passes it as ``Message.digest``, so the transport does not hash again;
-  each receiver verifies the SHA-256 (on a helper thread for large bodies);
+  each receiver verifies it as it streams;
 * ``no_verify``: receivers trust the declared digest (``verify_digest=False``; TLS already
   protects the bytes in transit), senders still hash (BLAKE3);
 * ``digest_given``: as ``no_verify`` and the senders pass a digest computed *before* the

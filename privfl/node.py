@@ -92,7 +92,7 @@ from privfl.strategies.base import NodeStrategy, Params, PeerNetwork
 from privfl.strategies.gossip import AsyncGossip
 from privfl.strategies.registry import StrategyBuild, build_node_strategy, check_strategy
 from privfl.strategies.topology import Topology
-from privfl.transport import PeerUnavailable
+from privfl.transport import LEDGER_DIGEST, PeerUnavailable
 
 try:  # the output-folder lock; POSIX only
     import fcntl
@@ -569,7 +569,8 @@ class Node:
         cannot be written raises NodeError here, so the model does not leave."""
         ledger = self.ledger
         assert ledger is not None
-        self._ledger_write(lambda: ledger.append_message(peer, seq, round, digest=digest, size=nbytes),
+        self._ledger_write(lambda: ledger.append_message(
+            peer, seq, round, digest=digest, size=nbytes, digest_algorithm=LEDGER_DIGEST),
                            f"the model for {peer} did not leave")
 
     def _on_peer_head(self, peer: str, index: int, entry_hash: bytes) -> None:

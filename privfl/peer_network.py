@@ -46,6 +46,7 @@ from privfl.strategies.base import ModelMessage, NodeStrategy
 from privfl.strategies.compression import Compressed, MalformedMessage, decompress
 from privfl.strategies.compression.message import max_frame_bytes
 from privfl.transport import (
+    LEDGER_DIGEST,
     DecodedMessage,
     ExpectedSpec,
     GossipClient,
@@ -370,7 +371,7 @@ class GrpcPeerNetwork:
             nbytes = int(sum(np.asarray(t).nbytes for t in msg.tensors.values()))
             digest = model_digest(msg.tensors)  # for the ledger; the transport sends it, not hashing again
             self.on_release(peer, seq, int(message.round), digest.hex(), nbytes)
-            msg = dataclasses.replace(msg, digest=digest)
+            msg = dataclasses.replace(msg, digest=digest, digest_algorithm=LEDGER_DIGEST)
         return msg
 
     # ---- verified messages: ledger heads, value bounds ---------------------------------
@@ -601,7 +602,7 @@ class GrpcPeerNetwork:
                 nbytes = int(sum(np.asarray(t).nbytes for t in out.tensors.values()))
                 digest = model_digest(out.tensors)
                 self.on_release(sender, int(msg.sequence), int(reply.round), digest.hex(), nbytes)
-                out = dataclasses.replace(out, digest=digest)
+                out = dataclasses.replace(out, digest=digest, digest_algorithm=LEDGER_DIGEST)
             return out
         strategy.handle_message(sender, incoming)
         return None

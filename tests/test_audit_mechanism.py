@@ -318,3 +318,32 @@ def test_cli_allow_seeded(tmp_path: Path, pki: dict[str, Any]) -> None:
     assert runner.invoke(app, ["audit", str(secure), "--ca", str(ca), "--no-pld"]).exit_code == 0
     res = runner.invoke(app, ["audit", str(tmp_path / "none.jsonl"), "--ca", str(ca), "--allow-seeded"])
     assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+def test_message_digest_is_named_by_its_hash_and_exactly_one_is_required(tmp_path: Path,
+                                                                          pki: dict[str, Any]) -> None:
+    """A node records a sent model's BLAKE3 digest under ``blake3``; a message entry with no digest,
+    or with two, is a bad entry (what each sent model was must stay checkable)."""
+    key, cert = pki["nodes"]["h1"]
+    path = tmp_path / "b.jsonl"
+    with Ledger.create(path, key, cert, POLICY, "privfl-test", randomness="secure", preprocessing=PREP) as led:
+        entry = led.append_message("h2", 0, 0, digest="ab" * 32, size=8, digest_algorithm="blake3")
+        with pytest.raises(ValueError, match="digest_algorithm"):
+            led.append_message("h2", 1, 0, digest="ab" * 32, size=8, digest_algorithm="md5")
+        with pytest.raises(ValueError, match="SHA-256"):
+            led.append_message("h2", 1, 0, b"model", digest_algorithm="blake3")
+    assert entry["body"]["blake3"] == "ab" * 32 and "sha256" not in entry["body"]
+    assert audit_ledger(path, pki["ca_pem"], compute_pld=False).ok
+
+    def both(body: dict[str, Any]) -> None:
+        body["sha256"] = "cd" * 32
+
+    def neither(body: dict[str, Any]) -> None:
+        del body["blake3"]
+
+    for edit in (both, neither):
+        bad = tmp_path / f"{edit.__name__}.jsonl"
+        bad.write_bytes(path.read_bytes())
+        resign(bad, key, 1, edit)
+        rep = audit_ledger(bad, pki["ca_pem"], compute_pld=False)
+        assert [(i.index, i.kind) for i in rep.issues] == [(1, "bad_entry")], (edit.__name__, rep.issues)

@@ -85,7 +85,7 @@ def test_two_nodes_run_cocod_and_release_only_noised_or_public_models(tmp_path: 
             elif entry["kind"] == "message":
                 body = entry["body"]
                 assert body["peer"] != nid and int(body["round"]) not in messages, body  # once per round
-                messages[int(body["round"])] = (body["sha256"], dp_before)
+                messages[int(body["round"])] = (body["blake3"], dp_before)  # the node's ledger digest: BLAKE3
         # every round's model leaves at most once; a send to a peer still in back-off at start is
         # skipped (nothing leaves), the consensus rounds after training all go out
         assert set(messages) <= set(range(ROUNDS + MIXES)) and len(messages) >= MIXES + ROUNDS // 2, messages

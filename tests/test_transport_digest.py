@@ -71,7 +71,7 @@ def test_threaded_round_trip_digest_and_writable_arrays(threaded_hash: None) -> 
     t = _model()
     ch = _chunks(Message("model", 1, t, digest_algorithm=SHA))
     m = decode_stream(ch, spec_of(t), 1 << 20)
-    assert m.digest == model_digest(t)
+    assert m.digest == model_digest(t, SHA)
     np.testing.assert_array_equal(m.tensors["w"], t["w"])
     assert m.tensors["w"].flags.writeable  # callers may average in place
     assert _no_digest_threads()
@@ -116,12 +116,12 @@ def test_precomputed_digest_is_sent_and_checked(monkeypatch: pytest.MonkeyPatch,
     if threaded:
         monkeypatch.setattr(codec, "PARALLEL_HASH_BYTES", 1024)
     t = _model()
-    good = model_digest(t)
-    enc = encode_message(Message("model", 1, t, digest=good), "a", "b", 5)
+    good = model_digest(t, SHA)  # SHA-256 hashes large bodies on the helper thread
+    enc = encode_message(Message("model", 1, t, digest=good, digest_algorithm=SHA), "a", "b", 5)
     assert enc.digest == good  # known up front: the body is not hashed again on sending
     m = decode_stream(list(iter_chunks(enc, 1000)), spec_of(t), 1 << 20)
     assert m.digest == good
-    wrong = Message("model", 1, t, digest=model_digest({"w": t["w"]}))
+    wrong = Message("model", 1, t, digest=model_digest({"w": t["w"]}, SHA), digest_algorithm=SHA)
     with pytest.raises(TransportError, match="digest mismatch"):  # a verifying receiver
         decode_stream(_chunks(wrong), spec_of(t), 1 << 20)
     with pytest.raises(TransportError, match="32-byte"):
@@ -216,8 +216,9 @@ def test_fast_digest_decodes_identical_tensors(monkeypatch: pytest.MonkeyPatch) 
          "s": SparseTensor(np.array([1, 40, 299]), np.array([0.5, -2.0, 7.0]), (300,))}
     monkeypatch.setattr(codec, "PARALLEL_HASH_BYTES", 1024)
     runs = {"blake3": decode_stream(_chunks(Message("model", 1, t)), spec_of(t), 1 << 20),
-            "sha256_given": decode_stream(_chunks(Message("model", 1, t, digest=model_digest(t))),
-                                          spec_of(t), 1 << 20)}
+            "sha256_given": decode_stream(
+                _chunks(Message("model", 1, t, digest=model_digest(t, SHA), digest_algorithm=SHA)),
+                spec_of(t), 1 << 20)}
     assert runs["blake3"].digest_algorithm == "blake3" and runs["sha256_given"].digest_algorithm == "sha256"
     assert runs["blake3"].digest != runs["sha256_given"].digest
     for m in runs.values():

@@ -7,9 +7,9 @@ receiver checks declared sizes before reading the body, expected names/shapes/dt
 sparse index ranges, finiteness and the digest before anything reaches the caller.
 
 The model digest's hash is named in the header (``Header.digest_algorithm``, signed):
-SHA-256 when the caller passes the digest it already recorded (``model_digest`` is the
-ledger's SHA-256 message digest), BLAKE3 when the transport hashes the body itself
-(~3.5x SHA-256's speed on one core: 6 vs 21 ms per 40 MB on the dev box). Each side hashes
+BLAKE3 by default, both when the transport hashes the body itself and for the digest a
+node records in its ledger before a model leaves (``model_digest``; ~3.5x SHA-256's speed
+on one core: 6 vs 21 ms per 40 MB on the dev box); SHA-256 when a caller asks for it. Each side hashes
 every body byte exactly once, overlapped with the stream: the sender as it yields the
 chunks, the receiver as they arrive.
 """
@@ -71,7 +71,7 @@ class Hasher(Protocol):
 
 # the hashes a model digest may use (32-byte digests), by the name the header carries
 DIGEST_ALGORITHMS: dict[str, Callable[[], Hasher]] = {"sha256": hashlib.sha256, "blake3": blake3.blake3}
-LEDGER_DIGEST = "sha256"  # ``model_digest``'s default: what a node's ledger records of a sent model
+LEDGER_DIGEST = "blake3"  # ``model_digest``'s default: what a node's ledger records of a sent model
 STREAM_DIGEST = "blake3"  # what the transport uses when it hashes a body itself (no digest given)
 
 
@@ -180,8 +180,8 @@ class Message:
     ``model_digest(tensors, digest_algorithm)`` when the caller already computed it (e.g.
     for its ledger): it is sent as is instead of hashing the body a second time, and a
     verifying receiver refuses the message if it does not match the bytes.
-    ``digest_algorithm`` None: ``LEDGER_DIGEST`` (SHA-256) for a given digest, else
-    ``STREAM_DIGEST`` (BLAKE3, computed while the body streams).
+    ``digest_algorithm`` None: ``LEDGER_DIGEST`` for a given digest, else ``STREAM_DIGEST``
+    (computed while the body streams); both BLAKE3.
     """
 
     kind: str
@@ -348,7 +348,7 @@ def encode_tensors(tensors: Mapping[str, Tensor]) -> tuple[list[pb.TensorSpec], 
 
 
 def model_digest(tensors: Mapping[str, Tensor], algorithm: str = LEDGER_DIGEST) -> bytes:
-    """Model digest of named tensors (SHA-256 unless ``algorithm`` says), exactly as a trailer carries it."""
+    """Model digest of named tensors (BLAKE3 unless ``algorithm`` says), exactly as a trailer carries it."""
     specs, buffers = encode_tensors(tensors)
     h = _digest_start(specs, algorithm)
     for b in buffers:
