@@ -113,7 +113,7 @@ def ray_cluster() -> Iterator[Any]:
     from privfl.sim import ray_backend
 
     ray.init(address="local", include_dashboard=False, num_cpus=2, _node_ip_address="127.0.0.1",
-             log_to_driver=False, configure_logging=False)
+             log_to_driver=False, configure_logging=False, _system_config={"worker_niceness": 0})
     try:
         yield ray
     finally:

@@ -81,9 +81,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if ray.is_initialized():
         yield ray
         return
-    if address is None:
+    if address is None:  # the actors do the run's work: at Ray's default niceness (15) they starve under load
         ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, _node_ip_address="127.0.0.1",
-                 log_to_driver=False, configure_logging=False)
+                 log_to_driver=False, configure_logging=False, _system_config={"worker_niceness": 0})
     else:
         _check_reachable(address)
         try:
