@@ -1,7 +1,8 @@
 """The simulator's Ray backend (``[simulation] backend = "ray"``): the nodes' training in Ray actors.
 
-Only where training runs changes. The engine, the virtual clock, the event order, the
-strategies and the evaluation stay in the driver process exactly as in the local backend;
+Only where training runs changes. The engine, the virtual clock, the event order and the
+strategies stay in the driver process exactly as in the local backend (an evaluation's
+models are scored by the actors, with the run's own evaluator built there: the same numbers);
 each node's real client (its ``DPClient``, its accountant, its seeded noise and sampling
 streams) lives in one of ``K`` Ray actors (:class:`NodeHost`, several nodes each, node
 ``i`` on actor ``i mod K``), built there from the same :class:`~privfl.sim.runner.SimSpec`
