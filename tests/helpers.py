@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,17 @@ def dp_clients(sites, target_eps=(50.0, 50.0, 50.0)) -> dict[str, DPClient]:
         model = build_model("logreg", s.train.x.shape[1:], 2, seed=0)
         out[f"h{i}"] = DPClient(model, (s.train.x, s.train.y), (s.test.x, s.test.y), cfg, seed=i)
     return out
+
+
+def run_in_threads(targets: Iterable[Callable[[], Any]], timeout: float = 10.0) -> None:
+    """Run every target in its own daemon thread at once (as real nodes step), and fail if any is
+    still running after ``timeout`` seconds."""
+    threads = [threading.Thread(target=t, daemon=True) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads)
 
 
 def patched_copy(src: Path, dest: Path, replacements: Iterable[tuple[str, str]]) -> Path:

@@ -10,7 +10,6 @@ outputs alone.
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -25,6 +24,7 @@ from privfl.sim import LinkSpec, SimSpec, StopCriteria, run_simulation
 from privfl.strategies import CoCoDGossip, StrategyBuild, build_strategy, check_strategy, cocod_merge
 from privfl.strategies.base import ModelMessage
 from privfl.strategies.topology import build_topology
+from tests.helpers import run_in_threads
 from tests.test_gossip import Hub
 
 pytestmark = pytest.mark.timeout(60)
@@ -75,12 +75,7 @@ def _integer_models(seed: int) -> list[list[np.ndarray]]:
 def _run_rounds(nodes: list[CoCoDGossip], rounds: int, threaded: bool) -> None:
     for _ in range(rounds):
         if threaded:  # the real node's path: step() overlaps the exchange with fit in a background thread
-            threads = [threading.Thread(target=n.step, daemon=True) for n in nodes]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(timeout=10)
-            assert not any(t.is_alive() for t in threads)
+            run_in_threads(n.step for n in nodes)
         else:  # the simulator's path: every node's first half, then every second half
             for n in nodes:
                 n.begin_round()
@@ -149,11 +144,7 @@ def test_consensus_rounds_after_training_mix_exactly_without_training(threaded: 
     x = np.stack([_flat(n.params) for n in nodes])
     for _ in range(2):  # x <- W x: every site's last displacement is shared; no fit, no new DP step
         if threaded:  # the real node's path: blocking consensus_round in each node's thread
-            threads = [threading.Thread(target=n.consensus_round, daemon=True) for n in nodes]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(timeout=10)
+            run_in_threads(n.consensus_round for n in nodes)
         else:  # the simulator's path: every first half, then every second half
             for n in nodes:
                 n.begin_consensus_round()

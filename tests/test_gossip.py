@@ -20,6 +20,7 @@ from privfl.preprocessing import PreprocessingSpec, preprocess_site
 from privfl.strategies.base import ModelMessage, PeerNetwork
 from privfl.strategies.gossip import AsyncGossip, SyncGossip, average_pair
 from privfl.strategies.topology import Topology, build_topology
+from tests.helpers import run_in_threads
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -445,12 +446,7 @@ def test_sync_gossip_step_runs_a_whole_round_in_threads() -> None:
     hub = Hub(topo)
     nodes = _sync_nodes(topo, models, hub)
     x = np.stack([np.concatenate([p.ravel() for p in m]) for m in models])
-    threads = [threading.Thread(target=n.step, daemon=True) for n in nodes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=10)
-    assert not any(t.is_alive() for t in threads)
+    run_in_threads(n.step for n in nodes)
     y = np.stack([np.concatenate([p.ravel() for p in n.params]) for n in nodes])
     np.testing.assert_allclose(y, w @ x, rtol=1e-13, atol=1e-13)
 
