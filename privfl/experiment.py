@@ -54,7 +54,7 @@ from privfl.config import (
     resolve_path,
 )
 from privfl.errors import ConfigError
-from privfl.sim import LinkSpec, SimSpec, SimulationResult, StopCriteria, run_simulation, write_results
+from privfl.sim import STEP_TIMES, LinkSpec, SimSpec, SimulationResult, StopCriteria, run_simulation, write_results
 
 log = logging.getLogger("privfl.experiment")
 
@@ -82,6 +82,9 @@ class SimulationSection:
     straggler_index: int = -1
     lognormal_sigma: float = 0.5
     speeds: list[float] = field(default_factory=list)
+    #: how a local step's compute time varies: "fixed" (step_cost / speed) or "exponential" (seeded
+    #: per node, mean step_cost / speed)
+    step_time: str = "fixed"
     latency: float = 0.005
     bandwidth: float = 12.5e6
     step_cost: float = 0.0
@@ -103,6 +106,8 @@ class SimulationSection:
         from privfl.sim.ray_backend import check_backend
 
         resolve_device(self.device, f"{where}.device")
+        if self.step_time not in STEP_TIMES:
+            raise ConfigError(f"{where}.step_time: must be one of {', '.join(STEP_TIMES)}, got {self.step_time!r}")
         check_backend(self.backend, self.address or None, self.actors or None, where)
 
     def compute_params(self, n: int) -> dict[str, Any]:
@@ -329,6 +334,7 @@ def spec_for(exp: Experiment, run: RunVariant | str, progress: bool = False, see
         topology_params=c.topology.params(),
         compute_profile=s.compute_profile,
         compute_params=s.compute_params(n),
+        step_time=s.step_time,
         step_cost=s.step_cost or None,
         links=LinkSpec(latency=s.latency, bandwidth=s.bandwidth),
         stop=StopCriteria(

@@ -5,6 +5,7 @@ under a persistent straggler, at equal per-node ε budget)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,3 +101,16 @@ def test_async_gossip_reaches_allreduce_accuracy_sooner_under_a_straggler() -> N
     assert asy.summary["steps"]["node3"] < 30 and "deadline" in asy.summary["stop_reasons"]["node3"]
     for res in (sync, asy):
         assert max(res.summary["epsilon"].values()) <= 8.0 + 1e-6
+
+
+def test_step_time_is_an_experiment_config_key(tmp_path: Path) -> None:
+    from privfl.experiment import load_experiment, spec_for
+    from tests.helpers import TINY_EXPERIMENT
+
+    path = tmp_path / "e.toml"
+    path.write_text(TINY_EXPERIMENT.format(seed=0) + 'step_time = "exponential"\n')
+    exp = load_experiment(path)
+    assert spec_for(exp, exp.runs[0]).step_time == "exponential"
+    path.write_text(TINY_EXPERIMENT.format(seed=0) + 'step_time = "gamma"\n')
+    with pytest.raises(ConfigError, match=r"\[simulation\]\.step_time: must be one of fixed, exponential"):
+        load_experiment(path)
