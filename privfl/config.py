@@ -568,9 +568,11 @@ class CommonConfig:
 
 
 def common_from(table: dict[str, Any], source: str) -> CommonConfig:
-    """The shared sections of a parsed config (missing sections take their defaults)."""
+    """The shared sections of a parsed config (missing sections take their defaults; a missing
+    ``[dp]`` is checked as written empty, so a DP run without its public sampling rate is refused
+    here, naming ``[dp].sample_rate``, not when a node or a run starts)."""
     kw: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
-        if name in table:
-            kw[name] = from_table(cls, table[name], f"{source}: [{name}]")
+        if name in table or name == "dp":
+            kw[name] = from_table(cls, table.get(name, {}), f"{source}: [{name}]")
     return CommonConfig(**kw)

@@ -37,3 +37,11 @@ def test_common_sections_and_file_errors(tmp_path):
     p.write_text('[dp]\nclipping = "flat"\nnoise_multiplier = 1.2\nsample_rate = 0.1\n[strategy]\nlocal_steps = 3\n')
     cfg = common_from(read_toml(p), str(p))
     assert cfg.dp.to_dp_config().noise_multiplier == 1.2 and cfg.strategy.local_steps == 3
+
+
+def test_a_config_without_dp_is_refused_at_load_naming_the_sampling_rate() -> None:
+    """No [dp] table means DP with no public q: refused when the config is read (before any node
+    or run starts), not by the first DP step."""
+    with pytest.raises(ConfigError, match=r"^c\.toml: \[dp\]\.sample_rate: required"):
+        common_from({"data": {"source": "breast_cancer"}}, "c.toml")
+    assert common_from({"dp": {"sample_rate": 0.1}}, "c.toml").dp.sample_rate == 0.1
