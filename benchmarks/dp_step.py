@@ -105,9 +105,11 @@ def _data(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(xs, dtype=torch.float32), torch.tensor(b.target, dtype=torch.long)
 
 
-def _make_step(model: nn.Module, opt: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]]
-               ) -> Step:
-    crit = nn.CrossEntropyLoss()
+def _make_step(model: nn.Module, opt: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]],
+               crit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> Step:
+    """One training step over the next batch (``crit``: default cross-entropy; Opacus's ghost
+    criterion wrapper runs its own two backward passes inside ``backward``)."""
+    crit = crit or nn.CrossEntropyLoss()
     it = iter(range(10**9))
 
     def step() -> None:
@@ -129,15 +131,7 @@ def _opacus_ghost_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
         data_loader=DataLoader(TensorDataset(x, y), batch_size=batch), criterion=nn.CrossEntropyLoss(),
         noise_multiplier=sigma, max_grad_norm=clip, grad_sample_mode="ghost")
-    it = iter(range(10**9))
-
-    def step() -> None:
-        xb, yb = batches[next(it) % len(batches)]
-        opt.zero_grad(set_to_none=True)
-        crit(gm(xb), yb).backward()
-        opt.step()
-
-    return step
+    return _make_step(gm, opt, batches, crit)
 
 
 def _variants(model_name: str, shape: tuple[int, ...], classes: int, batches: list, sigma: float,

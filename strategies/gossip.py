@@ -370,12 +370,11 @@ class ErrorFeedbackGossip:
 
     def __init__(self, node_id: str, neighbor_weights: Mapping[str, float], compressor: Any, gamma: Any,
                  initial: Any = None) -> None:
-        from privfl.strategies.compression import CompressionError, Compressor
+        from privfl.strategies.compression import CompressionError, Compressor, check_gamma
 
         if not isinstance(compressor, Compressor) or not compressor.error_feedback:
             raise CompressionError("error-feedback gossip: compressor must be a Compressor with error feedback")
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
-            raise CompressionError(f"sync_gossip: gamma must be in (0, 1], got {gamma!r}")
+        gamma = check_gamma(gamma, "sync_gossip")
         self._node_id = node_id
         self._weights = {str(j): float(w) for j, w in neighbor_weights.items()}
         self._compressor = compressor

@@ -41,6 +41,7 @@ from privfl.strategies.compression.compressors import (
     Quantize8,
     RandomK,
     TopK,
+    check_gamma,
     compressor_from_config,
 )
 from privfl.strategies.compression.innovation import InnovationGossip
@@ -62,6 +63,7 @@ __all__ = [
     "RandomK",
     "Released",
     "TopK",
+    "check_gamma",
     "compressor_from_config",
     "decompress",
     "released",

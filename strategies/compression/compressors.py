@@ -27,6 +27,7 @@ __all__ = [
     "AdaComp",
     "CLTk",
     "CompressionError",
+    "check_gamma",
     "Compressor",
     "Exact",
     "Identity",
@@ -43,6 +44,13 @@ Shapes = tuple[tuple[int, ...], ...]
 
 class CompressionError(ConfigError, ValueError):
     """A compressor is configured or used wrongly; the message names the field."""
+
+
+def check_gamma(gamma: Any, who: str) -> float:
+    """A consensus step size in (0, 1] (every compressed gossip's ``gamma``); CompressionError naming ``who``."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+        raise CompressionError(f"{who}: gamma must be in (0, 1], got {gamma!r}")
+    return float(gamma)
 
 
 def _require_released(update: Any, where: str) -> Released:

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from privfl.strategies.compression.compressors import CompressionError, Compressor, _require_released
+from privfl.strategies.compression.compressors import CompressionError, Compressor, _require_released, check_gamma
 from privfl.strategies.compression.message import (
     Compressed,
     MalformedMessage,
@@ -55,8 +55,7 @@ class InnovationGossip:
                 f"innovation gossip: compressor {compressor.describe()} keeps its own error memory; "
                 "the public estimate already carries what was not sent, so use one without error feedback"
             )
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
-            raise CompressionError(f"innovation gossip: gamma must be in (0, 1], got {gamma!r}")
+        gamma = check_gamma(gamma, "innovation gossip")
         weights = {str(j): float(w) for j, w in neighbor_weights.items()}
         if node_id in weights:
             raise CompressionError(f"innovation gossip: neighbor_weights of {node_id!r} must not include itself")

@@ -42,6 +42,7 @@ from privfl.strategies.compression.compressors import (
     Quantize8,
     Shapes,
     _require_released,
+    check_gamma,
 )
 from privfl.strategies.compression.message import (
     Compressed,
@@ -175,8 +176,7 @@ class SubspaceGossip:
                  gamma: float, initial: Released | None = None) -> None:
         if not isinstance(compressor, SubspaceK):
             raise CompressionError(f"subspace gossip: compressor must be SubspaceK, got {type(compressor).__name__}")
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
-            raise CompressionError(f"subspace gossip: gamma must be in (0, 1], got {gamma!r}")
+        gamma = check_gamma(gamma, "subspace gossip")
         self._node_id = node_id
         self._weights = {str(j): float(w) for j, w in neighbor_weights.items()}
         self._compressor = compressor
