@@ -367,12 +367,17 @@ class GrpcPeerNetwork:
         """Encode ``message`` for ``peer`` with a reserved sequence number and report it first."""
         seq = self.client.next_sequence()
         msg = to_transport(message, self.names, self.policy, sequence=seq)
-        if msg.tensors and self.on_release is not None:
-            nbytes = int(sum(np.asarray(t).nbytes for t in msg.tensors.values()))
-            digest = model_digest(msg.tensors)  # for the ledger; the transport sends it, not hashing again
-            self.on_release(peer, seq, int(message.round), digest.hex(), nbytes)
-            msg = dataclasses.replace(msg, digest=digest, digest_algorithm=LEDGER_DIGEST)
-        return msg
+        return self._recorded(peer, seq, int(message.round), msg) if msg.tensors else msg
+
+    def _recorded(self, peer: str, seq: int, round: int, msg: Message) -> Message:
+        """Report a model about to leave to ``on_release`` (the ledger's write-ahead entry), and carry
+        the digest recorded there, so the transport sends it instead of hashing the body again."""
+        if self.on_release is None:
+            return msg
+        nbytes = int(sum(np.asarray(t).nbytes for t in msg.tensors.values()))
+        digest = model_digest(msg.tensors)
+        self.on_release(peer, seq, round, digest.hex(), nbytes)
+        return dataclasses.replace(msg, digest=digest, digest_algorithm=LEDGER_DIGEST)
 
     # ---- verified messages: ledger heads, value bounds ---------------------------------
     def _verified(self, peer: str, msg: DecodedMessage) -> None:
@@ -593,12 +598,7 @@ class GrpcPeerNetwork:
             out = to_transport(reply, self.names, self.policy)
             if not out.tensors:
                 return self._refused()
-            if self.on_release is not None:
-                nbytes = int(sum(np.asarray(t).nbytes for t in out.tensors.values()))
-                digest = model_digest(out.tensors)
-                self.on_release(sender, int(msg.sequence), int(reply.round), digest.hex(), nbytes)
-                out = dataclasses.replace(out, digest=digest, digest_algorithm=LEDGER_DIGEST)
-            return out
+            return self._recorded(sender, int(msg.sequence), int(reply.round), out)
         strategy.handle_message(sender, incoming)
         return None
 
