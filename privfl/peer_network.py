@@ -419,6 +419,12 @@ class GrpcPeerNetwork:
                     f"{self.norm_floor:g} = {bound:.4g}")
         return None
 
+    def _frame_shapes(self, msg: DecodedMessage) -> tuple[tuple[int, ...], ...]:
+        """What a compressed frame of ``msg`` is rebuilt with: the model's shapes, or, when the strategy
+        gossips on a public subspace mask (``SubspaceGossip.frame_shapes``), that round's per-tensor counts."""
+        frame_shapes = getattr(getattr(self.strategy, "innovation", None), "frame_shapes", None)
+        return self.shapes if frame_shapes is None else tuple(frame_shapes(int(msg.round), self.shapes))
+
     def _accept_values(self, peer: str, kind: str, incoming: ModelMessage) -> bool:
         if incoming.params is not None:
             arrays: Sequence[np.ndarray] = incoming.params
@@ -575,8 +581,7 @@ class GrpcPeerNetwork:
             log.debug("node %s: %s from %s", self.node_id, msg.kind, sender)
             return None
         try:
-            shapes = self.shapes if self.strategy is None else self.strategy.frame_shapes(int(msg.round), self.shapes)
-            incoming = from_transport(msg, self.names, shapes)
+            incoming = from_transport(msg, self.names, self._frame_shapes(msg))
         except TransportError as exc:
             log.warning("node %s: refused %s from %s: %s", self.node_id, msg.kind, sender, exc)
             return self._refused()

@@ -161,11 +161,6 @@ class NodeStrategy(ABC):
         """A consistent copy of the current model (for evaluation and checkpoints)."""
         return [np.array(p, copy=True) for p in self.params]
 
-    def frame_shapes(self, round: int, shapes: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
-        """The shapes a compressed frame of round ``round`` is rebuilt with: the model's ``shapes``,
-        unless the strategy frames on something public it derives (a subspace mask's counts)."""
-        return shapes
-
     def handle_exchange(self, sender: str, message: ModelMessage) -> ModelMessage | None:
         """Serve a peer's exchange request (passive side); None refuses it."""
         return None

@@ -603,14 +603,6 @@ class SyncGossip(_GossipBase):
                           bytes_received=second.bytes_received, loss=self.last_loss, epsilon=self.epsilon,
                           stopped=self.stopped, reason=self.stop_reason)
 
-    def frame_shapes(self, round: int, shapes: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
-        """Subspace gossip frames on the round's public mask counts; every other gossip on ``shapes``."""
-        from privfl.strategies.compression.subspace import SubspaceGossip
-
-        if isinstance(self.innovation, SubspaceGossip):
-            return tuple(self.innovation.frame_shapes(round, shapes))
-        return shapes
-
     def snapshot(self) -> Params:
         """A copy of the current model (for evaluation)."""
         return _copy(self.params)
