@@ -656,6 +656,7 @@ class Node:
         NodeError naming the file when it cannot be written (a full disk)."""
         path = self.out / CHECKPOINT_FILE
         tmp = path.with_name(path.name + ".tmp")
+        self.strategy.settle()  # exchanges still in flight (overlap) land first; their error is raised here
         state = {"names": self.names, "params": [torch.from_numpy(np.array(p)) for p in self._snapshot()],
                  "client": self.client.state_dict(), "steps": self.total_steps}
         buf = io.BytesIO()
@@ -866,6 +867,7 @@ class Node:
                           report.loss, row["accuracy"], row["epsilon"], ",".join(report.peers))
             if time.monotonic() - self._last_ckpt >= self.cfg.node.checkpoint_every:
                 self.checkpoint()
+        self.strategy.settle()  # nothing stays in flight once training stops
         log.info("node %s: training stopped: %s after %d steps, ε=%.4f", self.node_id, self.stop_reason,
                  self.total_steps, self.client.epsilon)
         self._stop_ranks()  # the site's other ranks are done: consensus and the goodbye are rank 0's alone

@@ -110,7 +110,10 @@ class NodeStrategy(ABC):
     ``exchanges`` / ``served`` (pairwise exchanges initiated / answered) and
     :meth:`snapshot` (a consistent copy of the model), ``overlaps_communication`` (a
     synchronous strategy that sends its round-start model while it trains, CoCoD-SGD: the
-    simulator runs :meth:`begin_round` at the round start and charges max(compute, comm)).
+    simulator runs :meth:`begin_round` at the round start and charges max(compute, comm);
+    an asynchronous one whose :meth:`step` leaves its exchanges running beside the next
+    step's training, AD-PSGD's communication thread: the simulator calls :meth:`settle`
+    after each step and charges max(next compute, those exchanges)) and :meth:`settle`.
     """
 
     synchronous: bool = False
@@ -157,9 +160,21 @@ class NodeStrategy(ABC):
         """Second half: mix what arrived (post-processing of released models); default: nothing."""
         return StepReport()
 
+    def settle(self) -> StepReport:
+        """Wait for communication a step left in flight and raise its error (drivers call it at
+        stop, before a checkpoint, and the simulator after each overlapped step); what it
+        joined. Default: nothing is ever in flight."""
+        return StepReport()
+
     def snapshot(self) -> Params:
         """A consistent copy of the current model (for evaluation and checkpoints)."""
         return [np.array(p, copy=True) for p in self.params]
+
+    def frame_shapes(self, round: int, shapes: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+        """The shapes a compressed frame of round ``round`` (request, reply or one-way) is rebuilt with:
+        the model's ``shapes``, unless the strategy frames on something public it derives (a subspace
+        mask's per-tensor counts). A node's transport asks this for every frame it receives."""
+        return shapes
 
     def handle_exchange(self, sender: str, message: ModelMessage) -> ModelMessage | None:
         """Serve a peer's exchange request (passive side); None refuses it."""

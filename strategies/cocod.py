@@ -31,7 +31,6 @@ max(t + compute, last arrival).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,6 +38,7 @@ import numpy as np
 from flwr.client import NumPyClient
 
 from privfl.accounting.errors import ConfigError
+from privfl.strategies.background import Background
 from privfl.strategies.base import ModelMessage, Params, PeerNetwork, StepReport
 from privfl.strategies.gossip import SyncGossip, params_compatible
 
@@ -198,26 +198,18 @@ class CoCoDGossip(SyncGossip):
         r = self.round
         if not self._open_round():
             return self.finish_round({})
-        outcome: dict[str, Any] = {}
 
-        def communicate() -> None:
-            try:
-                outcome["sent"] = self._send_start()
-                outcome["received"] = self.network.receive(r, list(self.mixing), self.timeout)
-            except BaseException as exc:  # re-raised in the training thread below
-                outcome["error"] = exc
+        def communicate() -> tuple[int, dict[str, ModelMessage]]:
+            sent, _ = self._send_start()
+            return sent, self.network.receive(r, list(self.mixing), self.timeout)
 
-        comm = threading.Thread(target=communicate, name=f"cocod-{self.node_id}-{r}", daemon=True)
-        comm.start()
+        comm = Background(communicate, f"cocod-{self.node_id}-{r}")
         try:
             steps = self._train_from_start()
         finally:
-            comm.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        sent, _ = outcome["sent"]
+            sent, received = comm.join()  # an error in the exchange is raised here
         self.bytes_sent += sent
-        second = self.finish_round(outcome["received"])
+        second = self.finish_round(received)
         return StepReport(local_steps=steps, peers=second.peers, bytes_sent=sent,
                           bytes_received=second.bytes_received, loss=self.last_loss, epsilon=self.epsilon,
                           stopped=self.stopped, reason=self.stop_reason)

@@ -17,6 +17,7 @@ keeps the peers' averaging graph connected.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -29,6 +30,7 @@ from flwr.client import NumPyClient
 
 from privfl.accounting import BudgetExhausted
 from privfl.accounting.errors import ConfigError
+from privfl.strategies.background import Background
 from privfl.strategies.base import ModelMessage, NodeStrategy, Params, PeerNetwork, StepReport
 
 __all__ = ["AsyncGossip", "ErrorFeedbackGossip", "SyncGossip", "average_pair", "params_compatible"]
@@ -174,8 +176,16 @@ class AsyncGossip(_GossipBase):
     ``train_seconds`` (float, default none): a training deadline on the node's own clock,
     counted from the strategy's start — the first step that begins past it trains nothing
     and stops the node (a public schedule, like a budget that ends early: a slow node then
-    takes fewer steps and spends less ε, and the end-of-training consensus follows).
-    :meth:`roles` builds the role keys from a topology.
+    takes fewer steps and spends less ε, and the end-of-training consensus follows);
+    ``overlap`` (bool, default False): AD-PSGD's communication thread — a step's exchanges
+    run on a background thread (:class:`~privfl.strategies.background.Background`) while
+    the *next* step trains, on a snapshot taken before those exchanges start, merged as a
+    delta (below). At most one step's exchanges are in flight: the next step joins them
+    before it starts its own, and :meth:`settle` (the node calls it at stop and before a
+    checkpoint; the simulator after every step, charging max(compute, communication))
+    joins them and raises their error. The exchanges carry the same already-noised models
+    as without overlap (post-processing, no extra DP event); a step's report counts the
+    exchanges it joined. :meth:`roles` builds the role keys from a topology.
 
     Exchange (atomic pairwise averaging, ``x_i = x_j = (x_i + x_j)/2``): the active side
     holds its own lock, sends its model; the passive side, under its lock, replies with
@@ -208,6 +218,12 @@ class AsyncGossip(_GossipBase):
             raise ConfigError(f"async_gossip: train_seconds must be a positive number of seconds, got {deadline!r}")
         self.train_seconds = None if deadline is None else float(deadline)
         self._start = network.now() if self.train_seconds is not None else 0.0
+        overlap = self.config.get("overlap", False)
+        if not isinstance(overlap, bool):
+            raise ConfigError(f"[strategy].params.overlap: must be true or false, got {overlap!r}")
+        self.overlaps_communication = overlap
+        self._inflight: Background[tuple[int, int, list[str]]] | None = None  # the last step's exchanges
+        self._next_start: tuple[Params, int] | None = None  # (snapshot, version) the next step trains from
         self._version = 0  # bumped by every change to self.params made by an exchange
         self.exchanges = 0
         self.served = 0
@@ -233,36 +249,72 @@ class AsyncGossip(_GossipBase):
     # ---- the node's loop body --------------------------------------------------------
     def step(self) -> StepReport:
         """Train ``local_steps`` DP steps, then (active nodes) average with ``exchanges_per_step``
-        random passive peers, one after another."""
+        random passive peers, one after another — with ``overlap``, on a background thread
+        while the next step trains (this step joins the previous step's exchanges first)."""
         sent, received = self._drain_served()
         if not self.stopped and self.train_seconds is not None and \
                 self.network.now() - self._start >= self.train_seconds:
             self._stop(f"training deadline: {self.train_seconds:g} s since the start")
         if self.stopped:
-            return self._report(0, [], sent, received)
-        with self._lock:
-            snapshot = _copy(self.params)
-            version = self._version
-        trained, steps, exhausted = self._train(snapshot)
+            joined = self.settle()  # the last step's exchanges, if still in flight
+            return self._report(0, joined.peers, sent + joined.bytes_sent, received + joined.bytes_received)
+        start, self._next_start = self._next_start, None
+        if start is None:
+            with self._lock:
+                start = (_copy(self.params), self._version)
+        snapshot, version = start
+        try:
+            trained, steps, exhausted = self._train(snapshot)
+        finally:  # the previous step's exchanges ran while this one trained
+            joined = self.settle()
+        sent, received, peers = sent + joined.bytes_sent, received + joined.bytes_received, list(joined.peers)
         if trained is None:  # budget spent before any step: nothing new to release
-            return self._report(0, [], sent, received)
+            return self._report(0, peers, sent, received)
         with self._lock:
             if self._version == version:
                 self.params = trained
             else:  # exchanges happened while training: keep them, add our delta
                 self.params = [p + (t - s) if np.issubdtype(p.dtype, np.floating) else p
                                for p, t, s in zip(self.params, trained, snapshot)]
-        peers: list[str] = []
+            if self.overlaps_communication:  # the next step trains from here, beside this step's exchanges
+                self._next_start = (_copy(self.params), self._version)
         if self.active and self.peers:
-            for peer in self._pick_peers(self.exchanges_per_step):
-                s, r, ok = self._exchange_with(peer)
-                sent, received = sent + s, received + r
-                if ok:
-                    peers.append(peer)
-        self.round += 1
+            chosen = self._pick_peers(self.exchanges_per_step)
+            if self.overlaps_communication and not exhausted:  # nothing stays in flight once stopped
+                self._inflight = Background(functools.partial(self._exchange_round, chosen),
+                                            f"gossip-{self.node_id}-{self.round}")
+            else:
+                s, r, done = self._exchange_round(chosen)
+                sent, received, peers = sent + s, received + r, peers + done
+                self.round += 1
+        else:
+            self.round += 1
         if exhausted:
             self._stop("privacy budget exhausted: the last local step that fits has been taken")
         return self._report(steps, peers, sent, received)
+
+    def _exchange_round(self, peers: list[str]) -> tuple[int, int, list[str]]:
+        """One step's exchanges with ``peers``, one after another: (bytes sent, received, peers averaged with)."""
+        sent = received = 0
+        done: list[str] = []
+        for peer in peers:
+            s, r, ok = self._exchange_with(peer)
+            sent, received = sent + s, received + r
+            if ok:
+                done.append(peer)
+        return sent, received, done
+
+    def settle(self) -> StepReport:
+        """Join the exchanges a step left in flight (``overlap``) and raise their error; the step's
+        round ends here. What they moved, and with whom."""
+        job, self._inflight = self._inflight, None
+        if job is None:
+            return self._report(0, [], 0, 0)
+        try:
+            sent, received, peers = job.join()
+        finally:
+            self.round += 1
+        return self._report(0, peers, sent, received)
 
     def _pick_peers(self, k: int) -> list[str]:
         """``k`` random peers: one uniform choice when k = 1, else distinct ones while there are
@@ -282,10 +334,12 @@ class AsyncGossip(_GossipBase):
 
     def average_with(self, peer: str) -> bool:
         """One pure pairwise average with ``peer``, no training (post-processing: no privacy cost)."""
+        self.settle()
         return self._exchange_with(peer)[2]
 
     def consensus_round(self) -> StepReport:
         """After training: one pure averaging exchange with a random peer (active nodes only)."""
+        self.settle()
         if not (self.active and self.peers):
             return self._report(0, [], 0, 0)
         peer = self._rng.choice(self.peers)

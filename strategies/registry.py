@@ -209,7 +209,7 @@ def build_collective_strategy(b: StrategyBuild) -> CollectiveStrategy:
 
 # ---- async_gossip ------------------------------------------------------------------------
 _ASYNC_KEYS = frozenset({"local_steps", "seed", "consensus_exchanges", "compressor", "exchanges_per_step",
-                         "train_seconds"})
+                         "train_seconds", "overlap"})
 
 
 def _check_async_gossip(name: str, params: Mapping[str, Any]) -> None:
@@ -228,6 +228,8 @@ def _check_async_gossip(name: str, params: Mapping[str, Any]) -> None:
     if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d < math.inf):
         raise ConfigError(f"{WHERE}.train_seconds: must be a positive number of seconds (the training deadline), "
                           f"got {d!r}")
+    if not isinstance(params.get("overlap", False), bool):
+        raise ConfigError(f"{WHERE}.overlap: must be true or false, got {params['overlap']!r}")
 
 
 def _build_async_gossip(b: StrategyBuild) -> NodeStrategy:

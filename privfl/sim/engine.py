@@ -7,7 +7,10 @@ Three drivers, one per strategy family:
   runs (training + exchange, the exchange advancing its clock by the round trip), and it
   is pushed back ``local_steps × step_cost / speed`` later. Ties go to the lower index.
   A step's training is applied at the end of its virtual compute, the moment its
-  exchange happens.
+  exchange happens. A strategy that ``overlaps_communication`` (``overlap``: AD-PSGD's
+  communication thread) runs the next compute beside the exchanges: its next step is
+  due at max(t + compute, t + exchanges), as a node with a communication thread spends
+  (the engine joins the exchanges with ``settle()`` right after the step).
 * round-synchronous ``NodeStrategy`` (``SyncGossip``): every node's ``begin_round``
   (compute, then sends), then every node's ``receive`` + ``finish_round``, then a barrier:
   the round ends at the latest node's clock.
@@ -362,6 +365,9 @@ class Engine:
                 heapq.heappop(heap)
                 self.world.clocks[i] = t
                 rep = strategies[i].step()
+                overlapped = strategies[i].overlaps_communication
+                if overlapped:  # its exchanges ran on the node's communication thread from t: wait for them
+                    strategies[i].settle()
                 self._changes += 1
                 self.steps[i] += rep.local_steps
                 self.epsilons[i] = self._epsilon(i, rep.epsilon)
@@ -371,8 +377,9 @@ class Engine:
                     self.stop_reasons[self.node_ids[i]] = strategies[i].stop_reason
                 elif self.stop.max_steps is not None and self.steps[i] >= self.stop.max_steps:
                     self.stop_reasons[self.node_ids[i]] = "max_steps"
-                else:
-                    heapq.heappush(heap, (self.world.clocks[i] + self.compute_time(i, self.local_steps), i))
+                else:  # the next compute starts after the exchanges, or (overlapped) beside them at t
+                    start = t if overlapped else self.world.clocks[i]
+                    heapq.heappush(heap, (max(start + self.compute_time(i, self.local_steps), self.world.clocks[i]), i))
                 if bar is not None:
                     bar.update(bar.task_ids[0], completed=t if limit else sum(self.steps))
             else:
