@@ -251,13 +251,14 @@ class AsyncGossip(_GossipBase):
         """Train ``local_steps`` DP steps, then (active nodes) average with ``exchanges_per_step``
         random passive peers, one after another — with ``overlap``, on a background thread
         while the next step trains (this step joins the previous step's exchanges first)."""
-        sent, received = self._drain_served()
         if not self.stopped and self.train_seconds is not None and \
                 self.network.now() - self._start >= self.train_seconds:
             self._stop(f"training deadline: {self.train_seconds:g} s since the start")
         if self.stopped:
             joined = self.settle()  # the last step's exchanges, if still in flight
+            sent, received = self._drain_served()
             return self._report(0, joined.peers, sent + joined.bytes_sent, received + joined.bytes_received)
+        # nothing here takes the lock while the last step's exchanges (which hold it) may be in flight
         start, self._next_start = self._next_start, None
         if start is None:
             with self._lock:
@@ -265,10 +266,19 @@ class AsyncGossip(_GossipBase):
         snapshot, version = start
         try:
             trained, steps, exhausted = self._train(snapshot)
-        finally:  # the previous step's exchanges ran while this one trained
+        except BaseException:
+            self._join_quietly()
+            raise
+        joined, failed = StepReport(), None
+        try:  # the previous step's exchanges ran while this one trained
             joined = self.settle()
+        except BaseException as exc:  # raised once this step's accounted training is merged: nothing lost
+            failed = exc
+        sent, received = self._drain_served()
         sent, received, peers = sent + joined.bytes_sent, received + joined.bytes_received, list(joined.peers)
         if trained is None:  # budget spent before any step: nothing new to release
+            if failed is not None:
+                raise failed
             return self._report(0, peers, sent, received)
         with self._lock:
             if self._version == version:
@@ -278,6 +288,8 @@ class AsyncGossip(_GossipBase):
                                for p, t, s in zip(self.params, trained, snapshot)]
             if self.overlaps_communication:  # the next step trains from here, beside this step's exchanges
                 self._next_start = (_copy(self.params), self._version)
+        if failed is not None:
+            raise failed
         if self.active and self.peers:
             chosen = self._pick_peers(self.exchanges_per_step)
             if self.overlaps_communication and not exhausted:  # nothing stays in flight once stopped
@@ -303,6 +315,13 @@ class AsyncGossip(_GossipBase):
             if ok:
                 done.append(peer)
         return sent, received, done
+
+    def _join_quietly(self) -> None:
+        """Join exchanges in flight while another error is already being raised (theirs is logged)."""
+        try:
+            self.settle()
+        except Exception as exc:
+            log.error("node %s: background exchange failed too: %s", self.node_id, exc)
 
     def settle(self) -> StepReport:
         """Join the exchanges a step left in flight (``overlap``) and raise their error; the step's
