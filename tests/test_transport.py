@@ -40,12 +40,14 @@ from privfl.transport import (
     SparseTensor,
     TensorExpectation,
     TransportError,
+    WIRE_VERSION,
     encode_message,
     iter_chunks,
     model_digest,
 )
 from privfl.transport.common import METHOD, grpc_options
 from privfl.transport.proto import gossip_pb2 as pb
+from tests.test_transport_codec import retrail
 from tests.test_transport_digest import _prefix_bytes, counted  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.timeout(60)
@@ -417,7 +419,7 @@ def test_malformed_and_oversized_streams_refused(pki: Pki, server, caplog) -> No
         with pytest.raises(grpc.RpcError) as info:
             list(call(iter([b"\xff\xfe garbage \x00"]), timeout=5))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        huge = pb.Header(version=1, sender="h1", recipient="h2", sequence=time.time_ns() // 1000, kind="model",
+        huge = pb.Header(version=WIRE_VERSION, sender="h1", recipient="h2", sequence=time.time_ns() // 1000, kind="model",
                          tensors=[pb.TensorSpec(name="w", dtype="<f4", shape=[10**9])],
                          body_bytes=4 * 10**9)
         with pytest.raises(grpc.RpcError) as info:
@@ -425,9 +427,9 @@ def test_malformed_and_oversized_streams_refused(pki: Pki, server, caplog) -> No
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         # a well-formed header whose body is longer than it declared
         enc = signed(pki, Message("exchange_request", 0, model()), "h1", "h2", time.time_ns() // 1000)
-        chunks = list(iter_chunks(enc))
+        head = next(iter_chunks(enc, header_alone=True))
         with pytest.raises(grpc.RpcError) as info:
-            list(call(iter(chunks[:-1] + [pb.Chunk(data=b"x" * 10).SerializeToString()]), timeout=5))
+            list(call(iter([head, pb.Chunk(data=b"x" * (enc.body_bytes + 10)).SerializeToString()]), timeout=5))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         # sender spoofing: h1's certificate, h3's name in the header
         spoof = signed(pki, Message("exchange_request", 0, model()), "h3", "h2", time.time_ns() // 1000)
@@ -449,7 +451,7 @@ def test_tampered_digest_refused(pki: Pki, server, caplog) -> None:  # noqa: ANN
     caplog.set_level(logging.WARNING, logger=LOG)
     enc = signed(pki, Message("exchange_request", 0, model()), "h1", "h2", time.time_ns() // 1000)
     chunks = list(iter_chunks(enc))
-    chunks[-1] = pb.Chunk(trailer=pb.Trailer(model_digest=b"\0" * 32)).SerializeToString()
+    chunks[-1] = retrail(chunks[-1], pb.Trailer(model_digest=b"\0" * 32))
     ch, call = raw_stub(pki, ident(pki, "h1"), srv.port)
     try:
         with pytest.raises(grpc.RpcError) as info:

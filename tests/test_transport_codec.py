@@ -10,6 +10,7 @@ from privfl.transport import (
     SparseTensor,
     TensorExpectation,
     TransportError,
+    WIRE_VERSION,
     decode_stream,
     encode_message,
     iter_chunks,
@@ -19,6 +20,14 @@ from privfl.transport import (
 from privfl.transport.proto import gossip_pb2 as pb
 
 pytestmark = pytest.mark.timeout(30)
+
+
+def retrail(raw: bytes, trailer: pb.Trailer) -> bytes:
+    """``raw`` (a message's last Chunk: maybe data too) with its trailer replaced by ``trailer``."""
+    c = pb.Chunk.FromString(raw)
+    assert c.HasField("trailer")
+    c.trailer.CopyFrom(trailer)
+    return c.SerializeToString()
 
 
 def _chunks(tensors, chunk_bytes: int = 64) -> list[bytes]:  # noqa: ANN001
@@ -80,11 +89,11 @@ def test_header_checks() -> None:
         decode_stream(_chunks({**t, "x": np.ones(1, np.float32)}), exp, 1 << 20)
     with pytest.raises(TransportError, match="too large"):
         decode_stream(_chunks(t), exp, 8)
-    bad = pb.Header(version=1, sender="a", recipient="b", sequence=1, kind="model",
+    bad = pb.Header(version=WIRE_VERSION, sender="a", recipient="b", sequence=1, kind="model",
                     tensors=[pb.TensorSpec(name="w", dtype="|O", shape=[1])], body_bytes=8)
     with pytest.raises(TransportError, match="not allowed"):
         decode_stream([pb.Chunk(header=bad).SerializeToString()], None, 1 << 20)
-    lie = pb.Header(version=1, sender="a", recipient="b", sequence=1, kind="model",
+    lie = pb.Header(version=WIRE_VERSION, sender="a", recipient="b", sequence=1, kind="model",
                     tensors=[pb.TensorSpec(name="w", dtype="<f4", shape=[4])], body_bytes=4)
     with pytest.raises(TransportError, match="body_bytes"):
         decode_stream([pb.Chunk(header=lie).SerializeToString()], None, 1 << 20)
@@ -104,7 +113,7 @@ def test_unverified_digest_mode_still_checks_everything_else() -> None:
     from privfl.transport.codec import MessageAssembler
     t = {"w": np.ones(10, np.float32)}
     ch = _chunks(t)
-    ch[-1] = pb.Chunk(trailer=pb.Trailer(model_digest=b"\1" * 32)).SerializeToString()
+    ch[-1] = retrail(ch[-1], pb.Trailer(model_digest=b"\1" * 32))
     asm = MessageAssembler(None, 1 << 20, verify_digest=False)
     assert [asm.feed(c) for c in ch][-1]
     assert asm.message().digest == b"\1" * 32

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from privfl.pki import NodeIdentity, init_consortium, issue_node, load_pki, revoke_node
-from privfl.transport import Message, TrustState, encode_message, iter_chunks
+from privfl.transport import WIRE_VERSION, Message, TrustState, encode_message, iter_chunks
 from privfl.transport.codec import MessageAssembler
 from privfl.transport.signing import AuthenticationFailed, PeerVerifier, Signer, canonical_bytes
 
@@ -135,11 +135,11 @@ def test_revoked_and_unpinned_certificates_are_refused(tmp_path: Path) -> None:
 
 def test_canonical_bytes_are_injective_on_string_boundaries(pki: Path) -> None:
     from privfl.transport.proto import gossip_pb2 as pb
-    h1 = pb.Header(version=1, sender="ab", recipient="c", kind="model")
-    h2 = pb.Header(version=1, sender="a", recipient="bc", kind="model")
+    h1 = pb.Header(version=WIRE_VERSION, sender="ab", recipient="c", kind="model")
+    h2 = pb.Header(version=WIRE_VERSION, sender="a", recipient="bc", kind="model")
     assert canonical_bytes(h1, b"\0" * 32, None) != canonical_bytes(h2, b"\0" * 32, None)
-    s1 = pb.Header(version=1, sender="a", kind="m")
+    s1 = pb.Header(version=WIRE_VERSION, sender="a", kind="m")
     s1.scalars["x"], s1.scalars["y"] = 1.0, 2.0
-    s2 = pb.Header(version=1, sender="a", kind="m")
+    s2 = pb.Header(version=WIRE_VERSION, sender="a", kind="m")
     s2.scalars["y"], s2.scalars["x"] = 2.0, 1.0
     assert canonical_bytes(s1, b"\0" * 32, None) == canonical_bytes(s2, b"\0" * 32, None)

@@ -1,7 +1,8 @@
 """Mutual-TLS gRPC gossip transport: codec, server, client, byte counters and backoff.
 
 Wire: ``proto/gossip.proto`` (generated ``proto/gossip_pb2.py`` is committed); one
-bidirectional stream per message exchange, body streamed in 1 MiB chunks, never pickle.
+bidirectional stream per message exchange, body streamed in 1 MiB chunks (the header packed
+with the first, the trailer with the last: wire version 2), never pickle.
 """
 
 from privfl.pki import NodeIdentity
@@ -20,6 +21,7 @@ from privfl.transport.codec import (
     SpecChoice,
     TensorExpectation,
     TransportError,
+    WIRE_VERSION,
     decode_stream,
     decode_tensors,
     encode_message,
@@ -38,6 +40,6 @@ __all__ = [
     "DecodedMessage", "Delivery", "ExpectedSpec", "GossipClient",
     "GossipServer", "Handler", "Message", "NodeIdentity", "PeerBackoff", "PeerRefused",
     "PeerTraffic", "PeerUnavailable", "SparseTensor", "SpecChoice", "TensorExpectation", "TrafficCounters",
-    "TransportError", "decode_stream", "decode_tensors", "encode_message", "encode_tensors",
+    "TransportError", "WIRE_VERSION", "decode_stream", "decode_tensors", "encode_message", "encode_tensors",
     "iter_chunks", "model_digest", "spec_of",
 ]

@@ -299,7 +299,7 @@ class GossipClient:
         proceed = [False]
 
         def requests():  # consumed by a gRPC thread: header, then the body only after the accept
-            chunks = iter_chunks(enc)
+            chunks = iter_chunks(enc, header_alone=True)  # the body waits for the accept
             first = next(chunks)
             sent[0] += len(first)
             yield first

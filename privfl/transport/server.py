@@ -8,9 +8,11 @@ that every message is signed by its sender's node key (``transport/signing.py``)
 header's certificate must be the roster pin of the TLS peer and the signature must
 verify before the handler sees anything.
 
-One call: the client sends its header; once the header (kind, sizes, sender, pin,
-revocation, replay) passes, the server answers with a signed ``accept`` message bound to
-the request's sequence number, and only then does the client stream the body. So a
+One call: the client sends its header (a Chunk of its own); once the header (kind, sizes,
+sender, pin, revocation, replay) passes, the server answers with a signed ``accept``
+message bound to the request's sequence number (one Chunk: header and trailer), and only
+then does the client stream the body (its last Chunk carries the trailer); the reply's
+header rides with its first body piece. So a small exchange is four gRPC messages. So a
 client never sends a model to a server that cannot sign as the roster member it called.
 
 Bounded resources: every stream has a server-side deadline (``stream_timeout``; a reaper
@@ -354,7 +356,7 @@ class GossipServer:
                 if first is None:
                     raise TransportError("stream ended before the header")
                 received += len(first)
-                asm.feed(first)
+                done = asm.feed(first)  # our clients send the header alone; a whole message in one Chunk is fine too
                 assert asm.header is not None
                 accept = list(self._encode(Message(kind=ACCEPT_KIND), peer, asm.header.sequence))
             except TransportError as exc:
@@ -363,11 +365,9 @@ class GossipServer:
                 sent += len(raw)
                 yield raw
             try:
-                for raw in it:
+                while not done and (raw := next(it, None)) is not None:
                     received += len(raw)
-                    if asm.feed(raw):
-                        done = True
-                        break
+                    done = asm.feed(raw)
                 if not done:
                     raise TransportError("stream ended before the message was complete")
                 assert asm.header is not None and asm.trailer is not None and asm.digest is not None
