@@ -74,17 +74,16 @@ def exchange(request_iterator, context):
     seen["calls"] += 1
     req = None
     for raw in request_iterator:
-        c = pb.Chunk.FromString(raw)
-        part = c.WhichOneof("part")
-        seen[part] += 1
-        if part == "data":
-            seen["data_bytes"] += len(c.data)
+        c = pb.Chunk.FromString(raw)  # wire version 2: one Chunk may carry header, data and trailer
+        for part in ("header", "data", "trailer"):
+            seen[part] += int(bool(c.data) if part == "data" else c.HasField(part))
+        seen["data_bytes"] += len(c.data)
         save()
-        if part == "header":
+        if c.HasField("header"):
             req = c.header
             if mode != "no_accept":
                 yield from chunks_of(Message("accept"), req.recipient, req.sender, time.time_ns() // 1000, req.sequence)
-        if part == "trailer":
+        if c.HasField("trailer"):
             break
     if req is None:
         return

@@ -201,6 +201,7 @@ def test_bad_kinds_and_scalars_are_refused_not_acked(cluster: Cluster, caplog: p
                                                      case: str, reason: str) -> None:
     import grpc
 
+    from privfl.transport import WIRE_VERSION
     from privfl.transport.common import METHOD, grpc_options
     caplog.set_level(logging.WARNING, logger="privfl.transport")
     a = cluster.nets["a"]
@@ -209,7 +210,7 @@ def test_bad_kinds_and_scalars_are_refused_not_acked(cluster: Cluster, caplog: p
         with pytest.raises(PeerRefused, match="INVALID_ARGUMENT"):
             a.client.send("b", Message(kind=kind), timeout=3.0)
     else:
-        h = pb.Header(version=1, sender="a", recipient="b", sequence=time.time_ns() // 1000, kind="hello")
+        h = pb.Header(version=WIRE_VERSION, sender="a", recipient="b", sequence=time.time_ns() // 1000, kind="hello")
         if case == "huge_scalar_key":
             h.scalars["k" * (4 << 20)] = 1.0
         elif case == "long_scalar_key":
