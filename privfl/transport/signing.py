@@ -31,7 +31,7 @@ from privfl.transport.codec import TransportError, spec_line
 from privfl.transport.common import TrustState
 from privfl.transport.proto import gossip_pb2 as pb
 
-DOMAIN = b"privfl-gossip-signature-v2\n"  # v2: the digest's algorithm is signed with it
+DOMAIN = b"privfl-gossip-signature-v3\n"  # v3: wire version 2 (packed Chunks); v2 signed the digest's algorithm
 HASH_BYTES = 32
 MAX_CERTIFICATE_BYTES = 16 * 1024
 _ECDSA = ec.ECDSA(hashes.SHA256())
