@@ -28,6 +28,7 @@ from privfl.pki import (
     revoke_node,
 )
 from privfl.transport import (
+    WIRE_VERSION,
     AuthenticationFailed,
     DecodedMessage,
     GossipClient,
@@ -40,7 +41,6 @@ from privfl.transport import (
     SparseTensor,
     TensorExpectation,
     TransportError,
-    WIRE_VERSION,
     encode_message,
     iter_chunks,
     model_digest,
@@ -336,7 +336,8 @@ def test_unreachable_peer_fails_fast_and_backs_off(pki: Pki) -> None:
         port = s.getsockname()[1]  # closed once we leave: nobody listens
     clock = [100.0]
     backoff = PeerBackoff(base=1.0, factor=2.0, max_delay=8.0, clock=lambda: clock[0])
-    with client(pki, "h1", at(pki.roster, "h2", port), backoff=backoff) as c:
+    # no first-contact wait here (it is tested below): the very first call fails at once
+    with client(pki, "h1", at(pki.roster, "h2", port), backoff=backoff, first_contact_window=0) as c:
         t0 = time.monotonic()
         with pytest.raises(PeerUnavailable):
             c.exchange("h2", Message("exchange_request", 0, model()), timeout=5)
@@ -351,6 +352,42 @@ def test_unreachable_peer_fails_fast_and_backs_off(pki: Pki) -> None:
         assert backoff.failures("h2") == 2 and backoff.remaining("h2") == pytest.approx(2.0)
         with pytest.raises(TransportError, match="unknown peer"):
             c.exchange("h8", Message("exchange_request", 0, model()))
+
+
+def test_first_contact_waits_for_a_peer_still_starting(pki: Pki) -> None:
+    """At start-up a neighbour may not listen yet: the first call waits (bounded) for it to come
+    up instead of failing and putting it into back-off; later calls do not wait again."""
+    import socket
+    import threading
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    handler = Averager()
+    srv = GossipServer(ident(pki, "h2"), pki.roster, pki.crl, handler, address=f"127.0.0.1:{port}",
+                       expected_spec=SPEC, max_message_bytes=1 << 20)
+    starter = threading.Timer(0.6, srv.start)  # the peer starts listening while we call it
+    backoff = PeerBackoff()
+    try:
+        with client(pki, "h1", at(pki.roster, "h2", port), backoff=backoff, first_contact_window=3.0) as c:
+            starter.start()
+            t0 = time.monotonic()
+            reply = c.exchange("h2", Message("exchange_request", 0, model()), timeout=5)
+            assert reply.kind == "exchange_reply" and time.monotonic() - t0 >= 0.5
+            assert backoff.failures("h2") == 0 and handler.seen
+    finally:
+        starter.cancel()
+        starter.join()
+        srv.stop(grace=0)
+    with client(pki, "h1", at(pki.roster, "h2", port), first_contact_window=0.8) as c:  # nobody listens now
+        t0 = time.monotonic()
+        with pytest.raises(PeerUnavailable):
+            c.exchange("h2", Message("exchange_request", 0, model()), timeout=5)
+        assert 0.6 <= time.monotonic() - t0 < 3.0  # retried for the window, not the call's 5 s
+        c.backoff.success("h2")
+        t0 = time.monotonic()
+        with pytest.raises(PeerUnavailable):
+            c.exchange("h2", Message("exchange_request", 1, model()), timeout=5)
+        assert time.monotonic() - t0 < 0.5  # the window is for the first contact only
 
 
 # --------------------------------------------------------------------------- refused messages
@@ -411,6 +448,51 @@ def test_replay_refused(pki: Pki, server, caplog) -> None:  # noqa: ANN001
     assert_serves(pki, roster)
 
 
+def test_small_exchange_is_four_grpc_messages(pki: Pki, server) -> None:  # noqa: ANN001
+    """Wire version 2: the request header alone, then body + trailer; the server's accept is one
+    Chunk and its reply another (wire version 1 took 8 gRPC messages)."""
+    srv, roster, handler = server
+    ch, call = raw_stub(pki, ident(pki, "h1"), srv.port)
+    try:
+        enc = signed(pki, Message("exchange_request", 0, model()), "h1", "h2", time.time_ns() // 1000)
+        sent = list(iter_chunks(enc, header_alone=True))
+        got = list(call(iter(sent), timeout=5))
+    finally:
+        ch.close()
+    assert len(sent) == 2 and len(got) == 2
+    accept, reply = (pb.Chunk.FromString(g) for g in got)
+    assert accept.header.kind == "accept" and accept.HasField("trailer") and not accept.data
+    assert reply.header.kind == "exchange_reply" and reply.data and reply.HasField("trailer")
+    assert len(handler.seen) == 1
+
+
+def test_old_version_peer_refused_with_a_clear_error(pki: Pki, server, caplog) -> None:  # noqa: ANN001
+    """A node of the previous release (wire version 1, signature domain v2) is refused in one line."""
+    srv, roster, handler = server
+    caplog.set_level(logging.WARNING, logger=LOG)
+    idn = ident(pki, "h1")
+    signer = Signer(idn.key_pem, idn.cert_pem)
+    enc = encode_message(Message("exchange_request", 0, model()), "h1", "h2", time.time_ns() // 1000,
+                         certificate=signer.certificate_der)
+    enc.header.version = 1
+    old = [pb.Chunk(header=enc.header).SerializeToString()]  # v1 framing: one part per Chunk
+    old += [pb.Chunk(data=bytes(b)).SerializeToString() for b in enc.buffers]
+    old.append(pb.Chunk(trailer=signer.seal(enc.header, enc.compute_digest(), None)).SerializeToString())
+    ch, call = raw_stub(pki, idn, srv.port)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(iter(old), timeout=5))
+    finally:
+        ch.close()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == ("peer speaks wire version 1, this node speaks 2: run the same privfl "
+                                    "release on every node")
+    assert not handler.seen
+    assert any("refused message from h1" in r.getMessage() and "wire version 1" in r.getMessage()
+               for r in caplog.records)
+    assert_serves(pki, roster)
+
+
 def test_malformed_and_oversized_streams_refused(pki: Pki, server, caplog) -> None:  # noqa: ANN001
     srv, roster, handler = server
     caplog.set_level(logging.WARNING, logger=LOG)
@@ -419,8 +501,8 @@ def test_malformed_and_oversized_streams_refused(pki: Pki, server, caplog) -> No
         with pytest.raises(grpc.RpcError) as info:
             list(call(iter([b"\xff\xfe garbage \x00"]), timeout=5))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        huge = pb.Header(version=WIRE_VERSION, sender="h1", recipient="h2", sequence=time.time_ns() // 1000, kind="model",
-                         tensors=[pb.TensorSpec(name="w", dtype="<f4", shape=[10**9])],
+        huge = pb.Header(version=WIRE_VERSION, sender="h1", recipient="h2", sequence=time.time_ns() // 1000,
+                         kind="model", tensors=[pb.TensorSpec(name="w", dtype="<f4", shape=[10**9])],
                          body_bytes=4 * 10**9)
         with pytest.raises(grpc.RpcError) as info:
             list(call(iter([pb.Chunk(header=huge).SerializeToString()]), timeout=5))

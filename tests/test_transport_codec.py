@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from privfl.transport import (
+    WIRE_VERSION,
     Message,
     SparseTensor,
     TensorExpectation,
     TransportError,
-    WIRE_VERSION,
     decode_stream,
     encode_message,
     iter_chunks,
@@ -119,3 +119,107 @@ def test_unverified_digest_mode_still_checks_everything_else() -> None:
     assert asm.message().digest == b"\1" * 32
     with pytest.raises(TransportError, match="digest mismatch"):
         decode_stream(ch, None, 1 << 20)
+
+
+# --------------------------------------------------------------------------- wire version 2 framing
+def test_packed_framing_and_message_counts() -> None:
+    """A small message is one Chunk; a large one has no Chunk beyond its body pieces; the header
+    goes alone only when asked (a client's request, whose body waits for the accept)."""
+    small = encode_message(Message("model", 1, {"w": np.ones(10, np.float32)}), "a", "b", 3)
+    (one,) = iter_chunks(small)
+    c = pb.Chunk.FromString(one)
+    assert c.HasField("header") and len(c.data) == 40 and c.HasField("trailer")
+    head, rest = iter_chunks(small, header_alone=True)
+    assert pb.Chunk.FromString(head) == pb.Chunk(header=small.header)
+    assert pb.Chunk.FromString(rest).HasField("trailer") and not pb.Chunk.FromString(rest).HasField("header")
+    t = {"w": np.arange(100, dtype=np.float32)}
+    ch = _chunks(t, chunk_bytes=64)  # 400 body bytes: 7 pieces
+    assert len(ch) == 7
+    assert [pb.Chunk.FromString(x).HasField("header") for x in ch] == [True] + [False] * 6
+    assert [pb.Chunk.FromString(x).HasField("trailer") for x in ch] == [False] * 6 + [True]
+    assert sum(len(pb.Chunk.FromString(x).data) for x in ch) == 400
+    np.testing.assert_array_equal(decode_stream(ch, spec_of(t), 1 << 20).tensors["w"], t["w"])
+    empty = encode_message(Message("ack"), "a", "b", 4)
+    (ack,) = iter_chunks(empty)
+    assert decode_stream([ack], None, 1 << 20).kind == "ack"
+
+
+@pytest.mark.parametrize("raw", [
+    b"",  # empty
+    b"\x12\x01x\x12\x01y",  # data twice
+    b"\x1a\x00\x0a\x00",  # trailer before header
+    b"\x22\x00",  # unknown field 4
+    b"\x12\x09abc",  # a field running past the end
+    b"\x12\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01",  # a length that never ends
+])
+def test_malformed_chunks_refused(raw: bytes) -> None:
+    from privfl.transport.codec import split_chunk
+    with pytest.raises(TransportError, match="malformed chunk"):
+        split_chunk(raw)
+
+
+def test_old_wire_version_refused_with_one_line() -> None:
+    ch = _chunks({"w": np.ones(3, np.float32)})
+    c = pb.Chunk.FromString(ch[0])
+    c.header.version = 1  # what a node of the previous release sends
+    with pytest.raises(TransportError) as info:
+        decode_stream([c.SerializeToString(), *ch[1:]], None, 1 << 20)
+    assert str(info.value) == ("peer speaks wire version 1, this node speaks 2: run the same privfl "
+                               "release on every node")
+    assert WIRE_VERSION == 2
+
+
+# --------------------------------------------------------------------------- receive side
+@pytest.mark.parametrize("chunk_bytes", [64, 6])  # 6: float values straddle the pieces
+def test_non_finite_refused_in_the_piece_it_arrives_in(chunk_bytes: int) -> None:
+    """Finiteness is checked piece by piece: the stream is refused at the piece that completes
+    the bad value, before the rest of the body or the trailer arrives."""
+    from privfl.transport.codec import MessageAssembler
+    for bad in (np.nan, np.inf, -np.inf):
+        w = np.arange(60, dtype=np.float32)
+        w[37] = bad  # bytes 148..151 of the body
+        t = {"i": np.arange(3, dtype=np.uint8), "w": w}  # w starts at byte 3: unaligned
+        ch = _chunks(t, chunk_bytes)
+        asm = MessageAssembler(None, 1 << 20, verify_digest=False)
+        fed = 0
+        with pytest.raises(TransportError, match="tensor w: non-finite values"):
+            for raw in ch:
+                fed += 1
+                asm.feed(raw)
+        assert fed == 1 + (3 + 37 * 4 + 4 - 1) // chunk_bytes  # the piece holding the value's last byte
+    s = {"s": SparseTensor(np.array([1, 5]), np.array([1.0, np.nan], np.float64), (8,))}
+    with pytest.raises(TransportError, match="tensor s: non-finite values"):
+        decode_stream(_chunks(s, 8), None, 1 << 20)
+
+
+def test_receive_buffers_reused_only_when_nothing_decoded_is_alive() -> None:
+    """Bodies land in reused buffers, but never in one that a decoded tensor still views: a
+    tensor a caller holds keeps its values while later messages of the same size arrive."""
+    import gc
+
+    from privfl.transport.codec import MessageAssembler, ReceiveBuffers
+    pool = ReceiveBuffers(max_buffers=2, min_bytes=1)
+
+    def receive(seed: int) -> np.ndarray:
+        t = {"w": np.random.default_rng(seed).standard_normal(512).astype(np.float32)}
+        asm = MessageAssembler(spec_of(t), 1 << 20, buffers=pool)
+        for raw in _chunks(t, 500):
+            asm.feed(raw)
+        got = asm.message().tensors["w"]
+        assert isinstance(got, np.ndarray)
+        np.testing.assert_array_equal(got, t["w"])  # decoded tensors identical to what was sent
+        return got
+
+    first = receive(0)
+    kept = first.copy()
+    second = receive(1)  # `first` is alive: a second buffer
+    assert not np.shares_memory(first, second)
+    third = receive(2)  # both alive and the pool is full: a buffer of its own
+    assert not np.shares_memory(third, first) and not np.shares_memory(third, second)
+    np.testing.assert_array_equal(first, kept)
+    address = first.__array_interface__["data"][0]
+    del first, third
+    gc.collect()
+    again = receive(3)  # `first`'s buffer is idle now: reused
+    assert again.__array_interface__["data"][0] == address
+    np.testing.assert_array_equal(second, receive(1))  # `second` untouched throughout

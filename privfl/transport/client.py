@@ -67,6 +67,12 @@ _UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                 grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 _TLS_HINTS = ("handshake", "ssl", "tsi", "certificate", "tls")
 _ACCEPT_RULES: KindRules = {ACCEPT_KIND: "empty"}
+FIRST_CONTACT_WINDOW = 5.0  # s: how long the first call to a peer retries a refused connection
+_RETRY_PAUSE = 0.1  # s between those retries
+
+
+class _Retry(Exception):
+    """Internal: the connection was refused and the call may be made again (first contact)."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,12 @@ class GossipClient:
     ``reply_kinds``: the reply kinds accepted and what each carries (None: any).
     ``on_verified(peer, reply)``: called for every verified reply. ``trust``: a TrustState
     shared with the node's server (default: one of its own).
+
+    First contact: the first call to each peer retries a refused connection (nobody listens
+    at its address: nothing of the request reached anyone) every 0.1 s for up to
+    ``first_contact_window`` seconds, within its own deadline. At start-up a neighbour may
+    not listen yet; without the retry it went into back-off and the node's first message
+    to it was skipped. Any other failure (a TLS handshake refused, a deadline) is not retried.
     """
 
     def __init__(self, identity: NodeIdentity, roster: Roster, crl: bytes,
@@ -110,8 +122,10 @@ class GossipClient:
                  backoff: PeerBackoff | None = None, verify_digest: bool = True,
                  trust: TrustState | None = None, ledger_head: HeadSource | None = None,
                  reply_kinds: KindRules | None = None,
-                 on_verified: Callable[[str, DecodedMessage], None] | None = None) -> None:
+                 on_verified: Callable[[str, DecodedMessage], None] | None = None,
+                 first_contact_window: float = FIRST_CONTACT_WINDOW) -> None:
         self.identity = identity
+        self.first_contact_window = first_contact_window
         self.verify_digest = verify_digest
         self.node_id = identity.node_id
         self.expected_spec = expected_spec
@@ -129,6 +143,7 @@ class GossipClient:
         self._peers: dict[str, _Peer] = {}
         self._seen_cert: dict[str, bytes] = {}  # peer -> DER of the last certificate that verified
         self._blocked: dict[str, str] = {}  # peer -> why no call goes to it (revoked)
+        self._contacted: set[str] = set()  # peers whose first call was made (see _contact_until)
         self._generation = self.trust.generation
         self._seq = time.time_ns() // 1000
         self._creds = grpc.ssl_channel_credentials(
@@ -250,6 +265,14 @@ class GossipClient:
 
     # ------------------------------------------------------------------ calls
 
+    def _contact_until(self, peer_id: str) -> float:
+        """Until when a refused connection to ``peer_id`` is retried: ``first_contact_window`` from
+        now on the first call to it, never afterwards."""
+        with self._lock:
+            first = peer_id not in self._contacted
+            self._contacted.add(peer_id)
+        return time.monotonic() + self.first_contact_window if first else 0.0
+
     def _check_reply_header(self, peer_id: str, seq: int, header: pb.Header) -> None:
         """Before any body byte of a reply (or the accept): addressing and the sender's certificate."""
         if header.sender != peer_id or header.recipient != self.node_id:
@@ -290,6 +313,16 @@ class GossipClient:
         deadline = time.monotonic() + timeout
         peer = self._peer(peer_id)
         seq = msg.sequence if msg.sequence is not None else self.next_sequence()
+        retry_until = min(deadline, self._contact_until(peer_id))
+        while True:
+            try:
+                return self._attempt(peer_id, peer, msg, seq, deadline, expected, retry_until)
+            except _Retry:  # the peer is not listening yet: its request never reached it
+                time.sleep(_RETRY_PAUSE)
+
+    def _attempt(self, peer_id: str, peer: _Peer, msg: Message, seq: int, deadline: float,
+                 expected: ExpectedSpec | None, retry_until: float) -> tuple[DecodedMessage, int, bytes, int]:
+        """One call; _Retry instead of a failure while a refused connection may still be retried."""
         head = self.ledger_head() if self.ledger_head is not None else None
         enc = encode_message(msg, sender=self.node_id, recipient=peer_id, sequence=seq,
                              certificate=self._signer.certificate_der,
@@ -335,6 +368,9 @@ class GossipClient:
         except grpc.RpcError as exc:
             code = exc.code()  # type: ignore[attr-defined]
             details = exc.details()  # type: ignore[attr-defined]
+            if (code == grpc.StatusCode.UNAVAILABLE and not received and "connection refused" in
+                    (details or "").lower() and time.monotonic() + _RETRY_PAUSE < retry_until):
+                raise _Retry from None
             if code != grpc.StatusCode.INVALID_ARGUMENT:  # our message was bad, not the peer
                 self.backoff.failure(peer_id)
             if code in _UNAVAILABLE:

@@ -467,7 +467,7 @@ def iter_chunks(enc: EncodedMessage, chunk_bytes: int = CHUNK_BYTES,
     assert enc.digest is not None
     trailer = enc.seal(enc.header, enc.digest) if enc.seal is not None else pb.Trailer(model_digest=enc.digest)
     tail = trailer.SerializeToString()
-    data = [_DATA_TAG, _varint(last[0]), *last[1]] if last is not None else []
+    data: list[bytes | memoryview] = [_DATA_TAG, _varint(last[0]), *last[1]] if last is not None else []
     yield b"".join([*lead, *data, _TRAILER_TAG, _varint(len(tail)), tail])
 
 
@@ -599,7 +599,7 @@ def decode_tensors(specs: Iterable[pb.TensorSpec], body: bytes | bytearray | mem
     expected = _layout(expected, specs)
     out: dict[str, Tensor] = {}
     off = 0
-    mv = memoryview(body)
+    mv = memoryview(body)  # type: ignore[arg-type]  # (numpy's stubs: ndarray __buffer__ only for Python >= 3.12)
     for spec in specs:
         if expected is not None and spec.name not in expected:
             raise TransportError(f"unexpected tensor name {spec.name!r}")

@@ -365,9 +365,9 @@ class GossipServer:
                 sent += len(raw)
                 yield raw
             try:
-                while not done and (raw := next(it, None)) is not None:
-                    received += len(raw)
-                    done = asm.feed(raw)
+                while not done and (piece := next(it, None)) is not None:
+                    received += len(piece)
+                    done = asm.feed(piece)
                 if not done:
                     raise TransportError("stream ended before the message was complete")
                 assert asm.header is not None and asm.trailer is not None and asm.digest is not None
