@@ -281,13 +281,17 @@ class AsyncGossip(_GossipBase):
                 raise failed
             return self._report(0, peers, sent, received)
         with self._lock:
+            if self.overlaps_communication:
+                # the next step trains beside this step's exchanges, from the model as the previous
+                # step's exchanges left it: this step's own noised update reaches a gradient only once
+                # it has been averaged, as without overlap (a gradient one step stale: delayed SGD).
+                # The merge below changes the model after this snapshot, so the next merge is a delta (-1).
+                self._next_start = (_copy(self.params), -1)
             if self._version == version:
                 self.params = trained
             else:  # exchanges happened while training: keep them, add our delta
                 self.params = [p + (t - s) if np.issubdtype(p.dtype, np.floating) else p
                                for p, t, s in zip(self.params, trained, snapshot)]
-            if self.overlaps_communication:  # the next step trains from here, beside this step's exchanges
-                self._next_start = (_copy(self.params), self._version)
         if failed is not None:
             raise failed
         if self.active and self.peers:
