@@ -4,7 +4,11 @@ Grid: n ∈ {4, 8, 16} nodes × one persistent straggler s ∈ {2, 4, 10} times 
 local step's compute time an exponential draw around its node's mean (seeded; ``--step-time
 fixed`` for constant times), link latency and bandwidth charged on the virtual clock (5 ms,
 100 Mbit/s by default). Digits (IID), the small CNN, DP-SGD: every node gets the same budget
-(``--epsilon``, δ = 1e-5) and the σ calibrated so that ``--steps`` local steps spend it.
+(``--epsilon``, δ = 1e-5) and the σ calibrated so that ``--steps`` local steps spend it. The
+noisy gradient sum is divided by the expected batch q · (the site's public size: the train share
+of an equal split of the public digits set), so a step's size does not change with n and one lr
+grid fits every cell (dividing by the nominal ``batch_size`` 16, as before, made the steps 2.8×
+too large at n = 16 and 11× at n = 4).
 
 * synchronous all-reduce DP-SGD: every step is one all-reduce round that waits for the
   slowest node's compute plus its upload and download; ``--steps`` rounds spend the budget.
@@ -12,7 +16,9 @@ fixed`` for constant times), link latency and bandwidth charged on the virtual c
   accuracy reaches the target — what a run stopped there would deliver.
 * asynchronous gossip (AD-PSGD / A(DP)²SGD on the complete graph): after each local step a
   node makes ``--exchanges`` pairwise averages with random peers (bytes and round trips on
-  the virtual clock, no ε); training ends at a deadline (``train_seconds``: the time a
+  the virtual clock, no ε) — with ``--overlap`` (the default) on its communication thread
+  while its next step trains, so a step costs max(compute, exchanges) (``--no-overlap``:
+  compute + exchanges); training ends at a deadline (``train_seconds``: the time a
   nominal node needs for its planned steps and exchanges, × ``--deadline-factor``) or when
   the node's budget is spent, then every node makes ``--consensus`` averaging exchanges. So
   fast nodes spend their budget, and the straggler takes fewer steps and spends less ε
@@ -21,11 +27,14 @@ fixed`` for constant times), link latency and bandwidth charged on the virtual c
   and the end (consensus included) of the shortest run in ``--deadline-sweep`` (shorter
   deadlines, tried in order) whose final accuracy reaches it — what a deployment with that
   deadline would deliver (a run with a shorter deadline is the same run cut there, then
-  averaged: the simulator is deterministic).
+  averaged: the simulator is deterministic). The sweep runs only when the full-deadline run
+  ends at target.
 
 The target is the all-reduce run's final mean test accuracy less 1 pp (``--target-gap``).
 The learning rate is tuned per strategy over ``--lrs`` on the full-budget runs (best final
-accuracy wins), the same grid for both.
+accuracy wins), the same grid for both (0.7 and 1.0: on the goal's cell all-reduce measured
+0.899 / 0.910 / 0.882 final at lr 0.7 / 1.0 / 2.0; overlapped async gossip 0.852 / 0.879 /
+0.067 at lr 0.5 / 1.0 / 2.0 with 5 consensus exchanges, 0.888 / 0.880 at 0.7 / 1.0 with 20).
 
 Prints JSON: per cell both runs (time to target, final accuracy, per-node ε at target and at
 the end, steps, bytes), the async deadline sweep, the speed-up, the throughput bound
@@ -52,9 +61,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from privfl.clients import DPConfig  # noqa: E402
+from privfl.data import load_builtin  # noqa: E402
 from privfl.preprocessing import PreprocessingSpec  # noqa: E402
 from privfl.sim import LinkSpec, SimSpec, SimulationResult, StopCriteria, run_simulation  # noqa: E402
 
+TEST_FRACTION = 0.2  # split_sites' default
 GOAL = {"nodes": 16, "straggler": 4.0, "speedup": 3.0, "accuracy_gap_pp": 1.0}
 
 
@@ -81,23 +92,39 @@ def eps_summary(eps: list[float]) -> dict[str, float]:
     return {"min": round(min(clean), 3), "max": round(max(clean), 3), "straggler": round(clean[-1], 3)}
 
 
+def declared_size(n: int) -> int:
+    """A site's public record count: the train share of an equal IID split of the public digits set
+    (so the noisy sum is divided by the expected batch q · size at every n, and one lr grid fits all)."""
+    return int(len(load_builtin("digits").y) * (1 - TEST_FRACTION) / n)
+
+
 def spec(strategy: str, n: int, s: float, lr: float, deadline: float | None, args: argparse.Namespace) -> SimSpec:
     """One run: identical data, model, DP budget, machines and links; only the strategy (and lr) differ."""
     params: dict[str, Any] = {}
     if strategy == "async_gossip":
-        params = {"exchanges_per_step": args.exchanges, "consensus_exchanges": args.consensus}
+        params = {"exchanges_per_step": args.exchanges, "consensus_exchanges": args.consensus,
+                  "overlap": args.overlap}
         if deadline is not None:
             params["train_seconds"] = deadline
     return SimSpec(
         dataset="digits", num_nodes=n, partitioning="iid", preprocessing=PreprocessingSpec(scaling="none"),
         model="cnn",
         dp=DPConfig(noise_multiplier=None, planned_steps=args.steps, target_epsilon=args.epsilon, delta=1e-5,
-                    batch_size=16, sample_rate=args.sample_rate, lr=lr, clipping="psac", engine="fast"),
+                    batch_size=16, sample_rate=args.sample_rate, declared_size=declared_size(n), lr=lr,
+                    clipping="psac", engine="fast"),
         strategy=strategy, strategy_params=params, local_steps=1, topology="complete",
         compute_profile="straggler", compute_params={"factor": s}, step_time=args.step_time,
         links=LinkSpec(latency=args.latency, bandwidth=args.bandwidth),
         stop=StopCriteria(max_steps=args.steps), eval_every=args.eval_every, seed=args.seed,
     )
+
+
+def nominal_step(comm: float, args: argparse.Namespace, cost: float = 0.05) -> float:
+    """Expected virtual seconds of a nominal node's step with ``comm`` seconds of exchanges: compute +
+    comm, or with overlap max(compute, comm) (E = comm + cost·e^(−comm/cost) for exponential compute)."""
+    if not args.overlap:
+        return cost + comm
+    return max(cost, comm) if args.step_time == "fixed" else comm + cost * math.exp(-comm / cost)
 
 
 def run(strategy: str, n: int, s: float, lr: float, deadline: float | None, args: argparse.Namespace
@@ -129,7 +156,7 @@ def cell(n: int, s: float, args: argparse.Namespace) -> dict[str, Any]:
     # the full async deadline: a nominal-speed node's planned steps, each with its exchanges' round trips
     model_bytes = sync["bytes_sent"] / (n * args.steps) - 64  # one all-reduce upload, less its header
     rtt = 2 * (args.latency + (model_bytes + 64) / args.bandwidth)
-    full = round(args.deadline_factor * args.steps * (0.05 + args.exchanges * rtt), 3)
+    full = round(args.deadline_factor * args.steps * nominal_step(args.exchanges * rtt, args), 3)
     asyncs = [run("async_gossip", n, s, lr, full, args) for lr in args.lrs]
     asy = max(asyncs, key=lambda r: (r["final_accuracy"], -r["virtual_time_end"]))
     target = round(sync["final_accuracy"] - args.target_gap / 100, 4)
@@ -145,7 +172,8 @@ def cell(n: int, s: float, args: argparse.Namespace) -> dict[str, Any]:
     if asy["final_accuracy"] >= target:
         by_deadline = {"fraction": 1.0, "train_seconds": full, "virtual_time_end": asy["virtual_time_end"],
                        "final_accuracy": asy["final_accuracy"], "epsilon_end": asy["epsilon_end"]}
-    for f in args.deadline_sweep:
+    # shorter deadlines only when the full one ends at target (a run cut earlier trains less)
+    for f in (args.deadline_sweep if by_deadline is not None else []):
         if in_training is not None and f * full >= in_training:
             break
         r = run("async_gossip", n, s, asy["lr"], round(f * full, 3), args)
@@ -186,15 +214,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60, help="planned local DP steps per node (spend --epsilon)")
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--sample-rate", type=float, default=0.5, help="Poisson rate (0.5 of ~90 records: batches ~45)")
-    ap.add_argument("--lrs", type=float, nargs="+", default=[0.3, 0.5], help="lr grid, the same for both")
+    ap.add_argument("--lrs", type=float, nargs="+", default=[0.7, 1.0], help="lr grid, the same for both")
     ap.add_argument("--exchanges", type=int, default=2, help="async: pairwise averages after each local step")
     ap.add_argument("--consensus", type=int, default=5, help="async: consensus exchanges after training")
     ap.add_argument("--deadline-factor", type=float, default=1.1,
                     help="async full deadline = this × a nominal node's planned steps and exchanges")
-    ap.add_argument("--deadline-sweep", type=float, nargs="*", default=[0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+    ap.add_argument("--deadline-sweep", type=float, nargs="*", default=[0.5, 0.7, 0.9],
                     help="async: shorter deadlines (fractions of the full one) tried in order until one ends "
                          "at target")
     ap.add_argument("--step-time", choices=("exponential", "fixed"), default="exponential")
+    ap.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
+                    help="async: exchanges on a communication thread beside the next step (AD-PSGD)")
     ap.add_argument("--latency", type=float, default=0.005, help="one-way link latency, s")
     ap.add_argument("--bandwidth", type=float, default=12.5e6, help="link bandwidth, bytes/s")
     ap.add_argument("--eval-every", type=float, default=0.25, help="virtual seconds between evaluations")
@@ -225,7 +255,9 @@ def main() -> None:
                   "epsilon_budget_per_node": args.epsilon, "delta": 1e-5, "planned_steps": args.steps,
                   "sample_rate": args.sample_rate, "step_time": args.step_time, "step_cost_s": 0.05,
                   "link": {"latency_s": args.latency, "bandwidth_Bps": args.bandwidth},
-                  "async": f"complete graph, {args.exchanges} exchanges per step, {args.consensus} consensus",
+                  "async": f"complete graph, {args.exchanges} exchanges per step, {args.consensus} consensus, "
+                           f"overlap {args.overlap}",
+                  "declared_site_size": {str(n): declared_size(n) for n, _ in cells},
                   "allreduce": "average every step, waits for the slowest node", "lrs": args.lrs,
                   "target": f"all-reduce final accuracy − {args.target_gap} pp", "seed": args.seed,
                   "quick": args.quick},
