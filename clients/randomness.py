@@ -11,16 +11,39 @@ Two sources, one interface (:class:`RandomSource`):
   restart or a second run starts a new, unrelated stream.
   Gaussian samples resist the floating-point attacks on textbook samplers (Mironov 2012;
   Holohan & Braghin 2021; Jin et al. 2022): each released value is the sum of four
-  Box–Muller samples drawn in float64 from 53-bit uniforms, divided by two — the
-  defence of Holohan & Braghin §5.1 that Opacus's ``secure_mode`` also applies. The
-  keystream for a whole step comes from one cipher call written straight into a numpy
-  array, and both outputs of every Box–Muller pair are used (in different released
-  values), all vectorised. Noise vectors of a model's size are drawn one step ahead on a
-  background thread (in memory only; see :class:`SecureRandom`).
+  standard normal samples drawn in float64 from 53-bit uniforms, divided by two — the
+  defence of Holohan & Braghin §5.1 that Opacus's ``secure_mode`` also applies. The four
+  summands come from the Marsaglia polar method (no trigonometric functions); see
+  *Why the polar method keeps the defence* below. The keystream for a chunk of values
+  comes from one cipher call written straight into a reused array, and both outputs of
+  every polar pair are used (in different released values), all vectorised. Noise
+  vectors of a model's size are drawn one step ahead on a background thread (in memory
+  only; see :class:`SecureRandom`).
 * :class:`SeededRandom`: ``torch.Generator`` streams from an explicit integer seed, for
   simulations, tests and benchmarks where reproducibility is the point. Its draws are
   exactly those Opacus makes with the same generator (``torch.rand`` for Poisson masks,
   ``torch.normal`` for noise), so seeded runs stay comparable with Opacus's.
+
+Why the polar method keeps the defence. The attacks recover, from one released
+floating-point value, which inputs of the base sampler produced it, because a
+single Box–Muller or polar output can only take a sparse, structured set of float
+values. The defence does not rely on the base sampler's form: it releases the float64
+sum of several *independent* exact-law N(0, 1) samples, whose set of reachable values
+is dense, and the polar method's outputs are exact-law N(0, 1) pairs just as
+Box–Muller's are (both from 53-bit uniforms, both in float64). What the polar method
+adds is rejection, and it leaks nothing:
+
+* the rejection test looks only at keystream bits (is u² + v² < 1 for the candidate's
+  own two words); it never sees a gradient, a record, σ, C or anything else of the
+  site, so how many candidates a step rejects — and so its timing — is a function of
+  the keystream alone, and a kept point is uniform on the disc whatever was rejected
+  before it (rejection sampling: the kept values are independent of the number tried);
+* every candidate takes fresh keystream words, and the keystream is never rewound: a
+  word feeds at most one candidate, a candidate at most one pair, a pair's x and y go
+  to two different released values, and rejected candidates and the surplus of a batch
+  are dropped, not kept for a later draw; a shortfall draws new words (no reuse);
+* the number of summands (four) and the float64 arithmetic are unchanged; only the
+  final sum is rounded to the model's dtype.
 
 Every source says which it is (``kind``: ``"secure"`` or ``"seeded"``); the node writes
 that into its ledger and ``privfl audit`` fails a seeded ledger unless told otherwise.
@@ -107,7 +130,7 @@ class SecureRandom(RandomSource):
     """
 
     kind: RandomnessKind = "secure"
-    #: Box–Muller samples summed per released Gaussian value (2n with n = 2; see module doc)
+    #: polar-method samples summed per released Gaussian value (2n with n = 2; see module doc)
     GAUSSIAN_SUMMANDS = 4
     #: the range of noise-vector sizes (values) drawn ahead; others are drawn when asked for
     PREFETCH_MIN_VALUES = 1 << 14
@@ -127,9 +150,9 @@ class SecureRandom(RandomSource):
         self._ahead_lock = threading.Lock()  # one caller at a time takes what was drawn ahead (used once)
         self._ahead: tuple[tuple[int, float, torch.dtype], Future[torch.Tensor]] | None = None
 
-    def _words(self, n: int) -> np.ndarray:
-        """n uint64 words of keystream (ChaCha20 of zeros, written straight into the array)."""
-        out = np.empty(n, dtype=np.uint64)
+    def _words(self, n: int, out: np.ndarray | None = None) -> np.ndarray:
+        """n uint64 words of keystream (ChaCha20 of zeros, written straight into ``out`` or a new array)."""
+        out = np.empty(n, dtype=np.uint64) if out is None else out[:n]
         if n:
             with self._lock:
                 self._stream.update_into(_zeros(8 * n), memoryview(out).cast("B"))  # type: ignore[arg-type]
@@ -140,38 +163,76 @@ class SecureRandom(RandomSource):
         k = self._words(n) >> _SHIFT11
         return torch.from_numpy(np.multiply(k, _TWO_M53, dtype=np.float64))
 
-    def _standard_normal(self, n: int, std: float = 1.0) -> torch.Tensor:
-        """n N(0, std²) float64 values, each the scaled sum of four Box–Muller samples.
+    def _polar_pairs(self, pairs: int, buf: _Scratch) -> tuple[np.ndarray, np.ndarray]:
+        """``pairs`` (≤ :data:`_CHUNK_PAIRS`) independent pairs (x, y) of N(0, 1) float64 values (polar method).
 
-        Vectorised: 2·⌈n/2⌉ values from 4⌈n/2⌉ Box–Muller pairs. Pair i has radius
-        r = √(−2 ln v), v = (k+1)·2⁻⁵³ ∈ (0, 1] (53 keystream bits, the law of 1 − U, so
-        the log is finite) and angle θ = 2π·k'·2⁻⁵³ (53 more bits). With h = ⌈n/2⌉, output
-        j < h sums r·cos θ of pairs j, h+j, 2h+j, 3h+j, and output h+j sums r·sin θ of the
-        same pairs: four independent N(0, 1) summands each (a pair's cos and sin parts are
-        independent, and never land in one output), times std/√4.
+        Each candidate point (u, v) takes two fresh 64-bit keystream words; each coordinate
+        is a 53-bit uniform on (−1, 1): ±(2j+1)·2⁻⁵³ with 52 bits j (a float in [1, 2)
+        built from the word's top 52 bits, minus 1 − 2⁻⁵³: exact) and the sign from the
+        word's lowest bit. A point with s = u² + v² < 1 is kept (s > 0 always: no
+        coordinate is 0) and gives x = u·√(−2 ln s / s), y = v·√(−2 ln s / s).
+        Candidates come in one batch with a surplus (π/4 of them are kept on average); if
+        that falls short, a further batch of fresh words draws the rest. Kept points are
+        used in keystream order, each once; rejected ones and any surplus are dropped.
+        Returns views into ``buf`` (this thread's scratch), valid until its next use.
+        """
+        xs, ys = buf.x[:pairs], buf.y[:pairs]
+        got = 0
+        while got < pairs:
+            need = pairs - got
+            m = _candidates(need)
+            w = self._words(2 * m, buf.words)
+            sign = np.left_shift(w, _SHIFT63, out=buf.spare[:2 * m])  # the lowest bit as a float's sign bit
+            w >>= _SHIFT12
+            w |= _ONE_BITS  # a float in [1, 2) from the top 52 bits
+            u = w.view(np.float64)
+            u -= _ONE_MINUS_HALF_ULP  # (2j + 1)·2⁻⁵³ ∈ (0, 1), exact
+            w |= sign
+            uu, vv = u[:m], u[m:]
+            s = np.multiply(uu, uu, out=buf.s[:m])
+            s += np.multiply(vv, vv, out=buf.spare.view(np.float64)[:m])
+            keep = np.flatnonzero(np.less(s, 1.0, out=buf.keep[:m]))[:need]
+            k = keep.size
+            ks = np.take(s, keep, out=buf.ks[:k])
+            ku = np.take(uu, keep, out=buf.ku[:k])
+            kv = np.take(vv, keep, out=buf.kv[:k])
+            f = np.log(ks, out=buf.f[:k])
+            f /= ks
+            f *= -2.0
+            np.sqrt(f, out=f)
+            np.multiply(ku, f, out=xs[got:got + k])
+            np.multiply(kv, f, out=ys[got:got + k])
+            got += k
+        return xs, ys
+
+    def _standard_normal(self, n: int, std: float = 1.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """n N(0, std²) values, each the scaled sum of four polar-method samples drawn in float64.
+
+        In chunks of at most :data:`_CHUNK_VALUES` outputs (bounded scratch, reused per
+        thread). A chunk of c outputs, h = ⌈c/2⌉, takes 4h pairs (x_i, y_i) from
+        :meth:`_polar_pairs`; its output j < h sums x of pairs j, h+j, 2h+j, 3h+j and
+        output h+j sums y of the same pairs: four independent N(0, 1) summands each (a
+        pair's x and y are independent and never land in one output), summed in float64,
+        times std/√4, then rounded once to ``dtype``.
         """
         k = self.GAUSSIAN_SUMMANDS
-        h = (n + 1) // 2
-        pairs = k * h
-        bits = self._words(2 * pairs)
-        bits >>= _SHIFT11
-        v = np.multiply(bits[:pairs], _TWO_M53, dtype=np.float64)
-        v += _TWO_M53  # (k + 1)·2⁻⁵³, exact: an integer ≤ 2⁵³ times a power of two
-        np.log(v, out=v)
-        v *= -2.0
-        np.sqrt(v, out=v)
-        r = torch.from_numpy(v)
-        theta = torch.from_numpy(np.multiply(bits[pairs:], _TWO_PI_M53, dtype=np.float64))
-        cos = torch.cos(theta).mul_(r).view(k, h)
-        sin = theta.sin_().mul_(r).view(k, h)
-        z = torch.empty(2 * h, dtype=torch.float64)
-        torch.sum(cos, dim=0, out=z[:h])
-        torch.sum(sin, dim=0, out=z[h:])
-        return z[:n].mul_(float(std) / math.sqrt(k))
+        out = np.empty(n, dtype=_NUMPY_FLOAT.get(dtype, np.float64))
+        scale = float(std) / math.sqrt(k)
+        buf = _scratch()
+        for start in range(0, n, _CHUNK_VALUES):
+            c = min(_CHUNK_VALUES, n - start)
+            h = (c + 1) // 2
+            xs, ys = self._polar_pairs(k * h, buf)
+            z = buf.z[:2 * h]
+            np.add.reduce(xs.reshape(k, h), axis=0, out=z[:h])
+            np.add.reduce(ys.reshape(k, h), axis=0, out=z[h:])
+            np.multiply(z[:c], scale, out=out[start:start + c], casting="same_kind")
+        t = torch.from_numpy(out)
+        return t if dtype in _NUMPY_FLOAT else t.to(dtype)
 
     def _scaled(self, n: int, std: float, dtype: torch.dtype) -> torch.Tensor:
         """n N(0, std²) values as ``dtype`` on the CPU."""
-        return self._standard_normal(n, std).to(dtype)
+        return self._standard_normal(n, std, dtype)
 
     def uniform(self, shape: tuple[int, ...], device: torch.device | str | None = None,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -231,8 +292,48 @@ _LIVE_SECURE: weakref.WeakSet[SecureRandom] = weakref.WeakSet()
 _EXECUTOR: ThreadPoolExecutor | None = None
 _ZEROS = b""
 _SHIFT11 = np.uint64(11)  # a 64-bit word's top 53 bits
+_SHIFT12 = np.uint64(12)  # its top 52 bits
+_SHIFT63 = np.uint64(63)
+_ONE_BITS = np.uint64(0x3FF0000000000000)  # the bits of 1.0: exponent 0, mantissa to be or'ed in
+_ONE_MINUS_HALF_ULP = 1.0 - 2.0**-53
 _TWO_M53 = 1.0 / (1 << 53)
-_TWO_PI_M53 = 2.0 * math.pi / (1 << 53)
+#: polar candidates drawn per pair needed: 1/(π/4) kept on average (plus a surplus, see _polar_pairs)
+_POLAR_SURPLUS = 4.0 / math.pi
+_NUMPY_FLOAT: dict[torch.dtype, type] = {torch.float64: np.float64, torch.float32: np.float32}
+#: outputs drawn per chunk (even): bounds the scratch (a few MiB per thread) and keeps it in cache
+_CHUNK_VALUES = 1 << 14
+_CHUNK_PAIRS = 2 * _CHUNK_VALUES  # GAUSSIAN_SUMMANDS / 2 pairs per output
+
+
+def _candidates(need: int) -> int:
+    """Polar candidates drawn for ``need`` pairs: the mean 4/π·need plus about six standard deviations."""
+    return int(need * _POLAR_SURPLUS + 3.0 * math.sqrt(need) + 16)
+
+
+class _Scratch:
+    """One thread's reusable work arrays for :meth:`SecureRandom._polar_pairs` (overwritten at every use)."""
+
+    def __init__(self) -> None:
+        m = _candidates(_CHUNK_PAIRS)
+        self.words = np.empty(2 * m, dtype=np.uint64)
+        self.spare = np.empty(2 * m, dtype=np.uint64)
+        self.s = np.empty(m)
+        self.keep = np.empty(m, dtype=bool)
+        self.ks, self.ku, self.kv = np.empty(m), np.empty(m), np.empty(m)
+        self.f = np.empty(_CHUNK_PAIRS)
+        self.x, self.y = np.empty(_CHUNK_PAIRS), np.empty(_CHUNK_PAIRS)
+        self.z = np.empty(_CHUNK_VALUES)
+
+
+_LOCAL = threading.local()
+
+
+def _scratch() -> _Scratch:
+    """This thread's :class:`_Scratch` (the caller's and the prefetch thread's are distinct)."""
+    buf: _Scratch | None = getattr(_LOCAL, "scratch", None)
+    if buf is None:
+        buf = _LOCAL.scratch = _Scratch()
+    return buf
 
 
 def _zeros(nbytes: int) -> memoryview:

@@ -46,11 +46,46 @@ def test_secure_gaussians_are_standard_normal_and_independent():
     z = SecureRandom(prefetch=False)._standard_normal(400_001).numpy()  # odd: the last pair is cut
     assert z.shape == (400_001,) and z.dtype == np.float64
     _check_standard_normal(z)
-    # the cos and sin halves come from the same Box–Muller pairs: still uncorrelated
-    h = (z.size + 1) // 2
-    r = np.corrcoef(z[: h - 1], z[h:])[0, 1]
-    assert abs(r) < Z / math.sqrt(h)
+    # outputs j and h+j of a chunk share their four polar pairs (x parts vs y parts): still uncorrelated
+    c = randomness._CHUNK_VALUES
+    assert z.size > 2 * c
+    h = c // 2
+    chunks = z[: (z.size // c) * c].reshape(-1, c)
+    r = np.corrcoef(chunks[:, :h].reshape(-1), chunks[:, h:].reshape(-1))[0, 1]
+    assert abs(r) < Z / math.sqrt(chunks[:, :h].size)
     assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < Z / math.sqrt(z.size)
+    # the same checks fail for a sampler 2 % off in scale, or one whose values stop at 3σ
+    with pytest.raises(AssertionError):
+        _check_standard_normal(z * 1.02)
+    with pytest.raises(AssertionError):
+        _check_standard_normal(z * (np.abs(z) <= 3.0))
+
+
+def test_polar_top_up_draws_fresh_words_and_keeps_the_law(monkeypatch):
+    """Batches far too small for their need: every chunk tops up several times, still N(0, 1)."""
+    calls: list[int] = []
+
+    def few(need: int) -> int:
+        calls.append(need)
+        return need // 3 + 1
+
+    monkeypatch.setattr(randomness, "_candidates", few)
+    src = SecureRandom(prefetch=False)
+    z = src._standard_normal(60_001).numpy()
+    assert len(calls) > 3 * (60_001 // randomness._CHUNK_VALUES + 1)  # topped up, chunk after chunk
+    _check_standard_normal(z)
+    assert np.unique(z).size == z.size  # no pair, so no value, reused
+
+
+def test_rejection_depends_on_the_keystream_alone(monkeypatch):
+    """Same key: σ only scales the values; the keystream used (so the rejections and timing) is the same."""
+    a, b = _fixed_key_sources(monkeypatch, 2)
+    n = 3 * randomness._CHUNK_VALUES + 5
+    za = a._standard_normal(n, 1.0)
+    zb = b._standard_normal(n, 2.5)
+    assert torch.allclose(zb, 2.5 * za, rtol=1e-15, atol=0)
+    assert a._words(4).tobytes() == b._words(4).tobytes()  # both stopped at the same keystream position
+    assert torch.equal(a._standard_normal(n, 1.0, torch.float32), b._standard_normal(n, 1.0).float())
 
 
 @pytest.fixture
