@@ -9,20 +9,22 @@ description (what the ledger records as ``mechanism_params``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from privfl.accounting.errors import ConfigError
 
-__all__ = ["SUBSPACE_KEYS", "check_subspace_params", "subspace_indices", "subspace_k"]
+__all__ = ["SUBSPACE_KEYS", "check_subspace_params", "subspace_indices", "subspace_k", "subspace_mask"]
 
-SUBSPACE_KEYS = frozenset({"fraction", "seed", "period"})
+SUBSPACE_KEYS = frozenset({"fraction", "seed", "period", "whole"})
 
 
 def check_subspace_params(params: Mapping[str, Any], where: str = "dp.subspace") -> dict[str, Any]:
-    """``{fraction, seed, period}`` validated (``period`` defaults to 1); ConfigError names the key."""
+    """``{fraction, seed, period, whole}`` validated (``period`` defaults to 1, ``whole`` to 0); ConfigError
+    names the key. ``whole`` > 0 makes the mask structured (:func:`subspace_mask`)."""
     if not isinstance(params, Mapping):
         raise ConfigError(f"{where}: must be a table {{ fraction = 0.01, seed = <public int> }}")
     unknown = sorted(set(params) - SUBSPACE_KEYS)
@@ -38,7 +40,11 @@ def check_subspace_params(params: Mapping[str, Any], where: str = "dp.subspace")
     period = params.get("period", 1)
     if isinstance(period, bool) or not isinstance(period, (int, np.integer)) or period < 1:
         raise ConfigError(f"{where}.period: must be an integer >= 1 (steps per mask), got {period!r}")
-    return {"fraction": float(fraction), "seed": int(seed), "period": int(period)}
+    whole = params.get("whole", 0)
+    if isinstance(whole, bool) or not isinstance(whole, (int, np.integer)) or whole < 0:
+        raise ConfigError(f"{where}.whole: must be an integer >= 0 (tensors of at most this many coordinates are "
+                          f"kept whole; 0: none), got {whole!r}")
+    return {"fraction": float(fraction), "seed": int(seed), "period": int(period), "whole": int(whole)}
 
 
 def subspace_k(d: int, fraction: float) -> int:
@@ -54,3 +60,32 @@ def subspace_indices(seed: int, index: int, d: int, fraction: float) -> np.ndarr
     """
     rng = np.random.default_rng([int(seed), int(index)])
     return np.sort(rng.choice(int(d), size=subspace_k(int(d), fraction), replace=False)).astype(np.int64)
+
+
+def subspace_mask(seed: int, index: int, shapes: Sequence[Sequence[int]], fraction: float,
+                  whole: int = 0) -> np.ndarray:
+    """Mask number ``index`` over the concatenated tensors of ``shapes`` (the model's public architecture).
+
+    ``whole`` = 0: :func:`subspace_indices` (k uniform coordinates). ``whole`` > 0, a *structured*
+    mask: every tensor of at most ``whole`` coordinates (biases, norms, small kernels) is kept
+    whole, and the rest of the budget k = round(fraction·d) is drawn uniformly without
+    replacement from the other tensors' coordinates by PCG64 seeded with ``[seed, index]``.
+    A function of (seed, index, shapes, fraction, whole) only — never of data. ConfigError
+    naming ``whole`` if the whole tensors alone exceed k.
+    """
+    sizes = [int(math.prod(s)) for s in shapes]
+    d = int(sum(sizes))
+    if whole <= 0:
+        return subspace_indices(seed, index, d, fraction)
+    k = subspace_k(d, fraction)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    small = [np.arange(offsets[i], offsets[i + 1]) for i, n in enumerate(sizes) if n <= whole]
+    kept = np.concatenate(small) if small else np.zeros(0, np.int64)
+    if kept.size > k:
+        raise ConfigError(f"subspace.whole: the tensors of at most {whole} coordinates hold {kept.size}, more than "
+                          f"the mask's k = {k} (fraction {fraction:g} of {d}); lower whole or raise fraction")
+    rest = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i, n in enumerate(sizes) if n > whole]
+                          or [np.zeros(0, np.int64)])
+    rng = np.random.default_rng([int(seed), int(index)])
+    drawn = rest[rng.choice(rest.size, size=min(rest.size, k - kept.size), replace=False)]
+    return np.sort(np.concatenate([kept, drawn])).astype(np.int64)

@@ -4,7 +4,10 @@ Compression chosen *before* the noise, not after it. Each DP step is restricted 
 random coordinate mask M_t that is a function of ``(seed, t // period)`` alone — a public
 seed and the public step count, never the data or the gradients — so every node that
 shares the seed draws the same mask, a neighbour can derive the indices itself (they
-cost nothing on the wire) and the shared support commutes with averaging.
+cost nothing on the wire) and the shared support commutes with averaging. With ``whole`` > 0
+the mask is *structured* (``accounting.subspace.subspace_mask``): every parameter tensor of at
+most ``whole`` coordinates is kept whole and the rest of the k coordinates is drawn from the
+bigger tensors — a function of the seed, the step and the model's public shapes, never of data.
 
 Per step (Opacus per-sample gradients, :class:`SubspaceDPOptimizer`):
 
@@ -32,27 +35,36 @@ import numpy as np
 import torch
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-from privfl.accounting.subspace import SUBSPACE_KEYS, check_subspace_params, subspace_indices, subspace_k
+from privfl.accounting.subspace import (
+    SUBSPACE_KEYS,
+    check_subspace_params,
+    subspace_indices,
+    subspace_k,
+    subspace_mask,
+)
 from privfl.clients.optimizer import PerSampleWeightDPOptimizer
 
 #: the key of the mask counter in the optimizer's state dict (what a node's checkpoint keeps)
 STEPS_KEY = "subspace_steps_taken"
 
 __all__ = ["STEPS_KEY", "SUBSPACE_KEYS", "SubspaceDPOptimizer", "check_subspace_params", "subspace_indices",
-           "subspace_k"]
+           "subspace_k", "subspace_mask"]
 
 
 class SubspaceDPOptimizer(PerSampleWeightDPOptimizer):
     """DP-SGD restricted to a public random coordinate mask per step (see the module docstring)."""
 
-    def __init__(self, *args: Any, fraction: float, seed: int, period: int = 1, **kwargs: Any) -> None:
-        checked = check_subspace_params({"fraction": fraction, "seed": seed, "period": period},
+    def __init__(self, *args: Any, fraction: float, seed: int, period: int = 1, whole: int = 0,
+                 **kwargs: Any) -> None:
+        checked = check_subspace_params({"fraction": fraction, "seed": seed, "period": period, "whole": whole},
                                         "mechanism_params")
         super().__init__(*args, **kwargs)
         self.fraction, self.seed, self.period = checked["fraction"], checked["seed"], checked["period"]
+        self.whole = checked["whole"]
         self._numels = [int(p.numel()) for p in self.params]
+        self._shapes = [tuple(int(s) for s in p.shape) for p in self.params]
         self.dimension = int(sum(self._numels))
-        self.k = subspace_k(self.dimension, self.fraction)
+        self.k = int(self.flat_indices(0).size)  # subspace_k(d, fraction); the structured mask keeps as many
         #: optimizer steps taken (public: the mask index is ``steps_taken // period``)
         self.steps_taken = 0
         self._cached: tuple[int, list[torch.Tensor]] | None = None
@@ -71,8 +83,8 @@ class SubspaceDPOptimizer(PerSampleWeightDPOptimizer):
 
     def flat_indices(self, index: int | None = None) -> np.ndarray:
         """The mask's flat coordinates over the concatenated parameters (this step's by default)."""
-        return subspace_indices(self.seed, self.mask_index if index is None else index, self.dimension,
-                                self.fraction)
+        return subspace_mask(self.seed, self.mask_index if index is None else index, self._shapes,
+                             self.fraction, self.whole)
 
     def masks(self, index: int | None = None) -> list[torch.Tensor]:
         """One boolean tensor per parameter (its shape), True on the kept coordinates."""
@@ -126,7 +138,7 @@ class SubspaceDPOptimizer(PerSampleWeightDPOptimizer):
 
 
 def describe(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The public mechanism parameters a ledger records for a subspace mechanism."""
+    """The public mechanism parameters a ledger records for a subspace mechanism (``whole`` only when set)."""
     checked = check_subspace_params(params, "mechanism_params")
-    return {k: checked[k] for k in sorted(checked)}
+    return {k: checked[k] for k in sorted(checked) if k != "whole" or checked[k]}
 

@@ -349,7 +349,8 @@ def strategy_build(cfg: NodeConfig, topology: Topology, client: SiteClient, netw
     return StrategyBuild(c.strategy.name, "node", c.strategy.params, c.strategy.local_steps, seed=seed,
                          compressor_seed=compressor_seed, timeout=cfg.node.sync_timeout,
                          shared_init=cfg.node.init_seed < 0, node_id=cfg.node.id, topology=topology,
-                         client=client, network=network, initial=params)
+                         client=client, network=network, initial=params,
+                         planned_steps=c.dp.planned_steps or c.stop.max_steps or None)
 
 
 # --------------------------------------------------------------------------- the node

@@ -17,8 +17,9 @@ varies per message, so the transport accepts it only up to the largest valid fra
 the model (``max_frame_bytes``) before any body byte is read; the receiver rebuilds it
 with ``Compressed.from_bytes(frame, own_shapes)``, which checks the framing against the
 receiver's own model and then validates lengths, index order and range and
-finiteness (a subspace frame — k values of a public mask — is rebuilt with that round's
-per-tensor mask counts instead, which the strategy derives). A frame that fails is
+finiteness (a subspace frame — k values of a public mask, sync gossip's one-way message or
+async gossip's exchange request and reply — is rebuilt with the per-tensor mask counts the
+strategy declares, ``NodeStrategy.frame_shapes``). A frame that fails is
 refused and logged like any other bad message.
 
 Every model a node releases is reported to ``on_release`` *before* it leaves (the
@@ -420,10 +421,12 @@ class GrpcPeerNetwork:
         return None
 
     def _frame_shapes(self, msg: DecodedMessage) -> tuple[tuple[int, ...], ...]:
-        """What a compressed frame of ``msg`` is rebuilt with: the model's shapes, or, when the strategy
-        gossips on a public subspace mask (``SubspaceGossip.frame_shapes``), that round's per-tensor counts."""
-        frame_shapes = getattr(getattr(self.strategy, "innovation", None), "frame_shapes", None)
-        return self.shapes if frame_shapes is None else tuple(frame_shapes(int(msg.round), self.shapes))
+        """What a compressed frame of ``msg`` (a request, reply or one-way message) is rebuilt with: what
+        the strategy declares (``NodeStrategy.frame_shapes``: the model's shapes, or a public subspace
+        mask's per-tensor counts); the model's shapes before a strategy is attached."""
+        if self.strategy is None:
+            return self.shapes
+        return tuple(tuple(int(n) for n in s) for s in self.strategy.frame_shapes(int(msg.round), self.shapes))
 
     def _accept_values(self, peer: str, kind: str, incoming: ModelMessage) -> bool:
         if incoming.params is not None:
@@ -467,7 +470,7 @@ class GrpcPeerNetwork:
         if not self._accept_policy(peer, reply.scalars):
             return None
         try:
-            incoming = from_transport(reply, self.names, self.shapes)
+            incoming = from_transport(reply, self.names, self._frame_shapes(reply))
         except TransportError as exc:
             log.warning("node %s: invalid reply from %s: %s", self.node_id, peer, exc)
             return None

@@ -165,7 +165,8 @@ class AsyncGossip(_GossipBase):
     try-lock (refused when busy), which cannot deadlock because an active node never
     waits for its own lock while a peer waits on it; ``peers`` (list of node ids the node
     may initiate with; default: every neighbour); ``seed`` (int) for the peer choice;
-    ``compressor`` must be absent or ``"none"`` (see :meth:`_outgoing`);
+    ``compressor``: absent, ``"none"``, or a ``SubspaceK`` with a mask fixed for the whole run
+    (``planned_steps``: the most DP steps a node takes; see :meth:`_outgoing`);
     ``consensus_exchanges`` (int, default 0): after training ends, how many pure averaging
     exchanges an active node makes (:meth:`consensus_round`; post-processing of already
     noised models, so free of privacy cost) — the real node and the simulator both run
@@ -202,9 +203,12 @@ class AsyncGossip(_GossipBase):
         peers = self.config.get("peers")
         self.peers: list[str] = list(peers) if peers is not None else list(network.neighbors())
         self._rng = random.Random(int(self.config.get("seed", 0)))
-        if self.config.get("compressor") not in (None, "none"):
-            raise ConfigError("async_gossip: compression is not supported (pairwise averaging of compressed "
-                              "models needs shared estimates); use sync_gossip with a compressor")
+        self.subspace: Any = None  # async subspace gossip: pairwise averages of a fixed public mask's k values
+        comp = self.config.get("compressor")
+        if comp not in (None, "none"):
+            from privfl.strategies.compression.subspace_exchange import SubspaceExchange
+
+            self.subspace = SubspaceExchange(self.node_id, comp, self.params, self.config.get("planned_steps"))
         self.consensus_exchanges = int(self.config.get("consensus_exchanges", 0))
         if self.consensus_exchanges < 0:
             raise ConfigError(f"async_gossip: consensus_exchanges must be >= 0, got {self.consensus_exchanges}")
@@ -348,12 +352,16 @@ class AsyncGossip(_GossipBase):
         return picked + [self._rng.choice(self.peers) for _ in range(k - len(picked))]
 
     def _outgoing(self, kind: str, params: Params) -> ModelMessage:
-        """The message carrying ``params``; the seam for a compressor (dense for now).
-
-        A compressor may only see post-noise values; pairwise *averaging* of compressed
-        models additionally needs shared state (CHOCO-style), so dense is the default.
-        """
+        """The message carrying ``params``: the whole model, or (subspace) the k values of the fixed
+        public mask — off it every node's model is the shared initial model, so the pair's average
+        needs only those (``strategies.compression.subspace_exchange``)."""
+        if self.subspace is not None:
+            return ModelMessage(sender=self.node_id, round=self.round, kind=kind, payload=self.subspace.encode(params))
         return ModelMessage(sender=self.node_id, round=self.round, kind=kind, params=params)
+
+    def frame_shapes(self, round: int, shapes: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+        """Subspace frames (request and reply) are rebuilt with the fixed mask's counts; else ``shapes``."""
+        return shapes if self.subspace is None else self.subspace.frame_shapes()
 
     def average_with(self, peer: str) -> bool:
         """One pure pairwise average with ``peer``, no training (post-processing: no privacy cost)."""
@@ -375,13 +383,18 @@ class AsyncGossip(_GossipBase):
             request = self._outgoing("exchange_request", _copy(self.params))
             reply = self.network.exchange(peer, request)
             sent = request.nbytes
-            if reply is None or reply.kind != "exchange_reply" or not params_compatible(self.params, reply.params):
+            mixed = None
+            if reply is not None and reply.kind == "exchange_reply":
+                if self.subspace is not None:  # None unless a frame on the fixed mask
+                    mixed = self.subspace.average(self.params, reply.payload)
+                elif params_compatible(self.params, reply.params):
+                    mixed = average_pair(self.params, reply.params)  # type: ignore[arg-type]
+            if reply is None or mixed is None:
                 self.refused += 1
                 log.debug("node %s: exchange with %s refused or invalid", self.node_id, peer)
                 self.bytes_sent += sent
                 return sent, 0, False
-            assert reply.params is not None
-            self.params = average_pair(self.params, reply.params)
+            self.params = mixed
             self._version += 1
             self.exchanges += 1
             self.bytes_sent += sent
@@ -403,12 +416,16 @@ class AsyncGossip(_GossipBase):
             self.refused += 1
             return None
         try:
-            if not params_compatible(self.params, message.params):
+            if self.subspace is not None:  # None unless a frame on the fixed mask
+                mixed = self.subspace.average(self.params, message.payload)
+            else:
+                mixed = (average_pair(self.params, message.params)  # type: ignore[arg-type]
+                         if params_compatible(self.params, message.params) else None)
+            if mixed is None:
                 log.warning("node %s: refused exchange from %s: incompatible or non-finite model", self.node_id, sender)
                 return None
-            assert message.params is not None
             before = self.params
-            self.params = average_pair(before, message.params)
+            self.params = mixed
             self._version += 1
             self.served += 1
             reply = self._outgoing("exchange_reply", before)
@@ -669,6 +686,14 @@ class SyncGossip(_GossipBase):
         self.bytes_received += nbytes
         self.round += 1
         return self._report(0, peers, 0, nbytes)
+
+    def frame_shapes(self, round: int, shapes: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+        """Subspace gossip frames on the round's public mask counts; every other gossip on ``shapes``."""
+        from privfl.strategies.compression.subspace import SubspaceGossip
+
+        if isinstance(self.innovation, SubspaceGossip):
+            return tuple(self.innovation.frame_shapes(round, shapes))
+        return shapes
 
     def step(self) -> StepReport:
         """One whole round for a real node: train and send, wait for neighbours, mix."""

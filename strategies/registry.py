@@ -34,6 +34,8 @@ from privfl.strategies.compression.params import (
     check_strategy_keys,
     sync_compression_params,
 )
+from privfl.strategies.compression.subspace import SubspaceK
+from privfl.strategies.compression.subspace_exchange import ASYNC_SUBSPACE_KEYS, async_subspace_params
 from privfl.strategies.federated import FedAvgConfig, FederatedAveraging
 from privfl.strategies.gossip import AsyncGossip, SyncGossip
 from privfl.strategies.periodic import AdaptivePeriod, AllReduce, PeriodicAveraging
@@ -69,7 +71,9 @@ class StrategyBuild:
     ``seed`` seeds post-processing randomness (peer choice) and ``compressor_seed`` a
     compressor's masks; ``timeout`` is how long a round waits for neighbours (the
     simulator: ``inf``, it waits for every live one); ``shared_init`` is the driver's
-    default for compressed sync_gossip (every node starts from the same public model).
+    default for compressed sync_gossip (every node starts from the same public model);
+    ``planned_steps`` the most DP steps a node is planned to take (``[dp].planned_steps``, else
+    ``[stop].max_steps``; None: unknown), which async subspace gossip checks its fixed mask against.
     """
 
     name: str
@@ -85,6 +89,7 @@ class StrategyBuild:
     client: NumPyClient | None = None
     network: PeerNetwork | None = None
     initial: Params | None = None
+    planned_steps: int | None = None
 
 
 Builder = Callable[[StrategyBuild], NodeStrategy | CollectiveStrategy]
@@ -209,16 +214,11 @@ def build_collective_strategy(b: StrategyBuild) -> CollectiveStrategy:
 
 # ---- async_gossip ------------------------------------------------------------------------
 _ASYNC_KEYS = frozenset({"local_steps", "seed", "consensus_exchanges", "compressor", "exchanges_per_step",
-                         "train_seconds", "overlap"})
+                         "train_seconds", "overlap"}) | {"compression_params"} | ASYNC_SUBSPACE_KEYS
 
 
 def _check_async_gossip(name: str, params: Mapping[str, Any]) -> None:
-    comp = params.get("compressor")
-    if comp not in (None, "none"):
-        raise ConfigError(f"{WHERE}.compressor: async_gossip cannot compress ({comp!r}): its pairwise averaging "
-                          "exchanges whole models with a random peer each time, and CHOCO-style estimates would "
-                          "need every message to every neighbour delivered in order; use [strategy].name = "
-                          "\"sync_gossip\" with a compressor")
+    async_subspace_params(params, WHERE)  # only "subspace" (a fixed public mask's k values)
     check_strategy_keys(name, params, _ASYNC_KEYS, where=WHERE)
     k = params.get("exchanges_per_step", 1)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -236,6 +236,13 @@ def _build_async_gossip(b: StrategyBuild) -> NodeStrategy:
     assert b.topology is not None and b.node_id is not None and b.network is not None and b.initial is not None
     cfg: dict[str, Any] = {"local_steps": b.local_steps, "seed": b.seed, **b.params}
     cfg.update(AsyncGossip.roles(b.topology, b.node_id))
+    subspace = async_subspace_params(b.params, WHERE)
+    if subspace is not None:
+        if not b.shared_init:
+            raise ConfigError("[node].init_seed: async_gossip with compressor 'subspace' needs every node to start "
+                              "from the shared public initial model (off the mask the models stay there)")
+        cfg = {k: v for k, v in cfg.items() if k not in ASYNC_SUBSPACE_KEYS | {"compression_params"}}
+        cfg.update(compressor=SubspaceK(**subspace), planned_steps=b.planned_steps)
     return AsyncGossip(b.client, b.network, b.initial, cfg)  # type: ignore[arg-type]
 
 

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from privfl.accounting.subspace import subspace_indices, subspace_k
+from privfl.accounting.subspace import subspace_indices, subspace_k, subspace_mask
 from privfl.clients.engine import PrivacyEngine
 from privfl.clients.subspace import SubspaceDPOptimizer
 from privfl.config import DPSection
@@ -143,9 +143,11 @@ def test_clipped_contribution_inside_the_subspace_has_norm_at_most_c_and_the_dp_
     assert eng.accountant.get_epsilon(1e-5) == eng_d.accountant.get_epsilon(1e-5)
 
 
-def _released_sum(x: torch.Tensor, y: torch.Tensor, fraction: float, step: int, c: float) -> tuple[np.ndarray, Any]:
-    """One subspace DP step on the batch (x, y) at mask ``step``: the noised sum Σ clip(g_i|M) + N (times E[B])."""
-    eng, dm, opt, _, _ = _private(params={"fraction": fraction, "seed": 3}, c=c, sigma=1.0, seed=11)
+def _released_sum(x: torch.Tensor, y: torch.Tensor, fraction: float, step: int, c: float,
+                  whole: int = 0) -> tuple[np.ndarray, Any]:
+    """One subspace DP step on the batch (x, y) at mask ``step``: the noised sum Σ clip(g_i|M) + N (times E[B]);
+    ``whole`` > 0: the structured mask (tensors of at most ``whole`` coordinates kept whole)."""
+    eng, dm, opt, _, _ = _private(params={"fraction": fraction, "seed": 3, "whole": whole}, c=c, sigma=1.0, seed=11)
     eng.reserve(1)
     opt.steps_taken = step
     opt.zero_grad(set_to_none=True)
@@ -157,18 +159,24 @@ def _released_sum(x: torch.Tensor, y: torch.Tensor, fraction: float, step: int, 
 @settings(max_examples=12, deadline=None)
 @given(data_seed=st.integers(0, 2**16), n=st.integers(2, 10), drop=st.integers(0, 9),
        fraction=st.sampled_from([0.02, 0.1, 0.5, 1.0]), step=st.integers(0, 1000),
-       scale=st.floats(0.01, 100.0), c=st.floats(0.05, 5.0))
+       scale=st.floats(0.01, 100.0), c=st.floats(0.05, 5.0), whole=st.sampled_from([0, 3, 20]))
 def test_one_record_changes_the_noised_subspace_sum_by_at_most_c(data_seed: int, n: int, drop: int, fraction: float,
-                                                                  step: int, scale: float, c: float) -> None:
-    """Sensitivity C inside the subspace: neighbouring batches (one record removed), the same noise draw."""
+                                                                  step: int, scale: float, c: float,
+                                                                  whole: int) -> None:
+    """Sensitivity C inside the subspace: neighbouring batches (one record removed), the same noise draw; for the
+    random mask and the structured one (whole = 3: the last bias whole; 20: both biases whole)."""
+    shapes = [tuple(p.shape) for p in _model().parameters()]
+    assume(sum(int(np.prod(t)) for t in shapes if int(np.prod(t)) <= whole) <= subspace_k(387, fraction))
     g = torch.Generator().manual_seed(data_seed)
     x, y = torch.randn(n, 20, generator=g) * scale, torch.randint(0, 3, (n,), generator=g)
     keep = [i for i in range(n) if i != drop % n]
-    full, opt = _released_sum(x, y, fraction, step, c)
-    less, _ = _released_sum(x[keep], y[keep], fraction, step, c)
+    full, opt = _released_sum(x, y, fraction, step, c, whole)
+    less, _ = _released_sum(x[keep], y[keep], fraction, step, c, whole)
     diff = full - less
     outside = np.ones(len(diff), dtype=bool)
-    outside[subspace_indices(3, step, opt.dimension, fraction)] = False
+    outside[subspace_mask(3, step, shapes, fraction, whole)] = False
+    if whole == 20:  # both biases are inside the mask
+        assert not outside[320:336].any() and not outside[384:387].any()
     assert np.all(full[outside] == 0.0) and np.all(less[outside] == 0.0)  # the same public mask either way
     assert np.linalg.norm(diff) <= c * (1 + 1e-4) + 1e-6
 
@@ -289,6 +297,10 @@ def test_sync_gossip_mixes_only_the_shared_mask_and_sends_4k_bytes() -> None:
             np.testing.assert_allclose(after[i][idx], want, rtol=1e-5, atol=1e-6)  # D-PSGD on the mask
         total = np.sum(before, axis=0)
         np.testing.assert_allclose(np.sum(after, axis=0), total, rtol=1e-4, atol=1e-4)  # the sum is preserved
+        # what a node's transport rebuilds this round's frames with: the mask's per-tensor counts
+        shapes = ((10, 30), (30,))
+        counts = tuple((int(c),) for c in np.diff(np.searchsorted(idx, [0, 300, 330])))
+        assert nodes[0].frame_shapes(r, shapes) == counts and sum(c for (c,) in counts) == k
 
 
 def test_four_bit_values_reuse_the_quantiser_and_cost_half_a_byte_each() -> None:

@@ -179,10 +179,14 @@ def test_the_mask_counter_survives_the_optimizer_state_dict() -> None:
 
 
 class _Gossiping:
-    """Stands for a node's sync_gossip strategy: what the transport asks is its ``innovation``'s frame shapes."""
+    """Stands for a node's sync_gossip strategy: the transport asks it for a round's frame shapes
+    (``NodeStrategy.frame_shapes``), which sync gossip answers from its subspace gossip."""
 
     def __init__(self, innovation: Any) -> None:
         self.innovation = innovation
+
+    def frame_shapes(self, round: int, shapes: Any) -> Any:
+        return tuple(self.innovation.frame_shapes(round, shapes))
 
 
 @pytest.mark.timeout(60)

@@ -188,7 +188,8 @@ class SimContext:
         return StrategyBuild(spec.strategy, "simulate", spec.strategy_params, spec.local_steps, seed=seed,
                              compressor_seed=int(spec.strategy_params.get("seed", seed)) + 7919 * i,
                              timeout=math.inf, shared_init=True, node_id=node_id, topology=self.topology,
-                             client=self.clients[node_id], network=network, initial=self.init_params)
+                             client=self.clients[node_id], network=network, initial=self.init_params,
+                             planned_steps=spec.dp.planned_steps or spec.stop.max_steps)
 
 
 # ---- building the world --------------------------------------------------------------

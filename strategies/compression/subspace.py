@@ -16,7 +16,10 @@ bytes of values, or ⌈kB/8⌉ + 8T), and a receiver rebuilds it with
 round's mask fails there. :meth:`SubspaceK.expand` turns it into an in-memory ``sparse``
 message over the model's shapes (the derived indices), which every decoder takes.
 
-The selection depends only on (public seed, round, fraction, local_steps, period) — never
+``whole`` > 0 makes the mask structured (small tensors whole, a random share of the big ones:
+:func:`privfl.accounting.subspace.subspace_mask`, over the model's public shapes). Async gossip
+uses the same frames on a mask fixed for the whole run (``subspace_exchange``).
+The selection depends only on (public seed, round, fraction, local_steps, period, whole) — never
 on the values — so it is post-processing of a released input, as every compressor here.
 Rounds are counted by the compressor's own calls: one ``compress`` a round (sync gossip's
 gossip), every node from round 0, so all nodes agree on the round (a driver may set
@@ -34,7 +37,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from privfl.accounting.subspace import check_subspace_params, subspace_indices
+from privfl.accounting.subspace import check_subspace_params, subspace_indices, subspace_mask
 from privfl.strategies.compression.compressors import (
     COMPRESSORS,
     CompressionError,
@@ -56,12 +59,20 @@ from privfl.strategies.compression.release import Released, _derive
 __all__ = ["SubspaceGossip", "SubspaceK", "decode_values", "round_indices", "segment_shapes"]
 
 
-def round_indices(public_seed: int, round_index: int, d: int, fraction: float, local_steps: int = 1,
-                  period: int = 1) -> np.ndarray:
-    """Sorted union of the masks of round ``round_index``'s steps (a function of public values only)."""
+def round_indices(public_seed: int, round_index: int, d: int | Shapes, fraction: float, local_steps: int = 1,
+                  period: int = 1, whole: int = 0) -> np.ndarray:
+    """Sorted union of the masks of round ``round_index``'s steps (a function of public values only).
+
+    ``d``: the model's size, or its tensor shapes (needed for a structured mask, ``whole`` > 0).
+    """
     steps = range(round_index * local_steps, (round_index + 1) * local_steps)
     masks = sorted({s // period for s in steps})
-    parts = [subspace_indices(public_seed, m, d, fraction) for m in masks]
+    if isinstance(d, (int, np.integer)):
+        if whole:
+            raise CompressionError("subspace: a structured mask (whole > 0) needs the model's shapes, not its size")
+        parts = [subspace_indices(public_seed, m, int(d), fraction) for m in masks]
+    else:
+        parts = [subspace_mask(public_seed, m, d, fraction, whole) for m in masks]
     return parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))
 
 
@@ -71,10 +82,10 @@ class SubspaceK(Compressor):
     name = "subspace"
 
     def __init__(self, fraction: float = 0.01, public_seed: int | None = None, period: int = 1,
-                 local_steps: int = 1, bits: int | None = None) -> None:
+                 local_steps: int = 1, bits: int | None = None, whole: int = 0) -> None:
         try:
-            checked = check_subspace_params({"fraction": fraction, "seed": public_seed, "period": period},
-                                            "subspace")
+            checked = check_subspace_params({"fraction": fraction, "seed": public_seed, "period": period,
+                                             "whole": whole}, "subspace")
         except Exception as exc:  # ConfigError: re-raise as the compressors' error type
             raise CompressionError(str(exc).replace("subspace.seed", "subspace.public_seed")) from None
         if isinstance(local_steps, bool) or not isinstance(local_steps, (int, np.integer)) or local_steps < 1:
@@ -85,6 +96,7 @@ class SubspaceK(Compressor):
         self._bits = None if bits is None else int(bits)
         self._quant = None if bits is None else Quantize8(bits=int(bits))
         self._fraction, self._seed, self._period = checked["fraction"], checked["seed"], checked["period"]
+        self._whole = checked["whole"]
         self._local_steps = int(local_steps)
         self.rounds = 0  # compress calls so far: the round whose mask the next message uses
 
@@ -93,12 +105,24 @@ class SubspaceK(Compressor):
         """DP steps per round (the round's mask is the union of theirs)."""
         return self._local_steps
 
-    def indices_for(self, round_index: int, d: int) -> np.ndarray:
-        """The flat coordinates round ``round_index`` sends (both ends derive them)."""
-        return round_indices(self._seed, round_index, d, self._fraction, self._local_steps, self._period)
+    @property
+    def bits(self) -> int | None:
+        """Bits per quantised value, or None (float32 values)."""
+        return self._bits
+
+    @property
+    def period(self) -> int:
+        """DP steps per mask (a mask fixed for the whole run: at least the planned steps)."""
+        return self._period
+
+    def indices_for(self, round_index: int, d: int | Shapes) -> np.ndarray:
+        """The flat coordinates round ``round_index`` sends (both ends derive them); ``d``: the model's
+        shapes (or, for an unstructured mask, its size)."""
+        return round_indices(self._seed, round_index, d, self._fraction, self._local_steps, self._period,
+                             self._whole)
 
     def _encode(self, p: np.ndarray, fresh: np.ndarray, shapes: Shapes) -> Compressed:
-        idx = self.indices_for(self.rounds, len(p))
+        idx = self.indices_for(self.rounds, shapes)
         self.rounds += 1
         segments = segment_shapes(idx, shapes)  # ((k_0,), (k_1,), …): the receiver derives them too
         if self._quant is None:
@@ -109,24 +133,21 @@ class SubspaceK(Compressor):
 
     def frame_shapes(self, round_index: int, shapes: Shapes) -> Shapes:
         """The shapes a receiver rebuilds round ``round_index``'s frame with (``Compressed.from_bytes``)."""
-        return segment_shapes(self.indices_for(round_index, _size(shapes)), shapes)
+        return segment_shapes(self.indices_for(round_index, shapes), shapes)
 
     def expand(self, msg: Compressed, round_index: int, shapes: Shapes) -> Compressed:
         """Round ``round_index``'s message as a ``sparse`` one over the model's ``shapes`` (in memory only).
 
         The indices are the derived mask's; MalformedMessage if ``msg`` is not on that mask.
         """
-        idx = self.indices_for(round_index, _size(shapes))
+        idx = self.indices_for(round_index, shapes)
         values = decode_values(msg, idx, shapes)
         return Compressed("sparse", tuple(shapes), indices=idx.astype(np.int32), values=values.astype(np.float32))
 
     def describe(self) -> str:
         return (f"subspace(fraction={self._fraction:g}, public_seed={self._seed}, period={self._period}, "
+                f"whole={self._whole}, "
                 f"local_steps={self._local_steps}, values={'float32' if self._bits is None else f'{self._bits}-bit'})")
-
-
-def _size(shapes: Shapes) -> int:
-    return int(_offsets(shapes)[-1])
 
 
 def segment_shapes(indices: np.ndarray, shapes: Shapes) -> Shapes:
@@ -207,7 +228,7 @@ class SubspaceGossip:
             raise MalformedMessage(f"node {self._node_id}: model shapes changed")
         own = self._estimates[self._node_id]
         msg = self._compressor.compress(_derive(x.flat() - own, x.shapes))
-        self._indices = self._compressor.indices_for(self._compressor.rounds - 1, x.size).astype(np.int32)
+        self._indices = self._compressor.indices_for(self._compressor.rounds - 1, x.shapes).astype(np.int32)
         own[self._indices] += decode_values(msg, self._indices, self._shapes)
         self._got = set()
         return msg

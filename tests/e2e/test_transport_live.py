@@ -44,6 +44,9 @@ class Keeper:
         self.params = [(p + q) / 2 for p, q in zip(self.params, message.params or [])]
         return ModelMessage(self.node_id, message.round, "exchange_reply", params=out)
 
+    def frame_shapes(self, round: int, shapes: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+        return shapes  # NodeStrategy's default: frames on the model's shapes
+
     def handle_message(self, sender: str, message: ModelMessage) -> None:
         self.seen.append((sender, message.kind))
 
