@@ -36,12 +36,19 @@ server's signed ``accept`` (one extra round trip per call). ``signing`` reports 
 of one signature and one verification (certificate cached) in microseconds, and the
 per-exchange share of them (3 signatures + 3 verifications: accept, request, reply);
 ``--sizes-mb`` may include 0 for a tiny 4 KiB model, where that round trip shows.
+``grpc_messages``: gRPC messages in one exchange, both directions (wire version 2: the
+request header alone, the accept as one, the header and trailer packed with the first and
+last body pieces: 4 for a small model, against bare's 2).
 
 The CPU columns explain the ratio: on a box whose cores are busy, wall time follows the
-process CPU time. An exchange makes four hash passes (each body once per side); one pass
-over 40 MB costs ~20-25 ms with SHA-256 and ~5-10 ms with BLAKE3 on the 2-vCPU dev box.
+process CPU time. An exchange makes four hash passes (each body once per side);
+``hash_cpu_ms_per_pass`` is the CPU of one BLAKE3 / SHA-256 pass over the largest model in
+this run, and each default row's ``hash_cpu_ms`` (its passes at that cost) and
+``cpu_ceiling`` = bare's CPU / (bare's CPU + ``hash_cpu_ms``): the ratio privfl could reach
+when CPU-bound if everything but the hashing cost what bare's stream costs.
 The 4 KiB model is latency-bound (the signed ``accept`` round trip before a body may
 leave, and the signatures), so it is reported but not part of the bulk-throughput goal.
+``load``: the 1-minute load average before and after the run (2 cores here).
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import resource
 import statistics
 import tempfile
@@ -123,6 +131,25 @@ def _counting_hashes() -> Iterator[list[int]]:
         codec.DIGEST_ALGORITHMS.update(saved)
 
 
+@contextlib.contextmanager
+def _counting_messages() -> Iterator[list[int]]:
+    """While open, every gRPC message (serialized Chunk) privfl's client and server send adds 1."""
+    from privfl.transport import client, server
+    sent: list[int] = []
+    saved = client.iter_chunks, server.iter_chunks
+
+    def counted(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        for raw in saved[0](*args, **kw):
+            sent.append(len(raw))
+            yield raw
+
+    client.iter_chunks = server.iter_chunks = counted  # type: ignore[assignment]
+    try:
+        yield sent
+    finally:
+        client.iter_chunks, server.iter_chunks = saved
+
+
 def _cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -133,19 +160,21 @@ GOAL_RATIO = 0.8
 GOAL_MIN_MB = 1  # the goal is on bulk transfers; smaller models are latency-bound
 
 
-def hash_cost(nbytes: int, repeats: int = 5) -> dict[str, float]:
-    """Median ms of one model-digest pass over ``nbytes`` for each digest algorithm."""
+def hash_cost(nbytes: int, repeats: int = 5) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall ms and median CPU ms of one model-digest pass over ``nbytes``, per digest algorithm."""
     from privfl.transport.codec import DIGEST_ALGORITHMS
     t = {"w": np.random.default_rng(2).standard_normal(max(nbytes // 4, 1)).astype(np.float32)}
-    out = {}
+    wall, cpu = {}, {}
     for alg in sorted(DIGEST_ALGORITHMS):
-        times = []
+        times, cpus = [], []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            c0, t0 = _cpu(), time.perf_counter()
             model_digest(t, alg)
             times.append(time.perf_counter() - t0)
-        out[alg] = round(statistics.median(times) * 1e3, 2)
-    return out
+            cpus.append(_cpu() - c0)
+        wall[alg] = round(statistics.median(times) * 1e3, 2)
+        cpu[alg] = round(statistics.median(cpus) * 1e3, 2)
+    return wall, cpu
 
 
 def signing_cost(n: int = 2000) -> dict[str, float]:
@@ -240,7 +269,7 @@ def run(sizes_mb: list[int], repeats: int, mode: str = "default") -> dict[str, o
                     t_bare.append(time.perf_counter() - t0)
                     c_bare.append(_cpu() - c0)
                     assert got == payload.nbytes
-                with _counting_hashes() as fed:  # one more, untimed exchange: bytes hashed in it
+                with _counting_hashes() as fed, _counting_messages() as messages:  # one more, untimed
                     client.exchange("b", Message("exchange_request", repeats, mine,
                                                  digest=model_digest(mine) if in_exchange else d_mine,
                                                  digest_algorithm=alg), timeout=60)
@@ -263,6 +292,7 @@ def run(sizes_mb: list[int], repeats: int, mode: str = "default") -> dict[str, o
                 "verified": verify_digest,
                 # hash passes over a body in one exchange (2 bodies; 4 = each body once per side)
                 "hash_passes": round(sum(fed) / payload.nbytes, 2),
+                "grpc_messages": len(messages), "bare_grpc_messages": 2 * -(-payload.nbytes // CHUNK),
             })
     return {"benchmark": "transport_exchange", "tls": "mTLS ECDSA P-256",
             "message_signatures": "ECDSA P-256 per message + signed accept", "chunk_bytes": CHUNK,
@@ -277,11 +307,20 @@ def main() -> None:
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes_mb.split(",")]
     modes = args.modes.split(",")
+    load_before = round(os.getloadavg()[0], 2)
     out = run(sizes, args.repeats, modes[0])
     for mode in modes[1:]:
         out["results"] += run(sizes, args.repeats, mode)["results"]
     out["signing"] = signing_cost()
-    out["hash_ms_per_pass"] = {"model_mb": max(sizes), **hash_cost(max(max(sizes), 1) * 1_000_000)}
+    wall, cpu = hash_cost(max(max(sizes), 1) * 1_000_000)
+    out["hash_ms_per_pass"] = {"model_mb": max(sizes), **wall}
+    out["hash_cpu_ms_per_pass"] = {"model_mb": max(sizes), **cpu}
+    for r in out["results"]:  # what the hashing alone allows when CPU-bound (see the docstring)
+        if r["mode"] == "default" and r["model_mb"] >= GOAL_MIN_MB:
+            per_pass = cpu[r["digest_algorithm"] or "blake3"] * r["model_mb"] / max(sizes)
+            r["hash_cpu_ms"] = round(r["hash_passes"] * per_pass, 1)
+            r["cpu_ceiling"] = round(r["bare_cpu_s"] / (r["bare_cpu_s"] + r["hash_cpu_ms"] / 1e3), 3)
+    out["load"] = [load_before, round(os.getloadavg()[0], 2)]
     bulk = [r for r in out["results"] if r["mode"] == "default" and r["model_mb"] >= GOAL_MIN_MB]
     out["goal"] = (f"default mode (digest verified by the receiver, messages signed): ratio >= {GOAL_RATIO} "
                    f"at every size >= {GOAL_MIN_MB} MB")

@@ -2,9 +2,13 @@
 
 Why: everything that arrives from a peer is untrusted. A message is a protobuf ``Header``
 (sender, sequence, round, kind, tensor specs), a body of raw little-endian bytes streamed
-in ~1 MiB ``Chunk.data`` pieces, and a ``Trailer`` with the model digest. The
-receiver checks declared sizes before reading the body, expected names/shapes/dtypes,
-sparse index ranges, finiteness and the digest before anything reaches the caller.
+in ~1 MiB ``Chunk.data`` pieces, and a ``Trailer`` with the model digest; wire version 2
+packs the header into the first Chunk with the first piece and the trailer into the last
+(``iter_chunks``), so a small message is one gRPC message. The receiver checks declared
+sizes before reading the body, expected names/shapes/dtypes, sparse index ranges,
+finiteness (piece by piece, as the body arrives) and the digest before anything reaches
+the caller; the body lands in one reused buffer (``ReceiveBuffers``) and the tensors are
+views of it.
 
 The model digest's hash is named in the header (``Header.digest_algorithm``, signed):
 BLAKE3 by default, both when the transport hashes the body itself and for the digest a
