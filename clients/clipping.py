@@ -4,10 +4,13 @@ A rule returns w(n) with n·w(n) < C for every n ≥ 0, so the weighted per-samp
 gradients have norm below C: the add/remove sensitivity of their sum is C and the
 Gaussian noise N(0, σ²C²) gives the usual subsampled-Gaussian guarantee for every rule.
 
-The bound is made strict in floating point, not only on paper: the weights are computed
-in float64 and capped at C·(1 − CLIP_MARGIN)/n, a margin that covers the rounding of a
-float32 gradient norm (relative error ~1e-6 for 10⁷ coordinates) and of the weight
-itself. Without it DP-PSAC's n·w(n) reaches 1.0000007·C in float32 once n ≳ 1e4.
+The bound is made strict in floating point, not only on paper: the weights are capped at
+C·(1 − CLIP_MARGIN)/n, a margin that covers the rounding of a float32 gradient norm
+(relative error ~1e-6 for 10⁷ coordinates) and of the weight itself. Without it DP-PSAC's
+n·w(n) reaches 1.0000007·C in float32 once n ≳ 1e4. The weights are computed in the
+norms' own dtype when that is float32 or float64 (the cap's two roundings add at most
+2·2⁻²⁴ ≈ 1.2e-7 in float32, far inside the margin; the weights were rounded to float32
+anyway), else in float64.
 """
 
 from __future__ import annotations
@@ -30,14 +33,15 @@ class ClippingRule(ABC):
 
     def weights(self, norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
         """Per-sample weights (``norms``' dtype); every ``norms[i] * weights[i]`` is below ``max_grad_norm``."""
-        n = norms.detach().to(torch.float64)
+        dtype = norms.dtype if norms.dtype in (torch.float32, torch.float64) else torch.float64
+        n = norms.detach().to(dtype)
         w = self.raw_weights(n, float(max_grad_norm))
-        cap = float(max_grad_norm) * (1.0 - CLIP_MARGIN) / n.clamp(min=torch.finfo(torch.float64).tiny)
+        cap = float(max_grad_norm) * (1.0 - CLIP_MARGIN) / n.clamp(min=torch.finfo(dtype).tiny)
         return torch.minimum(w, cap).to(norms.dtype)
 
     @abstractmethod
     def raw_weights(self, norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-        """The rule's formula for w(n), in float64 (``weights`` makes the bound strict)."""
+        """The rule's formula for w(n), in ``norms``' dtype (``weights`` makes the bound strict)."""
 
 
 @dataclass(frozen=True)

@@ -445,15 +445,7 @@ class PrivacyEngine:
         with a budget it fails closed first (:class:`~accounting.BudgetExhausted`).
         ``details`` carry the mechanism description the ledger records.
         """
-        self._check_live()
-        if self.guard is not None:
-            try:
-                self.guard.check(noise_multiplier, sample_rate, steps)
-            except BudgetExhausted:
-                if self._session is not None:
-                    self._session.exhausted = True
-                raise
-        self.accountant.step(noise_multiplier, sample_rate, steps)
+        self._account(noise_multiplier, sample_rate, steps)
         event = {
             "purpose": purpose,
             "mechanism": "poisson_gaussian",
@@ -470,6 +462,18 @@ class PrivacyEngine:
         if self.on_dp_event is not None:
             self.on_dp_event(event)
         return event
+
+    def _account(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        """Check the budget (fail closed) and count ``steps`` events in the accountant; report nothing."""
+        self._check_live()
+        if self.guard is not None:
+            try:
+                self.guard.check(noise_multiplier, sample_rate, steps)
+            except BudgetExhausted:
+                if self._session is not None:
+                    self._session.exhausted = True
+                raise
+        self.accountant.step(noise_multiplier, sample_rate, steps)
 
     def reserve(self, steps: int) -> dict[str, Any]:
         """Account ``steps`` training steps now (one event); the next ``steps`` optimizer steps use them.
@@ -498,7 +502,10 @@ class PrivacyEngine:
             self._prepaid -= 1
             return
         sigma, q = self._require_private()
-        self.account_event("training", sigma, q, 1, **self._description)  # fails closed first
+        if self.on_dp_event is None:  # nobody to report to: no event to build (nor its ε to compute)
+            self._account(sigma, q, 1)
+        else:
+            self.account_event("training", sigma, q, 1, **self._description)  # fails closed first
         self._count(1)
 
     def _check_live(self) -> None:

@@ -426,11 +426,11 @@ class GhostGradModule(nn.Module):
             a, d = la.record.activation, la.record.backprop
             assert a is not None and d is not None
             s = la.norm_sq(a, d)
-            total = s if total is None else total + s
+            total = s if total is None else total.add_(s)  # the first layer's fresh (B,) tensor, summed into
         assert total is not None
-        norms = total.sqrt()
+        norms = total.sqrt_()
         if self.loss_reduction == "mean":  # δ is the gradient of the *mean* loss: undo the 1/n
-            norms = norms * n
+            norms.mul_(n)
         return norms
 
     def write_clipped_sum(self, coef: torch.Tensor, noise: dict[nn.Parameter, torch.Tensor]) -> None:
