@@ -219,6 +219,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="labels to run (the dense references are always run)")
     ap.add_argument("--seeds", nargs="*", type=int, default=None,
                     help="[simulation].seed values: every run once per seed (default: the config's seed)")
+    ap.add_argument("--merge", nargs="*", help="earlier JSON outputs of this script whose seeds to add to "
+                                                "across_seeds (runs of a seed not run here)")
     a = ap.parse_args()
     if a.config is None:
         a.config = str(SUBSPACE if a.subspace else EXAMPLE)
@@ -268,7 +270,17 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "runs": runs,
     }
+    for earlier in a.merge or []:  # per-seed runs of earlier outputs of this script (same config)
+        prev = json.loads(Path(earlier).read_text())
+        for seed, rs in (prev.get("runs_per_seed") or {str(prev["seed"]): prev["runs"]}).items():
+            if int(seed) not in analysed:
+                analysed[int(seed)] = (rs, {}, bool(prev["epsilon_equal"]))
+                epsilon_equal = epsilon_equal and bool(prev["epsilon_equal"]) and {round(r["epsilon_max"], 9)
+                                                                                    for r in rs} <= {
+                    round(r["epsilon_max"], 9) for r in results}
     if len(analysed) > 1:
+        out["epsilon_equal"] = epsilon_equal
+        out["runs_per_seed"] = {seed: rs for seed, (rs, _, _) in sorted(analysed.items())}
         table, robust = _across_seeds({seed: rs for seed, (rs, _, _) in analysed.items()})
         out["seeds"] = sorted(analysed)
         out["goal_per_seed"] = {seed: {k: v for k, v in _goal(rs, e).items() if k != "goal"}
