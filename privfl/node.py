@@ -341,7 +341,7 @@ def topology_of(cfg: NodeConfig, node_ids: Sequence[str]) -> Topology:
 
 
 def strategy_build(cfg: NodeConfig, topology: Topology, client: SiteClient, network: PeerNetwork, params: Params,
-                   seed: int, compressor_seed: int) -> StrategyBuild:
+                   seed: int, compressor_seed: int, public_initial: Params | None = None) -> StrategyBuild:
     """What a node asks the strategy registry for: ``[strategy]`` as written, its topology,
     ``[node].sync_timeout`` for a round's wait, and compressed gossip starting from the shared
     initial model unless ``[node].init_seed`` gives the node its own."""
@@ -350,7 +350,7 @@ def strategy_build(cfg: NodeConfig, topology: Topology, client: SiteClient, netw
                          compressor_seed=compressor_seed, timeout=cfg.node.sync_timeout,
                          shared_init=cfg.node.init_seed < 0, node_id=cfg.node.id, topology=topology,
                          client=client, network=network, initial=params,
-                         planned_steps=c.dp.planned_steps or c.stop.max_steps or None)
+                         planned_steps=c.dp.planned_steps or c.stop.max_steps or None, public_initial=public_initial)
 
 
 # --------------------------------------------------------------------------- the node
@@ -470,7 +470,8 @@ class Node:
             ledger_head=lambda: ledger.head, on_peer_head=self._on_peer_head, head_for=ledger.last_anchor,
             crl_path=cfg.crl_path, roster_path=cfg.roster_path)
         self.strategy: NodeStrategy = build_node_strategy(strategy_build(
-            cfg, self.topology, self.client, self.network, params, self._strategy_seed(0), self._strategy_seed(7919)))
+            cfg, self.topology, self.client, self.network, params, self._strategy_seed(0), self._strategy_seed(7919),
+            public_initial=self.initial_params))
         self._log_compression(resumed=resumed is not None)
         self.network.attach(self.strategy)
 

@@ -166,7 +166,8 @@ class AsyncGossip(_GossipBase):
     waits for its own lock while a peer waits on it; ``peers`` (list of node ids the node
     may initiate with; default: every neighbour); ``seed`` (int) for the peer choice;
     ``compressor``: absent, ``"none"``, or a ``SubspaceK`` with a mask fixed for the whole run
-    (``planned_steps``: the most DP steps a node takes; see :meth:`_outgoing`);
+    (``planned_steps``: the most DP steps a node takes; ``public_initial``: the shared initial
+    model when ``params`` is a resumed one; see :meth:`_outgoing`);
     ``consensus_exchanges`` (int, default 0): after training ends, how many pure averaging
     exchanges an active node makes (:meth:`consensus_round`; post-processing of already
     noised models, so free of privacy cost) — the real node and the simulator both run
@@ -208,7 +209,8 @@ class AsyncGossip(_GossipBase):
         if comp not in (None, "none"):
             from privfl.strategies.compression.subspace_exchange import SubspaceExchange
 
-            self.subspace = SubspaceExchange(self.node_id, comp, self.params, self.config.get("planned_steps"))
+            public = self.config.get("public_initial") or self.params  # the shared initial model (resumed: not params)
+            self.subspace = SubspaceExchange(self.node_id, comp, public, self.config.get("planned_steps"))
         self.consensus_exchanges = int(self.config.get("consensus_exchanges", 0))
         if self.consensus_exchanges < 0:
             raise ConfigError(f"async_gossip: consensus_exchanges must be >= 0, got {self.consensus_exchanges}")

@@ -73,7 +73,8 @@ class StrategyBuild:
     simulator: ``inf``, it waits for every live one); ``shared_init`` is the driver's
     default for compressed sync_gossip (every node starts from the same public model);
     ``planned_steps`` the most DP steps a node is planned to take (``[dp].planned_steps``, else
-    ``[stop].max_steps``; None: unknown), which async subspace gossip checks its fixed mask against.
+    ``[stop].max_steps``; None: unknown), which async subspace gossip checks its fixed mask against;
+    ``public_initial`` the shared public initial model when ``initial`` is a resumed one (None: ``initial``).
     """
 
     name: str
@@ -90,6 +91,7 @@ class StrategyBuild:
     network: PeerNetwork | None = None
     initial: Params | None = None
     planned_steps: int | None = None
+    public_initial: Params | None = None
 
 
 Builder = Callable[[StrategyBuild], NodeStrategy | CollectiveStrategy]
@@ -242,7 +244,8 @@ def _build_async_gossip(b: StrategyBuild) -> NodeStrategy:
             raise ConfigError("[node].init_seed: async_gossip with compressor 'subspace' needs every node to start "
                               "from the shared public initial model (off the mask the models stay there)")
         cfg = {k: v for k, v in cfg.items() if k not in ASYNC_SUBSPACE_KEYS | {"compression_params"}}
-        cfg.update(compressor=SubspaceK(**subspace), planned_steps=b.planned_steps)
+        cfg.update(compressor=SubspaceK(**subspace), planned_steps=b.planned_steps,
+                   public_initial=b.public_initial if b.public_initial is not None else b.initial)
     return AsyncGossip(b.client, b.network, b.initial, cfg)  # type: ignore[arg-type]
 
 

@@ -235,3 +235,19 @@ def test_structured_mask_of_the_dp_step_is_the_same_at_two_sites_with_different_
         for _, dm, opt, *_ in (a, b):  # the step moved nothing off the mask
             grad = np.concatenate([p.grad.reshape(-1).numpy() for p in dm.parameters()])
             assert np.all(grad[np.setdiff1d(np.arange(387), ia)] == 0.0) and opt.steps_taken == step + 1
+
+
+def test_a_resumed_node_quantises_against_the_shared_initial_model_not_its_resumed_one() -> None:
+    world = SimWorld(["a", "b"], {"a": ["b"], "b": ["a"]}, LinkSpec())
+    init = _init()
+    resumed = _MaskStep(7).fit(_MaskStep(8).fit(init, {})[0], {})[0]  # a checkpoint two steps in
+    comp = {"compressor": SubspaceK(fraction=FRACTION, public_seed=SEED, period=20, bits=4), "planned_steps": 20}
+    a = AsyncGossip(_MaskStep(0), world.network("a"), init, {**comp, "peers": ["b"]})
+    b = AsyncGossip(_MaskStep(1), world.network("b"), resumed, {**comp, "public_initial": init})
+    world.strategies.update(a=a, b=b)
+    mask = subspace_mask(SEED, 0, SHAPES, FRACTION)
+    avg = (_flat(init)[mask] + _flat(resumed)[mask]) / 2
+    assert a.average_with("b")
+    step = np.ptp(_flat(resumed)[mask] - _flat(init)[mask]) / 15  # the 4-bit step of b's offsets
+    assert np.max(np.abs(_flat(a.params)[mask] - avg)) <= step / 2 + 1e-5
+    assert np.max(np.abs(_flat(b.params)[mask] - avg)) <= 1e-6  # a's offsets are all zero: exact
