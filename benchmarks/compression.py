@@ -30,7 +30,9 @@ order, noise; the public mask seed stays) and adds ``across_seeds``: per run its
 final accuracy, gap and reduction and their mean, and ``robust_best``: the largest
 smallest-over-seeds reduction among runs within 1 pp of their reference on every seed.
 ``subspace.toml`` also holds async gossip runs (``async-*``, against ``async-dense``):
-pairwise averages of a fixed mask's k values, request and reply.
+pairwise averages of a fixed mask's k values, request and reply. Async gossip has no rounds:
+it is evaluated every ``ASYNC_EVAL_SECONDS`` virtual seconds, and its ``round_to_*`` fields
+are the virtual time of that evaluation.
 
 ``--quick`` shortens every run (``--rounds``, default 40) for a smoke check; ``--jobs``
 runs that many simulations in parallel processes (one torch thread each). Prints JSON.
@@ -55,13 +57,15 @@ EXAMPLE = ROOT / "examples" / "digits-compressed" / "compare.toml"
 SUBSPACE = ROOT / "examples" / "digits-compressed" / "subspace.toml"
 
 
-def _curve(rows: list[dict[str, Any]], collective: bool) -> list[tuple[int, float, float]]:
+def _curve(rows: list[dict[str, Any]], collective: bool, timed: bool = False) -> list[tuple[float, float, float]]:
     """(round, mean accuracy over sites, all traffic so far) per evaluation: the nodes' sends,
-    plus their downloads for a collective strategy (gossip: a send is another node's receipt)."""
+    plus their downloads for a collective strategy (gossip: a send is another node's receipt).
+    ``timed`` (async gossip, evaluated every ``eval_every`` virtual seconds): the evaluation's time
+    instead of the round."""
     keys = ("bytes_sent", "bytes_received") if collective else ("bytes_sent",)
-    by_round: dict[int, list[dict[str, Any]]] = {}
+    by_round: dict[float, list[dict[str, Any]]] = {}
     for r in rows:
-        by_round.setdefault(int(r["round"]), []).append(r)
+        by_round.setdefault(float(r["time"]) if timed else int(r["round"]), []).append(r)
     out = []
     for rnd in sorted(by_round):
         rs = by_round[rnd]
@@ -70,11 +74,15 @@ def _curve(rows: list[dict[str, Any]], collective: bool) -> list[tuple[int, floa
     return out
 
 
-def _bytes_to(curve: list[tuple[int, float, float]], target: float) -> tuple[float | None, int | None]:
+def _bytes_to(curve: list[tuple[float, float, float]], target: float) -> tuple[float | None, float | None]:
     for rnd, acc, b in curve:
         if acc >= target - 1e-12:
             return b, rnd
     return None, None
+
+
+#: async gossip has no rounds: it is evaluated every this many virtual seconds (its curve's points)
+ASYNC_EVAL_SECONDS = 2.0
 
 
 def _one(args: tuple[str, str, int | None, int | None]) -> dict[str, Any]:
@@ -89,6 +97,9 @@ def _one(args: tuple[str, str, int | None, int | None]) -> dict[str, Any]:
     config, label, rounds, seed = args
     exp = load_experiment(config)
     spec = spec_for(exp, label, seed=seed)
+    timed = spec.strategy == "async_gossip"
+    if timed and spec.eval_every is None:
+        spec.eval_every = ASYNC_EVAL_SECONDS
     if rounds:
         spec.stop.max_steps = None
         spec.stop.max_rounds = rounds
@@ -113,7 +124,7 @@ def _one(args: tuple[str, str, int | None, int | None]) -> dict[str, Any]:
         "messages": msgs,
         "consensus_max": s["final_consensus_max"],
         "wall_seconds": round(time.perf_counter() - t0, 1),
-        "curve": _curve(res.rows, collective),
+        "curve": _curve(res.rows, collective, timed),
     }
 
 
