@@ -197,10 +197,12 @@ def test_tampered_chunk_refused_with_either_hash(monkeypatch: pytest.MonkeyPatch
     t = _model()
     ch = _chunks(Message("model", 1, t, digest_algorithm=algorithm))
     assert len(ch) > 4
-    for i in (1, len(ch) // 2, len(ch) - 2):  # first, middle and last data chunk
+    for i in (0, 1, len(ch) // 2, len(ch) - 2, len(ch) - 1):  # the piece packed with the header, ..., with the trailer
         bad = list(ch)
         flipped = bytearray(bad[i])
-        flipped[len(flipped) // 2] ^= 0x10
+        data = pb.Chunk.FromString(bad[i]).data
+        assert data
+        flipped[bad[i].index(data) + len(data) // 2] ^= 0x10  # a body byte, wherever the piece sits
         bad[i] = bytes(flipped)
         with pytest.raises(TransportError, match="digest mismatch"):
             decode_stream(bad, spec_of(t), 1 << 20)
