@@ -232,6 +232,7 @@ def main() -> None:
                     help="[simulation].seed values: every run once per seed (default: the config's seed)")
     ap.add_argument("--merge", nargs="*", help="earlier JSON outputs of this script whose seeds to add to "
                                                 "across_seeds (runs of a seed not run here)")
+    ap.add_argument("--no-run", action="store_true", help="run nothing: only combine the --merge outputs")
     a = ap.parse_args()
     if a.config is None:
         a.config = str(SUBSPACE if a.subspace else EXAMPLE)
@@ -254,8 +255,8 @@ def main() -> None:
     rounds = a.rounds if a.quick else None
     t0 = time.perf_counter()
     seeds: list[int | None] = list(a.seeds) if a.seeds else [None]
-    jobs = [(a.config, lab, rounds, seed) for seed in seeds for lab in labels]
-    if a.jobs > 1:
+    jobs = [] if a.no_run else [(a.config, lab, rounds, seed) for seed in seeds for lab in labels]
+    if a.jobs > 1 and jobs:
         with ProcessPoolExecutor(a.jobs) as pool:
             results = list(pool.map(_one, jobs))
     else:
@@ -264,10 +265,22 @@ def main() -> None:
     for r in results:
         by_seed.setdefault(int(r["seed"]), []).append(r)
     analysed = {seed: _analyse(rs, a.config) for seed, rs in by_seed.items()}
+    epsilons = {round(r["epsilon_max"], 9) for r in results}
+    epsilon_equal = all(e for _, _, e in analysed.values())
+    for earlier in a.merge or []:  # per-seed runs of earlier outputs of this script (same config)
+        prev = json.loads(Path(earlier).read_text())
+        for seed, rs in (prev.get("runs_per_seed") or {str(prev["seed"]): prev["runs"]}).items():
+            if int(seed) not in analysed:
+                analysed[int(seed)] = (rs, {r["strategy"]: r for r in rs if _is_reference(r["label"])},
+                                       bool(prev["epsilon_equal"]))
+                epsilon_equal = epsilon_equal and bool(prev["epsilon_equal"])
+                epsilons |= {round(r["epsilon_max"], 9) for r in rs}
+    if not analysed:
+        raise SystemExit("nothing to report: give runs to make, or --merge earlier outputs")
+    epsilon_equal = epsilon_equal and len(epsilons) == 1
+    analysed = dict(sorted(analysed.items()))
     first = next(iter(analysed))
-    runs, reference, epsilon_equal = analysed[first]
-    epsilon_equal = all(e for _, _, e in analysed.values()) and len(
-        {round(r["epsilon_max"], 9) for r in results}) == 1
+    runs, reference, _ = analysed[first]
     out = {
         "benchmark": "compression",
         "config": str(Path(a.config).resolve().relative_to(ROOT)) if str(a.config).startswith(str(ROOT)) else a.config,
@@ -281,16 +294,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "runs": runs,
     }
-    for earlier in a.merge or []:  # per-seed runs of earlier outputs of this script (same config)
-        prev = json.loads(Path(earlier).read_text())
-        for seed, rs in (prev.get("runs_per_seed") or {str(prev["seed"]): prev["runs"]}).items():
-            if int(seed) not in analysed:
-                analysed[int(seed)] = (rs, {}, bool(prev["epsilon_equal"]))
-                epsilon_equal = epsilon_equal and bool(prev["epsilon_equal"]) and {round(r["epsilon_max"], 9)
-                                                                                    for r in rs} <= {
-                    round(r["epsilon_max"], 9) for r in results}
     if len(analysed) > 1:
-        out["epsilon_equal"] = epsilon_equal
         out["runs_per_seed"] = {seed: rs for seed, (rs, _, _) in sorted(analysed.items())}
         table, robust = _across_seeds({seed: rs for seed, (rs, _, _) in analysed.items()})
         out["seeds"] = sorted(analysed)
