@@ -137,10 +137,11 @@ class _Linear(_Layer):
     def clipped_sum(self, a: torch.Tensor, d: torch.Tensor, coef: torch.Tensor,
                     noise: dict[nn.Parameter, torch.Tensor]) -> None:
         if a.dim() == 2:
+            dt = d.t()  # (O, B)
             if self.w is not None:
-                self.w.grad = noise[self.w].addmm_((d * coef.unsqueeze(1)).t(), a)
+                self.w.grad = noise[self.w].addmm_(dt * coef, a)
             if self.b is not None:
-                self.b.grad = noise[self.b].addmv_(d.t(), coef)
+                self.b.grad = noise[self.b].addmv_(dt, coef)
             return
         self.record.cache.clipped_sum(coef, self.w, self.b, noise)
 

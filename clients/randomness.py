@@ -167,36 +167,35 @@ class SecureRandom(RandomSource):
         """``pairs`` (≤ :data:`_CHUNK_PAIRS`) independent pairs (x, y) of N(0, 1) float64 values (polar method).
 
         Each candidate point (u, v) takes two fresh 64-bit keystream words; each coordinate
-        is a 53-bit uniform on (−1, 1): ±(2j+1)·2⁻⁵³ with 52 bits j (a float in [1, 2)
-        built from the word's top 52 bits, minus 1 − 2⁻⁵³: exact) and the sign from the
-        word's lowest bit. A point with s = u² + v² < 1 is kept (s > 0 always: no
-        coordinate is 0) and gives x = u·√(−2 ln s / s), y = v·√(−2 ln s / s).
-        Candidates come in one batch with a surplus (π/4 of them are kept on average); if
-        that falls short, a further batch of fresh words draws the rest. Kept points are
-        used in keystream order, each once; rejected ones and any surplus are dropped.
-        Returns views into ``buf`` (this thread's scratch), valid until its next use.
+        is a 53-bit uniform on (−1, 1): ±(2j+1)·2⁻⁵³, with j the word's low 52 bits (a
+        float in [1, 2) built from them, minus 1 − 2⁻⁵³: exact) and the sign its top bit.
+        A point with s = u² + v² < 1 is kept (s > 0 always: no coordinate is 0) and gives
+        x = u·√(−2 ln s / s), y = v·√(−2 ln s / s). Candidates come in one batch with a
+        surplus (π/4 of them are kept on average); if that falls short, a further batch of
+        fresh words draws the rest. Kept points are used in keystream order, each once;
+        rejected ones and any surplus are dropped. Returns views into ``buf`` (this
+        thread's scratch), valid until its next use.
         """
         xs, ys = buf.x[:pairs], buf.y[:pairs]
+        spare = buf.spare
         got = 0
         while got < pairs:
             need = pairs - got
             m = _candidates(need)
             w = self._words(2 * m, buf.words)
-            sign = np.left_shift(w, _SHIFT63, out=buf.spare[:2 * m])  # the lowest bit as a float's sign bit
-            w >>= _SHIFT12
-            w |= _ONE_BITS  # a float in [1, 2) from the top 52 bits
+            w &= _SIGN_AND_MANTISSA
+            w |= _ONE_BITS  # ±[1, 2): the sign bit and 52 mantissa bits of the word, exponent 0
             u = w.view(np.float64)
-            u -= _ONE_MINUS_HALF_ULP  # (2j + 1)·2⁻⁵³ ∈ (0, 1), exact
-            w |= sign
+            u -= np.copysign(_ONE_MINUS_HALF_ULP, u, out=spare[:2 * m])  # ±(2j + 1)·2⁻⁵³, exact
             uu, vv = u[:m], u[m:]
-            s = np.multiply(uu, uu, out=buf.s[:m])
-            s += np.multiply(vv, vv, out=buf.spare.view(np.float64)[:m])
+            s = np.square(uu, out=buf.s[:m])
+            s += np.square(vv, out=spare[:m])
             keep = np.flatnonzero(np.less(s, 1.0, out=buf.keep[:m]))[:need]
             k = keep.size
-            ks = np.take(s, keep, out=buf.ks[:k])
-            ku = np.take(uu, keep, out=buf.ku[:k])
-            kv = np.take(vv, keep, out=buf.kv[:k])
-            f = np.log(ks, out=buf.f[:k])
+            ku = np.take(uu, keep, out=spare[:k])
+            ks = np.take(s, keep, out=spare[k:2 * k])
+            kv = np.take(vv, keep, out=u[:k])  # uu is no longer needed; vv = u[m:] does not overlap
+            f = np.log(ks, out=buf.s[:k])  # s is no longer needed
             f /= ks
             f *= -2.0
             np.sqrt(f, out=f)
@@ -292,21 +291,21 @@ _LIVE_SECURE: weakref.WeakSet[SecureRandom] = weakref.WeakSet()
 _EXECUTOR: ThreadPoolExecutor | None = None
 _ZEROS = b""
 _SHIFT11 = np.uint64(11)  # a 64-bit word's top 53 bits
-_SHIFT12 = np.uint64(12)  # its top 52 bits
-_SHIFT63 = np.uint64(63)
-_ONE_BITS = np.uint64(0x3FF0000000000000)  # the bits of 1.0: exponent 0, mantissa to be or'ed in
+_SIGN_AND_MANTISSA = np.uint64(0x800FFFFFFFFFFFFF)  # a float64's sign bit and 52 mantissa bits
+_ONE_BITS = np.uint64(0x3FF0000000000000)  # the exponent bits of 1.0
 _ONE_MINUS_HALF_ULP = 1.0 - 2.0**-53
 _TWO_M53 = 1.0 / (1 << 53)
 #: polar candidates drawn per pair needed: 1/(π/4) kept on average (plus a surplus, see _polar_pairs)
 _POLAR_SURPLUS = 4.0 / math.pi
 _NUMPY_FLOAT: dict[torch.dtype, type] = {torch.float64: np.float64, torch.float32: np.float32}
-#: outputs drawn per chunk (even): bounds the scratch (a few MiB per thread) and keeps it in cache
-_CHUNK_VALUES = 1 << 14
+#: outputs drawn per chunk (even): bounds the scratch (about 1 MiB per thread) and keeps it in cache
+_CHUNK_VALUES = 1 << 13
 _CHUNK_PAIRS = 2 * _CHUNK_VALUES  # GAUSSIAN_SUMMANDS / 2 pairs per output
 
 
 def _candidates(need: int) -> int:
-    """Polar candidates drawn for ``need`` pairs: the mean 4/π·need plus about six standard deviations."""
+    """Polar candidates drawn for ``need`` pairs: 4/π·need, plus a surplus of about five standard
+    deviations of the kept count (a top-up is then needed in fewer than one chunk in 10⁶)."""
     return int(need * _POLAR_SURPLUS + 3.0 * math.sqrt(need) + 16)
 
 
@@ -316,11 +315,9 @@ class _Scratch:
     def __init__(self) -> None:
         m = _candidates(_CHUNK_PAIRS)
         self.words = np.empty(2 * m, dtype=np.uint64)
-        self.spare = np.empty(2 * m, dtype=np.uint64)
+        self.spare = np.empty(2 * m)
         self.s = np.empty(m)
         self.keep = np.empty(m, dtype=bool)
-        self.ks, self.ku, self.kv = np.empty(m), np.empty(m), np.empty(m)
-        self.f = np.empty(_CHUNK_PAIRS)
         self.x, self.y = np.empty(_CHUNK_PAIRS), np.empty(_CHUNK_PAIRS)
         self.z = np.empty(_CHUNK_VALUES)
 
