@@ -12,8 +12,8 @@ One call: the client sends its header (a Chunk of its own); once the header (kin
 sender, pin, revocation, replay) passes, the server answers with a signed ``accept``
 message bound to the request's sequence number (one Chunk: header and trailer), and only
 then does the client stream the body (its last Chunk carries the trailer); the reply's
-header rides with its first body piece. So a small exchange is four gRPC messages. So a
-client never sends a model to a server that cannot sign as the roster member it called.
+header rides with its first body piece, so a small exchange is four gRPC messages. A client
+never sends a model to a server that cannot sign as the roster member it called.
 
 Bounded resources: every stream has a server-side deadline (``stream_timeout``; a reaper
 thread cancels a call that has not finished in time -- gRPC Python cannot time out a
