@@ -321,7 +321,8 @@ def main() -> None:
         goal[f"held_{label}"] = all(g[f"meets_target_{label}"] and g[f"ahead_of_opacus_ghost_{label}"]
                                     for g in per_model)
     goal["held_thread_cpu_all_threads"] = all(g["meets_target_thread_cpu_all_threads"] for g in per_model)
-    goal["noise"] = "secure (ChaCha20, 4 Box-Muller summands in float64), drawn one step ahead on a background thread"
+    goal["noise"] = ("secure (ChaCha20, 4 Marsaglia-polar summands in float64), drawn one step ahead on a "
+                     "background thread for model-sized vectors when a CPU is free")
     import opacus
     print(json.dumps({
         "benchmark": "dp_step",

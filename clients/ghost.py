@@ -278,16 +278,14 @@ class _Norm(_Layer):
         m = self.module
         b = a.shape[0]
         if isinstance(m, nn.GroupNorm):  # params per channel (dim 1); sum over the rest
-            def reduce(t: torch.Tensor) -> torch.Tensor:
-                return t.reshape(b, t.shape[1], -1).sum(2)
+            shape, dim = (b, d.shape[1], -1), 2
         else:  # params over the trailing normalized_shape; sum over the middle dims
             assert isinstance(m, nn.LayerNorm)
-            n_param = m.weight.numel() if m.weight is not None else m.bias.numel()
-
-            def reduce(t: torch.Tensor) -> torch.Tensor:
-                return t.reshape(b, -1, n_param).sum(1)
-        g_w = reduce(d * self._normalised(a)) if self.w is not None else None
-        g_b = reduce(d) if self.b is not None else None
+            shape, dim = (b, -1, m.weight.numel() if m.weight is not None else m.bias.numel()), 1
+        dr = d.reshape(shape)
+        # Σ over the summed dims of δ·x̂ as one dot product (no δ·x̂ temporary)
+        g_w = torch.linalg.vecdot(dr, self._normalised(a).reshape(shape), dim=dim) if self.w is not None else None
+        g_b = dr.sum(dim) if self.b is not None else None
         self.record.cache = (g_w, g_b)
         total = torch.zeros(b, dtype=d.dtype, device=d.device)
         for g in (g_w, g_b):
