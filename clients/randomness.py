@@ -215,7 +215,7 @@ class SecureRandom(RandomSource):
         times std/√4, then rounded once to ``dtype``.
         """
         k = self.GAUSSIAN_SUMMANDS
-        out = np.empty(n, dtype=_NUMPY_FLOAT.get(dtype, np.float64))
+        out: np.ndarray = np.empty(n, dtype=_NUMPY_FLOAT.get(dtype, np.float64))
         scale = float(std) / math.sqrt(k)
         buf = _scratch()
         for start in range(0, n, _CHUNK_VALUES):
