@@ -191,11 +191,12 @@ def _analyse(results: list[dict[str, Any]], config: str) -> tuple[list[dict[str,
 
 
 def _across_seeds(per_seed: dict[int, list[dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Per label: per-seed final accuracy, gap and reduction, their means; and the robust best run."""
+    """Per label: per-seed final accuracy, gap and reduction (on the seeds it ran on), their means; and the
+    robust best run (run on every seed, within 1 pp on each)."""
     labels = list(dict.fromkeys(r["label"] for runs in per_seed.values() for r in runs))
     table: dict[str, Any] = {}
     for lab in labels:
-        rows = {seed: next(r for r in runs if r["label"] == lab) for seed, runs in per_seed.items()}
+        rows = {seed: r for seed, runs in per_seed.items() for r in runs if r["label"] == lab}  # seeds it ran on
         reds = [r["reduction_to_within_1pp"] for r in rows.values()]
         gaps = [r["accuracy_gap_pp"] for r in rows.values()]
         table[lab] = {
@@ -209,8 +210,10 @@ def _across_seeds(per_seed: dict[int, list[dict[str, Any]]]) -> tuple[dict[str, 
             "mean_gap_pp": round(sum(gaps) / len(gaps), 2),
             "min_reduction_to_within_1pp": None if any(x is None for x in reds) else min(reds),
             "within_1pp_every_seed": all(g <= GOAL_GAP_PP for g in gaps) and all(x is not None for x in reds),
+            "all_seeds": len(rows) == len(per_seed),
         }
-    robust = [(lab, t) for lab, t in table.items() if not _is_reference(lab) and t["within_1pp_every_seed"]]
+    robust = [(lab, t) for lab, t in table.items()
+              if not _is_reference(lab) and t["all_seeds"] and t["within_1pp_every_seed"]]
     best = max(robust, key=lambda lt: lt[1]["min_reduction_to_within_1pp"], default=None)
     if best is None:
         return table, None
@@ -230,8 +233,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="labels to run (the dense references are always run)")
     ap.add_argument("--seeds", nargs="*", type=int, default=None,
                     help="[simulation].seed values: every run once per seed (default: the config's seed)")
-    ap.add_argument("--merge", nargs="*", help="earlier JSON outputs of this script whose seeds to add to "
-                                                "across_seeds (runs of a seed not run here)")
+    ap.add_argument("--merge", nargs="*", help="earlier JSON outputs of this script whose runs to add (a run "
+                                                "of a seed and label not already here)")
     ap.add_argument("--no-run", action="store_true", help="run nothing: only combine the --merge outputs")
     a = ap.parse_args()
     if a.config is None:
@@ -270,11 +273,15 @@ def main() -> None:
     for earlier in a.merge or []:  # per-seed runs of earlier outputs of this script (same config)
         prev = json.loads(Path(earlier).read_text())
         for seed, rs in (prev.get("runs_per_seed") or {str(prev["seed"]): prev["runs"]}).items():
-            if int(seed) not in analysed:
-                analysed[int(seed)] = (rs, {r["strategy"]: r for r in rs if _is_reference(r["label"])},
-                                       bool(prev["epsilon_equal"]))
+            have = analysed.get(int(seed), ([], {}, True))
+            labels_had = {r["label"] for r in have[0]}
+            new = [r for r in rs if r["label"] not in labels_had]  # a seed's runs are deterministic: one copy
+            if new:
+                merged = [*have[0], *new]
+                analysed[int(seed)] = (merged, {r["strategy"]: r for r in merged if _is_reference(r["label"])},
+                                       have[2] and bool(prev["epsilon_equal"]))
                 epsilon_equal = epsilon_equal and bool(prev["epsilon_equal"])
-                epsilons |= {round(r["epsilon_max"], 9) for r in rs}
+                epsilons |= {round(r["epsilon_max"], 9) for r in new}
     if not analysed:
         raise SystemExit("nothing to report: give runs to make, or --merge earlier outputs")
     epsilon_equal = epsilon_equal and len(epsilons) == 1
