@@ -11,8 +11,8 @@ The run: ``strategy.step()`` in a loop until ``stop.max_steps`` local DP steps (
 from the ledger, so across restarts), ``stop.max_seconds``, ``stop.target_accuracy``, a
 signal, or the budget (a strategy whose exchanges run on a communication thread beside the
 next step, ``[strategy].params.overlap``, is ``settle()``-d at stop and before every checkpoint:
-nothing stays in flight, and an exchange's error surfaces). Budget exhausted: fail closed — no further step and no further
-model leaves the node (incoming exchanges are refused). Otherwise, once every neighbour
+nothing stays in flight, and an exchange's error surfaces). Budget exhausted: fail closed —
+no further step and no further model leaves the node (incoming exchanges are refused). Otherwise, once every neighbour
 has finished training, active nodes do ``node.consensus_exchanges`` pure pairwise
 averages (post-processing of already-noised models: no privacy cost) so the hospitals
 end with (nearly) the same model; each node waits for its neighbours' goodbye before it
