@@ -249,7 +249,7 @@ def _still_serves(pair: _Pair) -> None:
 @pytest.fixture(scope="module")
 def node_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("pki")
-    init_consortium("ctc", ["h-a", "h-b"], d, base_port=47300)
+    init_consortium("ctc", ["h-a", "h-b"], d, base_port=47320)
     return d
 
 

@@ -214,7 +214,7 @@ def test_ranks_config_refusals_name_the_field(tmp_path: Path) -> None:
     from privfl.pki import init_consortium
     from privfl.ranks import rank_place
 
-    init_consortium("unit", ["h-a"], tmp_path / "pki", base_port=47300)
+    init_consortium("unit", ["h-a"], tmp_path / "pki", base_port=47350)
     pki = tmp_path / "pki"
 
     def load(node: dict, **extra: dict) -> None:

@@ -38,7 +38,7 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("pki")
-    init_consortium("models", NODES, d, base_port=47300, policy=Policy(min_noise_multiplier=0.8, max_epsilon=5.0))
+    init_consortium("models", NODES, d, base_port=47340, policy=Policy(min_noise_multiplier=0.8, max_epsilon=5.0))
     return d
 
 

@@ -106,8 +106,9 @@ def test_rolled_back_node_is_refused_by_its_live_peers(tmp_path: Path) -> None:
     """Kill a node mid-run, cut its ledger back to half, delete its checkpoint, restart it
     while its neighbours run: it asks them for the heads they hold and refuses to train."""
     cfg = patched_copy(EXAMPLE, tmp_path / "consortium.toml", [
-        ("planned_steps = 150", "planned_steps = 600"), ("max_steps = 150 ", "max_steps = 600 "),
-        ("max_seconds = 120.0", "max_seconds = 60.0"),
+        # the peers must still run when the victim comes back (it asks them), however slow the
+        # machine: more steps than fit in their 120 s; the test stops them once the victim has answered
+        ("planned_steps = 150", "planned_steps = 5000"), ("max_steps = 150 ", "max_steps = 5000 "),
         ('runs_dir = "runs"', f'runs_dir = "{tmp_path / "runs"}"'),
         ("checkpoint_every = 5.0", "checkpoint_every = 0.5\nwait_for_peers = 30.0"),
     ])
@@ -131,8 +132,7 @@ def test_rolled_back_node_is_refused_by_its_live_peers(tmp_path: Path) -> None:
         (d / "checkpoint.pt").unlink(missing_ok=True)
         assert any(procs.poll()[n] is None for n in plan.node_ids if n != VICTIM), "the peers ended too early"
         procs.start(VICTIM)
-        assert procs.wait(60) or procs.poll()[VICTIM] is not None
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90  # the victim alone; its peers run on until cleanup
         while procs.poll()[VICTIM] is None and time.monotonic() < deadline:
             time.sleep(0.1)
         log_text = (d / "node.log").read_text()
