@@ -62,3 +62,46 @@ def test_three_nodes_gossip_quantised_models(tmp_path: Path) -> None:
         assert len(sizes) >= 2 * (STEPS // 2) - 2, (nid, sizes)  # to both neighbours, (nearly) every round
         assert set(sizes) == {QUANT8_BYTES} and QUANT8_BYTES < DENSE_BYTES, (nid, sizes)
         assert 0 < e["bytes_received"]
+
+
+def _async_subspace_config(tmp_path: Path) -> Path:
+    """Async gossip on a fixed public mask (half of logreg's 62 coordinates), 4-bit offsets from
+    the shared initial model, exchanges on a communication thread beside training (``overlap``)."""
+    mask = f"fraction = 0.5, seed = 7, period = {STEPS}"
+    return patched_copy(EXAMPLE, tmp_path / "consortium.toml", [
+        ('nodes = ["st-mary", "general", "childrens", "university"]', f"nodes = {json.dumps(NODES)}"),
+        ("timeout = 300.0", "timeout = 90.0"),
+        ("planned_steps = 150", f"planned_steps = {STEPS}\nsubspace = {{ {mask} }}\nengine = \"opacus\""),
+        ("max_steps = 150 ", f"max_steps = {STEPS} "),
+        ('name = "async_gossip"\nlocal_steps = 5',
+         'name = "async_gossip"\nlocal_steps = 2\nparams = { compressor = "subspace", fraction = 0.5, '
+         f'public_seed = 7, period = {STEPS}, bits = 4, overlap = true }}'),
+        ('runs_dir = "runs"', f'runs_dir = "{tmp_path / "runs"}"'),
+    ])
+
+
+@pytest.mark.timeout(120)
+def test_three_nodes_async_gossip_on_a_public_subspace_with_overlap(tmp_path: Path) -> None:
+    """Real node processes: every exchange request and reply the ledgers record is the 4-bit
+    frame of the mask's values, and the final models never left the public initial model off the mask."""
+    from privfl.launch import load_model
+    from privfl.strategies.compression.subspace import SubspaceK
+    from privfl.strategies.compression.subspace_exchange import SubspaceExchange
+
+    summary = launch_consortium(_async_subspace_config(tmp_path), progress=False, run_name="e2e-async-sub")
+    nodes = summary["nodes"]
+    assert set(nodes) == set(NODES)
+    run_dir = Path(summary["run_dir"])
+    init = load_model(run_dir / NODES[0] / "initial_model.npz")
+    exchange = SubspaceExchange("test", SubspaceK(fraction=0.5, public_seed=7, period=STEPS, bits=4), init, STEPS)
+    frame = len(exchange.encode(init).to_bytes())
+    assert frame < DENSE_BYTES
+    for nid, e in nodes.items():
+        assert e["exit_code"] == 0, (nid, e)
+        assert e["steps"] == STEPS, (nid, e)
+        assert e["audit_ok"], (nid, e.get("audit_issue"))
+        assert e["audit_epsilon"] == pytest.approx(e["epsilon"], rel=1e-6)
+        sizes = _message_sizes(run_dir / nid / "ledger.jsonl")
+        assert sizes and set(sizes) == {frame}, (nid, sizes)
+        assert 0 < e["bytes_received"], (nid, e)  # exchanges completed, not only requests sent
+        assert exchange.off_mask_at_init(load_model(run_dir / nid / "final_model.npz")), nid
