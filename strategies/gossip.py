@@ -33,7 +33,7 @@ from privfl.accounting.errors import ConfigError
 from privfl.strategies.background import Background
 from privfl.strategies.base import ModelMessage, NodeStrategy, Params, PeerNetwork, StepReport
 
-__all__ = ["AsyncGossip", "ErrorFeedbackGossip", "SyncGossip", "average_pair", "params_compatible"]
+__all__ = ["AsyncGossip", "ErrorFeedbackGossip", "SyncGossip", "async_settings", "average_pair", "params_compatible"]
 
 log = logging.getLogger("privfl.gossip")
 
@@ -72,6 +72,23 @@ def _local_steps(config: Mapping[str, Any]) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ConfigError(f"strategy.local_steps must be a positive integer, got {k!r}")
     return int(k)
+
+
+def async_settings(params: Mapping[str, Any], where: str = "[strategy].params") -> tuple[int, float | None, bool]:
+    """AsyncGossip's ``exchanges_per_step``, ``train_seconds`` and ``overlap``, checked (the registry checks a
+    config with it when it is read, the class when it is built); ConfigError naming ``<where>.<key>``."""
+    k = params.get("exchanges_per_step", 1)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"{where}.exchanges_per_step: must be an integer >= 1 (pairwise averages after each "
+                          f"local step), got {k!r}")
+    d = params.get("train_seconds")
+    if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d < math.inf):
+        raise ConfigError(f"{where}.train_seconds: must be a positive number of seconds (the training deadline), "
+                          f"got {d!r}")
+    overlap = params.get("overlap", False)
+    if not isinstance(overlap, bool):
+        raise ConfigError(f"{where}.overlap: must be true or false, got {overlap!r}")
+    return int(k), None if d is None else float(d), overlap
 
 
 class _GossipBase(NodeStrategy):
@@ -214,20 +231,8 @@ class AsyncGossip(_GossipBase):
         self.consensus_exchanges = int(self.config.get("consensus_exchanges", 0))
         if self.consensus_exchanges < 0:
             raise ConfigError(f"async_gossip: consensus_exchanges must be >= 0, got {self.consensus_exchanges}")
-        k = self.config.get("exchanges_per_step", 1)
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ConfigError(f"async_gossip: exchanges_per_step must be an integer >= 1, got {k!r}")
-        self.exchanges_per_step = int(k)
-        deadline = self.config.get("train_seconds")
-        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
-                                     or not 0 < deadline < math.inf):
-            raise ConfigError(f"async_gossip: train_seconds must be a positive number of seconds, got {deadline!r}")
-        self.train_seconds = None if deadline is None else float(deadline)
+        self.exchanges_per_step, self.train_seconds, self.overlaps_communication = async_settings(self.config)
         self._start = network.now() if self.train_seconds is not None else 0.0
-        overlap = self.config.get("overlap", False)
-        if not isinstance(overlap, bool):
-            raise ConfigError(f"[strategy].params.overlap: must be true or false, got {overlap!r}")
-        self.overlaps_communication = overlap
         self._inflight: Background[tuple[int, int, list[str]]] | None = None  # the last step's exchanges
         self._next_start: tuple[Params, int] | None = None  # (snapshot, version) the next step trains from
         self._version = 0  # bumped by every change to self.params made by an exchange

@@ -37,7 +37,7 @@ from privfl.strategies.compression.params import (
 from privfl.strategies.compression.subspace import SubspaceK
 from privfl.strategies.compression.subspace_exchange import ASYNC_SUBSPACE_KEYS, async_subspace_params
 from privfl.strategies.federated import FedAvgConfig, FederatedAveraging
-from privfl.strategies.gossip import AsyncGossip, SyncGossip
+from privfl.strategies.gossip import AsyncGossip, SyncGossip, async_settings
 from privfl.strategies.periodic import AdaptivePeriod, AllReduce, PeriodicAveraging
 from privfl.strategies.topology import Topology
 
@@ -222,16 +222,7 @@ _ASYNC_KEYS = frozenset({"local_steps", "seed", "consensus_exchanges", "compress
 def _check_async_gossip(name: str, params: Mapping[str, Any]) -> None:
     async_subspace_params(params, WHERE)  # only "subspace" (a fixed public mask's k values)
     check_strategy_keys(name, params, _ASYNC_KEYS, where=WHERE)
-    k = params.get("exchanges_per_step", 1)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"{WHERE}.exchanges_per_step: must be an integer >= 1 (pairwise averages after each "
-                          f"local step), got {k!r}")
-    d = params.get("train_seconds")
-    if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d < math.inf):
-        raise ConfigError(f"{WHERE}.train_seconds: must be a positive number of seconds (the training deadline), "
-                          f"got {d!r}")
-    if not isinstance(params.get("overlap", False), bool):
-        raise ConfigError(f"{WHERE}.overlap: must be true or false, got {params['overlap']!r}")
+    async_settings(params, WHERE)
 
 
 def _build_async_gossip(b: StrategyBuild) -> NodeStrategy:
