@@ -171,6 +171,17 @@ def raw_stub(pki: Pki, identity: NodeIdentity, port: int) -> tuple[grpc.Channel,
     return ch, ch.stream_stream(METHOD)
 
 
+def raw_refused(pki: Pki, identity: NodeIdentity, port: int, chunks: list[bytes]) -> grpc.RpcError:
+    """Send raw ``chunks`` on one stream from ``identity``; the RpcError the server ends it with."""
+    ch, call = raw_stub(pki, identity, port)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(iter(chunks), timeout=5))
+    finally:
+        ch.close()
+    return info.value
+
+
 # --------------------------------------------------------------------------- happy path
 
 
@@ -478,14 +489,9 @@ def test_old_version_peer_refused_with_a_clear_error(pki: Pki, server, caplog) -
     old = [pb.Chunk(header=enc.header).SerializeToString()]  # v1 framing: one part per Chunk
     old += [pb.Chunk(data=bytes(b)).SerializeToString() for b in enc.buffers]
     old.append(pb.Chunk(trailer=signer.seal(enc.header, enc.compute_digest(), None)).SerializeToString())
-    ch, call = raw_stub(pki, idn, srv.port)
-    try:
-        with pytest.raises(grpc.RpcError) as info:
-            list(call(iter(old), timeout=5))
-    finally:
-        ch.close()
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert info.value.details() == ("peer speaks wire version 1, this node speaks 2: run the same privfl "
+    err = raw_refused(pki, idn, srv.port, old)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == ("peer speaks wire version 1, this node speaks 2: run the same privfl "
                                     "release on every node")
     assert not handler.seen
     assert any("refused message from h1" in r.getMessage() and "wire version 1" in r.getMessage()
@@ -534,13 +540,7 @@ def test_tampered_digest_refused(pki: Pki, server, caplog) -> None:  # noqa: ANN
     enc = signed(pki, Message("exchange_request", 0, model()), "h1", "h2", time.time_ns() // 1000)
     chunks = list(iter_chunks(enc))
     chunks[-1] = retrail(chunks[-1], pb.Trailer(model_digest=b"\0" * 32))
-    ch, call = raw_stub(pki, ident(pki, "h1"), srv.port)
-    try:
-        with pytest.raises(grpc.RpcError) as info:
-            list(call(iter(chunks), timeout=5))
-    finally:
-        ch.close()
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raw_refused(pki, ident(pki, "h1"), srv.port, chunks).code() == grpc.StatusCode.INVALID_ARGUMENT
     assert any("digest mismatch" in r.getMessage() for r in caplog.records)
     assert not handler.seen
 
