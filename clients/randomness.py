@@ -51,6 +51,7 @@ that into its ledger and ``privfl audit`` fails a seeded ledger unless told othe
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -167,14 +168,16 @@ class SecureRandom(RandomSource):
         """``pairs`` (≤ :data:`_CHUNK_PAIRS`) independent pairs (x, y) of N(0, 1) float64 values (polar method).
 
         Each candidate point (u, v) takes two fresh 64-bit keystream words; each coordinate
-        is a 53-bit uniform on (−1, 1): ±(2j+1)·2⁻⁵³, with j the word's low 52 bits (a
-        float in [1, 2) built from them, minus 1 − 2⁻⁵³: exact) and the sign its top bit.
-        A point with s = u² + v² < 1 is kept (s > 0 always: no coordinate is 0) and gives
-        x = u·√(−2 ln s / s), y = v·√(−2 ln s / s). Candidates come in one batch with a
-        surplus (π/4 of them are kept on average); if that falls short, a further batch of
-        fresh words draws the rest. Kept points are used in keystream order, each once;
-        rejected ones and any surplus are dropped. Returns views into ``buf`` (this
-        thread's scratch), valid until its next use.
+        is a 53-bit uniform on (−1, 1): u = t·2⁻⁵³ with t = 2k + 1 the odd integer made of
+        the word's top 53 bits k read as a signed integer (an arithmetic shift, then the
+        low bit set; |t| < 2⁵³, so t is exact in float64). A point with s = u² + v² < 1 is
+        kept (s > 0 always: t is odd) and gives x = u·√(−2 ln s / s), y = v·√(−2 ln s / s).
+        The arithmetic runs on t, T = t² + t'² and powers of two, so every rounding is that
+        of the same formula on u and v: (t·2⁻⁵³)² = t²·2⁻¹⁰⁶ and √(a·2⁻¹⁰⁶) = √a·2⁻⁵³
+        exactly. Candidates come in one batch with a surplus (π/4 of them are kept on
+        average); if that falls short, a further batch of fresh words draws the rest. Kept
+        points are used in keystream order, each once; rejected ones and any surplus are
+        dropped. Returns views into ``buf`` (this thread's scratch), valid until its next use.
         """
         xs, ys = buf.x[:pairs], buf.y[:pairs]
         spare = buf.spare
@@ -182,24 +185,25 @@ class SecureRandom(RandomSource):
         while got < pairs:
             need = pairs - got
             m = _candidates(need)
-            w = self._words(2 * m, buf.words)
-            w &= _SIGN_AND_MANTISSA
-            w |= _ONE_BITS  # ±[1, 2): the sign bit and 52 mantissa bits of the word, exponent 0
-            u = w.view(np.float64)
-            u -= np.copysign(_ONE_MINUS_HALF_ULP, u, out=spare[:2 * m])  # ±(2j + 1)·2⁻⁵³, exact
+            t = self._words(2 * m, buf.words).view(np.int64)
+            np.right_shift(t, _SHIFT10, out=t)  # the word's top 54 bits, signed
+            np.bitwise_or(t, 1, out=t)  # top 53 bits k → t = 2k + 1, odd, |t| < 2⁵³
+            u = buf.words.view(np.float64)[:2 * m]
+            np.copyto(u, t, casting="unsafe")  # in place, exact (numpy copes with the overlap)
             uu, vv = u[:m], u[m:]
             s = np.square(uu, out=buf.s[:m])
-            s += np.square(vv, out=spare[:m])
-            keep = np.flatnonzero(np.less(s, 1.0, out=buf.keep[:m]))[:need]
+            s += np.square(vv, out=spare[:m])  # T = (u² + v²)·2¹⁰⁶, the same roundings
+            keep = np.flatnonzero(np.less(s, _TWO_106, out=buf.keep[:m]))[:need]
             k = keep.size
             ku = np.take(uu, keep, out=spare[:k])
-            ks = np.take(s, keep, out=spare[k:2 * k])
-            kv = np.take(vv, keep, out=u[:k])  # uu is no longer needed; vv = u[m:] does not overlap
-            f = np.log(ks, out=buf.s[:k])  # s is no longer needed
+            kv = np.take(vv, keep, out=spare[k:2 * k])
+            ks = np.take(s, keep, out=u[:k])  # u is no longer needed (ku, kv are copies)
+            ks *= _TWO_M106  # s, exactly
+            f = np.log(ks, out=buf.s[:k])  # s (T) is no longer needed
             f /= ks
-            f *= -2.0
+            f *= _MINUS_TWO_M105  # −2 ln s / s · 2⁻¹⁰⁶: its root is √(−2 ln s / s)·2⁻⁵³, exactly
             np.sqrt(f, out=f)
-            np.multiply(ku, f, out=xs[got:got + k])
+            np.multiply(ku, f, out=xs[got:got + k])  # t·2⁻⁵³·√(−2 ln s / s) = u·√(−2 ln s / s)
             np.multiply(kv, f, out=ys[got:got + k])
             got += k
         return xs, ys
@@ -255,20 +259,21 @@ class SecureRandom(RandomSource):
 
     def normal_like_each(self, std: float, refs: list[torch.Tensor]) -> list[torch.Tensor]:
         """One draw for all of ``refs`` (many small parameters cost one call), prefetched when on."""
-        sizes = [r.numel() for r in refs]
         if not refs:
             return []
         dtype = refs[0].dtype
+        layout = _layout(tuple(r.shape for r in refs))
+        total = layout[-1][2] + math.prod(layout[-1][0])
         if any(r.dtype != dtype for r in refs):
-            flat = self._standard_normal(sum(sizes), std)
-            return [part.view(r.shape).to(device=r.device, dtype=r.dtype)
-                    for part, r in zip(torch.split(flat, sizes), refs)]
-        key = (sum(sizes), float(std), dtype)
+            flat = self._standard_normal(total, std)
+            return [flat.as_strided(shape, stride, offset).to(device=r.device, dtype=r.dtype)
+                    for (shape, stride, offset), r in zip(layout, refs)]
+        key = (total, float(std), dtype)
         with self._ahead_lock:
             flat = self._take(key)
-            if self.draws_ahead(key[0]):
+            if self.draws_ahead(total):
                 self._ahead = (key, _executor().submit(self._scaled, *key))
-        parts = [part.view(r.shape) for part, r in zip(torch.split(flat, sizes), refs)]
+        parts = [flat.as_strided(shape, stride, offset) for shape, stride, offset in layout]
         return parts if all(r.device.type == "cpu" for r in refs) else [p.to(r.device) for p, r in zip(parts, refs)]
 
     def draws_ahead(self, n: int) -> bool:
@@ -291,9 +296,10 @@ _LIVE_SECURE: weakref.WeakSet[SecureRandom] = weakref.WeakSet()
 _EXECUTOR: ThreadPoolExecutor | None = None
 _ZEROS = b""
 _SHIFT11 = np.uint64(11)  # a 64-bit word's top 53 bits
-_SIGN_AND_MANTISSA = np.uint64(0x800FFFFFFFFFFFFF)  # a float64's sign bit and 52 mantissa bits
-_ONE_BITS = np.uint64(0x3FF0000000000000)  # the exponent bits of 1.0
-_ONE_MINUS_HALF_ULP = 1.0 - 2.0**-53
+_SHIFT10 = np.int64(10)  # a 64-bit word's top 54 bits
+_TWO_106 = 2.0**106  # s < 1 for T = s·2¹⁰⁶
+_TWO_M106 = 2.0**-106
+_MINUS_TWO_M105 = -(2.0**-105)
 _TWO_M53 = 1.0 / (1 << 53)
 #: polar candidates drawn per pair needed: 1/(π/4) kept on average (plus a surplus, see _polar_pairs)
 _POLAR_SURPLUS = 4.0 / math.pi
@@ -301,6 +307,20 @@ _NUMPY_FLOAT: dict[torch.dtype, type] = {torch.float64: np.float64, torch.float3
 #: outputs drawn per chunk (even): bounds the scratch (about 1 MiB per thread) and keeps it in cache
 _CHUNK_VALUES = 1 << 13
 _CHUNK_PAIRS = 2 * _CHUNK_VALUES  # GAUSSIAN_SUMMANDS / 2 pairs per output
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(shapes: tuple[torch.Size, ...]) -> list[tuple[torch.Size, tuple[int, ...], int]]:
+    """(shape, contiguous strides, offset) of each tensor of ``shapes`` laid end to end in one flat vector."""
+    out, offset = [], 0
+    for shape in shapes:
+        strides, step = [], 1
+        for d in reversed(shape):
+            strides.append(step)
+            step *= d
+        out.append((shape, tuple(reversed(strides)), offset))
+        offset += math.prod(shape)
+    return out
 
 
 def _candidates(need: int) -> int:
