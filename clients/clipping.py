@@ -42,17 +42,19 @@ class ClippingRule(ABC):
     def weights(self, norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
         """Per-sample weights (``norms``' dtype); every ``norms[i] * weights[i]`` is below ``max_grad_norm``."""
         dtype = norms.dtype if norms.dtype in (torch.float32, torch.float64) else torch.float64
-        c = float(max_grad_norm)
         n = norms.detach().to(dtype)
-        tiny = torch.finfo(dtype).tiny
         if n.device.type == "cpu":
-            a = n.numpy()
-            cap = np.maximum(a, tiny)
-            np.divide(c * (1.0 - CLIP_MARGIN), cap, out=cap)
-            w = np.minimum(self.raw_weights(a, c), cap, out=cap)
-            return torch.from_numpy(w).to(norms.dtype)
-        cap_t = c * (1.0 - CLIP_MARGIN) / n.clamp(min=tiny)
-        return torch.minimum(self.raw_weights(n, c), cap_t).to(norms.dtype)
+            return torch.from_numpy(self.capped_weights(n.numpy(), float(max_grad_norm))).to(norms.dtype)
+        return self.capped_weights(n, float(max_grad_norm)).to(norms.dtype)
+
+    def capped_weights(self, norms: Norms, max_grad_norm: float) -> Norms:
+        """min(w(n), C·(1 − CLIP_MARGIN)/n) in ``norms``' float dtype, for a tensor or a numpy array."""
+        if isinstance(norms, torch.Tensor):
+            cap = max_grad_norm * (1.0 - CLIP_MARGIN) / norms.clamp(min=torch.finfo(norms.dtype).tiny)
+            return torch.minimum(self.raw_weights(norms, max_grad_norm), cap)
+        cap_a = np.maximum(norms, np.finfo(norms.dtype).tiny)
+        np.divide(max_grad_norm * (1.0 - CLIP_MARGIN), cap_a, out=cap_a)
+        return np.minimum(self.raw_weights(norms, max_grad_norm), cap_a, out=cap_a)
 
     @abstractmethod
     def raw_weights(self, norms: Norms, max_grad_norm: float) -> Norms:

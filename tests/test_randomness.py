@@ -61,6 +61,24 @@ def test_secure_gaussians_are_standard_normal_and_independent():
         _check_standard_normal(z * (np.abs(z) <= 3.0))
 
 
+def test_polar_pairs_are_the_textbook_formula_on_53_bit_uniforms(monkeypatch):
+    """Bit for bit: u = (2k + 1)·2⁻⁵³ from each word's top 53 bits k (signed), s = u² + v² < 1 kept in order,
+    x = u·√(−2 ln s / s) — the integer and power-of-two arithmetic of the sampler rounds exactly as this does."""
+    a, b = _fixed_key_sources(monkeypatch, 2)
+    pairs = 5000
+    xs, ys = a._polar_pairs(pairs, randomness._scratch())
+    m = randomness._candidates(pairs)
+    t = (b._words(2 * m).view(np.int64) >> 10) | 1
+    u = t.astype(np.float64) * 2.0**-53
+    assert np.all(np.abs(u) < 1) and np.all(u != 0) and np.unique(np.abs(t) % 2).tolist() == [1]
+    uu, vv = u[:m], u[m:]
+    s = uu * uu + vv * vv
+    keep = np.flatnonzero(s < 1)[:pairs]
+    assert keep.size == pairs  # one batch sufficed for this key
+    f = np.sqrt(-2.0 * np.log(s[keep]) / s[keep])
+    assert np.array_equal(xs, uu[keep] * f) and np.array_equal(ys, vv[keep] * f)
+
+
 def test_polar_top_up_draws_fresh_words_and_keeps_the_law(monkeypatch):
     """Batches far too small for their need: every chunk tops up several times, still N(0, 1)."""
     calls: list[int] = []
