@@ -28,10 +28,12 @@ A trainable parameter in a layer type this engine does not know raises
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -159,6 +161,22 @@ class _Conv2d(_Layer):
                               f"{module.padding_mode!r}; only numeric zero padding is supported")
         self.w = _trained(module.weight)
         self.b = _trained(module.bias)
+        self._placeholder: torch.Tensor | None = None  # see _weight_placeholder
+
+    def _weight_placeholder(self, a: torch.Tensor, o: int) -> torch.Tensor:
+        """A contiguous (B·O, C, kh, kw) tensor standing for the grouped convolution's weight.
+
+        Only its shape matters (the weight gradient never reads the weight), but an expanded
+        one-element tensor made oneDNN copy it and take a ~4× slower path. One zeroed buffer of
+        the largest batch seen so far is kept (Poisson batches vary in size) and viewed.
+        """
+        m: nn.Conv2d = self.module  # type: ignore[assignment]
+        shape = (a.shape[0] * o, a.shape[1], *m.kernel_size)
+        n = math.prod(shape)
+        buf = self._placeholder
+        if buf is None or buf.numel() < n or buf.dtype != a.dtype or buf.device != a.device:
+            buf = self._placeholder = a.new_zeros(n)
+        return buf[:n].view(shape)
 
     def norm_sq(self, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         m: nn.Conv2d = self.module  # type: ignore[assignment]
@@ -166,7 +184,8 @@ class _Conv2d(_Layer):
         dT = d.reshape(b, d.shape[1], -1)  # (B, O, L)
         k = a.shape[1] * m.kernel_size[0] * m.kernel_size[1] if self.w is not None else 0
         method = CONV_METHOD if CONV_METHOD != "auto" else ("grouped" if k >= GROUPED_CONV_MIN_COLS else "unfold")
-        grouped = (lambda: _grouped_weight_grad(a, d, m)) if method == "grouped" else None
+        grouped = ((lambda: _grouped_weight_grad(a, d, m, self._weight_placeholder(a, d.shape[1])))
+                   if method == "grouped" else None)
         self.record.cache = _SeqCache(dT, k, self.b is not None, lambda: _unfold(a, m), grouped)
         return self.record.cache.norm_sq()
 
@@ -175,18 +194,22 @@ class _Conv2d(_Layer):
         self.record.cache.clipped_sum(coef, self.w, self.b, noise)
 
 
-def _grouped_weight_grad(x: torch.Tensor, d: torch.Tensor, m: nn.Conv2d) -> torch.Tensor:
+def _grouped_weight_grad(x: torch.Tensor, d: torch.Tensor, m: nn.Conv2d,
+                         weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample weight gradients (B·O, C, kh, kw): the batch as B convolution groups.
 
     One weight-gradient convolution (oneDNN on CPU) with no explicit unfold; it costs about
     what the non-private weight gradient costs, which the fast engine never computes.
+    ``weight``: a contiguous tensor of that shape whose values are never read (made here if
+    not given; a layer passes its reused one).
     """
     b, c = x.shape[:2]
     o = d.shape[1]
-    shape = (b * o, c, *m.kernel_size)
+    if weight is None:
+        weight = x.new_zeros((b * o, c, *m.kernel_size))
     return torch.ops.aten.convolution_backward(
         d.reshape(1, b * o, *d.shape[2:]), x.reshape(1, b * c, *x.shape[2:]),
-        x.new_empty(1).expand(shape), None, list(m.stride), list(m.padding), list(m.dilation),  # type: ignore[arg-type]
+        weight, None, list(m.stride), list(m.padding), list(m.dilation),  # type: ignore[arg-type]
         False, [0, 0], b, [False, True, False])[1]
 
 
@@ -427,10 +450,14 @@ class GhostGradModule(nn.Module):
             s = la.norm_sq(a, d)
             total = s if total is None else total.add_(s)  # the first layer's fresh (B,) tensor, summed into
         assert total is not None
-        norms = total.sqrt_()
-        if self.loss_reduction == "mean":  # δ is the gradient of the *mean* loss: undo the 1/n
-            norms.mul_(n)
-        return norms
+        k = n if self.loss_reduction == "mean" else 1  # δ is the gradient of the *mean* loss: undo the 1/n
+        if total.device.type == "cpu":  # a fresh (B,) tensor: numpy's sqrt and product, the same IEEE ops
+            t = total.numpy()
+            np.sqrt(t, out=t)
+            if k != 1:
+                t *= k
+            return total
+        return total.sqrt_().mul_(k)
 
     def write_clipped_sum(self, coef: torch.Tensor, noise: dict[nn.Parameter, torch.Tensor]) -> None:
         """Set ``p.grad = noise[p] + Σ_i coef_i·δ-level per-sample gradient`` for every trainable p.
