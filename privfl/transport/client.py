@@ -332,13 +332,18 @@ class GossipClient:
         proceed = [False]
 
         def requests():  # consumed by a gRPC thread: header, then the body only after the accept
-            chunks = iter_chunks(enc, header_alone=True)  # the body waits for the accept
+            # the body waits for the accept; meanwhile this thread hashes it ahead (until ``go``)
+            chunks = iter_chunks(enc, header_alone=True, ready=go)
             first = next(chunks)
             sent[0] += len(first)
             yield first
+            body = next(chunks, None)  # returns once ``go`` is set (or the body is hashed)
             go.wait(max(0.0, deadline - time.monotonic()))
             if not proceed[0]:
                 return
+            if body is not None:
+                sent[0] += len(body)
+                yield body
             for raw in chunks:
                 sent[0] += len(raw)
                 yield raw
