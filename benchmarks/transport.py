@@ -310,10 +310,13 @@ class _Remote:
                                  name="bench-transport-server", daemon=True)
         self._proc.start()
         child.close()
-        if not self._conn.poll(start_timeout):
+        try:
+            if not self._conn.poll(start_timeout):
+                raise RuntimeError(f"server process {self._proc.pid} did not start within {start_timeout} s")
+            self.port, self.bare_port = self._conn.recv()
+        except (EOFError, RuntimeError):
             self.stop()
-            raise RuntimeError(f"server process {self._proc.pid} did not start within {start_timeout} s")
-        self.port, self.bare_port = self._conn.recv()
+            raise
 
     def _ask(self, what: str, arg: object = None) -> object:
         self._conn.send((what, arg))
@@ -441,7 +444,7 @@ def run(sizes_mb: list[int], repeats: int, mode: str = "default",
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes-mb", default="0,10,40", help="0 = a tiny 4 KiB model (latency-bound)")
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated of {MODES}")
     ap.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated of {LAYOUTS}")
     args = ap.parse_args()
