@@ -118,23 +118,27 @@ class RandomSource(ABC):
 class SecureRandom(RandomSource):
     """ChaCha20 keystream keyed from ``os.urandom``: unpredictable, never reproducible.
 
-    ``prefetch`` (on by default): after each :meth:`normal_like_each` of at least
-    :attr:`PREFETCH_MIN_VALUES` values, and while torch leaves a CPU free (its intra-op
-    threads fewer than this process's CPUs), a background thread draws the next vector of
-    the same size and σ, so the next step finds its noise ready. Smaller vectors cost less
-    than handing them to a thread, and a thread competing with torch's own would slow the
-    step, so those are drawn when asked for.
+    ``prefetch`` (on by default): while torch leaves a CPU free (its intra-op threads fewer
+    than this process's CPUs), a background thread draws the noise of the coming steps —
+    after each :meth:`normal_like_each`, the next vectors of the same size and σ, in one
+    batch of at least :attr:`PREFETCH_BATCH_VALUES` values (one vector if it is that big,
+    else as many as fill it) — so a step finds its noise ready. One vector per background
+    call cost a small model more than drawing it in the step (each numpy call of the
+    background thread hands the GIL back and forth with the training thread); a batch
+    makes those calls rare per step. Without a free CPU everything is drawn when asked for.
     The noise does not depend on data; it is drawn from this source's own keystream, lives
-    only in memory (never in a checkpoint or on disk) and is used once or dropped (a
-    different size or σ, or a step the budget refuses, draws afresh). A forked child
-    re-keys its streams and drops what its parent prefetched (see :func:`_after_fork`).
+    only in memory (never in a checkpoint or on disk), and each vector of a batch is served
+    once or dropped (a different size or σ drops the rest of the batch and draws afresh; a
+    step the budget refuses takes none). A forked child re-keys its streams and drops what
+    its parent drew ahead (see :func:`_after_fork`).
     """
 
     kind: RandomnessKind = "secure"
     #: polar-method samples summed per released Gaussian value (2n with n = 2; see module doc)
     GAUSSIAN_SUMMANDS = 4
-    #: the range of noise-vector sizes (values) drawn ahead; others are drawn when asked for
-    PREFETCH_MIN_VALUES = 1 << 14
+    #: the least number of values one background call draws ahead (a batch of whole vectors)
+    PREFETCH_BATCH_VALUES = 1 << 16
+    #: noise vectors larger than this (values) are drawn when asked for, never ahead
     PREFETCH_MAX_VALUES = 1 << 24
 
     def __init__(self, prefetch: bool = True) -> None:
@@ -149,7 +153,7 @@ class SecureRandom(RandomSource):
         self._stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
         self._lock = threading.Lock()  # the keystream is read by the caller and the prefetch thread
         self._ahead_lock = threading.Lock()  # one caller at a time takes what was drawn ahead (used once)
-        self._ahead: tuple[tuple[int, float, torch.dtype], Future[torch.Tensor]] | None = None
+        self._ahead: list[_Batch] = []  # batches drawn ahead, in order: the one being served first
 
     def _words(self, n: int, out: np.ndarray | None = None) -> np.ndarray:
         """n uint64 words of keystream (ChaCha20 of zeros, written straight into ``out`` or a new array)."""
@@ -272,23 +276,42 @@ class SecureRandom(RandomSource):
         with self._ahead_lock:
             flat = self._take(key)
             if self.draws_ahead(total):
-                self._ahead = (key, _executor().submit(self._scaled, *key))
-        parts = [flat.as_strided(shape, stride, offset) for shape, stride, offset in layout]
+                count = -(-self.PREFETCH_BATCH_VALUES // total) if total else 1
+                # two batches of several vectors (the next is drawn while this one is served), else one vector
+                while len(self._ahead) < (2 if count > 1 else 1):
+                    self._ahead.append(_Batch(key, _executor().submit(self._scaled, total * count, *key[1:]), count))
+        base = flat.storage_offset()  # a vector of a batch starts inside the batch's storage
+        parts = [flat.as_strided(shape, stride, base + offset) for shape, stride, offset in layout]
         return parts if all(r.device.type == "cpu" for r in refs) else [p.to(r.device) for p, r in zip(parts, refs)]
 
     def draws_ahead(self, n: int) -> bool:
-        """Whether a noise vector of ``n`` values is drawn ahead now (prefetch on, model-sized, a CPU free)."""
-        return self.prefetch and self.PREFETCH_MIN_VALUES <= n <= self.PREFETCH_MAX_VALUES and _spare_cpu()
+        """Whether noise vectors of ``n`` values are drawn ahead now (prefetch on, ≤ the maximum size, a CPU free)."""
+        return self.prefetch and n <= self.PREFETCH_MAX_VALUES and _spare_cpu()
 
     def _take(self, key: tuple[int, float, torch.dtype]) -> torch.Tensor:
-        """The vector drawn ahead for ``key`` if there is one, else a fresh draw (a mismatch is dropped)."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            ahead_key, future = ahead
-            drawn = future.result()  # waited for even on a mismatch: no draw outlives its source's use
-            if ahead_key == key:
-                return drawn
+        """The next vector drawn ahead for ``key`` if there is one, else a fresh draw (a mismatch drops every batch)."""
+        if self._ahead:
+            first = self._ahead[0]
+            batch = first.future.result()
+            if first.key == key:
+                i, n = first.served, key[0]
+                first.served = i + 1
+                if i + 1 == first.count:
+                    self._ahead.pop(0)
+                return batch[i * n:(i + 1) * n]
+            for pending in self._ahead:  # waited for even on a mismatch: no draw outlives its source's use
+                pending.future.result()
+            self._ahead.clear()
         return self._scaled(*key)
+
+
+class _Batch:
+    """``count`` noise vectors of (size, σ, dtype) ``key`` being drawn ahead, of which ``served`` were served."""
+
+    __slots__ = ("count", "future", "key", "served")
+
+    def __init__(self, key: tuple[int, float, torch.dtype], future: Future[torch.Tensor], count: int) -> None:
+        self.key, self.future, self.count, self.served = key, future, count, 0
 
 
 #: live secure sources, re-keyed in a forked child (its keystream must not repeat the parent's)

@@ -115,11 +115,11 @@ def spare_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_normal_like_each_scales_and_never_serves_one_vector_twice(prefetch, spare_cpu):
     src = SecureRandom(prefetch=prefetch)
-    refs = [torch.zeros(150, 200), torch.zeros(7), torch.zeros(3, 3)]  # ≥ PREFETCH_MIN_VALUES in all
-    assert sum(r.numel() for r in refs) >= SecureRandom.PREFETCH_MIN_VALUES
+    refs = [torch.zeros(150, 200), torch.zeros(7), torch.zeros(3, 3)]  # 30,016 values: batches of 3 vectors
+    assert 2 * sum(r.numel() for r in refs) < SecureRandom.PREFETCH_BATCH_VALUES <= 3 * sum(r.numel() for r in refs)
     std = 0.37
     draws = [torch.cat([t.reshape(-1) for t in src.normal_like_each(std, refs)]) for _ in range(6)]
-    assert (src._ahead is not None) == prefetch  # the next vector is being drawn ahead
+    assert bool(src._ahead) == prefetch  # the next vectors are being drawn ahead
     for out in src.normal_like_each(std, refs):
         assert out.dtype == torch.float32
     flat = torch.stack(draws).double().numpy()
@@ -132,20 +132,40 @@ def test_normal_like_each_scales_and_never_serves_one_vector_twice(prefetch, spa
     assert abs(float(other.std()) / 2.0 - 1) < Z * math.sqrt(0.5 / other.numel())
 
 
-def test_no_prefetch_for_small_vectors_or_without_a_spare_cpu(monkeypatch):
+def test_small_vectors_are_drawn_ahead_in_batches_and_none_without_a_spare_cpu(monkeypatch):
     src = SecureRandom()
     monkeypatch.setattr(randomness, "_spare_cpu", lambda: True)
-    src.normal_like_each(1.0, [torch.zeros(SecureRandom.PREFETCH_MIN_VALUES - 1)])
-    assert src._ahead is None and not src.draws_ahead(SecureRandom.PREFETCH_MIN_VALUES - 1)
-    assert src.draws_ahead(SecureRandom.PREFETCH_MIN_VALUES) and not SecureRandom(prefetch=False).draws_ahead(1 << 20)
+    n = 1000
+    src.normal_like_each(1.0, [torch.zeros(n)])
+    count = -(-SecureRandom.PREFETCH_BATCH_VALUES // n)  # 66 vectors a batch
+    assert [(b.key[0], b.count) for b in src._ahead] == [(n, count)] * 2  # the next batch drawn while one is served
+    top = SecureRandom.PREFETCH_MAX_VALUES
+    assert src.draws_ahead(top) and not src.draws_ahead(top + 1)
+    assert not SecureRandom(prefetch=False).draws_ahead(1000)
     monkeypatch.setattr(randomness, "_spare_cpu", lambda: False)  # torch's threads take every CPU
-    src.normal_like_each(1.0, [torch.zeros(SecureRandom.PREFETCH_MIN_VALUES)])
-    assert src._ahead is None
+    other = SecureRandom()
+    other.normal_like_each(1.0, [torch.zeros(n)])
+    assert other._ahead == []
+
+
+def test_a_batch_drawn_ahead_serves_each_vector_once_and_a_new_size_drops_it(spare_cpu):
+    """Across batch boundaries every served value is fresh, the law holds, and a size change draws afresh."""
+    src = SecureRandom(prefetch=True)
+    refs = [torch.zeros(30, 20, dtype=torch.float64), torch.zeros(7, dtype=torch.float64)]  # 607: batches of 108
+    count = -(-SecureRandom.PREFETCH_BATCH_VALUES // 607)
+    draws = [torch.cat([t.reshape(-1) for t in src.normal_like_each(0.5, refs)]) for _ in range(2 * count + 5)]
+    flat = torch.stack(draws).numpy()  # float64: no value repeats by chance
+    assert np.unique(flat).size == flat.size  # no vector (nor value) served twice, within or across batches
+    _check_standard_normal(flat.reshape(-1) / 0.5)
+    assert [b.served for b in src._ahead] == [4, 0]  # 2·count + 5 = 1 fresh + 2 batches + 4, one more queued
+    bigger = src.normal_like_each(0.5, [torch.zeros(608, dtype=torch.float64)])[0]  # another size: batch dropped
+    assert [(b.key[0], b.served) for b in src._ahead] == [(608, 0)] * 2
+    assert not np.isin(bigger.numpy(), flat).any()
 
 
 def test_concurrent_callers_never_share_a_prefetched_vector(spare_cpu):
     src = SecureRandom(prefetch=True)
-    refs = [torch.zeros(SecureRandom.PREFETCH_MIN_VALUES)]
+    refs = [torch.zeros(5000)]  # batches of 14 vectors, shared by the four callers
     got: list[torch.Tensor] = []
     lock = threading.Lock()
 
@@ -178,7 +198,7 @@ def test_bernoulli_mask_is_the_float_comparison_of_the_same_keystream(monkeypatc
 
 def test_secure_source_keeps_nothing_to_restore_and_says_what_it_is(spare_cpu):
     src = SecureRandom()
-    src.normal_like_each(1.0, [torch.zeros(SecureRandom.PREFETCH_MIN_VALUES)])  # a vector drawn ahead now
+    src.normal_like_each(1.0, [torch.zeros(5000)])  # vectors drawn ahead now
     assert src.kind == "secure" and src.state_dict() == {}
     other = SecureRandom()
     assert not torch.equal(src.normal(1.0, (64,)), other.normal(1.0, (64,)))  # keys from the OS, not shared
@@ -187,9 +207,9 @@ def test_secure_source_keeps_nothing_to_restore_and_says_what_it_is(spare_cpu):
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_rekeys_and_drops_what_was_drawn_ahead(spare_cpu):
     src = SecureRandom(prefetch=True)
-    refs = [torch.zeros(SecureRandom.PREFETCH_MIN_VALUES)]
-    src.normal_like_each(1.0, refs)  # the next vector is drawn ahead in the parent
-    assert src._ahead is not None
+    refs = [torch.zeros(5000)]
+    src.normal_like_each(1.0, refs)  # the next vectors are drawn ahead in the parent
+    assert src._ahead
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: its next words and noise must not be the parent's
