@@ -55,9 +55,11 @@ _RULES = ("model", "empty", "any")
 # receiver's helper is handed the filled part of the receive buffer in regions of at least
 # HASH_BATCH_BYTES (one hand-off each, not one per piece). BLAKE3 (~0.16 ms per MiB) is hashed
 # inline, piece by piece while it is in cache, and a client hashes its body ahead while it
-# waits for the accept (``_hash_ahead``): on the 2-core dev box a helper thread for BLAKE3 cost
-# more CPU than it overlapped, with the ends in one process and in two (two processes,
-# interleaved, 10 / 40 MB: ratio 0.51-0.63 / 0.62-0.72 on the helper vs 0.54-0.73 / 0.73-0.76 inline)
+# waits for the accept (``_hash_ahead``): on the loaded 2-core dev box a helper thread for BLAKE3
+# on both sides cost more CPU than it overlapped (two processes, interleaved, 10 / 40 MB: ratio
+# 0.51-0.63 / 0.62-0.72 on helpers vs 0.54-0.73 / 0.73-0.76 inline); a helper on the receiving side
+# alone won 4 of 7 interleaved runs at 40 MB, within the +-0.07 that two identical variants differ
+# by there, so the simpler inline path stays
 PARALLEL_HASH_BYTES = 4 << 20
 THREADED_DIGESTS = frozenset({"sha256"})
 HASH_BATCH_BYTES = 4 << 20  # the receiver hashes its buffer in regions of at least this size (and the rest at the end)
