@@ -103,6 +103,9 @@ class RandomSource(ABC):
         """:meth:`normal_like` for each of ``refs``, in order (one noise tensor per parameter)."""
         return [self.normal_like(std, r) for r in refs]
 
+    def draw_ahead(self, std: float, refs: list[torch.Tensor]) -> None:  # noqa: B027 - a deliberate no-op default
+        """A hint: the next :meth:`normal_like_each` will ask for (``std``, ``refs``); a source may start on it now."""
+
     def bernoulli_mask(self, n: int, p: float) -> torch.Tensor:
         """A boolean mask of ``n`` independent coins with P(True) = ``p`` (Poisson sampling)."""
         return self.uniform((n,), dtype=torch.float64 if self.kind == "secure" else torch.float32) < p
@@ -137,7 +140,9 @@ class SecureRandom(RandomSource):
     #: polar-method samples summed per released Gaussian value (2n with n = 2; see module doc)
     GAUSSIAN_SUMMANDS = 4
     #: the least number of values one background call draws ahead (a batch of whole vectors)
-    PREFETCH_BATCH_VALUES = 1 << 16
+    PREFETCH_BATCH_VALUES = 1 << 15
+    #: up to this many values a vector, two batches are kept ahead (above it, one: bounded memory)
+    PREFETCH_DEEP_VALUES = 1 << 22
     #: noise vectors larger than this (values) are drawn when asked for, never ahead
     PREFETCH_MAX_VALUES = 1 << 24
 
@@ -154,6 +159,7 @@ class SecureRandom(RandomSource):
         self._lock = threading.Lock()  # the keystream is read by the caller and the prefetch thread
         self._ahead_lock = threading.Lock()  # one caller at a time takes what was drawn ahead (used once)
         self._ahead: list[_Batch] = []  # batches drawn ahead, in order: the one being served first
+        self._hinted = False  # a caller calls draw_ahead before each draw (then only it tops up)
 
     def _words(self, n: int, out: np.ndarray | None = None) -> np.ndarray:
         """n uint64 words of keystream (ChaCha20 of zeros, written straight into ``out`` or a new array)."""
@@ -275,14 +281,40 @@ class SecureRandom(RandomSource):
         key = (total, float(std), dtype)
         with self._ahead_lock:
             flat = self._take(key)
-            if self.draws_ahead(total):
-                count = -(-self.PREFETCH_BATCH_VALUES // total) if total else 1
-                # two batches of several vectors (the next is drawn while this one is served), else one vector
-                while len(self._ahead) < (2 if count > 1 else 1):
-                    self._ahead.append(_Batch(key, _executor().submit(self._scaled, total * count, *key[1:]), count))
+            if not self._hinted:
+                self._top_up(key)
         base = flat.storage_offset()  # a vector of a batch starts inside the batch's storage
         parts = [flat.as_strided(shape, stride, base + offset) for shape, stride, offset in layout]
         return parts if all(r.device.type == "cpu" for r in refs) else [p.to(r.device) for p, r in zip(parts, refs)]
+
+    def draw_ahead(self, std: float, refs: list[torch.Tensor]) -> None:
+        """Start drawing, on the background thread, the noise the next :meth:`normal_like_each` asks for.
+
+        A caller that hints at the end of its forward pass (:class:`~clients.ghost.GhostDPOptimizer`)
+        has the noise drawn while autograd runs the backward pass without the GIL, rather than
+        beside the Python-heavy forward of the next step; once hinted, this source tops its
+        batches up only here.
+        """
+        if not refs or any(r.dtype != refs[0].dtype for r in refs):
+            return
+        layout = _layout(tuple(r.shape for r in refs))
+        key = (layout[-1][2] + math.prod(layout[-1][0]), float(std), refs[0].dtype)
+        with self._ahead_lock:
+            self._hinted = True
+            if self._ahead and self._ahead[0].key != key:
+                self._drop()  # drawn for another size or σ
+            self._top_up(key)
+
+    def _top_up(self, key: tuple[int, float, torch.dtype]) -> None:
+        """Queue background draws for ``key``: two batches (the next drawn while one is served) of as many
+        vectors as fill :attr:`PREFETCH_BATCH_VALUES` — one vector each for a model that big; a model over
+        :attr:`PREFETCH_DEEP_VALUES` values gets one vector ahead, not two. Holds ``_ahead_lock``."""
+        total = key[0]
+        if not self.draws_ahead(total):
+            return
+        count = -(-self.PREFETCH_BATCH_VALUES // total) if total else 1
+        while len(self._ahead) < (2 if total <= self.PREFETCH_DEEP_VALUES else 1):
+            self._ahead.append(_Batch(key, _executor().submit(self._scaled, total * count, *key[1:]), count))
 
     def draws_ahead(self, n: int) -> bool:
         """Whether noise vectors of ``n`` values are drawn ahead now (prefetch on, ≤ the maximum size, a CPU free)."""
@@ -299,10 +331,14 @@ class SecureRandom(RandomSource):
                 if i + 1 == first.count:
                     self._ahead.pop(0)
                 return batch[i * n:(i + 1) * n]
-            for pending in self._ahead:  # waited for even on a mismatch: no draw outlives its source's use
-                pending.future.result()
-            self._ahead.clear()
+            self._drop()
         return self._scaled(*key)
+
+    def _drop(self) -> None:
+        """Drop every batch drawn ahead, once drawn (waited for: no draw outlives its source's use)."""
+        for pending in self._ahead:
+            pending.future.result()
+        self._ahead.clear()
 
 
 class _Batch:

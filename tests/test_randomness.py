@@ -115,8 +115,8 @@ def spare_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_normal_like_each_scales_and_never_serves_one_vector_twice(prefetch, spare_cpu):
     src = SecureRandom(prefetch=prefetch)
-    refs = [torch.zeros(150, 200), torch.zeros(7), torch.zeros(3, 3)]  # 30,016 values: batches of 3 vectors
-    assert 2 * sum(r.numel() for r in refs) < SecureRandom.PREFETCH_BATCH_VALUES <= 3 * sum(r.numel() for r in refs)
+    refs = [torch.zeros(150, 200), torch.zeros(7), torch.zeros(3, 3)]  # 30,016 values: batches of 2 vectors
+    assert sum(r.numel() for r in refs) < SecureRandom.PREFETCH_BATCH_VALUES <= 2 * sum(r.numel() for r in refs)
     std = 0.37
     draws = [torch.cat([t.reshape(-1) for t in src.normal_like_each(std, refs)]) for _ in range(6)]
     assert bool(src._ahead) == prefetch  # the next vectors are being drawn ahead
@@ -137,7 +137,7 @@ def test_small_vectors_are_drawn_ahead_in_batches_and_none_without_a_spare_cpu(m
     monkeypatch.setattr(randomness, "_spare_cpu", lambda: True)
     n = 1000
     src.normal_like_each(1.0, [torch.zeros(n)])
-    count = -(-SecureRandom.PREFETCH_BATCH_VALUES // n)  # 66 vectors a batch
+    count = -(-SecureRandom.PREFETCH_BATCH_VALUES // n)  # 33 vectors a batch
     assert [(b.key[0], b.count) for b in src._ahead] == [(n, count)] * 2  # the next batch drawn while one is served
     top = SecureRandom.PREFETCH_MAX_VALUES
     assert src.draws_ahead(top) and not src.draws_ahead(top + 1)
@@ -151,7 +151,7 @@ def test_small_vectors_are_drawn_ahead_in_batches_and_none_without_a_spare_cpu(m
 def test_a_batch_drawn_ahead_serves_each_vector_once_and_a_new_size_drops_it(spare_cpu):
     """Across batch boundaries every served value is fresh, the law holds, and a size change draws afresh."""
     src = SecureRandom(prefetch=True)
-    refs = [torch.zeros(30, 20, dtype=torch.float64), torch.zeros(7, dtype=torch.float64)]  # 607: batches of 108
+    refs = [torch.zeros(30, 20, dtype=torch.float64), torch.zeros(7, dtype=torch.float64)]  # 607: batches of 54
     count = -(-SecureRandom.PREFETCH_BATCH_VALUES // 607)
     draws = [torch.cat([t.reshape(-1) for t in src.normal_like_each(0.5, refs)]) for _ in range(2 * count + 5)]
     flat = torch.stack(draws).numpy()  # float64: no value repeats by chance
@@ -165,7 +165,7 @@ def test_a_batch_drawn_ahead_serves_each_vector_once_and_a_new_size_drops_it(spa
 
 def test_concurrent_callers_never_share_a_prefetched_vector(spare_cpu):
     src = SecureRandom(prefetch=True)
-    refs = [torch.zeros(5000)]  # batches of 14 vectors, shared by the four callers
+    refs = [torch.zeros(5000)]  # batches of 7 vectors, shared by the four callers
     got: list[torch.Tensor] = []
     lock = threading.Lock()
 
@@ -231,3 +231,29 @@ def test_a_forked_child_rekeys_and_drops_what_was_drawn_ahead(spare_cpu):
     assert status == 0 and len(child) == 96
     assert src._words(8).tobytes() != child[:64]
     assert src.normal_like_each(1.0, refs)[0][:8].numpy().tobytes() != child[64:]
+
+
+def test_the_fast_engine_hints_its_noise_at_the_end_of_the_forward_pass(spare_cpu):
+    """GhostDPOptimizer asks for the step's noise after the forward (drawn during the backward), with the key
+    pre_step then takes: nothing drawn ahead is dropped, and the hinted source tops up only on hints."""
+    from privfl.clients.ghost import make_ghost_private
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+    src = SecureRandom(prefetch=True)
+    drops: list[int] = []
+    drop = src._drop
+    src._drop = lambda: (drops.append(1), drop())[1]  # type: ignore[method-assign]
+    gm, opt = make_ghost_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.1,
+                                 max_grad_norm=0.7, expected_batch_size=8, random_source=src)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    n = sum(p.numel() for p in model.parameters())
+    for _ in range(3):
+        opt.zero_grad()
+        out = gm(x)
+        assert src._hinted and src._ahead and src._ahead[0].key == (n, 1.1 * 0.7 / 8, torch.float32)
+        served = src._ahead[0].served
+        torch.nn.functional.cross_entropy(out, y).backward()
+        opt.step()
+        assert src._ahead[0].served == served + 1  # this step's noise was the vector drawn ahead
+    assert drops == []
