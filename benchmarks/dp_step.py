@@ -338,8 +338,9 @@ def main() -> None:
                                     for g in per_model)
     goal["held_thread_cpu_all_threads"] = all(g["meets_target_thread_cpu_all_threads"] for g in per_model)
     goal["noise"] = ("secure (ChaCha20, 4 Marsaglia-polar summands in float64), drawn ahead on a background "
-                     "thread when a CPU is free (batches of whole vectors of >= 65,536 values; the fast engine "
-                     "hints each step's noise after its forward pass)")
+                     f"thread when a CPU is free (batches of whole vectors of >= "
+                     f"{SecureRandom.PREFETCH_BATCH_VALUES:,} values; the fast engine hints each step's noise after "
+                     "its forward pass)")
     import opacus
     print(json.dumps({
         "benchmark": "dp_step",
