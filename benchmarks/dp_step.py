@@ -11,12 +11,10 @@ All variants run in one process, interleaved (each repetition runs every variant
 fresh seeded random order: no variant always follows the same one), so machine noise hits
 them alike; figures are medians of wall time and of
 the thread's CPU time. Secure noise is drawn ahead on a background thread
-(:class:`~clients.randomness.SecureRandom`'s prefetch: batches of whole vectors, the fast
-engine hinting each step's noise at the end of its forward pass so it is drawn during the
-backward); a variant with secure noise runs two steps back to back and times the second, as
-in a training loop. ``fast_psac_secure_sync`` draws it in the step instead, and
-``fast_psac_secure_unhinted`` prefetches without the hint (the source tops up when a vector
-is taken), to show what the hint buys. The background
+(:class:`~clients.randomness.SecureRandom`'s prefetch: batches of whole vectors, the next
+batch drawn while one is served); a variant with secure noise runs two steps back to back
+and times the second, as in a training loop. ``fast_psac_secure_sync`` draws it in the step
+instead. The background
 thread's CPU is not in the thread-CPU clock: ``noise_sampler`` times the secure sampler alone
 (per step, for the model's parameter count) and ``*_with_sampler`` / ``*_all_threads`` add it
 back. Prints JSON. On glibc, large per-step buffers are mmap'ed and page-faulted afresh each
@@ -161,15 +159,9 @@ def _variants(model_name: str, shape: tuple[int, ...], classes: int, batches: li
                                       random_source=SeededRandom(1))
         out[f"fast_{rule}"] = _make_step(gm, gopt, batches)
     # what a deployed node runs: the same step with noise from the secure ChaCha20 source
-    for engine in ("opacus", "fast", "fast_sync", "fast_unhinted"):
+    for engine in ("opacus", "fast", "fast_sync"):
         m = _build(model_name, shape, classes)
-        if engine == "fast_unhinted":  # prefetched, but topped up when taken rather than hinted after the forward
-            gm, gopt = make_ghost_private(m, torch.optim.SGD(m.parameters(), lr=lr), noise_multiplier=sigma,
-                                          max_grad_norm=clip, expected_batch_size=batch,
-                                          clipping=clipping_rule("psac"), random_source=SecureRandom())
-            gm.call_after_forward(None)
-            out["fast_psac_secure_unhinted"] = _make_step(gm, gopt, batches)
-        elif engine == "fast_sync":  # the secure noise drawn inside the step (no prefetch)
+        if engine == "fast_sync":  # the secure noise drawn inside the step (no prefetch)
             gm, gopt = make_ghost_private(m, torch.optim.SGD(m.parameters(), lr=lr), noise_multiplier=sigma,
                                           max_grad_norm=clip, expected_batch_size=batch,
                                           clipping=clipping_rule("psac"), random_source=SecureRandom(prefetch=False))
@@ -214,8 +206,7 @@ def _sampler_us(n_params: int, sizes: list[int], reps: int = 200) -> dict[str, f
 
 
 #: variants whose noise is secure (prefetched): run twice back to back, the second step timed
-_BACK_TO_BACK = ("opacus_psac_secure", "fast_psac_secure", "fast_psac_secure_sync", "fast_psac_secure_unhinted",
-                 "default")
+_BACK_TO_BACK = ("opacus_psac_secure", "fast_psac_secure", "fast_psac_secure_sync", "default")
 
 
 def bench_model(model_name: str, shape: tuple[int, ...], classes: int, reps: int, warmup: int,
@@ -273,10 +264,6 @@ def bench_model(model_name: str, shape: tuple[int, ...], classes: int, reps: int
             "secure_sync_ms": round(med["fast_psac_secure_sync"], 4),
             "secure_sync_ratio_vs_nonprivate": round(med["fast_psac_secure_sync"] / base, 3),
             "secure_sync_over_seeded": round(med["fast_psac_secure_sync"] / med["fast_psac"], 3)}
-        out[f"{label}_secure_noise"]["fast_unhinted"] = {  # type: ignore[index]
-            "secure_unhinted_ms": round(med["fast_psac_secure_unhinted"], 4),
-            "secure_unhinted_ratio_vs_nonprivate": round(med["fast_psac_secure_unhinted"] / base, 3),
-            "hinted_over_unhinted": round(med["fast_psac_secure"] / med["fast_psac_secure_unhinted"], 3)}
         out[f"{label}_default"] = {
             "engine": default_engine, "default_ms": round(med["default"], 4),
             "opacus_ghost_ms": round(med["opacus_ghost"], 4),
@@ -327,8 +314,6 @@ def main() -> None:
             "meets_target_thread_cpu_all_threads":
                 d["thread_cpu"]["default_ratio_with_sampler"] <= t,  # type: ignore[index,operator]
             "secure_sync_ratio_wall": r["wall_secure_noise"]["fast_sync"]["secure_sync_ratio_vs_nonprivate"],  # type: ignore[index]
-            "secure_unhinted_ratio_wall":
-                r["wall_secure_noise"]["fast_unhinted"]["secure_unhinted_ratio_vs_nonprivate"],  # type: ignore[index]
             **{f"ahead_of_opacus_ghost_{k}": v["default_ms"] < v["opacus_ghost_ms"]  # type: ignore[index]
                for k, v in d.items()},
         }
@@ -339,8 +324,7 @@ def main() -> None:
     goal["held_thread_cpu_all_threads"] = all(g["meets_target_thread_cpu_all_threads"] for g in per_model)
     goal["noise"] = ("secure (ChaCha20, 4 Marsaglia-polar summands in float64), drawn ahead on a background "
                      f"thread when a CPU is free (batches of whole vectors of >= "
-                     f"{SecureRandom.PREFETCH_BATCH_VALUES:,} values; the fast engine hints each step's noise after "
-                     "its forward pass)")
+                     f"{SecureRandom.PREFETCH_BATCH_VALUES:,} values, the next batch drawn while one is served)")
     import opacus
     print(json.dumps({
         "benchmark": "dp_step",

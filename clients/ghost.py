@@ -75,12 +75,11 @@ class _Record:
 class _State:
     """Mutable per-step flags of a :class:`GhostGradModule`."""
 
-    __slots__ = ("capturing", "batch_size", "after_forward")
+    __slots__ = ("capturing", "batch_size")
 
     def __init__(self) -> None:
         self.capturing = False
         self.batch_size: int | None = None
-        self.after_forward: Callable[[], None] | None = None
 
 
 class _Layer:
@@ -423,13 +422,7 @@ class GhostGradModule(nn.Module):
                 p.requires_grad_(True)
         acts = [layer.record.activation for layer in self.layers if layer.record.activation is not None]
         state.batch_size = int(acts[0].shape[0]) if acts else 0
-        if state.after_forward is not None:
-            state.after_forward()
         return out
-
-    def call_after_forward(self, fn: Callable[[], None] | None) -> None:
-        """Call ``fn()`` at the end of every recording forward pass (the optimizer's noise hint), or stop (None)."""
-        self._state.after_forward = fn
 
     def clear(self) -> None:
         """Drop what the last forward/backward recorded."""
@@ -526,7 +519,6 @@ class GhostDPOptimizer(Optimizer):
         if mine != theirs:
             raise ConfigError("dp.engine 'fast': the optimizer must hold exactly the model's trainable "
                               f"parameters ({len(theirs)} given, the model has {len(mine)})")
-        module.call_after_forward(self._draw_ahead)
 
     # ---- delegation to the wrapped optimizer (as Opacus's DPOptimizer does) ------------
     @property
@@ -575,12 +567,6 @@ class GhostDPOptimizer(Optimizer):
     def _noise_scale(self) -> float:
         """The factor on the noise and the clipped sum: 1/E[B] for a mean loss."""
         return 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0  # type: ignore[operator]
-
-    def _draw_ahead(self) -> None:
-        """After the forward pass: hint the source at this step's noise, so it is drawn during the backward."""
-        std = self.noise_multiplier * self.max_grad_norm
-        if std != 0:
-            self.random_source.draw_ahead(std * self._noise_scale(), self.params)
 
     def _noise(self, scale: float) -> dict[nn.Parameter, torch.Tensor]:
         """N(0, (σC·scale)²) per parameter, in Opacus's order (the same draws for a seeded source)."""

@@ -103,8 +103,6 @@ class RandomSource(ABC):
         """:meth:`normal_like` for each of ``refs``, in order (one noise tensor per parameter)."""
         return [self.normal_like(std, r) for r in refs]
 
-    def draw_ahead(self, std: float, refs: list[torch.Tensor]) -> None:  # noqa: B027 - a deliberate no-op default
-        """A hint: the next :meth:`normal_like_each` will ask for (``std``, ``refs``); a source may start on it now."""
 
     def bernoulli_mask(self, n: int, p: float) -> torch.Tensor:
         """A boolean mask of ``n`` independent coins with P(True) = ``p`` (Poisson sampling)."""
@@ -123,15 +121,16 @@ class SecureRandom(RandomSource):
 
     ``prefetch`` (on by default): while torch leaves a CPU free (its intra-op threads fewer
     than this process's CPUs), a background thread draws the noise of the coming steps —
-    after each :meth:`normal_like_each`, the next vectors of the same size and σ, in one
-    batch of at least :attr:`PREFETCH_BATCH_VALUES` values (one vector if it is that big,
-    else as many as fill it) — so a step finds its noise ready. One vector per background
+    after each :meth:`normal_like_each`, the next vectors of the same size and σ, in
+    batches of at least :attr:`PREFETCH_BATCH_VALUES` values (one vector if it is that big,
+    else as many as fill it), two batches queued (the next drawn while one is served; one
+    for vectors over :attr:`PREFETCH_DEEP_VALUES`) — so a step finds its noise ready. One vector per background
     call cost a small model more than drawing it in the step (each numpy call of the
     background thread hands the GIL back and forth with the training thread); a batch
     makes those calls rare per step. Without a free CPU everything is drawn when asked for.
     The noise does not depend on data; it is drawn from this source's own keystream, lives
     only in memory (never in a checkpoint or on disk), and each vector of a batch is served
-    once or dropped (a different size or σ drops the rest of the batch and draws afresh; a
+    once or dropped (a different size or σ drops every batch drawn ahead and draws afresh; a
     step the budget refuses takes none). A forked child re-keys its streams and drops what
     its parent drew ahead (see :func:`_after_fork`).
     """
@@ -159,7 +158,6 @@ class SecureRandom(RandomSource):
         self._lock = threading.Lock()  # the keystream is read by the caller and the prefetch thread
         self._ahead_lock = threading.Lock()  # one caller at a time takes what was drawn ahead (used once)
         self._ahead: list[_Batch] = []  # batches drawn ahead, in order: the one being served first
-        self._hinted = False  # a caller calls draw_ahead before each draw (then only it tops up)
 
     def _words(self, n: int, out: np.ndarray | None = None) -> np.ndarray:
         """n uint64 words of keystream (ChaCha20 of zeros, written straight into ``out`` or a new array)."""
@@ -281,29 +279,10 @@ class SecureRandom(RandomSource):
         key = (total, float(std), dtype)
         with self._ahead_lock:
             flat = self._take(key)
-            if not self._hinted:
-                self._top_up(key)
+            self._top_up(key)
         base = flat.storage_offset()  # a vector of a batch starts inside the batch's storage
         parts = [flat.as_strided(shape, stride, base + offset) for shape, stride, offset in layout]
         return parts if all(r.device.type == "cpu" for r in refs) else [p.to(r.device) for p, r in zip(parts, refs)]
-
-    def draw_ahead(self, std: float, refs: list[torch.Tensor]) -> None:
-        """Start drawing, on the background thread, the noise the next :meth:`normal_like_each` asks for.
-
-        A caller that hints at the end of its forward pass (:class:`~clients.ghost.GhostDPOptimizer`)
-        has the noise drawn while autograd runs the backward pass without the GIL, rather than
-        beside the Python-heavy forward of the next step; once hinted, this source tops its
-        batches up only here.
-        """
-        if not refs or any(r.dtype != refs[0].dtype for r in refs):
-            return
-        layout = _layout(tuple(r.shape for r in refs))
-        key = (layout[-1][2] + math.prod(layout[-1][0]), float(std), refs[0].dtype)
-        with self._ahead_lock:
-            self._hinted = True
-            if self._ahead and self._ahead[0].key != key:
-                self._drop()  # drawn for another size or σ
-            self._top_up(key)
 
     def _top_up(self, key: tuple[int, float, torch.dtype]) -> None:
         """Queue background draws for ``key``: two batches (the next drawn while one is served) of as many

@@ -232,28 +232,3 @@ def test_a_forked_child_rekeys_and_drops_what_was_drawn_ahead(spare_cpu):
     assert src._words(8).tobytes() != child[:64]
     assert src.normal_like_each(1.0, refs)[0][:8].numpy().tobytes() != child[64:]
 
-
-def test_the_fast_engine_hints_its_noise_at_the_end_of_the_forward_pass(spare_cpu):
-    """GhostDPOptimizer asks for the step's noise after the forward (drawn during the backward), with the key
-    pre_step then takes: nothing drawn ahead is dropped, and the hinted source tops up only on hints."""
-    from privfl.clients.ghost import make_ghost_private
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
-    src = SecureRandom(prefetch=True)
-    drops: list[int] = []
-    drop = src._drop
-    src._drop = lambda: (drops.append(1), drop())[1]  # type: ignore[method-assign]
-    gm, opt = make_ghost_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.1,
-                                 max_grad_norm=0.7, expected_batch_size=8, random_source=src)
-    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
-    n = sum(p.numel() for p in model.parameters())
-    for _ in range(3):
-        opt.zero_grad()
-        out = gm(x)
-        assert src._hinted and src._ahead and src._ahead[0].key == (n, 1.1 * 0.7 / 8, torch.float32)
-        served = src._ahead[0].served
-        torch.nn.functional.cross_entropy(out, y).backward()
-        opt.step()
-        assert src._ahead[0].served == served + 1  # this step's noise was the vector drawn ahead
-    assert drops == []
