@@ -114,3 +114,31 @@ def test_step_time_is_an_experiment_config_key(tmp_path: Path) -> None:
     path.write_text(TINY_EXPERIMENT.format(seed=0) + 'step_time = "gamma"\n')
     with pytest.raises(ConfigError, match=r"\[simulation\]\.step_time: must be one of fixed, exponential"):
         load_experiment(path)
+
+
+def test_async_gossip_on_8_bit_whole_model_frames_keeps_accuracy_and_epsilon() -> None:
+    """benchmarks/heterogeneity.py ``--bits 8``: async exchanges carry every coordinate's offset from the public
+    initial model at 8 bits (the subspace exchange on a mask of all coordinates, no [dp].subspace: the DP step
+    is the dense one). Every message is that frame (4× fewer bytes than the float32 model), the fast nodes spend
+    the same ε as with float32 frames (their budget; the straggler's steps depend on the exchange time), none
+    more, and the run ends within 1 pp of the float32 run's accuracy."""
+    from privfl.strategies.compression.subspace import SubspaceK
+    from privfl.strategies.compression.subspace_exchange import SubspaceExchange
+
+    dense = run_simulation(_spec("async_gossip"))
+    spec = _spec("async_gossip")
+    spec.strategy_params.update(compressor="subspace", fraction=1.0, public_seed=0, period=30, bits=8)
+    quant = run_simulation(spec)
+    shapes = [np.shape(p) for p in dense.models["node0"]]
+    init = [np.zeros(s, dtype=np.float32) for s in shapes]
+    frame = SubspaceExchange("probe", SubspaceK(fraction=1.0, public_seed=0, period=30, bits=8), init, 30
+                             ).encode(init).nbytes
+    model = 4 * sum(int(np.prod(s)) for s in shapes)
+    sent, messages = sum(quant.summary["bytes_sent"].values()), sum(quant.summary["messages_sent"].values())
+    assert messages > 0 and sent == messages * (frame + 64), (sent, messages, frame)
+    assert frame < model / 3.5
+    eps_q, eps_d = quant.summary["epsilon"], dense.summary["epsilon"]
+    assert [eps_q[f"node{i}"] for i in range(3)] == [eps_d[f"node{i}"] for i in range(3)]
+    assert max(eps_q.values()) <= 8.0 + 1e-6
+    assert abs(quant.summary["mean_accuracy"] - dense.summary["mean_accuracy"]) <= 0.01, (
+        quant.summary["mean_accuracy"], dense.summary["mean_accuracy"])
