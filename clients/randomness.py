@@ -16,9 +16,9 @@ Two sources, one interface (:class:`RandomSource`):
   summands come from the Marsaglia polar method (no trigonometric functions); see
   *Why the polar method keeps the defence* below. The keystream for a chunk of values
   comes from one cipher call written straight into a reused array, and both outputs of
-  every polar pair are used (in different released values), all vectorised. Noise
-  vectors of a model's size are drawn one step ahead on a background thread (in memory
-  only; see :class:`SecureRandom`).
+  every polar pair are used (in different released values), all vectorised. The noise
+  of the coming steps is drawn ahead, in batches of whole vectors, on a background thread
+  when a CPU is free (in memory only, each vector used once; see :class:`SecureRandom`).
 * :class:`SeededRandom`: ``torch.Generator`` streams from an explicit integer seed, for
   simulations, tests and benchmarks where reproducibility is the point. Its draws are
   exactly those Opacus makes with the same generator (``torch.rand`` for Poisson masks,
