@@ -35,7 +35,12 @@ Norms = TypeVar("Norms", torch.Tensor, np.ndarray)
 
 
 class ClippingRule(ABC):
-    """Maps per-sample gradient norms to the weights that scale those gradients."""
+    """Maps per-sample gradient norms to the weights that scale those gradients.
+
+    A new rule implements :meth:`raw_weights`, which receives a torch tensor or (on the
+    CPU) a numpy array: write its formula with arithmetic operators, or branch on the type
+    where a function is needed (as :class:`FlatClipping` does for its clamp).
+    """
 
     name: str
 
