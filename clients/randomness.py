@@ -103,7 +103,6 @@ class RandomSource(ABC):
         """:meth:`normal_like` for each of ``refs``, in order (one noise tensor per parameter)."""
         return [self.normal_like(std, r) for r in refs]
 
-
     def bernoulli_mask(self, n: int, p: float) -> torch.Tensor:
         """A boolean mask of ``n`` independent coins with P(True) = ``p`` (Poisson sampling)."""
         return self.uniform((n,), dtype=torch.float64 if self.kind == "secure" else torch.float32) < p
