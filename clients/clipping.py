@@ -58,7 +58,8 @@ class ClippingRule(ABC):
             cap = max_grad_norm * (1.0 - CLIP_MARGIN) / norms.clamp(min=torch.finfo(norms.dtype).tiny)
             return torch.minimum(self.raw_weights(norms, max_grad_norm), cap)
         cap_a = np.maximum(norms, np.finfo(norms.dtype).tiny)
-        np.divide(max_grad_norm * (1.0 - CLIP_MARGIN), cap_a, out=cap_a)
+        with np.errstate(over="ignore"):  # C/tiny may round to inf, as torch's does silently: no cap then
+            np.divide(max_grad_norm * (1.0 - CLIP_MARGIN), cap_a, out=cap_a)
         return np.minimum(self.raw_weights(norms, max_grad_norm), cap_a, out=cap_a)
 
     @abstractmethod
