@@ -564,10 +564,6 @@ class GhostDPOptimizer(Optimizer):
         self.module.clear()
         self.original_optimizer.zero_grad(set_to_none)
 
-    def _noise_scale(self) -> float:
-        """The factor on the noise and the clipped sum: 1/E[B] for a mean loss."""
-        return 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0  # type: ignore[operator]
-
     def _noise(self, scale: float) -> dict[nn.Parameter, torch.Tensor]:
         """N(0, (σC·scale)²) per parameter, in Opacus's order (the same draws for a seeded source)."""
         std = self.noise_multiplier * self.max_grad_norm
@@ -578,7 +574,7 @@ class GhostDPOptimizer(Optimizer):
     def pre_step(self) -> None:
         """Set every ``p.grad`` to (Σ_i w_i g_i + N(0, σ²C²)) / E[B]."""
         norms = self.module.per_sample_norms()
-        scale = self._noise_scale()
+        scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0  # type: ignore[operator]
         if norms.numel() == 0:
             weights = norms
             coef = norms

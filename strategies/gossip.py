@@ -226,7 +226,9 @@ class AsyncGossip(_GossipBase):
         if comp not in (None, "none"):
             from privfl.strategies.compression.subspace_exchange import SubspaceExchange
 
-            public = self.config.get("public_initial") or self.params  # the shared initial model (resumed: not params)
+            public = self.config.get("public_initial")  # the shared initial model (resumed: not params)
+            if public is None:
+                public = self.params
             self.subspace = SubspaceExchange(self.node_id, comp, public, self.config.get("planned_steps"))
         self.consensus_exchanges = int(self.config.get("consensus_exchanges", 0))
         if self.consensus_exchanges < 0:

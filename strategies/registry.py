@@ -236,7 +236,7 @@ def _build_async_gossip(b: StrategyBuild) -> NodeStrategy:
                               "from the shared public initial model (off the mask the models stay there)")
         cfg = {k: v for k, v in cfg.items() if k not in ASYNC_SUBSPACE_KEYS | {"compression_params"}}
         cfg.update(compressor=SubspaceK(**subspace), planned_steps=b.planned_steps,
-                   public_initial=b.public_initial if b.public_initial is not None else b.initial)
+                   public_initial=b.public_initial)  # None: AsyncGossip takes ``initial``
     return AsyncGossip(b.client, b.network, b.initial, cfg)  # type: ignore[arg-type]
 
 
