@@ -17,8 +17,9 @@ Two sources, one interface (:class:`RandomSource`):
   *Why the polar method keeps the defence* below. The keystream for a chunk of values
   comes from one cipher call written straight into a reused array, and both outputs of
   every polar pair are used (in different released values), all vectorised. The noise
-  of the coming steps is drawn ahead, in batches of whole vectors, on a background thread
-  when a CPU is free (in memory only, each vector used once; see :class:`SecureRandom`).
+  of the coming steps is drawn ahead, in batches of whole vectors, by a noise worker process
+  (or a background thread) when a CPU is free (in memory only, each vector used once; see
+  :class:`SecureRandom`). The sampler itself is :mod:`privfl.clients.gaussian` (no torch).
 * :class:`SeededRandom`: ``torch.Generator`` streams from an explicit integer seed, for
   simulations, tests and benchmarks where reproducibility is the point. Its draws are
   exactly those Opacus makes with the same generator (``torch.rand`` for Poisson masks,
@@ -52,19 +53,24 @@ that into its ledger and ``privfl audit`` fails a seeded ledger unless told othe
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import threading
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Literal
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from torch.utils.data import Sampler
+
+from privfl.clients import noise_process
+from privfl.clients.gaussian import GAUSSIAN_SUMMANDS, KeyStream, polar_pairs, standard_normal
+
+log = logging.getLogger(__name__)
 
 RandomnessKind = Literal["secure", "seeded"]
 RANDOMNESS_KINDS: tuple[str, ...] = ("secure", "seeded")
@@ -119,24 +125,27 @@ class SecureRandom(RandomSource):
     """ChaCha20 keystream keyed from ``os.urandom``: unpredictable, never reproducible.
 
     ``prefetch`` (on by default): while torch leaves a CPU free (its intra-op threads fewer
-    than this process's CPUs), a background thread draws the noise of the coming steps —
-    after each :meth:`normal_like_each`, the next vectors of the same size and σ, in
-    batches of at least :attr:`PREFETCH_BATCH_VALUES` values (one vector if it is that big,
-    else as many as fill it), two batches queued (the next drawn while one is served; one
-    for vectors over :attr:`PREFETCH_DEEP_VALUES`) — so a step finds its noise ready. One vector per background
-    call cost a small model more than drawing it in the step (each numpy call of the
-    background thread hands the GIL back and forth with the training thread); a batch
-    makes those calls rare per step. Without a free CPU everything is drawn when asked for.
-    The noise does not depend on data; it is drawn from this source's own keystream, lives
-    only in memory (never in a checkpoint or on disk), and each vector of a batch is served
-    once or dropped (a different size or σ drops every batch drawn ahead and draws afresh; a
-    step the budget refuses takes none). A forked child re-keys its streams and drops what
-    its parent drew ahead (see :func:`_after_fork`).
+    than this process's CPUs), the noise of the coming steps is drawn ahead — after each
+    :meth:`normal_like_each`, the next vectors of the same size and σ, in batches of at least
+    :attr:`PREFETCH_BATCH_VALUES` values (one vector if it is that big, else as many as fill
+    it), two batches queued (the next drawn while one is served; one for vectors over
+    :attr:`PREFETCH_DEEP_VALUES`) — so a step finds its noise ready. On Linux the batches are
+    drawn by this process's noise worker (:mod:`~privfl.clients.noise_process`: a child
+    process with its own ChaCha20 key from its own ``os.urandom``, the same sampler, writing
+    into shared memory), because a background *thread*'s numpy calls hand the GIL back and
+    forth with the training thread at every call (measured: 0.2× of a digits-CNN step; in the
+    process, nothing). Elsewhere, or if the worker fails (logged once), a background thread
+    draws them from this source's own keystream. Without a free CPU everything is drawn when
+    asked for, from this source's keystream. The noise does not depend on data, lives only in
+    memory (never in a checkpoint or on disk), and each vector of a batch is served once or
+    dropped (a different size or σ drops every batch drawn ahead and draws afresh; a step the
+    budget refuses takes none). A forked child re-keys its streams, drops what its parent drew
+    ahead and never uses its parent's worker (see :func:`_after_fork`).
     """
 
     kind: RandomnessKind = "secure"
     #: polar-method samples summed per released Gaussian value (2n with n = 2; see module doc)
-    GAUSSIAN_SUMMANDS = 4
+    GAUSSIAN_SUMMANDS = GAUSSIAN_SUMMANDS
     #: the least number of values one background call draws ahead (a batch of whole vectors)
     PREFETCH_BATCH_VALUES = 1 << 15
     #: up to this many values a vector, two batches are kept ahead (above it, one: bounded memory)
@@ -151,93 +160,26 @@ class SecureRandom(RandomSource):
 
     def _rekey(self) -> None:
         """A fresh key and nonce from the OS, and nothing drawn ahead (at build and in a forked child)."""
-        key = os.urandom(32)
-        nonce = os.urandom(16)  # ChaCha20 in cryptography: 4-byte counter + 12-byte nonce
-        self._stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
-        self._lock = threading.Lock()  # the keystream is read by the caller and the prefetch thread
+        self._stream = KeyStream()
         self._ahead_lock = threading.Lock()  # one caller at a time takes what was drawn ahead (used once)
         self._ahead: list[_Batch] = []  # batches drawn ahead, in order: the one being served first
 
     def _words(self, n: int, out: np.ndarray | None = None) -> np.ndarray:
-        """n uint64 words of keystream (ChaCha20 of zeros, written straight into ``out`` or a new array)."""
-        out = np.empty(n, dtype=np.uint64) if out is None else out[:n]
-        if n:
-            with self._lock:
-                self._stream.update_into(_zeros(8 * n), memoryview(out).cast("B"))  # type: ignore[arg-type]
-        return out
+        """n uint64 words of this source's keystream."""
+        return self._stream.words(n, out)
 
     def _uniform53(self, n: int) -> torch.Tensor:
         """n float64 values uniform on [0, 1), each k·2⁻⁵³ for 53 bits k of the keystream."""
         k = self._words(n) >> _SHIFT11
         return torch.from_numpy(np.multiply(k, _TWO_M53, dtype=np.float64))
 
-    def _polar_pairs(self, pairs: int, buf: _Scratch) -> tuple[np.ndarray, np.ndarray]:
-        """``pairs`` (≤ :data:`_CHUNK_PAIRS`) independent pairs (x, y) of N(0, 1) float64 values (polar method).
-
-        Each candidate point (u, v) takes two fresh 64-bit keystream words; each coordinate
-        is a 53-bit uniform on (−1, 1): u = t·2⁻⁵³ with t = 2k + 1 the odd integer made of
-        the word's top 53 bits k read as a signed integer (an arithmetic shift, then the
-        low bit set; |t| < 2⁵³, so t is exact in float64). A point with s = u² + v² < 1 is
-        kept (s > 0 always: t is odd) and gives x = u·√(−2 ln s / s), y = v·√(−2 ln s / s).
-        The arithmetic runs on t, T = t² + t'² and powers of two, so every rounding is that
-        of the same formula on u and v: (t·2⁻⁵³)² = t²·2⁻¹⁰⁶ and √(a·2⁻¹⁰⁶) = √a·2⁻⁵³
-        exactly. Candidates come in one batch with a surplus (π/4 of them are kept on
-        average); if that falls short, a further batch of fresh words draws the rest. Kept
-        points are used in keystream order, each once; rejected ones and any surplus are
-        dropped. Returns views into ``buf`` (this thread's scratch), valid until its next use.
-        """
-        xs, ys = buf.x[:pairs], buf.y[:pairs]
-        spare = buf.spare
-        got = 0
-        while got < pairs:
-            need = pairs - got
-            m = _candidates(need)
-            t = self._words(2 * m, buf.words).view(np.int64)
-            np.right_shift(t, _SHIFT10, out=t)  # the word's top 54 bits, signed
-            np.bitwise_or(t, 1, out=t)  # top 53 bits k → t = 2k + 1, odd, |t| < 2⁵³
-            u = buf.words.view(np.float64)[:2 * m]
-            np.copyto(u, t, casting="unsafe")  # in place, exact (numpy copes with the overlap)
-            uu, vv = u[:m], u[m:]
-            s = np.square(uu, out=buf.s[:m])
-            s += np.square(vv, out=spare[:m])  # T = (u² + v²)·2¹⁰⁶, the same roundings
-            keep = np.flatnonzero(np.less(s, _TWO_106, out=buf.keep[:m]))[:need]
-            k = keep.size
-            ku = np.take(uu, keep, out=spare[:k])
-            kv = np.take(vv, keep, out=spare[k:2 * k])
-            ks = np.take(s, keep, out=u[:k])  # u is no longer needed (ku, kv are copies)
-            ks *= _TWO_M106  # s, exactly
-            f = np.log(ks, out=buf.s[:k])  # s (T) is no longer needed
-            f /= ks
-            f *= _MINUS_TWO_M105  # −2 ln s / s · 2⁻¹⁰⁶: its root is √(−2 ln s / s)·2⁻⁵³, exactly
-            np.sqrt(f, out=f)
-            np.multiply(ku, f, out=xs[got:got + k])  # t·2⁻⁵³·√(−2 ln s / s) = u·√(−2 ln s / s)
-            np.multiply(kv, f, out=ys[got:got + k])
-            got += k
-        return xs, ys
+    def _polar_pairs(self, pairs: int, buf: Any) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`~privfl.clients.gaussian.polar_pairs` on this source's keystream."""
+        return polar_pairs(self._stream, pairs, buf)
 
     def _standard_normal(self, n: int, std: float = 1.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """n N(0, std²) values, each the scaled sum of four polar-method samples drawn in float64.
-
-        In chunks of at most :data:`_CHUNK_VALUES` outputs (bounded scratch, reused per
-        thread). A chunk of c outputs, h = ⌈c/2⌉, takes 4h pairs (x_i, y_i) from
-        :meth:`_polar_pairs`; its output j < h sums x of pairs j, h+j, 2h+j, 3h+j and
-        output h+j sums y of the same pairs: four independent N(0, 1) summands each (a
-        pair's x and y are independent and never land in one output), summed in float64,
-        times std/√4, then rounded once to ``dtype``.
-        """
-        k = self.GAUSSIAN_SUMMANDS
-        out: np.ndarray = np.empty(n, dtype=_NUMPY_FLOAT.get(dtype, np.float64))
-        scale = float(std) / math.sqrt(k)
-        buf = _scratch()
-        for start in range(0, n, _CHUNK_VALUES):
-            c = min(_CHUNK_VALUES, n - start)
-            h = (c + 1) // 2
-            xs, ys = self._polar_pairs(k * h, buf)
-            z = buf.z[:2 * h]
-            np.add.reduce(xs.reshape(k, h), axis=0, out=z[:h])
-            np.add.reduce(ys.reshape(k, h), axis=0, out=z[h:])
-            np.multiply(z[:c], scale, out=out[start:start + c], casting="same_kind")
-        t = torch.from_numpy(out)
+        """n N(0, std²) values (:func:`~privfl.clients.gaussian.standard_normal`), rounded once to ``dtype``."""
+        t = torch.from_numpy(standard_normal(self._stream, n, std, _NUMPY_FLOAT.get(dtype, np.float64)))
         return t if dtype in _NUMPY_FLOAT else t.to(dtype)
 
     def _scaled(self, n: int, std: float, dtype: torch.dtype) -> torch.Tensor:
@@ -292,7 +234,19 @@ class SecureRandom(RandomSource):
             return
         count = -(-self.PREFETCH_BATCH_VALUES // total) if total else 1
         while len(self._ahead) < (2 if total <= self.PREFETCH_DEEP_VALUES else 1):
-            self._ahead.append(_Batch(key, _executor().submit(self._scaled, total * count, *key[1:]), count))
+            self._ahead.append(_Batch(key, self._draw_ahead(total * count, *key[1:]), count))
+
+    def _draw_ahead(self, n: int, std: float, dtype: torch.dtype) -> _Drawing:
+        """Start drawing ``n`` values in the background: in this process's noise worker (its own keystream,
+        no GIL shared with training; :mod:`~privfl.clients.noise_process`), else on the prefetch thread."""
+        worker = noise_process.worker() if dtype in _NUMPY_FLOAT else None
+        if worker is not None:
+            try:
+                pending = worker.submit(n, std, _NUMPY_FLOAT[dtype])
+                return _WorkerDraw(pending, functools.partial(self._scaled, n, std, dtype))
+            except noise_process.NoiseWorkerError as exc:
+                _log_worker_failure(exc)
+        return _executor().submit(self._scaled, n, std, dtype)
 
     def draws_ahead(self, n: int) -> bool:
         """Whether noise vectors of ``n`` values are drawn ahead now (prefetch on, ≤ the maximum size, a CPU free)."""
@@ -324,26 +278,50 @@ class _Batch:
 
     __slots__ = ("count", "future", "key", "served")
 
-    def __init__(self, key: tuple[int, float, torch.dtype], future: Future[torch.Tensor], count: int) -> None:
+    def __init__(self, key: tuple[int, float, torch.dtype], future: _Drawing, count: int) -> None:
         self.key, self.future, self.count, self.served = key, future, count, 0
+
+
+class _Drawing(Protocol):
+    """A batch being drawn ahead (a thread's ``Future`` or a :class:`_WorkerDraw`)."""
+
+    def result(self) -> torch.Tensor: ...
+
+
+class _WorkerDraw:
+    """A batch the noise worker draws; if the worker fails, the same values' law drawn here instead (logged once)."""
+
+    __slots__ = ("_fallback", "_pending", "_value")
+
+    def __init__(self, pending: noise_process.Pending, fallback: Callable[[], torch.Tensor]) -> None:
+        self._pending, self._fallback = pending, fallback
+        self._value: torch.Tensor | None = None
+
+    def result(self) -> torch.Tensor:
+        if self._value is None:
+            try:
+                self._value = torch.from_numpy(self._pending.result())
+            except noise_process.NoiseWorkerError as exc:
+                _log_worker_failure(exc)
+                self._value = self._fallback()
+        return self._value
+
+
+def _log_worker_failure(exc: Exception) -> None:
+    """One warning per process when the noise worker fails (noise is then drawn in this process)."""
+    global _WORKER_FAILURE_LOGGED
+    if not _WORKER_FAILURE_LOGGED:
+        _WORKER_FAILURE_LOGGED = True
+        log.warning("%s; secure noise is drawn in this process from now on", exc)
 
 
 #: live secure sources, re-keyed in a forked child (its keystream must not repeat the parent's)
 _LIVE_SECURE: weakref.WeakSet[SecureRandom] = weakref.WeakSet()
 _EXECUTOR: ThreadPoolExecutor | None = None
-_ZEROS = b""
+_WORKER_FAILURE_LOGGED = False
 _SHIFT11 = np.uint64(11)  # a 64-bit word's top 53 bits
-_SHIFT10 = np.int64(10)  # a 64-bit word's top 54 bits
-_TWO_106 = 2.0**106  # s < 1 for T = s·2¹⁰⁶
-_TWO_M106 = 2.0**-106
-_MINUS_TWO_M105 = -(2.0**-105)
 _TWO_M53 = 1.0 / (1 << 53)
-#: polar candidates drawn per pair needed: 1/(π/4) kept on average (plus a surplus, see _polar_pairs)
-_POLAR_SURPLUS = 4.0 / math.pi
 _NUMPY_FLOAT: dict[torch.dtype, type] = {torch.float64: np.float64, torch.float32: np.float32}
-#: outputs drawn per chunk (even): bounds the scratch (about 1 MiB per thread) and keeps it in cache
-_CHUNK_VALUES = 1 << 13
-_CHUNK_PAIRS = 2 * _CHUNK_VALUES  # GAUSSIAN_SUMMANDS / 2 pairs per output
 
 
 @functools.lru_cache(maxsize=64)
@@ -358,44 +336,6 @@ def _layout(shapes: tuple[torch.Size, ...]) -> list[tuple[torch.Size, tuple[int,
         out.append((shape, tuple(reversed(strides)), offset))
         offset += math.prod(shape)
     return out
-
-
-def _candidates(need: int) -> int:
-    """Polar candidates drawn for ``need`` pairs: 4/π·need, plus a surplus of about five standard
-    deviations of the kept count (a top-up is then needed in fewer than one chunk in 10⁶)."""
-    return int(need * _POLAR_SURPLUS + 3.0 * math.sqrt(need) + 16)
-
-
-class _Scratch:
-    """One thread's reusable work arrays for :meth:`SecureRandom._polar_pairs` (overwritten at every use)."""
-
-    def __init__(self) -> None:
-        m = _candidates(_CHUNK_PAIRS)
-        self.words = np.empty(2 * m, dtype=np.uint64)
-        self.spare = np.empty(2 * m)
-        self.s = np.empty(m)
-        self.keep = np.empty(m, dtype=bool)
-        self.x, self.y = np.empty(_CHUNK_PAIRS), np.empty(_CHUNK_PAIRS)
-        self.z = np.empty(_CHUNK_VALUES)
-
-
-_LOCAL = threading.local()
-
-
-def _scratch() -> _Scratch:
-    """This thread's :class:`_Scratch` (the caller's and the prefetch thread's are distinct)."""
-    buf: _Scratch | None = getattr(_LOCAL, "scratch", None)
-    if buf is None:
-        buf = _LOCAL.scratch = _Scratch()
-    return buf
-
-
-def _zeros(nbytes: int) -> memoryview:
-    """``nbytes`` zero bytes (the plaintext whose ChaCha20 ciphertext is the keystream), reused."""
-    global _ZEROS
-    if len(_ZEROS) < nbytes:
-        _ZEROS = bytes(max(nbytes, 2 * len(_ZEROS)))
-    return memoryview(_ZEROS)[:nbytes]
 
 
 def _spare_cpu() -> bool:

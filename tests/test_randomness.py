@@ -16,6 +16,7 @@ import pytest
 import torch
 from scipy import stats
 
+import privfl.clients.gaussian as gaussian
 import privfl.clients.randomness as randomness
 from privfl.clients.randomness import SecureRandom
 
@@ -47,7 +48,7 @@ def test_secure_gaussians_are_standard_normal_and_independent():
     assert z.shape == (400_001,) and z.dtype == np.float64
     _check_standard_normal(z)
     # outputs j and h+j of a chunk share their four polar pairs (x parts vs y parts): still uncorrelated
-    c = randomness._CHUNK_VALUES
+    c = gaussian.CHUNK_VALUES
     assert z.size > 2 * c
     h = c // 2
     chunks = z[: (z.size // c) * c].reshape(-1, c)
@@ -66,8 +67,8 @@ def test_polar_pairs_are_the_textbook_formula_on_53_bit_uniforms(monkeypatch):
     x = u·√(−2 ln s / s) — the integer and power-of-two arithmetic of the sampler rounds exactly as this does."""
     a, b = _fixed_key_sources(monkeypatch, 2)
     pairs = 5000
-    xs, ys = a._polar_pairs(pairs, randomness._scratch())
-    m = randomness._candidates(pairs)
+    xs, ys = a._polar_pairs(pairs, gaussian.scratch())
+    m = gaussian._candidates(pairs)
     t = (b._words(2 * m).view(np.int64) >> 10) | 1
     u = t.astype(np.float64) * 2.0**-53
     assert np.all(np.abs(u) < 1) and np.all(u != 0) and np.unique(np.abs(t) % 2).tolist() == [1]
@@ -87,10 +88,10 @@ def test_polar_top_up_draws_fresh_words_and_keeps_the_law(monkeypatch):
         calls.append(need)
         return need // 3 + 1
 
-    monkeypatch.setattr(randomness, "_candidates", few)
+    monkeypatch.setattr(gaussian, "_candidates", few)
     src = SecureRandom(prefetch=False)
     z = src._standard_normal(60_001).numpy()
-    assert len(calls) > 3 * (60_001 // randomness._CHUNK_VALUES + 1)  # topped up, chunk after chunk
+    assert len(calls) > 3 * (60_001 // gaussian.CHUNK_VALUES + 1)  # topped up, chunk after chunk
     _check_standard_normal(z)
     assert np.unique(z).size == z.size  # no pair, so no value, reused
 
@@ -98,7 +99,7 @@ def test_polar_top_up_draws_fresh_words_and_keeps_the_law(monkeypatch):
 def test_rejection_depends_on_the_keystream_alone(monkeypatch):
     """Same key: σ only scales the values; the keystream used (so the rejections and timing) is the same."""
     a, b = _fixed_key_sources(monkeypatch, 2)
-    n = 3 * randomness._CHUNK_VALUES + 5
+    n = 3 * gaussian.CHUNK_VALUES + 5
     za = a._standard_normal(n, 1.0)
     zb = b._standard_normal(n, 2.5)
     assert torch.allclose(zb, 2.5 * za, rtol=1e-15, atol=0)
