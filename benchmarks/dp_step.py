@@ -10,12 +10,12 @@ with no engine/clipping given: ``engine="auto"``, psac, secure noise, every step
 All variants run in one process, interleaved (each repetition runs every variant once, in a
 fresh seeded random order: no variant always follows the same one), so machine noise hits
 them alike; figures are medians of wall time and of
-the thread's CPU time. Secure noise is drawn ahead on a background thread
-(:class:`~clients.randomness.SecureRandom`'s prefetch: batches of whole vectors, the next
-batch drawn while one is served); a variant with secure noise runs two steps back to back
+the thread's CPU time. Secure noise is drawn ahead by the noise worker process (Linux; a
+background thread elsewhere: :class:`~clients.randomness.SecureRandom`'s prefetch, batches of
+whole vectors, the next batch drawn while one is served); a variant with secure noise runs two steps back to back
 and times the second, as in a training loop. ``fast_psac_secure_sync`` draws it in the step
-instead. The background
-thread's CPU is not in the thread-CPU clock: ``noise_sampler`` times the secure sampler alone
+instead. The worker's (or
+background thread's) CPU is not in the thread-CPU clock: ``noise_sampler`` times the secure sampler alone
 (per step, for the model's parameter count) and ``*_with_sampler`` / ``*_all_threads`` add it
 back. Prints JSON. On glibc, large per-step buffers are mmap'ed and page-faulted afresh each
 step; ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` (recorded in the output) change that.
@@ -322,8 +322,11 @@ def main() -> None:
         goal[f"held_{label}"] = all(g[f"meets_target_{label}"] and g[f"ahead_of_opacus_ghost_{label}"]
                                     for g in per_model)
     goal["held_thread_cpu_all_threads"] = all(g["meets_target_thread_cpu_all_threads"] for g in per_model)
-    goal["noise"] = ("secure (ChaCha20, 4 Marsaglia-polar summands in float64), drawn ahead on a background "
-                     f"thread when a CPU is free (batches of whole vectors of >= "
+    from privfl.clients import noise_process
+
+    drawer = "the noise worker process" if noise_process.worker() is not None else "a background thread"
+    goal["noise"] = ("secure (ChaCha20, 4 Marsaglia-polar summands in float64), drawn ahead by "
+                     f"{drawer} when a CPU is free (batches of whole vectors of >= "
                      f"{SecureRandom.PREFETCH_BATCH_VALUES:,} values, the next batch drawn while one is served)")
     import opacus
     print(json.dumps({
