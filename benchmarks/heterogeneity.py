@@ -22,8 +22,11 @@ too large at n = 16 and 11× at n = 4).
   bytes than the float32 model (``--bits 32``), which puts two exchanges (32 ms) under a step's
   compute (50 ms) — with ``--overlap`` (the default) on its communication thread
   while its next step trains, so a step costs max(compute, exchanges) (``--no-overlap``:
-  compute + exchanges); training ends at a deadline (``train_seconds``: the time a
-  nominal node needs for its planned steps and exchanges, × ``--deadline-factor``) or when
+  compute + exchanges); with ``--gradient-peers m`` every step's gradient is taken at the mean of
+  the node's model and the last m peer models it received in exchanges (AsyncGossip's
+  ``gradient_peers``: released models only; 0, the default, its own model); training ends at a
+  deadline (``train_seconds``: the time a nominal node needs for its planned steps and
+  exchanges, × ``--deadline-factor``) or when
   the node's budget is spent, then every node makes ``--consensus`` averaging exchanges. So
   fast nodes spend their budget, and the straggler takes fewer steps and spends less ε
   (reported beside every figure). Its time to target is the earliest of: the first
@@ -150,6 +153,8 @@ def spec(strategy: str, n: int, s: float, lr: float, deadline: float | None, arg
     if strategy == "async_gossip":
         params = {"exchanges_per_step": args.exchanges, "consensus_exchanges": args.consensus,
                   "overlap": args.overlap, **wire_params(args)}
+        if args.gradient_peers:  # absent at 0 (the node's own model): AD-PSGD as before
+            params["gradient_peers"] = args.gradient_peers
         if deadline is not None:
             params["train_seconds"] = deadline
     return SimSpec(
@@ -353,6 +358,9 @@ def main() -> None:
     ap.add_argument("--bits", type=int, choices=(32, 8, 4), default=8,
                     help="async: exchange frames of every coordinate's offset from the public initial model "
                          "quantised to this many bits (8, the default: 4× fewer bytes), or 32: whole float32 models")
+    ap.add_argument("--gradient-peers", type=int, default=0,
+                    help="async: each step's gradient at the mean of the node's model and the last this many peer "
+                         "models it received in exchanges (0: its own model)")
     ap.add_argument("--diagnose", action="store_true",
                     help="also run async with every gradient at the network's exact mean model (a diagnostic, "
                          "not a protocol): does that close the gap to all-reduce?")

@@ -17,6 +17,7 @@ keeps the peers' averaging graph connected.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import math
@@ -74,9 +75,11 @@ def _local_steps(config: Mapping[str, Any]) -> int:
     return int(k)
 
 
-def async_settings(params: Mapping[str, Any], where: str = "[strategy].params") -> tuple[int, float | None, bool]:
-    """AsyncGossip's ``exchanges_per_step``, ``train_seconds`` and ``overlap``, checked (the registry checks a
-    config with it when it is read, the class when it is built); ConfigError naming ``<where>.<key>``."""
+def async_settings(params: Mapping[str, Any], where: str = "[strategy].params"
+                   ) -> tuple[int, float | None, bool, int]:
+    """AsyncGossip's ``exchanges_per_step``, ``train_seconds``, ``overlap`` and ``gradient_peers``, checked (the
+    registry checks a config with it when it is read, the class when it is built); ConfigError naming
+    ``<where>.<key>``."""
     k = params.get("exchanges_per_step", 1)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ConfigError(f"{where}.exchanges_per_step: must be an integer >= 1 (pairwise averages after each "
@@ -88,7 +91,11 @@ def async_settings(params: Mapping[str, Any], where: str = "[strategy].params") 
     overlap = params.get("overlap", False)
     if not isinstance(overlap, bool):
         raise ConfigError(f"{where}.overlap: must be true or false, got {overlap!r}")
-    return int(k), None if d is None else float(d), overlap
+    g = params.get("gradient_peers", 0)
+    if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 0:
+        raise ConfigError(f"{where}.gradient_peers: must be an integer >= 0 (peer models averaged into each step's "
+                          f"gradient point), got {g!r}")
+    return int(k), None if d is None else float(d), overlap, int(g)
 
 
 class _GossipBase(NodeStrategy):
@@ -204,7 +211,13 @@ class AsyncGossip(_GossipBase):
     checkpoint; the simulator after every step, charging max(compute, communication))
     joins them and raises their error. The exchanges carry the same already-noised models
     as without overlap (post-processing, no extra DP event); a step's report counts the
-    exchanges it joined. :meth:`roles` builds the role keys from a topology.
+    exchanges it joined; ``gradient_peers`` (int, default 0): each local step takes its gradient at the
+    mean of the model it trains from and the last ``gradient_peers`` peer models this node received
+    in exchanges (the requests it served and the replies it got, as their frames decode) and adds
+    that step's update (trained − point) to its own model — a point nearer the network's mean than
+    its own model, which carries its own not yet averaged DP noise. Every input is a released
+    (noised) model, so the point is post-processing: no extra DP event, the same ε per step.
+    0: the node's own model (AD-PSGD). :meth:`roles` builds the role keys from a topology.
 
     Exchange (atomic pairwise averaging, ``x_i = x_j = (x_i + x_j)/2``): the active side
     holds its own lock, sends its model; the passive side, under its lock, replies with
@@ -233,7 +246,11 @@ class AsyncGossip(_GossipBase):
         self.consensus_exchanges = int(self.config.get("consensus_exchanges", 0))
         if self.consensus_exchanges < 0:
             raise ConfigError(f"async_gossip: consensus_exchanges must be >= 0, got {self.consensus_exchanges}")
-        self.exchanges_per_step, self.train_seconds, self.overlaps_communication = async_settings(self.config)
+        self.exchanges_per_step, self.train_seconds, self.overlaps_communication, gradient_peers = \
+            async_settings(self.config)
+        # the last gradient_peers peer models received (released values), for the gradient point
+        self._peer_models: collections.deque[Params] = collections.deque(maxlen=gradient_peers)
+        self._peer_lock = threading.Lock()  # not self._lock: the step reads them while exchanges hold that
         self._start = network.now() if self.train_seconds is not None else 0.0
         self._inflight: Background[tuple[int, int, list[str]]] | None = None  # the last step's exchanges
         self._next_start: tuple[Params, int] | None = None  # (snapshot, version) the next step trains from
@@ -277,11 +294,15 @@ class AsyncGossip(_GossipBase):
             with self._lock:
                 start = (_copy(self.params), self._version)
         snapshot, version = start
+        point = self._gradient_point(snapshot)
         try:
-            trained, steps, exhausted = self._train(snapshot)
+            trained, steps, exhausted = self._train(point)
         except BaseException:
             self._join_quietly()
             raise
+        if trained is not None and point is not snapshot:  # the step's update, on the model it trains from
+            trained = [s + (t - m) if np.issubdtype(s.dtype, np.floating) else s
+                       for s, t, m in zip(snapshot, trained, point)]
         joined, failed = StepReport(), None
         try:  # the previous step's exchanges ran while this one trained
             joined = self.settle()
@@ -321,6 +342,29 @@ class AsyncGossip(_GossipBase):
         if exhausted:
             self._stop("privacy budget exhausted: the last local step that fits has been taken")
         return self._report(steps, peers, sent, received)
+
+    def _gradient_point(self, snapshot: Params) -> Params:
+        """The mean of ``snapshot`` and the peer models kept for ``gradient_peers`` (``snapshot`` itself when
+        none are kept), float arrays averaged in float64; other arrays are ``snapshot``'s."""
+        with self._peer_lock:
+            seen = list(self._peer_models)
+        if not seen:
+            return snapshot
+        return [np.mean([np.asarray(m[k], np.float64) for m in (snapshot, *seen)], axis=0).astype(p.dtype)
+                if np.issubdtype(p.dtype, np.floating) else p for k, p in enumerate(snapshot)]
+
+    def _keep_peer_model(self, message: ModelMessage) -> None:
+        """Keep the model a peer's accepted request or reply carries (``gradient_peers`` > 0 only)."""
+        if not self._peer_models.maxlen:
+            return
+        if self.subspace is not None:
+            model = self.subspace.model(message.payload)
+        elif message.params is not None:  # a whole model (params_compatible checked it)
+            model = _copy(message.params)
+        else:
+            return
+        with self._peer_lock:
+            self._peer_models.append(model)
 
     def _exchange_round(self, peers: list[str]) -> tuple[int, int, list[str]]:
         """One step's exchanges with ``peers``, one after another: (bytes sent, received, peers averaged with)."""
@@ -406,6 +450,7 @@ class AsyncGossip(_GossipBase):
             self.params = mixed
             self._version += 1
             self.exchanges += 1
+            self._keep_peer_model(reply)
             self.bytes_sent += sent
             self.bytes_received += reply.nbytes
             return sent, reply.nbytes, True
@@ -437,6 +482,7 @@ class AsyncGossip(_GossipBase):
             self.params = mixed
             self._version += 1
             self.served += 1
+            self._keep_peer_model(message)
             reply = self._outgoing("exchange_reply", before)
             self._pending_received += message.nbytes
             self._pending_sent += reply.nbytes

@@ -556,3 +556,49 @@ def test_train_seconds_deadline_stops_training_but_not_serving() -> None:
     for bad in (0, -1.0, math.inf, "5"):
         with pytest.raises(ConfigError, match="train_seconds"):
             AsyncGossip(IdentityClient(), hub.net("n0"), random_models(1)[0], {"train_seconds": bad})
+
+
+class ShiftClient(NumPyClient):
+    """A plain client whose step adds a fixed shift to whatever point it is given; records the points."""
+
+    def __init__(self, shift: float) -> None:
+        self.shift = shift
+        self.points: list[list[np.ndarray]] = []
+
+    def fit(self, parameters, config):  # type: ignore[override]
+        self.points.append([np.array(p, copy=True) for p in parameters])
+        return [p + self.shift for p in parameters], 1, {"steps": int(config["local_steps"]), "loss": 0.0}
+
+
+def test_gradient_peers_takes_the_step_at_the_mean_of_own_and_received_models() -> None:
+    """The step's point is the mean of the node's model and the last ``gradient_peers`` peer models it received
+    (a reply it got, a request it served); the step's update lands on its own model; 0 keeps none."""
+    topo = build_topology("complete", ids(3))
+    models = random_models(3, seed=4)
+    hub = Hub(topo)
+    client = ShiftClient(0.25)
+    node = AsyncGossip(client, hub.net("n0"), models[0], {"seed": 0, "gradient_peers": 2, "peers": ["n1"]})
+    peers = [AsyncGossip(IdentityClient(), hub.net(n), models[i], {"seed": i}) for i, n in ((1, "n1"), (2, "n2"))]
+    hub.nodes.update(n0=node, n1=peers[0], n2=peers[1])
+    node.step()  # nothing received yet: the point is its own model; then it averages with n1 (n1's reply kept)
+    assert all(np.array_equal(a, b) for a, b in zip(client.points[0], models[0]))
+    n2_before = [np.array(p, copy=True) for p in peers[1].params]
+    assert peers[1].average_with("n0")  # n0 serves n2: n2's request (its model) kept
+    own = [np.array(p, copy=True) for p in node.params]
+    node.peers = []  # this step exchanges nothing, so its result is exact
+    node.step()
+    want = [(o + r + q) / 3 for o, r, q in zip(own, models[1], n2_before)]  # n1's reply: its pre-average model
+    assert all(np.allclose(a, b) for a, b in zip(client.points[1], want))
+    assert all(np.allclose(a, o + 0.25) for a, o in zip(node.params, own))  # the update on its own model
+    n1_now = [np.array(p, copy=True) for p in peers[0].params]
+    assert peers[0].average_with("n0")  # a third model: only the last two are kept
+    kept = list(node._peer_models)
+    assert len(kept) == 2 and all(np.array_equal(a, b) for a, b in zip(kept[0], n2_before))
+    assert all(np.array_equal(a, b) for a, b in zip(kept[1], n1_now))
+    plain = AsyncGossip(ShiftClient(0.0), hub.net("n0"), models[0], {"peers": ["n1"]})
+    hub.nodes["n0"] = plain
+    plain.step()
+    assert plain._peer_models.maxlen == 0 and not plain._peer_models
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match="gradient_peers"):
+            AsyncGossip(IdentityClient(), hub.net("n0"), models[0], {"gradient_peers": bad})

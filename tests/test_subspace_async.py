@@ -251,3 +251,30 @@ def test_a_resumed_node_quantises_against_the_shared_initial_model_not_its_resum
     step = np.ptp(_flat(resumed)[mask] - _flat(init)[mask]) / 15  # the 4-bit step of b's offsets
     assert np.max(np.abs(_flat(a.params)[mask] - avg)) <= step / 2 + 1e-5
     assert np.max(np.abs(_flat(b.params)[mask] - avg)) <= 1e-6  # a's offsets are all zero: exact
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_a_frame_decodes_to_the_peer_model_the_gradient_point_keeps(bits: int | None) -> None:
+    """``gradient_peers`` keeps a peer's model as its frame carries it: the public init off the mask, the frame's
+    k values on it (float32: exactly; quantised: to half a step): b keeps a's request, a keeps b's reply."""
+    world = SimWorld(["a", "b"], {"a": ["b"], "b": ["a"]}, LinkSpec())
+    comp = {"planned_steps": 20, "gradient_peers": 1}
+    a = AsyncGossip(_MaskStep(0), world.network("a"), _init(),
+                    {**comp, "peers": ["b"], "compressor": SubspaceK(fraction=FRACTION, public_seed=SEED, period=20,
+                                                                     bits=bits)})
+    b = AsyncGossip(_MaskStep(1), world.network("b"), _init(),
+                    {**comp, "compressor": SubspaceK(fraction=FRACTION, public_seed=SEED, period=20, bits=bits)})
+    world.strategies.update(a=a, b=b)
+    a.params = a.client.fit(a.params, {})[0]
+    sent = _flat(a.params)
+    assert a.average_with("b")
+    (kept,) = b._peer_models
+    init, mask = _flat(_init()), subspace_mask(SEED, 0, SHAPES, FRACTION)
+    off = np.ones(D, bool)
+    off[mask] = False
+    assert [k.dtype for k in kept] == [np.float32, np.float32] and [k.shape for k in kept] == [tuple(s) for s in SHAPES]
+    assert np.array_equal(_flat(kept)[off], init[off])
+    tol = 1e-7 if bits is None else 0.5 * np.ptp(sent[mask] - init[mask]) / 15 + 1e-6
+    assert np.max(np.abs(_flat(kept)[mask] - sent[mask])) <= tol
+    (reply,) = a._peer_models  # and the reply a got: b's pre-average model, the public init (b never trained)
+    assert np.array_equal(_flat(reply), init)

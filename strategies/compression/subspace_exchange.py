@@ -107,6 +107,12 @@ class SubspaceExchange:
                                    f"{'quantised' if self._quant is not None else 'float32'} values")
         return values + self._init[self._indices] if self._quant is not None else values
 
+    def model(self, msg: object) -> list[np.ndarray]:
+        """The peer's model a frame carries: its k values on the mask, the public initial model off it."""
+        flat = self._init.copy()
+        flat[self._indices] = self.decode(msg)
+        return [a.astype(dt) for a, dt in zip(split_flat(flat, self._shapes, np.float64), self._dtypes)]
+
     def average(self, own: Sequence[np.ndarray], msg: object) -> list[np.ndarray] | None:
         """``own`` with its mask set to the mean of its and the peer's k values (None if ``msg`` is malformed
         or ``own`` has another shape); off the mask ``own`` is returned unchanged."""
