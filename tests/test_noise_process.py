@@ -142,3 +142,15 @@ def test_shutdown_ends_the_worker():
     noise_process.shutdown()
     assert _wait_ended(w.pid, 5)
     assert noise_process._WORKER is None
+
+
+def test_the_worker_loads_the_sampler_without_torch():
+    """``python -I`` on the torch-free kernel: a light process (no libtorch mapped), whatever the parent imported."""
+    SecureRandom().normal_like_each(1.0, REFS)
+    w = noise_process.worker()
+    assert w is not None
+    assert w.submit(8, 1.0, np.float64).result().shape == (8,)  # it has started and drawn
+    with open(f"/proc/{w.pid}/maps") as f:
+        maps = f.read()
+    assert "libcrypto" in maps or "_rust" in maps  # cryptography's ChaCha20 is loaded
+    assert "libtorch" not in maps and "torch" not in maps
