@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -33,6 +35,36 @@ def run_in_threads(targets: Iterable[Callable[[], Any]], timeout: float = 10.0) 
     for t in threads:
         t.join(timeout=timeout)
     assert not any(t.is_alive() for t in threads)
+
+
+def run_in_fork(child: Callable[[], bytes], timeout: float = 30.0) -> bytes:
+    """Fork; the child runs ``child`` and writes what it returns to a pipe, then exits at once
+    (``os._exit``). Returns those bytes; fails if the child exits non-zero or says nothing in time."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            data = child()
+            while data:
+                data = data[os.write(w, data):]
+        finally:
+            os._exit(0)
+    os.close(w)
+    out = b""
+    try:
+        while True:
+            ready, _, _ = select.select([r], [], [], timeout)
+            assert ready, "the forked child did not answer"
+            chunk = os.read(r, 1 << 16)
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+    assert status == 0, f"the forked child exited with status {status}"
+    return out
 
 
 def patched_copy(src: Path, dest: Path, replacements: Iterable[tuple[str, str]]) -> Path:

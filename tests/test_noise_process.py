@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
 import time
 
@@ -15,6 +14,7 @@ import torch
 import privfl.clients.randomness as randomness
 from privfl.clients import noise_process
 from privfl.clients.randomness import SecureRandom
+from tests.helpers import run_in_fork
 from tests.test_randomness import _check_standard_normal, _fixed_key_sources
 
 pytestmark = [pytest.mark.timeout(60),
@@ -102,31 +102,14 @@ def test_a_forked_child_never_uses_the_parents_worker():
     src.normal_like_each(1.0, REFS)
     parent_worker = noise_process.worker()
     assert parent_worker is not None
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: its own worker, and noise unlike the parent's
-        try:
-            os.close(r)
-            before = noise_process._WORKER
-            vals = [src.normal_like_each(1.0, REFS)[0][:4].numpy().tobytes() for _ in range(3)]
-            mine = noise_process.worker()
-            os.write(w, f"{before is None} {mine.pid if mine else 0} ".encode().ljust(64) + b"".join(vals))
-        finally:
-            os._exit(0)
-    os.close(w)
-    try:
-        ready, _, _ = select.select([r], [], [], 30)
-        assert ready, "the forked child did not answer"
-        data = b""
-        while len(data) < 64 + 96:
-            chunk = os.read(r, 64 + 96 - len(data))
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        os.close(r)
-        _, status = os.waitpid(pid, 0)
-    assert status == 0
+    def child() -> bytes:  # its own worker, and noise unlike the parent's
+        before = noise_process._WORKER
+        vals = [src.normal_like_each(1.0, REFS)[0][:4].numpy().tobytes() for _ in range(3)]
+        mine = noise_process.worker()
+        return f"{before is None} {mine.pid if mine else 0} ".encode().ljust(64) + b"".join(vals)
+
+    data = run_in_fork(child)
+    assert len(data) == 64 + 96
     dropped, child_worker = data[:64].split()[:2]
     assert dropped == b"True" and int(child_worker) not in (0, parent_worker.pid)
     assert _wait_ended(int(child_worker))  # the child's worker ended with the child

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import select
 import threading
 
 import numpy as np
@@ -19,6 +18,7 @@ from scipy import stats
 import privfl.clients.gaussian as gaussian
 import privfl.clients.randomness as randomness
 from privfl.clients.randomness import SecureRandom
+from tests.helpers import run_in_fork
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -211,25 +211,12 @@ def test_a_forked_child_rekeys_and_drops_what_was_drawn_ahead(spare_cpu):
     refs = [torch.zeros(5000)]
     src.normal_like_each(1.0, refs)  # the next vectors are drawn ahead in the parent
     assert src._ahead
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: its next words and noise must not be the parent's
-        try:
-            os.close(r)
-            words = src._words(8).tobytes()
-            noise = src.normal_like_each(1.0, refs)[0][:8].numpy().tobytes()
-            os.write(w, words + noise)
-        finally:
-            os._exit(0)
-    os.close(w)
-    try:
-        ready, _, _ = select.select([r], [], [], 30)
-        assert ready, "the forked child did not answer"
-        child = os.read(r, 64 + 32)
-    finally:
-        os.close(r)
-        _, status = os.waitpid(pid, 0)
-    assert status == 0 and len(child) == 96
+
+    def in_child() -> bytes:  # its next words and noise must not be the parent's
+        return src._words(8).tobytes() + src.normal_like_each(1.0, refs)[0][:8].numpy().tobytes()
+
+    child = run_in_fork(in_child)
+    assert len(child) == 96
     assert src._words(8).tobytes() != child[:64]
     assert src.normal_like_each(1.0, refs)[0][:8].numpy().tobytes() != child[64:]
 
