@@ -216,7 +216,7 @@ def build_collective_strategy(b: StrategyBuild) -> CollectiveStrategy:
 
 # ---- async_gossip ------------------------------------------------------------------------
 _ASYNC_KEYS = frozenset({"local_steps", "seed", "consensus_exchanges", "compressor", "exchanges_per_step",
-                         "train_seconds", "overlap"}) | {"compression_params"} | ASYNC_SUBSPACE_KEYS
+                         "train_seconds", "overlap", "gradient_peers", "compression_params"}) | ASYNC_SUBSPACE_KEYS
 
 
 def _check_async_gossip(name: str, params: Mapping[str, Any]) -> None:

@@ -532,6 +532,15 @@ def test_exchanges_per_step_is_checked() -> None:
         AsyncGossip(IdentityClient(), Hub(topo).net("n0"), random_models(1)[0], {"exchanges_per_step": 0})
 
 
+def test_gradient_peers_is_a_config_key_and_is_checked() -> None:
+    from privfl.strategies.registry import check_strategy
+
+    check_strategy("async_gossip", {"gradient_peers": 8, "overlap": True}, "simulate")
+    for bad in (-1, 1.5, True, "8"):
+        with pytest.raises(ConfigError, match=r"\[strategy\]\.params\.gradient_peers"):
+            check_strategy("async_gossip", {"gradient_peers": bad}, "simulate")
+
+
 def test_train_seconds_deadline_stops_training_but_not_serving() -> None:
     """Past its training deadline a node trains nothing more (no fit, no ε) and stops; it still serves."""
 
