@@ -9,16 +9,16 @@ default non-secure noise); and privfl's default path (``privfl.PrivacyEngine().m
 with no engine/clipping given: ``engine="auto"``, psac, secure noise, every step accounted).
 All variants run in one process, interleaved (each repetition runs every variant once, in a
 fresh seeded random order: no variant always follows the same one), so machine noise hits
-them alike; figures are medians of wall time and of
-the thread's CPU time. Secure noise is drawn ahead by the noise worker process (Linux; a
-background thread elsewhere: :class:`~clients.randomness.SecureRandom`'s prefetch, batches of
-whole vectors, the next batch drawn while one is served); a variant with secure noise runs two steps back to back
-and times the second, as in a training loop. ``fast_psac_secure_sync`` draws it in the step
-instead. The worker's (or
-background thread's) CPU is not in the thread-CPU clock: ``noise_sampler`` times the secure sampler alone
-(per step, for the model's parameter count) and ``*_with_sampler`` / ``*_all_threads`` add it
-back. Prints JSON. On glibc, large per-step buffers are mmap'ed and page-faulted afresh each
-step; ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` (recorded in the output) change that.
+them alike; figures are medians of wall time and of the thread's CPU time. Secure noise is
+drawn ahead by the noise worker process (Linux; a background thread elsewhere:
+:class:`~clients.randomness.SecureRandom`'s prefetch, batches of whole vectors, the next batch
+drawn while one is served); a variant with secure noise runs two steps back to back and times
+the second, as in a training loop. ``fast_psac_secure_sync`` draws it in the step instead.
+The worker's (or background thread's) CPU is not in the thread-CPU clock: ``noise_sampler``
+times the secure sampler alone (per step, for the model's parameter count) and
+``*_with_sampler`` / ``*_all_threads`` add it back. Prints JSON. On glibc, large per-step
+buffers are mmap'ed and page-faulted afresh each step;
+``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` (recorded in the output) change that.
 
     .venv/bin/python benchmarks/dp_step.py [--reps 300] [--resnet-reps 40] [--threads 1]
 """

@@ -153,9 +153,7 @@ def spec(strategy: str, n: int, s: float, lr: float, deadline: float | None, arg
     params: dict[str, Any] = {}
     if strategy == "async_gossip":
         params = {"exchanges_per_step": args.exchanges, "consensus_exchanges": args.consensus,
-                  "overlap": args.overlap, **wire_params(args)}
-        if args.gradient_peers:  # absent at 0 (the node's own model): AD-PSGD as before
-            params["gradient_peers"] = args.gradient_peers
+                  "overlap": args.overlap, "gradient_peers": args.gradient_peers, **wire_params(args)}
         if deadline is not None:
             params["train_seconds"] = deadline
     return SimSpec(

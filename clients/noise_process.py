@@ -153,20 +153,20 @@ class NoiseWorker:
         self._proc.returncode = 0  # not this process's child: never waited for here
 
 
-_WORKER: NoiseWorker | None = None
-_STARTED_IN: int | None = None  # the pid that started _WORKER
+_WORKER: NoiseWorker | None = None  # this process's own (a forked child drops its parent's: _after_fork)
 _START_LOCK = threading.Lock()
+_AVAILABLE = hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
 
 
 def worker() -> NoiseWorker | None:
     """This process's noise worker, started on first use; None where unavailable or after it failed."""
-    global _WORKER, _STARTED_IN
-    if not hasattr(os, "memfd_create") or not hasattr(socket, "send_fds"):
+    global _WORKER
+    if not _AVAILABLE:
         return None
     with _START_LOCK:
         if _WORKER is None:
             try:
-                _WORKER, _STARTED_IN = NoiseWorker(), os.getpid()
+                _WORKER = NoiseWorker()
             except OSError:
                 return None
         return None if _WORKER.failed is not None else _WORKER
@@ -177,7 +177,7 @@ def shutdown() -> None:
     global _WORKER
     with _START_LOCK:
         w, _WORKER = _WORKER, None
-    if w is not None and _STARTED_IN == os.getpid():
+    if w is not None:
         w.close()
 
 
