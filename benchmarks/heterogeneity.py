@@ -151,8 +151,10 @@ def spec(strategy: str, n: int, s: float, lr: float, deadline: float | None, arg
                 "data_args": {"records": args.site_records, "seed": args.seed}}
         size = args.site_records
     params: dict[str, Any] = {}
+    if args.ema_decay is not None:  # both strategies alike: each node evaluates its iterates' EMA
+        params["ema_decay"] = args.ema_decay
     if strategy == "async_gossip":
-        params = {"exchanges_per_step": args.exchanges, "consensus_exchanges": args.consensus,
+        params |= {"exchanges_per_step": args.exchanges, "consensus_exchanges": args.consensus,
                   "overlap": args.overlap, "gradient_peers": args.gradient_peers, **wire_params(args)}
         if deadline is not None:
             params["train_seconds"] = deadline
@@ -360,6 +362,10 @@ def main() -> None:
     ap.add_argument("--gradient-peers", type=int, default=8,
                     help="async: each step's gradient at the mean of the node's model and the last this many peer "
                          "models it received in exchanges (8, the default; 0: its own model, AD-PSGD)")
+    ap.add_argument("--ema-decay", type=float, default=None,
+                    help="both strategies: each node evaluates (and ends with) an exponential moving average of its "
+                         "DP iterates with this decay ([strategy].params.ema_decay; async: the consensus averages "
+                         "the EMAs); default off")
     ap.add_argument("--diagnose", action="store_true",
                     help="also run async with every gradient at the network's exact mean model (a diagnostic, "
                          "not a protocol): does that close the gap to all-reduce?")
@@ -431,6 +437,7 @@ def main() -> None:
                   "declared_site_size": {str(n): declared_size(n) if args.dataset == "digits" else args.site_records
                                          for n, _ in cells},
                   "allreduce": "average every step, waits for the slowest node", "lrs": args.lrs,
+                  "ema_decay": args.ema_decay,
                   "target": f"all-reduce final accuracy − {args.target_gap} pp", "seeds": seeds,
                   "quick": args.quick},
         "goal": {**GOAL, "statement": "async ≥ 3× faster to target than all-reduce at n=16, s=4, final "

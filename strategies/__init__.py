@@ -29,6 +29,7 @@ from privfl.strategies.compression import (
     released,
 )
 from privfl.strategies.federated import FedAvgConfig, FederatedAveraging, InProcessGrid, NodeEndpoint
+from privfl.strategies.iterate_average import IterateAverage, ema_decay_setting
 from privfl.strategies.periodic import AdaptivePeriod, AllReduce, PeriodicAveraging
 from privfl.strategies.registry import (
     STRATEGIES,
@@ -43,7 +44,7 @@ from privfl.strategies.topology import TOPOLOGY_KINDS, Bipartition, Topology, To
 __all__ = [
     "CoCoDGossip", "cocod_merge",
     "AdaptivePeriod", "AllReduce", "FedAvgConfig", "FederatedAveraging", "InProcessGrid", "NodeEndpoint",
-    "PeriodicAveraging",
+    "PeriodicAveraging", "IterateAverage", "ema_decay_setting",
     "COMPRESSORS", "TOPOLOGY_KINDS", "AdaComp", "Bipartition", "CLTk", "CollectiveRound",
     "CollectiveStrategy", "Compressed", "CompressionError", "Compressor", "Identity",
     "InnovationGossip", "MalformedMessage", "ModelMessage", "NodeStrategy", "Params", "PeerNetwork",

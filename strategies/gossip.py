@@ -33,6 +33,7 @@ from privfl.accounting import BudgetExhausted
 from privfl.accounting.errors import ConfigError
 from privfl.strategies.background import Background
 from privfl.strategies.base import ModelMessage, NodeStrategy, Params, PeerNetwork, StepReport
+from privfl.strategies.iterate_average import IterateAverage, ema_decay_setting
 
 __all__ = ["AsyncGossip", "ErrorFeedbackGossip", "SyncGossip", "async_settings", "average_pair", "params_compatible"]
 
@@ -217,7 +218,16 @@ class AsyncGossip(_GossipBase):
     that step's update (trained − point) to its own model — a point nearer the network's mean than
     its own model, which carries its own not yet averaged DP noise. Every input is a released
     (noised) model, so the point is post-processing: no extra DP event, the same ε per step.
-    0: the node's own model (AD-PSGD). :meth:`roles` builds the role keys from a topology.
+    0: the node's own model (AD-PSGD); ``ema_decay`` (number in [0, 1), default none: off): an
+    exponential moving average of the node's model after each step's merge
+    (:class:`~strategies.iterate_average.IterateAverage`, post-processing, no ε) is what
+    :meth:`snapshot` returns (what the node evaluates); exchanges during training carry the
+    training iterate, never the average. When the node's training ends (it stops: budget or
+    deadline) its model is replaced by its average, so what it serves from then on and the
+    consensus exchanges average are the nodes' EMAs (every iterate in it is already accounted:
+    sending it is post-processing; the node trains from it no more, though a peer still training
+    may average with it).
+    :meth:`roles` builds the role keys from a topology.
 
     Exchange (atomic pairwise averaging, ``x_i = x_j = (x_i + x_j)/2``): the active side
     holds its own lock, sends its model; the passive side, under its lock, replies with
@@ -251,6 +261,9 @@ class AsyncGossip(_GossipBase):
         # the last gradient_peers peer models received (released values), for the gradient point
         self._peer_models: collections.deque[Params] = collections.deque(maxlen=gradient_peers)
         self._peer_lock = threading.Lock()  # not self._lock: the step reads them while exchanges hold that
+        decay = ema_decay_setting(self.config)
+        self.ema: IterateAverage | None = None if decay is None else IterateAverage(decay)
+        self._ema_in_consensus = False  # the model was replaced by its EMA for the consensus phase
         self._start = network.now() if self.train_seconds is not None else 0.0
         self._inflight: Background[tuple[int, int, list[str]]] | None = None  # the last step's exchanges
         self._next_start: tuple[Params, int] | None = None  # (snapshot, version) the next step trains from
@@ -286,6 +299,7 @@ class AsyncGossip(_GossipBase):
             self._stop(f"training deadline: {self.train_seconds:g} s since the start")
         if self.stopped:
             joined = self.settle()  # the last step's exchanges, if still in flight
+            self._ema_into_consensus()
             sent, received = self._drain_served()
             return self._report(0, joined.peers, sent + joined.bytes_sent, received + joined.bytes_received)
         # nothing here takes the lock while the last step's exchanges (which hold it) may be in flight
@@ -326,6 +340,8 @@ class AsyncGossip(_GossipBase):
             else:  # exchanges happened while training: keep them, add our delta
                 self.params = [p + (t - s) if np.issubdtype(p.dtype, np.floating) else p
                                for p, t, s in zip(self.params, trained, snapshot)]
+            if self.ema is not None:  # the node's model after this step and the exchanges so far
+                self.ema.update(self.params)
         if failed is not None:
             raise failed
         if self.active and self.peers:
@@ -341,6 +357,7 @@ class AsyncGossip(_GossipBase):
             self.round += 1
         if exhausted:
             self._stop("privacy budget exhausted: the last local step that fits has been taken")
+            self._ema_into_consensus()  # nothing is in flight once exhausted
         return self._report(steps, peers, sent, received)
 
     def _gradient_point(self, snapshot: Params) -> Params:
@@ -424,11 +441,31 @@ class AsyncGossip(_GossipBase):
     def consensus_round(self) -> StepReport:
         """After training: one pure averaging exchange with a random peer (active nodes only)."""
         self.settle()
+        self._ema_into_consensus()
         if not (self.active and self.peers):
             return self._report(0, [], 0, 0)
         peer = self._rng.choice(self.peers)
         s, r, ok = self._exchange_with(peer)
         return self._report(0, [peer] if ok else [], s, r)
+
+    def _ema_into_consensus(self) -> None:
+        """Once this node's training is over (``ema_decay``): its model becomes its EMA, so what it serves
+        and the consensus exchanges average are the nodes' EMAs. Post-processing of accounted DP
+        iterates (and released peer models); this node trains from it no more."""
+        if self.ema is None or self._ema_in_consensus:
+            return
+        with self._lock:
+            self._ema_in_consensus_locked()
+
+    def _ema_in_consensus_locked(self) -> None:
+        """:meth:`_ema_into_consensus` with ``self._lock`` held."""
+        if self.ema is None or self._ema_in_consensus:
+            return
+        view = self.ema.view()
+        self._ema_in_consensus = True
+        if view is not None:
+            self.params = view
+            self._version += 1
 
     def _exchange_with(self, peer: str) -> tuple[int, int, bool]:
         """Atomic pairwise average with ``peer``: (bytes sent, bytes received, success)."""
@@ -470,6 +507,8 @@ class AsyncGossip(_GossipBase):
             self.refused += 1
             return None
         try:
+            if self.stopped:  # training over: serve (and average) the EMA (``ema_decay``)
+                self._ema_in_consensus_locked()
             if self.subspace is not None:  # None unless a frame on the fixed mask
                 mixed = self.subspace.average(self.params, message.payload)
             else:
@@ -499,7 +538,12 @@ class AsyncGossip(_GossipBase):
         return s, r
 
     def snapshot(self) -> Params:
-        """A consistent copy of the current model (for evaluation)."""
+        """A consistent copy of the current model (for evaluation): with ``ema_decay``, its EMA during
+        training (the model itself once the consensus phase took the EMA in, or before any step)."""
+        if self.ema is not None and not self._ema_in_consensus:
+            view = self.ema.view()
+            if view is not None:
+                return view
         with self._lock:
             return _copy(self.params)
 

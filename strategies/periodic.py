@@ -18,6 +18,13 @@ node continues from the average. One :meth:`run_round` is one synchronization.
 Privacy: averaging is post-processing of models each node trained with record-level
 DP-SGD, so it costs nothing; a node's ε is the composition of its own local steps.
 
+Iterate averaging (``ema_decay``, default off): each node keeps an exponential moving average of
+its model after every sync (:class:`~strategies.iterate_average.IterateAverage`, post-processing,
+no ε). The round's returned ``params`` (what the simulator evaluates and ends with) are then the
+EMAs; the strategy keeps each node's training iterate and, when a node's next ``params`` are the
+EMA it returned, trains from the kept iterate (other ``params``, e.g. a resumed model, are trained
+from as given, and restart that node's average). Nothing is sent anywhere but the training iterate.
+
 Byte convention (``bytes_convention``):
 
 * ``"model"`` (default): per node per sync, ``bytes_up = bytes_down = model bytes`` — the
@@ -44,6 +51,7 @@ from flwr.client import NumPyClient
 from privfl.accounting import BudgetExhausted
 from privfl.accounting.errors import ConfigError
 from privfl.strategies.base import CollectiveRound, CollectiveStrategy, Params
+from privfl.strategies.iterate_average import IterateAverage, ema_decay_setting
 
 __all__ = [
     "AdaptivePeriod",
@@ -92,7 +100,7 @@ class PeriodicAveraging(CollectiveStrategy):
     """Constant-period parameter averaging (CPSGD / Local SGD) over an all-reduce."""
 
     def __init__(self, period: int = 8, *, bytes_convention: BytesConvention = "model",
-                 total_steps: int | None = None) -> None:
+                 total_steps: int | None = None, ema_decay: float | None = None) -> None:
         self.period = _positive_int("periodic.period", period)
         if bytes_convention not in ("model", "ring"):
             raise ConfigError(f"periodic.bytes_convention must be 'model' or 'ring', got {bytes_convention!r}")
@@ -102,6 +110,37 @@ class PeriodicAveraging(CollectiveStrategy):
         self.syncs = 0
         self.steps_done = 0
         self.history: list[dict[str, float]] = []
+        self.ema_decay = ema_decay_setting({"ema_decay": ema_decay})
+        self._ema: dict[str, IterateAverage] = {}
+        self._iterate: dict[str, Params] = {}  # ema_decay: each node's training iterate
+        self._given: dict[str, Params] = {}  # ema_decay: the EMA returned for each node
+
+    def _start(self, node: str, given: Params) -> Params:
+        """The model ``node`` trains from: its kept training iterate when ``given`` is the EMA this strategy
+        returned for it (``ema_decay``), else ``given`` (that node's average then starts again)."""
+        mine = self._given.get(node)
+        if mine is not None and len(mine) == len(given) and all(
+                np.array_equal(a, np.asarray(b)) for a, b in zip(mine, given)):
+            return self._iterate[node]
+        self._ema.pop(node, None)
+        self._iterate.pop(node, None)
+        return [np.asarray(a) for a in given]
+
+    def _views(self, out: dict[str, Params], changed: bool) -> dict[str, Params]:
+        """``ema_decay``: keep ``out`` as the training iterates, fold them into the EMAs (when the sync
+        changed them) and return the EMAs in their place."""
+        views: dict[str, Params] = {}
+        for n, model in out.items():
+            known = n in self._iterate
+            self._iterate[n] = model
+            avg = self._ema.setdefault(n, IterateAverage(self.ema_decay))  # type: ignore[arg-type]
+            if changed or not known:
+                avg.update(model)
+            view = avg.view()
+            assert view is not None
+            self._given[n] = view
+            views[n] = [a.copy() for a in view]
+        return views
 
     # ---- hooks for subclasses -------------------------------------------------------
     def next_period(self) -> int:
@@ -146,10 +185,11 @@ class PeriodicAveraging(CollectiveStrategy):
                 self._stop(n, self.finished_reason(), metrics, newly_stopped)
             active = []
 
+        start = {n: (self._start(n, params[n]) if self.ema_decay is not None else params[n]) for n in nodes}
         trained: dict[str, Params] = {}
         for n in active:
             try:
-                new, _, m = clients[n].fit([np.asarray(a) for a in params[n]],
+                new, _, m = clients[n].fit([np.asarray(a) for a in start[n]],
                                            {"local_steps": period, "server_round": int(round)})
             except BudgetExhausted as exc:
                 self._stop(n, f"budget exhausted: {exc}", metrics, newly_stopped)
@@ -160,7 +200,7 @@ class PeriodicAveraging(CollectiveStrategy):
             if int(m.get("budget_exhausted", 0)):
                 self._stop(n, "budget exhausted after this sync's last allowed steps", metrics, newly_stopped)
 
-        out = {n: [np.array(a, copy=True) for a in params[n]] for n in nodes}
+        out = {n: [np.array(a, copy=True) for a in start[n]] for n in nodes}
         if trained:
             models = [trained[n] for n in sorted(trained)]
             variance = model_variance(models)
@@ -177,6 +217,8 @@ class PeriodicAveraging(CollectiveStrategy):
                 bytes_down[n] = nbytes if n in trained else model_bytes
             log.info("%s sync %d (round %d): %d nodes, period %d, V=%.3g",
                      type(self).__name__, self.syncs, round, len(models), period, variance)
+        if self.ema_decay is not None:
+            out = self._views(out, bool(trained))
         return CollectiveRound(params=out, local_steps=local_steps, bytes_up=bytes_up,
                                bytes_down=bytes_down, metrics=metrics, stopped=newly_stopped)
 
@@ -194,8 +236,9 @@ class AllReduce(PeriodicAveraging):
     model equals averaging the nodes' noised gradients.
     """
 
-    def __init__(self, *, bytes_convention: BytesConvention = "model", total_steps: int | None = None) -> None:
-        super().__init__(1, bytes_convention=bytes_convention, total_steps=total_steps)
+    def __init__(self, *, bytes_convention: BytesConvention = "model", total_steps: int | None = None,
+                 ema_decay: float | None = None) -> None:
+        super().__init__(1, bytes_convention=bytes_convention, total_steps=total_steps, ema_decay=ema_decay)
 
 
 class AdaptivePeriod(PeriodicAveraging):
@@ -222,9 +265,9 @@ class AdaptivePeriod(PeriodicAveraging):
 
     def __init__(self, p_init: int = 1, warmup_syncs: int = 5, p_max: int = 64, grow_factor: float = 2.0,
                  budget: int | None = None, *, total_steps: int | None = None,
-                 bytes_convention: BytesConvention = "model") -> None:
+                 bytes_convention: BytesConvention = "model", ema_decay: float | None = None) -> None:
         p_init = _positive_int("adaptive_period.p_init", p_init)
-        super().__init__(p_init, bytes_convention=bytes_convention, total_steps=total_steps)
+        super().__init__(p_init, bytes_convention=bytes_convention, total_steps=total_steps, ema_decay=ema_decay)
         self.p_init = p_init
         self.warmup_syncs = _positive_int("adaptive_period.warmup_syncs", warmup_syncs)
         self.p_max = _positive_int("adaptive_period.p_max", p_max)

@@ -38,6 +38,7 @@ from privfl.strategies.compression.subspace import SubspaceK
 from privfl.strategies.compression.subspace_exchange import ASYNC_SUBSPACE_KEYS, async_subspace_params
 from privfl.strategies.federated import FedAvgConfig, FederatedAveraging
 from privfl.strategies.gossip import AsyncGossip, SyncGossip, async_settings
+from privfl.strategies.iterate_average import ema_decay_setting
 from privfl.strategies.periodic import AdaptivePeriod, AllReduce, PeriodicAveraging
 from privfl.strategies.topology import Topology
 
@@ -216,13 +217,15 @@ def build_collective_strategy(b: StrategyBuild) -> CollectiveStrategy:
 
 # ---- async_gossip ------------------------------------------------------------------------
 _ASYNC_KEYS = frozenset({"local_steps", "seed", "consensus_exchanges", "compressor", "exchanges_per_step",
-                         "train_seconds", "overlap", "gradient_peers", "compression_params"}) | ASYNC_SUBSPACE_KEYS
+                         "train_seconds", "overlap", "gradient_peers", "compression_params", "ema_decay"}
+                        ) | ASYNC_SUBSPACE_KEYS
 
 
 def _check_async_gossip(name: str, params: Mapping[str, Any]) -> None:
     async_subspace_params(params, WHERE)  # only "subspace" (a fixed public mask's k values)
     check_strategy_keys(name, params, _ASYNC_KEYS, where=WHERE)
     async_settings(params, WHERE)
+    ema_decay_setting(params, WHERE)
 
 
 def _build_async_gossip(b: StrategyBuild) -> NodeStrategy:
