@@ -212,7 +212,9 @@ def _wait_for_pid(path: Path, pid: int, proc: subprocess.Popen[str], timeout: fl
 
 def test_second_node_on_the_same_output_folder_or_identity_is_refused(pki: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    tables = _tables(pki, out, node={"wait_for_peers": 60.0})  # it waits for h-b, holding its locks
+    # it waits for h-b, holding its locks, longer than the three refused starts below can take on a
+    # loaded machine (each imports torch: 60 s ran out under a 2-core CI beside a simulation); killed below
+    tables = _tables(pki, out, node={"wait_for_peers": 600.0})
     cfg = _write(tmp_path / "node.toml", tables)
     first = subprocess.Popen([sys.executable, "-m", "privfl.node", "--config", str(cfg)], cwd=ROOT, env=_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
