@@ -1,8 +1,8 @@
 """A node started under ``torchrun`` (two ranks, gloo on 127.0.0.1) gossips with a plain node.
 
 The README's command, run for real: ``torchrun --nproc_per_node=2 --master_addr=127.0.0.1 -m
-privfl node --config node.toml`` for hospital h-a, ``privfl node`` for h-b, the two talking
-over mTLS. Both stop by themselves at their planned steps; h-a's two ranks train as one
+privfl node --config node.toml`` for hospital north, ``privfl node`` for south (its rank 0 forks its worker itself), the
+two talking over mTLS. Both stop by themselves at their planned steps; north's two ranks train as one
 learner (rank 1 takes every step rank 0 takes), its ledger alone records the site's DP
 events, and the consortium audit passes with the same ε on both sites (a site on two ranks
 spends what the same site spends on one).
@@ -21,50 +21,11 @@ from pathlib import Path
 import pytest
 
 from privfl.launch import free_ports, prepare_run
+from tests.e2e.test_ranks import CONSORTIUM as RANKS_CONSORTIUM
 from tests.helpers import audit_cli
 
-STEPS = 20
-CONSORTIUM = f"""
-[consortium]
-name = "tr"
-nodes = ["h-a", "h-b"]
-
-[policy]
-min_noise_multiplier = 0.5
-max_epsilon = 3.0
-delta = 1e-5
-
-[node]
-ranks = 2
-consensus_exchanges = 2
-
-[data]
-source = "breast_cancer"
-seed = 1
-
-[model]
-name = "logreg"
-
-[dp]
-noise_multiplier = 0.0
-planned_steps = {STEPS}
-target_epsilon = 3.0
-delta = 1e-5
-batch_size = 16
-sample_rate = 0.1
-lr = 0.5
-
-[topology]
-kind = "complete"
-
-[strategy]
-name = "async_gossip"
-local_steps = 5
-
-[stop]
-max_steps = {STEPS}
-max_seconds = 90.0
-"""
+STEPS = 20  # the consortium's planned_steps and max_steps
+CONSORTIUM = RANKS_CONSORTIUM.replace('runs_dir = "{runs}"\n', "")  # two sites, [node] ranks = 2, 20 steps
 
 
 def _env() -> dict[str, str]:
@@ -88,30 +49,30 @@ def test_a_node_under_torchrun_trains_on_two_ranks_and_gossips_with_a_plain_node
     (master_port,) = free_ports(1)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        procs["h-b"] = _start([sys.executable, "-m", "privfl", "node", "--config", str(plan.node_configs["h-b"])],
-                              plan.node_dirs["h-b"])
-        procs["h-a"] = _start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        procs["south"] = _start([sys.executable, "-m", "privfl", "node", "--config", str(plan.node_configs["south"])],
+                              plan.node_dirs["south"])
+        procs["north"] = _start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                                "--master_addr=127.0.0.1", f"--master_port={master_port}",
-                               "-m", "privfl", "node", "--config", str(plan.node_configs["h-a"])],
-                              plan.node_dirs["h-a"])
+                               "-m", "privfl", "node", "--config", str(plan.node_configs["north"])],
+                              plan.node_dirs["north"])
         deadline = time.monotonic() + 200
         for p in procs.values():
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
         logs = {nid: (plan.node_dirs[nid] / "node.log").read_text() for nid in procs}
-        assert {nid: p.returncode for nid, p in procs.items()} == {"h-a": 0, "h-b": 0}, logs
+        assert {nid: p.returncode for nid, p in procs.items()} == {"north": 0, "south": 0}, logs
     finally:
         for p in procs.values():
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=10)
 
-    log_a = logs["h-a"]
+    log_a = logs["north"]
     assert "2 ranks (gloo, torchrun) train as one learner; this is rank 0" in log_a
     assert f"site rank 1 took {STEPS} steps" in log_a  # rank 1 took part in every step rank 0 took
     summary = {nid: json.loads((plan.node_dirs[nid] / "summary.json").read_text()) for nid in procs}
-    assert summary["h-a"]["stop_reason"] == summary["h-b"]["stop_reason"] == "max_steps"  # rank 0's, not rank 1's
-    assert summary["h-a"]["steps"] == STEPS and summary["h-a"]["exchanges"] > 0
-    assert [p.name for p in plan.node_dirs["h-a"].glob("ledger*.jsonl")] == ["ledger.jsonl"]  # one ledger per site
+    assert summary["north"]["stop_reason"] == summary["south"]["stop_reason"] == "max_steps"  # rank 0's, not rank 1's
+    assert summary["north"]["steps"] == STEPS and summary["north"]["exchanges"] > 0
+    assert [p.name for p in plan.node_dirs["north"].glob("ledger*.jsonl")] == ["ledger.jsonl"]  # one ledger per site
 
     from typer.testing import CliRunner
 
@@ -120,7 +81,7 @@ def test_a_node_under_torchrun_trains_on_two_ranks_and_gossips_with_a_plain_node
     assert res.exit_code == 0, res.output
     report = json.loads(res.output[res.output.index("{"):])
     nodes = report["nodes"]
-    assert nodes["h-a"]["ok"] and nodes["h-b"]["ok"]
-    assert nodes["h-a"]["audit"]["totals"]["steps"] == STEPS
-    assert nodes["h-a"]["epsilon"] == pytest.approx(nodes["h-b"]["epsilon"], rel=1e-9)
-    assert 0 < nodes["h-a"]["epsilon"] <= 3.0
+    assert nodes["north"]["ok"] and nodes["south"]["ok"]
+    assert nodes["north"]["audit"]["totals"]["steps"] == STEPS
+    assert nodes["north"]["epsilon"] == pytest.approx(nodes["south"]["epsilon"], rel=1e-9)
+    assert 0 < nodes["north"]["epsilon"] <= 3.0
