@@ -1,11 +1,11 @@
-"""A node started under ``torchrun`` (two ranks, gloo on 127.0.0.1) gossips with a plain node.
+"""A node started under ``torchrun`` (two ranks, gloo on 127.0.0.1) gossips with another site.
 
 The README's command, run for real: ``torchrun --nproc_per_node=2 --master_addr=127.0.0.1 -m
-privfl node --config node.toml`` for hospital north, ``privfl node`` for south (its rank 0 forks its worker itself), the
-two talking over mTLS. Both stop by themselves at their planned steps; north's two ranks train as one
-learner (rank 1 takes every step rank 0 takes), its ledger alone records the site's DP
-events, and the consortium audit passes with the same ε on both sites (a site on two ranks
-spends what the same site spends on one).
+privfl node --config node.toml`` for hospital north; ``privfl node`` for south, whose rank 0
+forks its worker itself (``[node] ranks = 2``); the two talk over mTLS. Both stop by themselves
+at their planned steps; north's two ranks train as one learner (rank 1 takes every step rank 0
+takes), its ledger alone records the site's DP events, and the consortium audit passes with
+the same ε on both sites (a site spends the same under either launcher).
 """
 
 from __future__ import annotations
