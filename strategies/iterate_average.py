@@ -54,12 +54,13 @@ class IterateAverage:
     arrays are the last model's). Before the first :meth:`update` there is no average (None)."""
 
     def __init__(self, decay: float) -> None:
-        if not 0 <= decay < 1:
-            raise ConfigError(f"[strategy].params.{KEY}: must be a number in [0, 1), got {decay!r}")
-        self.decay = float(decay)
+        checked = ema_decay_setting({KEY: decay})  # the one check of the value (None is "off": no average)
+        if checked is None:
+            raise ConfigError(f"[strategy].params.{KEY}: an iterate average needs a decay in [0, 1), got None")
+        self.decay = checked
         self.updates = 0
-        self._avg: list[np.ndarray] | None = None
-        self._last: Params | None = None
+        self._avg: list[np.ndarray] | None = None  # float arrays: the float64 average; others: the last model's
+        self._dtypes: list[np.dtype] = []
 
     def beta(self, t: int) -> float:
         """The decay of the t-th update (t >= 1): the warm-up ``(1 + t) / (10 + t)`` capped at ``decay``."""
@@ -69,16 +70,20 @@ class IterateAverage:
         """Fold ``model`` (the node's current model) into the average."""
         self.updates += 1
         arrays = [np.asarray(a) for a in model]
-        self._last = [np.array(a, copy=True) for a in arrays]
         if self._avg is None:
-            self._avg = [a.astype(np.float64) for a in arrays]
+            self._dtypes = [a.dtype for a in arrays]
+            self._avg = [a.astype(np.float64) if _is_float(a.dtype) else a.copy() for a in arrays]
             return
         b = self.beta(self.updates)
-        self._avg = [b * m + (1.0 - b) * a.astype(np.float64) for m, a in zip(self._avg, arrays)]
+        self._avg = [b * m + (1.0 - b) * a.astype(np.float64) if _is_float(a.dtype) else a.copy()
+                     for m, a in zip(self._avg, arrays)]
 
     def view(self) -> Params | None:
         """The average in the model's dtypes (a fresh copy), or None before any update."""
-        if self._avg is None or self._last is None:
+        if self._avg is None:
             return None
-        return [m.astype(a.dtype) if np.issubdtype(a.dtype, np.floating) else np.array(a, copy=True)
-                for m, a in zip(self._avg, self._last)]
+        return [m.astype(dt) if _is_float(dt) else m.copy() for m, dt in zip(self._avg, self._dtypes)]
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return bool(np.issubdtype(dtype, np.floating))

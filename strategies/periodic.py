@@ -133,7 +133,9 @@ class PeriodicAveraging(CollectiveStrategy):
         for n, model in out.items():
             known = n in self._iterate
             self._iterate[n] = model
-            avg = self._ema.setdefault(n, IterateAverage(self.ema_decay))  # type: ignore[arg-type]
+            avg = self._ema.get(n)
+            if avg is None:
+                avg = self._ema[n] = IterateAverage(self.ema_decay)  # type: ignore[arg-type]
             if changed or not known:
                 avg.update(model)
             view = avg.view()
