@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 from flwr.app import ConfigRecord, Context
 from torch import nn
 
+from privfl.accounting.subspace import check_subspace_params
 from privfl.clients import DPClient, DPConfig
 from privfl.clients.plugins import is_import_path
 from privfl.data import SiteInputs, load_dataset, load_factory_site, split_sites
@@ -33,6 +35,7 @@ from privfl.errors import ConfigError
 from privfl.logs import drop_opacus_root_handler
 from privfl.models import build_model
 from privfl.preprocessing import PreprocessingSpec, preprocess_site
+from privfl.strategies.compression.subspace import SubspaceK
 
 # Opacus (imported with privfl.clients) adds a root log handler at import, and Flower's own logger also
 # propagates to the root: without this every Flower line of the app's processes would print twice
@@ -80,7 +83,17 @@ DEFAULTS: dict[str, Any] = {
     "eval-noise-multiplier": 0.0,
     # … and the public denominator of the released accuracy (a declared test-set size; 0 = off)
     "eval-denominator": 0,
+    # subspace DP-SGD with subspace transfer both ways: the share of coordinates each DP step clips and
+    # noises (a public random mask; 0.0 = off: dense DP-SGD and whole models on the wire) …
+    "subspace-fraction": 0.0,
+    # … the public seed every node and the server derive the masks from …
+    "subspace-seed": 0,
+    # … and DP steps per mask (0 = local-steps: one mask per round, so a round moves k coordinates)
+    "subspace-period": 0,
 }
+
+#: the run-config keys of the subspace (read only with subspace-fraction > 0)
+SUBSPACE_KEYS = ("subspace-fraction", "subspace-seed", "subspace-period")
 
 
 def settings(run_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -113,7 +126,54 @@ def settings(run_config: Mapping[str, Any]) -> dict[str, Any]:
         missing = "eval-denominator" if out["eval-noise-multiplier"] > 0 else "eval-noise-multiplier"
         raise ConfigError(f"run config: {missing} must be set (> 0) too: a DP evaluation release needs both "
                           "eval-noise-multiplier and eval-denominator")
+    _check_subspace(out)
     return out
+
+
+def _check_subspace(out: Mapping[str, Any]) -> None:
+    """Refuse bad subspace keys with one line naming the key (the checks of privfl's FedAvgConfig)."""
+    if not 0 <= out["subspace-fraction"] <= 1:
+        raise ConfigError(f"run config: subspace-fraction must be in [0, 1] (0 = off), got {out['subspace-fraction']}")
+    if out["subspace-seed"] < 0:
+        raise ConfigError(f"run config: subspace-seed must be >= 0 (a public integer every node shares), "
+                          f"got {out['subspace-seed']}")
+    if out["subspace-period"] < 0:
+        raise ConfigError(f"run config: subspace-period must be >= 0 (DP steps per mask; 0 = local-steps), "
+                          f"got {out['subspace-period']}")
+    if not subspace_on(out):
+        for key in SUBSPACE_KEYS[1:]:
+            if out[key] != DEFAULTS[key]:
+                raise ConfigError(f"run config: {key} is only read with subspace-fraction > 0")
+        return
+    if out["fraction-fit"] != 1:
+        raise ConfigError(f"run config: fraction-fit must be 1.0 with subspace-fraction > 0 (every node trains "
+                          f"every round, so all hold the same round's mask), got {out['fraction-fit']}")
+
+
+def subspace_on(cfg: Mapping[str, Any]) -> bool:
+    """Whether the run uses subspace DP-SGD with subspace transfer (``subspace-fraction`` > 0)."""
+    return float(cfg["subspace-fraction"]) > 0
+
+
+def subspace_params(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``DPConfig.mechanism_params`` of the subspace: {fraction, seed, period} (public), period resolved."""
+    period = int(cfg["subspace-period"]) or int(cfg["local-steps"])
+    try:
+        return check_subspace_params({"fraction": float(cfg["subspace-fraction"]), "seed": int(cfg["subspace-seed"]),
+                                      "period": period}, "run config: subspace")
+    except ConfigError as exc:  # name the run-config key, not privfl's table
+        raise ConfigError(re.sub(r"subspace\.(\w+)", r"subspace-\1", str(exc))) from None
+
+
+def subspace_compressor(cfg: Mapping[str, Any]) -> SubspaceK:
+    """The wire side of the subspace (one per end: it counts the rounds it framed): the round's k values.
+
+    Its mask for round v is the union of the masks of that round's ``local-steps`` DP steps,
+    which is what the node's subspace DP optimizer moved (``clients.subspace``).
+    """
+    p = subspace_params(cfg)
+    return SubspaceK(fraction=p["fraction"], public_seed=p["seed"], period=p["period"],
+                     local_steps=int(cfg["local-steps"]), whole=p["whole"])
 
 
 def dp_evaluation(cfg: Mapping[str, Any]) -> bool:
@@ -179,6 +239,9 @@ def dp_config(cfg: Mapping[str, Any]) -> DPConfig:
         optimizer=str(cfg["optimizer"]),
         eval_noise_multiplier=float(cfg["eval-noise-multiplier"]) if dp_evaluation(cfg) else None,
         eval_denominator=int(cfg["eval-denominator"]) if dp_evaluation(cfg) else None,
+        # subspace DP-SGD: each step clips and noises the public mask's k coordinates only; the
+        # accountant's event is the dense one (same σ, q, sensitivity C inside the mask)
+        **({"mechanism": "subspace", "mechanism_params": subspace_params(cfg)} if subspace_on(cfg) else {}),
     )
 
 

@@ -1,0 +1,103 @@
+"""Subspace transfer in the Flower App: the round's k values on the wire, both directions.
+
+With ``subspace-fraction`` > 0 every DP step of a node clips and noises only a public
+random mask (``DPConfig.mechanism = "subspace"``), so the change a node's round makes lies
+on the round's mask (the union of its steps' masks). The node then uploads only the k
+values of its noised change on that mask, and the server broadcasts only the k values of
+the aggregate's change: privfl's ``SubspaceK`` frames, built and read by privfl's
+``SubspaceReceiver`` (node) and ``SubspaceModelTracker`` (server); both ends derive the
+indices from the public seed and the round. This module holds what the app adds around
+them: the frame as the ``ArrayRecord`` that crosses Flower's wire, and the node's receiver
+kept in ``context.state`` (the ClientApp is rebuilt for every message).
+
+Privacy: the upload is post-processing of the node's DP-SGD output (its noised model
+minus the public global model it was sent) on public indices; the server's frames are
+post-processing of released uploads. The only other new value on the wire is
+``subspace-version`` in the server's ConfigRecord (server → node: the number of global
+changes so far, public). Nothing new leaves a node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.common import Parameters, ndarrays_to_parameters
+
+from privfl.errors import ConfigError
+from privfl.strategies.subspace_transfer import SubspaceReceiver
+from privfl.strategies.update_transfer import COMPRESSED_TENSOR_TYPE, is_compressed
+from privfl_app.task import subspace_compressor
+
+#: the key of the one Array a framed message travels as (privfl's own FedAvg uses the same)
+FRAME_KEY = COMPRESSED_TENSOR_TYPE
+#: the ConfigRecord key of the server's global model version (public: how many changes it applied)
+VERSION_KEY = "subspace-version"
+#: where a node keeps its receiver between messages (local to the node, never sent)
+HELD_KEY = "privfl.subspace.held"
+RECEIVER_KEY = "privfl.subspace.receiver"
+
+
+def to_wire(parameters: Parameters) -> ArrayRecord:
+    """A framed change (one byte string) as one uint8 ``Array``; whole arrays as they are."""
+    if is_compressed(parameters):
+        (frame,) = parameters.tensors
+        return ArrayRecord({FRAME_KEY: Array(np.frombuffer(frame, dtype=np.uint8).copy())})
+    from flwr.common import parameters_to_ndarrays
+
+    return ArrayRecord(parameters_to_ndarrays(parameters))
+
+
+def from_wire(record: ArrayRecord) -> Parameters:
+    """The inverse of :func:`to_wire`: what privfl's receiver and tracker read."""
+    if list(record.keys()) == [FRAME_KEY]:
+        return Parameters(tensors=[record[FRAME_KEY].numpy().tobytes()], tensor_type=COMPRESSED_TENSOR_TYPE)
+    return ndarrays_to_parameters(record.to_numpy_ndarrays())
+
+
+def is_frame(record: ArrayRecord) -> bool:
+    """Whether ``record`` carries one framed message (not whole arrays)."""
+    return list(record.keys()) == [FRAME_KEY]
+
+
+def load_receiver(context: Context, cfg: Mapping[str, Any]) -> SubspaceReceiver:
+    """This node's receiver (the global model it holds and its version), restored from ``context.state``."""
+    receiver = SubspaceReceiver(subspace_compressor(cfg), subspace_compressor(cfg))
+    held = context.state.array_records.get(HELD_KEY)
+    rec = context.state.config_records.get(RECEIVER_KEY)
+    if held is not None and rec is not None:
+        receiver.held = [np.array(a, copy=True) for a in held.to_numpy_ndarrays()]
+        receiver.version = int(rec["version"])  # type: ignore[call-overload]
+    return receiver
+
+
+def save_receiver(context: Context, receiver: SubspaceReceiver) -> None:
+    """Keep the receiver's model and version in the node's ``context.state`` (local: never sent)."""
+    if receiver.held is None:
+        return
+    context.state.array_records[HELD_KEY] = ArrayRecord([np.asarray(a) for a in receiver.held])
+    context.state.config_records[RECEIVER_KEY] = ConfigRecord({"version": int(receiver.version)})
+
+
+def receive(receiver: SubspaceReceiver, record: ArrayRecord, config: Mapping[str, Any]) -> list[np.ndarray]:
+    """The whole global model the server means (whole arrays, or the held model plus its k values).
+
+    The server declares its version (:data:`VERSION_KEY`); a node that holds another one
+    than the frame is for refuses it (ValueError: an error reply, after which the server
+    sends it the whole model), and a whole model sets the node's version to the server's.
+    """
+    if VERSION_KEY not in config:
+        raise ConfigError(f"subspace: the server's instruction has no {VERSION_KEY!r} (a dense ServerApp?)")
+    declared = int(config[VERSION_KEY])
+    if is_frame(record) and (receiver.held is None or receiver.version not in (declared - 1, declared)):
+        holds = receiver.version if receiver.held is not None else None
+        raise ValueError(f"subspace: this node holds global version {holds}, the server's change is to "
+                         f"version {declared}; it needs the whole model")
+    arrays = receiver.receive(from_wire(record))
+    if not is_frame(record):
+        receiver.version = declared
+    if receiver.version != declared:
+        raise ValueError(f"subspace: rebuilt global version {receiver.version}, the server declared {declared}")
+    return arrays
