@@ -105,9 +105,10 @@ def _receive_subspace(receiver: SubspaceReceiver, msg: Message, context: Context
     (the server counts this node as holding that version from now on)."""
     record = msg.content.array_records["arrays"]
     config = dict(msg.content.config_records.get("config") or {})
-    if msg.metadata.message_type == MessageType.TRAIN and int(config.get("local_steps", -1)) != cfg["local-steps"]:
-        raise ConfigError(f"subspace: the server asks for {config.get('local_steps')} local steps, the round's mask "
-                          f"is that of local-steps = {cfg['local-steps']}")
+    asked = config.get("local_steps")
+    if msg.metadata.message_type == MessageType.TRAIN and asked != cfg["local-steps"]:
+        raise ConfigError(f"subspace: the server asks for {asked!r} local steps, the round's mask is that of "
+                          f"local-steps = {cfg['local-steps']}")
     arrays = receive(receiver, record, config)
     save_receiver(context, receiver)
     taken = getattr(client.optimizer, "steps_taken", None)

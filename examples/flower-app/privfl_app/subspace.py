@@ -69,7 +69,7 @@ def load_receiver(context: Context, cfg: Mapping[str, Any]) -> SubspaceReceiver:
     rec = context.state.config_records.get(RECEIVER_KEY)
     if held is not None and rec is not None:
         receiver.held = [np.array(a, copy=True) for a in held.to_numpy_ndarrays()]
-        receiver.version = int(rec["version"])  # type: ignore[call-overload]
+        receiver.version = int(str(rec["version"]))
     return receiver
 
 
@@ -90,7 +90,7 @@ def receive(receiver: SubspaceReceiver, record: ArrayRecord, config: Mapping[str
     """
     if VERSION_KEY not in config:
         raise ConfigError(f"subspace: the server's instruction has no {VERSION_KEY!r} (a dense ServerApp?)")
-    declared = int(config[VERSION_KEY])
+    declared = int(str(config[VERSION_KEY]))
     if is_frame(record) and (receiver.held is None or receiver.version not in (declared - 1, declared)):
         holds = receiver.version if receiver.held is not None else None
         raise ValueError(f"subspace: this node holds global version {holds}, the server's change is to "
