@@ -24,6 +24,7 @@ APP_DIR = Path(__file__).resolve().parent.parent / "examples" / "flower-app"
 sys.path.insert(0, str(APP_DIR))
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.common import Parameters  # noqa: E402
 from privfl_app import local_grid, server_app, task  # noqa: E402
 from privfl_app.client_app import app as client_app  # noqa: E402
 from privfl_app.client_app import build_client  # noqa: E402
@@ -46,6 +47,8 @@ from privfl.clients.subspace import SubspaceDPOptimizer  # noqa: E402
 from privfl.errors import ConfigError  # noqa: E402
 from privfl.strategies.compression.message import FRAME_HEADER_BYTES  # noqa: E402
 from privfl.strategies.federated import FedAvgConfig, FederatedAveraging, InProcessGrid, arrays_nbytes  # noqa: E402
+from privfl.strategies.subspace_transfer import unframe_subspace  # noqa: E402
+from privfl.strategies.update_transfer import COMPRESSED_TENSOR_TYPE  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -88,6 +91,8 @@ def _entry(direction: str, msg: Message, node: int) -> dict[str, Any]:
                                                sorted(c.config_records)),
             "keys": None if arrays is None else list(arrays.keys()),
             "nbytes": None if arrays is None else arrays_nbytes(arrays),
+            "frame": (arrays[FRAME_KEY].numpy().tobytes() if arrays is not None and list(arrays.keys()) == [FRAME_KEY]
+                      else None),
             "metrics": {} if c is None or "metrics" not in c.metric_records else dict(c.metric_records["metrics"])}
 
 
@@ -155,6 +160,20 @@ def test_both_directions_carry_only_the_rounds_framed_k_values(monkeypatch: pyte
         else:  # a reply: the frame and the public metrics, nothing else
             assert e["records"] == (["arrays"], ["metrics"], [])
             assert set(e["metrics"]) <= set(PUBLIC_FIT_METRICS) | {"num-examples"}
+    # the values: each upload is on round (rnd - 1)'s derived mask, and the next broadcast carries exactly
+    # the mean of the round's uploads there (equal public weights): the aggregate's change on the mask
+    comp, shapes = task.subspace_compressor(cfg), _shapes(cfg)
+    for rnd in range(1, ROUNDS):
+        ups = [_values(e["frame"], comp, rnd - 1, shapes) for e in log if e["dir"] == "up" and e["round"] == rnd]
+        downs = [_values(e["frame"], comp, rnd - 1, shapes) for e in log
+                 if e["dir"] == "down" and e["round"] == rnd + 1]
+        assert len(ups) == len(downs) == NODES
+        mean = np.mean([v for _, v in ups], axis=0)
+        for idx, _ in ups + downs:
+            assert np.array_equal(idx, comp.indices_for(rnd - 1, shapes))
+        assert np.abs(mean).max() > 1e-3  # noised DP changes, not zeros
+        for _, v in downs:
+            np.testing.assert_allclose(v, mean, rtol=0, atol=1e-5)
     ratio = dense_bytes / (FRAME_HEADER_BYTES + 4 * k_mask)
     assert 0.9 / FRACTION < ratio <= 1 / FRACTION
     total = {name: sum(e["nbytes"] for e in lg if e["round"] > 1) for name, lg in (("dense", dense_log), ("sub", log))}
@@ -165,6 +184,12 @@ def test_both_directions_carry_only_the_rounds_framed_k_values(monkeypatch: pyte
                                                            if e["round"] == rnd and e["dir"] == "up")
         assert sum(strategy.bytes_down[rnd].values()) == sum(e["nbytes"] for e in log
                                                              if e["round"] == rnd and e["dir"] == "down")
+
+
+def _values(frame: bytes, comp: Any, round_index: int, shapes: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, values) of a frame read on round ``round_index``'s mask, as privfl's receiver reads it."""
+    msg = unframe_subspace(Parameters(tensors=[frame], tensor_type=COMPRESSED_TENSOR_TYPE), comp, round_index, shapes)
+    return np.asarray(msg.indices), np.asarray(msg.values, dtype=np.float64)
 
 
 def subspace_k_of(cfg: dict[str, Any]) -> int:
@@ -347,3 +372,24 @@ def test_a_node_refuses_a_change_it_cannot_apply_and_the_server_then_sends_the_w
     # the server asking for other local steps than the mask's is refused naming the setting
     with pytest.raises(ConfigError, match="local-steps"):
         client_app(_instruction(whole, {"local_steps": STEPS + 1, "server-round": 4, VERSION_KEY: 2}), ctx)
+
+
+def test_a_node_that_does_not_reply_gets_the_whole_model_next_round() -> None:
+    cfg = task.settings(SUB)
+    strategy = SubspaceFedAvg(task.subspace_compressor(cfg), task.subspace_compressor(cfg), fraction_train=1.0,
+                              min_train_nodes=2, min_available_nodes=2)
+    contexts = node_contexts(2, {**app_run_config(), **SUB, "min-fit-clients": 2, "min-available-clients": 2})
+    grid = InProcessGrid(client_app, contexts, run_id=1)
+    init = initial_arrays(cfg)
+    sent = list(strategy.configure_train(1, init, ConfigRecord({"local_steps": STEPS}), grid))
+    replies = grid.send_and_receive(sent)
+    came = [r for r in replies if r.metadata.src_node_id == 101]  # node 102's reply never came (a timeout)
+    arrays, _ = strategy.aggregate_train(1, came)
+    assert arrays is not None and strategy.tracker.version == 1
+    round2 = strategy.configure_train(2, arrays, ConfigRecord({"local_steps": STEPS}), grid)
+    again = {m.metadata.dst_node_id: m for m in round2}
+    assert list(again[101].content["arrays"].keys()) == [FRAME_KEY]  # it holds version 0: the change 0 -> 1
+    assert list(again[102].content["arrays"].keys()) != [FRAME_KEY]  # unknown: the whole model
+    replies = grid.send_and_receive(again.values())
+    assert not any(r.has_error() for r in replies)
+    assert all(load_receiver(c, cfg).version == 1 for c in contexts.values())

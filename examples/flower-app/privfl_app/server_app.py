@@ -84,8 +84,9 @@ class SubspaceFedAvg(DPReleaseFedAvg):
     its k values, lets Flower's FedAvg average the rebuilt models, and makes the average
     the next version (the k values of its change on the round's mask: what the nodes will
     rebuild). A node whose reply failed, or whose frame is not on the round's mask, is
-    left out and gets the whole model next time. Every node must train every round
-    (``fraction_train`` = 1), as privfl's ``FedAvgConfig`` requires with a subspace.
+    left out and gets the whole model next time, as does one that did not reply. Every
+    node must train every round (``fraction_train`` = 1), as privfl's ``FedAvgConfig``
+    requires with a subspace.
 
     ``bytes_up[round][node]`` / ``bytes_down[round][node]``: the lengths of the train
     frames (and of any whole model sent); ``eval_bytes_down`` those of evaluation
@@ -103,6 +104,7 @@ class SubspaceFedAvg(DPReleaseFedAvg):
         self.bytes_up: dict[int, dict[int, int]] = {}
         self.bytes_down: dict[int, dict[int, int]] = {}
         self.eval_bytes_down: dict[int, dict[int, int]] = {}
+        self._awaiting: set[int] = set()  # nodes sent an instruction whose reply has not come yet
 
     def _start(self, arrays: ArrayRecord) -> SubspaceModelTracker:
         if self.tracker is None:
@@ -120,6 +122,7 @@ class SubspaceFedAvg(DPReleaseFedAvg):
             config = ConfigRecord({**dict(msg.content.config_records[self.configrecord_key]),
                                    VERSION_KEY: int(self.tracker.version)})
             counts[nid] = arrays_nbytes(wire)
+            self._awaiting.add(nid)
             out.append(Message(RecordDict({self.arrayrecord_key: wire, self.configrecord_key: config}),
                                dst_node_id=nid, message_type=msg.metadata.message_type))
         return out
@@ -142,6 +145,8 @@ class SubspaceFedAvg(DPReleaseFedAvg):
         assert tracker is not None, "aggregate_train before configure_train"
         counts = self.bytes_up.setdefault(server_round, {})
         rebuilt: list[Message] = []
+        replies = list(replies)
+        self._forget_silent(replies)
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -166,9 +171,18 @@ class SubspaceFedAvg(DPReleaseFedAvg):
         model = tracker.advance(arrays.to_numpy_ndarrays())
         return ArrayRecord({k: Array(a) for k, a in zip(self.keys, model)}), metrics
 
+    def _forget_silent(self, replies: list[Message]) -> None:
+        """Nodes that were sent a version but did not reply (timed out) get the whole model next time."""
+        assert self.tracker is not None
+        for nid in self._awaiting - {msg.metadata.src_node_id for msg in replies}:
+            log.warning("node %s: no reply; it gets the whole model next time", nid)
+            self.tracker.forget(str(nid))
+        self._awaiting.clear()
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
         if self.tracker is not None:
+            self._forget_silent(replies)
             for msg in replies:
                 if msg.has_error():
                     self.tracker.forget(str(msg.metadata.src_node_id))
