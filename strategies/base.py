@@ -113,7 +113,8 @@ class NodeStrategy(ABC):
     simulator runs :meth:`begin_round` at the round start and charges max(compute, comm);
     an asynchronous one whose :meth:`step` leaves its exchanges running beside the next
     step's training, AD-PSGD's communication thread: the simulator calls :meth:`settle`
-    after each step and charges max(next compute, those exchanges)) and :meth:`settle`.
+    after each step and charges max(next compute, those exchanges)), :meth:`settle` and
+    :meth:`begin_compute` (the simulator asks it when a step's compute begins).
     """
 
     synchronous: bool = False
@@ -159,6 +160,13 @@ class NodeStrategy(ABC):
     def finish_consensus_round(self, received: dict[str, ModelMessage]) -> StepReport:  # noqa: ARG002
         """Second half: mix what arrived (post-processing of released models); default: nothing."""
         return StepReport()
+
+    def begin_compute(self, t: float) -> bool:  # noqa: ARG002 - a hook: the default trains whenever not stopped
+        """A driver that charges a step's compute *before* calling :meth:`step` (the simulator) says the
+        compute of the next step would begin at ``t``: whether that step trains (False: charge no compute;
+        the next :meth:`step`, at ``t``, stops the node). A real node trains inside :meth:`step` and never
+        calls it. Default: every step trains until the strategy stops."""
+        return not self.stopped
 
     def settle(self) -> StepReport:
         """Wait for communication a step left in flight and raise its error (drivers call it at

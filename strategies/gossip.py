@@ -265,6 +265,7 @@ class AsyncGossip(_GossipBase):
         self.ema: IterateAverage | None = None if decay is None else IterateAverage(decay)
         self._ema_in_consensus = False  # the model was replaced by its EMA for the consensus phase
         self._start = network.now() if self.train_seconds is not None else 0.0
+        self._admitted: bool | None = None  # begin_compute's answer for the step the simulator charged
         self._inflight: Background[tuple[int, int, list[str]]] | None = None  # the last step's exchanges
         self._next_start: tuple[Params, int] | None = None  # (snapshot, version) the next step trains from
         self._version = 0  # bumped by every change to self.params made by an exchange
@@ -294,8 +295,8 @@ class AsyncGossip(_GossipBase):
         """Train ``local_steps`` DP steps, then (active nodes) average with ``exchanges_per_step``
         random passive peers, one after another — with ``overlap``, on a background thread
         while the next step trains (this step joins the previous step's exchanges first)."""
-        if not self.stopped and self.train_seconds is not None and \
-                self.network.now() - self._start >= self.train_seconds:
+        admitted, self._admitted = self._admitted, None
+        if not self.stopped and (not admitted if admitted is not None else self._past_deadline(self.network.now())):
             self._stop(f"training deadline: {self.train_seconds:g} s since the start")
         if self.stopped:
             joined = self.settle()  # the last step's exchanges, if still in flight
@@ -359,6 +360,18 @@ class AsyncGossip(_GossipBase):
             self._stop("privacy budget exhausted: the last local step that fits has been taken")
             self._ema_into_consensus()  # nothing is in flight once exhausted
         return self._report(steps, peers, sent, received)
+
+    def _past_deadline(self, t: float) -> bool:
+        """Whether a step beginning at ``t`` begins past the training deadline (``train_seconds``)."""
+        return self.train_seconds is not None and t - self._start >= self.train_seconds
+
+    def begin_compute(self, t: float) -> bool:
+        """The simulator charges a step's compute before :meth:`step`: the step whose compute begins at
+        ``t`` trains unless ``t`` is past the deadline — as on a real node, which checks when it begins
+        a step and then trains it, however long it takes (so the simulator neither charges a step that
+        begins past the deadline nor drops one that began before it and ends after it)."""
+        self._admitted = not self.stopped and not self._past_deadline(t)
+        return self._admitted
 
     def _gradient_point(self, snapshot: Params) -> Params:
         """The mean of ``snapshot`` and the peer models kept for ``gradient_peers`` (``snapshot`` itself when

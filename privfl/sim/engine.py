@@ -5,7 +5,9 @@ Three drivers, one per strategy family:
 * asynchronous :class:`~strategies.base.NodeStrategy` (``AsyncGossip``): a heap of
   (time the node's local compute ends, node index); the earliest pops, its ``step()``
   runs (training + exchange, the exchange advancing its clock by the round trip), and it
-  is pushed back ``local_steps × step_cost / speed`` later. Ties go to the lower index.
+  is pushed back ``local_steps × step_cost / speed`` later — or at once, with no compute
+  charged, when the strategy's ``begin_compute`` says a step beginning then will not train
+  (a training deadline; that ``step()`` stops the node). Ties go to the lower index.
   A step's training is applied at the end of its virtual compute, the moment its
   exchange happens. A strategy that ``overlaps_communication`` (``overlap``: AD-PSGD's
   communication thread) runs the next compute beside the exchanges: its next step is
@@ -343,7 +345,11 @@ class Engine:
         models = lambda: [s.snapshot() for s in strategies]  # noqa: E731
         every = self.eval_every
         next_eval = 0.0
-        heap = [(self.compute_time(i, self.local_steps), i) for i in range(n)]
+        def compute(i: int, start: float) -> float:
+            """The compute of node i's next step, beginning at ``start`` (none if that step will not train)."""
+            return self.compute_time(i, self.local_steps) if strategies[i].begin_compute(start) else 0.0
+
+        heap = [(compute(i, 0.0), i) for i in range(n)]
         heapq.heapify(heap)
         limit = self.stop.max_time
         bar = self._progress(limit or float(self.stop.max_steps or 1) * n, "simulating")
@@ -379,7 +385,7 @@ class Engine:
                     self.stop_reasons[self.node_ids[i]] = "max_steps"
                 else:  # the next compute starts after the exchanges, or (overlapped) beside them at t
                     start = t if overlapped else self.world.clocks[i]
-                    heapq.heappush(heap, (max(start + self.compute_time(i, self.local_steps), self.world.clocks[i]), i))
+                    heapq.heappush(heap, (max(start + compute(i, start), self.world.clocks[i]), i))
                 if bar is not None:
                     bar.update(bar.task_ids[0], completed=t if limit else sum(self.steps))
             else:
