@@ -104,8 +104,11 @@ __all__ = [
     "NodeEndpoint",
     "arrays_nbytes",
     "ensure_task_identity",
+    "is_framed_record",
     "node_client_app",
+    "parameters_to_record",
     "public_fit_metrics",
+    "record_to_parameters",
     "released_evaluation",
 ]
 
@@ -196,8 +199,9 @@ def arrays_nbytes(record: ArrayRecord) -> int:
     return int(sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in record.values()))
 
 
-def _to_wire(parameters: Parameters) -> ArrayRecord:
-    """privfl's framed change (one byte string) or whole arrays, as the ArrayRecord that travels."""
+def parameters_to_record(parameters: Parameters) -> ArrayRecord:
+    """privfl's framed change (one byte string, as one uint8 ``Array``) or whole arrays, as the ArrayRecord
+    that travels in a Flower ``Message`` (here and in the Flower App of ``examples/flower-app``)."""
     if is_compressed(parameters):
         (frame,) = parameters.tensors
         return ArrayRecord({COMPRESSED_TENSOR_TYPE: Array(np.frombuffer(frame, dtype=np.uint8))})
@@ -206,12 +210,19 @@ def _to_wire(parameters: Parameters) -> ArrayRecord:
     return ArrayRecord(parameters_to_ndarrays(parameters))
 
 
-def _from_wire(record: ArrayRecord) -> Parameters:
-    """The inverse of :func:`_to_wire`: what :class:`~strategies.update_transfer.UpdateReceiver` reads."""
-    if list(record) == [COMPRESSED_TENSOR_TYPE]:
+def record_to_parameters(record: ArrayRecord) -> Parameters:
+    """The inverse of :func:`parameters_to_record`: what :class:`~strategies.update_transfer.UpdateReceiver`
+    and the trackers read."""
+    if is_framed_record(record):
         return Parameters(tensors=[record[COMPRESSED_TENSOR_TYPE].numpy().tobytes()],
                           tensor_type=COMPRESSED_TENSOR_TYPE)
     return ndarrays_to_parameters(record.to_numpy_ndarrays())
+
+
+
+def is_framed_record(record: ArrayRecord) -> bool:
+    """Whether ``record`` carries one framed (compressed) message rather than whole arrays."""
+    return list(record) == [COMPRESSED_TENSOR_TYPE]
 
 
 class NodeEndpoint:
@@ -238,7 +249,7 @@ class NodeEndpoint:
         record = content.array_records[self.arrays_key]
         if self.receiver is None:
             return record.to_numpy_ndarrays()
-        return self.receiver.receive(_from_wire(record))
+        return self.receiver.receive(record_to_parameters(record))
 
     def _config(self, content: RecordDict) -> dict[str, Any]:
         return dict(content.config_records.get(self.config_key, ConfigRecord()))
@@ -247,7 +258,7 @@ class NodeEndpoint:
         """Train on the received model; reply with the release only."""
         arrays, weight, metrics = self.client.fit(self._model(msg.content), self._config(msg.content))
         trained = [np.asarray(a) for a in arrays]
-        record = ArrayRecord(trained) if self.receiver is None else _to_wire(self.receiver.upload(trained))
+        record = ArrayRecord(trained) if self.receiver is None else parameters_to_record(self.receiver.upload(trained))
         released = MetricRecord({**public_fit_metrics(metrics), WEIGHT_KEY: int(weight)})
         return Message(RecordDict({self.arrays_key: record, METRICS_KEY: released}), reply_to=msg)
 
@@ -685,7 +696,7 @@ class FederatedAveraging(CollectiveStrategy):
             metrics[node]["selected"] = True
             if self.tracker is not None:
                 content = RecordDict(dict(msg.content.items()))
-                content[s.arrayrecord_key] = _to_wire(self.tracker.downlink(node))
+                content[s.arrayrecord_key] = parameters_to_record(self.tracker.downlink(node))
                 msg = Message(content, dst_node_id=nid, message_type=msg.metadata.message_type,
                               group_id=msg.metadata.group_id, ttl=msg.metadata.ttl)
             bytes_down[node] += arrays_nbytes(msg.content.array_records[s.arrayrecord_key])
@@ -697,9 +708,9 @@ class FederatedAveraging(CollectiveStrategy):
         if self.tracker is None:
             return record
         if isinstance(self.tracker, SubspaceModelTracker):
-            return ArrayRecord(self.tracker.rebuild_upload(_from_wire(record)))
+            return ArrayRecord(self.tracker.rebuild_upload(record_to_parameters(record)))
         base = self.tracker.model
-        rebuilt = apply_change(base, unframe_parameters(_from_wire(record), [a.shape for a in base]))
+        rebuilt = apply_change(base, unframe_parameters(record_to_parameters(record), [a.shape for a in base]))
         return ArrayRecord(rebuilt)
 
     def _evaluate(self, round: int, nodes: list[str], bytes_down: dict[str, int],

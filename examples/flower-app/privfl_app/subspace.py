@@ -23,13 +23,20 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context
-from flwr.common import Parameters, ndarrays_to_parameters
+from flwr.app import ArrayRecord, ConfigRecord, Context
 
 from privfl.errors import ConfigError
+
+# the frame as privfl's own FedAvg puts it in an ArrayRecord (one uint8 Array), and back
+from privfl.strategies.federated import is_framed_record as is_frame
+from privfl.strategies.federated import parameters_to_record as to_wire
+from privfl.strategies.federated import record_to_parameters as from_wire
 from privfl.strategies.subspace_transfer import SubspaceReceiver
-from privfl.strategies.update_transfer import COMPRESSED_TENSOR_TYPE, is_compressed
+from privfl.strategies.update_transfer import COMPRESSED_TENSOR_TYPE
 from privfl_app.task import subspace_compressor
+
+__all__ = ["FRAME_KEY", "HELD_KEY", "RECEIVER_KEY", "VERSION_KEY", "from_wire", "is_frame", "load_receiver", "receive",
+           "save_receiver", "to_wire"]
 
 #: the key of the one Array a framed message travels as (privfl's own FedAvg uses the same)
 FRAME_KEY = COMPRESSED_TENSOR_TYPE
@@ -38,28 +45,6 @@ VERSION_KEY = "subspace-version"
 #: where a node keeps its receiver between messages (local to the node, never sent)
 HELD_KEY = "privfl.subspace.held"
 RECEIVER_KEY = "privfl.subspace.receiver"
-
-
-def to_wire(parameters: Parameters) -> ArrayRecord:
-    """A framed change (one byte string) as one uint8 ``Array``; whole arrays as they are."""
-    if is_compressed(parameters):
-        (frame,) = parameters.tensors
-        return ArrayRecord({FRAME_KEY: Array(np.frombuffer(frame, dtype=np.uint8).copy())})
-    from flwr.common import parameters_to_ndarrays
-
-    return ArrayRecord(parameters_to_ndarrays(parameters))
-
-
-def from_wire(record: ArrayRecord) -> Parameters:
-    """The inverse of :func:`to_wire`: what privfl's receiver and tracker read."""
-    if list(record.keys()) == [FRAME_KEY]:
-        return Parameters(tensors=[record[FRAME_KEY].numpy().tobytes()], tensor_type=COMPRESSED_TENSOR_TYPE)
-    return ndarrays_to_parameters(record.to_numpy_ndarrays())
-
-
-def is_frame(record: ArrayRecord) -> bool:
-    """Whether ``record`` carries one framed message (not whole arrays)."""
-    return list(record.keys()) == [FRAME_KEY]
 
 
 def load_receiver(context: Context, cfg: Mapping[str, Any]) -> SubspaceReceiver:
