@@ -83,7 +83,7 @@ from privfl.accounting.releases import DP_EVALUATE_METRICS, PUBLIC_FIT_METRICS
 from privfl.strategies.base import CollectiveRound, CollectiveStrategy, Params
 from privfl.strategies.compression import CLTk, Compressor, compressor_from_config
 from privfl.strategies.compression.subspace import SubspaceK
-from privfl.strategies.subspace_transfer import SubspaceModelTracker, SubspaceReceiver
+from privfl.strategies.subspace_transfer import VERSION_KEY, SubspaceModelTracker, SubspaceReceiver
 from privfl.strategies.update_transfer import (
     COMPRESSED_TENSOR_TYPE,
     GlobalModelTracker,
@@ -249,10 +249,17 @@ class NodeEndpoint:
         record = content.array_records[self.arrays_key]
         if self.receiver is None:
             return record.to_numpy_ndarrays()
+        if isinstance(self.receiver, SubspaceReceiver):  # the round's mask is the server's declared version's
+            declared = content.config_records.get(self.config_key, ConfigRecord()).get(VERSION_KEY)
+            return self.receiver.receive(record_to_parameters(record),
+                                         None if declared is None else int(declared))  # type: ignore[call-overload]
         return self.receiver.receive(record_to_parameters(record))
 
     def _config(self, content: RecordDict) -> dict[str, Any]:
-        return dict(content.config_records.get(self.config_key, ConfigRecord()))
+        """The instruction's config for the client (the transfer's own version key is the endpoint's)."""
+        config = dict(content.config_records.get(self.config_key, ConfigRecord()))
+        config.pop(VERSION_KEY, None)
+        return config
 
     def train(self, msg: Message) -> Message:
         """Train on the received model; reply with the release only."""
@@ -697,6 +704,9 @@ class FederatedAveraging(CollectiveStrategy):
             if self.tracker is not None:
                 content = RecordDict(dict(msg.content.items()))
                 content[s.arrayrecord_key] = parameters_to_record(self.tracker.downlink(node))
+                if isinstance(self.tracker, SubspaceModelTracker):  # public: the version the node will hold
+                    config = content.config_records.get(s.configrecord_key, ConfigRecord())
+                    content[s.configrecord_key] = ConfigRecord({**dict(config), VERSION_KEY: int(self.tracker.version)})
                 msg = Message(content, dst_node_id=nid, message_type=msg.metadata.message_type,
                               group_id=msg.metadata.group_id, ttl=msg.metadata.ttl)
             bytes_down[node] += arrays_nbytes(msg.content.array_records[s.arrayrecord_key])

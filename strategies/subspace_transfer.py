@@ -32,7 +32,11 @@ from privfl.strategies.update_transfer import (
     is_compressed,
 )
 
-__all__ = ["SubspaceModelTracker", "SubspaceReceiver", "unframe_subspace"]
+__all__ = ["VERSION_KEY", "SubspaceModelTracker", "SubspaceReceiver", "unframe_subspace"]
+
+#: the instruction's ConfigRecord key of the global model version the server sends (public: how many
+#: changes it applied), read by the client's :class:`SubspaceReceiver`
+VERSION_KEY = "subspace-version"
 
 
 def _shapes(params: Params) -> tuple[tuple[int, ...], ...]:
@@ -72,16 +76,38 @@ class SubspaceReceiver(UpdateReceiver):
         self._down = downlink
         self.version = 0
 
-    def receive(self, parameters: Parameters) -> Params:
-        """The whole model the server means: from whole arrays, or the held model plus round-v values."""
+    def receive(self, parameters: Parameters, version: int | None = None) -> Params:
+        """The whole model the server means: from whole arrays, or the held model plus round-v values.
+
+        ``version``: the global version the server declares it is sending (:data:`VERSION_KEY` in
+        its instruction; public). A whole model then sets this client's version, so a client that
+        joins late (or was replaced) frames its next upload on the round the server expects, and
+        a change is refused (ValueError) unless it leads from the version held to the declared
+        one. Without it only a subspace downlink's own frames advance the version; a receiver
+        whose downlink is an ordinary compressor needs it (ValueError), as nothing else tells it
+        the round.
+        """
+        if version is not None and is_compressed(parameters) and \
+                (self.held is None or self.version not in (version - 1, version)):
+            held = self.version if self.held is not None else None
+            raise ValueError(f"subspace: this client holds global version {held}, the server's change leads to "
+                             f"version {version}; it needs the whole model")
         if not is_compressed(parameters) or self._down is None:
-            return super().receive(parameters)
+            if version is None and self._down is None:
+                raise ValueError("subspace receiver: the server must declare its model version "
+                                 f"({VERSION_KEY!r}) when its downlink is not a subspace one")
+            arrays = super().receive(parameters)
+            if version is not None:
+                self.version = int(version)
+            return arrays
         if self.held is None:
             raise ValueError("received a model change but this client holds no model to apply it to")
         msg = unframe_subspace(parameters, self._down, self.version, _shapes(self.held))
         if msg.size and len(msg.indices):
             self.version += 1
         self.held = apply_change(self.held, msg)
+        if version is not None and self.version != version:
+            raise ValueError(f"subspace: rebuilt global version {self.version}, the server declared {version}")
         return [a.copy() for a in self.held]
 
     def upload(self, trained: Params) -> Parameters:

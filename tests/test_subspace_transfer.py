@@ -95,18 +95,71 @@ class MaskClient(flwr.client.NumPyClient):
         return 0.0, self.n, {}
 
 
-def _fedavg(upload: str, leak: float = 0.0, bits: int | None = None, rounds: int = 3) -> tuple[Any, list[Any]]:
+def _fedavg(upload: str, leak: float = 0.0, bits: int | None = None, rounds: int = 3, downlink: str = "subspace",
+            replace_at: int | None = None) -> tuple[Any, list[Any]]:
+    """FedAvg over three MaskClients; ``replace_at``: from that round on, client "b" is a new object (a
+    restarted client, with its own fresh endpoint and receiver)."""
     clients = {name: MaskClient(np.random.default_rng(i), n=i + 1, leak=leak if i == 0 else 0.0)
                for i, name in enumerate(("a", "b", "c"))}
     params: dict[str, Any] = {}
     if upload == "update":
         sub = {"fraction": FRACTION, "public_seed": SEED, **({} if bits is None else {"bits": bits})}
-        params = {"compressor": "subspace", "compression_params": sub,
-                  "downlink_compressor": "subspace", "downlink_params": sub}
+        params = {"compressor": "subspace", "compression_params": sub, "downlink_compressor": downlink,
+                  **({"downlink_params": sub} if downlink == "subspace" else {})}
     strat = FederatedAveraging(FedAvgConfig(local_steps=1, min_fit_clients=3, min_available_clients=3,
                                             evaluate=False, upload=upload, **params))
     init = [np.zeros(s, np.float32) for s in SHAPES]
-    return strat, [strat.run_round(clients, {k: init for k in clients}, round=r) for r in range(1, rounds + 1)]
+    out = []
+    for r in range(1, rounds + 1):
+        if r == replace_at:
+            clients["b"] = MaskClient(np.random.default_rng(11), n=2)
+        out.append(strat.run_round(clients, {k: init for k in clients}, round=r))
+    return strat, out
+
+
+def _same_models(one: list[Any], two: list[Any]) -> None:
+    for w, s in zip(one, two):
+        for node in ("a", "b", "c"):
+            for a, b in zip(w.params[node], s.params[node]):
+                np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+
+
+def test_fedavg_subspace_uploads_with_an_ordinary_downlink_land_on_the_servers_round() -> None:
+    """k-value uploads with whole-model changes coming down (``downlink_compressor = "exact"``): the server
+    declares the version it sends, so every client frames round v's upload on round v's mask (without it
+    a client stayed on round 0's mask and the server put its values on another round's coordinates)."""
+    _, whole = _fedavg("model")
+    strat, sub = _fedavg("update", downlink="exact")
+    _same_models(whole, sub)
+    assert all(ep.receiver.version == 2 for ep in strat._endpoints.values())
+
+
+def test_a_replaced_client_gets_the_whole_model_and_the_servers_version() -> None:
+    """A client object replaced mid-run (fresh endpoint and receiver) is sent the whole model of the current
+    version and uploads on that round's mask: the run equals the whole-model run with the same replacement."""
+    _, whole = _fedavg("model", replace_at=3)
+    strat, sub = _fedavg("update", replace_at=3)
+    _same_models(whole, sub)
+    assert sub[2].bytes_down["b"] == 4 * D and all(ep.receiver.version == 2 for ep in strat._endpoints.values())
+
+
+def test_a_receiver_refuses_a_change_that_does_not_lead_from_its_version_to_the_declared_one() -> None:
+    from privfl.strategies.subspace_transfer import SubspaceReceiver
+    from privfl.strategies.update_transfer import frame_parameters
+
+    sub = SubspaceK(fraction=FRACTION, public_seed=SEED)
+    init = [np.zeros(s, np.float32) for s in SHAPES]
+    tracker = SubspaceModelTracker(init, SubspaceK(fraction=FRACTION, public_seed=SEED),
+                                   SubspaceK(fraction=FRACTION, public_seed=SEED))
+    rx = SubspaceReceiver(sub, SubspaceK(fraction=FRACTION, public_seed=SEED))
+    rx.receive(tracker.downlink("a"), version=0)
+    for _ in range(2):
+        tracker.advance([a + 1 for a in tracker.model])
+    with pytest.raises(ValueError, match="holds global version 0.*version 2"):
+        rx.receive(tracker._last_change, version=2)  # the change 1 -> 2, to a client holding version 0
+    assert rx.receive(frame_parameters(Compressed("sparse", SHAPES)), version=0)  # nothing changed: fine
+    with pytest.raises(ValueError, match="must declare its model version"):
+        SubspaceReceiver(sub).receive(tracker.downlink("b"))
 
 
 def test_fedavg_sends_only_the_k_values_of_the_rounds_mask_both_ways_and_matches_whole_models() -> None:

@@ -31,7 +31,7 @@ from privfl.errors import ConfigError
 from privfl.strategies.federated import is_framed_record as is_frame
 from privfl.strategies.federated import parameters_to_record as to_wire
 from privfl.strategies.federated import record_to_parameters as from_wire
-from privfl.strategies.subspace_transfer import SubspaceReceiver
+from privfl.strategies.subspace_transfer import VERSION_KEY, SubspaceReceiver
 from privfl.strategies.update_transfer import COMPRESSED_TENSOR_TYPE
 from privfl_app.task import subspace_compressor
 
@@ -40,8 +40,6 @@ __all__ = ["FRAME_KEY", "HELD_KEY", "RECEIVER_KEY", "VERSION_KEY", "from_wire", 
 
 #: the key of the one Array a framed message travels as (privfl's own FedAvg uses the same)
 FRAME_KEY = COMPRESSED_TENSOR_TYPE
-#: the ConfigRecord key of the server's global model version (public: how many changes it applied)
-VERSION_KEY = "subspace-version"
 #: where a node keeps its receiver between messages (local to the node, never sent)
 HELD_KEY = "privfl.subspace.held"
 RECEIVER_KEY = "privfl.subspace.receiver"
@@ -69,20 +67,10 @@ def save_receiver(context: Context, receiver: SubspaceReceiver) -> None:
 def receive(receiver: SubspaceReceiver, record: ArrayRecord, config: Mapping[str, Any]) -> list[np.ndarray]:
     """The whole global model the server means (whole arrays, or the held model plus its k values).
 
-    The server declares its version (:data:`VERSION_KEY`); a node that holds another one
-    than the frame is for refuses it (ValueError: an error reply, after which the server
-    sends it the whole model), and a whole model sets the node's version to the server's.
+    The server declares its version (:data:`VERSION_KEY`); privfl's receiver takes it from a whole
+    model and refuses (ValueError: an error reply, after which the server sends the whole model) a
+    change that does not lead from the version it holds to the declared one.
     """
     if VERSION_KEY not in config:
         raise ConfigError(f"subspace: the server's instruction has no {VERSION_KEY!r} (a dense ServerApp?)")
-    declared = int(str(config[VERSION_KEY]))
-    if is_frame(record) and (receiver.held is None or receiver.version not in (declared - 1, declared)):
-        holds = receiver.version if receiver.held is not None else None
-        raise ValueError(f"subspace: this node holds global version {holds}, the server's change is to "
-                         f"version {declared}; it needs the whole model")
-    arrays = receiver.receive(from_wire(record))
-    if not is_frame(record):
-        receiver.version = declared
-    if receiver.version != declared:
-        raise ValueError(f"subspace: rebuilt global version {receiver.version}, the server declared {declared}")
-    return arrays
+    return receiver.receive(from_wire(record), int(str(config[VERSION_KEY])))
