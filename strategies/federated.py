@@ -251,8 +251,7 @@ class NodeEndpoint:
             return record.to_numpy_ndarrays()
         if isinstance(self.receiver, SubspaceReceiver):  # the round's mask is the server's declared version's
             declared = content.config_records.get(self.config_key, ConfigRecord()).get(VERSION_KEY)
-            return self.receiver.receive(record_to_parameters(record),
-                                         None if declared is None else int(declared))  # type: ignore[call-overload]
+            return self.receiver.receive(record_to_parameters(record), None if declared is None else int(str(declared)))
         return self.receiver.receive(record_to_parameters(record))
 
     def _config(self, content: RecordDict) -> dict[str, Any]:
