@@ -73,7 +73,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
-from flwr.common import Parameters, ndarrays_to_parameters
+from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -199,14 +199,17 @@ def arrays_nbytes(record: ArrayRecord) -> int:
     return int(sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in record.values()))
 
 
+def is_framed_record(record: ArrayRecord) -> bool:
+    """Whether ``record`` carries one framed (compressed) message rather than whole arrays."""
+    return list(record) == [COMPRESSED_TENSOR_TYPE]
+
+
 def parameters_to_record(parameters: Parameters) -> ArrayRecord:
     """privfl's framed change (one byte string, as one uint8 ``Array``) or whole arrays, as the ArrayRecord
     that travels in a Flower ``Message`` (here and in the Flower App of ``examples/flower-app``)."""
     if is_compressed(parameters):
         (frame,) = parameters.tensors
         return ArrayRecord({COMPRESSED_TENSOR_TYPE: Array(np.frombuffer(frame, dtype=np.uint8))})
-    from flwr.common import parameters_to_ndarrays
-
     return ArrayRecord(parameters_to_ndarrays(parameters))
 
 
@@ -217,12 +220,6 @@ def record_to_parameters(record: ArrayRecord) -> Parameters:
         return Parameters(tensors=[record[COMPRESSED_TENSOR_TYPE].numpy().tobytes()],
                           tensor_type=COMPRESSED_TENSOR_TYPE)
     return ndarrays_to_parameters(record.to_numpy_ndarrays())
-
-
-
-def is_framed_record(record: ArrayRecord) -> bool:
-    """Whether ``record`` carries one framed (compressed) message rather than whole arrays."""
-    return list(record) == [COMPRESSED_TENSOR_TYPE]
 
 
 class NodeEndpoint:

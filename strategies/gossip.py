@@ -295,8 +295,11 @@ class AsyncGossip(_GossipBase):
         """Train ``local_steps`` DP steps, then (active nodes) average with ``exchanges_per_step``
         random passive peers, one after another — with ``overlap``, on a background thread
         while the next step trains (this step joins the previous step's exchanges first)."""
+        # the simulator asked begin_compute when this step's compute began; a real node begins it now
         admitted, self._admitted = self._admitted, None
-        if not self.stopped and (not admitted if admitted is not None else self._past_deadline(self.network.now())):
+        if admitted is None:
+            admitted = not self._past_deadline(self.network.now())
+        if not self.stopped and not admitted:
             self._stop(f"training deadline: {self.train_seconds:g} s since the start")
         if self.stopped:
             joined = self.settle()  # the last step's exchanges, if still in flight

@@ -345,6 +345,7 @@ class Engine:
         models = lambda: [s.snapshot() for s in strategies]  # noqa: E731
         every = self.eval_every
         next_eval = 0.0
+
         def compute(i: int, start: float) -> float:
             """The compute of node i's next step, beginning at ``start`` (none if that step will not train)."""
             return self.compute_time(i, self.local_steps) if strategies[i].begin_compute(start) else 0.0
