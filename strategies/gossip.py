@@ -201,9 +201,12 @@ class AsyncGossip(_GossipBase):
     (distinct peers while there are enough) — more mixing of already-noised models, which
     costs wire bytes and round trips but no privacy (no extra fit, no extra DP event);
     ``train_seconds`` (float, default none): a training deadline on the node's own clock,
-    counted from the strategy's start — the first step that begins past it trains nothing
-    and stops the node (a public schedule, like a budget that ends early: a slow node then
-    takes fewer steps and spends less ε, and the end-of-training consensus follows);
+    counted from the strategy's start — the first step that would begin past it, or whose
+    expected end (its beginning plus the node's mean step time so far, measured on its own
+    clock) is past it, trains nothing and stops the node; a step that began is trained,
+    however long it takes (a public schedule, like a budget that ends early: a slow node then
+    takes fewer steps and spends less ε, and the end-of-training consensus follows without
+    waiting on a step that was not expected to end in time);
     ``overlap`` (bool, default False): AD-PSGD's communication thread — a step's exchanges
     run on a background thread (:class:`~privfl.strategies.background.Background`) while
     the *next* step trains, on a snapshot taken before those exchanges start, merged as a
@@ -266,6 +269,8 @@ class AsyncGossip(_GossipBase):
         self._ema_in_consensus = False  # the model was replaced by its EMA for the consensus phase
         self._start = network.now() if self.train_seconds is not None else 0.0
         self._admitted: bool | None = None  # begin_compute's answer for the step the simulator charged
+        self._began: float | None = None  # when the step the simulator charged began (begin_compute's t)
+        self._step_total, self._step_count = 0.0, 0  # this node's measured step durations (its own clock)
         self._inflight: Background[tuple[int, int, list[str]]] | None = None  # the last step's exchanges
         self._next_start: tuple[Params, int] | None = None  # (snapshot, version) the next step trains from
         self._version = 0  # bumped by every change to self.params made by an exchange
@@ -297,8 +302,10 @@ class AsyncGossip(_GossipBase):
         while the next step trains (this step joins the previous step's exchanges first)."""
         # the simulator asked begin_compute when this step's compute began; a real node begins it now
         admitted, self._admitted = self._admitted, None
+        began, self._began = self._began, None
         if admitted is None:
-            admitted = not self._past_deadline(self.network.now())
+            began = self.network.now()
+            admitted = not self._past_deadline(began)
         if not self.stopped and not admitted:
             self._stop(f"training deadline: {self.train_seconds:g} s since the start")
         if self.stopped:
@@ -318,6 +325,8 @@ class AsyncGossip(_GossipBase):
         except BaseException:
             self._join_quietly()
             raise
+        if began is not None and self.train_seconds is not None:
+            self._measured(self.network.now() - began)
         if trained is not None and point is not snapshot:  # the step's update, on the model it trains from
             trained = [s + (t - m) if np.issubdtype(s.dtype, np.floating) else s
                        for s, t, m in zip(snapshot, trained, point)]
@@ -364,16 +373,26 @@ class AsyncGossip(_GossipBase):
             self._ema_into_consensus()  # nothing is in flight once exhausted
         return self._report(steps, peers, sent, received)
 
+    def _measured(self, seconds: float) -> None:
+        """Count one step's duration, from its beginning to its training's end, into the mean."""
+        self._step_total += max(0.0, seconds)
+        self._step_count += 1
+
     def _past_deadline(self, t: float) -> bool:
-        """Whether a step beginning at ``t`` begins past the training deadline (``train_seconds``)."""
-        return self.train_seconds is not None and t - self._start >= self.train_seconds
+        """Whether a step beginning at ``t`` would end past the training deadline (``train_seconds``): it
+        begins past it, or its expected end -- ``t`` plus this node's mean measured step time -- is past it."""
+        if self.train_seconds is None:
+            return False
+        expected = self._step_total / self._step_count if self._step_count else 0.0
+        return t - self._start >= self.train_seconds or t + expected - self._start > self.train_seconds
 
     def begin_compute(self, t: float) -> bool:
         """The simulator charges a step's compute before :meth:`step`: the step whose compute begins at
-        ``t`` trains unless ``t`` is past the deadline — as on a real node, which checks when it begins
-        a step and then trains it, however long it takes (so the simulator neither charges a step that
-        begins past the deadline nor drops one that began before it and ends after it)."""
+        ``t`` trains unless it would end past the deadline (:meth:`_past_deadline`) — as on a real node,
+        which checks when it begins a step and then trains it, however long it takes (so the simulator
+        neither charges a step that is not begun nor drops one that began and ends after the deadline)."""
         self._admitted = not self.stopped and not self._past_deadline(t)
+        self._began = t
         return self._admitted
 
     def _gradient_point(self, snapshot: Params) -> Params:

@@ -567,6 +567,36 @@ def test_train_seconds_deadline_stops_training_but_not_serving() -> None:
             AsyncGossip(IdentityClient(), hub.net("n0"), random_models(1)[0], {"train_seconds": bad})
 
 
+def test_a_real_node_does_not_begin_a_step_expected_to_end_past_its_deadline() -> None:
+    """A real node (no simulator) measures its own step times: once its next step's expected end -- now plus
+    its mean step time -- is past ``train_seconds``, it begins no more steps (no fit, no ε), though that step
+    would begin before the deadline; a step it began trains however long it takes."""
+
+    class ClockNet(LocalNet):
+        clock = 0.0
+
+        def now(self) -> float:
+            return ClockNet.clock
+
+    class SlowClient(IdentityClient):  # each fit takes 0.2 s of the node's clock
+        def fit(self, parameters, config):  # type: ignore[no-untyped-def,override]
+            ClockNet.clock += 0.2
+            return super().fit(parameters, config)
+
+    topo = build_topology("complete", ids(2))
+    hub = Hub(topo)
+    client = SlowClient()
+    ClockNet.clock = 10.0
+    node = AsyncGossip(client, ClockNet(hub, "n0"), random_models(1)[0], {"train_seconds": 0.5})
+    peer = AsyncGossip(IdentityClient(), hub.net("n1"), random_models(1, seed=1)[0], {})
+    hub.nodes.update(n0=node, n1=peer)
+    assert node.step().local_steps == 1 and client.calls == 1  # begins at 10.0: nothing measured yet
+    assert node.step().local_steps == 1 and client.calls == 2  # at 10.2: expected end 10.4 <= 10.5
+    assert ClockNet.clock == pytest.approx(10.4) and not node.stopped
+    rep = node.step()  # at 10.4, before the deadline, but expected to end at 10.6
+    assert rep.local_steps == 0 and rep.stopped and "deadline" in node.stop_reason and client.calls == 2
+
+
 class ShiftClient(NumPyClient):
     """A plain client whose step adds a fixed shift to whatever point it is given; records the points."""
 
