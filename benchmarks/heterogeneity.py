@@ -70,6 +70,11 @@ that began before it trains even if it ends after it. Re-measured with that (see
 −0.18 / −3.98 / −2.47 pp, 3.49× / none / none; d = 0.9 gaps −0.20 / −1.39 / +0.01 pp, 3.49× / none / 2.64× (seed 2:
 the straggler's last step begins 0.08 s before the 3.48 s deadline and draws 1.3 s, so the run ends at 4.8 s, the
 fast nodes by 3.6 s). ``--consensus 20`` (d = 0.9, before that change): seed 1 −1.05 pp, none; seed 2 +0.24 pp, 2.53×.
+Since then a node does not begin a step expected to end past the deadline (its beginning plus its mean measured
+step time): EMA off gaps +0.10 / −3.96 / −2.44 pp, 3.82× / none / none; d = 0.9 gaps −0.72 / −1.25 / −0.39 pp,
+3.82× / none / 3.44× (seed 1: async ends at 0.8951 against the target 0.8976), held on seeds 0 and 2; held-out seeds
+3 / 4 (d = 0.9): −1.46 / −1.84 pp, none (the five seeds' mean gap −1.13 pp). ``--consensus 10`` / ``20`` (d = 0.9):
+seeds 0 / 1 / 2 −0.76 / −1.14 / −0.46 pp, 3.73× / none / 3.36×; −0.79 / −1.18 / −0.51 pp, 3.58× / none / 3.23×.
 ``--dataset synthetic`` is a second set-up with larger sites (:func:`synthetic_site`,
 ``--site-records`` per site), reported beside digits, never instead of it.
 
