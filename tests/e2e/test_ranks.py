@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import tomllib
 from pathlib import Path
@@ -84,24 +85,38 @@ def _connections(pid: int) -> list[tuple[str, int]]:
 
 
 class WorkerWatch(threading.Thread):
-    """Finds the site workers of this run (node processes whose parent is a node) and records their sockets."""
+    """Finds the site workers of this run and records their sockets.
+
+    A site worker is a process a node forked that stays a node process (its command line
+    still names this run). A node also starts children that fork and then exec another
+    program (its noise worker): between the two, such a child still shows the node's
+    command line. One seen later under another command line is moved to ``execd`` and is
+    not a site worker.
+    """
 
     def __init__(self, marker: str) -> None:
         super().__init__(daemon=True)
         self.marker = marker
         self.seen: dict[int, dict[str, set]] = {}
+        self.execd: set[int] = set()
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
             nodes: dict[int, int] = {}  # pid → parent pid, of this run's node processes
             for d in Path("/proc").iterdir():
+                if not d.name.isdigit():
+                    continue
                 try:
-                    if d.name.isdigit() and self.marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    ours = self.marker in (d / "cmdline").read_bytes().decode(errors="replace")
+                    if ours:
                         nodes[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
                 except OSError:  # it ended meanwhile
                     continue
-            for pid in (p for p, parent in nodes.items() if parent in nodes):
+                if not ours and int(d.name) in self.seen:  # it exec'd another program
+                    self.execd.add(int(d.name))
+                    del self.seen[int(d.name)]
+            for pid in (p for p, parent in nodes.items() if parent in nodes and p not in self.execd):
                 try:
                     rec = self.seen.setdefault(pid, {"listen": set(), "remote": set()})
                     rec["listen"].update(listening(pid))
@@ -109,6 +124,14 @@ class WorkerWatch(threading.Thread):
                 except OSError:  # it ended meanwhile
                     continue
             self.done.wait(0.2)
+
+
+def _logged_workers(log: str) -> set[int]:
+    """The worker pids a node's log says it forked."""
+    out: set[int] = set()
+    for m in re.finditer(r"site ranks: forked \d+ worker\(s\) \(pids ([\d,]+)\)", log):
+        out |= {int(x) for x in m.group(1).split(",")}
+    return out
 
 
 @pytest.mark.timeout(150)
@@ -130,6 +153,7 @@ def test_two_sites_of_two_ranks(tmp_path: Path) -> None:
         grpc_ports |= {int(str(v).rsplit(":", 1)[1]) for v in json.dumps(roster).split('"') if
                        v.startswith("127.0.0.1:")}
     assert len(grpc_ports) == 2
+    logged: set[int] = set()
     for nid, e in summary["nodes"].items():
         assert e["exit_code"] == 0, (nid, e)
         assert e["stop_reason"] == "max_steps" and e["steps"] == 20, (nid, e)
@@ -148,8 +172,11 @@ def test_two_sites_of_two_ranks(tmp_path: Path) -> None:
         assert e["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
         log = (run_dir / nid / "node.log").read_text()
         assert "site rank 1 of 2" in log and "this is rank 0" in log
-    # one worker per site; loopback only; never a connection to a site's gRPC port; none left behind
-    assert len(watch.seen) == 2, watch.seen
+        logged |= _logged_workers(log)
+    # one worker per site, the ones the nodes logged; loopback only; never a connection to a
+    # site's gRPC port; none left behind
+    assert len(logged) == 2, logged
+    assert set(watch.seen) == logged, (watch.seen, logged, watch.execd)
     for pid, rec in watch.seen.items():
         assert rec["listen"] and all(a.startswith("127.0.0.1:") for a in rec["listen"]), (pid, rec)
         assert all(host == "127.0.0.1" and port not in grpc_ports for host, port in rec["remote"]), (pid, rec)
