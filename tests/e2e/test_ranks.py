@@ -90,8 +90,8 @@ class WorkerWatch(threading.Thread):
     A site worker is a process a node forked that stays a node process (its command line
     still names this run). A node also starts children that fork and then exec another
     program (its noise worker): between the two, such a child still shows the node's
-    command line. One seen later under another command line is moved to ``execd`` and is
-    not a site worker.
+    command line. One seen later under another (non-empty) command line is moved to
+    ``execd`` and is not a site worker; an empty one is a process that is exiting.
     """
 
     def __init__(self, marker: str) -> None:
@@ -108,12 +108,14 @@ class WorkerWatch(threading.Thread):
                 if not d.name.isdigit():
                     continue
                 try:
-                    ours = self.marker in (d / "cmdline").read_bytes().decode(errors="replace")
+                    cmdline = (d / "cmdline").read_bytes().decode(errors="replace")
+                    ours = self.marker in cmdline
                     if ours:
                         nodes[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
                 except OSError:  # it ended meanwhile
                     continue
-                if not ours and int(d.name) in self.seen:  # it exec'd another program
+                # an exiting process (a zombie) shows an empty command line: it ended, it did not exec
+                if cmdline and not ours and int(d.name) in self.seen:  # it exec'd another program
                     self.execd.add(int(d.name))
                     del self.seen[int(d.name)]
             for pid in (p for p, parent in nodes.items() if parent in nodes and p not in self.execd):
