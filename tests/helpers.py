@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import select
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -201,3 +205,86 @@ max_seconds = 0
 [simulation]
 eval_every = 0.01
 """
+
+
+class SlowLink:
+    """A TCP relay on 127.0.0.1 in front of ``target_port`` that holds back every byte the server
+    sends by ``delay`` seconds: a long link (a far site, a satellite hop) on one machine. The TLS
+    handshake and every reply take that long more; the bytes arrive whole and in order. ``close``
+    ends it and every connection it relays (threads are daemons, joined for a bounded time)."""
+
+    def __init__(self, target_port: int, delay: float) -> None:
+        self.target_port, self.delay = target_port, delay
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.port = int(self._listener.getsockname()[1])
+        self._closed = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept, daemon=True, name="slow-link-accept")]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                near, _ = self._listener.accept()
+            except OSError:  # timeout, or closed
+                continue
+            far = socket.create_connection(("127.0.0.1", self.target_port))
+            self._sockets += [near, far]
+            for src, dst, delay in ((near, far, 0.0), (far, near, self.delay)):
+                t = threading.Thread(target=self._pump, args=(src, dst, delay), daemon=True, name="slow-link")
+                t.start()
+                self._threads.append(t)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, delay: float) -> None:
+        queue: collections.deque[tuple[float, bytes]] = collections.deque()
+        ready = threading.Condition()
+        ended = [False]
+
+        def deliver() -> None:
+            while True:
+                with ready:
+                    while not queue and not ended[0]:
+                        ready.wait(0.1)
+                    if not queue:
+                        return
+                    due, data = queue.popleft()
+                time.sleep(max(0.0, due - time.monotonic()))
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    return
+
+        out = threading.Thread(target=deliver, daemon=True, name="slow-link-deliver")
+        out.start()
+        while not self._closed.is_set():
+            try:
+                data = src.recv(1 << 16)
+            except OSError:
+                break
+            if not data:
+                break
+            with ready:
+                queue.append((time.monotonic() + delay, data))
+                ready.notify()
+        with ready:
+            ended[0] = True
+            ready.notify()
+        out.join(timeout=5 + delay)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+        for s in self._sockets:
+            with contextlib.suppress(OSError):
+                s.close()
+        for t in self._threads:
+            t.join(timeout=2)
+
+    def __enter__(self) -> SlowLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

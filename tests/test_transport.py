@@ -47,6 +47,7 @@ from privfl.transport import (
 )
 from privfl.transport.common import METHOD, grpc_options
 from privfl.transport.proto import gossip_pb2 as pb
+from tests.helpers import SlowLink
 from tests.test_transport_codec import retrail
 from tests.test_transport_digest import _prefix_bytes, counted  # noqa: F401  (a fixture)
 
@@ -399,6 +400,24 @@ def test_first_contact_waits_for_a_peer_still_starting(pki: Pki) -> None:
         with pytest.raises(PeerUnavailable):
             c.exchange("h2", Message("exchange_request", 1, model()), timeout=5)
         assert time.monotonic() - t0 < 0.5  # the window is for the first contact only
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_behind_a_long_link_is_reachable(pki: Pki, server) -> None:  # noqa: ANN001
+    """A far site: every byte the server sends arrives 0.4 s late, so the TLS handshake alone takes
+    over 0.4 s. gRPC gives each connection attempt ``grpc.min_reconnect_backoff_ms`` to finish (its
+    minimum connect timeout); at 200 ms every attempt was cut mid-handshake ("Handshake read failed
+    (Endpoint closing)", the CI failure of the trust e2e test on a loaded machine) and the peer was
+    never reached. The exchange must complete, with the averaged reply, in about the link's time."""
+    srv, roster, handler = server
+    with SlowLink(srv.port, delay=0.4) as link:
+        with client(pki, "h1", at(roster, "h2", link.port), first_contact_window=0) as c:
+            t0 = time.monotonic()
+            reply = c.exchange("h2", Message("exchange_request", 0, model()), timeout=30)
+            took = time.monotonic() - t0
+    assert reply.kind == "exchange_reply" and len(handler.seen) == 1
+    np.testing.assert_array_equal(reply.tensors["w"], model(1)["w"])
+    assert 0.8 <= took < 15, took  # at least the handshake's and the reply's trip back
 
 
 # --------------------------------------------------------------------------- refused messages

@@ -247,9 +247,6 @@ class GossipClient:
         channel = grpc.secure_channel(address, self._creds, options=grpc_options([
             ("grpc.ssl_target_name_override", node_dns_name(roster.consortium, peer_id)),
             ("grpc.use_local_subchannel_pool", 1),
-            ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.min_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 2000),
             ("grpc.enable_retries", 0),
         ]))
         peer = _Peer(channel, channel.stream_stream(METHOD), address)

@@ -18,6 +18,7 @@ log = logging.getLogger("privfl.transport")
 
 METHOD = "/privfl.transport.v1.Gossip/Exchange"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+CONNECT_TIMEOUT_MS = 20_000  # one connection attempt, handshake included (gRPC's own default)
 
 
 def grpc_options(extra: list[tuple[str, object]] | None = None) -> list[tuple[str, object]]:
@@ -28,9 +29,12 @@ def grpc_options(extra: list[tuple[str, object]] | None = None) -> list[tuple[st
         ("grpc.max_receive_message_length", limit),
         # reconnect soon after a refused connection (a peer still starting): gRPC's default
         # backoff (1 s, growing to 120 s) kept failing a channel after the peer was up
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),
+        # not a backoff: gRPC core reads it as the minimum *connect timeout*, the time one connection
+        # attempt (TCP, TLS handshake, HTTP/2 settings) may take. At 100-200 ms a peer over a long link,
+        # or a busy one, had its handshake cut every time ("Handshake read failed (Endpoint closing)")
+        ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
     ]
     return opts + (extra or [])
 
