@@ -196,3 +196,38 @@ def test_a_step_expected_to_end_past_the_deadline_is_not_begun_and_one_begun_tra
         assert [round(t, 6) for t, ok in begun[node]] == [0.0, 0.05, 0.1, 0.15] and res.summary["steps"][node] == 3
     assert res.summary["steps"][straggler] == 1 and begun[straggler] == [(0.0, True), (pytest.approx(0.2), False)]
     assert calls[straggler][0][:2] == (pytest.approx(0.2), 1)  # ended past the deadline, trained all the same
+
+
+def _benchmark_module():  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "heterogeneity.py"
+    spec = importlib.util.spec_from_file_location("heterogeneity_benchmark", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_paired_gap_rescores_the_runs_final_models_on_their_own_test_records() -> None:
+    """``final_gap_on_test_records`` re-scores each run's final node models on the union of the sites' test
+    splits: its per-record mean must be the run's own final accuracy (the same records, split and models),
+    and the paired bootstrap interval must hold the gap; a wrong split or stale models break the equality."""
+    import argparse
+
+    bench = _benchmark_module()
+    args = argparse.Namespace(dataset="digits", ema_decay=None, exchanges=1, consensus=2, overlap=True,
+                              gradient_peers=0, bits=8, steps=4, epsilon=8.0, sample_rate=0.5, step_time="fixed",
+                              latency=0.005, bandwidth=12.5e6, eval_every=0.1, seed=3)
+    sync = bench.run("allreduce", 4, 2.0, 0.7, None, args)
+    asy = bench.run("async_gossip", 4, 2.0, 0.7, 0.5, args)
+    x, y = bench.test_records(4, args)
+    for r in (sync, asy):
+        per_record = bench.correct_per_record(r, x, y, args)
+        assert per_record.shape == (len(y),)
+        assert float(per_record.mean()) == pytest.approx(r["final_accuracy"], abs=5e-5)
+    paired = bench.paired_gap(sync, asy, 4, args, resamples=500)
+    gap = 100 * (asy["final_accuracy"] - sync["final_accuracy"])
+    assert paired["test_records"] == len(y) and paired["gap_pp"] == pytest.approx(gap, abs=0.02)
+    lo, hi = paired["gap_ci95_pp"]
+    assert lo <= paired["gap_pp"] <= hi and paired["one_record_pp"] == pytest.approx(100 / len(y), abs=1e-3)
