@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
+import queue
 import select
 import socket
 import threading
@@ -237,18 +237,12 @@ class SlowLink:
                 self._threads.append(t)
 
     def _pump(self, src: socket.socket, dst: socket.socket, delay: float) -> None:
-        queue: collections.deque[tuple[float, bytes]] = collections.deque()
-        ready = threading.Condition()
-        ended = [False]
+        """Read ``src`` and hand each piece, with its due time, to a writer that sends it to ``dst`` then."""
+        pieces: queue.Queue[tuple[float, bytes] | None] = queue.Queue()
 
         def deliver() -> None:
-            while True:
-                with ready:
-                    while not queue and not ended[0]:
-                        ready.wait(0.1)
-                    if not queue:
-                        return
-                    due, data = queue.popleft()
+            while (item := pieces.get()) is not None:
+                due, data = item
                 time.sleep(max(0.0, due - time.monotonic()))
                 try:
                     dst.sendall(data)
@@ -264,12 +258,8 @@ class SlowLink:
                 break
             if not data:
                 break
-            with ready:
-                queue.append((time.monotonic() + delay, data))
-                ready.notify()
-        with ready:
-            ended[0] = True
-            ready.notify()
+            pieces.put((time.monotonic() + delay, data))
+        pieces.put(None)
         out.join(timeout=5 + delay)
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
