@@ -292,14 +292,11 @@ def run(strategy: str, n: int, s: float, lr: float, deadline: float | None, args
 def test_records(n: int, args: argparse.Namespace) -> tuple[Any, Any]:
     """The union of every site's test split at ``n`` nodes, as the run's evaluator scores it (the same
     split, seed and preprocessing as :func:`run_simulation`; the researcher's view, never a node's)."""
-    import numpy as np
+    from privfl.sim import evaluation_records
 
-    from privfl.sim.runner import _site_inputs
-
-    sp = spec("allreduce", n, 1.0, 1.0, None, args)
-    sites, _ = _site_inputs(sp, [f"n{i}" for i in range(n)])
-    parts = [s.test if isinstance(s.test, tuple) else tuple(t.numpy() for t in s.test.tensors) for s in sites]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    records = evaluation_records(spec("allreduce", n, 1.0, 1.0, None, args))
+    assert records is not None  # the benchmark's sets are privfl's own
+    return tuple(t.numpy() for t in records.tensors)  # type: ignore[attr-defined, return-value]
 
 
 def correct_per_record(r: dict[str, Any], x: Any, y: Any, args: argparse.Namespace) -> Any:

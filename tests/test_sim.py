@@ -281,3 +281,33 @@ def test_site_zscore_still_runs_in_simulation_with_a_warning(caplog) -> None:
                                   stop=StopCriteria(max_steps=4)))
     assert "private statistics outside DP" in caplog.text
     assert res.summary["preprocessing"]["node0"]["kind"] == "site"
+
+
+def test_evaluation_records_are_the_records_the_run_scores_its_models_on() -> None:
+    """``evaluation_records`` is the union of the sites' test splits as the run splits, seeds and
+    preprocesses them: each node's last model, re-scored on it, has the accuracy the run recorded for it;
+    a user client that loads its own records has none to give."""
+    import torch
+
+    from privfl.data import load_dataset
+    from privfl.models import build_model
+    from privfl.sim import evaluation_records
+
+    s = spec(strategy="sync_gossip", stop=StopCriteria(max_rounds=3), seed=5)
+    res = run_simulation(s)
+    records = evaluation_records(s)
+    assert isinstance(records, torch.utils.data.TensorDataset)
+    x, y = records.tensors
+    other = evaluation_records(spec(seed=6))
+    assert other is not None and not torch.equal(other.tensors[1], y)  # the seed changes the split
+    classes = load_dataset(s.dataset).num_classes
+    model = build_model(s.model, tuple(x.shape[1:]), classes, seed=s.seed, hidden=tuple(s.hidden))
+    last = {r["node"]: float(r["accuracy"]) for r in res.rows}
+    for nid in res.node_ids:
+        model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in zip(res.param_names, res.models[nid])})
+        model.eval()
+        with torch.no_grad():
+            acc = float((model(x).argmax(1) == y).float().mean())
+        assert acc == pytest.approx(last[nid], abs=1e-6)
+    user = spec(client_app="hospital.app:client_fn")  # loads its own records; nothing is imported here
+    assert evaluation_records(user) is None

@@ -11,7 +11,16 @@ from privfl.sim.profiles import (
     compute_speeds,
     default_step_cost,
 )
-from privfl.sim.runner import STRATEGIES, SimContext, SimSpec, StrategyEntry, register_strategy, run_simulation
+from privfl.sim.runner import (
+    STRATEGIES,
+    SimContext,
+    SimSpec,
+    StrategyEntry,
+    evaluation_records,
+    node_ids_of,
+    register_strategy,
+    run_simulation,
+)
 
 __all__ = [
     "DEFAULT_STEP_COST",
@@ -31,6 +40,8 @@ __all__ = [
     "compute_speeds",
     "consensus_distance",
     "default_step_cost",
+    "evaluation_records",
+    "node_ids_of",
     "register_strategy",
     "run_simulation",
     "write_results",

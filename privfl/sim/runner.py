@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from flwr.client import NumPyClient
-from torch.utils.data import ConcatDataset
+from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
 from privfl.accounting import PrivacyAccountant
 from privfl.clients import DPClient, DPConfig, evaluate_model
@@ -193,6 +193,15 @@ class SimContext:
 
 
 # ---- building the world --------------------------------------------------------------
+def _union_test(sites: list[SiteInputs]) -> Dataset[Any]:
+    """The union of every site's test split: one ``TensorDataset`` when every site holds arrays
+    (scored in one batch pass), else the sites' own Datasets concatenated."""
+    if all(isinstance(s.test, tuple) for s in sites):
+        return TensorDataset(torch.as_tensor(np.concatenate([s.test[0] for s in sites])),
+                             torch.as_tensor(np.concatenate([s.test[1] for s in sites])))
+    return ConcatDataset([s.test for s in sites])
+
+
 def _make_evaluator(spec: SimSpec, in_shape: tuple[int, ...], num_classes: int,
                     sites: list[SiteInputs]) -> Callable[[Params], tuple[float, float]]:
     """Accuracy on the union of every site's test split (the researcher's view of a simulation)."""
@@ -201,12 +210,11 @@ def _make_evaluator(spec: SimSpec, in_shape: tuple[int, ...], num_classes: int,
     device = torch.device(spec.device)
     model.to(device)
     keys = list(model.state_dict().keys())
-    if all(isinstance(s.test, tuple) for s in sites):
-        x = torch.as_tensor(np.concatenate([s.test[0] for s in sites]))
-        y = torch.as_tensor(np.concatenate([s.test[1] for s in sites]))
+    union = _union_test(sites)
+    if isinstance(union, TensorDataset):
+        x, y = union.tensors
         run: Callable[[], tuple[float, float]] = lambda: evaluate_model(model, x, y, device)  # noqa: E731
     else:
-        union: ConcatDataset[Any] = ConcatDataset([s.test for s in sites])
         run = lambda: evaluate_dataset(model, union, device)  # noqa: E731
 
     def evaluate(params: Params) -> tuple[float, float]:
@@ -377,6 +385,22 @@ def _union_evaluator(spec: SimSpec, sites: list[SiteInputs | None]) -> Callable[
     return _make_evaluator(spec, first.in_shape, first.num_classes, sites)  # type: ignore[arg-type]
 
 
+def evaluation_records(spec: SimSpec) -> Dataset[Any] | None:
+    """The records a simulation of ``spec`` scores its models on: the union of every site's test
+    split, split, seeded and preprocessed exactly as :func:`run_simulation` does (a
+    ``TensorDataset`` when the sites hold arrays). None when the user's clients hold their own
+    data. The researcher's view of a simulation, never a node's: it reads every site."""
+    sites, _ = _site_inputs(spec, node_ids_of(spec))
+    if sites[0] is None:
+        return None
+    return _union_test(sites)  # type: ignore[arg-type]
+
+
+def node_ids_of(spec: SimSpec) -> list[str]:
+    """The simulated nodes' ids: ``spec.node_ids``, or node0 … node{n-1}."""
+    return list(spec.node_ids) if spec.node_ids else [f"node{i}" for i in range(spec.num_nodes)]
+
+
 def _node_clients(spec: SimSpec, node_ids: list[str], sites: list[SiteInputs | None],
                   preps: list[Preprocessing], stack: contextlib.ExitStack) -> tuple[dict[str, NumPyClient], Any]:
     """Every node's client: built here (``backend = "local"``), or proxies of clients that live in
@@ -398,7 +422,7 @@ def _run(spec: SimSpec) -> SimulationResult:
 def _run_in(spec: SimSpec, stack: contextlib.ExitStack) -> SimulationResult:
     wall0 = time.perf_counter()
     n = spec.num_nodes
-    node_ids = list(spec.node_ids) if spec.node_ids else [f"node{i}" for i in range(n)]
+    node_ids = node_ids_of(spec)
     sites, preps = _site_inputs(spec, node_ids)
     first = sites[0]
     in_shape = first.in_shape if first is not None else ()
