@@ -8,7 +8,13 @@ from privfl.accounting.accountant import (
     epsilon_of,
     sampled_gaussian_event,
 )
-from privfl.accounting.audit import SINGLE_LEDGER_NOTE, AuditIssue, AuditReport, audit_ledger
+from privfl.accounting.audit import (
+    SINGLE_LEDGER_NOTE,
+    AuditIssue,
+    AuditReport,
+    ConsortiumPolicy,
+    audit_ledger,
+)
 from privfl.accounting.audit_consortium import (
     ConsortiumProblem,
     ConsortiumReport,
@@ -38,6 +44,7 @@ __all__ = [
     "RANDOMNESS_KINDS",
     "AuditIssue",
     "AuditReport",
+    "ConsortiumPolicy",
     "Ledger",
     "LedgerError",
     "LedgerPolicy",

@@ -29,9 +29,9 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import dp_accounting
 import numpy as np
@@ -82,6 +82,23 @@ SINGLE_LEDGER_NOTE = (
 )
 
 
+class ConsortiumPolicy(Protocol):
+    """The consortium's floor on every node's privacy (the roster's ``[policy]``; any field None).
+
+    ``privfl.pki.Policy`` is one. A ledger's own header cannot be trusted for this: whoever
+    holds the node key can write a header with a higher target ε and re-sign the ledger.
+    """
+
+    @property
+    def max_epsilon(self) -> float | None: ...
+
+    @property
+    def min_noise_multiplier(self) -> float | None: ...
+
+    @property
+    def delta(self) -> float | None: ...
+
+
 @dataclass
 class AuditIssue:
     """One finding: the entry index (None when not one entry's), its kind, in words."""
@@ -95,7 +112,10 @@ class AuditIssue:
 class EpsilonPoint:
     """ε after one dp_event: recomputed (RDP) and as the node recorded it.
 
-    ``steps`` is the running count of every accounted step (all purposes).
+    ``steps`` is the running count of every accounted step (all purposes). ``epsilon_pld``
+    (recomputed) is set on the last point only when PLD was computed: one PLD composition
+    takes seconds, so it is not recomputed after every event; for a PLD ledger the RDP
+    curve is an upper bound and the recorded ε are the node's PLD values.
     """
 
     index: int
@@ -104,6 +124,7 @@ class EpsilonPoint:
     epsilon_rdp: float
     epsilon_claimed: float | None
     purpose: str = PURPOSE_TRAINING
+    epsilon_pld: float | None = None
 
 
 @dataclass
@@ -160,10 +181,35 @@ class AuditReport:
                 return i
         return self.issues[0] if self.issues else None
 
+    @property
+    def scope(self) -> str:
+        """What the ε and totals cover: the whole ledger, or the verified prefix before a break."""
+        if self.first_bad_index is None:
+            return "the whole ledger"
+        if self.entries_verified == 0:
+            return "no entry (nothing verifies)"
+        return (f"only entries 0..{self.entries_verified - 1}, the verified prefix "
+                f"(the ledger breaks at entry {self.first_bad_index})")
+
+    @property
+    def reason(self) -> str | None:
+        """Why the audit failed, in one line (None when it passed)."""
+        if self.ok:
+            return None
+        first = self.first_issue
+        if first is None:
+            failed = [k for k, v in self.checks.items() if v not in (PASS, SKIPPED)]
+            return f"check {', '.join(failed) or 'integrity'} failed"
+        where = "" if first.index is None else f" at entry {first.index}"
+        more = len(self.issues) - 1
+        return f"{first.kind}{where}: {first.message}" + (f" (and {more} more)" if more else "")
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict of the report."""
+        """A JSON-serialisable dict of the report (with its ``scope`` and one-line ``reason``)."""
         d = asdict(self)
         d["first_issue"] = asdict(self.first_issue) if self.first_issue else None
+        d["scope"] = self.scope
+        d["reason"] = self.reason
         return _finite(d)
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -321,6 +367,7 @@ def audit_ledger(
     workers: int = 1,
     allow_seeded: bool = False,
     roster: Mapping[str, str] | None = None,
+    roster_policy: ConsortiumPolicy | None = None,
 ) -> AuditReport:
     """Verify the ledger at ``path`` and recompute its ε; see the module docstring.
 
@@ -333,7 +380,10 @@ def audit_ledger(
     signatures of a ledger of ≥ 5000 entries (1 = serial, the default: worth it only
     on an idle machine with several cores). ``roster``: node id → pinned certificate
     fingerprint (``sha256:<hex of the DER>``, as in roster.toml): fail unless the
-    certificate's node is a member and the certificate is its pin. Raises FileNotFoundError for a missing
+    certificate's node is a member and the certificate is its pin. ``roster_policy``: the
+    roster's ``[policy]``: fail when the header's policy is weaker (a higher target ε or
+    δ, a lower σ floor) or the ε spent exceeds its ``max_epsilon`` (check
+    ``roster_policy``). Raises FileNotFoundError for a missing
     file and ValueError for an unreadable CA/other certificate (bad input, not a
     finding).
     """
@@ -381,7 +431,7 @@ def audit_ledger(
     _check_certificate(report, cert, ca, entries)
     _check_randomness(report, header, entries, allow_seeded)
     _check_node_id(report, cert, expected_node_id, roster)
-    _check_events(report, policy, entries, compute_pld)
+    _check_events(report, policy, entries, compute_pld, roster_policy)
 
     report.ok = all(v in (PASS, SKIPPED) for v in report.checks.values()) and not report.issues
     eps = f"eps_rdp={report.epsilon_rdp:.4f}"
@@ -500,9 +550,14 @@ def _check_certificate(
 
 
 def _check_events(
-    report: AuditReport, policy: LedgerPolicy, entries: list[dict[str, Any]], compute_pld: bool
+    report: AuditReport,
+    policy: LedgerPolicy,
+    entries: list[dict[str, Any]],
+    compute_pld: bool,
+    roster_policy: ConsortiumPolicy | None = None,
 ) -> None:
-    """Policy, budget, claimed-ε and totals over the verified entries."""
+    """Policy, budget, claimed-ε and totals over the verified entries (and the roster's
+    policy when given)."""
     timeline = RdpTimeline(policy.delta)
     v1 = report.format == LEDGER_FORMAT_V1
     groups: dict[tuple[float, float], int] = {}
@@ -606,6 +661,8 @@ def _check_events(
     report.epsilon_rdp = epsilon_rdp_of(groups, policy.delta)
     need_pld = compute_pld or policy.accountant == "pld"
     report.epsilon_pld = epsilon_pld_of(groups, policy.delta) if need_pld else None
+    if report.epsilon_pld is not None and report.timeline:
+        report.timeline[-1].epsilon_pld = report.epsilon_pld
     if policy.accountant == "pld":
         assert report.epsilon_pld is not None
         report.epsilon = report.epsilon_pld
@@ -615,13 +672,16 @@ def _check_events(
     report.issues.extend(policy_issues)
     report.checks["policy"] = PASS if not policy_issues else FAIL
 
-    # Budget: dp_events whose cumulative ε (by the policy's accountant) exceeds the target.
-    limit = policy.target_epsilon + BUDGET_TOLERANCE
-    if policy.accountant == "rdp":
-        report.over_budget = [p.index for p in report.timeline if p.epsilon_rdp > limit]
-    elif report.epsilon > limit:
-        first = _first_pld_over(prefix_groups, policy.delta, limit)
-        report.over_budget = dp_positions[first:]
+    def over(bound: float) -> list[int]:
+        """The dp_events whose cumulative ε (by the policy's accountant) exceeds ``bound``."""
+        limit = bound + BUDGET_TOLERANCE
+        if policy.accountant == "rdp":
+            return [p.index for p in report.timeline if p.epsilon_rdp > limit]
+        if report.epsilon > limit:
+            return dp_positions[_first_pld_over(prefix_groups, policy.delta, limit):]
+        return []
+
+    report.over_budget = over(policy.target_epsilon)
     if report.over_budget:
         report.issues.append(
             AuditIssue(
@@ -644,7 +704,59 @@ def _check_events(
         )
     report.checks["stop"] = PASS if not after_stop else FAIL
 
+    if roster_policy is not None:
+        _check_roster_policy(report, policy, entries, roster_policy, over)
     _check_claims(report, policy)
+
+
+ROSTER_POLICY = "roster_policy"
+
+
+def _check_roster_policy(
+    report: AuditReport,
+    policy: LedgerPolicy,
+    entries: list[dict[str, Any]],
+    floor: ConsortiumPolicy,
+    over: Callable[[float], list[int]],
+) -> None:
+    """The header's policy and the ε spent must be within the roster's ``[policy]``.
+
+    The header is the node's own word: a node that re-signs its ledger with a target ε
+    of 10 passes its own budget check, but not the consortium's maximum.
+    """
+    found: list[AuditIssue] = []
+    cap = floor.max_epsilon
+    if cap is not None:
+        if policy.target_epsilon > cap + BUDGET_TOLERANCE:
+            found.append(AuditIssue(0, ROSTER_POLICY, (
+                f"the header's target ε {policy.target_epsilon:g} exceeds the roster's "
+                f"[policy].max_epsilon {cap:g}")))
+        beyond = over(cap)
+        if beyond:
+            found.append(AuditIssue(beyond[0], ROSTER_POLICY, (
+                f"ε spent ({policy.accountant}) {report.epsilon:.4f} exceeds the roster's "
+                f"[policy].max_epsilon {cap:g}: {len(beyond)} dp_event(s) beyond it, first at "
+                f"entry {beyond[0]}")))
+    if floor.delta is not None and policy.delta > floor.delta:
+        found.append(AuditIssue(0, ROSTER_POLICY, (
+            f"the header's δ {policy.delta:g} exceeds the roster's [policy].delta {floor.delta:g}")))
+    sigma_floor = floor.min_noise_multiplier
+    if sigma_floor is not None:
+        if policy.min_noise_multiplier < sigma_floor:
+            found.append(AuditIssue(0, ROSTER_POLICY, (
+                f"the header's σ floor {policy.min_noise_multiplier:g} is below the roster's "
+                f"[policy].min_noise_multiplier {sigma_floor:g}")))
+        weak = [e for e in entries if e["kind"] == "dp_event"
+                and purpose_of(e["body"]) == PURPOSE_TRAINING
+                and isinstance(e["body"].get("noise_multiplier"), (int, float))
+                and e["body"]["noise_multiplier"] < sigma_floor]
+        if weak:
+            found.append(AuditIssue(weak[0]["index"], ROSTER_POLICY, (
+                f"{len(weak)} training dp_event(s) with σ below the roster's "
+                f"[policy].min_noise_multiplier {sigma_floor:g}; first at entry "
+                f"{weak[0]['index']} (σ={weak[0]['body']['noise_multiplier']:g})")))
+    report.issues.extend(found)
+    report.checks[ROSTER_POLICY] = PASS if not found else FAIL
 
 
 def _event_problems(
@@ -722,8 +834,10 @@ def _event_problems(
         problems.append(f"neighbouring relation {body.get('neighbouring_relation')!r}")
     if body.get("accountant") != policy.accountant:
         problems.append(f"accountant {body.get('accountant')!r} differs from the policy's")
-    if body.get("delta") is not None and body.get("delta") != policy.delta:
-        problems.append(f"δ {body.get('delta')!r} differs from the policy's")
+    if "delta" not in body:
+        problems.append("the event records no δ")
+    elif body["delta"] != policy.delta:
+        problems.append(f"δ {body['delta']!r} differs from the policy's")
     if problems:
         out.append(("policy", "; ".join(problems)))
     return True, out

@@ -19,14 +19,16 @@ hash. Each problem names the node and the entry index:
 * ``differs``: A's entry at an anchored index has another hash (a rewrite of any entry up
   to there, a re-sign with other σ or steps, a rollback that wrote different entries);
 * ``missing``: peers hold heads for a node whose ledger was not given;
+* ``unconfirmed_end``: A's ledger does not end with a close entry whose head a peer holds
+  (cut back to its last anchored head, or stopped without closing): its end is unconfirmed;
 * ``duplicate``: two ledgers name one node; ``anchors_final``: a side file does not
   verify or does not follow a close entry of its own ledger; ``audit``: a ledger fails
   its own audit (``detail`` is the issue kind, e.g. ``roster``, ``dropped``).
 
 Per node it reports the anchored prefix (the highest index a peer's head confirms) and
 the unanchored tail after it, which no peer can vouch for (zero in a normal run that ended
-with a close entry and its goodbye). What it cannot see: an unanchored tail cut short,
-and a rewrite agreed by every node that holds heads for it.
+with a close entry and its goodbye; otherwise the ledger is ``unconfirmed_end``). What it
+cannot see: a rewrite agreed by every node that holds heads for it.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from privfl.accounting.audit import AuditReport, _finite, audit_ledger
+from privfl.accounting.audit import AuditReport, ConsortiumPolicy, _finite, audit_ledger
 from privfl.accounting.ledger import (
     TornTailError,
     anchor_of,
@@ -64,9 +66,11 @@ MISSING = "missing"
 DUPLICATE = "duplicate"
 ANCHORS_FINAL = "anchors_final"
 AUDIT = "audit"
+UNCONFIRMED_END = "unconfirmed_end"
 
 CONSORTIUM_NOTE = (
-    "entries after a node's anchored prefix are held by no peer: cutting them leaves no trace"
+    "a ledger is complete only up to the last head its peers hold; one that does not end with a "
+    "close entry a peer holds is reported (unconfirmed_end): it may have been cut back"
 )
 
 
@@ -129,6 +133,9 @@ class NodeSummary:
                 "checks": dict(a.checks),
                 "issues": [vars(i) for i in a.issues],
                 "first_bad_index": a.first_bad_index,
+                "entries_verified": a.entries_verified,
+                "scope": a.scope,
+                "reason": a.reason,
                 "epsilon_rdp": a.epsilon_rdp,
                 "epsilon_pld": a.epsilon_pld,
                 "totals": dict(a.totals),
@@ -200,6 +207,33 @@ def load_roster_pins(roster: str | os.PathLike[str] | Mapping[str, str]) -> dict
         raise ValueError(f"roster {p} lacks [[nodes]] id/fingerprint ({exc})") from None
 
 
+@dataclass(frozen=True)
+class RosterPolicy:
+    """A roster.toml's ``[policy]`` table (each field None when absent): a ConsortiumPolicy."""
+
+    max_epsilon: float | None = None
+    min_noise_multiplier: float | None = None
+    delta: float | None = None
+
+
+def load_roster_policy(roster: str | os.PathLike[str]) -> RosterPolicy:
+    """The ``[policy]`` of a roster.toml (all None when it has none)."""
+    p = Path(roster)
+    try:
+        table = tomllib.loads(p.read_text(encoding="utf-8")).get("policy", {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"cannot read roster {p}: {exc}") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"roster {p}: [policy] must be a table")
+    values: dict[str, float | None] = {}
+    for key in ("max_epsilon", "min_noise_multiplier", "delta"):
+        v = table.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+            raise ValueError(f"roster {p}: [policy].{key} must be a positive number, got {v!r}")
+        values[key] = None if v is None else float(v)
+    return RosterPolicy(**values)
+
+
 def _header_cert(lines: list[bytes]) -> x509.Certificate | None:
     """The certificate in a ledger's first line, if it can be read (unverified)."""
     try:
@@ -225,13 +259,16 @@ def audit_consortium(
     *,
     allow_seeded: bool = False,
     roster: str | os.PathLike[str] | Mapping[str, str] | None = None,
+    roster_policy: ConsortiumPolicy | None = None,
     compute_pld: bool = True,
 ) -> ConsortiumReport:
     """Audit every ledger of a run (a run folder or a list of ledger paths) and cross-check
     the heads the nodes hold for each other; see the module docstring.
 
     ``roster``: a roster.toml path or node id → pinned fingerprint; each ledger's
-    certificate must then be its node's pin. ``allow_seeded``: for simulations and tests.
+    certificate must then be its node's pin. ``roster_policy``: the consortium's
+    ``[policy]`` every ledger is held to (read from ``roster`` when that is a path and
+    this is not given). ``allow_seeded``: for simulations and tests.
     Raises ValueError for bad input (no ledgers, an unreadable CA or roster).
     """
     run_mode = not isinstance(source, (list, tuple))
@@ -247,6 +284,8 @@ def audit_consortium(
                 raise ValueError(f"ledger file {p} does not exist")
         label = ", ".join(map(str, paths))
     pins = load_roster_pins(roster) if roster is not None else None
+    if roster_policy is None and roster is not None and not isinstance(roster, Mapping):
+        roster_policy = load_roster_policy(roster)
     report = ConsortiumReport(label)
 
     ledgers: list[_Ledger] = []
@@ -259,7 +298,7 @@ def audit_consortium(
             path, ca_pem,
             other_certs=[p for p in pems if cert is None or p != cert.public_bytes(Encoding.PEM)],
             expected_node_id=expected, compute_pld=compute_pld, allow_seeded=allow_seeded,
-            roster=pins,
+            roster=pins, roster_policy=roster_policy,
         )
         node = rep.certificate_node_id or rep.node_id or expected or str(path)
         led = _Ledger(path, node, lines, rep, cert)
@@ -355,6 +394,15 @@ def _collect_heads(
     return {"ledger": n_chain, "anchors_final": n_late}
 
 
+def _kind_of(line: bytes) -> str | None:
+    """An entry's ``kind`` (None when the line is not a JSON entry)."""
+    try:
+        kind = json.loads(line).get("kind")
+    except (ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
 def _cross_check(led: _Ledger, heads: list[_Held], report: ConsortiumReport) -> NodeSummary:
     """Check every head held for ``led``'s node against its ledger; the node's summary."""
     rep = led.report
@@ -393,6 +441,16 @@ def _cross_check(led: _Ledger, heads: list[_Held], report: ConsortiumReport) -> 
     upto = max(matched) if matched else None
     summary.anchored_upto = upto
     summary.unanchored_tail = n - (upto + 1 if upto is not None else 0)
+    if n and not (_kind_of(led.lines[-1]) == "close" and upto == n - 1):
+        last = _kind_of(led.lines[-1]) or "unreadable"
+        why = ("no peer holds the head of its close entry" if last == "close"
+               else f"not at a close entry (its last is {last!r})")
+        held_to = "no peer holds any of its heads" if upto is None else f"peers hold heads up to entry {upto}"
+        report.problems.append(ConsortiumProblem(
+            led.node, n - 1, UNCONFIRMED_END,
+            f"node {led.node}'s ledger ends at entry {n - 1}, {why}; {held_to}: it may have been "
+            "cut back to a head its peers hold (what was cut leaves no trace), or the node stopped "
+            "without closing, so its end cannot be confirmed"))
     summary.ok = rep.ok and not report.problems_of(led.node)
     return summary
 
@@ -405,10 +463,13 @@ __all__ = [
     "DUPLICATE",
     "MISSING",
     "TRUNCATED",
+    "UNCONFIRMED_END",
     "ConsortiumProblem",
     "ConsortiumReport",
     "NodeSummary",
+    "RosterPolicy",
     "audit_consortium",
     "find_ledgers",
     "load_roster_pins",
+    "load_roster_policy",
 ]

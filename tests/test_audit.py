@@ -497,3 +497,87 @@ def test_entry_outside_certificate_validity_fails(tmp_path: Path, pki: dict[str,
     rep = audit(path, pki)
     assert not rep.ok and rep.checks["certificate"] == "fail"
     assert rep.issues[0].kind == "certificate_validity" and rep.issues[0].index == 0
+
+
+def test_cli_plot_of_a_ledger_with_no_verified_header_is_one_line(tmp_path: Path, pki: dict[str, Any]) -> None:
+    """An empty file and a garbage one: no traceback, one line naming the file, exit 2."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text(pki["ca_pem"])
+    runner, app = CliRunner(), audit_cli()
+    for name, data in (("empty.jsonl", b""), ("garbage.jsonl", b"\x00not json\n{\n")):
+        bad = tmp_path / name
+        bad.write_bytes(data)
+        res = runner.invoke(app, ["audit", str(bad), "--ca", str(ca), "--plot", str(tmp_path / "e.png")])
+        assert res.exit_code == 2, res.output
+        assert "Traceback" not in res.output
+        assert res.exception is None or isinstance(res.exception, SystemExit)
+        assert res.output.startswith("error: cannot plot") and str(bad) in res.output
+        assert len(res.output.strip().splitlines()) == 1
+        assert not (tmp_path / "e.png").exists()
+
+
+def test_cli_failed_ledger_says_why_and_what_its_epsilon_covers(tmp_path: Path, pki: dict[str, Any]) -> None:
+    """A ledger broken at entry 4: the verdict comes with its reason in one line, and ε (of the
+    prefix that verifies) is labelled as covering entries 0..3 only, in the table, JSON and plot."""
+    path = build(tmp_path / "l.jsonl", pki)
+    lines = lines_of(path)
+    e = json.loads(lines[4])
+    e["body"]["peer"] = "h3"
+    lines[4] = json.dumps(e).encode()
+    write_lines(path, lines)
+    ca = tmp_path / "ca.pem"
+    ca.write_text(pki["ca_pem"])
+    runner, app = CliRunner(), audit_cli()
+    png = tmp_path / "eps.png"
+    res = runner.invoke(app, ["audit", str(path), "--ca", str(ca), "--no-pld", "--plot", str(png)],
+                        env={"COLUMNS": "240"})
+    assert res.exit_code == 1, res.output
+    out = res.output.splitlines()
+    assert out[0].endswith("FAIL") and out[1].startswith("FAIL: ") and "at entry 4" in out[1]
+    assert "only entries 0..3, the verified prefix (the ledger breaks at entry 4)" in res.output
+    assert "totals over only entries 0..3" in res.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = json.loads(runner.invoke(app, ["audit", str(path), "--ca", str(ca), "--no-pld", "--json"]).output)
+    assert doc["reason"].startswith(doc["first_issue"]["kind"] + " at entry 4: ")
+    assert doc["scope"].startswith("only entries 0..3") and doc["entries_verified"] == 4
+    clean = json.loads(runner.invoke(app, ["audit", str(build(tmp_path / "ok.jsonl", pki)), "--ca", str(ca),
+                                           "--no-pld", "--json"]).output)
+    assert clean["reason"] is None and clean["scope"] == "the whole ledger"
+
+
+def test_cli_pld_ledger_shows_the_pld_epsilon_it_is_judged_by(tmp_path: Path, pki: dict[str, Any]) -> None:
+    """A PLD ledger whose RDP ε is above the target but whose PLD ε is within it passes, and the
+    table, JSON and plot say so: the PLD column and the recorded PLD values, not RDP alone."""
+    events = [(1.0, 0.05, 100)] * 4
+    groups: dict[tuple[float, float], int] = {}
+    pld_after = []
+    for s, q, n in events:
+        groups[(s, q)] = groups.get((s, q), 0) + n
+        acc = PLDAccountant(neighboring_relation=REL, value_discretization_interval=1e-4)
+        for (ss, qq), c in groups.items():
+            acc.compose(dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(qq, dp_accounting.GaussianDpEvent(ss)), c))
+        pld_after.append(acc.get_epsilon(1e-5))
+    rdp = RdpAccountant(neighboring_relation=REL)
+    rdp.compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.0)), 400))
+    target = (pld_after[-1] + rdp.get_epsilon(1e-5)) / 2  # between the two
+    assert pld_after[-1] < target < rdp.get_epsilon(1e-5)
+    key, cert = pki["nodes"]["h1"]
+    path = tmp_path / "pld.jsonl"
+    with Ledger.create(path, key, cert, LedgerPolicy(target, 1e-5, 0.5, ("psac",), accountant="pld"), "v",
+                       randomness="secure") as led:
+        for k, (s, q, n) in enumerate(events):
+            led.append_dp_event(s, q, n, "psac", 1.0, epsilon=pld_after[k])
+    ca = tmp_path / "ca.pem"
+    ca.write_text(pki["ca_pem"])
+    runner, app = CliRunner(), audit_cli()
+    res = runner.invoke(app, ["audit", str(path), "--ca", str(ca), "--plot", str(tmp_path / "p.png")],
+                        env={"COLUMNS": "240"})
+    assert res.exit_code == 0, res.output
+    assert "ε (PLD)" in res.output and "accounted by PLD" in res.output
+    assert f"{pld_after[-1]:.4f}" in res.output
+    assert "budget judged by PLD" in res.output
+    doc = json.loads(runner.invoke(app, ["audit", str(path), "--ca", str(ca), "--json"]).output)
+    assert doc["timeline"][-1]["epsilon_pld"] == pytest.approx(pld_after[-1], abs=1e-9)
+    assert doc["timeline"][-1]["epsilon_rdp"] > target and all(p["epsilon_pld"] is None for p in doc["timeline"][:-1])

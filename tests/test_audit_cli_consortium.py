@@ -46,7 +46,7 @@ def test_consortium_passes_on_an_untouched_run(run: Path) -> None:
     ca = str(run / "pki" / "ca.pem")
     code, out = invoke("--consortium", str(run), "--ca", ca, "--no-pld")
     assert code == 0, out
-    assert "PASS" in out and "anchored up to" in out
+    assert "PASS" in out and "anchored" in out and "up to" in out and "verified" in out
     for n in ("h1", "h2", "h3"):
         assert f"│ {n} " in out
     assert "roster.toml" in out  # the run's roster was used by default
@@ -154,3 +154,84 @@ def test_consortium_refuses_a_swapped_in_ledger(run: Path, tmp_path: Path) -> No
     kinds = {(q["node"], q["kind"], q["detail"]) for q in doc["problems"]}
     assert ("h1", "audit", "roster") in kinds
     assert ("h1", "truncated", None) in kinds or ("h1", "differs", None) in kinds
+
+
+def _with_policy(run: Path, policy: str) -> Path:
+    """The run's roster with a ``[policy]`` table (the consortium's floor on every node)."""
+    roster, pristine = run / "pki" / "roster.toml", run / "pki" / "roster.toml.orig"
+    if not pristine.exists():
+        shutil.copy(roster, pristine)
+    head, sep, rest = pristine.read_text().partition("[[nodes]]")
+    roster.write_text(f"{head}[policy]\n{policy}\n\n{sep}{rest}")
+    return roster
+
+
+def _overspend(entries: list[dict]) -> list[dict]:
+    """The insider's header says target ε 80, and 10 more steps at σ 1, q 1 go in before the close."""
+    entries[0]["body"]["policy"]["target_epsilon"] = 80.0
+    last_dp = max(i for i, e in enumerate(entries) if e["kind"] == "dp_event")
+    extra = json.loads(json.dumps(entries[last_dp]))
+    extra["body"].update(noise_multiplier=1.0, sample_rate=1.0, steps=10)
+    return [*entries[: last_dp + 1], extra, *entries[last_dp + 1:]]
+
+
+def test_an_insider_who_raises_its_own_target_fails_against_the_roster_policy(run: Path) -> None:
+    """h1 re-signs its ledger with its own key: a header target ε of 80 and ε spent far past the
+    consortium's maximum of 8. Its own header vouches for it; the roster's [policy] does not."""
+    ca = str(run / "pki" / "ca.pem")
+    roster = _with_policy(run, "max_epsilon = 8.0\ndelta = 1e-5")
+    ledger = run / "h1" / "ledger.jsonl"
+    insider_rewrite(ledger, node_key(run, "h1"), _overspend)
+    code, out = invoke(str(ledger), "--ca", ca, "--no-pld", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["epsilon"] > 8.0, out  # the attack: alone, it passes
+    code, out = invoke(str(ledger), "--ca", ca, "--no-pld", "--json", "--roster", str(roster))
+    assert code == 1, out
+    doc = json.loads(out)
+    assert doc["checks"]["roster_policy"] == "fail"
+    found = [i for i in doc["issues"] if i["kind"] == "roster_policy"]
+    assert any("target ε 80 exceeds the roster's [policy].max_epsilon 8" in i["message"] for i in found)
+    over = [i for i in found if "ε spent" in i["message"]]
+    assert over and over[0]["index"] == next(p["index"] for p in doc["timeline"] if p["epsilon_rdp"] > 8.0)
+    # the consortium audit holds every ledger to the run's roster policy (read by default)
+    code, out = invoke("--consortium", str(run), "--ca", ca, "--no-pld", "--json")
+    assert code == 1
+    doc = json.loads(out)
+    assert {(q["node"], q["detail"]) for q in doc["problems"] if q["kind"] == "audit"} >= {("h1", "roster_policy")}
+    assert not any(q["node"] != "h1" and q["detail"] == "roster_policy" for q in doc["problems"])
+
+
+def test_roster_delta_and_sigma_floor_bind_every_ledger(run: Path) -> None:
+    """An honest run whose nodes all used δ 1e-5 and σ ≥ 1, against a stricter roster."""
+    ca = str(run / "pki" / "ca.pem")
+    ledger = str(run / "h2" / "ledger.jsonl")
+    roster = _with_policy(run, "max_epsilon = 8.0\ndelta = 1e-5\nmin_noise_multiplier = 0.5")
+    assert invoke(ledger, "--ca", ca, "--no-pld", "--roster", str(roster))[0] == 0
+    roster = _with_policy(run, "delta = 1e-6\nmin_noise_multiplier = 1.005")
+    code, out = invoke(ledger, "--ca", ca, "--no-pld", "--json", "--roster", str(roster))
+    assert code == 1
+    msgs = [i["message"] for i in json.loads(out)["issues"] if i["kind"] == "roster_policy"]
+    assert any("δ 1e-05 exceeds the roster's [policy].delta 1e-06" in m for m in msgs)
+    assert any("σ floor 0.5 is below the roster's [policy].min_noise_multiplier 1.005" in m for m in msgs)
+    # the run's σ cycles 1.00, 1.01, 1.02: every third event is below 1.005
+    weak = [json.loads(x)["body"]["noise_multiplier"] for x in lines_of(Path(ledger))
+            if json.loads(x)["kind"] == "dp_event"]
+    weak = [s for s in weak if s < 1.005]
+    assert weak and any(m.startswith(f"{len(weak)} training dp_event(s) with σ below") for m in msgs), msgs
+
+
+def test_consortium_row_of_a_broken_ledger_shows_how_much_verifies(run: Path) -> None:
+    """h2's entry 5 is altered (not re-signed): its row says 5 of its entries verify and its ε is
+    that prefix's, even though the raw bytes of later entries still match the heads peers hold."""
+    path = run / "h2" / "ledger.jsonl"
+    lines = lines_of(path)
+    e = json.loads(lines[5])
+    e["timestamp"] += 1.0
+    lines[5] = json.dumps(e).encode()
+    write_lines(path, lines)
+    code, out = invoke("--consortium", str(run), "--ca", str(run / "pki" / "ca.pem"), "--no-pld")
+    assert code == 1
+    row = next(x for x in out.splitlines() if x.startswith("│ h2 "))
+    cells = [c.strip() for c in row.strip("│").split("│")]
+    assert cells[2:4] == [str(len(lines)), "5"], row
+    assert "note: node h2: its ledger breaks at entry 5; its ε covers entries 0..4 only" in out

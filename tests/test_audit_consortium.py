@@ -218,6 +218,46 @@ def test_tail_truncation_is_caught(run: Path, cut: int) -> None:
     assert not rep.nodes["h2"].ok and rep.nodes["h1"].ok and rep.nodes["h3"].ok
 
 
+def _lose_goodbyes_of(run: Path, node: str) -> None:
+    """The goodbyes ``node`` sent after its close never arrived: its peers' anchors-final files
+    are written again, by the real Ledger API with their own keys, without ``node``'s heads."""
+    for peer in NODES:
+        side = late_anchors_path(run / peer / "ledger.jsonl")
+        if peer == node or not side.exists():
+            continue
+        keep = [json.loads(x)["body"] for x in lines_of(side)]
+        side.unlink()
+        with Ledger.open(run / peer / "ledger.jsonl", node_key(run, peer)) as led:
+            for b in keep:
+                if b["peer"] != node:
+                    led.append_late_anchor(b["peer"], b["index"], b["entry_hash"])
+
+
+def test_a_ledger_cut_back_to_its_last_anchored_head_is_caught(run: Path) -> None:
+    """The stealthiest cut: h3 (the last to close) holds its ledger back to the last head its
+    peers hold in their ledgers, after its goodbyes were lost. No head lies beyond the cut and
+    every held head matches, so only the missing confirmed close entry can show it."""
+    _lose_goodbyes_of(run, "h3")
+    honest = audit(run)
+    unconfirmed = [p for p in honest.problems if p.kind == "unconfirmed_end"]
+    assert [(p.node, p.index) for p in honest.problems] == [
+        ("h3", honest.nodes["h3"].entries - 1)]  # an honest ledger whose close no peer confirms
+    assert "no peer holds the head of its close entry" in unconfirmed[0].message
+    path = run / "h3" / "ledger.jsonl"
+    lines = lines_of(path)
+    top = max(heads_held_for(run, "h3"))
+    assert top < len(lines) - 1
+    write_lines(path, lines[: top + 1])
+    (run / "h3" / "anchors-final.jsonl").unlink(missing_ok=True)
+    assert audit_ledger(path, ca_of(run), compute_pld=False).ok  # alone it verifies
+    rep = audit(run)
+    assert not rep.ok and not rep.nodes["h3"].ok and rep.nodes["h1"].ok and rep.nodes["h2"].ok
+    assert kinds(rep, "h3") == {"unconfirmed_end": [top]}  # nothing else could see it
+    assert rep.nodes["h3"].unanchored_tail == 0
+    msg = rep.problems_of("h3")[0].message
+    assert f"ends at entry {top}, not at a close entry" in msg and "cut back" in msg
+
+
 def test_truncation_to_half_is_caught(run: Path) -> None:
     path = run / "h1" / "ledger.jsonl"
     lines = lines_of(path)

@@ -347,3 +347,33 @@ def test_message_digest_is_named_by_its_hash_and_exactly_one_is_required(tmp_pat
         resign(bad, key, 1, edit)
         rep = audit_ledger(bad, pki["ca_pem"], compute_pld=False)
         assert [(i.index, i.kind) for i in rep.issues] == [(1, "bad_entry")], (edit.__name__, rep.issues)
+
+
+def test_an_event_that_records_no_delta_fails(tmp_path: Path, pki: dict[str, Any]) -> None:
+    """A node drops δ from one event and re-signs: the event's guarantee is then unstated, and the
+    audit must not read the policy's δ into it."""
+    path = mixed_ledger(tmp_path / "l.jsonl", pki)
+    assert audit_ledger(path, pki["ca_pem"], compute_pld=False).ok
+    resign(path, pki["nodes"]["h1"][0], 2, lambda body: body.pop("delta"))
+    rep = audit_ledger(path, pki["ca_pem"], compute_pld=False)
+    assert not rep.ok and rep.checks["integrity"] == "pass" and rep.checks["policy"] == "fail"
+    assert [(i.index, i.kind) for i in rep.issues] == [(2, "policy")]
+    assert "records no δ" in rep.issues[0].message
+
+
+def test_roster_policy_is_a_protocol_the_pki_policy_meets(tmp_path: Path, pki: dict[str, Any]) -> None:
+    """audit_ledger takes the roster's ``[policy]`` as privfl.pki.Policy or the audit's own RosterPolicy."""
+    from privfl.accounting.audit_consortium import RosterPolicy
+    from privfl.pki import Policy
+
+    path = mixed_ledger(tmp_path / "l.jsonl", pki)
+    for floor in (Policy(max_epsilon=POLICY.target_epsilon), RosterPolicy(max_epsilon=POLICY.target_epsilon)):
+        rep = audit_ledger(path, pki["ca_pem"], compute_pld=False, roster_policy=floor)
+        assert rep.ok and rep.checks["roster_policy"] == "pass", rep.issues
+    spent = audit_ledger(path, pki["ca_pem"], compute_pld=False).epsilon
+    for floor in (Policy(max_epsilon=spent * 0.99), RosterPolicy(max_epsilon=spent * 0.99)):
+        rep = audit_ledger(path, pki["ca_pem"], compute_pld=False, roster_policy=floor)
+        assert not rep.ok and rep.checks["roster_policy"] == "fail"
+        assert {i.message.split(":")[0] for i in rep.issues if i.kind == "roster_policy"} >= {
+            f"the header's target ε {POLICY.target_epsilon:g} exceeds the roster's [policy].max_epsilon "
+            f"{spent * 0.99:g}"}

@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from privfl.accounting.audit import AuditReport, audit_ledger
+from privfl.accounting.audit import AuditReport, ConsortiumPolicy, audit_ledger
 from privfl.accounting.audit_consortium import ConsortiumReport, audit_consortium
 from privfl.accounting.audit_empirical import (
     DEFAULT_BETA,
@@ -82,7 +82,8 @@ def ledger_cmd(
     ),
     node_id: str | None = typer.Option(None, "--node-id", help="fail unless the ledger is this node's"),
     roster: Path | None = typer.Option(
-        None, "--roster", help="roster.toml: fail unless the certificate is its node's pinned one"),
+        None, "--roster", help="roster.toml: fail unless the certificate is its node's pinned one "
+        "and the ledger keeps within the roster's [policy] (max ε, δ, min σ)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     plot: Path | None = typer.Option(None, "--plot", help="write ε over time to this PNG"),
     all_events: bool = typer.Option(False, "--all-events", help="list every DP event"),
@@ -98,7 +99,7 @@ def ledger_cmd(
         if not p.is_file():
             raise _fail_input(f"{what} file {p} is a directory, not a file" if p.is_dir()
                               else f"{what} file {p} does not exist")
-    pins = _roster_pins(roster) if roster is not None else None
+    pins, floor = _roster(roster) if roster is not None else (None, None)
     try:
         report = audit_ledger(
             ledger,
@@ -109,10 +110,14 @@ def ledger_cmd(
             workers=workers,
             allow_seeded=allow_seeded,
             roster=pins,
+            roster_policy=floor,
         )
     except (ValueError, OSError) as exc:
         raise _fail_input(str(exc)) from None
     if plot is not None:
+        if report.policy is None:
+            raise _fail_input(f"cannot plot {ledger}: no verified header, so no ε to plot "
+                              f"({report.reason})")
         try:
             plot_epsilon(report, plot)
         except OSError as exc:
@@ -124,15 +129,16 @@ def ledger_cmd(
     raise typer.Exit(EXIT_OK if report.ok else EXIT_FAILED)
 
 
-def _roster_pins(roster: Path) -> dict[str, str]:
-    """node id → pinned fingerprint of a roster.toml (bad input exits 2)."""
+def _roster(roster: Path) -> tuple[dict[str, str], ConsortiumPolicy]:
+    """(node id → pinned fingerprint, the ``[policy]``) of a roster.toml (bad input exits 2)."""
     from privfl.errors import PrivflError
     from privfl.pki import load_roster
 
     try:
-        return {nid: n.fingerprint for nid, n in load_roster(roster).nodes.items()}
+        r = load_roster(roster)
     except PrivflError as exc:
         raise _fail_input(str(exc)) from None
+    return {nid: n.fingerprint for nid, n in r.nodes.items()}, r.policy
 
 
 # --------------------------------------------------------------------------- consortium
@@ -166,11 +172,11 @@ def consortium_cmd(
         roster = folders[0] / "pki" / "roster.toml"
     if roster is not None and not roster.is_file():
         raise _fail_input(f"roster file {roster} does not exist")
-    pins = _roster_pins(roster) if roster is not None else None
+    pins, floor = _roster(roster) if roster is not None else (None, None)
     try:
         report = audit_consortium(
             folders[0] if folders else list(ledgers), ca.read_bytes(),
-            allow_seeded=allow_seeded, roster=pins, compute_pld=not no_pld,
+            allow_seeded=allow_seeded, roster=pins, roster_policy=floor, compute_pld=not no_pld,
         )
     except (ValueError, OSError) as exc:
         raise _fail_input(str(exc)) from None
@@ -188,21 +194,28 @@ def print_consortium(report: ConsortiumReport, console: Console, roster: Path | 
                   f"{len(report.problems)} problems)", highlight=False, soft_wrap=True)
     if roster is not None:
         console.print(f"roster: {roster}", markup=False, highlight=False, soft_wrap=True)
-    table = Table(title="ledgers, cross-checked against the heads their peers hold")
-    for col in ("node", "ok", "entries", "anchored up to", "unanchored tail", "ε", "target ε"):
+    table = Table(title="ledgers, cross-checked against the heads their peers hold",
+                  caption="ε: over the entries that verify; tail: entries after the last head a peer holds")
+    for col in ("node", "ok", "entries", "verified", "anchored\nup to", "tail", "ε", "target\nε"):
         table.add_column(col, justify="left" if col == "node" else "right", no_wrap=True)
     for name, s in report.nodes.items():
         ok = "[green]yes[/]" if s.ok else "[red]no[/]"
         upto = "—" if s.anchored_upto is None else str(s.anchored_upto)
         tail = str(s.unanchored_tail) if s.unanchored_tail == 0 else f"[yellow]{s.unanchored_tail}[/]"
         target = "—" if s.target_epsilon is None else f"{s.target_epsilon:g}"
-        table.add_row(name, ok, str(s.entries), upto, tail, _fmt_eps(s.epsilon), target)
+        verified = s.audit.entries_verified if s.audit is not None else 0
+        shown = str(verified) if verified == s.entries else f"[red]{verified}[/]"
+        table.add_row(name, ok, str(s.entries), shown, upto, tail, _fmt_eps(s.epsilon), target)
     console.print(table)
     for p in report.problems:
         held = f" (held by {p.holder})" if p.holder else ""
         where = "—" if p.index is None else str(p.index)
         typer.echo(f"problem: node {p.node} entry {where} {p.kind}{held}: {p.message}")
     for name, s in report.nodes.items():
+        if s.audit is not None and s.audit.first_bad_index is not None:
+            typer.echo(f"note: node {name}: its ledger breaks at entry {s.audit.first_bad_index}; "
+                       f"its ε covers entries 0..{s.audit.entries_verified - 1} only, and heads "
+                       "matching later entries vouch for bytes that do not verify")
         if s.unanchored_tail and s.entries:
             typer.echo(f"note: node {name}: its last {s.unanchored_tail} entries "
                        f"({s.entries - s.unanchored_tail}..{s.entries - 1}) are held by no peer")
@@ -223,7 +236,12 @@ def _fmt_time(t: float) -> str:
 def print_report(report: AuditReport, console: Console, all_events: bool = False) -> None:
     """A readable report: summary, checks, issues, DP events with ε over time, totals."""
     verdict = "[bold green]PASS[/]" if report.ok else "[bold red]FAIL[/]"
-    console.print(f"ledger {report.path}: {verdict}")
+    console.print(f"ledger {report.path}: {verdict}", highlight=False, soft_wrap=True)
+    if report.reason:
+        console.print(f"FAIL: {report.reason}", markup=False, highlight=False, soft_wrap=True)
+    if report.first_bad_index is not None:
+        console.print(f"[yellow]ε and totals below cover {report.scope}[/]", highlight=False,
+                      soft_wrap=True)
     if report.certificate_node_id or report.node_id:
         console.print(f"node id (from its certificate): [bold]{report.certificate_node_id or '?'}[/]",
                       highlight=False)
@@ -267,8 +285,16 @@ def print_report(report: AuditReport, console: Console, all_events: bool = False
 
     if report.timeline:
         over = set(report.over_budget)
-        events = Table(title="DP events and ε over time (recomputed with dp-accounting, RDP)")
-        for col in ("entry", "time (UTC)", "purpose", "steps", "ε (RDP)", "ε recorded"):
+        pld = report.accountant == "pld"
+        title = "DP events and ε over time (recomputed with dp-accounting, RDP)"
+        if pld:
+            title += ("; this ledger is accounted by PLD: RDP is an upper bound, 'ε recorded' is "
+                      "the node's PLD, and the budget is judged by PLD, recomputed at the end")
+        events = Table(title=title)
+        cols = ["entry", "time (UTC)", "purpose", "steps", "ε (RDP)", "ε recorded"]
+        if pld:
+            cols.append("ε (PLD)")
+        for col in cols:
             events.add_column(col, justify="right")
         pts = report.timeline
         shown = pts if all_events or len(pts) <= MAX_EVENT_ROWS else None
@@ -279,30 +305,33 @@ def print_report(report: AuditReport, console: Console, all_events: bool = False
             rows = list(shown)
         for p in rows:
             if p is None:
-                events.add_row("…", f"{len(pts) - MAX_EVENT_ROWS} more", "", "", "", "")
+                events.add_row("…", f"{len(pts) - MAX_EVENT_ROWS} more", *[""] * (len(cols) - 2))
                 continue
             style = "red" if p.index in over else None
-            events.add_row(
-                str(p.index), _fmt_time(p.timestamp), p.purpose, str(p.steps),
-                _fmt_eps(p.epsilon_rdp), _fmt_eps(p.epsilon_claimed), style=style,
-            )
+            cells = [str(p.index), _fmt_time(p.timestamp), p.purpose, str(p.steps),
+                     _fmt_eps(p.epsilon_rdp), _fmt_eps(p.epsilon_claimed)]
+            if pld:
+                cells.append(_fmt_eps(p.epsilon_pld) if p.epsilon_pld is not None else "")
+            events.add_row(*cells, style=style)
         console.print(events)
 
     t = report.totals
     if t:
-        tot = Table(title="totals")
+        tot = Table(title="totals" if report.first_bad_index is None else f"totals over {report.scope}")
         tot.add_column("")
         tot.add_column("", justify="right")
         tot.add_row("entries verified", str(report.entries_verified))
         tot.add_row("DP events / steps (all purposes)", f"{t.get('dp_events', 0)} / {t.get('steps', 0)}")
         for purpose, n in report.by_purpose.items():
             tot.add_row(f"  {purpose} events / steps", f"{n.get('events', 0)} / {n.get('steps', 0)}")
-        tot.add_row("messages / bytes sent", f"{t.get('messages', 0)} / {t.get('bytes_sent', 0)}")
+        tot.add_row("messages / model bytes sent (payloads, without gRPC framing or replies)",
+                    f"{t.get('messages', 0)} / {t.get('bytes_sent', 0)}")
         tot.add_row("peers", ", ".join(f"{k}: {v}" for k, v in sorted(t.get("peers", {}).items())) or "—")
         tot.add_row(f"ε (RDP) at δ={report.delta:g}", _fmt_eps(report.epsilon_rdp))
         tot.add_row(f"ε (PLD) at δ={report.delta:g}",
                     "not computed (--no-pld)" if report.epsilon_pld is None else _fmt_eps(report.epsilon_pld))
-        tot.add_row("target ε", f"{report.target_epsilon:g}")
+        tot.add_row(f"target ε (budget judged by {(report.accountant or 'rdp').upper()})",
+                    f"{report.target_epsilon:g}")
         tot.add_row("events over budget", str(len(report.over_budget)))
         console.print(tot)
     for note in report.notes:
@@ -310,23 +339,42 @@ def print_report(report: AuditReport, console: Console, all_events: bool = False
 
 
 def plot_epsilon(report: AuditReport, out: Path) -> None:
-    """Write ε (RDP, recomputed) against time since the header, with the target, as PNG."""
+    """Write ε against time since the header, with the target and the verdict, as PNG.
+
+    The recomputed RDP curve always; for a PLD ledger also the node's recorded (PLD) ε and
+    the recomputed PLD ε at the end, by which its budget is judged. Needs a verified header.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if report.delta is None:
+        raise ValueError("the report has no verified header: nothing to plot")
     t0 = report.totals.get("first_timestamp", 0.0)
     xs = [p.timestamp - t0 for p in report.timeline]
     ys = [p.epsilon_rdp for p in report.timeline]
+    pld = report.accountant == "pld"
     fig, ax = plt.subplots(figsize=(6, 4))
     try:
-        ax.step([0.0, *xs], [0.0, *ys], where="post", label="ε (RDP, recomputed)")
+        ax.step([0.0, *xs], [0.0, *ys], where="post",
+                label="ε (RDP, recomputed)" + ("; an upper bound" if pld else ""))
+        if pld:
+            rec = [(x, p.epsilon_claimed) for x, p in zip(xs, report.timeline) if p.epsilon_claimed is not None]
+            if rec:
+                ax.plot(*zip(*rec), ".", color="tab:green", label="ε recorded by the node (PLD)")
+            if report.epsilon_pld is not None and xs:
+                ax.plot([xs[-1]], [report.epsilon_pld], "*", color="black", markersize=11,
+                        label="ε (PLD, recomputed)")
         if report.target_epsilon is not None:
             ax.axhline(report.target_epsilon, color="red", linestyle="--", label="target ε")
         ax.set_xlabel("seconds since ledger start")
         ax.set_ylabel(f"ε at δ = {report.delta:g}")
-        ax.set_title(f"privacy spent by {report.node_id}")
+        verdict = "PASS" if report.ok else "FAIL"
+        title = f"privacy spent by {report.node_id}: {verdict}"
+        if report.first_bad_index is not None:
+            title += f" (verified entries 0..{report.entries_verified - 1} only)"
+        ax.set_title(title, color="black" if report.ok else "red", fontsize=10)
         ax.legend()
         fig.tight_layout()
         out.parent.mkdir(parents=True, exist_ok=True)
