@@ -368,6 +368,7 @@ def audit_ledger(
     allow_seeded: bool = False,
     roster: Mapping[str, str] | None = None,
     roster_policy: ConsortiumPolicy | None = None,
+    crl_pem: str | bytes | None = None,
 ) -> AuditReport:
     """Verify the ledger at ``path`` and recompute its ε; see the module docstring.
 
@@ -383,12 +384,15 @@ def audit_ledger(
     certificate's node is a member and the certificate is its pin. ``roster_policy``: the
     roster's ``[policy]``: fail when the header's policy is weaker (a higher target ε or
     δ, a lower σ floor) or the ε spent exceeds its ``max_epsilon`` (check
-    ``roster_policy``). Raises FileNotFoundError for a missing
+    ``roster_policy``). ``crl_pem``: the consortium's CRL (PEM, signed by the CA): fail
+    when it revokes the node certificate before an entry was written (check
+    ``revocation``, only with a CRL). Raises FileNotFoundError for a missing
     file and ValueError for an unreadable CA/other certificate (bad input, not a
     finding).
     """
     report = AuditReport(path=str(path))
     ca = _load_pem_cert(ca_pem, "CA certificate") if ca_pem is not None else None
+    crl = _load_crl(crl_pem, ca) if crl_pem is not None else None
     other_keys: dict[str, PublicKey] = {}
     for i, pem in enumerate(other_certs):
         oc = _load_pem_cert(pem, f"other certificate #{i + 1}")
@@ -429,6 +433,7 @@ def audit_ledger(
     report.accountant = policy.accountant
 
     _check_certificate(report, cert, ca, entries)
+    _check_revocation(report, cert, crl, entries)
     _check_randomness(report, header, entries, allow_seeded)
     _check_node_id(report, cert, expected_node_id, roster)
     _check_events(report, policy, entries, compute_pld, roster_policy)
@@ -520,6 +525,55 @@ def _check_randomness(
             f"{len(odd)} dp_event(s) record a randomness other than the header's {recorded!r}; "
             f"first at entry {first['index']} ({first['body'].get('randomness')!r})"))
     report.checks["randomness"] = PASS if ok else FAIL
+
+
+def _load_crl(pem: str | bytes, ca: x509.Certificate | None) -> x509.CertificateRevocationList:
+    """The CRL, which must be signed by the CA (ValueError otherwise: bad input, not a finding).
+
+    Its next-update time is not enforced: an audit looks back at entries already written.
+    """
+    if ca is None:
+        raise ValueError("a CRL needs the CA certificate that signs it")
+    try:
+        crl = x509.load_pem_x509_crl(pem.encode() if isinstance(pem, str) else pem)
+    except ValueError as exc:
+        raise ValueError(f"CRL is not a PEM X.509 CRL: {exc}") from None
+    key = ca.public_key()
+    if crl.issuer != ca.subject or not crl.is_signature_valid(key):  # type: ignore[arg-type]
+        raise ValueError("the CRL is not signed by the consortium CA")
+    return crl
+
+
+REVOKED = "certificate_revoked"
+
+
+def _check_revocation(
+    report: AuditReport,
+    cert: x509.Certificate,
+    crl: x509.CertificateRevocationList | None,
+    entries: list[dict[str, Any]],
+) -> None:
+    """No entry may be written after the CA revoked the node certificate.
+
+    Entries before the revocation stay valid (the key was trusted when they were written);
+    their timestamps are the node's own word, which its peers' heads cross-check.
+    """
+    if crl is None:
+        return
+    revoked = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+    if revoked is None:
+        report.checks["revocation"] = PASS
+        return
+    when = revoked.revocation_date_utc
+    after = [e for e in entries if float(e["timestamp"]) >= when.timestamp()]
+    report.certificate["revoked_at"] = when.isoformat()
+    if after:
+        first = after[0]
+        report.issues.append(AuditIssue(first["index"], REVOKED, (
+            f"the node certificate (serial {cert.serial_number:x}) was revoked at "
+            f"{when.isoformat()}; {len(after)} entries were written after it, first entry "
+            f"{first['index']} at {_ts(float(first['timestamp'])).isoformat()}")))
+    report.checks["revocation"] = FAIL if after else PASS
 
 
 def _check_certificate(

@@ -261,6 +261,7 @@ def audit_consortium(
     roster: str | os.PathLike[str] | Mapping[str, str] | None = None,
     roster_policy: ConsortiumPolicy | None = None,
     compute_pld: bool = True,
+    crl_pem: str | bytes | None = None,
 ) -> ConsortiumReport:
     """Audit every ledger of a run (a run folder or a list of ledger paths) and cross-check
     the heads the nodes hold for each other; see the module docstring.
@@ -268,7 +269,8 @@ def audit_consortium(
     ``roster``: a roster.toml path or node id → pinned fingerprint; each ledger's
     certificate must then be its node's pin. ``roster_policy``: the consortium's
     ``[policy]`` every ledger is held to (read from ``roster`` when that is a path and
-    this is not given). ``allow_seeded``: for simulations and tests.
+    this is not given). ``crl_pem``: the consortium CRL; a ledger written on after its
+    certificate's revocation fails. ``allow_seeded``: for simulations and tests.
     Raises ValueError for bad input (no ledgers, an unreadable CA or roster).
     """
     run_mode = not isinstance(source, (list, tuple))
@@ -298,7 +300,7 @@ def audit_consortium(
             path, ca_pem,
             other_certs=[p for p in pems if cert is None or p != cert.public_bytes(Encoding.PEM)],
             expected_node_id=expected, compute_pld=compute_pld, allow_seeded=allow_seeded,
-            roster=pins, roster_policy=roster_policy,
+            roster=pins, roster_policy=roster_policy, crl_pem=crl_pem,
         )
         node = rep.certificate_node_id or rep.node_id or expected or str(path)
         led = _Ledger(path, node, lines, rep, cert)

@@ -3,8 +3,11 @@ the single-ledger audit's node id from the certificate, roster pin and "cannot s
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
 
 from privfl.accounting.ledger import Ledger
-from privfl.pki import load_certificate, load_private_key, make_node_cert
+from privfl.pki import init_consortium, load_certificate, load_private_key, make_crl, make_node_cert
 from tests.helpers import audit_cli
 from tests.test_audit_consortium import (
     POLICY,
@@ -235,3 +238,62 @@ def test_consortium_row_of_a_broken_ledger_shows_how_much_verifies(run: Path) ->
     cells = [c.strip() for c in row.strip("│").split("│")]
     assert cells[2:4] == [str(len(lines)), "5"], row
     assert "note: node h2: its ledger breaks at entry 5; its ε covers entries 0..4 only" in out
+
+
+def _crl_revoking(run: Path, node: str, when: float, ca_dir: Path | None = None) -> bytes:
+    """A CRL signed by the run's CA (or the one in ``ca_dir``) revoking ``node``'s certificate at ``when``."""
+    ca_dir = ca_dir or run / "pki"
+    ca_cert = load_certificate((ca_dir / "ca.pem").read_bytes())
+    ca_key = load_private_key((ca_dir / "ca.key").read_bytes())
+    serial = load_certificate((run / "pki" / node / "node.pem").read_bytes()).serial_number
+    crl = make_crl(ca_cert, ca_key, {serial: dt.datetime.fromtimestamp(when, tz=dt.UTC)})
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
+def test_an_entry_written_after_the_certificate_was_revoked_fails(run: Path, tmp_path: Path) -> None:
+    """The CA revoked h2's certificate (its key was stolen) at the time of its entry 10: entries
+    from there on are not the consortium's member's; those before stay valid."""
+    ca = str(run / "pki" / "ca.pem")
+    ledger = run / "h2" / "ledger.jsonl"
+    # h2's ledger, written again by the real API, across a whole second (a CRL dates to the second)
+    ledger.unlink()
+    (run / "h2" / "anchors-final.jsonl").unlink(missing_ok=True)
+    with Ledger.create(ledger, node_key(run, "h2"), (run / "pki" / "h2" / "node.pem").read_bytes(),
+                       POLICY, "v", randomness="secure") as led:
+        for k in range(6):
+            if k == 3:
+                time.sleep(1.05)
+            led.append_dp_event(1.0, 0.02, 5, "psac", 1.0)
+    stamps = [json.loads(x)["timestamp"] for x in lines_of(ledger)]
+    crl = tmp_path / "crl.pem"
+    crl.write_bytes(_crl_revoking(run, "h2", math.ceil(stamps[3])))
+    assert stamps[3] < math.ceil(stamps[3]) <= stamps[4]
+    assert invoke(str(ledger), "--ca", ca, "--no-pld")[0] == 0  # without the CRL it passes
+    code, out = invoke(str(ledger), "--ca", ca, "--no-pld", "--json", "--crl", str(crl))
+    assert code == 1, out
+    doc = json.loads(out)
+    assert doc["checks"]["revocation"] == "fail"
+    first = next(i for i in doc["issues"] if i["kind"] == "certificate_revoked")
+    assert first["index"] == 4  # the first entry after the revocation
+    assert "3 entries were written after it" in first["message"]
+    # revoked after its last entry: every entry was written while the key was trusted
+    late = tmp_path / "late.pem"
+    late.write_bytes(_crl_revoking(run, "h2", stamps[-1] + 60))
+    code, out = invoke(str(ledger), "--ca", ca, "--no-pld", "--json", "--crl", str(late))
+    assert code == 0 and json.loads(out)["checks"]["revocation"] == "pass", out
+    # another node's revocation does not touch h2; the consortium audit reads <run>/pki/crl.pem
+    (run / "pki" / "crl.pem").write_bytes(crl.read_bytes())
+    code, out = invoke("--consortium", str(run), "--ca", ca, "--no-pld", "--json")
+    assert code == 1
+    probs = json.loads(out)["problems"]
+    assert {(q["node"], q["detail"]) for q in probs if q["kind"] == "audit"} == {("h2", "certificate_revoked")}
+    code, out = invoke("--consortium", str(run), "--ca", ca, "--no-pld", "--crl", str(late), "--json")
+    assert not any(q["kind"] == "audit" for q in json.loads(out)["problems"]), out
+    # a CRL the consortium CA did not sign is bad input, not a verdict
+    init_consortium("other", ["h2"], tmp_path / "other")
+    forged = tmp_path / "forged.pem"
+    forged.write_bytes(_crl_revoking(run, "h2", stamps[-1] + 60, ca_dir=tmp_path / "other"))
+    code, out = invoke(str(ledger), "--ca", ca, "--crl", str(forged))
+    assert code == 2 and "not signed by the consortium CA" in out and "Traceback" not in out
+    code, out = invoke(str(ledger), "--ca", ca, "--crl", str(tmp_path / "none.pem"))
+    assert code == 2 and "CRL file" in out

@@ -23,7 +23,7 @@ def _register() -> None:
 
     app.add_typer(privacy.app, name="privacy", help="Compute ε or calibrate σ for DP-SGD.")
     app.add_typer(pki.app, name="pki", help="Consortium CA, node certificates, roster, revocation.")
-    app.add_typer(audit.app, name="audit", help="Verify a privacy ledger and recompute ε; empirical audit.")
+    app.add_typer(audit.app, name="audit", help=audit.HELP)
     app.command("demo", help="Run the demo: DP training on the breast-cancer data.")(demo.demo)
     app.command("node", help="Run one hospital's node: local DP training and gossip over mTLS.")(node.node)
     app.command("launch", help="Start N real nodes on this machine (loopback, mTLS) and collect results.")(node.launch)

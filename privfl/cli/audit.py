@@ -1,8 +1,9 @@
 """``privfl audit``: verify a node's privacy ledger, or bound ε empirically from canaries.
 
-    privfl audit LEDGER --ca CA.pem [--node-id ID] [--roster roster.toml] [--json] [--plot eps.png]
-                 [--allow-seeded]                                               (= `audit ledger ...`)
-    privfl audit --consortium RUN_DIR --ca CA.pem [--roster roster.toml] [--json]   (= `audit consortium ...`)
+    privfl audit LEDGER --ca CA.pem [--node-id ID] [--roster roster.toml] [--crl crl.pem] [--json]
+                 [--plot eps.png] [--allow-seeded]                              (= `audit ledger ...`)
+    privfl audit --consortium RUN_DIR --ca CA.pem [--roster roster.toml] [--crl crl.pem] [--json]
+                                                                            (= `audit consortium ...`)
     privfl audit empirical --scores canaries.csv --k-pos 50 --k-neg 50 --delta 1e-5
     privfl audit empirical --m 1000 --r 100 --v 75 --delta 1e-5
     privfl audit empirical --config examples/audit/audit.toml [--json] [--seed 3]
@@ -56,12 +57,14 @@ class _LedgerByDefault(TyperGroup):
         return super().parse_args(ctx, args)
 
 
-app = typer.Typer(
-    cls=_LedgerByDefault,
-    no_args_is_help=True,
-    help="Verify a privacy ledger or bound ε empirically. "
-    "`privfl audit LEDGER --ca CA.pem` is short for `privfl audit ledger LEDGER --ca CA.pem`.",
+HELP = (
+    "Verify privacy ledgers and recompute ε, or bound ε empirically.\n\n"
+    "privfl audit LEDGER --ca CA.pem [--roster roster.toml] [--crl crl.pem] is short for "
+    "`privfl audit ledger ...`; privfl audit --consortium RUN_DIR --ca CA.pem for "
+    "`privfl audit consortium ...`. Exit 0: every check passed, 1: a check failed, 2: bad input."
 )
+
+app = typer.Typer(cls=_LedgerByDefault, no_args_is_help=True, help=HELP)
 
 
 def _fail_input(message: str) -> typer.Exit:
@@ -84,6 +87,8 @@ def ledger_cmd(
     roster: Path | None = typer.Option(
         None, "--roster", help="roster.toml: fail unless the certificate is its node's pinned one "
         "and the ledger keeps within the roster's [policy] (max ε, δ, min σ)"),
+    crl: Path | None = typer.Option(
+        None, "--crl", help="the consortium CRL (PEM): fail if it revoked the certificate before an entry"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     plot: Path | None = typer.Option(None, "--plot", help="write ε over time to this PNG"),
     all_events: bool = typer.Option(False, "--all-events", help="list every DP event"),
@@ -95,7 +100,8 @@ def ledger_cmd(
         "for simulations and tests only"),
 ) -> None:
     """Verify LEDGER (certificate, signatures, hash chain, randomness, policy, budget) and recompute ε."""
-    for p, what in [(ledger, "ledger"), (ca, "CA certificate"), *[(c, "certificate") for c in other_cert]]:
+    given = [(ledger, "ledger"), (ca, "CA certificate"), *[(c, "certificate") for c in other_cert]]
+    for p, what in given + ([(crl, "CRL")] if crl is not None else []):
         if not p.is_file():
             raise _fail_input(f"{what} file {p} is a directory, not a file" if p.is_dir()
                               else f"{what} file {p} does not exist")
@@ -111,6 +117,7 @@ def ledger_cmd(
             allow_seeded=allow_seeded,
             roster=pins,
             roster_policy=floor,
+            crl_pem=crl.read_bytes() if crl is not None else None,
         )
     except (ValueError, OSError) as exc:
         raise _fail_input(str(exc)) from None
@@ -154,6 +161,9 @@ def consortium_cmd(
     roster: Path | None = typer.Option(
         None, "--roster", help="roster.toml whose pins every certificate must be "
         "(default: <run>/pki/roster.toml when there is one)"),
+    crl: Path | None = typer.Option(
+        None, "--crl", help="the consortium CRL (PEM): fail a ledger written on after its certificate's "
+        "revocation (default: <run>/pki/crl.pem when there is one)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     no_pld: bool = typer.Option(False, "--no-pld", help="skip the PLD cross-check (faster)"),
     allow_seeded: bool = typer.Option(
@@ -172,28 +182,36 @@ def consortium_cmd(
         roster = folders[0] / "pki" / "roster.toml"
     if roster is not None and not roster.is_file():
         raise _fail_input(f"roster file {roster} does not exist")
+    if crl is None and folders and (folders[0] / "pki" / "crl.pem").is_file():
+        crl = folders[0] / "pki" / "crl.pem"
+    if crl is not None and not crl.is_file():
+        raise _fail_input(f"CRL file {crl} does not exist")
     pins, floor = _roster(roster) if roster is not None else (None, None)
     try:
         report = audit_consortium(
             folders[0] if folders else list(ledgers), ca.read_bytes(),
             allow_seeded=allow_seeded, roster=pins, roster_policy=floor, compute_pld=not no_pld,
+            crl_pem=crl.read_bytes() if crl is not None else None,
         )
     except (ValueError, OSError) as exc:
         raise _fail_input(str(exc)) from None
     if as_json:
         typer.echo(report.to_json())
     else:
-        print_consortium(report, Console(), roster)
+        print_consortium(report, Console(), roster, crl)
     raise typer.Exit(EXIT_OK if report.ok else EXIT_FAILED)
 
 
-def print_consortium(report: ConsortiumReport, console: Console, roster: Path | None = None) -> None:
+def print_consortium(report: ConsortiumReport, console: Console, roster: Path | None = None,
+                     crl: Path | None = None) -> None:
     """A table per node (audit, entries, anchored prefix, ε) and one line per problem."""
     verdict = "[bold green]PASS[/]" if report.ok else "[bold red]FAIL[/]"
     console.print(f"consortium {report.source}: {verdict}  ({len(report.nodes)} ledgers, "
                   f"{len(report.problems)} problems)", highlight=False, soft_wrap=True)
     if roster is not None:
         console.print(f"roster: {roster}", markup=False, highlight=False, soft_wrap=True)
+    if crl is not None:
+        console.print(f"CRL: {crl}", markup=False, highlight=False, soft_wrap=True)
     table = Table(title="ledgers, cross-checked against the heads their peers hold",
                   caption="ε: over the entries that verify; tail: entries after the last head a peer holds")
     for col in ("node", "ok", "entries", "verified", "anchored\nup to", "tail", "ε", "target\nε"):
