@@ -58,6 +58,15 @@ def write_lines(path: Path, lines: list[bytes]) -> None:
     path.write_bytes(b"".join(x + b"\n" for x in lines))
 
 
+def pld_epsilon(groups: dict[tuple[float, float], int], delta: float = 1e-5) -> float:
+    """ε at δ of {(σ, q): steps} by dp-accounting's PLDAccountant, called directly."""
+    pld = PLDAccountant(neighboring_relation=REL, value_discretization_interval=1e-4)
+    for (s, q), n in groups.items():
+        pld.compose(dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)), n))
+    return float(pld.get_epsilon(delta))
+
+
 def audit(path: Path, pki: dict[str, Any], **kw: Any) -> Any:
     return audit_ledger(path, pki["ca_pem"], compute_pld=False, **kw)
 
@@ -99,11 +108,7 @@ def test_epsilon_equals_dp_accounting_directly(tmp_path: Path, pki: dict[str, An
     groups: dict[tuple[float, float], int] = {}
     for s, q, n in EVENTS:
         groups[(s, q)] = groups.get((s, q), 0) + n
-    pld = PLDAccountant(neighboring_relation=REL, value_discretization_interval=1e-4)
-    for (s, q), n in groups.items():
-        pld.compose(dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)), n))
-    assert rep.epsilon_pld == pytest.approx(pld.get_epsilon(1e-5), abs=1e-9)
+    assert rep.epsilon_pld == pytest.approx(pld_epsilon(groups), abs=1e-9)
     assert 0 < rep.epsilon_pld < rep.epsilon_rdp
 
 
@@ -553,11 +558,7 @@ def test_cli_pld_ledger_shows_the_pld_epsilon_it_is_judged_by(tmp_path: Path, pk
     pld_after = []
     for s, q, n in events:
         groups[(s, q)] = groups.get((s, q), 0) + n
-        acc = PLDAccountant(neighboring_relation=REL, value_discretization_interval=1e-4)
-        for (ss, qq), c in groups.items():
-            acc.compose(dp_accounting.SelfComposedDpEvent(
-                dp_accounting.PoissonSampledDpEvent(qq, dp_accounting.GaussianDpEvent(ss)), c))
-        pld_after.append(acc.get_epsilon(1e-5))
+        pld_after.append(pld_epsilon(groups))
     rdp = RdpAccountant(neighboring_relation=REL)
     rdp.compose(dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.0)), 400))
