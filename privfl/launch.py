@@ -445,6 +445,9 @@ def collect(plan: LaunchPlan, returncodes: Mapping[str, int | None], wall_second
     from privfl.accounting.audit import audit_ledger
 
     ca_pem = (plan.pki_dir / CA_FILE).read_bytes()
+    # the consortium's pins, [policy] and CRL, as `privfl audit --consortium` applies them
+    roster = load_roster(plan.pki_dir / ROSTER_FILE) if (plan.pki_dir / ROSTER_FILE).is_file() else None
+    crl = plan.pki_dir / CRL_FILE
     nodes: dict[str, Any] = {}
     finals, initials = [], []
     for nid in plan.node_ids:
@@ -456,7 +459,11 @@ def collect(plan: LaunchPlan, returncodes: Mapping[str, int | None], wall_second
             entry["error"] = "no summary.json (the node did not finish)"
         if (d / "ledger.jsonl").exists():
             # launched nodes draw secure noise: a seeded ledger fails here (no allow_seeded)
-            rep = audit_ledger(d / "ledger.jsonl", ca_pem, expected_node_id=nid, compute_pld=True)
+            rep = audit_ledger(
+                d / "ledger.jsonl", ca_pem, expected_node_id=nid, compute_pld=True,
+                roster=None if roster is None else {n: r.fingerprint for n, r in roster.nodes.items()},
+                roster_policy=None if roster is None else roster.policy,
+                crl_pem=crl.read_bytes() if crl.is_file() else None)
             entry["audit_ok"] = rep.ok
             entry["audit_accountant"] = rep.accountant
             entry["audit_epsilon"] = rep.epsilon  # by the node's own accountant

@@ -93,6 +93,26 @@ def test_collect_fails_a_seeded_ledger(tmp_path: Path) -> None:
     assert "seed" in e["audit_issue"]
 
 
+def test_collect_holds_each_ledger_to_the_roster_pins_and_policy(tmp_path: Path) -> None:
+    """With the run's roster.toml, the summary's audit is the consortium's: the ledgers' headers
+    promise ε ≤ 20 (their own word), which a roster cap of 20 admits and a cap of half the ε
+    they spent does not."""
+    from privfl.pki import ROSTER_FILE, Policy, Roster, RosterNode, dump_roster, fingerprint
+
+    pki = make_pki(("h1", "h2"))
+    plan = _plan(tmp_path, pki, {"h1": ("rdp", "secure"), "h2": ("rdp", "secure")})
+    spent = audit_ledger(plan.node_dirs["h1"] / "ledger.jsonl", pki["ca_pem"]).epsilon
+    pins = {nid: RosterNode(nid, "127.0.0.1:1", fingerprint(cert)) for nid, (_, cert) in pki["nodes"].items()}
+    dump_roster(Roster("t", pins, Policy(max_epsilon=20.0)), plan.pki_dir / ROSTER_FILE)
+    summary = launch.collect(plan, {"h1": 0, "h2": 0}, 1.0)
+    assert summary["ok"] is True and all(e["audit_ok"] for e in summary["nodes"].values())
+    dump_roster(Roster("t", pins, Policy(max_epsilon=spent / 2)), plan.pki_dir / ROSTER_FILE)
+    summary = launch.collect(plan, {"h1": 0, "h2": 0}, 1.0)
+    assert summary["ok"] is False
+    for e in summary["nodes"].values():
+        assert e["audit_ok"] is False and "[policy].max_epsilon" in e["audit_issue"]
+
+
 def test_result_table_headers_and_missing_values() -> None:
     summary = {"name": "t", "wall_seconds": 1.0, "nodes": {
         "a": {"exit_code": 0, "steps": 10, "epsilon": 1.5, "audit_ok": True, "audit_accountant": "pld",
