@@ -806,6 +806,8 @@ class Node:
                 up = self._wait_for("hello", net.neighbors(), cfg.node.wait_for_peers, give_up_after=None)
                 log.info("node %s: %d of %d neighbours reachable at start", self.node_id, len(up),
                          len(net.neighbors()))
+                if not up and not self._stop_requested.is_set():
+                    self._alone_at_start(cfg.node.wait_for_peers)
             if net.neighbors():
                 self._check_peer_heads()
             self._t0 = time.monotonic()
@@ -821,6 +823,21 @@ class Node:
             raise
         self._shut_down(clean=True)
         return self.summary()
+
+    def _alone_at_start(self, waited: float) -> None:
+        """No neighbour answered within ``[node].wait_for_peers``. A fresh node refuses to train
+        (training alone would spend the site's budget on a model no peer ever averages: a wrong
+        roster address or a firewall would use up ε silently); a restarted one, whose peers may
+        have finished, goes on alone with a warning. ``wait_for_peers = 0`` trains alone on purpose."""
+        assert self.network is not None
+        where = ", ".join(f"{p} at {self.roster.address_of(p)}" for p in self.network.neighbors())
+        if self.steps_before == 0:
+            raise NodeError(
+                f"{self.cfg.path}: [node].wait_for_peers: no neighbour answered within {waited:g} s ({where}); "
+                "no DP step was taken. Check the roster addresses and that the peers "
+                "run, or set [node].wait_for_peers = 0 to train alone")
+        log.warning("node %s: no neighbour answered within %g s (%s); resuming alone after %d steps",
+                    self.node_id, waited, where, self.steps_before)
 
     def _shut_down(self, clean: bool) -> None:
         """Checkpoint (not after a refused ledger write: the client's state would count a step the

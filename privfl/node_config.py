@@ -51,7 +51,7 @@ class NodeSection:
     checkpoint_every: float = 10.0  # seconds between checkpoints (and always at the end)
     eval_every: int = 1  # evaluate and write a metrics row every N strategy steps
     peer_timeout: float = 10.0  # deadline of one call to a peer
-    wait_for_peers: float = 60.0  # at start, wait at most this long for neighbours to answer
+    wait_for_peers: float = 60.0  # at start, wait at most this long for neighbours to answer (none: refuse; 0: alone)
     consensus_exchanges: int = 20  # pure-averaging exchanges after training (0: none)
     consensus_wait: float = 30.0  # wait at most this long for neighbours to finish training
     linger: float = 30.0  # wait at most this long for neighbours to say goodbye

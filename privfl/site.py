@@ -27,7 +27,7 @@ from privfl.clients.plugins import is_import_path
 from privfl.data import SiteInputs
 from privfl.errors import ConfigError
 
-__all__ = ["CLIENTS", "ClientBuild", "SiteClient", "build_client", "client_kind", "reads_site_data"]
+__all__ = ["CLIENTS", "ClientBuild", "SiteClient", "build_client", "client_kind", "preflight", "reads_site_data"]
 
 DpEventHook = Callable[[dict[str, Any]], None]
 #: what a site trains with: both drive training the same way (fit, epsilon, state_dict, evaluate_local, ...)
@@ -54,12 +54,75 @@ class ClientBuild:
     where: str = "[client]"
 
 
+#: records the pre-flight pass runs through the model and loss
+PREFLIGHT_RECORDS = 8
+
+
+def _first_records(data: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``n`` training records as (inputs, labels) tensors, converted as DPClient does."""
+    if isinstance(data, tuple):
+        x, y = torch.as_tensor(np.asarray(data[0][:n])), torch.as_tensor(np.asarray(data[1][:n]))
+    else:
+        xs, ys = zip(*(data[i] for i in range(min(n, len(data)))))
+        x = torch.stack([torch.as_tensor(v) for v in xs])
+        y = torch.as_tensor([int(torch.as_tensor(v)) for v in ys])
+    return x.float(), y.long()
+
+
+def preflight(model: nn.Module, site: SiteInputs, loss: Any, where: str) -> None:
+    """Run a few of the site's records through the model and loss once, before any DP step, so a
+    model that does not fit the data, labels outside ``0..C-1`` or non-finite records fail as one
+    line naming ``[model]`` / ``[data]`` instead of a traceback after budget was spent. Nothing is
+    trained, and nothing leaves the node."""
+    data_where, model_where = where.replace("[client]", "[data]"), where.replace("[client]", "[model]")
+    if site.num_classes > 0 and isinstance(site.train, tuple):
+        for split, (_, labels) in (("training", site.train), ("test", site.test)):
+            arr = np.asarray(labels)
+            if arr.size and (arr.min() < 0 or arr.max() >= site.num_classes):
+                raise ConfigError(f"{data_where}: {split} labels must be 0..{site.num_classes - 1} "
+                                  f"(num_classes = {site.num_classes}); found a label outside that range")
+    try:
+        x, y = _first_records(site.train, PREFLIGHT_RECORDS)
+    except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+        raise ConfigError(f"{data_where}: a training record is not an (input, label) pair of numbers "
+                          f"({type(exc).__name__}: {_first_line(exc)})") from None
+    if not bool(torch.isfinite(x).all()):
+        raise ConfigError(f"{data_where}: the training records contain NaN or infinite values")
+    if site.num_classes > 0 and bool(((y < 0) | (y >= site.num_classes)).any()):
+        raise ConfigError(f"{data_where}: labels must be 0..{site.num_classes - 1} "
+                          f"(num_classes = {site.num_classes}); found {int(y.min())}..{int(y.max())}")
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x.to(device))
+            value = loss(out, y.to(device))
+    except Exception as exc:  # noqa: BLE001 - whatever the user's model or loss raises, named in one line
+        raise ConfigError(f"{model_where}: the model and [model].loss cannot take the site's records "
+                          f"(inputs {tuple(x.shape[1:])}, labels 0..{int(y.max())}): "
+                          f"{type(exc).__name__}: {_first_line(exc)}") from None
+    finally:
+        model.train(was_training)
+    if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+        raise ConfigError(f"{model_where}: [model].loss must return one number (a mean over the batch), "
+                          f"got {type(value).__name__}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _dp_client(b: ClientBuild) -> SiteClient:
     if b.model is None or b.site is None:
         raise ConfigError(f"{b.where}: privfl's DPClient needs the site's model and data")
+    criterion = build_loss(b.loss)
+    preflight(b.model, b.site, criterion, b.where)
     try:
         return DPClient(b.model, b.site.train, b.site.test, b.dp, seed=b.seed, device=b.device,
-                        accountant=b.accountant, on_dp_event=b.on_dp_event, criterion=build_loss(b.loss))
+                        accountant=b.accountant, on_dp_event=b.on_dp_event, criterion=criterion)
     except ValueError as exc:
         raise ConfigError(f"{b.where.replace('[client]', '[dp]')}: {exc}") from None
 

@@ -243,3 +243,20 @@ def test_second_node_on_the_same_output_folder_or_identity_is_refused(pki: Path,
     again = _write(tmp_path / "node3.toml", _tables(pki, out))
     done = _cli(again)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_fresh_node_that_reaches_no_neighbour_refuses_to_train(pki: Path, tmp_path: Path) -> None:
+    """h-b is not running (a wrong roster address or a firewall looks the same): h-a must not spend
+    its budget training a model no peer will ever average. One line naming the field, exit 2, no
+    DP step in its ledger; wait_for_peers = 0 is how to train alone on purpose."""
+    out = tmp_path / "out"
+    cfg = _write(tmp_path / "node.toml", _tables(pki, out, node={"wait_for_peers": 1.0}))
+    proc = _cli(cfg)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]  # beside the node's INFO log
+    assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr[-3000:]
+    for needle in (str(cfg), "[node].wait_for_peers: no neighbour answered within 1 s", "h-b at 127.0.0.1:",
+                   "no DP step was taken", "wait_for_peers = 0"):
+        assert needle in errors[0], (needle, errors[0])
+    ledger = (out / "ledger.jsonl").read_text() if (out / "ledger.jsonl").exists() else ""
+    assert '"kind":"dp_event"' not in ledger and not (out / "summary.json").exists()
