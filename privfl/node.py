@@ -8,7 +8,7 @@ DPClient (every DP event is written to the ledger *before* the steps run), the g
 server and the strategy.
 
 The run: ``strategy.step()`` in a loop until ``stop.max_steps`` local DP steps (counted
-from the ledger, so across restarts), ``stop.max_seconds``, ``stop.target_accuracy``, a
+from the ledger, so across restarts), ``stop.max_seconds``, a
 signal, or the budget (a strategy whose exchanges run on a communication thread beside the
 next step, ``[strategy].params.overlap``, is ``settle()``-d at stop and before every checkpoint:
 nothing stays in flight, and an exchange's error surfaces). Budget exhausted: fail closed —
@@ -285,6 +285,11 @@ def check_policy(cfg: NodeConfig, roster: Roster, sigma: float) -> None:
     if not dp.enabled:
         raise NodeError(f"{src}: [dp].enabled: a node releases models to its peers and must train with DP "
                         "(no-DP baselines are for privfl simulate/compare)")
+    if cfg.common.stop.target_accuracy > 0:
+        raise NodeError(f"{src}: [stop].target_accuracy: a node would stop when its own test accuracy (not "
+                        "DP) reaches the target, and its peers and its ledger see when: that releases a "
+                        "statistic of its records; stop on [stop].max_steps (target accuracy is for privfl "
+                        "simulate/compare)")
     if pol.min_noise_multiplier is not None and sigma < pol.min_noise_multiplier:
         raise NodeError(f"{src}: [dp].noise_multiplier: {sigma:g} is below the consortium minimum "
                         f"{pol.min_noise_multiplier:g} (roster {cfg.roster_path} [policy].min_noise_multiplier)")
@@ -723,9 +728,6 @@ class Node:
             return "max_steps"
         if time.monotonic() - self._t0 >= stop.max_seconds:
             return "max_seconds"
-        last_accuracy = (self.metrics_rows[-1]["accuracy"] or 0.0) if self.metrics_rows else 0.0
-        if stop.target_accuracy > 0 and self.metrics_rows and last_accuracy >= stop.target_accuracy:
-            return "target_accuracy"
         return None
 
     def _wait_for(self, kind: str, peers: Sequence[str], timeout: float, give_up_after: int | None = 3) -> set[str]:

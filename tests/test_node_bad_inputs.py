@@ -260,3 +260,11 @@ def test_a_fresh_node_that_reaches_no_neighbour_refuses_to_train(pki: Path, tmp_
         assert needle in errors[0], (needle, errors[0])
     ledger = (out / "ledger.jsonl").read_text() if (out / "ledger.jsonl").exists() else ""
     assert '"kind":"dp_event"' not in ledger and not (out / "summary.json").exists()
+
+
+def test_a_node_refuses_to_stop_on_its_own_test_accuracy(pki: Path, tmp_path: Path) -> None:
+    """When a node's non-DP test accuracy crosses a target is visible to its peers (its rounds stop,
+    its 'done' arrives) and to the auditor (the ledger's stop entry): a statistic of its records."""
+    cfg = _write(tmp_path / "node.toml", _tables(pki, tmp_path / "out", stop={"target_accuracy": 0.9}))
+    _one_line_error(_cli(cfg), "[stop].target_accuracy", "releases a statistic of its records")
+    assert not (tmp_path / "out" / "ledger.jsonl").exists()
