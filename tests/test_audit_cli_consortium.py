@@ -53,6 +53,7 @@ def test_consortium_passes_on_an_untouched_run(run: Path) -> None:
     for n in ("h1", "h2", "h3"):
         assert f"│ {n} " in out
     assert "roster.toml" in out  # the run's roster was used by default
+    assert "the roster has no [policy]" in out  # and it sets no consortium minimum
     # the sub-command form and JSON
     code, out = invoke("consortium", str(run), "--ca", ca, "--no-pld", "--json")
     assert code == 0, out

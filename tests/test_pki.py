@@ -224,3 +224,21 @@ def test_cli(tmp_path: Path) -> None:
     assert "not in the roster" in res.output and "Traceback" not in res.output
     res = runner.invoke(app, ["issue", "--pki", str(out), "--node", "h4", "--address", "nowhere"])
     assert res.exit_code == 2 and "address" in res.output
+
+
+def test_cli_init_writes_the_consortium_policy(tmp_path: Path) -> None:
+    """`pki init --max-epsilon/--min-noise-multiplier/--delta` is the roster's [policy], which nodes and
+    audits enforce; without them the command says the roster has none."""
+    runner = CliRunner()
+    res = runner.invoke(app, ["init", "--consortium", "demo", "--nodes", "h1,h2", "--out", str(tmp_path / "a"),
+                              "--max-epsilon", "3", "--min-noise-multiplier", "0.8", "--delta", "1e-5"])
+    assert res.exit_code == 0, res.output
+    pol = load_roster(tmp_path / "a" / "roster.toml").policy
+    assert (pol.max_epsilon, pol.min_noise_multiplier, pol.delta) == (3.0, 0.8, 1e-5)
+    assert "no [policy]" not in res.output
+    res = runner.invoke(app, ["init", "--consortium", "demo", "--nodes", "h1", "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0 and "the roster has no [policy]" in res.output
+    res = runner.invoke(app, ["init", "--consortium", "demo", "--nodes", "h1", "--out", str(tmp_path / "c"),
+                              "--delta", "2"])
+    assert res.exit_code == 2 and "--delta: expected a positive number below 1" in res.output
+    assert not (tmp_path / "c").exists()

@@ -133,7 +133,15 @@ def ledger_cmd(
         typer.echo(report.to_json())
     else:
         print_report(report, Console(), all_events=all_events)
+        _note_no_policy(floor)
     raise typer.Exit(EXIT_OK if report.ok else EXIT_FAILED)
+
+
+def _note_no_policy(floor: ConsortiumPolicy | None) -> None:
+    """Say so when the roster given sets no consortium minimum (then only each header binds)."""
+    if floor is not None and all(v is None for v in (floor.max_epsilon, floor.min_noise_multiplier, floor.delta)):
+        typer.echo("note: the roster has no [policy]: each ledger is held only to its own header's target "
+                   "(`privfl pki init --max-epsilon ... --min-noise-multiplier ... --delta ...` sets one)")
 
 
 def _roster(roster: Path) -> tuple[dict[str, str], ConsortiumPolicy]:
@@ -199,6 +207,7 @@ def consortium_cmd(
         typer.echo(report.to_json())
     else:
         print_consortium(report, Console(), roster, crl)
+        _note_no_policy(floor)
     raise typer.Exit(EXIT_OK if report.ok else EXIT_FAILED)
 
 

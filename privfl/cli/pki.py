@@ -14,6 +14,7 @@ from privfl.pki import (
     DEFAULT_BASE_PORT,
     DEFAULT_DAYS,
     ROSTER_FILE,
+    Policy,
     init_consortium,
     issue_node,
     load_certificate,
@@ -38,14 +39,29 @@ def init(consortium: str = typer.Option(..., help="Consortium name (DNS label)."
          nodes: str = typer.Option(..., help="Comma-separated node ids, e.g. h1,h2,h3."),
          out: Path = typer.Option(..., help="Output PKI directory."),
          base_port: int = typer.Option(DEFAULT_BASE_PORT, help="First port on 127.0.0.1."),
-         days: int = typer.Option(DEFAULT_DAYS, help="Certificate validity in days.")) -> None:
-    """Create the CA, one key + certificate per node, an empty CRL and roster.toml."""
+         days: int = typer.Option(DEFAULT_DAYS, help="Certificate validity in days."),
+         max_epsilon: float | None = typer.Option(
+             None, help="Roster [policy]: no node may promise a weaker guarantee than this ε."),
+         min_noise_multiplier: float | None = typer.Option(
+             None, help="Roster [policy]: no node may train with less noise than this σ."),
+         delta: float | None = typer.Option(None, help="Roster [policy]: the largest δ a node may use.")) -> None:
+    """Create the CA, one key + certificate per node, an empty CRL and roster.toml (with the
+    consortium's minimum privacy [policy], which every node and audit enforces)."""
+    given = {"--max-epsilon": max_epsilon, "--min-noise-multiplier": min_noise_multiplier, "--delta": delta}
+    for flag, v in given.items():
+        if v is not None and not (v > 0 and (flag != "--delta" or v < 1)):
+            raise _fail(PrivflError(f"{flag}: expected a positive number{' below 1' if flag == '--delta' else ''}, "
+                                    f"got {v!r}"))
     try:
         ids = [n.strip() for n in nodes.split(",") if n.strip()]
-        roster = init_consortium(consortium, ids, out, base_port=base_port, days=days)
+        roster = init_consortium(consortium, ids, out, base_port=base_port, days=days,
+                                 policy=Policy(min_noise_multiplier, max_epsilon, delta))
     except PrivflError as exc:
         raise _fail(exc) from None
     _console.print(f"consortium {roster.consortium}: {len(roster.nodes)} nodes written to {out}")
+    if all(v is None for v in given.values()):
+        _console.print("note: the roster has no [policy]: nodes and audits enforce no consortium minimum "
+                       "(give --max-epsilon, --min-noise-multiplier and --delta)", markup=False, highlight=False)
     _console.print(f"keep {out / 'ca.key'} with the operator; give each node only its own folder")
 
 
