@@ -59,7 +59,7 @@ import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -347,8 +347,17 @@ class Preprocessing:
         """Features per record (flattened)."""
         return int(np.prod(self.feature_shape)) if self.feature_shape else 1
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        """The preprocessed records (float32, same shape); each row depends only on itself."""
+    @overload
+    def apply(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    @overload
+    def apply(self, x: np.ndarray) -> np.ndarray: ...
+
+    def apply(self, x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """The preprocessed records (float32, same shape); each row depends only on itself. A
+        torch tensor comes back as a float32 tensor on its device, ready for the model."""
+        if isinstance(x, torch.Tensor):
+            return torch.from_numpy(self.apply(x.detach().cpu().numpy())).to(x.device)
         a = np.asarray(x, dtype=np.float64)
         if tuple(a.shape[1:]) != self.feature_shape:
             raise DataError(f"preprocessing was fitted on features of shape {self.feature_shape}, "

@@ -47,6 +47,12 @@ def test_public_ranges_from_a_file_map_to_minus_one_one_and_clip(tmp_path) -> No
     x = np.array([[1.0, 15.0], [-5.0, 30.0], [2.0, 10.0]])
     np.testing.assert_allclose(pre.apply(x), [[0.0, 0.0], [-1.0, 1.0], [1.0, -1.0]])
     assert pre.apply(x).dtype == np.float32
+    import torch  # the README's take-home recipe feeds a tensor straight to the model
+
+    t = pre.apply(torch.as_tensor(x, dtype=torch.float64))
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.float32
+    np.testing.assert_array_equal(t.numpy(), pre.apply(x))
+    assert torch.nn.Linear(2, 1)(t).shape == (3, 1)
     d = pre.describe()
     assert d["kind"] == "public" and d["low"] == [0.0, 10.0] and d["high"] == [2.0, 20.0]
     assert d["statistics"]["source"] == "consortium agreement"
