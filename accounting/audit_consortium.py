@@ -443,8 +443,8 @@ def _cross_check(led: _Ledger, heads: list[_Held], report: ConsortiumReport) -> 
     upto = max(matched) if matched else None
     summary.anchored_upto = upto
     summary.unanchored_tail = n - (upto + 1 if upto is not None else 0)
-    if n and not (_kind_of(led.lines[-1]) == "close" and upto == n - 1):
-        last = _kind_of(led.lines[-1]) or "unreadable"
+    last = (_kind_of(led.lines[-1]) or "unreadable") if n else None
+    if n and not (last == "close" and upto == n - 1):
         why = ("no peer holds the head of its close entry" if last == "close"
                else f"not at a close entry (its last is {last!r})")
         held_to = "no peer holds any of its heads" if upto is None else f"peers hold heads up to entry {upto}"

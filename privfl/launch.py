@@ -447,7 +447,8 @@ def collect(plan: LaunchPlan, returncodes: Mapping[str, int | None], wall_second
     ca_pem = (plan.pki_dir / CA_FILE).read_bytes()
     # the consortium's pins, [policy] and CRL, as `privfl audit --consortium` applies them
     roster = load_roster(plan.pki_dir / ROSTER_FILE) if (plan.pki_dir / ROSTER_FILE).is_file() else None
-    crl = plan.pki_dir / CRL_FILE
+    pins, floor = (roster.pins, roster.policy) if roster is not None else (None, None)
+    crl_pem = (plan.pki_dir / CRL_FILE).read_bytes() if (plan.pki_dir / CRL_FILE).is_file() else None
     nodes: dict[str, Any] = {}
     finals, initials = [], []
     for nid in plan.node_ids:
@@ -461,9 +462,7 @@ def collect(plan: LaunchPlan, returncodes: Mapping[str, int | None], wall_second
             # launched nodes draw secure noise: a seeded ledger fails here (no allow_seeded)
             rep = audit_ledger(
                 d / "ledger.jsonl", ca_pem, expected_node_id=nid, compute_pld=True,
-                roster=None if roster is None else {n: r.fingerprint for n, r in roster.nodes.items()},
-                roster_policy=None if roster is None else roster.policy,
-                crl_pem=crl.read_bytes() if crl.is_file() else None)
+                roster=pins, roster_policy=floor, crl_pem=crl_pem)
             entry["audit_ok"] = rep.ok
             entry["audit_accountant"] = rep.accountant
             entry["audit_epsilon"] = rep.epsilon  # by the node's own accountant

@@ -94,6 +94,11 @@ class Roster:
     nodes: dict[str, RosterNode]
     policy: Policy = field(default_factory=Policy)
 
+    @property
+    def pins(self) -> dict[str, str]:
+        """node id → pinned certificate fingerprint (what an audit checks each ledger's certificate against)."""
+        return {nid: n.fingerprint for nid, n in self.nodes.items()}
+
     def address_of(self, node_id: str) -> str:
         """The address of ``node_id``; PKIError if it is not a member."""
         try:

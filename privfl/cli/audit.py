@@ -153,7 +153,7 @@ def _roster(roster: Path) -> tuple[dict[str, str], ConsortiumPolicy]:
         r = load_roster(roster)
     except PrivflError as exc:
         raise _fail_input(str(exc)) from None
-    return {nid: n.fingerprint for nid, n in r.nodes.items()}, r.policy
+    return r.pins, r.policy
 
 
 # --------------------------------------------------------------------------- consortium
