@@ -58,6 +58,7 @@ from privfl.accounting.ledger import (
     check_against_peers,
     check_checkpoint_steps,
 )
+from privfl.anchor_throttle import AnchorThrottle
 from privfl.clients.distributed import rank_share
 from privfl.clients.randomness import random_source
 from privfl.data import Dataset, SiteData, SiteInputs
@@ -470,6 +471,7 @@ class Node:
         print(f"[{self.node_id}] topology: {summary}", flush=True)
         neighbors = self.topology.neighbors(self.node_id)
         ledger = self.ledger
+        self._anchors = AnchorThrottle(lambda: ledger.head[0], self._write_anchor)
         self.network = GrpcPeerNetwork(
             self.identity, self.roster, crl, neighbors, self.names, params,
             policy=AdvertisedPolicy(self.sigma, c.dp.target_epsilon, c.dp.delta),
@@ -583,15 +585,24 @@ class Node:
                            f"the model for {peer} did not leave")
 
     def _on_peer_head(self, peer: str, index: int, entry_hash: bytes) -> None:
-        """Anchor: record the signed ledger head a peer sent (evidence of its history; after our
-        close entry it goes to the signed late-anchor file, so our own chain stays anchored)."""
+        """Anchor: record the signed ledger head a peer sent (evidence of its history), at most
+        one per peer per entry of our own (:class:`~privfl.anchor_throttle.AnchorThrottle`: a
+        peer cannot flood our ledger); after our close entry it goes to the late-anchor file."""
+        self._anchors.offer(peer, index, entry_hash)
+
+    def _write_anchor(self, peer: str, index: int, entry_hash: bytes) -> bool:
+        """Write one peer head; True when an anchor entry went into our chain."""
         ledger = self.ledger
         assert ledger is not None
+        written: list[dict[str, Any] | None] = []
         try:
-            self._ledger_write(lambda: ledger.append_anchor(peer, index, entry_hash),
+            self._ledger_write(lambda: written.append(ledger.append_anchor(peer, index, entry_hash)),
                                f"the ledger head of {peer} was not recorded")
         except ValueError as exc:
             log.warning("node %s: ignoring a malformed ledger head from %s: %s", self.node_id, peer, exc)
+            return False
+        entry = written[0] if written else None
+        return entry is not None and entry.get("kind") == "anchor"
 
     def _check_peer_heads(self) -> None:
         """Refuse to train when a neighbour holds a ledger head this node's ledger lacks or
@@ -856,12 +867,19 @@ class Node:
         finally:
             self._stop_ranks()
             self.network.close()
+            if self._ledger_failure is None:
+                try:
+                    self._anchors.flush()  # no head arrives any more: the goodbye heads kept back
+                except NodeError:  # _ledger_write logged it and set _ledger_failure (raised below)
+                    pass
             try:
                 self.ledger.close()
             except LedgerError as exc:
                 if clean and self._ledger_failure is None:
                     raise NodeError(f"node {self.node_id}: {exc.reason}") from None
                 log.error("node %s: %s", self.node_id, exc.reason)
+        if clean and self._ledger_failure is not None:  # the kept heads could not be written
+            raise NodeError(self._ledger_failure)
 
     def _train_loop(self) -> None:
         assert self.ledger is not None and self.network is not None
@@ -938,6 +956,7 @@ class Node:
         assert self.network is not None and self.ledger is not None
         ledger = self.ledger
         self.network.serving_models = False
+        self._anchors.flush()  # the heads kept back go in before the close entry
         self._ledger_write(lambda: ledger.append_close(self.stop_reason, steps=self.total_steps),
                            "the close entry was not recorded")
 

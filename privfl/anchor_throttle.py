@@ -1,0 +1,77 @@
+"""Bound the ledger entries a peer can cause: at most one anchor per peer per entry of our own.
+
+Every verified message a peer sends carries its signed ledger head, and the node records
+a head that advances as an ``anchor`` entry (evidence of the peer's history, see
+:mod:`privfl.accounting.ledger`). Left alone, a member that sends hello after hello,
+each with a higher index, grows our ledger by one signed line per message: a disk and
+audit flood. The throttle writes a peer's head only when this node's own ledger has
+moved on (a DP event, a release, a stop) since the last anchor it wrote for that peer,
+so anchors grow at most (number of peers) × our own entries, whatever a peer sends.
+A head that arrives in between is kept, newest only, and written at the next chance or
+by :meth:`AnchorThrottle.flush` (before the close entry, and once the network is closed:
+the neighbours' goodbye heads are always kept). After the close entry our ledger does
+not move, so a peer then gets one late anchor at once and the newest one at the flush.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+__all__ = ["AnchorThrottle"]
+
+Head = tuple[int, bytes]
+
+
+class AnchorThrottle:
+    """Decides which received heads are written now and keeps the newest of the rest.
+
+    ``own_index()`` gives the ledger's newest index; ``write(peer, index, hash)`` records one
+    head and returns whether an entry went into the chain (a late anchor returns False).
+    """
+
+    def __init__(self, own_index: Callable[[], int], write: Callable[[str, int, bytes], bool]) -> None:
+        self._own_index = own_index
+        self._write = write
+        self._lock = threading.Lock()
+        self._chain_anchors = 0  # anchor entries this throttle put into the chain
+        self._mark: dict[str, int] = {}  # peer → our own progress when its last head was written
+        self._pending: dict[str, Head] = {}
+
+    def _own_progress(self) -> int:
+        """Our ledger's entries that are not anchors written here (moves on our own entries only)."""
+        return self._own_index() - self._chain_anchors
+
+    def offer(self, peer: str, index: int, entry_hash: bytes) -> bool:
+        """Write the head now when our ledger moved on since the peer's last anchor; else keep
+        it (newest only). True when it was written."""
+        with self._lock:
+            progress = self._own_progress()
+            held = self._pending.get(peer)
+            if held is not None and index <= held[0]:
+                return False
+            if peer in self._mark and self._mark[peer] >= progress:
+                self._pending[peer] = (int(index), bytes(entry_hash))
+                return False
+            self._pending.pop(peer, None)
+            self._record(peer, int(index), bytes(entry_hash), progress)
+            return True
+
+    def flush(self) -> int:
+        """Write every kept head (before the close entry; once no more heads can arrive)."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            for peer, (index, digest) in sorted(pending.items()):
+                self._record(peer, index, digest, self._own_progress())
+            return len(pending)
+
+    def pending(self) -> dict[str, Head]:
+        """The heads kept, not yet written (peer → (index, hash))."""
+        with self._lock:
+            return dict(self._pending)
+
+    def _record(self, peer: str, index: int, digest: bytes, progress: int) -> None:
+        """Write one head (caller holds the lock); the mark is set even if the write raised."""
+        self._mark[peer] = progress
+        if self._write(peer, index, digest):
+            self._chain_anchors += 1
