@@ -27,8 +27,9 @@ re-sign and re-chain a whole ledger, so a ledger cannot prove its own history. E
 message a node sends therefore carries its head, :attr:`Ledger.head` = (index of the
 newest entry, :func:`entry_hash` of its line: the hash the next ``prev_hash`` holds), and
 the receiver records it with :meth:`Ledger.append_anchor` as an ``anchor`` entry
-(``{"peer", "index", "entry_hash"}``) in its own ledger, only when it advances what that
-receiver already holds for the peer. Because each entry commits to every entry before
+(``{"peer", "index", "entry_hash"}``, and ``"signature"``: the sender's own signature of
+that head, which the sender can check when it later asks for it) in its own ledger, only
+when it advances what that receiver already holds for the peer. Because each entry commits to every entry before
 it, an anchor at index i is evidence of the sender's whole prefix 0..i;
 :func:`accounting.audit_consortium.audit_consortium` checks every anchor against the
 sender's ledger (a shorter ledger: truncated or rolled back; another hash: rewritten).
@@ -105,6 +106,7 @@ LEDGER_FORMAT_V1 = "privfl-ledger/1"
 LEDGER_FORMATS = (LEDGER_FORMAT_V1, LEDGER_FORMAT)
 GENESIS_HASH = "0" * 64
 KINDS = ("header", "dp_event", "message", "stop", "note", "anchor", "close")
+HEAD_SIGNATURE_BYTES = 64  # a peer's own r || s signature of its head (see privfl.transport.signing)
 LATE_ANCHOR_KIND = "late_anchor"  # the only kind of an anchors-final file
 ANCHORS_FINAL_FILE = "anchors-final.jsonl"
 ENTRY_FIELDS = frozenset({"body", "index", "kind", "prev_hash", "signature", "timestamp"})
@@ -1208,9 +1210,12 @@ class Ledger:
         return book
 
     def append_anchor(
-        self, peer_id: str, index: int, entry_hash: bytes | str
+        self, peer_id: str, index: int, entry_hash: bytes | str, signature: bytes | str | None = None
     ) -> dict[str, Any] | None:
         """Record a head (``index``, ``entry_hash``) received from ``peer_id``; the entry or None.
+
+        ``signature``: the peer's own 64-byte signature of that head (kept in the body, so the
+        node can later show the peer a head it provably sent; the ledger does not check it).
 
         Recorded only when it advances what this ledger already holds for the peer
         (a lower or equal index is dropped; an equal index with another hash is logged as a
@@ -1218,14 +1223,19 @@ class Ledger:
         ``anchors-final.jsonl`` instead (:meth:`append_late_anchor`), never into the chain.
         """
         peer, idx, digest = _check_head(peer_id, index, entry_hash, self.node_id)
+        sig = _head_signature_hex(signature)
         book = self._anchor_book()
         with book.lock:
             if not book.advances(peer, idx, digest):
                 return None
             if self._ends_with_close(book):
-                return self._write_late_anchor(book, peer, idx, digest)
-            entry = self._append("anchor", {"peer": peer, "index": idx, "entry_hash": digest})
+                return self._write_late_anchor(book, peer, idx, digest, sig)
+            body: dict[str, Any] = {"peer": peer, "index": idx, "entry_hash": digest}
+            if sig:
+                body["signature"] = sig
+            entry = self._append("anchor", body)
             book.chain[peer] = (idx, digest)
+            book.keep_signature(peer, idx, sig)
         log.debug("ledger anchor node=%s peer=%s index=%d", self.node_id, peer, idx)
         return entry
 
@@ -1245,7 +1255,7 @@ class Ledger:
         return entry
 
     def append_late_anchor(
-        self, peer_id: str, index: int, entry_hash: bytes | str
+        self, peer_id: str, index: int, entry_hash: bytes | str, signature: bytes | str | None = None
     ) -> dict[str, Any] | None:
         """Record a head received after this node's close entry in ``anchors-final.jsonl``.
 
@@ -1253,6 +1263,7 @@ class Ledger:
         returns None when the head does not advance what is held for the peer.
         """
         peer, idx, digest = _check_head(peer_id, index, entry_hash, self.node_id)
+        sig = _head_signature_hex(signature)
         book = self._anchor_book()
         with book.lock:
             if not self._ends_with_close(book):
@@ -1264,10 +1275,10 @@ class Ledger:
                 )
             if not book.advances(peer, idx, digest):
                 return None
-            return self._write_late_anchor(book, peer, idx, digest)
+            return self._write_late_anchor(book, peer, idx, digest, sig)
 
     def _write_late_anchor(
-        self, book: _AnchorBook, peer: str, idx: int, digest: str
+        self, book: _AnchorBook, peer: str, idx: int, digest: str, sig: str = ""
     ) -> dict[str, Any]:
         """Sign and append one late anchor (caller holds ``book.lock``, after a close entry)."""
         assert book.close_head is not None
@@ -1279,8 +1290,10 @@ class Ledger:
                 book.late_error.kind,
             )
         ci, ch = book.close_head
-        body = {"peer": peer, "index": idx, "entry_hash": digest,
-                "after": {"index": ci, "entry_hash": ch}}
+        body: dict[str, Any] = {"peer": peer, "index": idx, "entry_hash": digest,
+                                "after": {"index": ci, "entry_hash": ch}}
+        if sig:
+            body["signature"] = sig
         entry, line = _make_entry(self._key, book.late_next, LATE_ANCHOR_KIND, body,
                                   book.late_last_hash)
         _append_side_line(self.late_anchors_path, line + b"\n", book.late_good_bytes)
@@ -1289,6 +1302,7 @@ class Ledger:
         book.late_last_hash = entry_hash(line)
         book.late_good_bytes += len(line) + 1
         book.late[peer] = (idx, digest)
+        book.keep_signature(peer, idx, sig)
         log.info("ledger late anchor node=%s peer=%s index=%d", self.node_id, peer, idx)
         return entry
 
@@ -1299,6 +1313,10 @@ class Ledger:
         """
         best = self._anchor_book().best(str(peer_id))
         return None if best is None else (best[0], bytes.fromhex(best[1]))
+
+    def last_anchor_signature(self, peer_id: str) -> bytes:
+        """The peer's own signature of the newest head held for it (empty if it came without one)."""
+        return self._anchor_book().signature_of(str(peer_id))
 
     def last_anchors(self) -> dict[str, tuple[int, bytes]]:
         """peer id → the newest head held for it (ledger or anchors-final)."""
@@ -1511,6 +1529,21 @@ def _check_head(
     return peer_id, int(index), _hex_digest(entry_hash, "head entry_hash")
 
 
+def _head_signature_hex(signature: bytes | str | None) -> str:
+    """A peer's head signature as 128 lowercase hex characters ("" for none), or ValueError."""
+    if signature is None or len(signature) == 0:
+        return ""
+    raw = bytes.fromhex(signature) if isinstance(signature, str) and _is_hex(signature) else signature
+    if not isinstance(raw, (bytes, bytearray, memoryview)) or len(raw) != HEAD_SIGNATURE_BYTES:
+        raise ValueError(f"head signature must be {HEAD_SIGNATURE_BYTES} bytes or "
+                         f"{2 * HEAD_SIGNATURE_BYTES} lowercase hex characters")
+    return bytes(raw).hex()
+
+
+def _is_hex(text: str) -> bool:
+    return len(text) % 2 == 0 and all(c in "0123456789abcdef" for c in text)
+
+
 def anchor_of(body: Mapping[str, Any]) -> tuple[str, int, str]:
     """(peer, index, hex hash) of an ``anchor`` / ``late_anchor`` body, or ValueError."""
     try:
@@ -1524,6 +1557,14 @@ def anchor_of(body: Mapping[str, Any]) -> tuple[str, int, str]:
     if not isinstance(digest, str):
         raise ValueError("anchor entry_hash must be 64 lowercase hex characters")
     return peer, index, _hex_digest(digest, "anchor entry_hash")
+
+
+def _stored_signature(body: Mapping[str, Any]) -> str:
+    """The head signature kept in an anchor body ("" when absent or malformed)."""
+    try:
+        return _head_signature_hex(body.get("signature"))
+    except (ValueError, TypeError):
+        return ""
 
 
 def late_anchors_path(ledger_path: str | os.PathLike[str]) -> Path:
@@ -1602,6 +1643,7 @@ class _AnchorBook:
     late_path: Path
     chain: dict[str, tuple[int, str]] = field(default_factory=dict)
     late: dict[str, tuple[int, str]] = field(default_factory=dict)
+    signatures: dict[str, tuple[int, str]] = field(default_factory=dict)  # peer → (index, hex head signature)
     close_head: tuple[int, str] | None = None  # the newest close entry (index, hex hash)
     late_next: int = 0
     late_last_hash: str = GENESIS_HASH
@@ -1623,6 +1665,7 @@ class _AnchorBook:
                     continue
                 if peer not in book.chain or idx > book.chain[peer][0]:
                     book.chain[peer] = (idx, digest)
+                    book.keep_signature(peer, idx, _stored_signature(entry["body"]))
             elif entry["kind"] == "close":
                 book.close_head = (int(entry["index"]), entry_hash(line))
         try:
@@ -1634,6 +1677,7 @@ class _AnchorBook:
             peer, idx, digest = anchor_of(e["body"])
             if peer not in book.late or idx > book.late[peer][0]:
                 book.late[peer] = (idx, digest)
+                book.keep_signature(peer, idx, _stored_signature(e["body"]))
         book.late_next = len(verified.entries)
         book.late_last_hash = verified.last_hash
         book.late_good_bytes = verified.good_bytes
@@ -1641,6 +1685,19 @@ class _AnchorBook:
         if verified.error is not None:
             log.warning("ledger anchors-final %s: %s", book.late_path, verified.error)
         return book
+
+    def keep_signature(self, peer: str, idx: int, sig: str) -> None:
+        """Remember the peer's signature of its head at ``idx`` when it is the newest seen."""
+        held = self.signatures.get(peer)
+        if held is None or idx >= held[0]:
+            self.signatures[peer] = (idx, sig)
+
+    def signature_of(self, peer: str) -> bytes:
+        """The signature of the newest head held for ``peer`` (empty if none came with it)."""
+        best, held = self.best(peer), self.signatures.get(peer)
+        if best is None or held is None or held[0] != best[0] or not held[1]:
+            return b""
+        return bytes.fromhex(held[1])
 
     def best(self, peer: str) -> tuple[int, str] | None:
         """The newest head held for ``peer`` (chain or late)."""

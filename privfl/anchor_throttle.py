@@ -20,17 +20,17 @@ from collections.abc import Callable
 
 __all__ = ["AnchorThrottle"]
 
-Head = tuple[int, bytes]
+Head = tuple[int, bytes, bytes]  # index, entry hash, the peer's own signature of the head
 
 
 class AnchorThrottle:
     """Decides which received heads are written now and keeps the newest of the rest.
 
-    ``own_index()`` gives the ledger's newest index; ``write(peer, index, hash)`` records one
-    head and returns whether an entry went into the chain (a late anchor returns False).
+    ``own_index()`` gives the ledger's newest index; ``write(peer, index, hash, signature)``
+    records one head and returns whether an entry went into the chain (a late anchor: False).
     """
 
-    def __init__(self, own_index: Callable[[], int], write: Callable[[str, int, bytes], bool]) -> None:
+    def __init__(self, own_index: Callable[[], int], write: Callable[[str, int, bytes, bytes], bool]) -> None:
         self._own_index = own_index
         self._write = write
         self._lock = threading.Lock()
@@ -42,7 +42,7 @@ class AnchorThrottle:
         """Our ledger's entries that are not anchors written here (moves on our own entries only)."""
         return self._own_index() - self._chain_anchors
 
-    def offer(self, peer: str, index: int, entry_hash: bytes) -> bool:
+    def offer(self, peer: str, index: int, entry_hash: bytes, signature: bytes = b"") -> bool:
         """Write the head now when our ledger moved on since the peer's last anchor; else keep
         it (newest only). True when it was written."""
         with self._lock:
@@ -51,27 +51,27 @@ class AnchorThrottle:
             if held is not None and index <= held[0]:
                 return False
             if peer in self._mark and self._mark[peer] >= progress:
-                self._pending[peer] = (int(index), bytes(entry_hash))
+                self._pending[peer] = (int(index), bytes(entry_hash), bytes(signature))
                 return False
             self._pending.pop(peer, None)
-            self._record(peer, int(index), bytes(entry_hash), progress)
+            self._record(peer, (int(index), bytes(entry_hash), bytes(signature)), progress)
             return True
 
     def flush(self) -> int:
         """Write every kept head (before the close entry; once no more heads can arrive)."""
         with self._lock:
             pending, self._pending = self._pending, {}
-            for peer, (index, digest) in sorted(pending.items()):
-                self._record(peer, index, digest, self._own_progress())
+            for peer, head in sorted(pending.items()):
+                self._record(peer, head, self._own_progress())
             return len(pending)
 
     def pending(self) -> dict[str, Head]:
-        """The heads kept, not yet written (peer → (index, hash))."""
+        """The heads kept, not yet written (peer → (index, hash, signature))."""
         with self._lock:
             return dict(self._pending)
 
-    def _record(self, peer: str, index: int, digest: bytes, progress: int) -> None:
+    def _record(self, peer: str, head: Head, progress: int) -> None:
         """Write one head (caller holds the lock); the mark is set even if the write raised."""
         self._mark[peer] = progress
-        if self._write(peer, index, digest):
+        if self._write(peer, *head):
             self._chain_anchors += 1

@@ -476,7 +476,7 @@ class Node:
             self.identity, self.roster, crl, neighbors, self.names, params,
             policy=AdvertisedPolicy(self.sigma, c.dp.target_epsilon, c.dp.delta),
             listen=cfg.node.listen or None, timeout=cfg.node.peer_timeout, on_release=self._on_release,
-            ledger_head=lambda: ledger.head, on_peer_head=self._on_peer_head, head_for=ledger.last_anchor,
+            ledger_head=lambda: ledger.head, on_peer_head=self._on_peer_head, head_for=self._held_head,
             crl_path=cfg.crl_path, roster_path=cfg.roster_path)
         self.strategy: NodeStrategy = build_node_strategy(strategy_build(
             cfg, self.topology, self.client, self.network, params, self._strategy_seed(0), self._strategy_seed(7919),
@@ -584,25 +584,32 @@ class Node:
             peer, seq, round, digest=digest, size=nbytes, digest_algorithm=LEDGER_DIGEST),
                            f"the model for {peer} did not leave")
 
-    def _on_peer_head(self, peer: str, index: int, entry_hash: bytes) -> None:
+    def _on_peer_head(self, peer: str, index: int, entry_hash: bytes, signature: bytes) -> None:
         """Anchor: record the signed ledger head a peer sent (evidence of its history), at most
         one per peer per entry of our own (:class:`~privfl.anchor_throttle.AnchorThrottle`: a
         peer cannot flood our ledger); after our close entry it goes to the late-anchor file."""
-        self._anchors.offer(peer, index, entry_hash)
+        self._anchors.offer(peer, index, entry_hash, signature)
 
-    def _write_anchor(self, peer: str, index: int, entry_hash: bytes) -> bool:
-        """Write one peer head; True when an anchor entry went into our chain."""
+    def _write_anchor(self, peer: str, index: int, entry_hash: bytes, signature: bytes) -> bool:
+        """Write one peer head with the peer's signature of it; True when an anchor entry went
+        into our chain."""
         ledger = self.ledger
         assert ledger is not None
         written: list[dict[str, Any] | None] = []
         try:
-            self._ledger_write(lambda: written.append(ledger.append_anchor(peer, index, entry_hash)),
+            self._ledger_write(lambda: written.append(ledger.append_anchor(peer, index, entry_hash, signature)),
                                f"the ledger head of {peer} was not recorded")
         except ValueError as exc:
             log.warning("node %s: ignoring a malformed ledger head from %s: %s", self.node_id, peer, exc)
             return False
         entry = written[0] if written else None
         return entry is not None and entry.get("kind") == "anchor"
+
+    def _held_head(self, peer: str) -> tuple[int, bytes, bytes] | None:
+        """What we answer to ``peer``'s head query: its newest head we hold, with its signature."""
+        assert self.ledger is not None
+        head = self.ledger.last_anchor(peer)
+        return None if head is None else (head[0], head[1], self.ledger.last_anchor_signature(peer))
 
     def _check_peer_heads(self) -> None:
         """Refuse to train when a neighbour holds a ledger head this node's ledger lacks or

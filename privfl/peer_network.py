@@ -63,6 +63,7 @@ from privfl.transport import (
     TrustState,
     model_digest,
 )
+from privfl.transport.signing import HEAD_SIGNATURE_BYTES, certificate_public_key, head_signed_by
 
 log = logging.getLogger("privfl.node")
 
@@ -74,22 +75,24 @@ INBOX_KINDS = ("model", "innovation")  # one-way model messages of synchronous g
 COMPRESSED_FRAME = "compressed.frame"
 
 HEAD_QUERY_KIND = "head_query"  # "what is the last ledger head of mine that you hold?"
-HEAD_REPLY_KIND = "head_reply"  # carries HEAD_HASH (32 uint8) and the HEAD_INDEX scalar, or nothing
+HEAD_REPLY_KIND = "head_reply"  # carries HEAD_HASH (32 uint8), HEAD_SIG (64 uint8) and HEAD_INDEX, or nothing
 HEAD_HASH = "ledger.entry_hash"
+HEAD_SIG = "ledger.head_signature"  # the asking node's own signature of that head: proof it sent it
 HEAD_INDEX = "ledger_index"
 # what a node serves and accepts as replies: kind -> "model" (tensors required) / "empty" / "any"
 REQUEST_KINDS = {"exchange_request": "model", "model": "model", "innovation": "model",
                  **{k: "empty" for k in CONTROL_KINDS}, HEAD_QUERY_KIND: "empty"}
 REPLY_KINDS = {"exchange_reply": "model", REFUSED_KIND: "empty", "ack": "empty", HEAD_REPLY_KIND: "any"}
-HEAD_SPEC = {HEAD_HASH: TensorExpectation((32,), "|u1", allow_sparse=False)}
+HEAD_SPEC = {HEAD_HASH: TensorExpectation((32,), "|u1", allow_sparse=False),
+             HEAD_SIG: TensorExpectation((HEAD_SIGNATURE_BYTES,), "|u1", allow_sparse=False)}
 DEFAULT_MAX_ABS_VALUE = 1e6
 DEFAULT_MAX_NORM_RATIO = 100.0
 DEFAULT_NORM_FLOOR = 100.0
 
 ReleaseHook = Callable[[str, int, int, str, int], None]  # peer, seq, round, digest hex, bytes
 LedgerHeadHook = Callable[[], "tuple[int, bytes] | None"]  # this node's (index, entry hash)
-PeerHeadHook = Callable[[str, int, bytes], None]  # peer, index, entry hash of a verified message
-HeadForHook = Callable[[str], "tuple[int, bytes] | None"]  # the last head we hold for a peer
+PeerHeadHook = Callable[[str, int, bytes, bytes], None]  # peer, index, entry hash, its head signature
+HeadForHook = Callable[[str], "tuple[int, bytes, bytes] | None"]  # the last head we hold for a peer, signed
 
 
 @dataclass(frozen=True)
@@ -252,6 +255,7 @@ class GrpcPeerNetwork:
                  max_abs_value: float = DEFAULT_MAX_ABS_VALUE, max_norm_ratio: float = DEFAULT_MAX_NORM_RATIO,
                  norm_floor: float = DEFAULT_NORM_FLOOR) -> None:
         self.node_id = identity.node_id
+        self._own_key = certificate_public_key(identity.cert_pem)  # checks the heads peers say they hold for us
         self.roster = roster
         self.names = list(names)
         self.shapes = tuple(tuple(int(s) for s in np.shape(p)) for p in template)
@@ -393,7 +397,7 @@ class GrpcPeerNetwork:
     def _report_head(self, peer: str, msg: DecodedMessage) -> None:
         if msg.ledger_head is not None and self.on_peer_head is not None:
             index, entry_hash = msg.ledger_head
-            self.on_peer_head(peer, int(index), bytes(entry_hash))
+            self.on_peer_head(peer, int(index), bytes(entry_hash), msg.head_signature)
 
     def _own_params(self) -> Sequence[np.ndarray]:
         params = getattr(self.strategy, "params", None)
@@ -521,8 +525,11 @@ class GrpcPeerNetwork:
     def query_head(self, peer_id: str, timeout: float | None = None) -> tuple[int, bytes] | None:
         """Ask ``peer_id`` for the last ledger head of ours that it holds: (index, entry hash) or None.
 
-        The reply is signed and verified like every reply. PeerUnavailable (with the reason)
-        if the peer cannot be reached, refuses, or its answer does not verify or is malformed.
+        The reply is signed and verified like every reply, and the head must come with our
+        own signature of it (every head we send is signed): a head we never signed is one
+        the peer made up, logged and answered as None, so a member cannot stop our restart
+        with it. PeerUnavailable (with the reason) if the peer cannot be reached, refuses,
+        or its answer does not verify or is malformed.
         """
         try:
             reply = self.client.exchange(peer_id, Message(kind=HEAD_QUERY_KIND), timeout=timeout or self.timeout,
@@ -536,10 +543,18 @@ class GrpcPeerNetwork:
         if not reply.tensors and HEAD_INDEX not in reply.scalars:
             return None
         h = reply.tensors.get(HEAD_HASH)
+        sig = reply.tensors.get(HEAD_SIG)
         index = reply.scalars.get(HEAD_INDEX)
-        if h is None or isinstance(h, SparseTensor) or index is None or index < 0 or index != int(index):
+        if h is None or isinstance(h, SparseTensor) or isinstance(sig, SparseTensor) or index is None \
+                or index < 0 or index != int(index) or index >= 2**63:
             raise PeerUnavailable(f"head query to {peer_id}: malformed head reply")
-        return int(index), np.asarray(h, dtype=np.uint8).tobytes()
+        head = (int(index), np.asarray(h, dtype=np.uint8).tobytes())
+        proof = b"" if sig is None else np.asarray(sig, dtype=np.uint8).tobytes()
+        if not head_signed_by(self._own_key, self.node_id, head, proof):
+            log.warning("node %s: %s answered a ledger head of ours at index %d that we never signed "
+                        "(made up, or held from before head signatures): ignored", self.node_id, peer_id, head[0])
+            return None
+        return head
 
     def _head_reply(self, sender: str) -> Message:
         head = None
@@ -550,13 +565,16 @@ class GrpcPeerNetwork:
                 log.exception("node %s: head_for(%s) failed", self.node_id, sender)
         if head is None:
             return Message(kind=HEAD_REPLY_KIND)
-        index, entry_hash = head
+        index, entry_hash, proof = head
         if len(entry_hash) != 32:
             log.error("node %s: head_for(%s) gave a %d-byte hash; answering with no head", self.node_id, sender,
                       len(entry_hash))
             return Message(kind=HEAD_REPLY_KIND)
-        return Message(kind=HEAD_REPLY_KIND, tensors={HEAD_HASH: np.frombuffer(bytes(entry_hash), np.uint8)},
-                       scalars={HEAD_INDEX: float(int(index))})
+        if len(proof) != HEAD_SIGNATURE_BYTES:  # a head held without its proof: zeros, which prove nothing
+            proof = bytes(HEAD_SIGNATURE_BYTES)
+        tensors = {HEAD_HASH: np.frombuffer(bytes(entry_hash), np.uint8),
+                   HEAD_SIG: np.frombuffer(bytes(proof), np.uint8)}
+        return Message(kind=HEAD_REPLY_KIND, tensors=tensors, scalars={HEAD_INDEX: float(int(index))})
 
     def heard(self, kind: str) -> set[str]:
         """Peers that have sent us control message ``kind``."""

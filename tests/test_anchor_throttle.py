@@ -28,8 +28,8 @@ def ledger(tmp_path: Path) -> Ledger:
 
 
 def throttle_of(led: Ledger) -> AnchorThrottle:
-    def write(peer: str, index: int, digest: bytes) -> bool:
-        e = led.append_anchor(peer, index, digest)
+    def write(peer: str, index: int, digest: bytes, signature: bytes) -> bool:
+        e = led.append_anchor(peer, index, digest, signature or None)
         return e is not None and e["kind"] == "anchor"
     return AnchorThrottle(lambda: led.head[0], write)
 
@@ -45,7 +45,7 @@ def test_a_flood_gets_one_anchor_per_own_entry_and_its_newest_head_kept(ledger: 
     for i in range(2, 500):  # a flood with rising heads: nothing more until our ledger moves
         assert not t.offer("h2", i, H[i])
     assert anchors(ledger, "h2") == [1]
-    assert t.pending() == {"h2": (499, H[499])}
+    assert t.pending() == {"h2": (499, H[499], b"")}
     assert not t.offer("h2", 10, H[10])  # an older head does not replace the kept one
     assert t.offer("h3", 5, H[5])  # another peer is not held back by h2's flood
     ledger.append_dp_event(1.0, 0.02, 5, "psac", 1.0)  # our own entry: one more anchor allowed

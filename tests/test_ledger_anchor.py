@@ -225,3 +225,24 @@ def test_v2_ledger_without_anchors_still_verifies_and_reopens(tmp_path: Path, pk
     with open_ledger(path, pki) as led:
         assert led.last_anchors() == {} and not led.ends_with_close
     assert audit_ledger(path, compute_pld=False).ok
+
+
+def test_a_peers_head_signature_is_kept_with_its_anchor_and_survives_reopening(tmp_path: Path, pki: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    sig = bytes(range(64))
+    with open_ledger(path, pki) as led:
+        e = led.append_anchor("h2", 3, H[3], sig)
+        assert e is not None and e["body"]["signature"] == sig.hex()
+        assert led.last_anchor_signature("h2") == sig
+        led.append_anchor("h2", 4, H[4])  # a newer head without one: the old signature is not its proof
+        assert led.last_anchor_signature("h2") == b""
+        led.append_anchor("h3", 2, H[2], sig.hex())
+        led.append_close("finished")
+        led.append_anchor("h2", 9, H[9], sig)  # a late anchor keeps it too
+        with pytest.raises(ValueError, match="head signature"):
+            led.append_anchor("h3", 5, H[5], b"short")
+    with open_ledger(path, pki) as led:
+        assert led.last_anchor_signature("h2") == sig and led.last_anchor("h2") == (9, H[9])
+        assert led.last_anchor_signature("h3") == sig
+        assert led.last_anchor_signature("h1x") == b""
+    assert audit_ledger(path, (pki / "ca.pem").read_bytes(), compute_pld=False).ok

@@ -10,7 +10,14 @@ import pytest
 from privfl.pki import NodeIdentity, init_consortium, issue_node, load_pki, revoke_node
 from privfl.transport import WIRE_VERSION, Message, TrustState, encode_message, iter_chunks
 from privfl.transport.codec import MessageAssembler
-from privfl.transport.signing import AuthenticationFailed, PeerVerifier, Signer, canonical_bytes
+from privfl.transport.signing import (
+    AuthenticationFailed,
+    PeerVerifier,
+    Signer,
+    canonical_bytes,
+    head_signature_of,
+    head_signed_by,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,12 +53,16 @@ def _verify(d: Path, chunks: list[bytes], verifier: PeerVerifier | None = None, 
     v = verifier or PeerVerifier(_trust(d))
     assert asm.header is not None and asm.trailer is not None and asm.digest is not None
     peer, head = v.message(asm.header, asm.trailer, asm.digest)
-    return peer, head, asm.message(head)
+    return peer, head, asm.message(head, head_signature_of(asm.trailer))
 
 
 def test_round_trip_carries_the_verified_ledger_head(pki: Path) -> None:
     peer, head, msg = _verify(pki, _signed(pki))
     assert peer.node_id == "a" and head == (7, b"\x11" * 32) and msg.ledger_head == head
+    # the head carries a's own signature of it alone: checkable later, away from the message
+    assert head_signed_by(peer.public_key, "a", head, msg.head_signature)
+    assert not head_signed_by(peer.public_key, "b", head, msg.head_signature)  # bound to the node id
+    assert not head_signed_by(peer.public_key, "a", (8, head[1]), msg.head_signature)  # and the index
     assert msg.sender == "a" and msg.in_reply_to == 55
     _, head, msg = _verify(pki, _signed(pki, head=None))
     assert head is None and msg.ledger_head is None
@@ -85,6 +96,8 @@ TAMPER = {
     "head removed": ("trailer", lambda t: t.ClearField("ledger_head")),
     "signature": ("trailer", lambda t: setattr(t, "signature", t.signature[:-1] + bytes([t.signature[-1] ^ 1]))),
     "unsigned": ("trailer", lambda t: setattr(t, "signature", b"")),
+    "head signature": ("trailer", lambda t: setattr(t.ledger_head, "signature", bytes(64))),
+    "head unsigned": ("trailer", lambda t: setattr(t.ledger_head, "signature", b"")),
 }
 
 

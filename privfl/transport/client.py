@@ -59,7 +59,7 @@ from privfl.transport.common import (
 )
 from privfl.transport.proto import gossip_pb2 as pb
 from privfl.transport.server import ACCEPT_KIND, ACK_KIND, HeadSource
-from privfl.transport.signing import AuthenticationFailed, PeerVerifier, Signer
+from privfl.transport.signing import AuthenticationFailed, PeerVerifier, Signer, head_signature_of
 
 log = logging.getLogger("privfl.transport")
 
@@ -285,7 +285,7 @@ class GossipClient:
         peer, head = self.verifier.message(asm.header, asm.trailer, asm.digest, claimed=peer_id)
         with self._lock:
             self._seen_cert[peer_id] = bytes(asm.header.sender_certificate)
-        return asm.message(head)
+        return asm.message(head, head_signature_of(asm.trailer))
 
     def _auth_failed(self, peer_id: str, address: str, exc: AuthenticationFailed) -> None:
         """Log a refused accept/reply; block the peer if its own pinned certificate is revoked."""

@@ -38,7 +38,7 @@ from google.protobuf.message import DecodeError
 from privfl.errors import PrivflError
 from privfl.transport.proto import gossip_pb2 as pb
 
-WIRE_VERSION = 2  # 2: header packed with the first body piece, trailer with the last (1: one part per Chunk)
+WIRE_VERSION = 3  # 3: the ledger head signed on its own; 2: header packed with the first body piece (1: a Chunk each)
 CHUNK_BYTES = 1 << 20
 MAX_TENSORS = 4096
 MAX_NDIM = 8
@@ -220,6 +220,7 @@ class DecodedMessage:
     in_reply_to: int
     wire_bytes: int
     ledger_head: tuple[int, bytes] | None = None  # the sender's signed (index, entry hash), verified
+    head_signature: bytes = b""  # the sender's own signature of ledger_head (64 bytes), verified
     digest_algorithm: str = LEDGER_DIGEST  # the hash of ``digest`` (a DIGEST_ALGORITHMS name)
 
 
@@ -878,9 +879,9 @@ class MessageAssembler:
         self.digest = digest
         return True
 
-    def message(self, ledger_head: tuple[int, bytes] | None = None) -> DecodedMessage:
-        """The decoded, validated message (after ``feed`` returned True); ``ledger_head``: the
-        sender's verified head, as the caller's signature check returned it."""
+    def message(self, ledger_head: tuple[int, bytes] | None = None, head_signature: bytes = b"") -> DecodedMessage:
+        """The decoded, validated message (after ``feed`` returned True); ``ledger_head`` and
+        ``head_signature``: the sender's verified head, as the caller's signature check returned it."""
         if self.header is None or self.digest is None or self._body is None:
             raise TransportError("stream ended before the message was complete")
         h = self.header
@@ -889,7 +890,8 @@ class MessageAssembler:
                               round=h.round, kind=h.kind, tensors=tensors,
                               scalars=dict(h.scalars), digest=self.digest,
                               in_reply_to=h.in_reply_to, wire_bytes=self.wire_bytes,
-                              ledger_head=ledger_head, digest_algorithm=h.digest_algorithm)
+                              ledger_head=ledger_head, head_signature=head_signature if ledger_head else b"",
+                              digest_algorithm=h.digest_algorithm)
 
 
 def decode_stream(chunks: Iterable[bytes], expected: ExpectedSpec | None,

@@ -62,7 +62,7 @@ from privfl.transport.codec import (
 )
 from privfl.transport.common import DEFAULT_MAX_MESSAGE_BYTES, METHOD, TrafficCounters, TrustState, grpc_options
 from privfl.transport.proto import gossip_pb2 as pb
-from privfl.transport.signing import AuthenticationFailed, LedgerHead, PeerVerifier, Signer
+from privfl.transport.signing import AuthenticationFailed, LedgerHead, PeerVerifier, Signer, head_signature_of
 
 log = logging.getLogger("privfl.transport")
 
@@ -372,7 +372,7 @@ class GossipServer:
                     raise TransportError("stream ended before the message was complete")
                 assert asm.header is not None and asm.trailer is not None and asm.digest is not None
                 _, head = self.verifier.message(asm.header, asm.trailer, asm.digest, claimed=peer)
-                msg = asm.message(head)
+                msg = asm.message(head, head_signature_of(asm.trailer))
             except TransportError as exc:
                 if not context.is_active():
                     log.info("node %s: call from %s (%s) ended before its message was complete",

@@ -11,6 +11,12 @@ ledger head and the SHA-256 of the sender certificate. A receiver accepts a mess
 when the certificate chains to the consortium CA, is within its validity, is not on the
 current CRL, names the claimed sender, equals the roster pin for that sender, and the
 signature verifies -- all before anything is decoded or applied.
+
+The ledger head also carries a signature of its own (:func:`sign_head`): the sender's key
+over its node id, the index and the entry hash alone. A peer keeps it with the anchor,
+and when the sender restarts and asks which head of its it holds, the answer is a head
+the sender can check it signed: a member cannot stop a restarting node with a head it
+made up (see :meth:`privfl.peer_network.GrpcPeerNetwork.query_head`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 from privfl.pki import PKIError, load_private_key, verify_node_certificate
 from privfl.transport.codec import TransportError, spec_line
@@ -32,7 +39,9 @@ from privfl.transport.common import TrustState
 from privfl.transport.proto import gossip_pb2 as pb
 
 DOMAIN = b"privfl-gossip-signature-v3\n"  # v3: wire version 2 (packed Chunks); v2 signed the digest's algorithm
+HEAD_DOMAIN = b"privfl-ledger-head-v1\n"
 HASH_BYTES = 32
+HEAD_SIGNATURE_BYTES = 64  # r || s, 32 bytes each (P-256)
 MAX_CERTIFICATE_BYTES = 16 * 1024
 _ECDSA = ec.ECDSA(hashes.SHA256())
 
@@ -103,6 +112,33 @@ def verify_message(public_key: ec.EllipticCurvePublicKey, header: pb.Header, dig
                                    f"{header.sender!r} does not verify") from None
 
 
+def head_bytes(node_id: str, head: LedgerHead) -> bytes:
+    """What a head signature covers: the domain, the node id, the index and the entry hash."""
+    index, entry_hash = head
+    if len(entry_hash) != HASH_BYTES:
+        raise TransportError(f"ledger head hash has {len(entry_hash)} bytes, not {HASH_BYTES}")
+    return HEAD_DOMAIN + _str(node_id) + struct.pack(">Q", int(index)) + bytes(entry_hash)
+
+
+def sign_head(key: ec.EllipticCurvePrivateKey, node_id: str, head: LedgerHead) -> bytes:
+    """The 64-byte (r || s) ECDSA P-256 signature of ``node_id``'s ledger head."""
+    r, s = decode_dss_signature(key.sign(head_bytes(node_id, head), _ECDSA))
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def head_signed_by(public_key: ec.EllipticCurvePublicKey, node_id: str, head: LedgerHead,
+                   signature: bytes) -> bool:
+    """Whether ``signature`` is ``node_id``'s signature of ``head`` under ``public_key``."""
+    if len(signature) != HEAD_SIGNATURE_BYTES:
+        return False
+    der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
+    try:
+        public_key.verify(der, head_bytes(node_id, head), _ECDSA)
+    except (InvalidSignature, TransportError):
+        return False
+    return True
+
+
 def head_of(trailer: pb.Trailer) -> LedgerHead | None:
     """The trailer's ledger head (None if absent); TransportError if malformed."""
     if not trailer.HasField("ledger_head"):
@@ -113,11 +149,18 @@ def head_of(trailer: pb.Trailer) -> LedgerHead | None:
     return int(h.index), bytes(h.entry_hash)
 
 
-def trailer_of(digest: bytes, head: LedgerHead | None, signature: bytes) -> pb.Trailer:
+def head_signature_of(trailer: pb.Trailer) -> bytes:
+    """The trailer's head signature (empty when there is no head)."""
+    return bytes(trailer.ledger_head.signature) if trailer.HasField("ledger_head") else b""
+
+
+def trailer_of(digest: bytes, head: LedgerHead | None, signature: bytes,
+               head_signature: bytes = b"") -> pb.Trailer:
     """The trailer of a signed message."""
     t = pb.Trailer(model_digest=digest, signature=signature)
     if head is not None:
         t.ledger_head.index, t.ledger_head.entry_hash = int(head[0]), bytes(head[1])
+        t.ledger_head.signature = head_signature
     return t
 
 
@@ -128,10 +171,25 @@ class Signer:
         self._key = load_private_key(key_pem)
         self.certificate_der = x509.load_pem_x509_certificate(cert_pem).public_bytes(
             serialization.Encoding.DER)
+        self._lock = threading.Lock()
+        self._head_cache: tuple[str, LedgerHead, bytes] | None = None  # the last head signed
 
     def seal(self, header: pb.Header, digest: bytes, head: LedgerHead | None) -> pb.Trailer:
-        """The signed trailer for ``header`` with ``digest`` and ``head``."""
-        return trailer_of(digest, head, sign_message(self._key, header, digest, head))
+        """The signed trailer for ``header`` with ``digest`` and ``head`` (the head signed too)."""
+        head_sig = self.head_signature(header.sender, head) if head is not None else b""
+        return trailer_of(digest, head, sign_message(self._key, header, digest, head), head_sig)
+
+    def head_signature(self, node_id: str, head: LedgerHead) -> bytes:
+        """The head's own signature (the last one is cached: the head moves once per ledger entry)."""
+        head = (int(head[0]), bytes(head[1]))
+        with self._lock:
+            cached = self._head_cache
+        if cached is not None and cached[0] == node_id and cached[1] == head:
+            return cached[2]
+        sig = sign_head(self._key, node_id, head)
+        with self._lock:
+            self._head_cache = (node_id, head, sig)
+        return sig
 
 
 @dataclass(frozen=True)
@@ -231,7 +289,19 @@ class PeerVerifier:
                                        f"node {peer.node_id!r}")
         head = head_of(trailer)
         verify_message(peer.public_key, header, digest, head, trailer.signature)
+        if head is not None and not head_signed_by(peer.public_key, peer.node_id, head,
+                                                   head_signature_of(trailer)):
+            raise AuthenticationFailed(f"ledger head of {header.kind} seq={header.sequence} from "
+                                       f"{header.sender!r} is not signed by its key")
         return peer, head
+
+
+def certificate_public_key(cert_pem: bytes) -> ec.EllipticCurvePublicKey:
+    """The ECDSA public key of a PEM certificate (a node's own, to check heads it signed)."""
+    pub = x509.load_pem_x509_certificate(cert_pem).public_key()
+    if not isinstance(pub, ec.EllipticCurvePublicKey):
+        raise AuthenticationFailed("certificate key is not an ECDSA key")
+    return pub
 
 
 def certificate_der(cert_pem: bytes) -> bytes:
@@ -239,6 +309,7 @@ def certificate_der(cert_pem: bytes) -> bytes:
     return x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
 
 
-__all__ = ["AuthenticationFailed", "LedgerHead", "PeerVerifier", "Signer", "VerifiedPeer",
-           "canonical_bytes", "certificate_der", "head_of", "sign_message", "trailer_of",
+__all__ = ["AuthenticationFailed", "HEAD_SIGNATURE_BYTES", "LedgerHead", "PeerVerifier", "Signer",
+           "VerifiedPeer", "canonical_bytes", "certificate_der", "certificate_public_key", "head_bytes",
+           "head_of", "head_signature_of", "head_signed_by", "sign_head", "sign_message", "trailer_of",
            "verify_message"]

@@ -61,6 +61,7 @@ class Cluster:
         init_consortium("live", ids, root, addresses={n: f"127.0.0.1:{p}" for n, p in zip(ids, ports)})
         _ca, roster, crl = load_pki(root)
         self.heads: dict[str, list[tuple[str, int, bytes]]] = {n: [] for n in ids}
+        self.proofs: dict[tuple[str, str, int], bytes] = {}  # (holder, peer, index) -> the peer's head signature
         self.nets: dict[str, GrpcPeerNetwork] = {}
         self.keepers: dict[str, Keeper] = {}
         for i, n in enumerate(ids):
@@ -68,13 +69,18 @@ class Cluster:
                 NodeIdentity.load(root / n), roster, crl, [m for m in ids if m != n], NAMES,
                 [np.zeros(D, np.float32)], timeout=3.0, crl_path=root / "crl.pem", roster_path=root / "roster.toml",
                 trust_poll=poll, ledger_head=lambda i=i: (10 + i, bytes([i]) * 32),
-                on_peer_head=lambda p, idx, h, n=n: self.heads[n].append((p, idx, h)),
-                head_for=lambda p, n=n: next(((idx, h) for q, idx, h in reversed(self.heads[n]) if q == p), None),
+                on_peer_head=lambda p, idx, h, sig, n=n: self._held(n, p, idx, h, sig),
+                head_for=lambda p, n=n: next(((idx, h, self.proofs[(n, p, idx)]) for q, idx, h
+                                              in reversed(self.heads[n]) if q == p), None),
                 **kw)  # type: ignore[arg-type]
             self.keepers[n] = Keeper(n, float(i + 1))
             net.attach(self.keepers[n])  # type: ignore[arg-type]
             net.start()
             self.nets[n] = net
+
+    def _held(self, holder: str, peer: str, idx: int, h: bytes, sig: bytes) -> None:
+        self.heads[holder].append((peer, idx, h))
+        self.proofs[(holder, peer, idx)] = sig
 
     def exchange(self, a: str, b: str, value: float = 2.0) -> ModelMessage | None:
         self.nets[a].client.backoff.success(b)
@@ -153,6 +159,32 @@ def test_ledger_heads_travel_signed_and_head_query_answers(cluster: Cluster) -> 
     # b holds a's head (10, 0x00..): a asks b for it
     assert cluster.nets["a"].query_head("b") == (10, bytes([0]) * 32)
     assert cluster.nets["b"].query_head("c") is None  # c holds nothing of b
+
+
+def test_a_made_up_head_in_a_head_reply_is_ignored(cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+    """The restart DoS: c, a member gone rogue, answers a's head query with a head of a's that
+    a never sent (a huge index, to make a believe its ledger was cut short and refuse to
+    train), with no signature, with c's own signature, or a's real signature moved to
+    another index. a must see each as made up (None, one warning), and still accept the
+    head it really sent, with its own signature."""
+    assert cluster.exchange("a", "c") is not None  # c now holds a's real head (10, 0x00..) and its proof
+    real_idx, real_hash, real_sig = cluster.nets["c"].head_for("a")  # type: ignore[misc]
+    assert (real_idx, real_hash) == (10, bytes([0]) * 32) and len(real_sig) == 64
+    assert cluster.nets["a"].query_head("c") == (10, bytes([0]) * 32)
+    c_key = NodeIdentity.load(cluster.dir / "c")
+    forged_by_c = Signer(c_key.key_pem, c_key.cert_pem).head_signature("a", (10**6, b"\x07" * 32))
+    forgeries = {
+        "unsigned": (10**6, b"\x07" * 32, b""),
+        "signed by c": (10**6, b"\x07" * 32, forged_by_c),
+        "a's signature moved": (10**6, real_hash, real_sig),
+        "random bytes": (10**6, b"\x07" * 32, os.urandom(64)),
+    }
+    for name, forged in forgeries.items():
+        cluster.nets["c"].head_for = lambda p, f=forged: f  # type: ignore[assignment, misc]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="privfl.node"):
+            assert cluster.nets["a"].query_head("c") is None, name
+        assert any("never signed" in r.getMessage() and "1000000" in r.getMessage() for r in caplog.records), name
 
 
 # --------------------------------------------------------------------------- values, kinds, scalars

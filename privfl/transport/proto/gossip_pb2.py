@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#privfl/transport/proto/gossip.proto\x12\x13privfl.transport.v1\"U\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06sparse\x18\x04 \x01(\x08\x12\x0b\n\x03nnz\x18\x05 \x01(\x04\"\xe7\x02\n\x06Header\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\r\n\x05round\x18\x05 \x01(\x04\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\x30\n\x07tensors\x18\x07 \x03(\x0b\x32\x1f.privfl.transport.v1.TensorSpec\x12\x12\n\nbody_bytes\x18\x08 \x01(\x04\x12\x13\n\x0bin_reply_to\x18\t \x01(\x04\x12\x39\n\x07scalars\x18\n \x03(\x0b\x32(.privfl.transport.v1.Header.ScalarsEntry\x12\x1a\n\x12sender_certificate\x18\x0b \x01(\x0c\x12\x18\n\x10\x64igest_algorithm\x18\x0c \x01(\t\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"/\n\nLedgerHead\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x12\n\nentry_hash\x18\x02 \x01(\x0c\"h\n\x07Trailer\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\x0c\x12\x34\n\x0bledger_head\x18\x02 \x01(\x0b\x32\x1f.privfl.transport.v1.LedgerHead\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"q\n\x05\x43hunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x1b.privfl.transport.v1.Header\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12-\n\x07trailer\x18\x03 \x01(\x0b\x32\x1c.privfl.transport.v1.Trailer2P\n\x06Gossip\x12\x46\n\x08\x45xchange\x12\x1a.privfl.transport.v1.Chunk\x1a\x1a.privfl.transport.v1.Chunk(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#privfl/transport/proto/gossip.proto\x12\x13privfl.transport.v1\"U\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06sparse\x18\x04 \x01(\x08\x12\x0b\n\x03nnz\x18\x05 \x01(\x04\"\xe7\x02\n\x06Header\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\r\n\x05round\x18\x05 \x01(\x04\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\x30\n\x07tensors\x18\x07 \x03(\x0b\x32\x1f.privfl.transport.v1.TensorSpec\x12\x12\n\nbody_bytes\x18\x08 \x01(\x04\x12\x13\n\x0bin_reply_to\x18\t \x01(\x04\x12\x39\n\x07scalars\x18\n \x03(\x0b\x32(.privfl.transport.v1.Header.ScalarsEntry\x12\x1a\n\x12sender_certificate\x18\x0b \x01(\x0c\x12\x18\n\x10\x64igest_algorithm\x18\x0c \x01(\t\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"B\n\nLedgerHead\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x12\n\nentry_hash\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"h\n\x07Trailer\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\x0c\x12\x34\n\x0bledger_head\x18\x02 \x01(\x0b\x32\x1f.privfl.transport.v1.LedgerHead\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"q\n\x05\x43hunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x1b.privfl.transport.v1.Header\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12-\n\x07trailer\x18\x03 \x01(\x0b\x32\x1c.privfl.transport.v1.Trailer2P\n\x06Gossip\x12\x46\n\x08\x45xchange\x12\x1a.privfl.transport.v1.Chunk\x1a\x1a.privfl.transport.v1.Chunk(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,11 +40,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEADER_SCALARSENTRY']._serialized_start=461
   _globals['_HEADER_SCALARSENTRY']._serialized_end=507
   _globals['_LEDGERHEAD']._serialized_start=509
-  _globals['_LEDGERHEAD']._serialized_end=556
-  _globals['_TRAILER']._serialized_start=558
-  _globals['_TRAILER']._serialized_end=662
-  _globals['_CHUNK']._serialized_start=664
-  _globals['_CHUNK']._serialized_end=777
-  _globals['_GOSSIP']._serialized_start=779
-  _globals['_GOSSIP']._serialized_end=859
+  _globals['_LEDGERHEAD']._serialized_end=575
+  _globals['_TRAILER']._serialized_start=577
+  _globals['_TRAILER']._serialized_end=681
+  _globals['_CHUNK']._serialized_start=683
+  _globals['_CHUNK']._serialized_end=796
+  _globals['_GOSSIP']._serialized_start=798
+  _globals['_GOSSIP']._serialized_end=878
 # @@protoc_insertion_point(module_scope)

@@ -56,12 +56,14 @@ class Header(_message.Message):
     def __init__(self, version: _Optional[int] = ..., sender: _Optional[str] = ..., recipient: _Optional[str] = ..., sequence: _Optional[int] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., body_bytes: _Optional[int] = ..., in_reply_to: _Optional[int] = ..., scalars: _Optional[_Mapping[str, float]] = ..., sender_certificate: _Optional[bytes] = ..., digest_algorithm: _Optional[str] = ...) -> None: ...
 
 class LedgerHead(_message.Message):
-    __slots__ = ("index", "entry_hash")
+    __slots__ = ("index", "entry_hash", "signature")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     ENTRY_HASH_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     index: int
     entry_hash: bytes
-    def __init__(self, index: _Optional[int] = ..., entry_hash: _Optional[bytes] = ...) -> None: ...
+    signature: bytes
+    def __init__(self, index: _Optional[int] = ..., entry_hash: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Trailer(_message.Message):
     __slots__ = ("model_digest", "ledger_head", "signature")
