@@ -91,6 +91,7 @@ from privfl.preprocessing import (
 from privfl.ranks import RankPlace, RankWorkers, SiteGroup, open_site_group, rank_device, rank_place, run_worker
 from privfl.sim.engine import save_state_dict, state_dict_files
 from privfl.site import ClientBuild, SiteClient, build_client, reads_site_data
+from privfl.step_pacer import StepPacer
 from privfl.strategies.base import NodeStrategy, Params, PeerNetwork
 from privfl.strategies.gossip import AsyncGossip
 from privfl.strategies.registry import StrategyBuild, build_node_strategy, check_strategy
@@ -291,6 +292,11 @@ def check_policy(cfg: NodeConfig, roster: Roster, sigma: float) -> None:
                         "DP) reaches the target, and its peers and its ledger see when: that releases a "
                         "statistic of its records; stop on [stop].max_steps (target accuracy is for privfl "
                         "simulate/compare)")
+    paced = cfg.node.step_seconds * cfg.common.strategy.local_steps
+    if paced >= cfg.node.peer_timeout / 2:
+        raise NodeError(f"{src}: [node].step_seconds: {cfg.node.step_seconds:g} s × [strategy].local_steps "
+                        f"{cfg.common.strategy.local_steps} = {paced:g} s, a model's wait for its slot, must stay "
+                        f"below half of [node].peer_timeout ({cfg.node.peer_timeout:g} s) or peers time out")
     if pol.min_noise_multiplier is not None and sigma < pol.min_noise_multiplier:
         raise NodeError(f"{src}: [dp].noise_multiplier: {sigma:g} is below the consortium minimum "
                         f"{pol.min_noise_multiplier:g} (roster {cfg.roster_path} [policy].min_noise_multiplier)")
@@ -472,6 +478,7 @@ class Node:
         neighbors = self.topology.neighbors(self.node_id)
         ledger = self.ledger
         self._anchors = AnchorThrottle(lambda: ledger.head[0], self._write_anchor)
+        self._pacer = StepPacer(self.node_id, cfg.node.step_seconds)
         self.network = GrpcPeerNetwork(
             self.identity, self.roster, crl, neighbors, self.names, params,
             policy=AdvertisedPolicy(self.sigma, c.dp.target_epsilon, c.dp.delta),
@@ -576,10 +583,12 @@ class Node:
             mechanism_params=event.get("mechanism_params") or {}), f"the {event['purpose']} step(s) did not run")
 
     def _on_release(self, peer: str, seq: int, round: int, digest: str, nbytes: int) -> None:
-        """Every model released to a peer gets a ledger entry first (never its values); a ledger that
-        cannot be written raises NodeError here, so the model does not leave."""
+        """Every model released to a peer waits for its step's slot (``[node].step_seconds``) and
+        gets a ledger entry first (never its values); a ledger that cannot be written raises
+        NodeError here, so the model does not leave."""
         ledger = self.ledger
         assert ledger is not None
+        self._pacer.wait(ledger.steps)
         self._ledger_write(lambda: ledger.append_message(
             peer, seq, round, digest=digest, size=nbytes, digest_algorithm=LEDGER_DIGEST),
                            f"the model for {peer} did not leave")
@@ -831,6 +840,10 @@ class Node:
             if net.neighbors():
                 self._check_peer_heads()
             self._t0 = time.monotonic()
+            self._pacer.start(self.total_steps)
+            if self._pacer.active:
+                log.info("node %s: fixed-time steps: no model leaves before %g s per DP step ([node].step_seconds)",
+                         self.node_id, self._pacer.step_seconds)
             if not (self.out / "initial_model.npz").exists():
                 np.savez(self.out / "initial_model.npz", **dict(zip(self.names, self._snapshot())))  # type: ignore[arg-type]  # numpy's stub: **arrays
             self.evaluate("start")

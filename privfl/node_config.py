@@ -55,6 +55,9 @@ class NodeSection:
     consensus_exchanges: int = 20  # pure-averaging exchanges after training (0: none)
     consensus_wait: float = 30.0  # wait at most this long for neighbours to finish training
     linger: float = 30.0  # wait at most this long for neighbours to say goodbye
+    #: fixed-time steps: no model leaves before the start + steps × step_seconds, so the step
+    #: rate (which grows with the record count) does not show in message timing; 0: off
+    step_seconds: float = 0.0
     sync_timeout: float = 10.0  # sync_gossip: wait at most this long for a round's models
     device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N"
     #: processes that train this site as one DP learner (all-reduced clipped sums, noise once, on
@@ -73,7 +76,7 @@ class NodeSection:
         for name in ("checkpoint_every", "peer_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{where}.{name}: must be > 0, got {getattr(self, name)}")
-        for name in ("wait_for_peers", "consensus_wait", "linger", "sync_timeout"):
+        for name in ("wait_for_peers", "consensus_wait", "linger", "sync_timeout", "step_seconds"):
             v = getattr(self, name)
             if not (v >= 0 and math.isfinite(v)):
                 raise ConfigError(f"{where}.{name}: must be a finite number >= 0, got {v}")
