@@ -472,14 +472,15 @@ def test_replay_refused(pki: Pki, server, caplog) -> None:  # noqa: ANN001
         for again in (seq, seq - 1):
             with pytest.raises(PeerRefused, match="replayed"):
                 c.exchange("h2", Message("exchange_request", 0, model(), sequence=again))
-    assert sum("refused message from h1 (" in r.getMessage() and "replayed or out-of-order sequence" in r.getMessage()
-               for r in caplog.records) == 2
+    replays = [r for r in caplog.records if "refused message from h1 (" in r.getMessage()
+               and "replayed or out-of-order sequence" in r.getMessage()]
+    assert len(replays) == 1  # the same refusal again within 10 s is not logged again (it is counted)
     assert len(handler.seen) == 1
     assert_serves(pki, roster)
 
 
 def test_small_exchange_is_four_grpc_messages(pki: Pki, server) -> None:  # noqa: ANN001
-    """Wire version 2: the request header alone, then body + trailer; the server's accept is one
+    """Wire version 2 and 3: the request header alone, then body + trailer; the server's accept is one
     Chunk and its reply another (wire version 1 took 8 gRPC messages)."""
     srv, roster, handler = server
     ch, call = raw_stub(pki, ident(pki, "h1"), srv.port)
@@ -510,7 +511,7 @@ def test_old_version_peer_refused_with_a_clear_error(pki: Pki, server, caplog) -
     old.append(pb.Chunk(trailer=signer.seal(enc.header, enc.compute_digest(), None)).SerializeToString())
     err = raw_refused(pki, idn, srv.port, old)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.details() == ("peer speaks wire version 1, this node speaks 2: run the same privfl "
+    assert err.details() == ("peer speaks wire version 1, this node speaks 3: run the same privfl "
                                     "release on every node")
     assert not handler.seen
     assert any("refused message from h1" in r.getMessage() and "wire version 1" in r.getMessage()
@@ -643,3 +644,42 @@ def test_no_copy_of_the_private_key_is_written_anywhere(pki: Pki, server, tmp_pa
     written = [p for p in scratch.rglob("*") if p.is_file()]
     assert not written, written
     assert not any(key.strip() in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+
+
+def test_a_flood_of_refused_calls_logs_one_line_and_counts_the_rest(pki: Pki, server, caplog) -> None:  # noqa: ANN001
+    """A member sends malformed models as fast as the server refuses them: the operator's log
+    gets one line for the flood, and the next line after the interval says how many it held back."""
+    srv, roster, handler = server
+    srv._refusal_log.interval = 0.5
+    caplog.set_level(logging.WARNING, logger=LOG)
+    bad = Message("exchange_request", 0, model(w=np.zeros((8, 64), np.float32)))
+    with client(pki, "h1", roster) as c:
+        for _ in range(30):
+            with pytest.raises(PeerRefused, match="INVALID_ARGUMENT"):
+                c.exchange("h2", bad, timeout=5)
+        lines = [r.getMessage() for r in caplog.records if "refused message from h1" in r.getMessage()]
+        assert len(lines) == 1 and "shape" in lines[0], lines
+        time.sleep(0.6)
+        with pytest.raises(PeerRefused):
+            c.exchange("h2", bad, timeout=5)
+    lines = [r.getMessage() for r in caplog.records if "refused message from h1" in r.getMessage()]
+    assert len(lines) == 2 and "(29 more like it in the last 0.5 s not logged)" in lines[1], lines
+    assert not handler.seen
+    assert_serves(pki, roster)
+
+
+def test_log_limiter_keys_and_bound() -> None:
+    from privfl.transport.log_limit import MAX_KEYS, LogLimiter, source_host
+
+    now = [0.0]
+    lim = LogLimiter(10.0, clock=lambda: now[0])
+    assert lim.allow("cert", "10.0.0.1") == (True, 0)
+    assert lim.allow("cert", "10.0.0.1") == (False, 0)
+    assert lim.allow("cert", "10.0.0.2") == (True, 0)  # another source is its own line
+    now[0] = 10.0
+    assert lim.allow("cert", "10.0.0.1") == (True, 1)
+    for i in range(MAX_KEYS + 5):  # a flood from many addresses does not grow the table without bound
+        lim.allow("cert", f"h{i}")
+    assert len(lim._seen) <= MAX_KEYS
+    assert source_host("ipv4:127.0.0.1:50512") == "ipv4:127.0.0.1"
+    assert source_host("ipv6:[::1]:443") == "ipv6:[::1]"

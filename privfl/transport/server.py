@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -61,6 +62,7 @@ from privfl.transport.codec import (
     iter_chunks,
 )
 from privfl.transport.common import DEFAULT_MAX_MESSAGE_BYTES, METHOD, TrafficCounters, TrustState, grpc_options
+from privfl.transport.log_limit import LogLimiter, source_host
 from privfl.transport.proto import gossip_pb2 as pb
 from privfl.transport.signing import AuthenticationFailed, LedgerHead, PeerVerifier, Signer, head_signature_of
 
@@ -176,8 +178,9 @@ class GossipServer:
         self.verifier = PeerVerifier(self.trust)
         self._signer = Signer(identity.key_pem, identity.cert_pem)
         self._last_seq: dict[str, int] = {}
+        self._refusal_log = LogLimiter()  # a flood of refused calls cannot flood the operator's log
         self._active: dict[str, int] = {}
-        self._reply_seq = time.time_ns() // 1000  # monotone across restarts
+        self._reply_seq = 0  # see _next_reply_seq: the wall clock, monotone across restarts
         # every member may hold its cap of calls at once, plus a margin for the refusals
         self._max_workers = max_workers or len(roster.nodes) * max_calls_per_peer + 4
         self._server: grpc.Server | None = None
@@ -256,19 +259,23 @@ class GossipServer:
         auth = context.auth_context()
         version = b"".join(auth.get("ssl_tls_version", [])).decode("ascii", "replace")
         if version != REQUIRED_TLS_VERSION:
-            log.warning("node %s: refused %s: TLS version %s, only %s is accepted", self.node_id,
-                        context.peer(), version or "unknown", REQUIRED_TLS_VERSION)
+            self._warn_refusal(("tls", source_host(context.peer())), "node %s: refused %s: TLS version %s, only %s "
+                               "is accepted", self.node_id, context.peer(), version or "unknown", REQUIRED_TLS_VERSION)
             raise _Refused(grpc.StatusCode.PERMISSION_DENIED, f"{REQUIRED_TLS_VERSION} required")
         pems = auth.get("x509_pem_cert")
         if not pems:
-            log.warning("node %s: refused %s: no client certificate in the TLS session",
-                        self.node_id, context.peer())
+            self._warn_refusal(("no-cert", source_host(context.peer())),
+                               "node %s: refused %s: no client certificate in the TLS session",
+                               self.node_id, context.peer())
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "client certificate required")
         try:
             return self.verifier.certificate(pems[0], pem=True).node_id
         except AuthenticationFailed as exc:
-            (log.debug if exc.repeat else log.warning)("node %s: refused %s: %s", self.node_id,
-                                                       context.peer(), exc)
+            if exc.repeat:
+                log.debug("node %s: refused %s: %s", self.node_id, context.peer(), exc)
+            else:
+                self._warn_refusal(("cert", source_host(context.peer()), str(exc)), "node %s: refused %s: %s",
+                                   self.node_id, context.peer(), exc)
             raise _Refused(grpc.StatusCode.PERMISSION_DENIED, "peer not authorized") from None
 
     def _admit(self, peer: str, address: str) -> None:
@@ -280,9 +287,17 @@ class GossipServer:
                 refuse = False
                 self._active[peer] = n + 1
         if refuse:
-            log.warning("node %s: refused a call from %s at %s: %d calls already in flight (cap %d)",
-                        self.node_id, peer, address, n, self.max_calls_per_peer)
+            self._warn_refusal(("cap", peer), "node %s: refused a call from %s at %s: %d calls already in "
+                               "flight (cap %d)", self.node_id, peer, address, n, self.max_calls_per_peer)
             raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many concurrent calls")
+
+    def _warn_refusal(self, key: tuple[str, ...], fmt: str, *args: object) -> None:
+        """One warning per (reason, source) every ``refusal_log_interval`` s; the repeats are counted."""
+        emit, dropped = self._refusal_log.allow(*key)
+        if emit:
+            log.warning(fmt + self._refusal_log.suffix(dropped), *args)
+        else:
+            log.debug(fmt, *args)
 
     def _release(self, peer: str) -> None:
         with self._lock:
@@ -307,8 +322,11 @@ class GossipServer:
             self._last_seq[peer] = seq
 
     def _next_reply_seq(self) -> int:
+        """The reply's sequence: the wall clock in µs when it is sent (kept increasing). A
+        counter from the start would tell a peer how many replies this node has served and
+        when it started; the time of a reply is what the peer sees anyway."""
         with self._lock:
-            self._reply_seq += 1
+            self._reply_seq = max(self._reply_seq + 1, time.time_ns() // 1000)
             return self._reply_seq
 
     def _encode(self, msg: Message, peer: str, in_reply_to: int) -> list[bytes] | Iterator[bytes]:
@@ -319,9 +337,11 @@ class GossipServer:
         return iter_chunks(enc)
 
     def _refuse(self, peer: str, address: str, exc: TransportError) -> _Refused:
-        quiet = isinstance(exc, AuthenticationFailed) and exc.repeat
-        (log.debug if quiet else log.warning)("node %s: refused message from %s (%s): %s", self.node_id,
-                                              peer, address, exc)
+        if isinstance(exc, AuthenticationFailed) and exc.repeat:
+            log.debug("node %s: refused message from %s (%s): %s", self.node_id, peer, address, exc)
+        else:
+            self._warn_refusal(("message", peer, re.sub(r"\d+", "#", str(exc))),
+                               "node %s: refused message from %s (%s): %s", self.node_id, peer, address, exc)
         code = (grpc.StatusCode.PERMISSION_DENIED if isinstance(exc, AuthenticationFailed)
                 else grpc.StatusCode.INVALID_ARGUMENT)
         return _Refused(code, "peer not authorized" if isinstance(exc, AuthenticationFailed) else str(exc))

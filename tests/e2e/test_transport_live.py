@@ -187,6 +187,25 @@ def test_a_made_up_head_in_a_head_reply_is_ignored(cluster: Cluster, caplog: pyt
         assert any("never signed" in r.getMessage() and "1000000" in r.getMessage() for r in caplog.records), name
 
 
+def test_reply_sequences_reveal_neither_the_start_time_nor_the_replies_served(cluster: Cluster) -> None:
+    """A curious peer a reads b's reply sequence numbers: they were b's start time in µs plus
+    the count of replies b had served (to c too). Now each is the clock when it is sent."""
+    from privfl.peer_network import HEAD_QUERY_KIND, HEAD_SPEC
+
+    def reply_seq() -> int:
+        cluster.nets["a"].client.backoff.success("b")
+        return cluster.nets["a"].client.exchange("b", Message(kind=HEAD_QUERY_KIND), expected=HEAD_SPEC).sequence
+
+    time.sleep(0.3)
+    before = time.time_ns() // 1000
+    first = reply_seq()
+    assert first >= before  # not b's start time (0.3 s earlier)
+    for _ in range(20):  # b serves c twenty times between a's two queries
+        assert cluster.nets["c"].notify("hello", ["b"]) == {"b"}
+    second = reply_seq()
+    assert second - first != 21 and second - first > 1000  # no count of b's replies, only time passed
+
+
 # --------------------------------------------------------------------------- values, kinds, scalars
 
 
