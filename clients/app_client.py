@@ -122,12 +122,17 @@ class UserApp:
             if isinstance(client, NumPyClient):
                 client = client.to_client()
             if not isinstance(client, Client):
-                raise ClientAppError(f"[client].app: {self.where}: client_fn returned {type(client).__name__}; "
+                raise ClientAppError(f"{_named(self.where)}: client_fn returned {type(client).__name__}; "
                                      "it must return a flwr NumPyClient or Client")
             return _ClientBackend(client, self.where)
         if self.kind == "client_app":
             return _LegacyAppBackend(self.target, context, self.where)
         return _MessageAppBackend(self.target, context, self.where, self.has_evaluate)
+
+
+def _named(where: str) -> str:
+    """``where`` as an error prefix that names ``[client].app`` once (a node's ``where`` already does)."""
+    return where if "[client].app" in where else f"[client].app: {where}"
 
 
 def load_client_app(obj: Any, where: str) -> UserApp:
@@ -142,19 +147,19 @@ def load_client_app(obj: Any, where: str) -> UserApp:
             return UserApp("client_app", where, obj)
         funcs = getattr(obj, "_registered_funcs", {})
         if "train.default" not in funcs:
-            raise ClientAppError(f"[client].app: {where}: the ClientApp has neither a client_fn nor an "
+            raise ClientAppError(f"{_named(where)}: the ClientApp has neither a client_fn nor an "
                                  "@app.train() function")
         return UserApp("message_app", where, obj, has_evaluate="evaluate.default" in funcs)
     if isinstance(obj, (NumPyClient, Client)) or inspect.isclass(obj):
-        raise ClientAppError(f"[client].app: {where}: names {_describe(obj)}; name the client_fn(context) that "
+        raise ClientAppError(f"{_named(where)}: names {_describe(obj)}; name the client_fn(context) that "
                              "builds the client, or a flwr ClientApp")
     if not callable(obj):
-        raise ClientAppError(f"[client].app: {where}: must name a client_fn(context) or a flwr ClientApp, "
+        raise ClientAppError(f"{_named(where)}: must name a client_fn(context) or a flwr ClientApp, "
                              f"got {type(obj).__name__}")
     try:
         inspect.signature(obj).bind(None)
     except TypeError:
-        raise ClientAppError(f"[client].app: {where}: client_fn must take one argument, the flwr Context") from None
+        raise ClientAppError(f"{_named(where)}: client_fn must take one argument, the flwr Context") from None
     except ValueError:
         pass  # no signature to inspect (a builtin): let the call decide
     return UserApp("client_fn", where, obj)
@@ -163,16 +168,16 @@ def load_client_app(obj: Any, where: str) -> UserApp:
 def _import(path: str, where: str) -> Any:
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
-        raise ClientAppError(f"[client].app: {where}: must be 'pkg.module:name', got {path!r}")
+        raise ClientAppError(f"{_named(where)}: must be 'pkg.module:name', got {path!r}")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure of user code, on one line
-        raise ClientAppError(f"[client].app: {where}: cannot import {module_name}: "
+        raise ClientAppError(f"{_named(where)}: cannot import {module_name}: "
                              f"{type(exc).__name__}: {exc}") from None
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise ClientAppError(f"[client].app: {where}: module {module_name} has no {attr!r}") from None
+        raise ClientAppError(f"{_named(where)}: module {module_name} has no {attr!r}") from None
 
 
 def _describe(obj: Any) -> str:
@@ -221,7 +226,7 @@ class _Messenger:
                       created_at=time.time(), ttl=DEFAULT_TTL, message_type=kind)
         reply = self.app(Message(content=content, metadata=md), self.context)  # type: ignore[call-overload]
         if reply.has_error():
-            raise ClientAppError(f"[client].app: {self.where}: its {kind} reply is an error: {reply.error.reason}")
+            raise ClientAppError(f"{_named(self.where)}: its {kind} reply is an error: {reply.error.reason}")
         return reply.content
 
 
@@ -273,13 +278,13 @@ class _MessageAppBackend(_Messenger):
         record = records.get("arrays") if "arrays" in records else (
             next(iter(records.values())) if len(records) == 1 else None)
         if record is None:
-            raise ClientAppError(f"[client].app: {self.where}: its train reply must hold one ArrayRecord "
+            raise ClientAppError(f"{_named(self.where)}: its train reply must hold one ArrayRecord "
                                  f"(\"arrays\"), got {sorted(records) or 'none'}")
         keys = list(record.keys())
         if names is not None and len(names) == len(params) and set(keys) == set(names):
             keys = list(names)
         elif names is not None and len(names) == len(params):
-            raise ClientAppError(f"[client].app: {self.where}: its train reply's arrays {keys[:3]}... are not "
+            raise ClientAppError(f"{_named(self.where)}: its train reply's arrays {keys[:3]}... are not "
                                  f"the model's ({list(names)[:3]}...)")
         metrics = _metrics(reply)
         return [record[k].numpy() for k in keys], int(metrics.get("num-examples", 0) or 0), metrics
@@ -307,7 +312,7 @@ def _metrics(content: RecordDict) -> dict[str, Any]:
 
 def _check_status(status: Any, where: str, what: str) -> None:
     if status.code != Code.OK:
-        raise ClientAppError(f"[client].app: {where}: its {what} failed: {status.message or status.code.name}")
+        raise ClientAppError(f"{_named(where)}: its {what} failed: {status.message or status.code.name}")
 
 
 # ---- the wrapper the strategies drive -----------------------------------------------------
@@ -400,7 +405,8 @@ class AppClient(NumPyClient):
         """Run the user's code under the site session, one call at a time.
 
         A bug in the user's code (any exception but privfl's own refusals and the budget
-        stop) becomes one line naming ``[client].app``; its traceback goes to the log."""
+        stop) becomes one line naming ``[client].app``; its traceback is logged at DEBUG (an operator's
+        console gets the one line; ``log_level = "DEBUG"`` shows where it came from)."""
         with self._lock, self.session.active():
             try:
                 yield
@@ -409,10 +415,10 @@ class AppClient(NumPyClient):
             except Exception as exc:  # noqa: BLE001 - the hospital's own code: report it, do not hide it
                 if exc is self._hook_error:
                     raise
-                log.error("[client].app: %s raised %s", self.where, type(exc).__name__, exc_info=True)
-                raise ClientAppError(f"[client].app: {self.where} raised {type(exc).__name__}: "
-                                     f"{str(exc).splitlines()[0] if str(exc) else ''} (traceback in the log)") \
-                    from None
+                log.debug("[client].app: %s raised %s", self.where, type(exc).__name__, exc_info=True)
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                raise ClientAppError(f"{_named(self.where)} raised {type(exc).__name__}: {first} "
+                                     "(its traceback is logged at level DEBUG)") from None
 
     # ---- parameters ------------------------------------------------------------------------
     def parameter_names(self) -> list[str]:
@@ -435,7 +441,7 @@ class AppClient(NumPyClient):
             with self._user_code():
                 params = self._backend.get_parameters()
             if params is None:
-                raise ClientAppError(f"[client].app: {self.where}: the client has no get_parameters (a Message-API "
+                raise ClientAppError(f"{_named(self.where)}: the client has no get_parameters (a Message-API "
                                      "ClientApp never has); privfl needs the initial model from [model].factory")
             self._params = [np.array(p, copy=True) for p in params]
         return [p.copy() for p in self._params]
@@ -493,15 +499,15 @@ class AppClient(NumPyClient):
         """Fail closed: a changed model needs accounted DP steps and must be a privately trained model."""
         changed = _changed(sent, new)
         if changed and taken == 0:
-            raise ClientAppError(f"[client].app: {self.where} trained without privfl.PrivacyEngine (its fit changed "
+            raise ClientAppError(f"{_named(self.where)} trained without privfl.PrivacyEngine (its fit changed "
                                  "the model but no DP step was accounted); make its optimizer private with "
                                  "privfl.PrivacyEngine().make_private(...) or set [dp].enabled = false for a run "
                                  "without DP")
         if changed and not any(_is_state_of(m, new) for m in [*fit_models, *self.session.modules]):
-            raise ClientAppError(f"[client].app: {self.where}: its fit returned a model that is not the state of the "
+            raise ClientAppError(f"{_named(self.where)}: its fit returned a model that is not the state of the "
                                  "model privfl.PrivacyEngine trained; return that model's parameters")
         if reported is not None and _reported_steps(reported, -1) != taken:
-            raise ClientAppError(f"[client].app: {self.where} reported steps={reported!r} but privfl accounted "
+            raise ClientAppError(f"{_named(self.where)} reported steps={reported!r} but privfl accounted "
                                  f"{taken} DP step(s) in this fit; report the DP optimizer steps it took (or no steps)")
 
     def public_fit_metrics(self, steps: int) -> dict[str, Any]:

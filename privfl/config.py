@@ -8,6 +8,7 @@ same thing everywhere, so a comparison really changes only what it says it chang
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import math
 import re
@@ -200,10 +201,7 @@ class ModelSection:
         if self.factory:
             if not is_import_path(self.factory):
                 raise ConfigError(f"{where}.factory: expected 'package.module:name', got {self.factory!r}")
-            try:
-                resolve_import(self.factory, f"{where}.factory")
-            except ConfigError as exc:
-                raise ConfigError(str(exc).replace("[model].factory", f"{where}.factory")) from None
+            resolve_import(self.factory, f"{where}.factory")
         elif self.name not in MODELS:
             raise ConfigError(f"{where}.name: unknown model {self.name!r}; choose one of {', '.join(MODELS)} "
                               f"or give {where}.factory = 'package.module:name'")
@@ -517,15 +515,22 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: invalid TOML ({e})") from None
 
 
+PYTHON_PATH_KEY = "python_path"
+
+
 def check_sections(table: dict[str, Any], allowed: Iterable[str], src: str) -> None:
-    """Refuse top-level sections a config file does not have (a typo must not pass silently)."""
-    names = sorted(allowed)
+    """Refuse top-level sections and keys a config file does not have (a typo must not pass
+    silently); the closest allowed name is suggested. ``python_path`` (popped by
+    :func:`apply_python_path` before this check) is always allowed."""
+    names = sorted({*allowed, PYTHON_PATH_KEY})
     unknown = sorted(set(table) - set(names))
     if unknown:
-        raise ConfigError(f"{src}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
-
-
-PYTHON_PATH_KEY = "python_path"
+        parts = []
+        for name in unknown:
+            what = "section" if isinstance(table[name], dict) else "key"
+            close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+            parts.append(f"unknown {what} {name}" + (f" (did you mean {close[0]}?)" if close else ""))
+        raise ConfigError(f"{src}: {'; '.join(parts)}; allowed at the top level: {', '.join(names)}")
 
 
 def apply_python_path(table: dict[str, Any], base: Path, src: str) -> list[str]:

@@ -297,10 +297,10 @@ def load_factory_site(factory: str, site_index: int, num_sites: int, root: str |
     except PrivflError:
         raise
     except Exception as exc:  # noqa: BLE001 - the hospital's own code: one line naming it, traceback logged
-        log.error("%s.factory: %s failed for site %d", where, factory, site_index, exc_info=True)
+        log.debug("%s.factory: %s failed for site %d", where, factory, site_index, exc_info=True)
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise DataError(f"{where}.factory: {factory} failed for site {site_index}: {type(exc).__name__}: {first} "
-                        "(traceback in the log)") from None
+                        "(its traceback is logged at level DEBUG)") from None
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise ConfigError(f"{where}.factory: {factory} must return (train, test) Datasets, got "
                           f"{type(out).__name__}")

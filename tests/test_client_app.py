@@ -432,3 +432,14 @@ def test_load_client_app_refuses_what_it_cannot_drive_in_one_line() -> None:
     assert load_client_app("tests.test_client_app:client_fn", "t").kind == "client_fn"
     with pytest.raises(ClientAppError, match="client_fn returned int"):
         app_client(lambda context: 3)
+
+
+def test_a_nodes_client_app_error_names_the_field_once() -> None:
+    from privfl.clients.app_client import ClientAppError, load_client_app
+
+    with pytest.raises(ClientAppError) as exc:
+        load_client_app("nowhere_pkg_xyz:client_fn", "site.toml: [client].app: nowhere_pkg_xyz:client_fn")
+    assert str(exc.value).count("[client].app") == 1 and str(exc.value).startswith("site.toml: [client].app:")
+    with pytest.raises(ClientAppError) as exc:
+        load_client_app("nowhere_pkg_xyz:client_fn", "nowhere_pkg_xyz:client_fn")
+    assert str(exc.value).startswith("[client].app: nowhere_pkg_xyz:client_fn:")

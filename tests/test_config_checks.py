@@ -161,3 +161,14 @@ def test_a_valid_spec_passes() -> None:
     SimSpec().validate()
     SimSpec(compute_profile="straggler", compute_params={"factor": 4.0, "index": 3}, eval_every=0.5,
             stop=StopCriteria(max_time=0.0)).validate()
+
+
+def test_a_top_level_typo_is_named_with_the_closest_name(tmp_path: Path) -> None:
+    from privfl.config import check_sections
+
+    with pytest.raises(ConfigError) as exc:
+        check_sections({"pythonpath": ["."], "stp": {}}, ("stop", "dp"), "x.toml")
+    msg = str(exc.value)
+    assert "unknown key pythonpath (did you mean python_path?)" in msg
+    assert "unknown section stp (did you mean stop?)" in msg
+    assert "allowed at the top level: dp, python_path, stop" in msg

@@ -8,6 +8,7 @@ and ``[dp].optimizer`` are registries of built-ins and import paths.
 
 from __future__ import annotations
 
+import logging
 import sys
 import textwrap
 import tomllib
@@ -287,3 +288,64 @@ def test_a_factory_may_return_data_loaders(project: Path) -> None:
     d = from_table(DataSection, {"factory": "hosp_byo:loaders", "num_sites": 3}, "[data]")
     site = d.factory_site(1, project)
     assert len(site.train) == 24 and len(site.test) == 6 and site.in_shape == (1, 4, 4)
+
+
+LAUNCH = '''
+    python_path = ["../proj"]
+    [consortium]
+    name = "byo"
+    nodes = ["a", "b", "c"]
+    [data]
+    factory = "hosp_byo:load_site"
+    [nodes.a.data]
+    root = "../data/a"
+    [nodes.b.data]
+    root = "../data/bb"
+    [nodes.c.data]
+    root = "../data/c"
+    [model]
+    factory = "hosp_byo:Net"
+    [dp]
+    sample_rate = 0.25
+    noise_multiplier = 1.0
+    delta = 1e-3
+'''
+
+
+def test_launch_checks_every_node_before_starting_any(project: Path) -> None:
+    """A typo in one hospital's data folder, or in the model's import path, is refused by the
+    launcher in one line naming the node and the field, with no node process started."""
+    sub = project / "conf"
+    sub.mkdir()
+    cfg = sub / "launch.toml"
+    cfg.write_text(textwrap.dedent(LAUNCH))
+    with pytest.raises(ConfigError) as exc:
+        prepare_run(cfg, runs_dir=project / "runs")
+    msg = str(exc.value)
+    assert msg.startswith("node b: ") and "[data].root: folder not found" in msg and "bb" in msg, msg
+    assert "(no node was started)" in msg and "\n" not in msg
+    cfg.write_text(textwrap.dedent(LAUNCH).replace("../data/bb", "../data/b").replace("hosp_byo:Net", "hosp_byo:Nett"))
+    with pytest.raises(ConfigError) as exc:
+        prepare_run(cfg, runs_dir=project / "runs")
+    msg = str(exc.value)
+    assert "[model].factory: module 'hosp_byo' has no 'Nett'" in msg, msg
+    assert msg.count(str(cfg)) == 1  # the file named once, not "x.toml: x.toml: …"
+
+
+def test_a_failing_factory_is_one_line_and_its_traceback_only_at_debug(
+        project: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (project / "proj" / "hosp_boom.py").write_text("def load(site_index, num_sites):\n    raise OSError('disk gone')\n")
+    d = from_table(DataSection, {"factory": "hosp_boom:load"}, "[data]")
+    with caplog.at_level(logging.INFO):
+        with pytest.raises(PrivflError) as exc:
+            d.factory_site(0, project)
+    assert "OSError: disk gone" in str(exc.value) and "logged at level DEBUG" in str(exc.value)
+    assert not [r for r in caplog.records if r.exc_info]  # an operator's console gets no traceback
+
+
+def test_node_error_line_is_the_last_error_of_the_log(tmp_path: Path) -> None:
+    from privfl.launch import node_error_line
+
+    (tmp_path / "node.log").write_text("INFO start\nerror: first\nTraceback ...\nerror: node.toml: [data].root: x\n")
+    assert node_error_line(tmp_path) == "error: node.toml: [data].root: x"
+    assert node_error_line(tmp_path / "missing") is None

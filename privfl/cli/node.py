@@ -25,7 +25,7 @@ def launch(
         ..., "--config", "-c", help="The consortium TOML (e.g. examples/hospitals-gossip/consortium.toml)."),
     runs_dir: Path = typer.Option(
         None, "--runs-dir", help="Where the run folder goes (default: [consortium].runs_dir)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No live progress table."),
+    quiet: bool = typer.Option(False, "--quiet", help="No live progress table (the result table is still printed)."),
 ) -> None:
     """Start one real `privfl node` process per hospital on 127.0.0.1 and collect the results."""
     from privfl.launch import launch_consortium
