@@ -23,8 +23,11 @@ The contract of a user's fit (what privfl checks, and what it releases)
 * Fail closed: with ``[dp].enabled``, a fit that changed the model without any accounted
   DP step is refused and nothing is released; so is a fit whose DP steps were taken but
   whose returned model is not the current state of a model a ``privfl.PrivacyEngine``
-  of this site made private. Once the budget is spent the engine raises
-  ``BudgetExhausted``, which stops the node.
+  of this site made private. When fewer than ``local_steps`` steps fit in the budget, the
+  fit is asked for the steps that fit (``config["local_steps"]``), so a loop that honours
+  it ends by itself; the next fit raises ``BudgetExhausted`` outside your code, which
+  stops the node. A step beyond the budget (a loop that ignores ``local_steps``) raises
+  ``BudgetExhausted`` in your loop instead of running.
 * Released: the returned model, the public weight (``[dp].declared_size``, else 1) and
   privfl's public metrics (steps, total_steps, ε, δ, dp, budget_exhausted) only. The
   client's ``num_examples``, loss, accuracy and every other metric stay on the site.
@@ -471,6 +474,12 @@ class AppClient(NumPyClient):
             assert session.guard is not None
             raise BudgetExhausted(session.guard.spent, self.config.target_epsilon, self.config.delta,
                                   self.accountant.steps)
+        if self.config.enabled:  # the last fit asks for the steps that still fit: the user's loop ends by
+            allowed = session.steps_allowed(k)  # itself, BudgetExhausted comes at the next fit, outside it
+            if allowed < k:
+                log.info("[client].app: the budget allows %d of the %d local steps; this fit asks for %d",
+                         allowed, k, allowed)
+                k = cfg["local_steps"] = allowed
         before = session.training_steps
         session.exhausted = False
         session.fit_models = []

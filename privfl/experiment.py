@@ -585,7 +585,8 @@ def _error_note(run_dir: Path, name: str, e: BaseException, done: list[str], res
         lines += ["".join(traceback.format_exception(e))]
     (run_dir / "error.txt").write_text("\n".join(lines))
     (run_dir / "resolved_config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
-    log.error("compare: run %s failed (%s); finished: %s", name, what, ", ".join(done) or "none")
+    # run.log's record; the console has the command's own "error:" line (not said twice)
+    log.info("run %s failed (%s); finished: %s", name, what, ", ".join(done) or "none")
 
 
 def _meta(exp: Experiment, label: str, res: SimulationResult) -> dict[str, Any]:

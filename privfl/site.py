@@ -108,6 +108,10 @@ def preflight(model: nn.Module, site: SiteInputs, loss: Any, where: str) -> None
     if not (isinstance(value, torch.Tensor) and value.numel() == 1):
         raise ConfigError(f"{model_where}: [model].loss must return one number (a mean over the batch), "
                           f"got {type(value).__name__}")
+    width = out.shape[-1] if isinstance(out, torch.Tensor) and out.ndim == 2 else None
+    if site.num_classes > 0 and width is not None and width not in (1, site.num_classes):
+        raise ConfigError(f"{model_where}: the model gives {width} outputs per record but "
+                          f"{data_where}.num_classes = {site.num_classes}: make them agree (one output per class)")
 
 
 def _first_line(exc: BaseException) -> str:

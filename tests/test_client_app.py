@@ -327,16 +327,36 @@ def test_with_dp_disabled_the_client_runs_as_written_and_says_dp_0() -> None:
     assert client.accountant.steps == 0 and client.epsilon == float("inf") and client.noise_multiplier == 0.0
 
 
-def test_budget_exhaustion_propagates_from_the_users_loop() -> None:
-    budget = rdp_epsilon(STEPS + 1)  # room for 4 steps: the second fit stops at its second step
-    client = app_client(config=dp_config(target_epsilon=budget))
+class WatchedClient(QuickstartClient):
+    """The quickstart client, noting every exception that passes through its own fit."""
+
+    seen: list[BaseException] = []
+    asked: list[int] = []
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
+        WatchedClient.asked.append(int(config["local_steps"]))
+        try:
+            return super().fit(parameters, config)
+        except BaseException as exc:
+            WatchedClient.seen.append(exc)
+            raise
+
+
+def test_the_last_fit_asks_for_the_steps_that_fit_and_exhaustion_comes_outside_the_users_loop() -> None:
+    WatchedClient.seen, WatchedClient.asked = [], []
+    budget = rdp_epsilon(STEPS + 1)  # room for STEPS + 1 steps: the second fit gets one
+    client = app_client(lambda context: WatchedClient(), config=dp_config(target_epsilon=budget))
     p1, _, m1 = client.fit(client.get_parameters({}), {"local_steps": STEPS})
     assert m1["budget_exhausted"] == 0
-    with pytest.raises(BudgetExhausted):
-        client.fit(p1, {"local_steps": STEPS})
-    assert client.exhausted and client.accountant.steps == STEPS + 1 and client.training_steps == STEPS + 1
+    p2, _, m2 = client.fit(p1, {"local_steps": STEPS})
+    assert WatchedClient.asked == [STEPS, 1] and m2["steps"] == 1  # the loop ran the one step that fit
+    assert any(not np.array_equal(x, y) for x, y in zip(p1, p2))  # and its model is released
+    assert client.accountant.steps == STEPS + 1 and client.training_steps == STEPS + 1
+    with pytest.raises(BudgetExhausted):  # the next fit: refused by privfl before the user's code runs
+        client.fit(p2, {"local_steps": STEPS})
+    assert client.exhausted and WatchedClient.asked == [STEPS, 1] and WatchedClient.seen == []
     with pytest.raises(BudgetExhausted):  # and it stays closed
-        client.fit(p1, {"local_steps": 1})
+        client.fit(p2, {"local_steps": 1})
 
 
 def test_context_names_state_and_parameter_names() -> None:
@@ -380,6 +400,7 @@ def test_a_legacy_client_app_is_driven_through_flower_messages() -> None:
     assert np.isfinite(client.evaluate_local(p2)[0])
     tight = app_client(app, config=dp_config(target_epsilon=rdp_epsilon(STEPS + 1)))
     tight.fit(params, {"local_steps": STEPS})
+    assert tight.fit(params, {"local_steps": STEPS})[2]["steps"] == 1  # the one step that still fits
     with pytest.raises(BudgetExhausted):  # through Flower's message handler, to the strategy
         tight.fit(params, {"local_steps": STEPS})
     unprivate = app_client(ClientApp(client_fn=lambda context: QuickstartClient(private=False).to_client()))

@@ -139,7 +139,8 @@ def _run(config: Path, out: str | None, progress: bool, compare: bool, verbose: 
     try:
         cmp = run_comparison(exp, run_dir, progress=progress)
     except BaseException:
-        console.print(escape(f"stopped: finished runs are kept in {run_dir}; see error.txt there"))
+        kept = "finished runs are kept in " if compare and len(exp.runs) > 1 else "the run folder is "
+        console.print(escape(f"stopped: {kept}{run_dir}; see error.txt there"))
         raise
     finally:
         logging.getLogger().removeHandler(fh)
