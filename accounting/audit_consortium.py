@@ -21,6 +21,10 @@ hash. Each problem names the node and the entry index:
 * ``missing``: peers hold heads for a node whose ledger was not given;
 * ``unconfirmed_end``: A's ledger does not end with a close entry whose head a peer holds
   (cut back to its last anchored head, or stopped without closing): its end is unconfirmed;
+* ``unproven_head``: a holder's ledger holds a head of A that A's ledger does not hold and
+  A's key never signed (every head carries its sender's own signature, kept with the
+  anchor, :mod:`accounting.heads`): made up by the holder, so the problem is the holder's,
+  and a member cannot frame another node as truncated or rewritten;
 * ``duplicate``: two ledgers name one node; ``anchors_final``: a side file does not
   verify or does not follow a close entry of its own ledger; ``audit``: a ledger fails
   its own audit (``detail`` is the issue kind, e.g. ``roster``, ``dropped``).
@@ -46,6 +50,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from privfl.accounting.audit import AuditReport, ConsortiumPolicy, _finite, audit_ledger
+from privfl.accounting.heads import HEAD_SIGNATURE_BYTES, head_signed_by
 from privfl.accounting.ledger import (
     TornTailError,
     anchor_of,
@@ -67,6 +72,7 @@ DUPLICATE = "duplicate"
 ANCHORS_FINAL = "anchors_final"
 AUDIT = "audit"
 UNCONFIRMED_END = "unconfirmed_end"
+UNPROVEN = "unproven_head"
 
 CONSORTIUM_NOTE = (
     "a ledger is complete only up to the last head its peers hold; one that does not end with a "
@@ -180,6 +186,18 @@ class _Held:
     index: int
     digest: str
     where: str
+    signature: str = ""  # the node's own signature of this head, as the holder kept it (hex)
+
+    def proven(self, node: str, cert: x509.Certificate | None) -> bool:
+        """Whether ``node``'s certificate key signed this head: evidence against ``node``'s ledger,
+        not the holder's word only."""
+        if cert is None or len(self.signature) != 2 * HEAD_SIGNATURE_BYTES:
+            return False
+        try:
+            sig = bytes.fromhex(self.signature)
+        except ValueError:
+            return False
+        return head_signed_by(cert.public_key(), node, (self.index, bytes.fromhex(self.digest)), sig)
 
 
 def find_ledgers(run_dir: str | os.PathLike[str]) -> list[Path]:
@@ -364,7 +382,8 @@ def _collect_heads(
         if peer == led.node:
             continue
         held.setdefault(peer, []).append(
-            _Held(led.node, idx, digest, f"{led.node}'s ledger entry {entry['index']}"))
+            _Held(led.node, idx, digest, f"{led.node}'s ledger entry {entry['index']}",
+                  _signature_of(entry["body"])))
         n_chain += 1
     side = late_anchors_path(led.path)
     if led.cert is None or not side.exists():
@@ -391,9 +410,24 @@ def _collect_heads(
         if peer == led.node:
             continue
         held.setdefault(peer, []).append(
-            _Held(led.node, idx, digest, f"{led.node}'s anchors-final line {e['index']}"))
+            _Held(led.node, idx, digest, f"{led.node}'s anchors-final line {e['index']}",
+                  _signature_of(e["body"])))
         n_late += 1
     return {"ledger": n_chain, "anchors_final": n_late}
+
+
+def _cert_trusted(led: _Ledger) -> bool:
+    """Whether ``led``'s certificate is its node's (chains to the CA, names the node, is the roster's
+    pin when one is given, and is not revoked): only then can it decide which heads the node signed.
+    A ledger swapped in under another certificate is judged by the heads its peers hold."""
+    checks = led.report.checks
+    return led.cert is not None and all(
+        checks.get(name) != "fail" for name in ("certificate", "node_id", "roster", "revocation", "integrity"))
+
+
+def _signature_of(body: Mapping[str, Any]) -> str:
+    sig = body.get("signature")
+    return sig if isinstance(sig, str) else ""
 
 
 def _kind_of(line: bytes) -> str | None:
@@ -416,6 +450,19 @@ def _cross_check(led: _Ledger, heads: list[_Held], report: ConsortiumReport) -> 
     matched: list[int] = []
     for holder in sorted({h.holder for h in heads}):
         mine = sorted((h for h in heads if h.holder == holder), key=lambda h: h.index)
+        # a head that would prove a cut or a rewrite must be one the node signed: else it is
+        # the holder's word only, and a problem of the holder's ledger
+        against = [h for h in mine if h.index >= n or led.hashes[h.index] != h.digest]
+        unproven = [h for h in against if not h.proven(led.node, led.cert)] if _cert_trusted(led) else []
+        if unproven:
+            u = unproven[0]
+            report.problems.append(ConsortiumProblem(
+                holder, u.index, UNPROVEN,
+                f"{holder} holds a head of node {led.node} at entry {u.index} ({u.where}) that "
+                f"{led.node}'s key never signed and its ledger does not hold ({len(unproven)} such): "
+                f"made up by {holder}, or recorded without the head's signature; it is not evidence "
+                f"against {led.node}", led.node))
+            mine = [h for h in mine if h not in unproven]
         beyond = [h for h in mine if h.index >= n]
         wrong = [h for h in mine if h.index < n and led.hashes[h.index] != h.digest]
         good = [h.index for h in mine if h.index < n and led.hashes[h.index] == h.digest]
@@ -466,6 +513,7 @@ __all__ = [
     "MISSING",
     "TRUNCATED",
     "UNCONFIRMED_END",
+    "UNPROVEN",
     "ConsortiumProblem",
     "ConsortiumReport",
     "NodeSummary",

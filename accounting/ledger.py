@@ -93,6 +93,7 @@ from privfl.accounting.accountant import (
     PrivacyAccountant,
     validate_step,
 )
+from privfl.accounting.heads import HEAD_SIGNATURE_BYTES
 
 try:  # advisory single-writer lock; POSIX only
     import fcntl
@@ -106,7 +107,6 @@ LEDGER_FORMAT_V1 = "privfl-ledger/1"
 LEDGER_FORMATS = (LEDGER_FORMAT_V1, LEDGER_FORMAT)
 GENESIS_HASH = "0" * 64
 KINDS = ("header", "dp_event", "message", "stop", "note", "anchor", "close")
-HEAD_SIGNATURE_BYTES = 64  # a peer's own r || s signature of its head (see privfl.transport.signing)
 LATE_ANCHOR_KIND = "late_anchor"  # the only kind of an anchors-final file
 ANCHORS_FINAL_FILE = "anchors-final.jsonl"
 ENTRY_FIELDS = frozenset({"body", "index", "kind", "prev_hash", "signature", "timestamp"})

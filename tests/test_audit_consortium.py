@@ -15,6 +15,7 @@ import pytest
 from privfl.accounting.accountant import DpEventKey, epsilon_of
 from privfl.accounting.audit import SINGLE_LEDGER_NOTE, audit_ledger
 from privfl.accounting.audit_consortium import ConsortiumReport, audit_consortium
+from privfl.accounting.heads import sign_head
 from privfl.accounting.ledger import (
     GENESIS_HASH,
     Ledger,
@@ -55,6 +56,12 @@ def simulate_run(run: Path, rounds: int = ROUNDS) -> Path:
                          randomness="secure")
         for n in NODES
     }
+    keys = {n: node_key(run, n) for n in NODES}
+
+    def signed(n: str) -> tuple[int, bytes, bytes]:  # the head as a message carries it: with its signature
+        head = ledgers[n].head
+        return (*head, sign_head(keys[n], n, head))
+
     seq = dict.fromkeys(NODES, 0)
     for r in range(rounds):
         for i, n in enumerate(NODES):
@@ -65,12 +72,12 @@ def simulate_run(run: Path, rounds: int = ROUNDS) -> Path:
                 peer = NODES[(i + 1) % len(NODES)]
             led.append_message(peer, seq[n], r, f"{n}-{r}".encode())
             seq[n] += 1
-            ledgers[peer].append_anchor(n, *led.head)  # the receiver records the sender's head
+            ledgers[peer].append_anchor(n, *signed(n))  # the receiver records the sender's head
     for n in NODES:  # close + goodbye to every neighbour, in turn
         ledgers[n].append_close("finished")
         for peer in NODES:
             if peer != n:
-                ledgers[peer].append_anchor(n, *ledgers[n].head)
+                ledgers[peer].append_anchor(n, *signed(n))
     for led in ledgers.values():
         led.close()
     return run
@@ -230,7 +237,7 @@ def _lose_goodbyes_of(run: Path, node: str) -> None:
         with Ledger.open(run / peer / "ledger.jsonl", node_key(run, peer)) as led:
             for b in keep:
                 if b["peer"] != node:
-                    led.append_late_anchor(b["peer"], b["index"], b["entry_hash"])
+                    led.append_late_anchor(b["peer"], b["index"], b["entry_hash"], b.get("signature"))
 
 
 def test_a_ledger_cut_back_to_its_last_anchored_head_is_caught(run: Path) -> None:
@@ -393,3 +400,35 @@ def test_roster_pin_is_checked(run: Path, tmp_path: Path) -> None:
     rep = audit(run, roster=bad)
     probs = [p for p in rep.problems if p.detail == "roster"]
     assert [p.node for p in probs] == ["h2"] and "pin" in probs[0].message
+
+
+@pytest.mark.parametrize("how", ["unsigned", "signed by the holder", "the node's signature of another head"])
+def test_a_member_cannot_frame_another_with_a_made_up_head(run: Path, how: str) -> None:
+    """h2 writes into its own ledger (with its own key, as the real Ledger API would) a head of
+    h1 far beyond h1's end, to make the audit call h1's ledger truncated. Every head carries
+    h1's own signature of it; this one does not verify under h1's key, so the audit reports
+    h2's ledger (unproven_head) and finds nothing wrong with h1."""
+    assert audit(run).ok
+    h1_lines = lines_of(run / "h1" / "ledger.jsonl")
+    real = (len(h1_lines) - 1, bytes.fromhex(entry_hash(h1_lines[-1])))  # h1's real last head
+    fake = (10_000, bytes([7]) * 32)
+    sig = {"unsigned": None,
+           "signed by the holder": sign_head(node_key(run, "h2"), "h1", fake),
+           "the node's signature of another head": sign_head(node_key(run, "h1"), "h1", real)}[how]
+    with Ledger.open(run / "h2" / "ledger.jsonl", node_key(run, "h2")) as led:
+        led.append_anchor("h1", *fake, sig)
+    report = audit(run)
+    kinds = {(p.node, p.kind) for p in report.problems}
+    assert ("h2", "unproven_head") in kinds, report.problems
+    assert not [p for p in report.problems if p.node == "h1"], report.problems  # h1 is not framed
+    msg = next(p.message for p in report.problems if p.kind == "unproven_head")
+    assert "10000" in msg and "never signed" in msg and "not evidence against h1" in msg
+
+
+def test_a_cut_ledger_is_still_caught_by_the_heads_its_node_signed(run: Path) -> None:
+    """The other side: heads that h1's key did sign still prove h1's ledger was cut."""
+    path = run / "h1" / "ledger.jsonl"
+    lines = lines_of(path)
+    write_lines(path, lines[: len(lines) // 2])
+    kinds = {(p.node, p.kind) for p in audit(run).problems}
+    assert ("h1", "truncated") in kinds and not any(k == "unproven_head" for _, k in kinds)

@@ -31,17 +31,15 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
+from privfl.accounting.heads import HEAD_SIGNATURE_BYTES, head_bytes, head_signed_by, sign_head
 from privfl.pki import PKIError, load_private_key, verify_node_certificate
 from privfl.transport.codec import TransportError, spec_line
 from privfl.transport.common import TrustState
 from privfl.transport.proto import gossip_pb2 as pb
 
 DOMAIN = b"privfl-gossip-signature-v3\n"  # v3: wire version 2 (packed Chunks); v2 signed the digest's algorithm
-HEAD_DOMAIN = b"privfl-ledger-head-v1\n"
 HASH_BYTES = 32
-HEAD_SIGNATURE_BYTES = 64  # r || s, 32 bytes each (P-256)
 MAX_CERTIFICATE_BYTES = 16 * 1024
 _ECDSA = ec.ECDSA(hashes.SHA256())
 
@@ -110,33 +108,6 @@ def verify_message(public_key: ec.EllipticCurvePublicKey, header: pb.Header, dig
     except InvalidSignature:
         raise AuthenticationFailed(f"signature of {header.kind} seq={header.sequence} from "
                                    f"{header.sender!r} does not verify") from None
-
-
-def head_bytes(node_id: str, head: LedgerHead) -> bytes:
-    """What a head signature covers: the domain, the node id, the index and the entry hash."""
-    index, entry_hash = head
-    if len(entry_hash) != HASH_BYTES:
-        raise TransportError(f"ledger head hash has {len(entry_hash)} bytes, not {HASH_BYTES}")
-    return HEAD_DOMAIN + _str(node_id) + struct.pack(">Q", int(index)) + bytes(entry_hash)
-
-
-def sign_head(key: ec.EllipticCurvePrivateKey, node_id: str, head: LedgerHead) -> bytes:
-    """The 64-byte (r || s) ECDSA P-256 signature of ``node_id``'s ledger head."""
-    r, s = decode_dss_signature(key.sign(head_bytes(node_id, head), _ECDSA))
-    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
-
-
-def head_signed_by(public_key: ec.EllipticCurvePublicKey, node_id: str, head: LedgerHead,
-                   signature: bytes) -> bool:
-    """Whether ``signature`` is ``node_id``'s signature of ``head`` under ``public_key``."""
-    if len(signature) != HEAD_SIGNATURE_BYTES:
-        return False
-    der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
-    try:
-        public_key.verify(der, head_bytes(node_id, head), _ECDSA)
-    except (InvalidSignature, TransportError):
-        return False
-    return True
 
 
 def head_of(trailer: pb.Trailer) -> LedgerHead | None:
