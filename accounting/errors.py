@@ -22,4 +22,19 @@ class DataError(ConfigError):
     """A dataset could not be loaded or split as asked."""
 
 
-__all__ = ["ConfigError", "DataError", "PrivflError"]
+def error_summary(exc: BaseException, limit: int = 300) -> str:
+    """An exception from user code on one line: its first line, and the next ones while the
+    first ends with ":" (torch's "Error(s) in loading state_dict for Net:" says what only
+    below); at most ``limit`` characters; the class name for an empty message."""
+    lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+    if not lines:
+        return type(exc).__name__
+    out = lines[0]
+    for more in lines[1:]:
+        if not out.endswith(":") or len(out) >= limit:
+            break
+        out = f"{out} {more}"
+    return out if len(out) <= limit else out[: limit - 1] + "…"
+
+
+__all__ = ["ConfigError", "DataError", "PrivflError", "error_summary"]

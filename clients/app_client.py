@@ -16,7 +16,8 @@ The contract of a user's fit (what privfl checks, and what it releases)
   from the site: pass none of them, or exactly the site's ``[dp]`` values (others are
   refused). Do not pass a seed or an accountant.
 * Honour ``config["local_steps"]`` (also ``context.run_config["local-steps"]``) as DP
-  optimizer steps, or report the steps you took as ``metrics["steps"]``.
+  optimizer steps: at most that many (a step beyond it is refused); report fewer as
+  ``metrics["steps"]``.
 * The truth is privfl's, never the client's report: the steps taken are the DP steps
   the site's engines accounted during the fit; ε is the site accountant's. Reported
   ``steps`` that differ from the accounted steps are refused.
@@ -26,8 +27,9 @@ The contract of a user's fit (what privfl checks, and what it releases)
   of this site made private. When fewer than ``local_steps`` steps fit in the budget, the
   fit is asked for the steps that fit (``config["local_steps"]``), so a loop that honours
   it ends by itself; the next fit raises ``BudgetExhausted`` outside your code, which
-  stops the node. A step beyond the budget (a loop that ignores ``local_steps``) raises
-  ``BudgetExhausted`` in your loop instead of running.
+  stops the node. A step beyond ``local_steps`` in one fit is refused before it is
+  accounted (ConfigError naming ``[client].app``; the node stops): the steps per fit are
+  public, and a loop over the site's records would make them follow its size.
 * Released: the returned model, the public weight (``[dp].declared_size``, else 1) and
   privfl's public metrics (steps, total_steps, ε, δ, dp, budget_exhausted) only. The
   client's ``num_examples``, loss, accuracy and every other metric stay on the site.
@@ -74,7 +76,7 @@ from flwr.compat.common import recorddict_compat as compat
 from torch import nn
 
 from privfl.accounting import BudgetExhausted, PrivacyAccountant
-from privfl.accounting.errors import ConfigError, PrivflError
+from privfl.accounting.errors import ConfigError, PrivflError, error_summary
 from privfl.accounting.releases import build_public_fit_metrics
 from privfl.clients.dp_client import DPConfig
 from privfl.clients.engine import mechanism_description
@@ -419,7 +421,7 @@ class AppClient(NumPyClient):
                 if exc is self._hook_error:
                     raise
                 log.debug("[client].app: %s raised %s", self.where, type(exc).__name__, exc_info=True)
-                first = str(exc).splitlines()[0] if str(exc) else ""
+                first = error_summary(exc) if str(exc).strip() else ""
                 raise ClientAppError(f"{_named(self.where)} raised {type(exc).__name__}: {first} "
                                      "(its traceback is logged at level DEBUG)") from None
 
@@ -483,6 +485,7 @@ class AppClient(NumPyClient):
         before = session.training_steps
         session.exhausted = False
         session.fit_models = []
+        session.fit_limit = (before, k) if self.config.enabled else None
         try:
             with self._user_code():
                 new, _n, metrics = self._backend.fit([p.copy() for p in sent], cfg, self._wire_names(len(sent)))
@@ -497,6 +500,7 @@ class AppClient(NumPyClient):
         finally:
             self.training_steps += session.training_steps - before  # accounted steps count, released or not
             session.fit_models = None
+            session.fit_limit = None
         steps = taken if self.config.enabled else _reported_steps(metrics.get("steps"), k)
         if not self.config.enabled:
             self.training_steps += steps

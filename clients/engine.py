@@ -483,6 +483,8 @@ class PrivacyEngine:
         sigma, q = self._require_private()
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"reserve: steps: must be an integer >= 1, got {steps!r}")
+        if self._session is not None:
+            self._session.check_fit_steps(steps)
         event = self.account_event("training", sigma, q, steps, **self._description)
         self._count(steps)
         self._prepaid += steps
@@ -502,6 +504,8 @@ class PrivacyEngine:
             self._prepaid -= 1
             return
         sigma, q = self._require_private()
+        if self._session is not None:
+            self._session.check_fit_steps(1)
         if self.on_dp_event is None:  # nobody to report to: no event to build (nor its ε to compute)
             self._account(sigma, q, 1)
         else:

@@ -102,6 +102,9 @@ class SiteSession:
     first_names: list[str] | None = field(init=False, default=None)
     #: while a driver collects them (a list), the models made private, held strongly until it checks them
     fit_models: list[nn.Module] | None = field(init=False, default=None, repr=False)
+    #: while a driver's fit runs: (training steps at its start, the steps it asked for); a step
+    #: beyond them is refused (the steps per fit are public, never a loop over the records)
+    fit_limit: tuple[int, int] | None = field(init=False, default=None)
     _private: list[_Private] = field(init=False, default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -152,6 +155,18 @@ class SiteSession:
     def count_steps(self, steps: int) -> None:
         """Record ``steps`` DP training steps an engine of this session accounted."""
         self.training_steps += int(steps)
+
+    def check_fit_steps(self, steps: int) -> None:
+        """Refuse ``steps`` more training steps beyond what the running fit asked for (fail closed,
+        before they are accounted): a loop that ignores ``config["local_steps"]`` would otherwise
+        spend the whole budget in one fit, and its step count would follow the record count."""
+        if self.fit_limit is None:
+            return
+        start, asked = self.fit_limit
+        if self.training_steps + int(steps) > start + asked:
+            raise ConfigError(f"[client].app: its fit tried DP step {self.training_steps - start + 1} but was asked "
+                              f"for config['local_steps'] = {asked}; stop after local_steps optimizer steps (the "
+                              "steps per fit are public: a loop over the site's records would make them its size)")
 
     def steps_allowed(self, requested: int) -> int:
         """How many of ``requested`` further training steps fit in the site's budget."""

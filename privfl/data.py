@@ -18,7 +18,7 @@ from typing import Any, Literal, cast
 import numpy as np
 
 from privfl.clients.plugins import resolve_import
-from privfl.errors import ConfigError, DataError, PrivflError
+from privfl.errors import ConfigError, DataError, PrivflError, error_summary
 
 log = logging.getLogger("privfl.data")
 
@@ -298,7 +298,7 @@ def load_factory_site(factory: str, site_index: int, num_sites: int, root: str |
         raise
     except Exception as exc:  # noqa: BLE001 - the hospital's own code: one line naming it, traceback logged
         log.debug("%s.factory: %s failed for site %d", where, factory, site_index, exc_info=True)
-        first = str(exc).splitlines()[0] if str(exc) else ""
+        first = error_summary(exc) if str(exc).strip() else ""
         raise DataError(f"{where}.factory: {factory} failed for site {site_index}: {type(exc).__name__}: {first} "
                         "(its traceback is logged at level DEBUG)") from None
     if not (isinstance(out, (tuple, list)) and len(out) == 2):

@@ -7,6 +7,6 @@ message on one line and exits with code 2 instead of showing a traceback.
 
 from __future__ import annotations
 
-from privfl.accounting.errors import ConfigError, DataError, PrivflError
+from privfl.accounting.errors import ConfigError, DataError, PrivflError, error_summary
 
-__all__ = ["ConfigError", "DataError", "PrivflError"]
+__all__ = ["ConfigError", "DataError", "PrivflError", "error_summary"]

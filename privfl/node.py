@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 import privfl
-from privfl.accounting import DpEventKey
+from privfl.accounting import DpEventKey, epsilon_of
 from privfl.accounting.ledger import (
     WRITE_FAILED,
     Ledger,
@@ -91,7 +91,7 @@ from privfl.preprocessing import (
 from privfl.ranks import RankPlace, RankWorkers, SiteGroup, open_site_group, rank_device, rank_place, run_worker
 from privfl.sim.engine import save_state_dict, state_dict_files
 from privfl.site import ClientBuild, SiteClient, build_client, reads_site_data
-from privfl.step_pacer import StepPacer
+from privfl.step_pacer import PacedClient, StepPacer
 from privfl.strategies.base import NodeStrategy, Params, PeerNetwork
 from privfl.strategies.gossip import AsyncGossip
 from privfl.strategies.registry import StrategyBuild, build_node_strategy, check_strategy
@@ -281,6 +281,20 @@ def resolved_noise(cfg: NodeConfig, prior: dict[Any, int] | None = None) -> floa
         raise ConfigError(f"{cfg.path}: [dp]: {exc}") from None
 
 
+def check_one_step_fits(cfg: NodeConfig, sigma: float) -> None:
+    """Refuse a budget that allows not even one DP step at the declared σ and q (it would start,
+    take none and end "budget exhausted" with nothing learnt); all public values."""
+    dp = cfg.common.dp
+    if not dp.enabled or not sigma > 0:
+        return
+    q = dp.to_dp_config().public_sample_rate()
+    one = epsilon_of({DpEventKey(sigma, q): 1}, dp.delta, method=dp.accountant)  # type: ignore[arg-type]
+    if one > dp.target_epsilon:
+        raise NodeError(f"{cfg.path}: [dp].target_epsilon: ε = {dp.target_epsilon:g} allows no DP step: one step "
+                        f"at σ = {sigma:g}, q = {q:g} costs ε = {one:.3g} (δ = {dp.delta:g}); raise "
+                        "target_epsilon or noise_multiplier, or set noise_multiplier = 0 to calibrate σ")
+
+
 def check_policy(cfg: NodeConfig, roster: Roster, sigma: float) -> None:
     """Refuse DP settings weaker than the consortium minimum (the roster's ``[policy]``)."""
     dp, pol, src = cfg.common.dp, roster.policy, cfg.path
@@ -292,6 +306,7 @@ def check_policy(cfg: NodeConfig, roster: Roster, sigma: float) -> None:
                         "DP) reaches the target, and its peers and its ledger see when: that releases a "
                         "statistic of its records; stop on [stop].max_steps (target accuracy is for privfl "
                         "simulate/compare)")
+    check_one_step_fits(cfg, sigma)
     paced = cfg.node.step_seconds * cfg.common.strategy.local_steps
     if paced >= cfg.node.peer_timeout / 2:
         raise NodeError(f"{src}: [node].step_seconds: {cfg.node.step_seconds:g} s × [strategy].local_steps "
@@ -485,8 +500,10 @@ class Node:
             listen=cfg.node.listen or None, timeout=cfg.node.peer_timeout, on_release=self._on_release,
             ledger_head=lambda: ledger.head, on_peer_head=self._on_peer_head, head_for=self._held_head,
             crl_path=cfg.crl_path, roster_path=cfg.roster_path)
+        paced = PacedClient(self.client, self._pacer, lambda: ledger.steps) if self._pacer.active else self.client
         self.strategy: NodeStrategy = build_node_strategy(strategy_build(
-            cfg, self.topology, self.client, self.network, params, self._strategy_seed(0), self._strategy_seed(7919),
+            cfg, self.topology, paced, self.network,  # type: ignore[arg-type]  # a SiteClient by delegation
+            params, self._strategy_seed(0), self._strategy_seed(7919),
             public_initial=self.initial_params))
         self._log_compression(resumed=resumed is not None)
         self.network.attach(self.strategy)
@@ -583,12 +600,11 @@ class Node:
             mechanism_params=event.get("mechanism_params") or {}), f"the {event['purpose']} step(s) did not run")
 
     def _on_release(self, peer: str, seq: int, round: int, digest: str, nbytes: int) -> None:
-        """Every model released to a peer waits for its step's slot (``[node].step_seconds``) and
-        gets a ledger entry first (never its values); a ledger that cannot be written raises
-        NodeError here, so the model does not leave."""
+        """Every model released to a peer gets a ledger entry first (never its values); a ledger that
+        cannot be written raises NodeError here, so the model does not leave. (The step pacing,
+        ``[node].step_seconds``, is in the training thread: :class:`~privfl.step_pacer.PacedClient`.)"""
         ledger = self.ledger
         assert ledger is not None
-        self._pacer.wait(ledger.steps)
         self._ledger_write(lambda: ledger.append_message(
             peer, seq, round, digest=digest, size=nbytes, digest_algorithm=LEDGER_DIGEST),
                            f"the model for {peer} did not leave")

@@ -25,7 +25,7 @@ from privfl.clients.app_client import AppClient
 from privfl.clients.losses import build_loss
 from privfl.clients.plugins import is_import_path
 from privfl.data import SiteInputs
-from privfl.errors import ConfigError
+from privfl.errors import ConfigError, error_summary
 
 __all__ = ["CLIENTS", "ClientBuild", "SiteClient", "build_client", "client_kind", "preflight", "reads_site_data"]
 
@@ -98,7 +98,13 @@ def preflight(model: nn.Module, site: SiteInputs, loss: Any, where: str) -> None
     try:
         with torch.no_grad():
             out = model(x.to(device))
+            width = out.shape[-1] if isinstance(out, torch.Tensor) and out.ndim == 2 else None
+            if site.num_classes > 0 and width is not None and width not in (1, site.num_classes):
+                raise ConfigError(f"{model_where}: the model gives {width} outputs per record but "
+                                  f"[data].num_classes = {site.num_classes}: make them agree (one output per class)")
             value = loss(out, y.to(device))
+    except ConfigError:
+        raise
     except Exception as exc:  # noqa: BLE001 - whatever the user's model or loss raises, named in one line
         raise ConfigError(f"{model_where}: the model and [model].loss cannot take the site's records "
                           f"(inputs {tuple(x.shape[1:])}, labels 0..{int(y.max())}): "
@@ -108,15 +114,10 @@ def preflight(model: nn.Module, site: SiteInputs, loss: Any, where: str) -> None
     if not (isinstance(value, torch.Tensor) and value.numel() == 1):
         raise ConfigError(f"{model_where}: [model].loss must return one number (a mean over the batch), "
                           f"got {type(value).__name__}")
-    width = out.shape[-1] if isinstance(out, torch.Tensor) and out.ndim == 2 else None
-    if site.num_classes > 0 and width is not None and width not in (1, site.num_classes):
-        raise ConfigError(f"{model_where}: the model gives {width} outputs per record but "
-                          f"{data_where}.num_classes = {site.num_classes}: make them agree (one output per class)")
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return error_summary(exc)
 
 
 def _dp_client(b: ClientBuild) -> SiteClient:
@@ -134,6 +135,8 @@ def _dp_client(b: ClientBuild) -> SiteClient:
 def _app_client(b: ClientBuild) -> SiteClient:
     names: Sequence[str] | None = None
     init: list[np.ndarray] | None = None
+    if b.model is not None and b.site is not None:  # privfl evaluates this model on the site: it must fit
+        preflight(b.model, b.site, build_loss(b.loss), b.where)
     if b.model is not None:
         state = b.model.state_dict()
         names = list(state)

@@ -17,8 +17,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
-__all__ = ["StepPacer"]
+__all__ = ["PacedClient", "StepPacer"]
 
 log = logging.getLogger("privfl.node")
 
@@ -71,3 +72,27 @@ class StepPacer:
                         "message timing now says something about this site's record count; raise it",
                         self.node_id, now - slot, self.step_seconds, steps)
         return 0.0
+
+
+class PacedClient:
+    """The site's client as the node's strategy sees it: ``fit`` returns no earlier than the slot
+    of the steps it took. The wait happens in the training thread, where the compute happens,
+    never under the strategy's lock: a peer probing the node sees the same thing (served, with
+    the model from before the fit) whether the steps are still running or already done, and
+    the model leaves when the fit returns, at its slot. Everything else is the client's own."""
+
+    def __init__(self, client: Any, pacer: StepPacer, steps: Callable[[], int]) -> None:
+        object.__setattr__(self, "_client", client)
+        object.__setattr__(self, "_pacer", pacer)
+        object.__setattr__(self, "_steps", steps)
+
+    def fit(self, parameters: Any, config: Any) -> Any:
+        out = self._client.fit(parameters, config)
+        self._pacer.wait(self._steps())
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._client, name, value)

@@ -464,3 +464,25 @@ def test_a_nodes_client_app_error_names_the_field_once() -> None:
     with pytest.raises(ClientAppError) as exc:
         load_client_app("nowhere_pkg_xyz:client_fn", "nowhere_pkg_xyz:client_fn")
     assert str(exc.value).startswith("[client].app: nowhere_pkg_xyz:client_fn:")
+
+
+class GreedyClient(QuickstartClient):
+    """A newcomer's fit that ignores config["local_steps"] and trains until something stops it."""
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
+        set_weights(self.net, parameters)
+        dp_train(self.net, self.loader, 10_000, True)
+        return get_weights(self.net), len(self.data), {}
+
+
+def test_a_loop_that_ignores_local_steps_is_stopped_at_its_first_extra_step() -> None:
+    """Before: it ran until the budget was gone inside one fit, nothing was released, and the
+    run looked finished. Now its first step beyond local_steps is refused before it is
+    accounted: the budget keeps all but the steps it was asked for."""
+    client = app_client(lambda context: GreedyClient(), config=dp_config(target_epsilon=rdp_epsilon(50)))
+    with pytest.raises(ConfigError) as exc:
+        client.fit(client.get_parameters({}), {"local_steps": STEPS})
+    msg = str(exc.value)
+    assert "[client].app" in msg and f"config['local_steps'] = {STEPS}" in msg and f"step {STEPS + 1}" in msg
+    assert client.accountant.steps == STEPS and not client.exhausted
+    assert client.epsilon == pytest.approx(rdp_epsilon(STEPS), rel=1e-9)

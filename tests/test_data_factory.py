@@ -322,7 +322,7 @@ def test_launch_checks_every_node_before_starting_any(project: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         prepare_run(cfg, runs_dir=project / "runs")
     msg = str(exc.value)
-    assert msg.startswith("node b: ") and "[data].root: folder not found" in msg and "bb" in msg, msg
+    assert msg.startswith(f"node b: {cfg}: [nodes.b.data].root: folder not found") and "bb" in msg, msg
     assert "(no node was started)" in msg and "\n" not in msg
     cfg.write_text(textwrap.dedent(LAUNCH).replace("../data/bb", "../data/b").replace("hosp_byo:Net", "hosp_byo:Nett"))
     with pytest.raises(ConfigError) as exc:
@@ -349,3 +349,18 @@ def test_node_error_line_is_the_last_error_of_the_log(tmp_path: Path) -> None:
     (tmp_path / "node.log").write_text("INFO start\nerror: first\nTraceback ...\nerror: node.toml: [data].root: x\n")
     assert node_error_line(tmp_path) == "error: node.toml: [data].root: x"
     assert node_error_line(tmp_path / "missing") is None
+
+
+def test_launch_refuses_a_budget_that_allows_no_step(project: Path) -> None:
+    """σ, q, δ and ε are declared: a target ε that one step already exceeds is refused by the
+    launcher, naming the field, before a node starts and ends 'budget exhausted' with 0 steps."""
+    sub = project / "conf"
+    sub.mkdir()
+    cfg = sub / "launch.toml"
+    cfg.write_text(textwrap.dedent(LAUNCH).replace("../data/bb", "../data/b")
+                   .replace("delta = 1e-3", "delta = 1e-3\n    target_epsilon = 0.05"))
+    with pytest.raises(ConfigError) as exc:
+        prepare_run(cfg, runs_dir=project / "runs")
+    msg = str(exc.value)
+    assert msg.startswith(f"node a: {cfg}: [dp].target_epsilon: ε = 0.05 allows no DP step"), msg
+    assert "σ = 1" in msg and "q = 0.25" in msg and "(no node was started)" in msg

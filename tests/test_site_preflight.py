@@ -55,7 +55,10 @@ def test_a_model_that_fits_trains_and_a_loss_function_is_a_loss() -> None:
     (nn.Linear(6, 2), _site(labels=np.array([0, 1, 2, -1] * 16)), ["h.toml: [data]", "labels must be 0..1"]),
     # 3 classes declared, a 2-output model, and the first records' labels happen to be 0 and 1 only
     (nn.Linear(6, 2), _site(classes=3, labels=np.array([0, 1] * 32)),
-     ["h.toml: [model]", "2 outputs per record", "h.toml: [data].num_classes = 3"]),
+     ["h.toml: [model]", "2 outputs per record", "[data].num_classes = 3"]),
+    # and when they do include a 2, the same sentence (not the loss's IndexError)
+    (nn.Linear(6, 2), _site(classes=3, labels=np.array([0, 1, 2] * 22)[:64]),
+     ["h.toml: [model]", "2 outputs per record", "[data].num_classes = 3"]),
 ])
 def test_a_model_or_data_that_does_not_fit_fails_in_one_line(model: nn.Module, site: SiteInputs,
                                                               needles: list[str]) -> None:

@@ -70,17 +70,28 @@ def test_a_restart_starts_the_schedule_at_its_step_count() -> None:
     assert StepPacer("n", 0.0).slot(10) is None  # off by default
 
 
-def test_a_real_node_holds_a_release_to_its_steps_slot(pki: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_a_real_node_holds_its_fit_to_the_steps_slot_outside_the_strategy_lock(
+        pki: Path, tmp_path: Path) -> None:  # noqa: F811
+    """The wait is in the training thread, after the fit's DP steps and before the model can leave:
+    a release itself (a reply served to a probing peer, under the strategy's lock) never waits,
+    so a probe cannot tell a node still computing from one waiting for its slot."""
     from privfl.node import Node
+    from privfl.step_pacer import PacedClient
 
-    t = _tables(pki, tmp_path / "out", node={"step_seconds": 0.2, "peer_timeout": 10.0})
+    t = _tables(pki, tmp_path / "out", node={"step_seconds": 0.2, "peer_timeout": 10.0},
+                strategy={"name": "async_gossip", "local_steps": 3})
     node = Node(load_node_config(_write(tmp_path, t)))
     try:
+        client = node.strategy.client
+        assert isinstance(client, PacedClient)
         start = time.monotonic()
         node._pacer.start(node.total_steps)
-        node.ledger.append_dp_event(2.0, 0.14, 3, "psac", 1.0)  # 3 steps taken, at once
-        node._on_release("h-b", 1, 0, "00" * 32, 10)
-        assert time.monotonic() - start >= 3 * 0.2  # the model left no earlier than its slot
+        new, _, metrics = client.fit(client.get_parameters({}), {"local_steps": 3})  # 3 real DP steps
+        assert metrics["steps"] == 3 and time.monotonic() - start >= 3 * 0.2  # returned at its slot
+        node.ledger.append_dp_event(2.0, 0.14, 3, "psac", 1.0)  # the next fit's steps, written ahead
+        t0 = time.monotonic()
+        node._on_release("h-b", 1, 0, "00" * 32, 10)  # a reply served meanwhile does not wait for their slot
+        assert time.monotonic() - t0 < 0.5  # (their slot is 0.6 s away)
         assert any(e["kind"] == "message" for e in _entries(tmp_path / "out" / "ledger.jsonl"))
     finally:
         _close(node)
