@@ -1,22 +1,27 @@
-"""Bound the ledger entries a peer can cause: at most one anchor per peer per entry of our own.
+"""Bound the ledger entries a peer can cause: at most one anchor per peer per step of our own.
 
 Every verified message a peer sends carries its signed ledger head, and the node records
 a head that advances as an ``anchor`` entry (evidence of the peer's history, see
 :mod:`privfl.accounting.ledger`). Left alone, a member that sends hello after hello,
 each with a higher index, grows our ledger by one signed line per message: a disk and
-audit flood. The throttle writes a peer's head only when this node's own ledger has
-moved on (a DP event, a release, a stop) since the last anchor it wrote for that peer,
-so anchors grow at most (number of peers) × our own entries, whatever a peer sends.
+audit flood. The throttle writes a peer's head only when this node has made progress of
+its own (a DP training event, or its close entry) since the last anchor it wrote for that
+peer. Releases do not count: a peer causes those by asking. So anchors grow at most
+(number of peers) × (our DP events + 1), whatever a peer sends.
 A head that arrives in between is kept, newest only, and written at the next chance or
 by :meth:`AnchorThrottle.flush` (before the close entry, and once the network is closed:
 the neighbours' goodbye heads are always kept). After the close entry our ledger does
 not move, so a peer then gets one late anchor at once and the newest one at the flush.
+
+``progress()`` is the node's own progress, e.g. ``(ledger.steps, ledger.ends_with_close)``:
+anything comparable that grows with the node's own DP events and its close.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["AnchorThrottle"]
 
@@ -26,27 +31,22 @@ Head = tuple[int, bytes, bytes]  # index, entry hash, the peer's own signature o
 class AnchorThrottle:
     """Decides which received heads are written now and keeps the newest of the rest.
 
-    ``own_index()`` gives the ledger's newest index; ``write(peer, index, hash, signature)``
-    records one head and returns whether an entry went into the chain (a late anchor: False).
+    ``progress()``: the node's own progress (see the module docstring); ``write(peer, index,
+    hash, signature)`` records one head.
     """
 
-    def __init__(self, own_index: Callable[[], int], write: Callable[[str, int, bytes, bytes], bool]) -> None:
-        self._own_index = own_index
+    def __init__(self, progress: Callable[[], Any], write: Callable[[str, int, bytes, bytes], Any]) -> None:
+        self._progress = progress
         self._write = write
         self._lock = threading.Lock()
-        self._chain_anchors = 0  # anchor entries this throttle put into the chain
-        self._mark: dict[str, int] = {}  # peer → our own progress when its last head was written
+        self._mark: dict[str, Any] = {}  # peer → our own progress when its last head was written
         self._pending: dict[str, Head] = {}
-
-    def _own_progress(self) -> int:
-        """Our ledger's entries that are not anchors written here (moves on our own entries only)."""
-        return self._own_index() - self._chain_anchors
 
     def offer(self, peer: str, index: int, entry_hash: bytes, signature: bytes = b"") -> bool:
         """Write the head now when our ledger moved on since the peer's last anchor; else keep
         it (newest only). True when it was written."""
         with self._lock:
-            progress = self._own_progress()
+            progress = self._progress()
             held = self._pending.get(peer)
             if held is not None and index <= held[0]:
                 return False
@@ -62,7 +62,7 @@ class AnchorThrottle:
         with self._lock:
             pending, self._pending = self._pending, {}
             for peer, head in sorted(pending.items()):
-                self._record(peer, head, self._own_progress())
+                self._record(peer, head, self._progress())
             return len(pending)
 
     def pending(self) -> dict[str, Head]:
@@ -70,8 +70,7 @@ class AnchorThrottle:
         with self._lock:
             return dict(self._pending)
 
-    def _record(self, peer: str, head: Head, progress: int) -> None:
+    def _record(self, peer: str, head: Head, progress: Any) -> None:
         """Write one head (caller holds the lock); the mark is set even if the write raised."""
         self._mark[peer] = progress
-        if self._write(peer, *head):
-            self._chain_anchors += 1
+        self._write(peer, *head)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from privfl.accounting.log_limit import LogLimiter, reason_code, warn_limited
 from privfl.pki import NodeIdentity, Policy, Roster
 from privfl.strategies.base import ModelMessage, NodeStrategy
 from privfl.strategies.compression import Compressed, MalformedMessage, decompress
@@ -274,6 +275,7 @@ class GrpcPeerNetwork:
         self.roster_path = Path(roster_path) if roster_path is not None else None
         self.trust_poll = trust_poll
         self.counters = TrafficCounters()
+        self._refusals = LogLimiter()  # refusals a peer can trigger: a few lines, not one per message
         self.trust = TrustState(identity.ca_pem, roster, crl, identity.node_id)
         self._neighbors = [n for n in neighbors if n != self.node_id]
         self.client = GossipClient(identity, roster, crl, expected_spec=self.spec, default_timeout=timeout,
@@ -442,7 +444,9 @@ class GrpcPeerNetwork:
         problem = self.values_problem(arrays)
         if problem is None:
             return True
-        log.warning("node %s: refused %s from %s: %s", self.node_id, kind, peer, problem)
+        warn_limited(log, self._refusals, ("values", self.node_id, peer, reason_code(problem)),
+                     "node %s: refused %s from %s: %s", self.node_id, kind, peer, problem,
+                     group=("values", self.node_id, peer))
         self.refused_values[peer] = problem
         return False
 
@@ -476,7 +480,9 @@ class GrpcPeerNetwork:
         try:
             incoming = from_transport(reply, self.names, self._frame_shapes(reply))
         except TransportError as exc:
-            log.warning("node %s: invalid reply from %s: %s", self.node_id, peer, exc)
+            warn_limited(log, self._refusals, ("invalid reply", self.node_id, peer, reason_code(str(exc))),
+                         "node %s: invalid reply from %s: %s", self.node_id, peer, exc,
+                         group=("invalid reply", self.node_id, peer))
             return None
         return incoming if self._accept_values(peer, reply.kind, incoming) else None
 
@@ -604,7 +610,9 @@ class GrpcPeerNetwork:
         try:
             incoming = from_transport(msg, self.names, self._frame_shapes(msg))
         except TransportError as exc:
-            log.warning("node %s: refused %s from %s: %s", self.node_id, msg.kind, sender, exc)
+            warn_limited(log, self._refusals, ("malformed", self.node_id, sender, reason_code(str(exc))),
+                         "node %s: refused %s from %s: %s", self.node_id, msg.kind, sender, exc,
+                         group=("malformed", self.node_id, sender))
             return self._refused()
         if not self._accept_values(sender, msg.kind, incoming):
             return self._refused()

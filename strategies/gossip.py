@@ -31,6 +31,7 @@ from flwr.client import NumPyClient
 
 from privfl.accounting import BudgetExhausted
 from privfl.accounting.errors import ConfigError
+from privfl.accounting.log_limit import LogLimiter, warn_limited
 from privfl.strategies.background import Background
 from privfl.strategies.base import ModelMessage, NodeStrategy, Params, PeerNetwork, StepReport
 from privfl.strategies.iterate_average import IterateAverage, ema_decay_setting
@@ -105,6 +106,7 @@ class _GossipBase(NodeStrategy):
     def __init__(self, client: NumPyClient, network: PeerNetwork, params: Params,
                  config: Mapping[str, Any] | None = None) -> None:
         super().__init__(client, network, params, config)
+        self._refusals = LogLimiter()  # refusals a peer can trigger: a few log lines, not one per call
         self.node_id = network.node_id
         self.local_steps = _local_steps(self.config)
         self.total_steps = 0
@@ -532,10 +534,12 @@ class AsyncGossip(_GossipBase):
         if message.kind != "exchange_request":
             return None
         if self.bipartite and self.active:
-            log.warning("node %s: refused exchange from %s: active nodes do not serve", self.node_id, sender)
+            warn_limited(log, self._refusals, ("active", self.node_id, sender),
+                         "node %s: refused exchange from %s: active nodes do not serve", self.node_id, sender)
             return None
         if sender not in self.network.neighbors():
-            log.warning("node %s: refused exchange from non-neighbour %s", self.node_id, sender)
+            warn_limited(log, self._refusals, ("non-neighbour", self.node_id, sender),
+                         "node %s: refused exchange from non-neighbour %s", self.node_id, sender)
             return None
         acquired = self._lock.acquire(blocking=self.bipartite)
         if not acquired:
@@ -550,7 +554,9 @@ class AsyncGossip(_GossipBase):
                 mixed = (average_pair(self.params, message.params)  # type: ignore[arg-type]
                          if params_compatible(self.params, message.params) else None)
             if mixed is None:
-                log.warning("node %s: refused exchange from %s: incompatible or non-finite model", self.node_id, sender)
+                warn_limited(log, self._refusals, ("incompatible", self.node_id, sender),
+                             "node %s: refused exchange from %s: incompatible or non-finite model",
+                             self.node_id, sender)
                 return None
             before = self.params
             self.params = mixed
@@ -810,7 +816,8 @@ class SyncGossip(_GossipBase):
             try:
                 self.innovation.receive(peer, msg.payload)
             except MalformedMessage as e:
-                log.warning("node %s: dropped malformed innovation from %s: %s", self.node_id, peer, e)
+                warn_limited(log, self._refusals, ("innovation", self.node_id, peer),
+                             "node %s: dropped malformed innovation from %s: %s", self.node_id, peer, e)
                 self.missing += 1
                 continue
             nbytes += msg.nbytes

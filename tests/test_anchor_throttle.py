@@ -1,4 +1,4 @@
-"""AnchorThrottle over a real Ledger: at most one anchor per peer per entry of the node's own,
+"""AnchorThrottle over a real Ledger: at most one anchor per peer per DP event of the node's own,
 the newest head kept back and written by flush, and the late anchors after the close."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def throttle_of(led: Ledger) -> AnchorThrottle:
     def write(peer: str, index: int, digest: bytes, signature: bytes) -> bool:
         e = led.append_anchor(peer, index, digest, signature or None)
         return e is not None and e["kind"] == "anchor"
-    return AnchorThrottle(lambda: led.head[0], write)
+    return AnchorThrottle(lambda: (led.steps, led.ends_with_close), write)
 
 
 def anchors(led: Ledger, peer: str) -> list[int]:
@@ -48,7 +48,9 @@ def test_a_flood_gets_one_anchor_per_own_entry_and_its_newest_head_kept(ledger: 
     assert t.pending() == {"h2": (499, H[499], b"")}
     assert not t.offer("h2", 10, H[10])  # an older head does not replace the kept one
     assert t.offer("h3", 5, H[5])  # another peer is not held back by h2's flood
-    ledger.append_dp_event(1.0, 0.02, 5, "psac", 1.0)  # our own entry: one more anchor allowed
+    ledger.append_message("h2", 1, 0, b"m")  # a release the peer asked for: no more anchors for it
+    assert not t.offer("h2", 499, H[499])
+    ledger.append_dp_event(1.0, 0.02, 5, "psac", 1.0)  # our own DP step: one more anchor allowed
     assert t.offer("h2", 500, H[500])
     assert not t.offer("h2", 501, H[501])
     assert anchors(ledger, "h2") == [1, 500]

@@ -669,7 +669,7 @@ def test_a_flood_of_refused_calls_logs_one_line_and_counts_the_rest(pki: Pki, se
 
 
 def test_log_limiter_keys_and_bound() -> None:
-    from privfl.transport.log_limit import MAX_KEYS, LogLimiter, source_host
+    from privfl.accounting.log_limit import MAX_KEYS, LogLimiter, source_host
 
     now = [0.0]
     lim = LogLimiter(10.0, clock=lambda: now[0])
@@ -683,3 +683,19 @@ def test_log_limiter_keys_and_bound() -> None:
     assert len(lim._seen) <= MAX_KEYS
     assert source_host("ipv4:127.0.0.1:50512") == "ipv4:127.0.0.1"
     assert source_host("ipv6:[::1]:443") == "ipv6:[::1]"
+
+
+def test_refusal_lines_are_keyed_by_reason_not_by_the_text_a_peer_chose() -> None:
+    """A peer varying what it controls (a kind, a tensor name) gets no more lines: the key is the
+    reason's fixed part, and a source gets a few lines per interval whatever the reason."""
+    from privfl.accounting.log_limit import GROUP_LINES, LogLimiter, reason_code
+
+    assert reason_code("unknown kind 'zzaaab'") == reason_code("unknown kind 'zzaaac'") == "unknown kind"
+    assert reason_code("replayed or out-of-order sequence 7 (last seen 9)") == "replayed or out-of-order sequence"
+    now = [0.0]
+    lim = LogLimiter(10.0, clock=lambda: now[0])
+    emitted = sum(lim.allow("message", "h1", f"tensor t{i}", group=("message", "h1"))[0] for i in range(300))
+    assert emitted == GROUP_LINES  # 300 texts of the attacker's choosing: 5 lines
+    assert lim.allow("message", "h2", "x", group=("message", "h2"))[0]  # another peer still gets its line
+    now[0] = 10.0
+    assert lim.allow("message", "h1", "tensor t0", group=("message", "h1")) == (True, 0)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,6 +48,7 @@ from concurrent import futures
 
 import grpc
 
+from privfl.accounting.log_limit import LogLimiter, reason_code, source_host, warn_limited
 from privfl.errors import PrivflError
 from privfl.pki import NodeIdentity, Roster
 from privfl.transport.codec import (
@@ -62,7 +62,6 @@ from privfl.transport.codec import (
     iter_chunks,
 )
 from privfl.transport.common import DEFAULT_MAX_MESSAGE_BYTES, METHOD, TrafficCounters, TrustState, grpc_options
-from privfl.transport.log_limit import LogLimiter, source_host
 from privfl.transport.proto import gossip_pb2 as pb
 from privfl.transport.signing import AuthenticationFailed, LedgerHead, PeerVerifier, Signer, head_signature_of
 
@@ -274,8 +273,8 @@ class GossipServer:
             if exc.repeat:
                 log.debug("node %s: refused %s: %s", self.node_id, context.peer(), exc)
             else:
-                self._warn_refusal(("cert", source_host(context.peer()), str(exc)), "node %s: refused %s: %s",
-                                   self.node_id, context.peer(), exc)
+                self._warn_refusal(("cert", source_host(context.peer()), reason_code(str(exc))),
+                                   "node %s: refused %s: %s", self.node_id, context.peer(), exc)
             raise _Refused(grpc.StatusCode.PERMISSION_DENIED, "peer not authorized") from None
 
     def _admit(self, peer: str, address: str) -> None:
@@ -292,12 +291,9 @@ class GossipServer:
             raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many concurrent calls")
 
     def _warn_refusal(self, key: tuple[str, ...], fmt: str, *args: object) -> None:
-        """One warning per (reason, source) every ``refusal_log_interval`` s; the repeats are counted."""
-        emit, dropped = self._refusal_log.allow(*key)
-        if emit:
-            log.warning(fmt + self._refusal_log.suffix(dropped), *args)
-        else:
-            log.debug(fmt, *args)
+        """One warning per (reason, source) every 10 s, a few per source whatever the reason's
+        text; the repeats are counted."""
+        warn_limited(log, self._refusal_log, key, fmt, *args, group=key[:2])
 
     def _release(self, peer: str) -> None:
         with self._lock:
@@ -340,7 +336,7 @@ class GossipServer:
         if isinstance(exc, AuthenticationFailed) and exc.repeat:
             log.debug("node %s: refused message from %s (%s): %s", self.node_id, peer, address, exc)
         else:
-            self._warn_refusal(("message", peer, re.sub(r"\d+", "#", str(exc))),
+            self._warn_refusal(("message", peer, reason_code(str(exc))),
                                "node %s: refused message from %s (%s): %s", self.node_id, peer, address, exc)
         code = (grpc.StatusCode.PERMISSION_DENIED if isinstance(exc, AuthenticationFailed)
                 else grpc.StatusCode.INVALID_ARGUMENT)
