@@ -442,7 +442,7 @@ def audit_ledger(
     eps = f"eps_rdp={report.epsilon_rdp:.4f}"
     if report.epsilon_pld is not None:
         eps += f" eps_pld={report.epsilon_pld:.4f}"
-    log.info(
+    log.debug(  # the report is the output; its one-line summary is for a debug log
         "audit node=%s ok=%s entries=%d randomness=%s %s issues=%d",
         report.node_id,
         report.ok,

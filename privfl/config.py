@@ -475,7 +475,9 @@ def from_table(cls: type[T], table: Any, where: str) -> T:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(table) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+        close = [difflib.get_close_matches(k, sorted(names), n=1, cutoff=0.7) for k in unknown]
+        said = ", ".join(f"{k} (did you mean {c[0]}?)" if c else k for k, c in zip(unknown, close))
+        raise ConfigError(f"{where}: unknown key(s) {said}; allowed: {', '.join(sorted(names))}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in table.items()}
     try:
         obj = cls(**kwargs)

@@ -395,16 +395,23 @@ class NodeProcesses:
             p.wait(timeout=10)
             self.returncodes[node_id] = p.returncode
 
-    def wait(self, timeout: float, on_tick: Any = None, interval: float = 0.5) -> bool:
-        """Wait until every node exits or ``timeout`` passes; True if all exited."""
+    def wait(self, timeout: float, on_tick: Any = None, interval: float = 0.5,
+             give_up: Any = None) -> bool:
+        """Wait until every node exits, ``timeout`` passes or ``give_up()`` is true; True if all exited."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if on_tick is not None:
                 on_tick()
             if not self.running():
                 return True
+            if give_up is not None and give_up():
+                return False
             time.sleep(interval)
         return not self.running()
+
+    def refused(self) -> list[str]:
+        """Nodes that exited with code 2 (bad input or a refusal: the run cannot go on as planned)."""
+        return [nid for nid, rc in self.poll().items() if rc == 2]
 
     def cleanup(self) -> None:
         """SIGTERM every live process group, SIGKILL what is left after the grace period."""
@@ -605,12 +612,16 @@ def launch_consortium(config: str | Path, runs_dir: str | Path | None = None, pr
     interrupted = False
     try:
         procs.start_all()
+        # a node that refuses its input (exit 2) stops the run: its peers would wait for it in vain
         if progress:
             with Live(_progress_table(plan, procs, t0), console=console, refresh_per_second=2) as live:
-                all_done = procs.wait(plan.timeout, on_tick=lambda: live.update(_progress_table(plan, procs, t0)))
+                all_done = procs.wait(plan.timeout, on_tick=lambda: live.update(_progress_table(plan, procs, t0)),
+                                      give_up=procs.refused)
         else:
-            all_done = procs.wait(plan.timeout)
-        if not all_done:
+            all_done = procs.wait(plan.timeout, give_up=procs.refused)
+        if procs.refused() and procs.running():
+            log.warning("launch: node(s) %s refused to run (exit 2); stopping the others", ", ".join(procs.refused()))
+        elif not all_done:
             log.warning("launch: timeout after %.0f s; stopping the nodes still running", plan.timeout)
     except KeyboardInterrupt:
         interrupted = True
@@ -624,8 +635,12 @@ def launch_consortium(config: str | Path, runs_dir: str | Path | None = None, pr
     if results:
         console.print(result_table(summary))
         for nid, entry in summary["nodes"].items():
-            if entry.get("exit_code") != 0:
-                console.print(f"node {nid} exited {entry.get('exit_code')}: {entry.get('error', '')}", markup=False,
+            rc = entry.get("exit_code")
+            if rc is not None and rc < 0:
+                console.print(f"node {nid} was stopped by the launcher (signal {-rc})", markup=False,
+                              highlight=False, soft_wrap=True)
+            elif rc != 0:
+                console.print(f"node {nid} exited {rc}: {entry.get('error', '')}", markup=False,
                               highlight=False, soft_wrap=True)
         cd, d0 = summary.get("consensus_distance"), summary.get("initial_distance")
         ma = summary['mean_accuracy']

@@ -306,7 +306,6 @@ def check_policy(cfg: NodeConfig, roster: Roster, sigma: float) -> None:
                         "DP) reaches the target, and its peers and its ledger see when: that releases a "
                         "statistic of its records; stop on [stop].max_steps (target accuracy is for privfl "
                         "simulate/compare)")
-    check_one_step_fits(cfg, sigma)
     paced = cfg.node.step_seconds * cfg.common.strategy.local_steps
     if paced >= cfg.node.peer_timeout / 2:
         raise NodeError(f"{src}: [node].step_seconds: {cfg.node.step_seconds:g} s × [strategy].local_steps "
@@ -321,6 +320,7 @@ def check_policy(cfg: NodeConfig, roster: Roster, sigma: float) -> None:
     if pol.delta is not None and dp.delta > pol.delta:
         raise NodeError(f"{src}: [dp].delta: {dp.delta:g} exceeds the consortium δ {pol.delta:g} "
                         f"(roster {cfg.roster_path} [policy].delta)")
+    check_one_step_fits(cfg, sigma)  # after the consortium's refusals, which say more
 
 
 def ledger_policy(cfg: NodeConfig, roster: Roster, sigma: float) -> LedgerPolicy:

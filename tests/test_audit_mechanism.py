@@ -273,14 +273,14 @@ def test_log_line_prints_only_computed_values(
     tmp_path: Path, pki: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     path = mixed_ledger(tmp_path / "l.jsonl", pki)
-    with caplog.at_level(logging.INFO, logger="privfl.audit"):
+    with caplog.at_level(logging.DEBUG, logger="privfl.audit"):
         rep = audit_ledger(path, pki["ca_pem"], compute_pld=False)
     line = [r.getMessage() for r in caplog.records if r.name == "privfl.audit"][-1]
     assert rep.epsilon_pld is None and "eps_pld" not in line and "nan" not in line
     assert "eps_rdp=" in line and "randomness=secure" in line
     assert json.loads(rep.to_json())["epsilon_pld"] is None
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="privfl.audit"):
+    with caplog.at_level(logging.DEBUG, logger="privfl.audit"):
         rep = audit_ledger(path, pki["ca_pem"])
     line = [r.getMessage() for r in caplog.records if r.name == "privfl.audit"][-1]
     assert rep.epsilon_pld is not None and f"eps_pld={rep.epsilon_pld:.4f}" in line
