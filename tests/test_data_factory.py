@@ -324,6 +324,7 @@ def test_launch_checks_every_node_before_starting_any(project: Path) -> None:
     msg = str(exc.value)
     assert msg.startswith(f"node b: {cfg}: [nodes.b.data].root: folder not found") and "bb" in msg, msg
     assert "(no node was started)" in msg and "\n" not in msg
+    assert not (project / "runs").exists() or not any((project / "runs").iterdir())  # nothing left behind
     cfg.write_text(textwrap.dedent(LAUNCH).replace("../data/bb", "../data/b").replace("hosp_byo:Net", "hosp_byo:Nett"))
     with pytest.raises(ConfigError) as exc:
         prepare_run(cfg, runs_dir=project / "runs")
