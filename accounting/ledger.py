@@ -1234,8 +1234,7 @@ class Ledger:
             if sig:
                 body["signature"] = sig
             entry = self._append("anchor", body)
-            book.chain[peer] = (idx, digest)
-            book.keep_signature(peer, idx, sig)
+            book.chain[peer] = (idx, digest, sig)
         log.debug("ledger anchor node=%s peer=%s index=%d", self.node_id, peer, idx)
         return entry
 
@@ -1301,8 +1300,7 @@ class Ledger:
         book.late_next += 1
         book.late_last_hash = entry_hash(line)
         book.late_good_bytes += len(line) + 1
-        book.late[peer] = (idx, digest)
-        book.keep_signature(peer, idx, sig)
+        book.late[peer] = (idx, digest, sig)
         log.info("ledger late anchor node=%s peer=%s index=%d", self.node_id, peer, idx)
         return entry
 
@@ -1316,7 +1314,8 @@ class Ledger:
 
     def last_anchor_signature(self, peer_id: str) -> bytes:
         """The peer's own signature of the newest head held for it (empty if it came without one)."""
-        return self._anchor_book().signature_of(str(peer_id))
+        best = self._anchor_book().best(str(peer_id))
+        return b"" if best is None or not best[2] else bytes.fromhex(best[2])
 
     def last_anchors(self) -> dict[str, tuple[int, bytes]]:
         """peer id → the newest head held for it (ledger or anchors-final)."""
@@ -1509,9 +1508,7 @@ def _hex_digest(entry_hash: bytes | str, what: str) -> str:
         if len(raw) != 32:
             raise ValueError(f"{what} must be 32 bytes (SHA-256), got {len(raw)}")
         return raw.hex()
-    if isinstance(entry_hash, str) and len(entry_hash) == 64 and all(
-        c in "0123456789abcdef" for c in entry_hash
-    ):
+    if isinstance(entry_hash, str) and len(entry_hash) == 64 and _is_hex(entry_hash):
         return entry_hash
     raise ValueError(f"{what} must be 32 bytes or 64 lowercase hex characters, got {entry_hash!r}")
 
@@ -1641,9 +1638,9 @@ class _AnchorBook:
 
     lock: threading.Lock
     late_path: Path
-    chain: dict[str, tuple[int, str]] = field(default_factory=dict)
-    late: dict[str, tuple[int, str]] = field(default_factory=dict)
-    signatures: dict[str, tuple[int, str]] = field(default_factory=dict)  # peer → (index, hex head signature)
+    # peer → (index, hex entry hash, hex head signature or ""), newest in the chain / in anchors-final
+    chain: dict[str, tuple[int, str, str]] = field(default_factory=dict)
+    late: dict[str, tuple[int, str, str]] = field(default_factory=dict)
     close_head: tuple[int, str] | None = None  # the newest close entry (index, hex hash)
     late_next: int = 0
     late_last_hash: str = GENESIS_HASH
@@ -1664,8 +1661,7 @@ class _AnchorBook:
                 except ValueError:
                     continue
                 if peer not in book.chain or idx > book.chain[peer][0]:
-                    book.chain[peer] = (idx, digest)
-                    book.keep_signature(peer, idx, _stored_signature(entry["body"]))
+                    book.chain[peer] = (idx, digest, _stored_signature(entry["body"]))
             elif entry["kind"] == "close":
                 book.close_head = (int(entry["index"]), entry_hash(line))
         try:
@@ -1676,8 +1672,7 @@ class _AnchorBook:
         for e in verified.entries:
             peer, idx, digest = anchor_of(e["body"])
             if peer not in book.late or idx > book.late[peer][0]:
-                book.late[peer] = (idx, digest)
-                book.keep_signature(peer, idx, _stored_signature(e["body"]))
+                book.late[peer] = (idx, digest, _stored_signature(e["body"]))
         book.late_next = len(verified.entries)
         book.late_last_hash = verified.last_hash
         book.late_good_bytes = verified.good_bytes
@@ -1686,20 +1681,7 @@ class _AnchorBook:
             log.warning("ledger anchors-final %s: %s", book.late_path, verified.error)
         return book
 
-    def keep_signature(self, peer: str, idx: int, sig: str) -> None:
-        """Remember the peer's signature of its head at ``idx`` when it is the newest seen."""
-        held = self.signatures.get(peer)
-        if held is None or idx >= held[0]:
-            self.signatures[peer] = (idx, sig)
-
-    def signature_of(self, peer: str) -> bytes:
-        """The signature of the newest head held for ``peer`` (empty if none came with it)."""
-        best, held = self.best(peer), self.signatures.get(peer)
-        if best is None or held is None or held[0] != best[0] or not held[1]:
-            return b""
-        return bytes.fromhex(held[1])
-
-    def best(self, peer: str) -> tuple[int, str] | None:
+    def best(self, peer: str) -> tuple[int, str, str] | None:
         """The newest head held for ``peer`` (chain or late)."""
         heads = [h for h in (self.chain.get(peer), self.late.get(peer)) if h is not None]
         return max(heads, key=lambda h: h[0]) if heads else None

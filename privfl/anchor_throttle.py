@@ -35,7 +35,7 @@ class AnchorThrottle:
     hash, signature)`` records one head.
     """
 
-    def __init__(self, progress: Callable[[], Any], write: Callable[[str, int, bytes, bytes], Any]) -> None:
+    def __init__(self, progress: Callable[[], Any], write: Callable[[str, int, bytes, bytes], None]) -> None:
         self._progress = progress
         self._write = write
         self._lock = threading.Lock()

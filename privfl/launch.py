@@ -593,9 +593,9 @@ def result_table(summary: Mapping[str, Any]) -> Any:
 
 
 def launch_consortium(config: str | Path, runs_dir: str | Path | None = None, progress: bool = True,
-                      run_name: str | None = None, results: bool = True) -> dict[str, Any]:
+                      run_name: str | None = None) -> dict[str, Any]:
     """Prepare, start every node, show progress (``progress``), wait, collect, print the result
-    table and every failed node's error line (``results``); always cleans up the processes."""
+    table and every failed node's error line; always cleans up the processes."""
     from rich.console import Console
     from rich.live import Live
 
@@ -636,22 +636,22 @@ def launch_consortium(config: str | Path, runs_dir: str | Path | None = None, pr
             signal.signal(signum, handler)
     summary = collect(plan, procs.returncodes, time.monotonic() - t0)
     summary["interrupted"] = interrupted
-    if results:
-        console.print(result_table(summary))
-        for nid, entry in summary["nodes"].items():
-            rc = entry.get("exit_code")
-            if rc is not None and rc < 0:
-                console.print(f"node {nid} was stopped by the launcher (signal {-rc})", markup=False,
-                              highlight=False, soft_wrap=True)
-            elif rc != 0:  # the node's line names its generated node.toml: say which file that came from
-                error = str(entry.get("error", "")).replace(str(plan.node_configs[nid]),
-                                                           f"{plan.node_configs[nid]} (from {Path(config).resolve()})")
-                console.print(f"node {nid} exited {rc}: {error}", markup=False, highlight=False, soft_wrap=True)
-        cd, d0 = summary.get("consensus_distance"), summary.get("initial_distance")
-        ma = summary['mean_accuracy']
-        console.print(f"mean accuracy {ma if ma is None else f'{ma:.3f}'}, max ε {summary['max_epsilon']:.3f} "
-                      f"(target {summary['target_epsilon']:g}), consensus distance "
-                      f"{cd if cd is None else f'{cd:.3g}'} (initial {d0 if d0 is None else f'{d0:.3g}'})")
+    # the result table and every failed node's line, also with --quiet (which hides only the live table)
+    console.print(result_table(summary))
+    for nid, entry in summary["nodes"].items():
+        rc = entry.get("exit_code")
+        if rc is not None and rc < 0:
+            console.print(f"node {nid} was stopped by the launcher (signal {-rc})", markup=False,
+                          highlight=False, soft_wrap=True)
+        elif rc != 0:  # the node's line names its generated node.toml: say which file that came from
+            error = str(entry.get("error", "")).replace(str(plan.node_configs[nid]),
+                                                       f"{plan.node_configs[nid]} (from {Path(config).resolve()})")
+            console.print(f"node {nid} exited {rc}: {error}", markup=False, highlight=False, soft_wrap=True)
+    cd, d0 = summary.get("consensus_distance"), summary.get("initial_distance")
+    ma = summary['mean_accuracy']
+    console.print(f"mean accuracy {ma if ma is None else f'{ma:.3f}'}, max ε {summary['max_epsilon']:.3f} "
+                  f"(target {summary['target_epsilon']:g}), consensus distance "
+                  f"{cd if cd is None else f'{cd:.3g}'} (initial {d0 if d0 is None else f'{d0:.3g}'})")
     (plan.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

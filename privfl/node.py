@@ -615,20 +615,15 @@ class Node:
         peer cannot flood our ledger); after our close entry it goes to the late-anchor file."""
         self._anchors.offer(peer, index, entry_hash, signature)
 
-    def _write_anchor(self, peer: str, index: int, entry_hash: bytes, signature: bytes) -> bool:
-        """Write one peer head with the peer's signature of it; True when an anchor entry went
-        into our chain."""
+    def _write_anchor(self, peer: str, index: int, entry_hash: bytes, signature: bytes) -> None:
+        """Write one peer head with the peer's signature of it (chain, or late-anchor file)."""
         ledger = self.ledger
         assert ledger is not None
-        written: list[dict[str, Any] | None] = []
         try:
-            self._ledger_write(lambda: written.append(ledger.append_anchor(peer, index, entry_hash, signature)),
+            self._ledger_write(lambda: ledger.append_anchor(peer, index, entry_hash, signature),
                                f"the ledger head of {peer} was not recorded")
         except ValueError as exc:
             log.warning("node %s: ignoring a malformed ledger head from %s: %s", self.node_id, peer, exc)
-            return False
-        entry = written[0] if written else None
-        return entry is not None and entry.get("kind") == "anchor"
 
     def _held_head(self, peer: str) -> tuple[int, bytes, bytes] | None:
         """What we answer to ``peer``'s head query: its newest head we hold, with its signature."""

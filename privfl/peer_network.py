@@ -42,8 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
+from privfl.accounting.heads import HEAD_SIGNATURE_BYTES, head_signed_by
+from privfl.accounting.ledger import public_key_of_cert
 from privfl.accounting.log_limit import LogLimiter, reason_code, warn_limited
-from privfl.pki import NodeIdentity, Policy, Roster
+from privfl.pki import NodeIdentity, Policy, Roster, load_certificate
 from privfl.strategies.base import ModelMessage, NodeStrategy
 from privfl.strategies.compression import Compressed, MalformedMessage, decompress
 from privfl.strategies.compression.message import max_frame_bytes
@@ -64,7 +66,6 @@ from privfl.transport import (
     TrustState,
     model_digest,
 )
-from privfl.transport.signing import HEAD_SIGNATURE_BYTES, certificate_public_key, head_signed_by
 
 log = logging.getLogger("privfl.node")
 
@@ -256,7 +257,7 @@ class GrpcPeerNetwork:
                  max_abs_value: float = DEFAULT_MAX_ABS_VALUE, max_norm_ratio: float = DEFAULT_MAX_NORM_RATIO,
                  norm_floor: float = DEFAULT_NORM_FLOOR) -> None:
         self.node_id = identity.node_id
-        self._own_key = certificate_public_key(identity.cert_pem)  # checks the heads peers say they hold for us
+        self._own_key = public_key_of_cert(load_certificate(identity.cert_pem))  # checks heads peers hold for us
         self.roster = roster
         self.names = list(names)
         self.shapes = tuple(tuple(int(s) for s in np.shape(p)) for p in template)
@@ -444,9 +445,9 @@ class GrpcPeerNetwork:
         problem = self.values_problem(arrays)
         if problem is None:
             return True
-        warn_limited(log, self._refusals, ("values", self.node_id, peer, reason_code(problem)),
+        warn_limited(log, self._refusals, ("values", peer, reason_code(problem)),
                      "node %s: refused %s from %s: %s", self.node_id, kind, peer, problem,
-                     group=("values", self.node_id, peer))
+                     group=("values", peer))
         self.refused_values[peer] = problem
         return False
 
@@ -480,9 +481,9 @@ class GrpcPeerNetwork:
         try:
             incoming = from_transport(reply, self.names, self._frame_shapes(reply))
         except TransportError as exc:
-            warn_limited(log, self._refusals, ("invalid reply", self.node_id, peer, reason_code(str(exc))),
+            warn_limited(log, self._refusals, ("invalid reply", peer, reason_code(str(exc))),
                          "node %s: invalid reply from %s: %s", self.node_id, peer, exc,
-                         group=("invalid reply", self.node_id, peer))
+                         group=("invalid reply", peer))
             return None
         return incoming if self._accept_values(peer, reply.kind, incoming) else None
 
@@ -610,9 +611,9 @@ class GrpcPeerNetwork:
         try:
             incoming = from_transport(msg, self.names, self._frame_shapes(msg))
         except TransportError as exc:
-            warn_limited(log, self._refusals, ("malformed", self.node_id, sender, reason_code(str(exc))),
+            warn_limited(log, self._refusals, ("malformed", sender, reason_code(str(exc))),
                          "node %s: refused %s from %s: %s", self.node_id, msg.kind, sender, exc,
-                         group=("malformed", self.node_id, sender))
+                         group=("malformed", sender))
             return self._refused()
         if not self._accept_values(sender, msg.kind, incoming):
             return self._refused()

@@ -534,11 +534,11 @@ class AsyncGossip(_GossipBase):
         if message.kind != "exchange_request":
             return None
         if self.bipartite and self.active:
-            warn_limited(log, self._refusals, ("active", self.node_id, sender),
+            warn_limited(log, self._refusals, ("active", sender),
                          "node %s: refused exchange from %s: active nodes do not serve", self.node_id, sender)
             return None
         if sender not in self.network.neighbors():
-            warn_limited(log, self._refusals, ("non-neighbour", self.node_id, sender),
+            warn_limited(log, self._refusals, ("non-neighbour", sender),
                          "node %s: refused exchange from non-neighbour %s", self.node_id, sender)
             return None
         acquired = self._lock.acquire(blocking=self.bipartite)
@@ -554,7 +554,7 @@ class AsyncGossip(_GossipBase):
                 mixed = (average_pair(self.params, message.params)  # type: ignore[arg-type]
                          if params_compatible(self.params, message.params) else None)
             if mixed is None:
-                warn_limited(log, self._refusals, ("incompatible", self.node_id, sender),
+                warn_limited(log, self._refusals, ("incompatible", sender),
                              "node %s: refused exchange from %s: incompatible or non-finite model",
                              self.node_id, sender)
                 return None
@@ -816,7 +816,7 @@ class SyncGossip(_GossipBase):
             try:
                 self.innovation.receive(peer, msg.payload)
             except MalformedMessage as e:
-                warn_limited(log, self._refusals, ("innovation", self.node_id, peer),
+                warn_limited(log, self._refusals, ("innovation", peer),
                              "node %s: dropped malformed innovation from %s: %s", self.node_id, peer, e)
                 self.missing += 1
                 continue

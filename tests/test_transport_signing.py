@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from privfl.accounting.heads import head_signed_by
 from privfl.pki import NodeIdentity, init_consortium, issue_node, load_pki, revoke_node
 from privfl.transport import WIRE_VERSION, Message, TrustState, encode_message, iter_chunks
 from privfl.transport.codec import MessageAssembler
@@ -16,7 +17,6 @@ from privfl.transport.signing import (
     Signer,
     canonical_bytes,
     head_signature_of,
-    head_signed_by,
 )
 
 pytestmark = pytest.mark.timeout(60)

@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from privfl.accounting.heads import HEAD_SIGNATURE_BYTES, head_bytes, head_signed_by, sign_head
+from privfl.accounting.heads import head_signed_by, sign_head
 from privfl.pki import PKIError, load_private_key, verify_node_certificate
 from privfl.transport.codec import TransportError, spec_line
 from privfl.transport.common import TrustState
@@ -267,20 +267,11 @@ class PeerVerifier:
         return peer, head
 
 
-def certificate_public_key(cert_pem: bytes) -> ec.EllipticCurvePublicKey:
-    """The ECDSA public key of a PEM certificate (a node's own, to check heads it signed)."""
-    pub = x509.load_pem_x509_certificate(cert_pem).public_key()
-    if not isinstance(pub, ec.EllipticCurvePublicKey):
-        raise AuthenticationFailed("certificate key is not an ECDSA key")
-    return pub
-
-
 def certificate_der(cert_pem: bytes) -> bytes:
     """DER of a PEM certificate."""
     return x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
 
 
-__all__ = ["AuthenticationFailed", "HEAD_SIGNATURE_BYTES", "LedgerHead", "PeerVerifier", "Signer",
-           "VerifiedPeer", "canonical_bytes", "certificate_der", "certificate_public_key", "head_bytes",
-           "head_of", "head_signature_of", "head_signed_by", "sign_head", "sign_message", "trailer_of",
+__all__ = ["AuthenticationFailed", "LedgerHead", "PeerVerifier", "Signer", "VerifiedPeer",
+           "canonical_bytes", "certificate_der", "head_of", "head_signature_of", "sign_message", "trailer_of",
            "verify_message"]
