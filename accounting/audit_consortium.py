@@ -25,6 +25,11 @@ hash. Each problem names the node and the entry index:
   A's key never signed (every head carries its sender's own signature, kept with the
   anchor, :mod:`accounting.heads`): made up by the holder, so the problem is the holder's,
   and a member cannot frame another node as truncated or rewritten;
+* ``dropped_head``: a holder signed a receipt for a head of A (A's ``receipts.jsonl``, the
+  answer to A's goodbye, :mod:`accounting.receipts`) that neither its ledger nor its
+  anchors-final holds: the holder's record was cut, or it withheld the head. The receipt
+  itself confirms A's head, so a neighbour that drops A's close head cannot leave A
+  ``unconfirmed_end``;
 * ``duplicate``: two ledgers name one node; ``anchors_final``: a side file does not
   verify or does not follow a close entry of its own ledger; ``audit``: a ledger fails
   its own audit (``detail`` is the issue kind, e.g. ``roster``, ``dropped``).
@@ -59,6 +64,7 @@ from privfl.accounting.ledger import (
     ledger_lines,
     read_late_anchors,
 )
+from privfl.accounting.receipts import read_receipts, receipts_path
 
 log = logging.getLogger("privfl.audit")
 
@@ -73,6 +79,7 @@ ANCHORS_FINAL = "anchors_final"
 AUDIT = "audit"
 UNCONFIRMED_END = "unconfirmed_end"
 UNPROVEN = "unproven_head"
+DROPPED = "dropped_head"
 
 CONSORTIUM_NOTE = (
     "a ledger is complete only up to the last head its peers hold; one that does not end with a "
@@ -102,8 +109,9 @@ class NodeSummary:
 
     ``anchored_upto``: the highest entry index a peer's head confirms (None: no peer
     holds one); ``unanchored_tail``: entries after it; ``anchored_by``: holder → highest
-    index it holds that matches; ``heads_held``: anchors this node holds for others
-    (chain, late).
+    index it holds that matches (a receipt it signed counts); ``heads_held``: anchors this
+    node holds for others (chain, late); ``receipts``: the receipts in this node's
+    receipts file that verify under their holder's certificate, and those that do not.
     """
 
     node_id: str
@@ -117,6 +125,7 @@ class NodeSummary:
     unanchored_tail: int = 0
     anchored_by: dict[str, int] = field(default_factory=dict)
     heads_held: dict[str, int] = field(default_factory=lambda: {"ledger": 0, "anchors_final": 0})
+    receipts: dict[str, int] = field(default_factory=lambda: {"verified": 0, "unverified": 0})
     audit: AuditReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,6 +143,7 @@ class NodeSummary:
             "unanchored_tail": self.unanchored_tail,
             "anchored_by": dict(self.anchored_by),
             "heads_held": dict(self.heads_held),
+            "receipts": dict(self.receipts),
             "audit": None if a is None else {
                 "ok": a.ok,
                 "checks": dict(a.checks),
@@ -187,6 +197,7 @@ class _Held:
     digest: str
     where: str
     signature: str = ""  # the node's own signature of this head, as the holder kept it (hex)
+    receipt: bool = False  # from the node's receipts file: the holder signed that it received it
 
     def proven(self, node: str, cert: x509.Certificate | None) -> bool:
         """Whether ``node``'s certificate key signed this head: evidence against ``node``'s ledger,
@@ -341,10 +352,15 @@ def audit_consortium(
     counts: dict[str, dict[str, int]] = {}
     for led in ledgers:
         counts[led.path.as_posix()] = _collect_heads(led, held, report)
+    holders = {node: group[0] for node, group in by_node.items() if len(group) == 1 and _cert_trusted(group[0])}
+    receipts: dict[str, dict[str, int]] = {}
+    for led in ledgers:
+        receipts[led.path.as_posix()] = _collect_receipts(led, holders, held, report)
 
     for led in ledgers:
         summary = _cross_check(led, held.get(led.node, []), report)
         summary.heads_held = counts[led.path.as_posix()]
+        summary.receipts = receipts[led.path.as_posix()]
         key = led.node if led.node not in report.nodes else f"{led.node} ({led.path})"
         report.nodes[key] = summary
 
@@ -414,6 +430,39 @@ def _collect_heads(
                   _signature_of(e["body"])))
         n_late += 1
     return {"ledger": n_chain, "anchors_final": n_late}
+
+
+def _collect_receipts(
+    led: _Ledger, holders: Mapping[str, _Ledger], held: dict[str, list[_Held]], report: ConsortiumReport
+) -> dict[str, int]:
+    """Add the receipts in ``led``'s receipts file that verify under their holder's (trusted)
+    certificate to ``held`` as heads the holder vouches for, and report each one whose head the
+    holder's own records lack (``dropped_head``). Run after every ledger's heads are collected."""
+    path = receipts_path(led.path)
+    if not path.exists():
+        return {"verified": 0, "unverified": 0}
+    try:
+        found, bad = read_receipts(path)
+    except OSError as exc:
+        log.warning("audit consortium: cannot read %s: %s", path, exc)
+        return {"verified": 0, "unverified": 0}
+    verified = 0
+    recorded = {(h.holder, h.index, h.digest) for h in held.get(led.node, []) if not h.receipt}
+    for number, r in found:
+        holder = holders.get(r.holder)
+        if r.node != led.node or holder is None or holder.cert is None or not r.signed_by(holder.cert.public_key()):
+            bad += 1
+            continue
+        verified += 1
+        where = f"{led.node}'s receipts line {number}, signed by {r.holder}"
+        held.setdefault(led.node, []).append(_Held(r.holder, r.index, r.entry_hash, where, r.head_signature, True))
+        if (r.holder, r.index, r.entry_hash) not in recorded:
+            report.problems.append(ConsortiumProblem(
+                r.holder, None, DROPPED,
+                f"{r.holder} signed a receipt for node {led.node}'s head at entry {r.index} ({where}) but "
+                f"neither its ledger nor its anchors-final holds that head: {r.holder}'s record was cut "
+                "after the run, or it withheld the head", led.node))
+    return {"verified": verified, "unverified": bad}
 
 
 def _cert_trusted(led: _Ledger) -> bool:
@@ -509,6 +558,7 @@ __all__ = [
     "AUDIT",
     "CONSORTIUM_NOTE",
     "DIFFERS",
+    "DROPPED",
     "DUPLICATE",
     "MISSING",
     "TRUNCATED",

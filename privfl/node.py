@@ -49,6 +49,7 @@ import torch
 
 import privfl
 from privfl.accounting import DpEventKey, epsilon_of
+from privfl.accounting.heads import sign_head
 from privfl.accounting.ledger import (
     WRITE_FAILED,
     Ledger,
@@ -58,6 +59,7 @@ from privfl.accounting.ledger import (
     check_against_peers,
     check_checkpoint_steps,
 )
+from privfl.accounting.receipts import Receipt, append_receipt, receipts_path
 from privfl.anchor_throttle import AnchorThrottle
 from privfl.clients.distributed import rank_share
 from privfl.clients.randomness import random_source
@@ -499,7 +501,7 @@ class Node:
             policy=AdvertisedPolicy(self.sigma, c.dp.target_epsilon, c.dp.delta),
             listen=cfg.node.listen or None, timeout=cfg.node.peer_timeout, on_release=self._on_release,
             ledger_head=lambda: ledger.head, on_peer_head=self._on_peer_head, head_for=self._held_head,
-            crl_path=cfg.crl_path, roster_path=cfg.roster_path)
+            on_receipt=self._on_receipt, crl_path=cfg.crl_path, roster_path=cfg.roster_path)
         paced = PacedClient(self.client, self._pacer, lambda: ledger.steps) if self._pacer.active else self.client
         self.strategy: NodeStrategy = build_node_strategy(strategy_build(
             cfg, self.topology, paced, self.network,  # type: ignore[arg-type]  # a SiteClient by delegation
@@ -624,6 +626,20 @@ class Node:
                                f"the ledger head of {peer} was not recorded")
         except ValueError as exc:
             log.warning("node %s: ignoring a malformed ledger head from %s: %s", self.node_id, peer, exc)
+
+    def _on_receipt(self, peer: str, index: int, entry_hash: bytes, signature: bytes) -> None:
+        """Keep a neighbour's receipt for our goodbye's head (verified by the network): proof that it
+        received our close head, should its record of it go missing (:mod:`accounting.receipts`)."""
+        assert self.ledger is not None
+        head = (index, entry_hash)
+        receipt = Receipt(peer, self.node_id, index, entry_hash.hex(), signature.hex(),
+                          sign_head(load_private_key(self.identity.key_pem), self.node_id, head).hex())
+        try:
+            append_receipt(receipts_path(self.ledger.path), receipt)
+        except LedgerError as exc:  # our own evidence only: the run goes on without it
+            log.error("node %s: the receipt of %s was not kept: %s", self.node_id, peer, exc.reason)
+            return
+        log.info("node %s: %s signed a receipt for our ledger head at entry %d", self.node_id, peer, index)
 
     def _held_head(self, peer: str) -> tuple[int, bytes, bytes] | None:
         """What we answer to ``peer``'s head query: its newest head we hold, with its signature."""

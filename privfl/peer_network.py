@@ -41,11 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from cryptography import x509
 
-from privfl.accounting.heads import HEAD_SIGNATURE_BYTES, head_signed_by
+from privfl.accounting.heads import HEAD_SIGNATURE_BYTES, head_signed_by, receipt_signed_by, sign_receipt
 from privfl.accounting.ledger import public_key_of_cert
 from privfl.accounting.log_limit import LogLimiter, reason_code, warn_limited
-from privfl.pki import NodeIdentity, Policy, Roster, load_certificate
+from privfl.pki import NodeIdentity, Policy, Roster, load_certificate, load_private_key
 from privfl.strategies.base import ModelMessage, NodeStrategy
 from privfl.strategies.compression import Compressed, MalformedMessage, decompress
 from privfl.strategies.compression.message import max_frame_bytes
@@ -81,12 +82,17 @@ HEAD_REPLY_KIND = "head_reply"  # carries HEAD_HASH (32 uint8), HEAD_SIG (64 uin
 HEAD_HASH = "ledger.entry_hash"
 HEAD_SIG = "ledger.head_signature"  # the asking node's own signature of that head: proof it sent it
 HEAD_INDEX = "ledger_index"
+RECEIPT_KIND = "receipt"  # the answer to a goodbye: HEAD_HASH + HEAD_INDEX of the head it carried, RECEIPT_SIG
+RECEIPT_SIG = "ledger.receipt_signature"  # the answering node's signature that it received that head
 # what a node serves and accepts as replies: kind -> "model" (tensors required) / "empty" / "any"
 REQUEST_KINDS = {"exchange_request": "model", "model": "model", "innovation": "model",
                  **{k: "empty" for k in CONTROL_KINDS}, HEAD_QUERY_KIND: "empty"}
-REPLY_KINDS = {"exchange_reply": "model", REFUSED_KIND: "empty", "ack": "empty", HEAD_REPLY_KIND: "any"}
+REPLY_KINDS = {"exchange_reply": "model", REFUSED_KIND: "empty", "ack": "empty", HEAD_REPLY_KIND: "any",
+               RECEIPT_KIND: "model"}
 HEAD_SPEC = {HEAD_HASH: TensorExpectation((32,), "|u1", allow_sparse=False),
              HEAD_SIG: TensorExpectation((HEAD_SIGNATURE_BYTES,), "|u1", allow_sparse=False)}
+RECEIPT_SPEC = {HEAD_HASH: TensorExpectation((32,), "|u1", allow_sparse=False),
+                RECEIPT_SIG: TensorExpectation((HEAD_SIGNATURE_BYTES,), "|u1", allow_sparse=False)}
 DEFAULT_MAX_ABS_VALUE = 1e6
 DEFAULT_MAX_NORM_RATIO = 100.0
 DEFAULT_NORM_FLOOR = 100.0
@@ -95,6 +101,7 @@ ReleaseHook = Callable[[str, int, int, str, int], None]  # peer, seq, round, dig
 LedgerHeadHook = Callable[[], "tuple[int, bytes] | None"]  # this node's (index, entry hash)
 PeerHeadHook = Callable[[str, int, bytes, bytes], None]  # peer, index, entry hash, its head signature
 HeadForHook = Callable[[str], "tuple[int, bytes, bytes] | None"]  # the last head we hold for a peer, signed
+ReceiptHook = Callable[[str, int, bytes, bytes], None]  # peer, index, entry hash of our head, its receipt
 
 
 @dataclass(frozen=True)
@@ -232,7 +239,11 @@ class GrpcPeerNetwork:
     into every outgoing message (called when it is encoded, after ``on_release``);
     ``on_peer_head(peer, index, entry_hash)`` is called for every verified message that
     carries one (requests, replies, acks, notifications); ``head_for(peer)`` answers a
-    peer's ``head_query`` (see :meth:`query_head`).
+    peer's ``head_query`` (see :meth:`query_head`). A goodbye is answered with a receipt,
+    this node's signature that it received the head the goodbye carried
+    (:func:`~accounting.heads.sign_receipt`); ``on_receipt(peer, index, entry_hash,
+    signature)`` is called for each receipt a neighbour gave for our own current head, once
+    its signature verified under the neighbour's certificate (:mod:`accounting.receipts`).
 
     Live trust: with ``crl_path``/``roster_path`` the files are re-read by
     :meth:`reload_trust` (and, with ``trust_poll`` seconds, by a daemon thread watching
@@ -251,6 +262,7 @@ class GrpcPeerNetwork:
                  listen: str | None = None, timeout: float = 10.0, on_release: ReleaseHook | None = None,
                  backoff: PeerBackoff | None = None, *, ledger_head: LedgerHeadHook | None = None,
                  on_peer_head: PeerHeadHook | None = None, head_for: HeadForHook | None = None,
+                 on_receipt: ReceiptHook | None = None,
                  crl_path: str | os.PathLike[str] | None = None,
                  roster_path: str | os.PathLike[str] | None = None, trust_poll: float | None = 1.0,
                  stream_timeout: float | None = None, max_calls_per_peer: int = 4,
@@ -258,6 +270,8 @@ class GrpcPeerNetwork:
                  norm_floor: float = DEFAULT_NORM_FLOOR) -> None:
         self.node_id = identity.node_id
         self._own_key = public_key_of_cert(load_certificate(identity.cert_pem))  # checks heads peers hold for us
+        self._signing_key = load_private_key(identity.key_pem)  # signs the receipts for goodbyes
+        self._ledger_head = ledger_head
         self.roster = roster
         self.names = list(names)
         self.shapes = tuple(tuple(int(s) for s in np.shape(p)) for p in template)
@@ -269,6 +283,7 @@ class GrpcPeerNetwork:
         self.on_release = on_release
         self.on_peer_head = on_peer_head
         self.head_for = head_for
+        self.on_receipt = on_receipt
         self.max_abs_value = max_abs_value
         self.max_norm_ratio = max_norm_ratio
         self.norm_floor = norm_floor
@@ -523,11 +538,48 @@ class GrpcPeerNetwork:
         for peer in peers if peers is not None else self._neighbors:
             msg = Message(kind=kind, scalars=self.policy.scalars() if self.policy else {})
             try:
-                self.client.send(peer, msg, timeout=timeout or self.timeout)
+                if kind == "bye":  # answered with a receipt for the head it carries
+                    self._take_receipt(peer, self.client.exchange(peer, msg, timeout=timeout or self.timeout,
+                                                                  expected=RECEIPT_SPEC))
+                else:
+                    self.client.send(peer, msg, timeout=timeout or self.timeout)
                 ok.add(peer)
             except TransportError as exc:
                 log.debug("node %s: %s to %s failed: %s", self.node_id, kind, peer, exc)
         return ok
+
+    def _take_receipt(self, peer: str, reply: DecodedMessage) -> None:
+        """Keep ``peer``'s receipt for our head when it verifies under its certificate and is for
+        the head we hold now (the one the goodbye carried); anything else is logged and dropped."""
+        if reply.kind != RECEIPT_KIND:
+            log.info("node %s: %s answered our goodbye without a receipt (%s)", self.node_id, peer, reply.kind)
+            return
+        h, sig, index = reply.tensors.get(HEAD_HASH), reply.tensors.get(RECEIPT_SIG), reply.scalars.get(HEAD_INDEX)
+        ours = self._ledger_head() if self._ledger_head is not None else None
+        der = self.client.peer_certificate(peer)
+        if h is None or sig is None or isinstance(h, SparseTensor) or isinstance(sig, SparseTensor) \
+                or index is None or ours is None or der is None:
+            log.warning("node %s: the receipt %s gave for our goodbye is incomplete: dropped", self.node_id, peer)
+            return
+        head = (int(index), np.asarray(h, dtype=np.uint8).tobytes())
+        proof = np.asarray(sig, dtype=np.uint8).tobytes()
+        if head != (int(ours[0]), bytes(ours[1])) or not receipt_signed_by(
+                x509.load_der_x509_certificate(der).public_key(), peer, self.node_id, head, proof):
+            log.warning("node %s: the receipt %s gave for our goodbye is not its signature of our head at "
+                        "index %d: dropped", self.node_id, peer, int(ours[0]))
+            return
+        if self.on_receipt is not None:
+            self.on_receipt(peer, head[0], head[1], proof)
+
+    def _receipt(self, sender: str, msg: DecodedMessage) -> Message | None:
+        """The answer to ``sender``'s goodbye: our signature that we received the head it carried."""
+        if msg.ledger_head is None:
+            return None
+        index, entry_hash = int(msg.ledger_head[0]), bytes(msg.ledger_head[1])
+        proof = sign_receipt(self._signing_key, self.node_id, sender, (index, entry_hash))
+        return Message(kind=RECEIPT_KIND, scalars={HEAD_INDEX: float(index)},
+                       tensors={HEAD_HASH: np.frombuffer(entry_hash, np.uint8),
+                                RECEIPT_SIG: np.frombuffer(proof, np.uint8)})
 
     def query_head(self, peer_id: str, timeout: float | None = None) -> tuple[int, bytes] | None:
         """Ask ``peer_id`` for the last ledger head of ours that it holds: (index, entry hash) or None.
@@ -607,7 +659,7 @@ class GrpcPeerNetwork:
                 self.control[msg.kind].add(sender)
                 self._cond.notify_all()
             log.debug("node %s: %s from %s", self.node_id, msg.kind, sender)
-            return None
+            return self._receipt(sender, msg) if msg.kind == "bye" else None
         try:
             incoming = from_transport(msg, self.names, self._frame_shapes(msg))
         except TransportError as exc:
@@ -639,6 +691,6 @@ class GrpcPeerNetwork:
 
 
 __all__ = ["AdvertisedPolicy", "COMPRESSED_FRAME", "CONTROL_KINDS", "GrpcPeerNetwork", "HEAD_QUERY_KIND",
-           "HEAD_REPLY_KIND", "INBOX_KINDS", "REFUSED_KIND", "REPLY_KINDS", "REQUEST_KINDS", "compressed_from_frame",
-           "compressed_spec_of", "expected_spec_of", "from_transport",
+           "HEAD_REPLY_KIND", "INBOX_KINDS", "RECEIPT_KIND", "REFUSED_KIND", "REPLY_KINDS", "REQUEST_KINDS",
+           "compressed_from_frame", "compressed_spec_of", "expected_spec_of", "from_transport",
            "policy_problem", "to_transport"]

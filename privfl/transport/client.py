@@ -287,6 +287,11 @@ class GossipClient:
             self._seen_cert[peer_id] = bytes(asm.header.sender_certificate)
         return asm.message(head, head_signature_of(asm.trailer))
 
+    def peer_certificate(self, peer_id: str) -> bytes | None:
+        """The DER certificate ``peer_id``'s last verified accept or reply was signed with (None: none yet)."""
+        with self._lock:
+            return self._seen_cert.get(peer_id)
+
     def _auth_failed(self, peer_id: str, address: str, exc: AuthenticationFailed) -> None:
         """Log a refused accept/reply; block the peer if its own pinned certificate is revoked."""
         (log.debug if exc.repeat else log.warning)(

@@ -21,6 +21,8 @@ import pytest
 from typer.testing import CliRunner
 
 from privfl.accounting.audit import audit_ledger
+from privfl.accounting.audit_consortium import audit_consortium
+from privfl.accounting.receipts import read_receipts, receipts_path
 from privfl.launch import NodeProcesses, last_metrics, launch_consortium, prepare_run
 from tests.helpers import audit_cli, patched_copy
 from tests.test_audit_consortium import (
@@ -66,6 +68,12 @@ def test_untouched_launched_run_passes(run: Path) -> None:
     code, out = _consortium(run)
     assert code == 0, out
     assert "PASS" in out and "0 problems" in out
+    # every node kept its neighbours' signed receipts for the close head its goodbye carried
+    rep = audit_consortium(run, (run / "pki" / "ca.pem").read_bytes(), compute_pld=False)
+    for node, s in rep.nodes.items():
+        assert s.receipts["verified"] >= 1 and s.receipts["unverified"] == 0, (node, s.receipts)
+        found, bad = read_receipts(receipts_path(run / node / "ledger.jsonl"))
+        assert bad == 0 and {r.index for _, r in found} == {s.entries - 1}, node  # the close entry's head
 
 
 @pytest.mark.timeout(200)

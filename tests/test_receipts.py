@@ -1,0 +1,196 @@
+"""Receipts for goodbye heads: a neighbour that signs it received a node's close head and then
+keeps no record of it is blamed in the consortium audit (``dropped_head``), and the honest node's
+end is confirmed by the receipt. Real keys, real ledgers, real mTLS networks on loopback."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from privfl.accounting.audit_consortium import audit_consortium
+from privfl.accounting.heads import receipt_signed_by, sign_head, sign_receipt
+from privfl.accounting.ledger import Ledger
+from privfl.accounting.receipts import Receipt, append_receipt, read_receipts, receipts_path
+from privfl.launch import free_ports
+from privfl.peer_network import GrpcPeerNetwork
+from privfl.pki import NodeIdentity, init_consortium, load_pki, load_private_key
+from tests.test_audit_consortium import _lose_goodbyes_of, kinds, node_key, simulate_run
+
+pytestmark = pytest.mark.timeout(120)
+
+HEAD = (41, bytes(range(32)))
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("pki")
+    init_consortium("rc", ["a", "b"], root)
+    return {n: load_private_key((root / n / "node.key").read_bytes()) for n in ("a", "b")}
+
+
+def test_a_receipt_verifies_only_for_its_holder_node_and_head(keys: dict[str, Any]) -> None:
+    sig = sign_receipt(keys["b"], "b", "a", HEAD)
+    pub = keys["b"].public_key()
+    assert len(sig) == 64 and receipt_signed_by(pub, "b", "a", HEAD, sig)
+    assert not receipt_signed_by(keys["a"].public_key(), "b", "a", HEAD, sig)  # another key
+    assert not receipt_signed_by(pub, "c", "a", HEAD, sig)  # another holder
+    assert not receipt_signed_by(pub, "b", "c", HEAD, sig)  # another node
+    assert not receipt_signed_by(pub, "b", "a", (42, HEAD[1]), sig)  # another index
+    assert not receipt_signed_by(pub, "b", "a", (41, bytes(32)), sig)  # another hash
+    assert not receipt_signed_by(pub, "b", "a", HEAD, sig[:63])  # malformed
+    # a receipt is not a head signature: the two domains differ
+    assert sig != sign_head(keys["b"], "a", HEAD) and not receipt_signed_by(
+        pub, "b", "a", HEAD, sign_head(keys["b"], "a", HEAD))
+
+
+def test_receipts_file_round_trip_cuts_a_torn_tail_and_counts_bad_lines(tmp_path: Path, keys: dict[str, Any]) -> None:
+    path = receipts_path(tmp_path / "ledger.jsonl")
+    assert path.name == "receipts.jsonl" and receipts_path(tmp_path / "x.jsonl").name == "x.receipts.jsonl"
+    r = Receipt("b", "a", HEAD[0], HEAD[1].hex(), sign_receipt(keys["b"], "b", "a", HEAD).hex())
+    append_receipt(path, r)
+    with path.open("ab") as f:
+        f.write(b'{"holder": "b", "node"')  # a crash mid-append
+    append_receipt(path, r)  # the torn tail is cut first
+    with path.open("ab") as f:
+        f.write(b'{"holder": "b"}\n')
+    found, bad = read_receipts(path)
+    assert [n for n, _ in found] == [0, 1] and bad == 1
+    assert all(x == r and x.signed_by(keys["b"].public_key()) for _, x in found)
+    for broken in ({**json.loads(r.to_line()), "index": -1}, {**json.loads(r.to_line()), "signature": "zz"},
+                   {**json.loads(r.to_line()), "holder": "a"}):
+        with pytest.raises(ValueError):
+            Receipt.from_dict(broken)
+
+
+# --------------------------------------------------------------------------- the audit
+
+
+def _receipt(run: Path, holder: str, node: str, head: tuple[int, bytes], signer: str | None = None) -> Receipt:
+    return Receipt(holder, node, head[0], head[1].hex(),
+                   sign_receipt(node_key(run, signer or holder), holder, node, head).hex(),
+                   sign_head(node_key(run, node), node, head).hex())
+
+
+def _close_head(run: Path, node: str) -> tuple[int, bytes]:
+    with Ledger.open(run / node / "ledger.jsonl", node_key(run, node)) as led:
+        return led.head
+
+
+def test_a_neighbour_that_drops_a_receipted_close_head_is_blamed_not_the_node(tmp_path: Path) -> None:
+    """h3 (the last to close) said goodbye and both neighbours signed receipts for its close head,
+    then kept no record of it. Without the receipts h3 is unconfirmed_end; with them its end is
+    confirmed and each neighbour is named for the head it dropped."""
+    run = simulate_run(tmp_path / "run")
+    _lose_goodbyes_of(run, "h3")
+    rep = audit_consortium(run, (run / "pki" / "ca.pem").read_bytes(), compute_pld=False)
+    assert kinds(rep, "h3") == {"unconfirmed_end": [rep.nodes["h3"].entries - 1]}
+    head = _close_head(run, "h3")
+    for holder in ("h1", "h2"):
+        append_receipt(receipts_path(run / "h3" / "ledger.jsonl"), _receipt(run, holder, "h3", head))
+    rep = audit_consortium(run, (run / "pki" / "ca.pem").read_bytes(), compute_pld=False)
+    assert "h3" not in {p.node for p in rep.problems}, [vars(p) for p in rep.problems]
+    s = rep.nodes["h3"]
+    assert s.ok and s.anchored_upto == s.entries - 1 and s.unanchored_tail == 0
+    assert s.receipts == {"verified": 2, "unverified": 0} and s.anchored_by["h1"] == head[0]
+    dropped = [p for p in rep.problems if p.kind == "dropped_head"]
+    assert sorted((p.node, p.holder) for p in dropped) == [("h1", "h3"), ("h2", "h3")]
+    assert f"head at entry {head[0]}" in dropped[0].message and "withheld" in dropped[0].message
+    assert not rep.nodes["h1"].ok and not rep.nodes["h2"].ok and not rep.ok
+
+
+def test_a_receipt_the_node_made_up_is_no_evidence(tmp_path: Path) -> None:
+    """h3 cannot confirm its own end: a receipt signed with its own key (or for another node) does
+    not verify under the named holder's certificate, and blames no one."""
+    run = simulate_run(tmp_path / "run")
+    _lose_goodbyes_of(run, "h3")
+    head = _close_head(run, "h3")
+    path = receipts_path(run / "h3" / "ledger.jsonl")
+    append_receipt(path, _receipt(run, "h1", "h3", head, signer="h3"))  # forged: h3's key
+    append_receipt(path, _receipt(run, "h2", "h1", head))  # h2's genuine signature, for another node
+    rep = audit_consortium(run, (run / "pki" / "ca.pem").read_bytes(), compute_pld=False)
+    assert kinds(rep, "h3") == {"unconfirmed_end": [rep.nodes["h3"].entries - 1]}
+    assert rep.nodes["h3"].receipts == {"verified": 0, "unverified": 2}
+    assert not [p for p in rep.problems if p.kind == "dropped_head"]
+
+
+def test_receipts_the_holders_did_record_change_nothing_and_a_cut_is_still_caught(tmp_path: Path) -> None:
+    run = simulate_run(tmp_path / "run")
+    head = _close_head(run, "h3")
+    for holder in ("h1", "h2"):
+        append_receipt(receipts_path(run / "h3" / "ledger.jsonl"), _receipt(run, holder, "h3", head))
+    rep = audit_consortium(run, (run / "pki" / "ca.pem").read_bytes(), compute_pld=False)
+    assert rep.ok, [vars(p) for p in rep.problems]
+    # the receipts are evidence against h3's own ledger too: a cut of its close entry is caught
+    path = run / "h3" / "ledger.jsonl"
+    path.write_bytes(b"".join(line + b"\n" for line in path.read_bytes().splitlines()[:-1]))
+    rep = audit_consortium(run, (run / "pki" / "ca.pem").read_bytes(), compute_pld=False)
+    assert "truncated" in kinds(rep, "h3")
+
+
+# --------------------------------------------------------------------------- real networks
+
+
+class _Pair:
+    """Two networks (a, b) over real mTLS on loopback, each with a ledger head hook."""
+
+    def __init__(self, root: Path, b_class: type[GrpcPeerNetwork] = GrpcPeerNetwork) -> None:
+        ids = ["a", "b"]
+        ports = free_ports(2)
+        init_consortium("rp", ids, root, addresses={n: f"127.0.0.1:{p}" for n, p in zip(ids, ports)})
+        ca, roster, crl = load_pki(root)
+        self.heads = {"a": (7, b"\x0a" * 32), "b": (3, b"\x0b" * 32)}
+        self.receipts: dict[str, list[tuple[Any, ...]]] = {"a": [], "b": []}
+        self.nets: dict[str, GrpcPeerNetwork] = {}
+        params = [np.zeros((2, 3), np.float32)]
+        for n in ids:
+            cls = b_class if n == "b" else GrpcPeerNetwork
+            net = cls(NodeIdentity.load(root / n), roster, crl, [m for m in ids if m != n], ["w"], params,
+                      timeout=5.0, ledger_head=lambda n=n: self.heads[n],
+                      on_receipt=lambda *r, n=n: self.receipts[n].append(r))
+            net.start()
+            self.nets[n] = net
+        self.keys = {n: load_private_key((root / n / "node.key").read_bytes()) for n in ids}
+
+    def close(self) -> None:
+        for net in self.nets.values():
+            net.close()
+
+
+def test_a_goodbye_is_answered_with_a_receipt_for_the_head_it_carried(tmp_path: Path) -> None:
+    pair = _Pair(tmp_path / "pki")
+    try:
+        assert pair.nets["a"].notify("bye") == {"b"}
+        assert pair.nets["b"].heard("bye") == {"a"}
+        (peer, index, entry_hash, sig), = pair.receipts["a"]
+        assert peer == "b" and (index, entry_hash) == pair.heads["a"]
+        assert receipt_signed_by(pair.keys["b"].public_key(), "b", "a", pair.heads["a"], sig)
+        assert pair.nets["a"].notify("done") == {"b"} and len(pair.receipts["a"]) == 1  # only goodbyes
+    finally:
+        pair.close()
+
+
+class _WrongKeyReceipts(GrpcPeerNetwork):
+    """A rogue neighbour whose receipts are signed for another head than the one it received."""
+
+    def _receipt(self, sender: str, msg: Any) -> Any:
+        out = super()._receipt(sender, msg)
+        out.tensors["ledger.receipt_signature"] = np.frombuffer(
+            sign_receipt(self._signing_key, self.node_id, sender, (99, b"\x00" * 32)), np.uint8)
+        return out
+
+
+def test_a_receipt_that_does_not_verify_is_dropped_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pair = _Pair(tmp_path / "pki", _WrongKeyReceipts)
+    try:
+        with caplog.at_level(logging.WARNING, logger="privfl.node"):
+            assert pair.nets["a"].notify("bye") == {"b"}  # delivered: the goodbye itself went through
+        assert pair.receipts["a"] == []
+        assert "is not its signature of our head at index 7: dropped" in caplog.text
+    finally:
+        pair.close()
