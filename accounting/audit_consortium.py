@@ -461,7 +461,7 @@ def _collect_receipts(
                 r.holder, None, DROPPED,
                 f"{r.holder} signed a receipt for node {led.node}'s head at entry {r.index} ({where}) but "
                 f"neither its ledger nor its anchors-final holds that head: {r.holder}'s record was cut "
-                "after the run, or it withheld the head", led.node))
+                "after the run, it withheld the head, or it stopped (crashed) before writing it", led.node))
     return {"verified": verified, "unverified": bad}
 
 
