@@ -27,7 +27,8 @@ hash. Each problem names the node and the entry index:
   and a member cannot frame another node as truncated or rewritten;
 * ``dropped_head``: a holder signed a receipt for a head of A (A's ``receipts.jsonl``, the
   answer to A's goodbye, :mod:`accounting.receipts`) that neither its ledger nor its
-  anchors-final holds: the holder's record was cut, or it withheld the head. The receipt
+  anchors-final holds, nor any later head of A: the holder's record was cut, or it withheld
+  the head. The receipt
   itself confirms A's head, so a neighbour that drops A's close head cannot leave A
   ``unconfirmed_end``;
 * ``duplicate``: two ledgers name one node; ``anchors_final``: a side file does not
@@ -447,7 +448,10 @@ def _collect_receipts(
         log.warning("audit consortium: cannot read %s: %s", path, exc)
         return {"verified": 0, "unverified": 0}
     verified = 0
-    recorded = {(h.holder, h.index, h.digest) for h in held.get(led.node, []) if not h.receipt}
+    newest: dict[str, int] = {}  # holder -> the highest index of led's heads its own records hold
+    for h in held.get(led.node, []):
+        if not h.receipt:
+            newest[h.holder] = max(h.index, newest.get(h.holder, -1))
     for number, r in found:
         holder = holders.get(r.holder)
         if r.node != led.node or holder is None or holder.cert is None or not r.signed_by(holder.cert.public_key()):
@@ -456,11 +460,13 @@ def _collect_receipts(
         verified += 1
         where = f"{led.node}'s receipts line {number}, signed by {r.holder}"
         held.setdefault(led.node, []).append(_Held(r.holder, r.index, r.entry_hash, where, r.head_signature, True))
-        if (r.holder, r.index, r.entry_hash) not in recorded:
+        # a holder keeps a node's newest head (which commits to every entry before it), so it
+        # dropped nothing while it holds one at or above the receipted index
+        if newest.get(r.holder, -1) < r.index:
             report.problems.append(ConsortiumProblem(
                 r.holder, None, DROPPED,
                 f"{r.holder} signed a receipt for node {led.node}'s head at entry {r.index} ({where}) but "
-                f"neither its ledger nor its anchors-final holds that head: {r.holder}'s record was cut "
+                f"neither its ledger nor its anchors-final holds that head or a later one: {r.holder}'s record was cut "
                 "after the run, it withheld the head, or it stopped (crashed) before writing it", led.node))
     return {"verified": verified, "unverified": bad}
 

@@ -118,6 +118,21 @@ def test_a_receipt_the_node_made_up_is_no_evidence(tmp_path: Path) -> None:
     assert not [p for p in rep.problems if p.kind == "dropped_head"]
 
 
+def test_a_node_cannot_frame_a_neighbour_with_a_receipt_for_an_older_head(tmp_path: Path) -> None:
+    """A holder keeps a node's newest head only. h3 collects receipts for an earlier head too (one
+    its neighbours received, then a later one replaced): they hold a later head, so nobody dropped it."""
+    run = simulate_run(tmp_path / "run")
+    path = receipts_path(run / "h3" / "ledger.jsonl")
+    close = _close_head(run, "h3")
+    older = (close[0] - 1, bytes.fromhex(json.loads(
+        (run / "h3" / "ledger.jsonl").read_bytes().splitlines()[close[0]])["prev_hash"]))
+    for holder in ("h1", "h2"):
+        append_receipt(path, _receipt(run, holder, "h3", older))
+    rep = audit_consortium(run, (run / "pki" / "ca.pem").read_bytes(), compute_pld=False)
+    assert rep.ok, [vars(p) for p in rep.problems]
+    assert rep.nodes["h3"].receipts == {"verified": 2, "unverified": 0}
+
+
 def test_receipts_the_holders_did_record_change_nothing_and_a_cut_is_still_caught(tmp_path: Path) -> None:
     run = simulate_run(tmp_path / "run")
     head = _close_head(run, "h3")
