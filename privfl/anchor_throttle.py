@@ -7,11 +7,17 @@ each with a higher index, grows our ledger by one signed line per message: a dis
 audit flood. The throttle writes a peer's head only when this node has made progress of
 its own (a DP training event, or its close entry) since the last anchor it wrote for that
 peer. Releases do not count: a peer causes those by asking. So anchors grow at most
-(number of peers) × (our DP events + 1), whatever a peer sends.
+(number of peers) × (our DP events + 2), whatever a peer sends (the 2: the close, and one
+goodbye head written at once, below).
 A head that arrives in between is kept, newest only, and written at the next chance or
 by :meth:`AnchorThrottle.flush` (before the close entry, and once the network is closed:
 the neighbours' goodbye heads are always kept). After the close entry our ledger does
 not move, so a peer then gets one late anchor at once and the newest one at the flush.
+
+A goodbye's head is the exception, once per peer: the node signs a receipt for it
+(:mod:`accounting.receipts`), so :meth:`AnchorThrottle.commit` writes it at once, before
+the receipt leaves, and a crash cannot make the node the holder of a receipted head it
+never recorded. A peer's later goodbyes are offered like any head (bounded as above).
 
 ``progress()`` is the node's own progress, e.g. ``(ledger.steps, ledger.ends_with_close)``:
 anything comparable that grows with the node's own DP events and its close.
@@ -41,6 +47,7 @@ class AnchorThrottle:
         self._lock = threading.Lock()
         self._mark: dict[str, Any] = {}  # peer → our own progress when its last head was written
         self._pending: dict[str, Head] = {}
+        self._committed: set[str] = set()  # peers whose goodbye head was written at once
 
     def offer(self, peer: str, index: int, entry_hash: bytes, signature: bytes = b"") -> bool:
         """Write the head now when our ledger moved on since the peer's last anchor; else keep
@@ -56,6 +63,18 @@ class AnchorThrottle:
             self._pending.pop(peer, None)
             self._record(peer, (int(index), bytes(entry_hash), bytes(signature)), progress)
             return True
+
+    def commit(self, peer: str, index: int, entry_hash: bytes, signature: bytes = b"") -> bool:
+        """A goodbye's head, about to be receipted: written now (the newest kept head of the peer if
+        that is newer) the first time for ``peer``, offered as usual after that. True when written."""
+        with self._lock:
+            if peer not in self._committed:
+                self._committed.add(peer)
+                head = (int(index), bytes(entry_hash), bytes(signature))
+                held = self._pending.pop(peer, None)
+                self._record(peer, held if held is not None and held[0] > head[0] else head, self._progress())
+                return True
+        return self.offer(peer, index, entry_hash, signature)
 
     def flush(self) -> int:
         """Write every kept head (before the close entry; once no more heads can arrive)."""

@@ -501,7 +501,8 @@ class Node:
             policy=AdvertisedPolicy(self.sigma, c.dp.target_epsilon, c.dp.delta),
             listen=cfg.node.listen or None, timeout=cfg.node.peer_timeout, on_release=self._on_release,
             ledger_head=lambda: ledger.head, on_peer_head=self._on_peer_head, head_for=self._held_head,
-            on_receipt=self._on_receipt, crl_path=cfg.crl_path, roster_path=cfg.roster_path)
+            on_receipt=self._on_receipt, on_goodbye=self._anchors.commit, crl_path=cfg.crl_path,
+            roster_path=cfg.roster_path)
         paced = PacedClient(self.client, self._pacer, lambda: ledger.steps) if self._pacer.active else self.client
         self.strategy: NodeStrategy = build_node_strategy(strategy_build(
             cfg, self.topology, paced, self.network,  # type: ignore[arg-type]  # a SiteClient by delegation

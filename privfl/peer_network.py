@@ -244,6 +244,8 @@ class GrpcPeerNetwork:
     (:func:`~accounting.heads.sign_receipt`); ``on_receipt(peer, index, entry_hash,
     signature)`` is called for each receipt a neighbour gave for our own current head, once
     its signature verified under the neighbour's certificate (:mod:`accounting.receipts`).
+    ``on_goodbye(peer, index, entry_hash, head_signature)`` is called before we sign a receipt
+    for a peer's goodbye head (the node records it then); when it raises, no receipt is given.
 
     Live trust: with ``crl_path``/``roster_path`` the files are re-read by
     :meth:`reload_trust` (and, with ``trust_poll`` seconds, by a daemon thread watching
@@ -262,7 +264,7 @@ class GrpcPeerNetwork:
                  listen: str | None = None, timeout: float = 10.0, on_release: ReleaseHook | None = None,
                  backoff: PeerBackoff | None = None, *, ledger_head: LedgerHeadHook | None = None,
                  on_peer_head: PeerHeadHook | None = None, head_for: HeadForHook | None = None,
-                 on_receipt: ReceiptHook | None = None,
+                 on_receipt: ReceiptHook | None = None, on_goodbye: PeerHeadHook | None = None,
                  crl_path: str | os.PathLike[str] | None = None,
                  roster_path: str | os.PathLike[str] | None = None, trust_poll: float | None = 1.0,
                  stream_timeout: float | None = None, max_calls_per_peer: int = 4,
@@ -284,6 +286,7 @@ class GrpcPeerNetwork:
         self.on_peer_head = on_peer_head
         self.head_for = head_for
         self.on_receipt = on_receipt
+        self.on_goodbye = on_goodbye
         self.max_abs_value = max_abs_value
         self.max_norm_ratio = max_norm_ratio
         self.norm_floor = norm_floor
@@ -576,6 +579,13 @@ class GrpcPeerNetwork:
         if msg.ledger_head is None:
             return None
         index, entry_hash = int(msg.ledger_head[0]), bytes(msg.ledger_head[1])
+        if self.on_goodbye is not None:
+            try:
+                self.on_goodbye(sender, index, entry_hash, msg.head_signature)
+            except Exception as exc:  # not recorded: sign nothing we may not hold
+                log.error("node %s: the goodbye head of %s was not recorded, no receipt given: %s",
+                          self.node_id, sender, exc)
+                return None
         proof = sign_receipt(self._signing_key, self.node_id, sender, (index, entry_hash))
         return Message(kind=RECEIPT_KIND, scalars={HEAD_INDEX: float(index)},
                        tensors={HEAD_HASH: np.frombuffer(entry_hash, np.uint8),

@@ -153,20 +153,28 @@ def test_receipts_the_holders_did_record_change_nothing_and_a_cut_is_still_caugh
 class _Pair:
     """Two networks (a, b) over real mTLS on loopback, each with a ledger head hook."""
 
-    def __init__(self, root: Path, b_class: type[GrpcPeerNetwork] = GrpcPeerNetwork) -> None:
+    def __init__(self, root: Path, b_class: type[GrpcPeerNetwork] = GrpcPeerNetwork,
+                 goodbye: Any = None) -> None:
         ids = ["a", "b"]
         ports = free_ports(2)
         init_consortium("rp", ids, root, addresses={n: f"127.0.0.1:{p}" for n, p in zip(ids, ports)})
         ca, roster, crl = load_pki(root)
         self.heads = {"a": (7, b"\x0a" * 32), "b": (3, b"\x0b" * 32)}
         self.receipts: dict[str, list[tuple[Any, ...]]] = {"a": [], "b": []}
+        self.goodbyes: list[tuple[Any, ...]] = []  # what b was asked to record before it signed
+
+        def recorded(*head: Any) -> None:
+            self.goodbyes.append(head)
+            if goodbye is not None:
+                goodbye(*head)
         self.nets: dict[str, GrpcPeerNetwork] = {}
         params = [np.zeros((2, 3), np.float32)]
         for n in ids:
             cls = b_class if n == "b" else GrpcPeerNetwork
             net = cls(NodeIdentity.load(root / n), roster, crl, [m for m in ids if m != n], ["w"], params,
                       timeout=5.0, ledger_head=lambda n=n: self.heads[n],
-                      on_receipt=lambda *r, n=n: self.receipts[n].append(r))
+                      on_receipt=lambda *r, n=n: self.receipts[n].append(r),
+                      on_goodbye=recorded if n == "b" else None)
             net.start()
             self.nets[n] = net
         self.keys = {n: load_private_key((root / n / "node.key").read_bytes()) for n in ids}
@@ -185,6 +193,20 @@ def test_a_goodbye_is_answered_with_a_receipt_for_the_head_it_carried(tmp_path: 
         assert peer == "b" and (index, entry_hash) == pair.heads["a"]
         assert receipt_signed_by(pair.keys["b"].public_key(), "b", "a", pair.heads["a"], sig)
         assert pair.nets["a"].notify("done") == {"b"} and len(pair.receipts["a"]) == 1  # only goodbyes
+        (who, gi, gh, gsig), = pair.goodbyes  # b recorded a's head before it signed the receipt
+        assert who == "a" and (gi, gh) == pair.heads["a"] and len(gsig) == 64
+    finally:
+        pair.close()
+
+
+def test_no_receipt_is_signed_for_a_goodbye_head_that_was_not_recorded(tmp_path: Path) -> None:
+    def disk_full(*_: Any) -> None:
+        raise OSError("No space left on device")
+
+    pair = _Pair(tmp_path / "pki", goodbye=disk_full)
+    try:
+        assert pair.nets["a"].notify("bye") == {"b"}  # the goodbye is delivered, acknowledged only
+        assert pair.receipts["a"] == [] and len(pair.goodbyes) == 1
     finally:
         pair.close()
 
