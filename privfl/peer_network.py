@@ -102,6 +102,7 @@ LedgerHeadHook = Callable[[], "tuple[int, bytes] | None"]  # this node's (index,
 PeerHeadHook = Callable[[str, int, bytes, bytes], None]  # peer, index, entry hash, its head signature
 HeadForHook = Callable[[str], "tuple[int, bytes, bytes] | None"]  # the last head we hold for a peer, signed
 ReceiptHook = Callable[[str, int, bytes, bytes], None]  # peer, index, entry hash of our head, its receipt
+GoodbyeHook = Callable[[str, int, bytes, bytes], object]  # records a peer's goodbye head before its receipt
 
 
 @dataclass(frozen=True)
@@ -264,7 +265,7 @@ class GrpcPeerNetwork:
                  listen: str | None = None, timeout: float = 10.0, on_release: ReleaseHook | None = None,
                  backoff: PeerBackoff | None = None, *, ledger_head: LedgerHeadHook | None = None,
                  on_peer_head: PeerHeadHook | None = None, head_for: HeadForHook | None = None,
-                 on_receipt: ReceiptHook | None = None, on_goodbye: PeerHeadHook | None = None,
+                 on_receipt: ReceiptHook | None = None, on_goodbye: GoodbyeHook | None = None,
                  crl_path: str | os.PathLike[str] | None = None,
                  roster_path: str | os.PathLike[str] | None = None, trust_poll: float | None = 1.0,
                  stream_timeout: float | None = None, max_calls_per_peer: int = 4,
