@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from privfl.accounting.audit_consortium import audit_consortium
 from privfl.accounting.heads import receipt_signed_by, sign_head, sign_receipt
@@ -19,6 +20,7 @@ from privfl.accounting.receipts import Receipt, append_receipt, read_receipts, r
 from privfl.launch import free_ports
 from privfl.peer_network import GrpcPeerNetwork
 from privfl.pki import NodeIdentity, init_consortium, load_pki, load_private_key
+from tests.helpers import audit_cli
 from tests.test_audit_consortium import _lose_goodbyes_of, kinds, node_key, simulate_run
 
 pytestmark = pytest.mark.timeout(120)
@@ -101,6 +103,11 @@ def test_a_neighbour_that_drops_a_receipted_close_head_is_blamed_not_the_node(tm
     assert sorted((p.node, p.holder) for p in dropped) == [("h1", "h3"), ("h2", "h3")]
     assert f"head at entry {head[0]}" in dropped[0].message and "withheld" in dropped[0].message
     assert not rep.nodes["h1"].ok and not rep.nodes["h2"].ok and not rep.ok
+    res = CliRunner().invoke(audit_cli(), ["audit", "--consortium", str(run), "--ca", str(run / "pki" / "ca.pem"),
+                                           "--no-pld"], terminal_width=200)
+    assert res.exit_code != 0 and "FAIL" in res.output
+    assert "problem: node h1 entry — dropped_head (held by h3)" in res.output and "receipts" in res.output
+    assert "unconfirmed_end (" not in res.output and "problem: node h3" not in res.output
 
 
 def test_a_receipt_the_node_made_up_is_no_evidence(tmp_path: Path) -> None:

@@ -222,8 +222,9 @@ def print_consortium(report: ConsortiumReport, console: Console, roster: Path | 
     if crl is not None:
         console.print(f"CRL: {crl}", markup=False, highlight=False, soft_wrap=True)
     table = Table(title="ledgers, cross-checked against the heads their peers hold",
-                  caption="ε: over the entries that verify; tail: entries after the last head a peer holds")
-    for col in ("node", "ok", "entries", "verified", "anchored\nup to", "tail", "ε", "target\nε"):
+                  caption="ε: over the entries that verify; tail: entries after the last head a peer holds; "
+                          "receipts: neighbours' signed receipts for its goodbye heads (+ ones that do not verify)")
+    for col in ("node", "ok", "entries", "verified", "anchored\nup to", "tail", "receipts", "ε", "target\nε"):
         table.add_column(col, justify="left" if col == "node" else "right", no_wrap=True)
     for name, s in report.nodes.items():
         ok = "[green]yes[/]" if s.ok else "[red]no[/]"
@@ -232,7 +233,9 @@ def print_consortium(report: ConsortiumReport, console: Console, roster: Path | 
         target = "—" if s.target_epsilon is None else f"{s.target_epsilon:g}"
         verified = s.audit.entries_verified if s.audit is not None else 0
         shown = str(verified) if verified == s.entries else f"[red]{verified}[/]"
-        table.add_row(name, ok, str(s.entries), shown, upto, tail, _fmt_eps(s.epsilon), target)
+        bad = s.receipts.get("unverified", 0)
+        receipts = str(s.receipts.get("verified", 0)) + (f" [yellow]+{bad}[/]" if bad else "")
+        table.add_row(name, ok, str(s.entries), shown, upto, tail, receipts, _fmt_eps(s.epsilon), target)
     console.print(table)
     for p in report.problems:
         held = f" (held by {p.holder})" if p.holder else ""
