@@ -437,8 +437,11 @@ def _collect_receipts(
     led: _Ledger, holders: Mapping[str, _Ledger], held: dict[str, list[_Held]], report: ConsortiumReport
 ) -> dict[str, int]:
     """Add the receipts in ``led``'s receipts file that verify under their holder's (trusted)
-    certificate to ``held`` as heads the holder vouches for, and report each one whose head the
-    holder's own records lack (``dropped_head``). Run after every ledger's heads are collected."""
+    certificate to ``held``: a receipt for a head ``led``'s ledger holds is the holder vouching for
+    it, and one whose head the holder's own records lack (nor a later one) is reported
+    (``dropped_head``); a receipt for a head the ledger does not hold is evidence against the
+    ledger only when the node's own signature of that head proves it (else it is unverified, and
+    blames no one). Run after every ledger's heads are collected."""
     path = receipts_path(led.path)
     if not path.exists():
         return {"verified": 0, "unverified": 0}
@@ -452,14 +455,23 @@ def _collect_receipts(
     for h in held.get(led.node, []):
         if not h.receipt:
             newest[h.holder] = max(h.index, newest.get(h.holder, -1))
+    n = len(led.lines)
     for number, r in found:
         holder = holders.get(r.holder)
         if r.node != led.node or holder is None or holder.cert is None or not r.signed_by(holder.cert.public_key()):
             bad += 1
             continue
-        verified += 1
         where = f"{led.node}'s receipts line {number}, signed by {r.holder}"
-        held.setdefault(led.node, []).append(_Held(r.holder, r.index, r.entry_hash, where, r.head_signature, True))
+        head = _Held(r.holder, r.index, r.entry_hash, where, r.head_signature, True)
+        if not (r.index < n and led.hashes[r.index] == r.entry_hash):
+            if not (_cert_trusted(led) and head.proven(led.node, led.cert)):
+                bad += 1  # not a head of this ledger, nor one the node provably sent
+                continue
+            verified += 1
+            held.setdefault(led.node, []).append(head)  # evidence against the node's own ledger
+            continue
+        verified += 1
+        held.setdefault(led.node, []).append(head)
         # a holder keeps a node's newest head (which commits to every entry before it), so it
         # dropped nothing while it holds one at or above the receipted index
         if newest.get(r.holder, -1) < r.index:
@@ -517,7 +529,8 @@ def _cross_check(led: _Ledger, heads: list[_Held], report: ConsortiumReport) -> 
                 f"{led.node}'s key never signed and its ledger does not hold ({len(unproven)} such): "
                 f"made up by {holder}, or recorded without the head's signature; it is not evidence "
                 f"against {led.node}", led.node))
-            mine = [h for h in mine if h not in unproven]
+            gone = {id(h) for h in unproven}
+            mine = [h for h in mine if id(h) not in gone]
         beyond = [h for h in mine if h.index >= n]
         wrong = [h for h in mine if h.index < n and led.hashes[h.index] != h.digest]
         good = [h.index for h in mine if h.index < n and led.hashes[h.index] == h.digest]

@@ -26,9 +26,12 @@ from typing import Any
 from privfl.accounting.heads import HEAD_SIGNATURE_BYTES, receipt_signed_by
 from privfl.accounting.ledger import _append_side_line, _split_lines
 
-__all__ = ["RECEIPTS_FILE", "Receipt", "append_receipt", "read_receipts", "receipts_path"]
+__all__ = ["MAX_LINE_BYTES", "MAX_RECEIPTS", "RECEIPTS_FILE", "Receipt", "append_receipt", "read_receipts",
+           "receipts_path"]
 
 RECEIPTS_FILE = "receipts.jsonl"
+MAX_LINE_BYTES = 4096  # a receipt line is about 420 bytes; a longer line is not read
+MAX_RECEIPTS = 10_000  # lines read from one file (a run writes one per neighbour per goodbye)
 _HASH_HEX = 64
 _SIG_HEX = 2 * HEAD_SIGNATURE_BYTES
 
@@ -102,14 +105,23 @@ def append_receipt(path: str | os.PathLike[str], receipt: Receipt) -> None:
 
 
 def read_receipts(path: str | os.PathLike[str]) -> tuple[list[tuple[int, Receipt]], int]:
-    """The receipts of a file, each with its line number, and how many lines are not receipts
-    (a torn last line is not counted). Nothing is verified here: see :meth:`Receipt.signed_by`."""
+    """The distinct receipts of a file, each with its first line number, and how many lines are
+    not receipts (too long, not JSON, or past the first ``MAX_RECEIPTS``; a torn last line and
+    repeats of a receipt are not counted). Nothing is verified here: see :meth:`Receipt.signed_by`."""
     lines, _ = _split_lines(Path(path).read_bytes())
     out: list[tuple[int, Receipt]] = []
-    bad = 0
-    for number, line in enumerate(lines):
-        try:
-            out.append((number, Receipt.from_dict(json.loads(line))))
-        except ValueError:
+    seen: set[Receipt] = set()
+    bad = max(0, len(lines) - MAX_RECEIPTS)
+    for number, line in enumerate(lines[:MAX_RECEIPTS]):
+        if len(line) > MAX_LINE_BYTES:
             bad += 1
+            continue
+        try:
+            receipt = Receipt.from_dict(json.loads(line))
+        except (ValueError, RecursionError):
+            bad += 1
+            continue
+        if receipt not in seen:
+            seen.add(receipt)
+            out.append((number, receipt))
     return out, bad

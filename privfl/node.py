@@ -494,7 +494,8 @@ class Node:
         print(f"[{self.node_id}] topology: {summary}", flush=True)
         neighbors = self.topology.neighbors(self.node_id)
         ledger = self.ledger
-        self._anchors = AnchorThrottle(lambda: (ledger.steps, ledger.ends_with_close), self._write_anchor)
+        self._anchors = AnchorThrottle(lambda: (ledger.steps, ledger.ends_with_close), self._write_anchor,
+                                       newest=ledger.last_anchor, sync=ledger.sync)
         self._pacer = StepPacer(self.node_id, cfg.node.step_seconds)
         self.network = GrpcPeerNetwork(
             self.identity, self.roster, crl, neighbors, self.names, params,

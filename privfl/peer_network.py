@@ -102,7 +102,7 @@ LedgerHeadHook = Callable[[], "tuple[int, bytes] | None"]  # this node's (index,
 PeerHeadHook = Callable[[str, int, bytes, bytes], None]  # peer, index, entry hash, its head signature
 HeadForHook = Callable[[str], "tuple[int, bytes, bytes] | None"]  # the last head we hold for a peer, signed
 ReceiptHook = Callable[[str, int, bytes, bytes], None]  # peer, index, entry hash of our head, its receipt
-GoodbyeHook = Callable[[str, int, bytes, bytes], object]  # records a peer's goodbye head before its receipt
+GoodbyeHook = Callable[[str, int, bytes, bytes], bool]  # records a peer's goodbye head; True: receipt it
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,8 @@ class GrpcPeerNetwork:
     signature)`` is called for each receipt a neighbour gave for our own current head, once
     its signature verified under the neighbour's certificate (:mod:`accounting.receipts`).
     ``on_goodbye(peer, index, entry_hash, head_signature)`` is called before we sign a receipt
-    for a peer's goodbye head (the node records it then); when it raises, no receipt is given.
+    for a peer's goodbye head (the node records it then); unless it returns True (the head is
+    now recorded as that peer's newest), no receipt is given.
 
     Live trust: with ``crl_path``/``roster_path`` the files are re-read by
     :meth:`reload_trust` (and, with ``trust_poll`` seconds, by a daemon thread watching
@@ -582,10 +583,14 @@ class GrpcPeerNetwork:
         index, entry_hash = int(msg.ledger_head[0]), bytes(msg.ledger_head[1])
         if self.on_goodbye is not None:
             try:
-                self.on_goodbye(sender, index, entry_hash, msg.head_signature)
+                recorded = self.on_goodbye(sender, index, entry_hash, msg.head_signature) is True
             except Exception as exc:  # not recorded: sign nothing we may not hold
                 log.error("node %s: the goodbye head of %s was not recorded, no receipt given: %s",
                           self.node_id, sender, exc)
+                return None
+            if not recorded:
+                log.info("node %s: the goodbye head of %s at entry %d is not recorded as its newest: no receipt",
+                         self.node_id, sender, index)
                 return None
         proof = sign_receipt(self._signing_key, self.node_id, sender, (index, entry_hash))
         return Message(kind=RECEIPT_KIND, scalars={HEAD_INDEX: float(index)},

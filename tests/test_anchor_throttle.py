@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from privfl.accounting.ledger import Ledger, LedgerPolicy, read_late_anchors, read_ledger
-from privfl.anchor_throttle import AnchorThrottle
+from privfl.anchor_throttle import GOODBYE_WRITES, AnchorThrottle
 from privfl.pki import init_consortium, load_private_key
 
 pytestmark = pytest.mark.timeout(60)
@@ -76,19 +76,21 @@ def test_after_the_close_one_late_anchor_then_the_newest_at_the_flush(ledger: Le
     assert anchors(ledger, "h2") == [3]  # the chain ends with the close entry
 
 
-def test_a_goodbye_head_is_written_at_once_for_its_receipt_but_only_once_per_peer(ledger: Ledger) -> None:
+def test_a_goodbye_head_is_written_at_once_for_its_receipt_but_only_twice_per_peer(ledger: Ledger) -> None:
     """The head of a goodbye is written before its receipt is signed (a crash then loses nothing
     receipted); a peer that sends goodbye after goodbye is throttled like any other sender."""
+    assert GOODBYE_WRITES == 2
     t = throttle_of(ledger)
     ledger.append_dp_event(1.0, 0.02, 5, "psac", 1.0)
     assert t.offer("h2", 3, H[3])  # one anchor for this DP event ...
     assert not t.offer("h2", 4, H[4])  # ... the next head is kept back
     assert t.commit("h2", 5, H[5])  # the goodbye: written now, although we made no progress
     assert anchors(ledger, "h2") == [3, 5] and t.pending() == {}
-    for i in range(6, 200):  # goodbyes with rising heads: no more immediate writes
+    assert t.commit("h2", 6, H[6])  # a second goodbye (e.g. after a restart) too
+    for i in range(7, 200):  # goodbyes with rising heads: no more immediate writes
         assert not t.commit("h2", i, H[i])
-    assert anchors(ledger, "h2") == [3, 5] and t.pending()["h2"][0] == 199
-    assert t.flush() == 1 and anchors(ledger, "h2") == [3, 5, 199]
+    assert anchors(ledger, "h2") == [3, 5, 6] and t.pending()["h2"][0] == 199
+    assert t.flush() == 1 and anchors(ledger, "h2") == [3, 5, 6, 199]
     # a newer head kept back for a peer wins over an older goodbye head
     assert t.offer("h3", 1, H[1]) and not t.offer("h3", 9, H[9])
     assert t.commit("h3", 7, H[7]) and anchors(ledger, "h3") == [1, 9]

@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 
 from privfl.accounting.audit_consortium import audit_consortium
 from privfl.accounting.heads import receipt_signed_by, sign_head, sign_receipt
-from privfl.accounting.ledger import Ledger
+from privfl.accounting.ledger import Ledger, LedgerPolicy
 from privfl.accounting.receipts import Receipt, append_receipt, read_receipts, receipts_path
+from privfl.anchor_throttle import AnchorThrottle
 from privfl.launch import free_ports
 from privfl.peer_network import GrpcPeerNetwork
 from privfl.pki import NodeIdentity, init_consortium, load_pki, load_private_key
@@ -26,6 +27,7 @@ from tests.test_audit_consortium import _lose_goodbyes_of, kinds, node_key, simu
 pytestmark = pytest.mark.timeout(120)
 
 HEAD = (41, bytes(range(32)))
+POLICY = LedgerPolicy(target_epsilon=8.0, delta=1e-5, min_noise_multiplier=0.5, allowed_clipping_rules=("psac",))
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +60,15 @@ def test_receipts_file_round_trip_cuts_a_torn_tail_and_counts_bad_lines(tmp_path
     with path.open("ab") as f:
         f.write(b'{"holder": "b", "node"')  # a crash mid-append
     append_receipt(path, r)  # the torn tail is cut first
+    r2 = Receipt("b", "a", 42, HEAD[1].hex(), sign_receipt(keys["b"], "b", "a", (42, HEAD[1])).hex())
+    append_receipt(path, r2)
     with path.open("ab") as f:
-        f.write(b'{"holder": "b"}\n')
+        f.write(b'{"holder": "b"}\n')  # not a receipt
+        f.write(b"[" * 200_000 + b"\n")  # too long (and too deep for json)
+        f.write(b"[" * 3000 + b"\n")  # short enough to parse, too deep for json (RecursionError)
     found, bad = read_receipts(path)
-    assert [n for n, _ in found] == [0, 1] and bad == 1
-    assert all(x == r and x.signed_by(keys["b"].public_key()) for _, x in found)
+    assert [(n, x) for n, x in found] == [(0, r), (2, r2)] and bad == 3  # a repeat is read once
+    assert all(x.signed_by(keys["b"].public_key()) for _, x in found)
     for broken in ({**json.loads(r.to_line()), "index": -1}, {**json.loads(r.to_line()), "signature": "zz"},
                    {**json.loads(r.to_line()), "holder": "a"}):
         with pytest.raises(ValueError):
@@ -170,10 +176,9 @@ class _Pair:
         self.receipts: dict[str, list[tuple[Any, ...]]] = {"a": [], "b": []}
         self.goodbyes: list[tuple[Any, ...]] = []  # what b was asked to record before it signed
 
-        def recorded(*head: Any) -> None:
+        def recorded(*head: Any) -> bool:
             self.goodbyes.append(head)
-            if goodbye is not None:
-                goodbye(*head)
+            return True if goodbye is None else goodbye(*head)
         self.nets: dict[str, GrpcPeerNetwork] = {}
         params = [np.zeros((2, 3), np.float32)]
         for n in ids:
@@ -206,11 +211,14 @@ def test_a_goodbye_is_answered_with_a_receipt_for_the_head_it_carried(tmp_path: 
         pair.close()
 
 
-def test_no_receipt_is_signed_for_a_goodbye_head_that_was_not_recorded(tmp_path: Path) -> None:
-    def disk_full(*_: Any) -> None:
-        raise OSError("No space left on device")
+@pytest.mark.parametrize("outcome", ["raises", "kept back"])
+def test_no_receipt_is_signed_for_a_goodbye_head_that_was_not_recorded(tmp_path: Path, outcome: str) -> None:
+    def not_recorded(*_: Any) -> bool:
+        if outcome == "raises":
+            raise OSError("No space left on device")
+        return False  # e.g. throttled, or refused as not advancing
 
-    pair = _Pair(tmp_path / "pki", goodbye=disk_full)
+    pair = _Pair(tmp_path / "pki", goodbye=not_recorded)
     try:
         assert pair.nets["a"].notify("bye") == {"b"}  # the goodbye is delivered, acknowledged only
         assert pair.receipts["a"] == [] and len(pair.goodbyes) == 1
@@ -238,3 +246,91 @@ def test_a_receipt_that_does_not_verify_is_dropped_with_a_warning(
         assert "is not its signature of our head at index 7: dropped" in caplog.text
     finally:
         pair.close()
+
+
+# --------------------------------------------------------------------------- attacks by a member
+
+
+class _Site:
+    """A ledger, its AnchorThrottle and a GrpcPeerNetwork, wired as privfl.node.Node wires them."""
+
+    def __init__(self, run: Path, nid: str, roster: Any, crl: bytes) -> None:
+        self.nid = nid
+        self.key = node_key(run, nid)
+        self.ledger = Ledger.create(run / nid / "ledger.jsonl", self.key, (run / "pki" / nid / "node.pem").read_bytes(),
+                                    POLICY, "privfl-test", randomness="secure")
+        led = self.ledger
+        self.throttle = AnchorThrottle(lambda: (led.steps, led.ends_with_close),
+                                       lambda p, i, h, s: led.append_anchor(p, i, h, s or None),
+                                       newest=led.last_anchor, sync=led.sync)
+        self.lie: tuple[int, bytes] | None = None  # a rogue's made-up head (signed with its own key)
+        self.net = GrpcPeerNetwork(
+            NodeIdentity.load(run / "pki" / nid), roster, crl, [n for n in ("a", "b") if n != nid], ["w"],
+            [np.zeros((2, 3), np.float32)], timeout=5.0, trust_poll=None,
+            ledger_head=lambda: self.lie or led.head, on_peer_head=self.throttle.offer,
+            on_goodbye=self.throttle.commit, on_receipt=self._keep)
+        self.net.start()
+
+    def _keep(self, peer: str, index: int, entry_hash: bytes, sig: bytes) -> None:
+        own = sign_head(self.key, self.nid, (index, entry_hash)).hex()
+        receipt = Receipt(peer, self.nid, index, entry_hash.hex(), sig.hex(), own)
+        append_receipt(receipts_path(self.ledger.path), receipt)
+
+
+def _sites(run: Path) -> tuple[_Site, _Site]:
+    ports = free_ports(2)
+    init_consortium("rs", ["a", "b"], run / "pki", addresses={n: f"127.0.0.1:{p}" for n, p in zip("ab", ports)})
+    _, roster, crl = load_pki(run / "pki")
+    a, b = _Site(run, "a", roster, crl), _Site(run, "b", roster, crl)
+    for _ in range(3):  # a little honest traffic: DP events, hellos carrying heads
+        for s in (a, b):
+            s.ledger.append_dp_event(1.0, 0.02, 5, "psac", 1.0)
+        a.net.notify("hello")
+        b.net.notify("hello")
+    return a, b
+
+
+def test_goodbyes_beyond_the_record_get_no_receipt_so_a_crash_blames_no_one(tmp_path: Path) -> None:
+    """A rogue a says goodbye early, again after its close, then with a made-up higher head and
+    with a rewritten close head. b writes the first two at once and receipts them; the made-up
+    head is kept back and the conflicting one refused, and neither gets a receipt. b then dies
+    before its shutdown flush: the audit blames b for nothing and a's receipts confirm its end."""
+    run = tmp_path / "run"
+    a, b = _sites(run)
+    try:
+        b.ledger.append_close("finished")
+        assert b.net.notify("bye") == {"a"}
+        assert a.net.notify("bye") == {"b"}  # an early goodbye (1st: written at once)
+        a.ledger.append_close("finished")
+        close = a.ledger.head
+        assert a.net.notify("bye") == {"b"}  # its real close (2nd: written at once)
+        a.lie = (close[0] + 50, b"\xee" * 32)
+        assert a.net.notify("bye") == {"b"}  # a made-up head: only kept back by b
+        a.lie = (close[0], b"\xdd" * 32)
+        assert a.net.notify("bye") == {"b"}  # the close index with another hash: refused by b's ledger
+        found, _ = read_receipts(receipts_path(a.ledger.path))
+        assert [r.index for _, r in found][-1] == close[0] and len(found) == 2
+        assert b.throttle.pending()["a"][0] == close[0] + 50
+    finally:
+        a.net.close()
+        b.net.close()  # b "crashes": no flush of its kept-back heads
+        a.ledger.close()
+        b.ledger.close()
+    rep = audit_consortium(run, (run / "pki" / "ca.pem").read_bytes(), compute_pld=False)
+    assert not [p for p in rep.problems if p.kind in ("dropped_head", "unproven_head")], \
+        [vars(p) for p in rep.problems]
+    assert not rep.problems_of("b") and not rep.problems_of("a"), [vars(p) for p in rep.problems]
+
+
+def test_a_receipt_for_a_head_the_ledger_lacks_blames_no_holder_without_the_nodes_signature(tmp_path: Path) -> None:
+    """h3 stores genuine receipts of h1 (replayed from another run, or for a head h3 rewrote) with
+    the head signature left out: they are no evidence against h1 nor against h3's ledger."""
+    run = simulate_run(tmp_path / "run")
+    head = _close_head(run, "h3")
+    path = receipts_path(run / "h3" / "ledger.jsonl")
+    for fake in ((head[0], b"\xaa" * 32), (head[0] + 6, b"\xbb" * 32)):
+        r = _receipt(run, "h1", "h3", fake)
+        append_receipt(path, Receipt(r.holder, r.node, r.index, r.entry_hash, r.signature, ""))
+    rep = audit_consortium(run, (run / "pki" / "ca.pem").read_bytes(), compute_pld=False)
+    assert rep.ok, [vars(p) for p in rep.problems]
+    assert rep.nodes["h3"].receipts == {"verified": 0, "unverified": 2}
