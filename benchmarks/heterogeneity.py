@@ -81,6 +81,10 @@ gap's spread over seeds and how many records each missed target is short by. Ten
 0 / 2 / 5 / 7 / 8 / 9 (3.82 / 3.44 / 3.00 / 3.56 / 3.42 / 4.69×), missed on 1 / 3 / 4 / 6 (gaps −1.25 / −1.46 / −1.84 /
 −1.18 pp, their targets 0.9 / 1.6 / 3.0 / 0.6 records away); mean gap −0.73 pp (SD 0.72, standard error 0.23). The
 test set is 357 digits (0.28 pp a record), and each seed's interval is about ±1.8 pp wide: one seed cannot resolve 1 pp.
+``--exchanges 3`` (d = 0.9, the same ten seeds): held on 4 (0 / 3 / 6 / 7: 3.06 / 3.56 / 3.76 / 3.11×), gaps −1.00 /
+−1.86 / +0.19 / −0.11 / −1.95 / −0.48 / −0.56 / +0.45 / −0.62 / −1.07 pp on seeds 0-9 (mean −0.70 pp, as with 2): the
+third exchange does not fit under every exponential step (3 × 16 ms against a 50 ms mean), so speed-ups fall (2.55 /
+2.71 / 2.84× on seeds 2 / 5 / 8, each held with 2) and the accuracy does not rise on average; 2 stays the default.
 ``--dataset synthetic`` is a second set-up with larger sites (:func:`synthetic_site`,
 ``--site-records`` per site), reported beside digits, never instead of it.
 
