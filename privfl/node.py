@@ -981,7 +981,7 @@ class Node:
         if self.stop_reason == "signal":
             net.notify("done", timeout=1.0)
             self._close_ledger_chain()
-            net.notify("bye", timeout=1.0)
+            net.goodbye(timeout=1.0)
             return
         net.notify("done", timeout=min(2.0, ncfg.peer_timeout))
         if self.stop_reason != "budget_exhausted" and nbrs:
@@ -993,7 +993,7 @@ class Node:
         if nbrs:
             self._wait_for("settled", nbrs, ncfg.consensus_wait)
         self._close_ledger_chain()
-        net.notify("bye", timeout=min(2.0, ncfg.peer_timeout))  # carries the close entry's head
+        net.goodbye(timeout=min(2.0, ncfg.peer_timeout))  # carries the close entry's head
         if nbrs:
             self._wait_for("bye", nbrs, ncfg.linger)  # their heads: late anchors, outside our chain
         self.evaluate("final")

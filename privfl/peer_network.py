@@ -316,6 +316,7 @@ class GrpcPeerNetwork:
         self._inbox: dict[tuple[int, str], ModelMessage] = {}
         self.control: dict[str, set[str]] = {k: set() for k in CONTROL_KINDS}
         self.refused_policy: set[str] = set()
+        self._receipted: set[str] = set()  # peers that gave a verified receipt for our head
         self.refused_values: dict[str, str] = {}  # peer -> why its last refused model was refused
         self._t0 = time.monotonic()
         self._watch_stop = threading.Event()
@@ -553,6 +554,25 @@ class GrpcPeerNetwork:
                 log.debug("node %s: %s to %s failed: %s", self.node_id, kind, peer, exc)
         return ok
 
+    def goodbye(self, timeout: float | None = None, witnesses: int = 3) -> set[str]:
+        """Say goodbye to the neighbours (the message carries our close head); returns who got it.
+
+        When no neighbour answers with a receipt (every one refused it, or none is reachable), up
+        to ``witnesses`` other roster members are asked in roster order until one receipts the
+        head, so neighbours that drop our close head and withhold their receipts cannot leave our
+        ledger's end unconfirmed on their own."""
+        got = self.notify("bye", timeout=timeout)
+        if witnesses <= 0 or self._receipted & set(self._neighbors):
+            return got
+        others = [n for n in sorted(self.trust.roster.nodes) if n != self.node_id and n not in self._neighbors]
+        for peer in others[:witnesses]:
+            if self.notify("bye", [peer], timeout=timeout) and peer in self._receipted:
+                log.info("node %s: no neighbour receipted our close head; member %s did", self.node_id, peer)
+                return got
+        log.warning("node %s: no neighbour or other member receipted our close head (asked %d)", self.node_id,
+                    len(self._neighbors) + min(witnesses, len(others)))
+        return got
+
     def _take_receipt(self, peer: str, reply: DecodedMessage) -> None:
         """Keep ``peer``'s receipt for our head when it verifies under its certificate and is for
         the head we hold now (the one the goodbye carried); anything else is logged and dropped."""
@@ -573,6 +593,7 @@ class GrpcPeerNetwork:
             log.warning("node %s: the receipt %s gave for our goodbye is not its signature of our head at "
                         "index %d: dropped", self.node_id, peer, int(ours[0]))
             return
+        self._receipted.add(peer)
         if self.on_receipt is not None:
             self.on_receipt(peer, head[0], head[1], proof)
 

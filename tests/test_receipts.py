@@ -334,3 +334,37 @@ def test_a_receipt_for_a_head_the_ledger_lacks_blames_no_holder_without_the_node
     rep = audit_consortium(run, (run / "pki" / "ca.pem").read_bytes(), compute_pld=False)
     assert rep.ok, [vars(p) for p in rep.problems]
     assert rep.nodes["h3"].receipts == {"verified": 0, "unverified": 2}
+
+
+def _trio(root: Path, b_receipts: bool) -> tuple[dict[str, GrpcPeerNetwork], dict[str, list[tuple[Any, ...]]]]:
+    """a's only neighbour is b; c is another member of the roster (a witness)."""
+    ids = ["a", "b", "c"]
+    ports = free_ports(3)
+    init_consortium("rw", ids, root, addresses={n: f"127.0.0.1:{p}" for n, p in zip(ids, ports)})
+    _, roster, crl = load_pki(root)
+    got: dict[str, list[tuple[Any, ...]]] = {n: [] for n in ids}
+    neighbours = {"a": ["b"], "b": ["a", "c"], "c": ["b"]}
+    nets = {}
+    for n in ids:
+        net = GrpcPeerNetwork(NodeIdentity.load(root / n), roster, crl, neighbours[n], ["w"],
+                              [np.zeros((2, 3), np.float32)], timeout=5.0, trust_poll=None,
+                              ledger_head=lambda: (7, b"\x0a" * 32), on_receipt=lambda *r, n=n: got[n].append(r),
+                              on_goodbye=(lambda *h: b_receipts) if n == "b" else (lambda *h: True))
+        net.start()
+        nets[n] = net
+    return nets, got
+
+
+@pytest.mark.parametrize("b_receipts", [True, False])
+def test_when_no_neighbour_receipts_the_goodbye_another_member_is_asked(tmp_path: Path, b_receipts: bool) -> None:
+    """Neighbours that withhold their receipts cannot leave a node without one: it asks another
+    member of the roster, who records the head and receipts it. An honest neighbour's receipt
+    is enough, and then no one else is asked."""
+    nets, got = _trio(tmp_path / "pki", b_receipts)
+    try:
+        assert nets["a"].goodbye(timeout=3.0) == {"b"}
+        assert [r[0] for r in got["a"]] == (["b"] if b_receipts else ["c"])
+        assert nets["c"].heard("bye") == (set() if b_receipts else {"a"})
+    finally:
+        for net in nets.values():
+            net.close()
