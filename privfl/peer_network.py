@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import threading
 import time
@@ -435,6 +436,8 @@ class GrpcPeerNetwork:
             if a.size == 0 or a.dtype.kind not in "fiu":
                 continue
             biggest = float(np.max(np.abs(a)))
+            if math.isnan(biggest):  # the transport refuses it first; NaN compares False with any bound
+                return "a value is not a number"
             if biggest > self.max_abs_value:
                 return f"a value of magnitude {biggest:.3g} exceeds max_abs_value {self.max_abs_value:g}"
             flat = a.reshape(-1).astype(np.float64, copy=False)
@@ -443,7 +446,7 @@ class GrpcPeerNetwork:
         own = sum(float(np.dot(np.asarray(p, np.float64).reshape(-1), np.asarray(p, np.float64).reshape(-1)))
                   for p in self._own_params() if np.asarray(p).dtype.kind in "fiu") ** 0.5
         bound = self.max_norm_ratio * own + self.norm_floor
-        if norm > bound:
+        if not norm <= bound:
             return (f"L2 norm {norm:.4g} exceeds {self.max_norm_ratio:g} x own norm {own:.4g} + "
                     f"{self.norm_floor:g} = {bound:.4g}")
         return None

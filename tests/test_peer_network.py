@@ -157,3 +157,16 @@ def test_send_receive_and_control(cluster: _Cluster) -> None:
     assert b.heard("done") == {"a"}
     cluster.nets["c"].close()
     assert a.notify("bye") == {"b"}  # an unreachable peer is skipped, not waited on
+
+
+@pytest.mark.timeout(60)
+def test_value_bounds_refuse_nan_and_what_exceeds_them(cluster: _Cluster) -> None:
+    """NaN compares False with every bound, so it is named, not let through (the transport's own
+    finiteness check refuses it before this; the bounds hold on their own too)."""
+    net = cluster.nets["a"]
+    assert net.values_problem(_params(1.0)) is None
+    nan = _params(1.0)
+    nan[1][0] = np.nan
+    assert net.values_problem(nan) == "a value is not a number"
+    assert "exceeds max_abs_value" in str(net.values_problem(_params(2e6)))
+    assert "L2 norm" in str(net.values_problem(_params(5e4)))
