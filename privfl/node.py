@@ -981,7 +981,7 @@ class Node:
         if self.stop_reason == "signal":
             net.notify("done", timeout=1.0)
             self._close_ledger_chain()
-            net.goodbye(timeout=1.0)
+            net.goodbye(timeout=1.0, witnesses=0)  # stopped by a signal: no witness round before the grace ends
             return
         net.notify("done", timeout=min(2.0, ncfg.peer_timeout))
         if self.stop_reason != "budget_exhausted" and nbrs:
